@@ -350,12 +350,25 @@ def test_gm_to_sample_other_forms_match_the_mixture_moments(form):
     assert (emp - cov).abs().max() < 0.05 * cov.abs().max()
 
 
+def test_gm_to_sample_cov_sharpen_follows_the_original():
+    """cov_sharpen divides per-component covariances by gm_power, but, as in the original
+    (lib/ops/gmflow_ops/gmflow_ops.py, gm_to_sample: the gm_covs.size(-5) == 1 branch takes the
+    Cholesky factor of the covariances as they are), not a covariance shared by all components."""
+    torch.manual_seed(0)
+    means = torch.zeros((1, 2, 1, 1, 2))
+    lw = torch.full((1, 2, 1, 1), -math.log(2))
+    eye = torch.eye(2).expand(1, 1, 1, 1, 2, 2)
+    for covs, var in ((eye, 1.0), (eye.expand(1, 2, 1, 1, 2, 2), 0.5)):
+        x = G.gm_to_sample({"means": means, "covs": covs, "logweights": lw}, gm_power=2, n_samples=20000, cov_sharpen=True)
+        assert abs(x.var().item() / var - 1) < 0.05, (covs.shape, x.var().item())
+
+
 def test_inverse_cdf_and_transports_wrap_the_library():
     gm = make_gm(((2,), 3, 2, 3, 3), 6, dtype=torch.float32)
     gm1d = {k: gm[k][:, :, 0] for k in ("means", "logstds", "logweights")}
     u = torch.rand((2, 4, 3, 3), generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9
     d = dict(gm1d)
-    x = G.gm1d_inverse_cdf(d, u, n_steps=32)
+    x = G.gm1d_inverse_cdf(d, u, n_steps=32, backward_steps=0)
     assert torch.equal(x, gmkernels.gm1d_inverse_cdf(gm1d, u, n_steps=32))
     assert "gm_weights" in d and "gm_vars" in d
     assert (G.gm1d_pdf_cdf(gm1d, x)[1] - u).abs().max() < 1e-4
@@ -365,6 +378,107 @@ def test_inverse_cdf_and_transports_wrap_the_library():
     close(G.gm_samples_to_gaussian_samples(gm, samples), z, 1e-4)
     with pytest.raises(NotImplementedError, match="n_axes"):
         G.gaussian_samples_to_gm_samples(gm, z, n_axes=1)
+
+
+def two_mode_gm1d(u):
+    """Means [-4, 4], std 0.15, equal weights: modes 53 stds apart, the case where few Newton
+    steps (each at most 1.5 stds) do not reach the root. Returns ``(gm1d, u (1, 1, 1, 1))``."""
+    gm1d = {
+        "means": torch.tensor([-4.0, 4.0]).view(1, 2, 1, 1),
+        "logstds": torch.full((1, 1, 1, 1), math.log(0.15)),
+        "logweights": torch.full((1, 2, 1, 1), math.log(0.5)),
+    }
+    return gm1d, torch.full((1, 1, 1, 1), u)
+
+
+def test_gm1d_inverse_cdf_defaults_converge_like_the_original():
+    """The original (lib/ops/gmflow_ops/gmflow_ops.py, gm1d_inverse_cdf) runs n_steps -
+    backward_steps Newton steps in its CUDA kernel, then n_steps more in PyTorch when
+    backward_steps > 0: 14 with the defaults, which reach 3.92134 here (8 steps stop at 3.34236)."""
+    gm1d, u = two_mode_gm1d(0.3)
+    # exact: P(X <= x) = 0.65 = 0.5 + 0.5 Phi((x - 4) / 0.15)
+    exact = 4 + 0.15 * Normal(torch.tensor(0.0, dtype=F64), 1.0).icdf(torch.tensor(0.3, dtype=F64)).item()
+    assert abs(exact - 3.92134) < 1e-5
+    assert abs(G.gm1d_inverse_cdf(dict(gm1d), u).item() - exact) < 1e-5
+    for n_steps, backward_steps, total in ((8, 2, 14), (8, 0, 8), (5, 5, 5), (6, 1, 11)):
+        got = G.gm1d_inverse_cdf(dict(gm1d), u, n_steps=n_steps, backward_steps=backward_steps)
+        assert torch.equal(got, gmkernels.gm1d_inverse_cdf(gm1d, u, n_steps=total)), (n_steps, backward_steps)
+    with pytest.raises(ValueError, match="backward_steps"):
+        G.gm1d_inverse_cdf(dict(gm1d), u, n_steps=2, backward_steps=3)
+    with pytest.raises(TypeError, match="backward_steps"):
+        G.gm1d_inverse_cdf(dict(gm1d), u, backward_steps=1.0)
+    # the transport takes the same count per axis: 16 with its defaults (backward_steps=0)
+    gm = {k: v.unsqueeze(-3) for k, v in gm1d.items()}
+    z = torch.full((1, 1, 1, 1, 1), 0.3)
+    assert torch.equal(
+        G.gaussian_samples_to_gm_samples(gm, z, n_steps=8, backward_steps=2),
+        gmkernels.gaussian_samples_to_gm_samples(gm, z, n_steps=14),
+    )
+
+
+def official_kr_basis(gm):
+    """The original's KR basis (lib/ops/gmflow_ops/gmflow_ops.py, gaussian_samples_to_gm_samples):
+    ``eigh`` in float32 of gm_to_gaussian's covariance averaged over pixels, columns flipped to
+    descending eigenvalues -> ``(*B, 1, 1, C, C)``."""
+    cov = G.gm_to_gaussian({k: v.float() for k, v in gm.items()})[0]["cov"].mean(dim=(-4, -3), keepdim=True)
+    return torch.linalg.eigh(cov.float())[1].flip(-1)
+
+
+def official_transports(gm, z, x):
+    """Both KR directions in the original's basis, by the library's per-axis transport (which
+    matches the original's) on the rotated GM: ``(gm samples of z, gaussian samples of x)``."""
+    V = official_kr_basis(gm).to(gm["means"].dtype)
+    rot = {"means": reference.inverse_cdf.to_basis(gm["means"], V), "logstds": gm["logstds"], "logweights": gm["logweights"]}
+    to_gm = reference.inverse_cdf.from_basis(reference.inverse_cdf.kr_gaussian_to_gm(rot, z, 16), V)
+    u = reference.inverse_cdf.kr_gm_to_scaled_cdfs(rot, reference.inverse_cdf.to_basis(x, V))
+    return to_gm, torch.erfinv(u.clamp(-1 + 1e-6, 1 - 1e-6)) * math.sqrt(2)
+
+
+def test_kr_transports_reproduce_the_original_seeded_samples():
+    torch.manual_seed(0)
+    means = torch.randn(1, 4, 3, 1, 1)
+    z = torch.randn(1, 1, 3, 1, 1)
+    gm = {"means": means, "logstds": torch.full((1, 1, 1, 1, 1), -1.0), "logweights": torch.full((1, 4, 1, 1, 1), -math.log(4))}
+    got = G.gaussian_samples_to_gm_samples(dict(gm), z)
+    # the original's output for this seed (before: [1.115, 0.157, -2.188] from another eigenvector sign)
+    assert (got.flatten() - torch.tensor([-0.590, -0.941, -0.293])).abs().max() < 1e-3
+    want, _ = official_transports(gm, z, got)
+    close(got, want, 1e-5)
+
+
+@settings(max_examples=10)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), seeds)
+def test_kr_transports_use_the_original_basis(B, H, W, seed):
+    """K > C (distinct eigenvalues almost surely): both directions equal the transports in the
+    original's basis, float32."""
+    gm = make_gm(((B,), 5, 3, H, W), seed, dtype=torch.float32, logstd_range=(-1.5, 0.0))
+    g = torch.Generator().manual_seed(seed % 10000)
+    z = torch.randn((B, 2, 3, H, W), generator=g)
+    x = G.gaussian_samples_to_gm_samples(dict(gm), z)
+    want_x, want_z = official_transports(gm, z, x)
+    close(x, want_x, 1e-4)
+    close(G.gm_samples_to_gaussian_samples(dict(gm), x), want_z, 1e-4)
+
+
+def test_kr_transport_with_repeated_eigenvalues():
+    """K = 2 < C = 3 at one pixel: the covariance has eigenvalues (s^2 + spread, s^2, s^2). The
+    component along the distinct eigenvector and the length of the rest match the original; how
+    the repeated eigenspace is split into axes is eigh's choice, so values there need not."""
+    g = torch.Generator().manual_seed(3)
+    gm = {
+        "means": torch.randn((1, 2, 3, 1, 1), generator=g),
+        "logstds": torch.full((1, 1, 1, 1, 1), -1.0),
+        "logweights": torch.log_softmax(torch.randn((1, 2, 1, 1, 1), generator=g), dim=-4),
+    }
+    z = torch.randn((1, 64, 3, 1, 1), generator=g)
+    got = G.gaussian_samples_to_gm_samples(dict(gm), z)
+    want, _ = official_transports(gm, z, got)
+    v = official_kr_basis(gm)[0, 0, 0, :, 0].view(1, 1, 3, 1, 1)  # the distinct eigenvector
+    m = gmkernels.gm_to_mean(gm).unsqueeze(-4)
+    along = lambda x: ((x - m) * v).sum(-3)  # noqa: E731
+    rest = lambda x: ((x - m) - along(x).unsqueeze(-3) * v).norm(dim=-3)  # noqa: E731
+    close(along(got), along(want), 1e-5)
+    close(rest(got), rest(want), 1e-5)
 
 
 def test_gm_spectral_logprobs_without_spectrum_is_the_summed_logprob():
@@ -462,6 +576,39 @@ def test_probabilistic_guidance_pipeline_equals_the_library(shape, seed, scale, 
     assert_gm_close(guided, gmkernels.probabilistic_guidance(gm_cond, gm_uncond, scale, orthogonal), 1e-8)
     close(gaussian_output["mean"] - gaussian_cond["mean"], cfg_bias)
     close(avg_var, gaussian_cond["var"].mean((-3, -2, -1), keepdim=True))
+
+
+def test_probabilistic_guidance_orthogonal_axis():
+    """orthogonal_axis (the original's lakonlab/models/diffusions/gmflow.py): the bias is made
+    orthogonal to that axis instead of cond_mean; None is cond_mean; orthogonal=0 ignores it."""
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, axis = (torch.randn((2, 3, 4, 4), generator=g, dtype=F64) for _ in range(3))
+    var = torch.rand((2, 1, 1, 1), generator=g, dtype=F64) + 0.1
+    default = M.probabilistic_guidance_jit(cond, var, uncond, 0.5)
+    same = M.probabilistic_guidance_jit(cond, var, uncond, 0.5, orthogonal_axis=cond)
+    close(same[0]["mean"], default[0]["mean"])
+    close(same[1], default[1])
+    _, bias, _ = M.probabilistic_guidance_jit(cond, var, uncond, 0.5, orthogonal=1.0, orthogonal_axis=axis)
+    assert (bias * axis).mean((-3, -2, -1)).abs().max() < 1e-12
+    assert (bias * cond).mean((-3, -2, -1)).abs().min() > 1e-3
+    _, bias0, _ = M.probabilistic_guidance_jit(cond, var, uncond, 0.5, orthogonal=0.0, orthogonal_axis=axis)
+    close(bias0, M.probabilistic_guidance_jit(cond, var, uncond, 0.5, orthogonal=0.0)[1])
+    # half the component along the axis removed with orthogonal = 0.5
+    raw = cond - uncond
+    coef = (raw * axis).mean((-3, -2, -1), keepdim=True) / (axis * axis).mean((-3, -2, -1), keepdim=True)
+    _, half, avg_var = M.probabilistic_guidance_jit(cond, var, uncond, 0.5, orthogonal=0.5, orthogonal_axis=axis)
+    want = raw - 0.5 * coef * axis
+    close(half, want * (avg_var / want.square().mean((-3, -2, -1), keepdim=True)).sqrt() * 0.5)
+
+
+def test_u_to_x_0_takes_the_original_sigma_shape():
+    """The original broadcasts sigma against x_t.unsqueeze(-4): (B, 1, 1, 1, 1) for a GM, B > 1."""
+    shape = ((3,), 2, 2, 3, 3)
+    gm, x = make_gm(shape, 1), make_state(shape, 1)
+    sigma = torch.tensor([0.2, 0.5, 0.9], dtype=F64).view(3, 1, 1, 1)
+    want = gmkernels.u_to_x0(gm, x, sigma)
+    assert_gm_close(M.u_to_x_0(gm, x, sigma=sigma.view(3, 1, 1, 1, 1)), want)
+    assert_gm_close(M.u_to_x_0(gm, x, sigma=sigma), want)
 
 
 class Model(M.GMFlowMixin):
