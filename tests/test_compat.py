@@ -739,13 +739,44 @@ def test_from_config_with_diffusers():
     assert isinstance(sde, SchedulerMixin) and sde.config.shift == 3.0 and sde.config.num_train_timesteps == 500
 
 
+@pytest.mark.parametrize("cls", [S.FlowEulerODEScheduler, S.GMFlowSDEScheduler])
+def test_from_config_warns_about_options_it_does_not_implement(cls):
+    """The original GMFlowSDEScheduler's output_mode and variance_mode are not implemented: a
+    config carrying them (or any other key the constructor does not take) warns, never silently."""
+    config = dict(S.FlowEulerODEScheduler(shift=2.0).config, output_mode="sample", variance_mode="exact")
+    with pytest.warns(UserWarning, match=r"output_mode.*variance_mode"):
+        sched = cls.from_config(config)
+    assert sched.config.shift == 2.0 and "output_mode" not in sched.config
+    with pytest.warns(UserWarning, match="variance_mode"):
+        cls.from_config({"shift": 2.0}, variance_mode="exact")
+
+
+@pytest.mark.parametrize("cls", [S.FlowEulerODEScheduler, S.GMFlowSDEScheduler])
+def test_set_timesteps_takes_the_original_positional_arguments(cls):
+    """set_timesteps(num_inference_steps, seq_len=None, device=None), as both originals."""
+    plain, positional = cls(shift=2.0), cls(shift=2.0)
+    plain.set_timesteps(4)
+    positional.set_timesteps(4, None, "cpu")
+    assert torch.equal(positional.timesteps, plain.timesteps) and torch.equal(positional.sigmas, plain.sigmas)
+    dynamic = cls(use_dynamic_shifting=True)
+    dynamic.set_timesteps(4, 1024)
+    shift = float(dynamic.get_shift(1024))
+    s = 1 - torch.arange(4, dtype=F64) / 4
+    close(dynamic.sigmas[:-1].double(), shift * s / (1 + (shift - 1) * s), 1e-6)
+    assert shift > 1.0
+
+
 def test_from_config_without_diffusers():
     code = (
         "import sys; sys.modules['diffusers'] = None\n"
         "from gmkernels.compat import schedulers as S\n"
         "assert not S.HAS_DIFFUSERS\n"
         "ode = S.FlowEulerODEScheduler(shift=3.0)\n"
-        "sde = S.GMFlowSDEScheduler.from_config(dict(ode.config, unknown=1), num_train_timesteps=500)\n"
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    sde = S.GMFlowSDEScheduler.from_config(dict(ode.config, unknown=1), num_train_timesteps=500)\n"
+        "assert any('unknown' in str(w.message) for w in caught)\n"
         "assert sde.config.shift == 3.0 and sde.config['num_train_timesteps'] == 500\n"
         "sde.set_timesteps(2)\n"
         "import torch; x = torch.zeros(1, 1, 2, 2)\n"
