@@ -10,7 +10,8 @@ Weights are ``softmax_k(logweights)`` (a no-op on normalised log-weights; the KR
 normalised).
 
 KR transport of a C-channel GM: rotate channels into the eigenbasis ``V`` of the GM's covariance
-(eigenvalues descending; shared by all pixels of a batch element when ``axis_aligned``), then for
+(``kr_basis``: GMFlow's float32 ``eigh``, eigenvalues descending; shared by all pixels of a batch
+element when ``axis_aligned``), then for
 axis ``c = 0 .. C-1`` in turn solve the 1-D inverse CDF of the conditional mixture of axis ``c``
 given the axes before it, whose log-weights are
 ``logweights_k - 0.5 * sum_{c' < c} ((x_c' - mu_kc') / s)^2``.
@@ -88,19 +89,31 @@ def gm1d_inverse_cdf(
 
 
 def kr_basis(gm: dict, axis_aligned: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Orthonormal KR basis: eigenvectors (columns, eigenvalues descending) of the between-component
-    covariance ``sum_k w_k (mu_k - m)(mu_k - m)^T`` (the isotropic ``s^2 I`` term does not change
-    them), averaged over pixels when ``axis_aligned``. Computed in float64, not differentiated.
+    """Orthonormal KR basis, the one of the public GMFlow code: eigenvectors (columns, eigenvalues
+    descending) of the GM's full covariance per pixel ``sum_k w_k (mu_k - m)(mu_k - m)^T + s^2 I``,
+    averaged over pixels when ``axis_aligned``. The covariance and ``torch.linalg.eigh`` are
+    computed in float32 whatever the input dtype, as there, so each eigenvector comes with the
+    sign ``eigh`` gives it on that device and seeded transports reproduce GMFlow's samples.
+    Not differentiated.
+
+    Where eigenvalues coincide (always when the spread has rank below C, e.g. ``C > K - 1`` for
+    one pixel: the ``C - rank`` smallest all equal ``s^2``) any orthonormal basis of that
+    eigenspace is an eigenbasis, and which one ``eigh`` returns depends on float32 rounding and
+    on the LAPACK / cuSOLVER build; samples then agree with GMFlow's in their component along the
+    distinct eigenvectors and in the length of the rest, and in distribution, not value by value.
 
     Returns:
         ``(*B, 1, 1, C, C)`` if ``axis_aligned`` else ``(*B, H, W, C, C)``, in ``dtype`` (default:
         the dtype of ``means``).
     """
     with torch.no_grad():
-        means = gm["means"].double()
-        w = torch.softmax(gm["logweights"].double(), dim=-4)  # (*B, K, 1, H, W)
+        means = gm["means"].float()
+        C = means.shape[-3]
+        w = torch.softmax(gm["logweights"].float(), dim=-4)  # (*B, K, 1, H, W)
         diff = means - (w * means).sum(dim=-4, keepdim=True)  # (*B, K, C, H, W)
-        cov = torch.einsum("...kchw,...kdhw->...hwcd", w * diff, diff)  # (*B, H, W, C, C)
+        s2 = torch.exp(2 * gm["logstds"].float()).squeeze(-3).squeeze(-3)  # (*B, 1|H, 1|W)
+        eye = torch.eye(C, dtype=torch.float32, device=means.device)
+        cov = torch.einsum("...kchw,...kdhw->...hwcd", w * diff, diff) + s2[..., None, None] * eye  # (*B, H, W, C, C)
         if axis_aligned:
             cov = cov.mean(dim=(-4, -3), keepdim=True)
         return torch.linalg.eigh(cov)[1].flip(-1).to(dtype or gm["means"].dtype)

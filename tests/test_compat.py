@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds
 from torch.distributions import MultivariateNormal, Normal
@@ -350,12 +350,25 @@ def test_gm_to_sample_other_forms_match_the_mixture_moments(form):
     assert (emp - cov).abs().max() < 0.05 * cov.abs().max()
 
 
+def test_gm_to_sample_cov_sharpen_follows_the_original():
+    """cov_sharpen divides per-component covariances by gm_power, but, as in the original
+    (lib/ops/gmflow_ops/gmflow_ops.py, gm_to_sample: the gm_covs.size(-5) == 1 branch takes the
+    Cholesky factor of the covariances as they are), not a covariance shared by all components."""
+    torch.manual_seed(0)
+    means = torch.zeros((1, 2, 1, 1, 2))
+    lw = torch.full((1, 2, 1, 1), -math.log(2))
+    eye = torch.eye(2).expand(1, 1, 1, 1, 2, 2)
+    for covs, var in ((eye, 1.0), (eye.expand(1, 2, 1, 1, 2, 2), 0.5)):
+        x = G.gm_to_sample({"means": means, "covs": covs, "logweights": lw}, gm_power=2, n_samples=20000, cov_sharpen=True)
+        assert abs(x.var().item() / var - 1) < 0.05, (covs.shape, x.var().item())
+
+
 def test_inverse_cdf_and_transports_wrap_the_library():
     gm = make_gm(((2,), 3, 2, 3, 3), 6, dtype=torch.float32)
     gm1d = {k: gm[k][:, :, 0] for k in ("means", "logstds", "logweights")}
     u = torch.rand((2, 4, 3, 3), generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9
     d = dict(gm1d)
-    x = G.gm1d_inverse_cdf(d, u, n_steps=32)
+    x = G.gm1d_inverse_cdf(d, u, n_steps=32, backward_steps=0)
     assert torch.equal(x, gmkernels.gm1d_inverse_cdf(gm1d, u, n_steps=32))
     assert "gm_weights" in d and "gm_vars" in d
     assert (G.gm1d_pdf_cdf(gm1d, x)[1] - u).abs().max() < 1e-4
@@ -365,6 +378,114 @@ def test_inverse_cdf_and_transports_wrap_the_library():
     close(G.gm_samples_to_gaussian_samples(gm, samples), z, 1e-4)
     with pytest.raises(NotImplementedError, match="n_axes"):
         G.gaussian_samples_to_gm_samples(gm, z, n_axes=1)
+
+
+def two_mode_gm1d(u):
+    """Means [-4, 4], std 0.15, equal weights: modes 53 stds apart, the case where few Newton
+    steps (each at most 1.5 stds) do not reach the root. Returns ``(gm1d, u (1, 1, 1, 1))``."""
+    gm1d = {
+        "means": torch.tensor([-4.0, 4.0]).view(1, 2, 1, 1),
+        "logstds": torch.full((1, 1, 1, 1), math.log(0.15)),
+        "logweights": torch.full((1, 2, 1, 1), math.log(0.5)),
+    }
+    return gm1d, torch.full((1, 1, 1, 1), u)
+
+
+def test_gm1d_inverse_cdf_defaults_converge_like_the_original():
+    """The original (lib/ops/gmflow_ops/gmflow_ops.py, gm1d_inverse_cdf) runs n_steps -
+    backward_steps Newton steps in its CUDA kernel, then n_steps more in PyTorch when
+    backward_steps > 0: 14 with the defaults, which reach 3.92134 here (8 steps stop at 3.34236)."""
+    gm1d, u = two_mode_gm1d(0.3)
+    # exact: P(X <= x) = 0.65 = 0.5 + 0.5 Phi((x - 4) / 0.15)
+    exact = 4 + 0.15 * Normal(torch.tensor(0.0, dtype=F64), 1.0).icdf(torch.tensor(0.3, dtype=F64)).item()
+    assert abs(exact - 3.92134) < 1e-5
+    assert abs(G.gm1d_inverse_cdf(dict(gm1d), u).item() - exact) < 1e-5
+    for n_steps, backward_steps, total in ((8, 2, 14), (8, 0, 8), (5, 5, 5), (6, 1, 11)):
+        got = G.gm1d_inverse_cdf(dict(gm1d), u, n_steps=n_steps, backward_steps=backward_steps)
+        assert torch.equal(got, gmkernels.gm1d_inverse_cdf(gm1d, u, n_steps=total)), (n_steps, backward_steps)
+    with pytest.raises(ValueError, match="backward_steps"):
+        G.gm1d_inverse_cdf(dict(gm1d), u, n_steps=2, backward_steps=3)
+    with pytest.raises(TypeError, match="backward_steps"):
+        G.gm1d_inverse_cdf(dict(gm1d), u, backward_steps=1.0)
+    # the transport takes the same count per axis: 16 with its defaults (backward_steps=0)
+    gm = {k: v.unsqueeze(-3) for k, v in gm1d.items()}
+    z = torch.full((1, 1, 1, 1, 1), 0.3)
+    assert torch.equal(
+        G.gaussian_samples_to_gm_samples(gm, z, n_steps=8, backward_steps=2),
+        gmkernels.gaussian_samples_to_gm_samples(gm, z, n_steps=14),
+    )
+
+
+def official_kr_basis(gm, axis_aligned=True):
+    """The original's KR basis (lib/ops/gmflow_ops/gmflow_ops.py, gaussian_samples_to_gm_samples):
+    ``eigh`` in float32 of gm_to_gaussian's covariance (averaged over pixels when axis_aligned),
+    columns flipped to descending eigenvalues -> ``(*B, 1|H, 1|W, C, C)``."""
+    cov = G.gm_to_gaussian({k: v.float() for k, v in gm.items()})[0]["cov"]
+    if axis_aligned:
+        cov = cov.mean(dim=(-4, -3), keepdim=True)
+    return torch.linalg.eigh(cov.float())[1].flip(-1)
+
+
+def official_transports(gm, z, x, axis_aligned=True):
+    """Both KR directions in the original's basis, by the library's per-axis transport (which
+    matches the original's) on the rotated GM: ``(gm samples of z, gaussian samples of x)``."""
+    R = reference.inverse_cdf
+    V = official_kr_basis(gm, axis_aligned).to(gm["means"].dtype)
+    rot = {"means": R.to_basis(gm["means"], V), "logstds": gm["logstds"], "logweights": gm["logweights"]}
+    to_gm = R.from_basis(R.kr_gaussian_to_gm(rot, z if axis_aligned else R.to_basis(z, V), 16), V)
+    u = R.kr_gm_to_scaled_cdfs(rot, R.to_basis(x, V))
+    z_back = torch.erfinv(u.clamp(-1 + 1e-6, 1 - 1e-6)) * math.sqrt(2)
+    return to_gm, z_back if axis_aligned else R.from_basis(z_back, V)
+
+
+def test_kr_transports_reproduce_the_original_seeded_samples():
+    torch.manual_seed(0)
+    means = torch.randn(1, 4, 3, 1, 1)
+    z = torch.randn(1, 1, 3, 1, 1)
+    gm = {"means": means, "logstds": torch.full((1, 1, 1, 1, 1), -1.0), "logweights": torch.full((1, 4, 1, 1, 1), -math.log(4))}
+    got = G.gaussian_samples_to_gm_samples(dict(gm), z)
+    # the original's output for this seed (before: [1.115, 0.157, -2.188] from another eigenvector sign)
+    assert (got.flatten() - torch.tensor([-0.590, -0.941, -0.293])).abs().max() < 1e-3
+    want, _ = official_transports(gm, z, got)
+    close(got, want, 1e-5)
+
+
+@settings(max_examples=10)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), seeds, st.booleans())
+def test_kr_transports_use_the_original_basis(B, H, W, seed, aligned):
+    """K > C (distinct eigenvalues almost surely): both directions equal the transports in the
+    original's basis, float32, pixel-averaged or per pixel."""
+    gm = make_gm(((B,), 5, 3, H, W), seed, dtype=torch.float32, logstd_range=(-1.5, 0.0))
+    cov = G.gm_to_gaussian(dict(gm))[0]["cov"]
+    eig = torch.linalg.eigvalsh(cov.mean(dim=(-4, -3)) if aligned else cov)
+    assume((eig.diff(dim=-1) / eig[..., -1:]).min() > 1e-3)  # nearly repeated: float32 rounding picks the vectors
+    g = torch.Generator().manual_seed(seed % 10000)
+    z = torch.randn((B, 2, 3, H, W), generator=g)
+    x = G.gaussian_samples_to_gm_samples(dict(gm), z, axis_aligned=aligned)
+    want_x, want_z = official_transports(gm, z, x, aligned)
+    close(x, want_x, 1e-4)
+    close(G.gm_samples_to_gaussian_samples(dict(gm), x, axis_aligned=aligned), want_z, 1e-4)
+
+
+def test_kr_transport_with_repeated_eigenvalues():
+    """K = 2 < C = 3 at one pixel: the covariance has eigenvalues (s^2 + spread, s^2, s^2). The
+    component along the distinct eigenvector and the length of the rest match the original; how
+    the repeated eigenspace is split into axes is eigh's choice, so values there need not."""
+    g = torch.Generator().manual_seed(3)
+    gm = {
+        "means": torch.randn((1, 2, 3, 1, 1), generator=g),
+        "logstds": torch.full((1, 1, 1, 1, 1), -1.0),
+        "logweights": torch.log_softmax(torch.randn((1, 2, 1, 1, 1), generator=g), dim=-4),
+    }
+    z = torch.randn((1, 64, 3, 1, 1), generator=g)
+    got = G.gaussian_samples_to_gm_samples(dict(gm), z)
+    want, _ = official_transports(gm, z, got)
+    v = official_kr_basis(gm)[0, 0, 0, :, 0].view(1, 1, 3, 1, 1)  # the distinct eigenvector
+    m = gmkernels.gm_to_mean(gm).unsqueeze(-4)
+    along = lambda x: ((x - m) * v).sum(-3)  # noqa: E731
+    rest = lambda x: ((x - m) - along(x).unsqueeze(-3) * v).norm(dim=-3)  # noqa: E731
+    close(along(got), along(want), 1e-5)
+    close(rest(got), rest(want), 1e-5)
 
 
 def test_gm_spectral_logprobs_without_spectrum_is_the_summed_logprob():
@@ -464,6 +585,39 @@ def test_probabilistic_guidance_pipeline_equals_the_library(shape, seed, scale, 
     close(avg_var, gaussian_cond["var"].mean((-3, -2, -1), keepdim=True))
 
 
+def test_probabilistic_guidance_orthogonal_axis():
+    """orthogonal_axis (the original's lakonlab/models/diffusions/gmflow.py): the bias is made
+    orthogonal to that axis instead of cond_mean; None is cond_mean; orthogonal=0 ignores it."""
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, axis = (torch.randn((2, 3, 4, 4), generator=g, dtype=F64) for _ in range(3))
+    var = torch.rand((2, 1, 1, 1), generator=g, dtype=F64) + 0.1
+    default = M.probabilistic_guidance_jit(cond, var, uncond, 0.5)
+    same = M.probabilistic_guidance_jit(cond, var, uncond, 0.5, orthogonal_axis=cond)
+    close(same[0]["mean"], default[0]["mean"])
+    close(same[1], default[1])
+    _, bias, _ = M.probabilistic_guidance_jit(cond, var, uncond, 0.5, orthogonal=1.0, orthogonal_axis=axis)
+    assert (bias * axis).mean((-3, -2, -1)).abs().max() < 1e-12
+    assert (bias * cond).mean((-3, -2, -1)).abs().min() > 1e-3
+    _, bias0, _ = M.probabilistic_guidance_jit(cond, var, uncond, 0.5, orthogonal=0.0, orthogonal_axis=axis)
+    close(bias0, M.probabilistic_guidance_jit(cond, var, uncond, 0.5, orthogonal=0.0)[1])
+    # half the component along the axis removed with orthogonal = 0.5
+    raw = cond - uncond
+    coef = (raw * axis).mean((-3, -2, -1), keepdim=True) / (axis * axis).mean((-3, -2, -1), keepdim=True)
+    _, half, avg_var = M.probabilistic_guidance_jit(cond, var, uncond, 0.5, orthogonal=0.5, orthogonal_axis=axis)
+    want = raw - 0.5 * coef * axis
+    close(half, want * (avg_var / want.square().mean((-3, -2, -1), keepdim=True)).sqrt() * 0.5)
+
+
+def test_u_to_x_0_takes_the_original_sigma_shape():
+    """The original broadcasts sigma against x_t.unsqueeze(-4): (B, 1, 1, 1, 1) for a GM, B > 1."""
+    shape = ((3,), 2, 2, 3, 3)
+    gm, x = make_gm(shape, 1), make_state(shape, 1)
+    sigma = torch.tensor([0.2, 0.5, 0.9], dtype=F64).view(3, 1, 1, 1)
+    want = gmkernels.u_to_x0(gm, x, sigma)
+    assert_gm_close(M.u_to_x_0(gm, x, sigma=sigma.view(3, 1, 1, 1, 1)), want)
+    assert_gm_close(M.u_to_x_0(gm, x, sigma=sigma), want)
+
+
 class Model(M.GMFlowMixin):
     num_timesteps = 1000
 
@@ -515,6 +669,20 @@ def test_gm_sample_spectral_and_model_output():
     torch.manual_seed(4)
     assert torch.equal(out, G.gm_to_sample(gm).squeeze(-4))
     assert torch.equal(Model().gm_to_model_output(gm, "mean"), G.gm_to_mean(gm))
+
+
+def test_gm_sample_spectral_reproduces_the_original():
+    """The spectral path of the original's gm_sample (lib/models/diffusions/gmflow.py): seeded
+    spectral noise, made Hermitian and inverse-FFT'd, then the KR transport in its basis."""
+    gm = make_gm(((1,), 5, 3, 4, 4), 7, dtype=torch.float32, logstd_range=(-1.5, -0.5))  # where a float64 eigh flips two signs
+    spectrum = torch.randn((1, 3, 4, 4), generator=torch.Generator().manual_seed(1)) * 0.3
+    samples, _ = Model.gm_sample(gm, spectrum, generator=torch.Generator().manual_seed(0))
+    # the original's noise for this seed
+    spectral = torch.randn((1, 1, 3, 4, 4), generator=torch.Generator().manual_seed(0)) * (spectrum.unsqueeze(-4) / 2).exp()
+    z_1 = spectral.roll((-1, -1), dims=(-2, -1)).flip((-2, -1))[..., :3]
+    z_0 = spectral[..., :3]
+    gaussian = torch.fft.irfft2(torch.complex(z_0 + z_1, z_0 - z_1) / 2, norm="ortho")
+    close(samples, official_transports(gm, gaussian, samples)[0], 1e-4)
 
 
 def test_mixin_takes_T_from_the_pipeline_scheduler():
@@ -592,13 +760,44 @@ def test_from_config_with_diffusers():
     assert isinstance(sde, SchedulerMixin) and sde.config.shift == 3.0 and sde.config.num_train_timesteps == 500
 
 
+@pytest.mark.parametrize("cls", [S.FlowEulerODEScheduler, S.GMFlowSDEScheduler])
+def test_from_config_warns_about_options_it_does_not_implement(cls):
+    """The original GMFlowSDEScheduler's output_mode and variance_mode are not implemented: a
+    config carrying them (or any other key the constructor does not take) warns, never silently."""
+    config = dict(S.FlowEulerODEScheduler(shift=2.0).config, output_mode="sample", variance_mode="exact")
+    with pytest.warns(UserWarning, match=r"output_mode.*variance_mode"):
+        sched = cls.from_config(config)
+    assert sched.config.shift == 2.0 and "output_mode" not in sched.config
+    with pytest.warns(UserWarning, match="variance_mode"):
+        cls.from_config({"shift": 2.0}, variance_mode="exact")
+
+
+@pytest.mark.parametrize("cls", [S.FlowEulerODEScheduler, S.GMFlowSDEScheduler])
+def test_set_timesteps_takes_the_original_positional_arguments(cls):
+    """set_timesteps(num_inference_steps, seq_len=None, device=None), as both originals."""
+    plain, positional = cls(shift=2.0), cls(shift=2.0)
+    plain.set_timesteps(4)
+    positional.set_timesteps(4, None, "cpu")
+    assert torch.equal(positional.timesteps, plain.timesteps) and torch.equal(positional.sigmas, plain.sigmas)
+    dynamic = cls(use_dynamic_shifting=True)
+    dynamic.set_timesteps(4, 1024)
+    shift = float(dynamic.get_shift(1024))
+    s = 1 - torch.arange(4, dtype=F64) / 4
+    close(dynamic.sigmas[:-1].double(), shift * s / (1 + (shift - 1) * s), 1e-6)
+    assert shift > 1.0
+
+
 def test_from_config_without_diffusers():
     code = (
         "import sys; sys.modules['diffusers'] = None\n"
         "from gmkernels.compat import schedulers as S\n"
         "assert not S.HAS_DIFFUSERS\n"
         "ode = S.FlowEulerODEScheduler(shift=3.0)\n"
-        "sde = S.GMFlowSDEScheduler.from_config(dict(ode.config, unknown=1), num_train_timesteps=500)\n"
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    sde = S.GMFlowSDEScheduler.from_config(dict(ode.config, unknown=1), num_train_timesteps=500)\n"
+        "assert any('unknown' in str(w.message) for w in caught)\n"
         "assert sde.config.shift == 3.0 and sde.config['num_train_timesteps'] == 500\n"
         "sde.set_timesteps(2)\n"
         "import torch; x = torch.zeros(1, 1, 2, 2)\n"

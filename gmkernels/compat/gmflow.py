@@ -57,14 +57,19 @@ def transition_sample(x_0, x_t, sigma, sigma_to, eps=1e-6, generator=None):
     return c1 * x_t + c2 * x_0 + c3.clamp(min=0).sqrt() * noise
 
 
-def probabilistic_guidance_jit(cond_mean, total_var, uncond_mean, guidance_scale: float, orthogonal: float = 1.0):
+def probabilistic_guidance_jit(
+    cond_mean, total_var, uncond_mean, guidance_scale: float, orthogonal: float = 1.0, orthogonal_axis=None
+):
     """The Gaussian step of GMFlow's probabilistic guidance (SPEC §3.11).
 
     Args:
         cond_mean: ``(B, C, H, W)``, mean of the conditional x0-GM.
         total_var: ``(B, 1, 1, 1)`` (or ``(B, 1, H, W)``), its moment-matched variance.
         uncond_mean: ``(B, C, H, W)``, mean of the unconditional x0-GM.
-        guidance_scale: in ``[0, 1)``. orthogonal: amount of the bias made orthogonal to ``cond_mean``.
+        guidance_scale: in ``[0, 1)``. orthogonal: amount of the bias's component along
+            ``orthogonal_axis`` that is removed (``0`` keeps the bias as it is).
+        orthogonal_axis: optional ``(B, C, H, W)`` (broadcastable) direction the bias is made
+            orthogonal to, in the mean over ``(C, H, W)``; ``None`` means ``cond_mean``.
     Returns:
         ``(gaussian_output, bias, avg_var)``: the target ``{mean: cond_mean + bias,
         var: total_var * (1 - guidance_scale^2)}``, the rescaled bias ``(B, C, H, W)`` and the
@@ -73,8 +78,9 @@ def probabilistic_guidance_jit(cond_mean, total_var, uncond_mean, guidance_scale
     dims = (-3, -2, -1)
     bias = cond_mean - uncond_mean
     if orthogonal > 0.0:
-        proj = (bias * cond_mean).mean(dim=dims, keepdim=True) / (cond_mean * cond_mean).mean(dim=dims, keepdim=True).clamp(min=1e-6)
-        bias = bias - orthogonal * proj * cond_mean
+        axis = cond_mean if orthogonal_axis is None else orthogonal_axis
+        proj = (bias * axis).mean(dim=dims, keepdim=True) / (axis * axis).mean(dim=dims, keepdim=True).clamp(min=1e-6)
+        bias = bias - orthogonal * proj * axis
     bias_power = (bias * bias).mean(dim=dims, keepdim=True)
     avg_var = total_var.mean(dim=dims, keepdim=True)
     bias = bias * ((avg_var / bias_power.clamp(min=1e-6)).sqrt() * guidance_scale)
@@ -97,10 +103,19 @@ def u_to_x_0(denoising_output, x_t, t=None, sigma=None, eps=1e-6, num_timesteps=
 
     ``denoising_output`` is a u-GM (``gmkernels.u_to_x0``: ``logstds + log(max(sigma, eps))``),
     an isotropic Gaussian ``{mean, var}`` (``var * sigma^2``) or a tensor ``(B, C, H, W)``.
-    ``sigma`` (broadcastable to ``(B, 1, 1, 1)``) replaces ``t / T`` when given.
+    ``sigma`` replaces ``t / T`` when given: broadcastable to ``(B, 1, 1, 1)``, or for a GM also
+    ``(B, 1, 1, 1, 1)`` (the shape the original broadcasts against its ``x_t.unsqueeze(-4)``).
     """
     if sigma is None:
         sigma = _sigma(t, x_t, num_timesteps)
+    elif (
+        isinstance(denoising_output, dict)
+        and "logweights" in denoising_output
+        and isinstance(sigma, torch.Tensor)
+        and sigma.dim() == x_t.dim() + 1
+        and sigma.size(-4) == 1
+    ):
+        sigma = sigma.squeeze(-4)
     if isinstance(denoising_output, dict):
         if "logweights" in denoising_output:
             (gm,) = _lib_gm(denoising_output)

@@ -191,20 +191,36 @@ def gm1d_pdf_cdf(gm1d: dict, samples: torch.Tensor) -> tuple[torch.Tensor, torch
     return pdf, cdf
 
 
+def _newton_steps(n_steps, backward_steps) -> int:
+    """Newton steps in all of the original's ``gm1d_inverse_cdf``: ``n_steps - backward_steps`` in
+    its CUDA kernel, then, when ``backward_steps > 0``, ``n_steps`` more in PyTorch."""
+    for name, v in (("n_steps", n_steps), ("backward_steps", backward_steps)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if not 0 <= backward_steps <= n_steps:
+        raise ValueError(f"backward_steps must be in [0, n_steps={n_steps}], got {backward_steps}")
+    return n_steps - backward_steps + (n_steps if backward_steps > 0 else 0)
+
+
 def gm1d_inverse_cdf(gm1d, scaled_cdfs, n_steps=8, eps=1e-6, max_step_size=1.5, gaussian_samples=None, backward_steps=2):
     """Inverse CDF of a 1-D GM by Newton iterations: ``gmkernels.gm1d_inverse_cdf``.
 
     ``gm1d`` as in :func:`gm1d_pdf_cdf`, ``scaled_cdfs (*B, N, H, W)`` in ``[-1, 1]``; returns
     samples ``(*B, N, H, W)``. Stores ``gm1d['gm_weights']`` and ``gm1d['gm_vars']``.
-    ``backward_steps`` is accepted and has no effect: the original runs its last steps in PyTorch
-    to get gradients; the library's PyTorch path, taken whenever an input requires a gradient,
-    differentiates through every step.
+
+    The step count is the original's: it runs ``n_steps - backward_steps`` steps in its CUDA
+    kernel and then, when ``backward_steps > 0``, ``n_steps`` more in PyTorch (those carry the
+    gradient), so ``n_steps - backward_steps + (n_steps if backward_steps > 0 else 0)`` steps in
+    all: 14 with the defaults. The library runs that many steps, on the GPU kernel or, whenever
+    an input requires a gradient, on its PyTorch path, which differentiates through all of them.
+    ``backward_steps`` must be in ``[0, n_steps]``.
     """
+    total = _newton_steps(n_steps, backward_steps)
     _cache(gm1d, "gm_weights", lambda: gm1d["logweights"].exp())
     _cache(gm1d, "gm_vars", lambda: (gm1d["logstds"] * 2).exp())
     lib_gm1d = {k: gm1d[k] for k in ("means", "logstds", "logweights")}
     return _inverse_cdf.gm1d_inverse_cdf(
-        lib_gm1d, scaled_cdfs, n_steps=n_steps, eps=eps, max_step_size=max_step_size, gaussian_samples=gaussian_samples
+        lib_gm1d, scaled_cdfs, n_steps=total, eps=eps, max_step_size=max_step_size, gaussian_samples=gaussian_samples
     )
 
 
@@ -400,7 +416,9 @@ def gm_to_sample(gm: dict, gm_power=1, n_samples=1, cov_sharpen=False) -> torch.
     """``n_samples`` draws per pixel -> ``(*B, n_samples, C, H, W)`` (``gmkernels.gm_sample`` for an
     isotropic GM with shared std; plain PyTorch for per-component ``logstds (*B, K, 1, H, W)`` and
     for a ``covs`` GM). Components are drawn from ``softmax(gm_power * logweights)``;
-    ``cov_sharpen`` divides the covariances by ``gm_power``. Uses the global RNG.
+    ``cov_sharpen`` divides the covariances by ``gm_power``, except, as in the original, those of a
+    ``covs`` GM with one shared covariance ``(*B, 1, H, W, C, C)``, which it leaves as they are.
+    Uses the global RNG.
     """
     means = gm["means"]
     if "covs" in gm:
@@ -409,7 +427,7 @@ def gm_to_sample(gm: dict, gm_power=1, n_samples=1, cov_sharpen=False) -> torch.
         idx = idx.squeeze(-3)[..., None]  # (*B, N, H, W, 1)
         mu = means.gather(-4, idx.expand(*batch, n_samples, H, W, C))
         covs = gm["covs"]
-        if cov_sharpen:
+        if cov_sharpen and covs.size(-5) > 1:
             covs = covs / gm_power
         tril = torch.linalg.cholesky(covs)  # (*B, 1|K, H, W, C, C)
         if tril.size(-5) > 1:
@@ -486,7 +504,8 @@ def gm_entropy(gm: dict, n_samples=32) -> torch.Tensor:
 
 
 def gm_samples_to_gaussian_samples(gm, gm_samples, n_axes=None, eps=1e-6, axis_aligned=True):
-    """Knothe-Rosenblatt transport GM -> N(0, I): ``gmkernels.gm_samples_to_gaussian_samples``.
+    """Knothe-Rosenblatt transport GM -> N(0, I): ``gmkernels.gm_samples_to_gaussian_samples``, in the
+    original's basis (see :func:`gaussian_samples_to_gm_samples`).
     ``gm_samples (*B, N, C, H, W)`` -> ``(*B, N, C, H, W)``. Only ``n_axes=None`` (every channel)."""
     _check_all_axes(n_axes, gm)
     (iso,) = _lib_gm(gm)
@@ -499,13 +518,17 @@ def gaussian_samples_to_gm_samples(
     """Knothe-Rosenblatt transport N(0, I) -> GM: ``gmkernels.gaussian_samples_to_gm_samples``.
     ``gaussian_samples (*B, N, C, H, W)`` -> ``(*B, N, C, H, W)`` in the dtype of ``means``.
 
-    Only ``n_axes=None`` (every channel). ``backward_steps`` and ``force_fp32`` are accepted and
-    have no effect: the library differentiates through every Newton step on its PyTorch path and
-    always computes in float32 (float64 for float64 inputs).
+    The basis is the original's (float32 ``eigh`` of the pixel-averaged covariance, same
+    eigenvector signs), so the same Gaussian samples give the same GM samples; see
+    ``reference.inverse_cdf.kr_basis`` for repeated eigenvalues. Each axis takes the Newton steps
+    of :func:`gm1d_inverse_cdf` with ``n_steps`` and ``backward_steps`` (16 with the defaults).
+    Only ``n_axes=None`` (every channel). ``force_fp32`` is accepted and has no effect: the
+    library always computes in float32 (float64 for float64 inputs on its PyTorch path).
     """
     _check_all_axes(n_axes, gm)
+    total = _newton_steps(n_steps, backward_steps)
     (iso,) = _lib_gm(gm)
-    return _inverse_cdf.gaussian_samples_to_gm_samples(iso, gaussian_samples, n_steps=n_steps, eps=eps, axis_aligned=axis_aligned)
+    return _inverse_cdf.gaussian_samples_to_gm_samples(iso, gaussian_samples, n_steps=total, eps=eps, axis_aligned=axis_aligned)
 
 
 def gm_spectral_logprobs(gm, samples, power_spectrum=None, spectral_samples=None, n_axes=None, eps=1e-6, axis_aligned=True):

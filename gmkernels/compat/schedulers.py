@@ -9,7 +9,11 @@
 With diffusers installed (``pip install gmkernels[diffusers]``) they are diffusers
 ``SchedulerMixin``/``ConfigMixin`` classes (``from_config``, ``save_config``, ``config`` as a
 ``FrozenDict``). Without it they keep the same interface through a small stand-in: ``config`` (a dict
-with attribute access) and ``from_config(config, **overrides)``.
+with attribute access) and ``from_config(config, **overrides)``. Either way ``from_config`` warns
+(``UserWarning``) about every config key or override the constructor does not take and drops it;
+among them are the original ``GMFlowSDEScheduler``'s ``output_mode`` and ``variance_mode``, which
+these classes do not implement: a config that sets them steps as described below, not as the
+original would.
 
 Schedule: ``set_timesteps(n)`` gives ``sigma_i = shift * s_i / (1 + (shift - 1) * s_i)`` with
 ``s_i = 1 - i / n`` (SPEC §4), ``timesteps = T * sigma`` and a final ``sigma = 0``.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -66,8 +71,8 @@ except ImportError:
 
         @classmethod
         def from_config(cls, config=None, **kwargs):
-            """A new scheduler from another's ``config`` (keys this class does not take are
-            ignored, as diffusers does) with ``kwargs`` overriding."""
+            """A new scheduler from another's ``config`` with ``kwargs`` overriding (keys the
+            constructor does not take are left out)."""
             params = inspect.signature(cls.__init__).parameters
             merged = {k: v for k, v in dict(config or {}).items() if k in params and k != "self"}
             merged.update(kwargs)
@@ -122,6 +127,27 @@ class _FlowScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
         self._step_index = None
         self._begin_index = None
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """A new scheduler from another's ``config`` (a dict or diffusers ``FrozenDict``) with
+        ``kwargs`` overriding. Keys neither takes that the constructor does not take (private
+        ``_``-prefixed keys aside) are dropped with a ``UserWarning`` that names them."""
+        params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        config = dict(config or {})
+        unknown = {k: v for k, v in {**config, **kwargs}.items() if not k.startswith("_") and k not in params}
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__}.from_config ignores {unknown}: gmkernels.compat does not implement these "
+                f"options, so its steps may differ from those of a scheduler that does",
+                UserWarning,
+                stacklevel=2,
+            )
+        config = {k: v for k, v in config.items() if k not in unknown}
+        kwargs = {k: v for k, v in kwargs.items() if k not in unknown}
+        if HAS_DIFFUSERS:
+            return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        return super().from_config(config, **kwargs)
 
     @staticmethod
     def _schedule(n, shift):

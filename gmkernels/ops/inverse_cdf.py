@@ -375,7 +375,7 @@ def gm1d_inverse_cdf(
 
 
 def _rotated(gm: dict, axis_aligned: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 KR basis (from a float64 ``eigh``) and the means in it (float32)."""
+    """The KR basis (``ref.kr_basis``: GMFlow's float32 ``eigh``) and the means in it (float32)."""
     basis = ref.kr_basis(gm, axis_aligned, torch.float32)
     return ref.to_basis(gm["means"].float(), basis), basis
 
@@ -390,7 +390,7 @@ def gaussian_samples_to_gm_samples(
 ) -> torch.Tensor:
     """Knothe-Rosenblatt transport of standard-normal samples to samples of the per-pixel GM.
 
-    Channels are rotated into the eigenbasis ``V`` of the GM's between-component covariance
+    Channels are rotated into the eigenbasis ``V`` of the GM's full covariance (GMFlow's float32 ``eigh``)
     (eigenvalues descending; with ``axis_aligned`` one ``V`` per batch element from the
     pixel-averaged covariance, and ``z`` taken as the coordinates in ``V`` as it is, so the
     spatial correlation of ``z`` carries over to the GM samples; otherwise a per-pixel ``V`` and
