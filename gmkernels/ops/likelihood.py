@@ -44,7 +44,7 @@ from reference._util import to_gm_dims
 
 from .._aot import AotCase
 from .._dispatch import compute_dtype, run_reference, select_backend
-from .._validate import GMShape, Sigma, check_gm, check_sigma, check_state
+from .._validate import GMShape, Sigma, check_gm, check_sigma, check_sigma_order, check_state, require, value_range
 
 try:
     import triton
@@ -552,10 +552,8 @@ def _check_timestep(t: Any, name: str, s: GMShape) -> Sigma:
         if not 0.0 <= t <= 1000.0:
             raise ValueError(f"{name} must lie in [0, 1000], got {t}")
         return t
-    try:
-        check_sigma(t / 1000.0, name, s)
-    except ValueError as e:
-        raise ValueError(f"{e} (as {name} / 1000; timesteps lie in [0, 1000])") from None
+    check_sigma(t, name, s, check_values=False)  # type, device, shape
+    require((t >= 0) & (t <= 1000), f"{name} must lie in [0, 1000]", lambda: f"; got values {value_range(t)}")
     return t
 
 
@@ -636,14 +634,9 @@ def transition_loss(
 
 
 def _check_nondecreasing(t_low: Sigma, t_high: Sigma) -> None:
-    if isinstance(t_low, torch.Tensor) or isinstance(t_high, torch.Tensor):
-        if torch.compiler.is_compiling():
-            return
-        bad = bool(torch.as_tensor(t_low > t_high).any())
-    else:
-        bad = t_low > t_high
-    if bad:
-        raise ValueError("t_low must be <= t_high (the reverse transition goes from t_high down to t_low)")
+    """``t_low <= t_high``: a ``ValueError`` for floats and CPU tensors, a device-side assert
+    on CUDA (no host synchronisation in a training step)."""
+    check_sigma_order(t_low, "t_low", t_high, "t_high")
 
 
 # --------------------------------------------------------------------------------------------

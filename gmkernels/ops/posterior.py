@@ -23,7 +23,7 @@ import reference.posterior as ref
 
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
-from .._validate import Sigma, check_gm, check_sigma, check_state
+from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
 from ._launch import gm_views, kernels_wanted, mixture_blocks, needs_int64, per_row, pixel_rows
 from .mixture import online_moments_update, program_tile
 from .product import _check_real
@@ -196,6 +196,7 @@ def gm_posterior_mean(
     check_state(x_tgt, "x_tgt", s)
     sigma_src = check_sigma(sigma_src, "sigma_src", s)
     sigma_tgt = check_sigma(sigma_tgt, "sigma_tgt", s)
+    check_sigma_order(sigma_tgt, "sigma_tgt", sigma_src, "sigma_src")
     eps = _check_real(eps, "eps")
     tensors = [gm["means"], gm["logstds"], gm["logweights"], x_src, x_tgt]
     tensors += [t for t in (sigma_src, sigma_tgt) if isinstance(t, torch.Tensor)]

@@ -27,7 +27,7 @@ import reference.product as ref
 
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
-from .._validate import check_gaussian, check_gm
+from .._validate import check_gaussian, check_gm, require, value_range
 from ._launch import gm_views, kernels_wanted, mixture_blocks, needs_int64, per_row, pixel_rows
 
 try:
@@ -361,6 +361,7 @@ def gm_mul_iso_gaussian(
     """
     s = check_gm(gm)
     check_gaussian(gaussian, "gaussian", s)
+    require(gaussian["var"] > 0, "gaussian['var'] must be > 0 (a variance; inf is allowed)", lambda: f"; got values {value_range(gaussian['var'])}")
     gm_power = _check_real(gm_power, "gm_power")
     if gm_power <= 0:
         raise ValueError(f"gm_power must be > 0, got {gm_power}")

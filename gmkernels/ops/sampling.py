@@ -20,7 +20,7 @@ import reference.sampling as ref
 
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
-from .._validate import check_count, check_gm, check_power
+from .._validate import check_count, check_generator, check_gm, check_power
 from ._launch import kernels_wanted, needs_int64, per_row, pixel_rows
 
 try:
@@ -184,6 +184,7 @@ def gm_sample(gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch
     s = check_gm(gm)
     n_samples = check_count(n_samples, "n_samples", 1)
     power = check_power(power, "power")
+    generator = check_generator(generator)
     if not kernels_wanted(gm["means"], gm["logstds"], gm["logweights"]):
         return run_reference(ref.gm_sample, gm, n_samples, power, generator, out_dtype=s.dtype)
     gen_device = generator.device if generator is not None else s.device

@@ -22,7 +22,7 @@ from reference.transition import transition_coefficients
 
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
-from .._validate import GMShape, check_float_tensor, check_gm, check_power, check_sigma, check_state
+from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state
 from ._launch import I32_MAX, needs_int64
 
 try:
@@ -425,6 +425,7 @@ def gm_sde_step(
     if sigma_next > sigma:
         raise ValueError(f"sigma_next ({sigma_next}) must not exceed sigma ({sigma})")
     power = check_power(power, "power")
+    generator = check_generator(generator)
     if select_backend(gm["means"]) == "triton":
         gen_device = s.device if generator is None else generator.device
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).to(s.device)
