@@ -94,6 +94,11 @@ class CapturedSampler:
         torch.cuda.current_stream(noise.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
+            if not hasattr(graph, "register_generator_state"):
+                raise RuntimeError(
+                    f"CapturedSampler: this torch ({torch.__version__}) cannot register a custom generator "
+                    "with a CUDA graph; pass generator=None (the default CUDA generator is graph-safe)"
+                )
             graph.register_generator_state(self.generator)
         try:
             with torch.cuda.graph(graph):
