@@ -75,6 +75,7 @@ class NoHostReads(TorchDispatchMode):
             from torch._library.custom_ops import _maybe_get_opdef
 
             opdef = _maybe_get_opdef(func)
+            assert opdef is not None, f"{func} is not a torch.library.custom_op: its Python body cannot be audited"
             with self:
                 return opdef._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
