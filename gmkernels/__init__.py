@@ -10,6 +10,7 @@ take the dtype of ``means``.
 """
 
 from ._dispatch import current_backend, use_backend
+from .capture import CapturedSampler
 from .ops.guidance import mean_cfg, probabilistic_guidance, weight_guidance
 from .ops.inverse_cdf import gaussian_samples_to_gm_samples, gm1d_inverse_cdf, gm_samples_to_gaussian_samples
 from .ops.likelihood import gm_logprob, gm_nll_loss, transition_loss
@@ -46,6 +47,7 @@ __all__ = [
     "gaussian_samples_to_gm_samples",
     "gm_samples_to_gaussian_samples",
     "sample",
+    "CapturedSampler",
     "gm_ode_substeps",
     "gm_sde_step",
     "GMFlowODEScheduler",

@@ -6,6 +6,13 @@ and ``logweights (*B, K, 1, H, W)``. Batch dims of every other tensor must equal
 exactly: nothing is broadcast silently. Floating dtypes only, one device. Sigmas are Python
 floats or tensors broadcastable to ``(*B, 1, 1, 1)`` with values in ``[0, 1]``.
 
+Value checks never synchronise a device (:func:`require`): Python numbers and CPU tensors are
+checked on the host and raise ``ValueError``; tensors on CUDA (or any other device) are checked
+by a device-side assert (``torch._assert_async``), which fails the stream asynchronously with
+the same message instead of stalling the host, so a training or sampling loop keeps its
+asynchrony and can be captured in a CUDA graph. While ``torch.compile`` traces, tensor value
+checks are skipped (a host read would break the graph); the eager call checks them.
+
 Mixed float dtypes are allowed: arithmetic is float32 (float64 when an input is float64) and
 outputs take the dtype of ``means`` (of ``mean`` for a Gaussian-only op).
 """
@@ -13,7 +20,7 @@ outputs take the dtype of ``means`` (of ``mean`` for a Gaussian-only op).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 
@@ -66,6 +73,14 @@ def check_gm(gm: Any, name: str = "gm") -> GMShape:
     dev = means.device
     logstds = check_float_tensor(gm["logstds"], f"{name}['logstds']", dev)
     logweights = check_float_tensor(gm["logweights"], f"{name}['logweights']", dev)
+    if logweights.dim() != means.dim() and logweights.dim() >= 4:
+        # one of the two lacks (or has an extra) axis; means carries K, C, H, W and is the one
+        # users get wrong (a (B, C, H, W) state passed as means), so it is named first
+        raise ValueError(
+            f"{name}['means'] must have shape (*B, K, C, H, W) with the batch dims of {name}['logweights'] "
+            f"(*B, K, 1, H, W): got means {_shape(means)} ({means.dim()} dims) and logweights "
+            f"{_shape(logweights)} ({logweights.dim()} dims)"
+        )
     *batch, K, C, H, W = means.shape
     batch = tuple(batch)
     if K < 1 or C < 1:
@@ -123,18 +138,43 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     return gs
 
 
-def _capturing_or_compiling() -> bool:
+def host_checks_values(t: torch.Tensor) -> bool:
+    """True when the values of ``t`` are checked by reading them on the host: a CPU tensor
+    (reading it costs no synchronisation) outside ``torch.compile`` tracing. Tensors on CUDA
+    (or meta, or any other device) are checked by a device-side assert instead."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def require(ok: torch.Tensor, message: str, detail: Callable[[], str] | None = None) -> None:
+    """Require every element of the boolean tensor ``ok``.
+
+    On the host (:func:`host_checks_values`): ``ValueError(message + detail())`` (``detail``
+    may read values: it runs only on CPU, to word the error). On CUDA: a device-side assert,
+    ``torch._assert_async(ok.all(), message)``: no host synchronisation, valid in CUDA-graph
+    capture; a failure surfaces as an asynchronous CUDA error carrying the message (at the
+    next synchronisation), which leaves the CUDA context unusable, as any device-side assert
+    does. Skipped while ``torch.compile`` traces (a value read would break the graph). On meta
+    tensors the assert is a no-op (there are no values)."""
     if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        return
+    if host_checks_values(ok):
+        if not bool(ok.all()):
+            raise ValueError(message + (detail() if detail is not None else ""))
+        return
+    torch._assert_async(ok.all(), message)
+
+
+def value_range(t: torch.Tensor) -> str:
+    """``from MIN to MAX`` of a CPU tensor (only called to word an error)."""
+    return f"from {t.min().item()} to {t.max().item()}"
 
 
 def check_sigma(sigma: Any, name: str, s: GMShape, check_values: bool = True) -> Sigma:
     """A noise level: a Python float in [0, 1] or a float tensor broadcastable to ``(*B, 1, 1, 1)``.
 
     Tensors are returned viewed as ``(*B, 1, 1, 1)``-broadcastable without a copy. Their values
-    are checked against [0, 1] except while a CUDA graph is captured or ``torch.compile``
-    traces (a value check is a host synchronisation).
+    are checked against [0, 1] by :func:`require` (a ``ValueError`` on CPU, a device-side
+    assert on CUDA: no host synchronisation).
     """
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a float tensor, got {type(sigma).__name__}")
@@ -154,10 +194,47 @@ def check_sigma(sigma: Any, name: str, s: GMShape, check_values: bool = True) ->
             f"{name} must be broadcastable to (*B, 1, 1, 1) = {target}, got shape {_shape(sigma)}; "
             f"a per-sample sigma of shape (B,) is passed as sigma.view(-1, 1, 1, 1)"
         )
-    if check_values and not _capturing_or_compiling():
-        if bool(((sigma < 0) | (sigma > 1) | sigma.isnan()).any()):
-            raise ValueError(f"{name} must lie in [0, 1]; got values from {sigma.min().item()} to {sigma.max().item()}")
+    if check_values:
+        require((sigma >= 0) & (sigma <= 1), f"{name} must lie in [0, 1]", lambda: f"; got values {value_range(sigma)}")
     return sigma
+
+
+def check_sigma_order(low: Sigma, low_name: str, high: Sigma, high_name: str) -> None:
+    """``low <= high`` elementwise for two checked sigmas (floats or tensors), e.g.
+    ``sigma_to <= sigma``: a ``ValueError`` for floats and CPU tensors, a device-side assert
+    on CUDA (:func:`require`)."""
+    message = f"{low_name} must be <= {high_name} (the transition runs from {high_name} down to {low_name})"
+    if not isinstance(low, torch.Tensor) and not isinstance(high, torch.Tensor):
+        if low > high:
+            raise ValueError(f"{message}; got {low_name}={low} > {high_name}={high}")
+        return
+    ok = torch.as_tensor(low <= high)
+    require(ok, message, lambda: f"; {low_name} exceeds {high_name} at {int((~ok).sum())} of {ok.numel()} entries")
+
+
+def check_generator(generator: Any, name: str = "generator") -> torch.Generator | None:
+    """``None`` or a ``torch.Generator`` (an int seed is not accepted: seed one with
+    ``torch.Generator(device).manual_seed(seed)``)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{name} must be a torch.Generator or None, got {type(generator).__name__} {generator!r}; "
+            f"for a seed pass torch.Generator(device).manual_seed(seed)"
+        )
+    return generator
+
+
+def check_model_output(out: Any, name: str = "gm_u") -> None:
+    """The output of a GMFlow model handed to a sampler step: a GM dict, or a pair (tuple or
+    list) of GM dicts ``(gm_cond, gm_uncond)`` for guidance. Shapes are checked by the ops."""
+    items = out if isinstance(out, (tuple, list)) else (out,)
+    for item in items:
+        if not isinstance(item, Mapping):
+            got = f"{type(item).__name__} of shape {_shape(item)}" if isinstance(item, torch.Tensor) else type(item).__name__
+            raise TypeError(
+                f"{name}, the model output, must be a u-GM dict with keys means, logstds, logweights "
+                f"(or the pair (gm_cond, gm_uncond) when guidance_scale > 0), got {got}"
+                + (" inside a sequence" if item is not out else "")
+            )
 
 
 def check_power(power: Any, name: str) -> float:

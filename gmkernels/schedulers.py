@@ -29,7 +29,7 @@ import math
 import torch
 
 from ._dispatch import select_backend
-from ._validate import check_power
+from ._validate import check_model_output, check_positive, check_power
 from .ops.guidance import mean_cfg, probabilistic_guidance, weight_guidance
 from .ops.mixture import gm_to_iso_gaussian, gm_to_mean
 from .ops.posterior import gm_posterior_mean
@@ -127,10 +127,7 @@ class _GMSchedulerBase(abc.ABC):
 
     @staticmethod
     def _check_shift(shift) -> float:
-        shift = check_power(shift, "shift")
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
-        return shift
+        return check_positive(shift, "shift")
 
     def set_timesteps(self, num_steps: int, substeps: int = 1, shift: float | None = None, device=None) -> None:
         """Fix the schedule of ``num_steps`` main steps (network calls) with ``substeps`` each.
@@ -236,6 +233,7 @@ class _GMSchedulerBase(abc.ABC):
         """
         if self.timesteps is None:
             raise RuntimeError("call set_timesteps(num_steps, substeps, shift) before step()")
+        check_model_output(gm_u)
         i = self.step_index
         if i >= self.num_steps:
             raise RuntimeError(f"all {self.num_steps} steps are done; call set_timesteps again")

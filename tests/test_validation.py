@@ -147,3 +147,72 @@ def test_mixed_float_dtypes_are_promoted():
     assert out["means"].dtype == torch.bfloat16
     ref = X.double().unsqueeze(1) - 0.5 * g["means"].double()
     assert torch.allclose(out["means"].double(), ref, rtol=1e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# documented conditions that are checked, and errors that blame the right argument
+
+
+def test_documented_sigma_orders_are_checked():
+    """``sigma_to <= sigma`` (reverse transition) and ``sigma_tgt <= sigma_src`` (posterior
+    mean), for floats and CPU tensors; equal sigmas stay valid."""
+    with pytest.raises(ValueError, match=r"sigma_to must be <= sigma.*sigma_to=0.9 > sigma=0.3"):
+        G.reverse_transition(gm(), X, 0.3, 0.9)
+    with pytest.raises(ValueError, match=r"sigma_tgt must be <= sigma_src.*sigma_tgt=0.9 > sigma_src=0.3"):
+        G.gm_posterior_mean(gm(), X, 0.3, X, 0.9)
+    lo, hi = torch.tensor([[[[0.2]]], [[[0.9]]]]), torch.full((2, 1, 1, 1), 0.5)
+    with pytest.raises(ValueError, match=r"sigma_to must be <= sigma.*at 1 of 2 entries"):
+        G.reverse_transition(gm(), X, hi, lo)
+    with pytest.raises(ValueError, match=r"sigma_tgt must be <= sigma_src"):
+        G.gm_posterior_mean(gm(), X, 0.5, X, lo)
+    G.reverse_transition(gm(), X, 0.5, 0.5)
+    G.gm_posterior_mean(gm(), X, hi, X, 0.5)
+
+
+@pytest.mark.parametrize("var", [-1.0, 0.0, float("nan")])
+def test_gaussian_variance_must_be_positive(var):
+    with pytest.raises(ValueError, match=r"gaussian\['var'\] must be > 0"):
+        G.gm_mul_iso_gaussian(gm(), {"mean": X, "var": torch.full((2, 1, 1, 1), var)})
+    G.gm_mul_iso_gaussian(gm(), {"mean": X, "var": torch.full((2, 1, 1, 1), float("inf"))})  # no reweighting
+
+
+def test_means_missing_an_axis_blames_means():
+    g = gm(means=torch.randn(2, 4, 5, 6))  # a state passed as means: the K axis is missing
+    with pytest.raises(ValueError, match=r"^gm\['means'\] must have shape \(\*B, K, C, H, W\).*\(2, 4, 5, 6\) \(4 dims\)"):
+        G.gm_to_mean(g)
+
+
+def test_sample_with_a_seed_instead_of_a_generator():
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int 123"):
+        G.gm_sample(gm(), 1, generator=123)
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator"):
+        G.gm_sde_step(gm(), X, 0.5, 0.3, generator=123)
+
+
+@pytest.mark.parametrize("shift", [-1.0, 0.0, float("inf"), float("nan")])
+def test_shift_has_one_message(shift):
+    with pytest.raises(ValueError, match=r"^shift must be a finite float > 0, got"):
+        G.sample(lambda x, t: gm(), X, 2, shift=shift)
+
+
+def test_denoiser_returning_a_tensor():
+    with pytest.raises(TypeError, match=r"the model output, must be a u-GM dict.*got Tensor of shape \(2, 3, 4, 5, 6\)"):
+        G.sample(lambda x, t: torch.randn(2, 3, 4, 5, 6), X, 2)
+    with pytest.raises(TypeError, match=r"the model output, must be a u-GM dict.*got Tensor.*inside a sequence"):
+        G.sample(lambda x, t: (gm(), torch.randn(2, 3, 4, 5, 6)), X, 2, guidance_scale=0.5)
+
+
+def test_ops_on_meta_tensors():
+    """Shape-only runs (meta tensors have no values): tensor sigmas and timesteps are not read
+    (the checks that would read them are device-side asserts, no-ops on meta)."""
+    g = {k: v.to("meta") for k, v in gm().items()}
+    x, sig = X.to("meta"), torch.full((2, 1, 1, 1), 0.5, device="meta")
+    t = torch.full((2,), 500.0, device="meta")
+    assert G.gm_to_mean(g).shape == X.shape
+    assert G.gm_to_iso_gaussian(g)["var"].shape == (2, 1, 5, 6)
+    assert G.u_to_x0(g, x, sig)["means"].shape == g["means"].shape
+    assert G.reverse_transition(g, x, sig, sig)["means"].shape == g["means"].shape
+    assert G.gm_posterior_mean(g, x, sig, x, sig).shape == X.shape
+    assert G.gm_mul_iso_gaussian(g, {"mean": x, "var": sig})["means"].shape == g["means"].shape
+    assert G.transition_loss(g, x, t, x, t * 0.5).shape == ()
+    assert G.gm_nll_loss(g, x, reduction="none").shape == (2, 5, 6)

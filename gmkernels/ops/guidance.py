@@ -42,7 +42,7 @@ import reference.guidance as ref
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_gm, check_power
-from ._launch import kernels_wanted, needs_int64
+from ._launch import call_op, cdiv, kernels_wanted, launch_plan, needs_int64
 from .mixture import online_moments_update
 from .transition import flat_gm, flat_logstds, pow2_at_most
 
@@ -56,6 +56,7 @@ _TILE = 2048  # register-tile elements (BLOCK_K * BLOCK_C * BLOCK_P) per program
 _NEG_BIG = -1e30  # weight_guidance's clamp of dead log-weights (reference.guidance)
 
 
+@launch_plan
 def _blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P)``: up to 16 components and 8 channels per tile, pixels
     filling the rest of a 2048-element tile (at least 16, at most the next power of 2 of H*W)."""
@@ -341,7 +342,7 @@ def _launch_stats(cm, cl, cls, um, ul, with_var: bool, with_mc: bool):
     ls, _, s_lsb, s_lsp = flat_logstds(cls, H, W)
     B = m4.shape[0]
     bk, bc, bp = _blocks(max(Kc, Ku), C, HW)
-    npb = triton.cdiv(HW, bp)
+    npb = cdiv(HW, bp)
     d = torch.empty((B, C, HW), device=cm.device, dtype=torch.float32)
     m_c = torch.empty_like(d) if with_mc else d
     part = torch.empty((B, npb, 4), device=cm.device, dtype=torch.float32)
@@ -390,7 +391,7 @@ def _launch_probabilistic(cm, cls, cl, um, ul, scale: float, orthogonal: float):
     out_l = torch.empty((B, K, HW), device=cm.device, dtype=cm.dtype)
     out_ls = torch.empty((B, ls_hw), device=cm.device, dtype=cm.dtype)
     bk, bc, bp = _blocks(K, C, HW)
-    npb = triton.cdiv(HW, bp)
+    npb = cdiv(HW, bp)
     _guidance_apply_kernel[(B * npb,)](
         m4, l3, ls, m_c, d, coef, out_m, out_l, out_ls,
         K, C, HW, npb, ls_hw,
@@ -410,7 +411,7 @@ def _launch_weight(lc: torch.Tensor, lu: torch.Tensor, scale: float) -> torch.Te
         return out.view(lc.shape)
     bk = pow2_at_most(K, 16)
     bp = pow2_at_most(HW, max(16, _TILE // bk))
-    npb = triton.cdiv(HW, bp)
+    npb = cdiv(HW, bp)
     _weight_guidance_kernel[(B * npb,)](
         c3, u3, out, K, HW, npb, *c3.stride(), *u3.stride(), scale - 1.0,
         SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, out), num_warps=4,
@@ -433,7 +434,7 @@ def _launch_mean_cfg(cm, cl, um, ul, scale: float, orthogonal: bool) -> torch.Te
     R = B * K * C
     block_p = pow2_at_most(HW, 1024)
     block_r = pow2_at_most(R, max(1, _TILE // block_p))
-    grid = (triton.cdiv(R, block_r) * triton.cdiv(HW, block_p),)
+    grid = (cdiv(R, block_r) * cdiv(HW, block_p),)
     _mean_cfg_apply_kernel[grid](
         m4, m_c, d, coef, out, R, K, C, HW, *m4.stride(),
         ORTHO=orthogonal, BLOCK_R=block_r, BLOCK_P=block_p, INT64=needs_int64(m4, out), num_warps=4,
@@ -543,7 +544,7 @@ def probabilistic_guidance(gm_cond: dict, gm_uncond: dict, scale: float, orthogo
     tensors = (gm_cond["means"], gm_cond["logstds"], gm_cond["logweights"], gm_uncond["means"], gm_uncond["logweights"])
     if not kernels_wanted(*tensors):
         return run_reference(ref.probabilistic_guidance, gm_cond, gm_uncond, scale, orthogonal, out_dtype=s.dtype)
-    means, logstds, logweights = torch.ops.gmkernels.probabilistic_guidance(*tensors, scale, orthogonal)
+    means, logstds, logweights = call_op(torch.ops.gmkernels.probabilistic_guidance, *tensors, scale, orthogonal)
     return {"means": means, "logstds": logstds, "logweights": logweights}
 
 
@@ -560,7 +561,7 @@ def weight_guidance(gm_cond: dict, gm_uncond: dict, scale: float) -> dict:
     scale = check_power(scale, "scale")
     if not kernels_wanted(gm_cond["means"], gm_cond["logweights"], gm_uncond["logweights"]):
         return run_reference(ref.weight_guidance, gm_cond, gm_uncond, scale, out_dtype=s.dtype)
-    logweights = torch.ops.gmkernels.weight_guidance(gm_cond["logweights"], gm_uncond["logweights"], scale)
+    logweights = call_op(torch.ops.gmkernels.weight_guidance, gm_cond["logweights"], gm_uncond["logweights"], scale)
     return {"means": gm_cond["means"], "logstds": gm_cond["logstds"].to(s.dtype), "logweights": logweights.to(s.dtype)}
 
 
@@ -573,7 +574,7 @@ def mean_cfg(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: bool = Fa
     tensors = (gm_cond["means"], gm_cond["logweights"], gm_uncond["means"], gm_uncond["logweights"])
     if not kernels_wanted(*tensors):
         return run_reference(ref.mean_cfg, gm_cond, gm_uncond, scale, bool(orthogonal), out_dtype=s.dtype)
-    means = torch.ops.gmkernels.mean_cfg(*tensors, scale, bool(orthogonal))
+    means = call_op(torch.ops.gmkernels.mean_cfg, *tensors, scale, bool(orthogonal))
     return {"means": means, "logstds": gm_cond["logstds"].to(s.dtype), "logweights": gm_cond["logweights"].to(s.dtype)}
 
 

@@ -35,7 +35,7 @@ import reference.inverse_cdf as ref
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
 from .._validate import check_count, check_gm, check_gm1d, check_positive, check_state
-from ._launch import kernels_wanted, needs_int64, per_row, pixel_rows
+from ._launch import call_op, cdiv, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
 from .mixture import online_moments_update
 
 try:
@@ -48,15 +48,16 @@ LOG2E = 1.4426950408889634
 _SQRT2 = math.sqrt(2.0)
 
 
+@launch_plan
 def kr_blocks(K: int, P: int, programs_per_pblock: int) -> tuple[int, int, int]:
     """``(BLOCK_K, BLOCK_P, num_warps)``: up to 128 pixels per program, halved down to 32 while
     the grid has fewer than 1024 programs, and ``BLOCK_K * BLOCK_P <= 1024`` over 8 warps, so the
     three tiles loaded per pass (log-weights, scratch, means) stay in registers (at 4 warps the
     bf16 variants reach 190 registers and spill at sm_80)."""
-    block_p = min(triton.next_power_of_2(P), 128)
-    while block_p > 32 and programs_per_pblock * triton.cdiv(P, block_p) < 1024:
+    block_p = min(next_pow2(P), 128)
+    while block_p > 32 and programs_per_pblock * cdiv(P, block_p) < 1024:
         block_p //= 2
-    block_k = max(1, min(triton.next_power_of_2(K), 1024 // block_p))
+    block_k = max(1, min(next_pow2(K), 1024 // block_p))
     return block_k, block_p, 8
 
 
@@ -250,7 +251,7 @@ def _launch_kr_inverse(
     N = z4.shape[1]
     acc = torch.empty((R * N, K, P) if C > 1 else (1,), dtype=torch.float32, device=means.device)
     block_k, block_p, warps = kr_blocks(K, P, R * N)
-    n_pblocks = triton.cdiv(P, block_p)
+    n_pblocks = cdiv(P, block_p)
     _kr_inverse_kernel[(R * N * n_pblocks,)](
         m4, l3, s2, z4, u4, o4, acc,
         K, C, P, N, n_pblocks,
@@ -272,7 +273,7 @@ def _launch_kr_cdf(means: torch.Tensor, logstds: torch.Tensor, logweights: torch
     N = x4.shape[1]
     acc = torch.empty((R * N, K, P) if C > 1 else (1,), dtype=torch.float32, device=means.device)
     block_k, block_p, warps = kr_blocks(K, P, R * N)
-    n_pblocks = triton.cdiv(P, block_p)
+    n_pblocks = cdiv(P, block_p)
     _kr_cdf_kernel[(R * N * n_pblocks,)](
         m4, l3, s2, x4, o4, acc,
         K, C, P, N, n_pblocks,
@@ -367,7 +368,7 @@ def gm1d_inverse_cdf(
         )
     if gaussian_samples is None:
         gaussian_samples = torch.erfinv(scaled_cdfs.float().clamp(-1 + eps, 1 - eps)) * _SQRT2
-    out = torch.ops.gmkernels.kr_inverse(
+    out = call_op(torch.ops.gmkernels.kr_inverse,
         gm1d["means"].unsqueeze(-3), gm1d["logstds"].unsqueeze(-3), gm1d["logweights"].unsqueeze(-3),
         gaussian_samples.unsqueeze(-3), scaled_cdfs.unsqueeze(-3), n_steps, eps, max_step_size,
     )  # fmt: skip
@@ -414,7 +415,7 @@ def gaussian_samples_to_gm_samples(
         )  # fmt: skip
     means_rot, basis = _rotated(gm, axis_aligned)
     z = gaussian_samples if axis_aligned else ref.to_basis(gaussian_samples.float(), basis)
-    x_rot = torch.ops.gmkernels.kr_inverse(means_rot, gm["logstds"], gm["logweights"], z, None, n_steps, eps, max_step_size)
+    x_rot = call_op(torch.ops.gmkernels.kr_inverse, means_rot, gm["logstds"], gm["logweights"], z, None, n_steps, eps, max_step_size)
     return ref.from_basis(x_rot, basis).to(s.dtype)
 
 
@@ -436,7 +437,7 @@ def gm_samples_to_gaussian_samples(gm: dict, gm_samples: torch.Tensor, eps: floa
     if not kernels_wanted(gm["means"], gm["logstds"], gm["logweights"], gm_samples):
         return run_reference(ref.gm_samples_to_gaussian_samples, gm, gm_samples, eps, bool(axis_aligned), out_dtype=s.dtype)
     means_rot, basis = _rotated(gm, axis_aligned)
-    u = torch.ops.gmkernels.kr_scaled_cdfs(means_rot, gm["logstds"], gm["logweights"], ref.to_basis(gm_samples.float(), basis))
+    u = call_op(torch.ops.gmkernels.kr_scaled_cdfs, means_rot, gm["logstds"], gm["logweights"], ref.to_basis(gm_samples.float(), basis))
     z = torch.erfinv(u.clamp(-1 + eps, 1 - eps)) * _SQRT2
     return (z if axis_aligned else ref.from_basis(z, basis)).to(s.dtype)
 

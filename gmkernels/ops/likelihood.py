@@ -44,7 +44,8 @@ from reference._util import to_gm_dims
 
 from .._aot import AotCase
 from .._dispatch import compute_dtype, run_reference, select_backend
-from .._validate import GMShape, Sigma, check_gm, check_sigma, check_state
+from .._validate import GMShape, Sigma, check_gm, check_sigma, check_sigma_order, check_state, require, value_range
+from ._launch import call_op, cdiv, launch_plan, next_pow2
 
 try:
     import triton
@@ -235,17 +236,18 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 
 
+@launch_plan
 def _blocks(K: int, P: int, programs_per_pblock: int, affine: bool = False) -> tuple[int, int]:
     """``(BLOCK_K, BLOCK_P)``: up to 128 pixels per program (128-bit loads), halved down to 32
     while the grid has fewer than 1024 programs (a GPU wants a few per SM), and as many
     components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``TILE`` elements (8 fp32 per
     thread at 4 warps; half that with the affine map, which holds more per pixel: the compile
     report shows no spills there)."""
-    block_p = min(triton.next_power_of_2(P), 128)
-    while block_p > 32 and programs_per_pblock * triton.cdiv(P, block_p) < 1024:
+    block_p = min(next_pow2(P), 128)
+    while block_p > 32 and programs_per_pblock * cdiv(P, block_p) < 1024:
         block_p //= 2
     tile = TILE // 2 if affine else TILE
-    block_k = max(1, min(triton.next_power_of_2(K), tile // block_p))
+    block_k = max(1, min(next_pow2(K), tile // block_p))
     return block_k, block_p
 
 
@@ -292,7 +294,7 @@ def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, 
     mf, sf, mcf, xcf, xf, wf, yf, of = _views(means, logstds, logweights, affine, y, out)
     R, P = mf.shape[0], mf.shape[-1]
     block_k, block_p = _blocks(K, P, R * N, affine is not None)
-    n_pb = triton.cdiv(P, block_p)
+    n_pb = cdiv(P, block_p)
     grid = (n_pb * R * N,)
     if grid[0] > 0:
         _gm_loglik_fwd_kernel[grid](
@@ -317,7 +319,7 @@ def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, affine,
     )
     R, P = mf.shape[0], mf.shape[-1]
     block_k, block_p = _blocks(K, P, R, affine is not None)
-    n_pb = triton.cdiv(P, block_p)
+    n_pb = cdiv(P, block_p)
     per_pixel = sf.stride(-1) != 0  # after the point-data swap a per-row std is per pixel
     g_std = torch.empty((R, P if per_pixel else n_pb), device=means.device, dtype=torch.float32)
     grid = (n_pb * R,)
@@ -424,7 +426,7 @@ def _nll_backward(ctx: Any, grad_loss: torch.Tensor):
             "gmkernels::gm_nll_loss_pixels with an affine map differentiates the GM only; "
             "transition_loss takes the torch path when x_t_high or x_t_low require grad"
         )
-    g_means, g_logstds, g_logweights = torch.ops.gmkernels.gm_nll_loss_pixels_backward(
+    g_means, g_logstds, g_logweights = call_op(torch.ops.gmkernels.gm_nll_loss_pixels_backward,
         grad_loss, loss, means, logstds, logweights, target, mscale, xres, x, ctx.eps
     )
     # dL/dy = -sum_k dL/dmu_k: only when the target itself is being trained
@@ -505,7 +507,7 @@ def gm_logprob(gm: dict, samples: torch.Tensor) -> torch.Tensor:
     tensors = (gm["means"], gm["logstds"], gm["logweights"], samples)
     if _exact_torch_path(*tensors) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return run_reference(ref.gm_logprob, gm, samples, out_dtype=s.dtype)
-    return torch.ops.gmkernels.gm_logprob(gm["means"], gm["logstds"], gm["logweights"], samples)
+    return call_op(torch.ops.gmkernels.gm_logprob, gm["means"], gm["logstds"], gm["logweights"], samples)
 
 
 def gm_nll_loss(gm: dict, target: torch.Tensor, eps: float = 1e-4, reduction: str = "mean") -> torch.Tensor:
@@ -534,7 +536,7 @@ def gm_nll_loss(gm: dict, target: torch.Tensor, eps: float = 1e-4, reduction: st
     _check_reduction(reduction)
     if _exact_torch_path(gm["means"], gm["logstds"], gm["logweights"], target):
         return run_reference(ref.gm_nll_loss, gm, target, eps, reduction, out_dtype=s.dtype)
-    loss = torch.ops.gmkernels.gm_nll_loss_pixels(
+    loss = call_op(torch.ops.gmkernels.gm_nll_loss_pixels,
         gm["means"], gm["logstds"], gm["logweights"], target, None, None, None, eps
     )
     return _reduce(loss, reduction).to(s.dtype)
@@ -552,10 +554,8 @@ def _check_timestep(t: Any, name: str, s: GMShape) -> Sigma:
         if not 0.0 <= t <= 1000.0:
             raise ValueError(f"{name} must lie in [0, 1000], got {t}")
         return t
-    try:
-        check_sigma(t / 1000.0, name, s)
-    except ValueError as e:
-        raise ValueError(f"{e} (as {name} / 1000; timesteps lie in [0, 1000])") from None
+    check_sigma(t, name, s, check_values=False)  # type, device, shape
+    require((t >= 0) & (t <= 1000), f"{name} must lie in [0, 1000]", lambda: f"; got values {value_range(t)}")
     return t
 
 
@@ -628,7 +628,7 @@ def transition_loss(
     def per_row(v):
         return torch.as_tensor(to_gm_dims(v), device=s.device).to(dt).expand(*s.batch, 1, 1, 1, 1).detach()
 
-    loss = torch.ops.gmkernels.gm_nll_loss_pixels(
+    loss = call_op(torch.ops.gmkernels.gm_nll_loss_pixels,
         gm_u["means"], logstds_low, gm_u["logweights"], x_t_low,
         per_row(-c2 * s_high64), per_row(1 - c1 - c2), x_t_high, eps,
     )
@@ -636,14 +636,9 @@ def transition_loss(
 
 
 def _check_nondecreasing(t_low: Sigma, t_high: Sigma) -> None:
-    if isinstance(t_low, torch.Tensor) or isinstance(t_high, torch.Tensor):
-        if torch.compiler.is_compiling():
-            return
-        bad = bool(torch.as_tensor(t_low > t_high).any())
-    else:
-        bad = t_low > t_high
-    if bad:
-        raise ValueError("t_low must be <= t_high (the reverse transition goes from t_high down to t_low)")
+    """``t_low <= t_high``: a ``ValueError`` for floats and CPU tensors, a device-side assert
+    on CUDA (no host synchronisation in a training step)."""
+    check_sigma_order(t_low, "t_low", t_high, "t_high")
 
 
 # --------------------------------------------------------------------------------------------

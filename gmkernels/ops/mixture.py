@@ -23,7 +23,7 @@ import reference.mixture as ref
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
 from .._validate import check_gm, check_power
-from ._launch import LOG2E, gm_views, kernels_wanted, mixture_blocks, needs_int64, per_row, pixel_rows
+from ._launch import LOG2E, call_op, cdiv, gm_views, kernels_wanted, launch_plan, mixture_blocks, needs_int64, per_row, pixel_rows
 
 try:
     import triton
@@ -138,6 +138,7 @@ if triton is not None:
             tl.store(var_ptr + row * s_vr + offs_p * s_vp, var.to(var_ptr.dtype.element_ty), mask=mask_p)
 
 
+@launch_plan
 def _moments_blocks(K: int, C: int, P: int, R: int, with_var: bool) -> tuple[int, int, int, int]:
     # the variance path keeps a second [BLOCK_C, BLOCK_P] accumulator and the deviations
     return mixture_blocks(K, C, P, R, c_tiles_in_grid=not with_var, tile=2048 if with_var else 4096)
@@ -162,8 +163,8 @@ def _launch_moments(
     m4, l3, o3, s2, v2 = pixel_rows(m4, l3, o3, s2, v2)
     R, P = m4.shape[0], m4.shape[-1]
     block_k, block_c, block_p, warps = _moments_blocks(K, C, P, R, with_var)
-    n_pblocks = triton.cdiv(P, block_p)
-    n_ctiles = 1 if with_var else triton.cdiv(C, block_c)
+    n_pblocks = cdiv(P, block_p)
+    n_ctiles = 1 if with_var else cdiv(C, block_c)
     grid = (R * n_pblocks * n_ctiles,)
     _gm_moments_kernel[grid](
         m4, l3, s2, o3, v2,
@@ -225,7 +226,7 @@ def gm_to_mean(gm: dict, power: float = 1.0) -> torch.Tensor:
     power = check_power(power, "power")
     if not kernels_wanted(gm["means"], gm["logweights"]):
         return run_reference(ref.gm_to_mean, gm, power, out_dtype=s.dtype)
-    return torch.ops.gmkernels.gm_to_mean(gm["means"], gm["logweights"], power)
+    return call_op(torch.ops.gmkernels.gm_to_mean, gm["means"], gm["logweights"], power)
 
 
 def gm_to_iso_gaussian(gm: dict) -> dict:
@@ -238,7 +239,7 @@ def gm_to_iso_gaussian(gm: dict) -> dict:
     s = check_gm(gm)
     if not kernels_wanted(gm["means"], gm["logstds"], gm["logweights"]):
         return run_reference(ref.gm_to_iso_gaussian, gm, out_dtype=s.dtype)
-    mean, var = torch.ops.gmkernels.gm_to_iso_gaussian(gm["means"], gm["logstds"], gm["logweights"])
+    mean, var = call_op(torch.ops.gmkernels.gm_to_iso_gaussian, gm["means"], gm["logstds"], gm["logweights"])
     return {"mean": mean, "var": var}
 
 

@@ -23,8 +23,8 @@ import reference.posterior as ref
 
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
-from .._validate import Sigma, check_gm, check_sigma, check_state
-from ._launch import gm_views, kernels_wanted, mixture_blocks, needs_int64, per_row, pixel_rows
+from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
+from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, mixture_blocks, needs_int64, per_row, pixel_rows
 from .mixture import online_moments_update, program_tile
 from .product import _check_real
 
@@ -124,6 +124,7 @@ if triton is not None:
         tl.store(out_ptr + row * s_or + offs_c[:, None] * s_oc + offs_p[None, :] * s_op, out.to(out_ptr.dtype.element_ty), mask=mask_cp)
 
 
+@launch_plan
 def _posterior_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
     return mixture_blocks(K, C, P, R, c_tiles_in_grid=True, tile=4096)
 
@@ -147,7 +148,7 @@ def _launch_posterior(
     m4, l3, s2, xs, xt, ss, st, o3 = pixel_rows(*views, per_batch(sigma_src), per_batch(sigma_tgt), out.view(R, C, P))
     R, P = m4.shape[0], m4.shape[-1]
     block_k, block_c, block_p, warps = _posterior_blocks(K, C, P, R)
-    n_pblocks, n_ctiles = triton.cdiv(P, block_p), triton.cdiv(C, block_c)
+    n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
     _gm_posterior_mean_kernel[(R * n_pblocks * n_ctiles,)](
         m4, l3, s2, xs, xt, ss, st, o3,
         K, C, P, n_pblocks, n_ctiles,
@@ -196,6 +197,7 @@ def gm_posterior_mean(
     check_state(x_tgt, "x_tgt", s)
     sigma_src = check_sigma(sigma_src, "sigma_src", s)
     sigma_tgt = check_sigma(sigma_tgt, "sigma_tgt", s)
+    check_sigma_order(sigma_tgt, "sigma_tgt", sigma_src, "sigma_src")
     eps = _check_real(eps, "eps")
     tensors = [gm["means"], gm["logstds"], gm["logweights"], x_src, x_tgt]
     tensors += [t for t in (sigma_src, sigma_tgt) if isinstance(t, torch.Tensor)]
@@ -207,7 +209,7 @@ def gm_posterior_mean(
             return sigma
         return torch.full((), sigma, dtype=torch.float32, device=s.device)  # a fill, safe in graph capture
 
-    return torch.ops.gmkernels.gm_posterior_mean(
+    return call_op(torch.ops.gmkernels.gm_posterior_mean,
         gm["means"], gm["logstds"], gm["logweights"], x_src, as_tensor(sigma_src), x_tgt, as_tensor(sigma_tgt), eps
     )
 

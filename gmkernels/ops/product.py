@@ -27,8 +27,8 @@ import reference.product as ref
 
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
-from .._validate import check_gaussian, check_gm
-from ._launch import gm_views, kernels_wanted, mixture_blocks, needs_int64, per_row, pixel_rows
+from .._validate import check_gaussian, check_gm, require, value_range
+from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, mixture_blocks, needs_int64, next_pow2, per_row, pixel_rows
 
 try:
     import triton
@@ -223,6 +223,7 @@ if triton is not None:
 # --------------------------------------------------------------------------- launchers
 
 
+@launch_plan
 def _gm_mul_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
     # channels are looped inside the program; the tile holds mu and the new means. With several
     # K tiles the two-pass state costs registers too: half the tile (sm_90 spilled at 2048) on
@@ -256,7 +257,7 @@ def _launch_gm_mul(
     single_k = K <= block_k
     # raw logits of a multi-tile K: in the output when it is float32, else in a float32 scratch
     raw = ol3 if single_k or out_lw.dtype == torch.float32 else torch.empty(ol3.shape, device=means.device)
-    n_pblocks = triton.cdiv(P, block_p)
+    n_pblocks = cdiv(P, block_p)
     _gm_mul_kernel[(R * n_pblocks,)](
         m4, l3, s2, g3, v2, om4, ol3, os2, raw,
         K, C, P, n_pblocks,
@@ -269,9 +270,10 @@ def _launch_gm_mul(
     return out_m, out_s, out_lw
 
 
+@launch_plan
 def _gauss_blocks(C: int, P: int) -> tuple[int, int, int]:
     """Elementwise: up to 8 channels x 128 pixels a program (8 per thread at 4 warps)."""
-    return min(triton.next_power_of_2(C), 8), min(triton.next_power_of_2(P), 128), 4
+    return min(next_pow2(C), 8), min(next_pow2(P), 128), 4
 
 
 def _launch_gauss_mul(
@@ -288,7 +290,7 @@ def _launch_gauss_mul(
     a1, b1, a2, b2, om, ov = pixel_rows(*views, mean.view(R, C, P), per_row(var, R, P))
     R, P = a1.shape[0], a1.shape[-1]
     block_c, block_p, warps = _gauss_blocks(C, P)
-    n_pblocks, n_ctiles = triton.cdiv(P, block_p), triton.cdiv(C, block_c)
+    n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
     _gauss_mul_kernel[(R * n_pblocks * n_ctiles,)](
         a1, b1, a2, b2, om, ov,
         C, P, n_pblocks, n_ctiles,
@@ -361,6 +363,7 @@ def gm_mul_iso_gaussian(
     """
     s = check_gm(gm)
     check_gaussian(gaussian, "gaussian", s)
+    require(gaussian["var"] > 0, "gaussian['var'] must be > 0 (a variance; inf is allowed)", lambda: f"; got values {value_range(gaussian['var'])}")
     gm_power = _check_real(gm_power, "gm_power")
     if gm_power <= 0:
         raise ValueError(f"gm_power must be > 0, got {gm_power}")
@@ -369,7 +372,7 @@ def gm_mul_iso_gaussian(
     tensors = (gm["means"], gm["logstds"], gm["logweights"], gaussian["mean"], gaussian["var"])
     if not kernels_wanted(*tensors):
         return run_reference(ref.gm_mul_iso_gaussian, gm, gaussian, gm_power, gaussian_power, eps, out_dtype=s.dtype)
-    means, logstds, logweights = torch.ops.gmkernels.gm_mul_iso_gaussian(*tensors, gm_power, gaussian_power, eps)
+    means, logstds, logweights = call_op(torch.ops.gmkernels.gm_mul_iso_gaussian, *tensors, gm_power, gaussian_power, eps)
     return {"means": means, "logstds": logstds, "logweights": logweights}
 
 
@@ -392,7 +395,7 @@ def iso_gaussian_mul_iso_gaussian(
     tensors = (g1["mean"], g1["var"], g2["mean"], g2["var"])
     if not kernels_wanted(*tensors):
         return run_reference(ref.iso_gaussian_mul_iso_gaussian, g1, g2, power1, power2, eps, out_dtype=s.dtype)
-    mean, var = torch.ops.gmkernels.iso_gaussian_mul_iso_gaussian(*tensors, power1, power2, eps)
+    mean, var = call_op(torch.ops.gmkernels.iso_gaussian_mul_iso_gaussian, *tensors, power1, power2, eps)
     return {"mean": mean, "var": var}
 
 

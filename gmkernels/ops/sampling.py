@@ -20,8 +20,8 @@ import reference.sampling as ref
 
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
-from .._validate import check_count, check_gm, check_power
-from ._launch import kernels_wanted, needs_int64, per_row, pixel_rows
+from .._validate import check_count, check_generator, check_gm, check_power
+from ._launch import call_op, cdiv, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
 
 try:
     import triton
@@ -30,15 +30,16 @@ except ImportError:  # CPU-only installs: the torch path still works
     triton = None
 
 
+@launch_plan
 def sample_blocks(K: int, C: int, P: int, programs_per_pblock: int) -> tuple[int, int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``: up to 128 pixels per program, halved down to
     32 while the grid has fewer than 1024 programs; ``BLOCK_K * BLOCK_P <= 2048`` (one
     log-weight tile and its random numbers in registers) and up to 16 channels per store tile."""
-    block_p = min(triton.next_power_of_2(P), 128)
-    while block_p > 32 and programs_per_pblock * triton.cdiv(P, block_p) < 1024:
+    block_p = min(next_pow2(P), 128)
+    while block_p > 32 and programs_per_pblock * cdiv(P, block_p) < 1024:
         block_p //= 2
-    block_k = max(1, min(triton.next_power_of_2(K), 2048 // block_p))
-    return block_k, min(triton.next_power_of_2(C), 16), block_p, 4
+    block_k = max(1, min(next_pow2(K), 2048 // block_p))
+    return block_k, min(next_pow2(C), 16), block_p, 4
 
 
 if triton is not None:
@@ -140,7 +141,7 @@ def _launch_sample(
     )
     R, P = m4.shape[0], m4.shape[-1]
     block_k, block_c, block_p, warps = sample_blocks(K, C, P, R * n_samples)
-    n_pblocks = triton.cdiv(P, block_p)
+    n_pblocks = cdiv(P, block_p)
     _gm_sample_kernel[(R * n_samples * n_pblocks,)](
         m4, l3, s2, seeds, o4,
         K, C, P, n_samples, n_pblocks,
@@ -184,11 +185,12 @@ def gm_sample(gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch
     s = check_gm(gm)
     n_samples = check_count(n_samples, "n_samples", 1)
     power = check_power(power, "power")
+    generator = check_generator(generator)
     if not kernels_wanted(gm["means"], gm["logstds"], gm["logweights"]):
         return run_reference(ref.gm_sample, gm, n_samples, power, generator, out_dtype=s.dtype)
     gen_device = generator.device if generator is not None else s.device
     seeds = torch.randint(0, 2**62, (2,), generator=generator, device=gen_device).to(s.device)
-    return torch.ops.gmkernels.gm_sample(gm["means"], gm["logstds"], gm["logweights"], seeds, n_samples, power)
+    return call_op(torch.ops.gmkernels.gm_sample, gm["means"], gm["logstds"], gm["logweights"], seeds, n_samples, power)
 
 
 # --------------------------------------------------------------------------- AOT cases

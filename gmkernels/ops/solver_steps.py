@@ -22,8 +22,8 @@ from reference.transition import transition_coefficients
 
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
-from .._validate import GMShape, check_float_tensor, check_gm, check_power, check_sigma, check_state
-from ._launch import I32_MAX, needs_int64
+from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state
+from ._launch import I32_MAX, call_op, cdiv, launch_plan, needs_int64
 
 try:
     import triton
@@ -42,6 +42,7 @@ def _np2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+@launch_plan
 def _ode_blocks(K: int, C: int, HW: int) -> tuple[int, int, int, bool]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE)``: all K components in registers when the
     ``(K, C, 16 pixels)`` tile fits ``_TILE``, else K tiles streamed per substep."""
@@ -54,6 +55,7 @@ def _ode_blocks(K: int, C: int, HW: int) -> tuple[int, int, int, bool]:
     return max(1, min(bk, _TILE // (bc * bp))), bc, bp, False
 
 
+@launch_plan
 def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P)`` of the SDE kernel: it streams K (log-weights only) and C.
     K tiles stay at 512 elements: larger ones made ptxas use local memory for the bf16 sm_80
@@ -270,7 +272,7 @@ def _launch_ode(means, logstds, logweights, x, sigmas, eps):
     xf = x.reshape(B, C, HW)
     out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
     bk, bc, bp, one = _ode_blocks(K, C, HW)
-    grid = (triton.cdiv(HW, bp), B)
+    grid = (cdiv(HW, bp), B)
     _gm_ode_substeps_kernel[grid](
         m, lw, ls, xf, sigmas, out,
         K, C, HW, sigmas.numel() - 1,
@@ -291,7 +293,7 @@ def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
     uf = u.reshape(B, HW) if given else xf
     zf = z.reshape(B, C, HW) if given else xf
     bk, bc, bp = _sde_blocks(K, C, HW)
-    grid = (triton.cdiv(HW, bp), B)
+    grid = (cdiv(HW, bp), B)
     # the kernel's float32 scalars, rounded here as a GPU launch rounds them (the interpreter keeps
     # float64, and a c3 far below float32's range then meets bf16 math as a NaN)
     c1, c2, c3 = (torch.tensor(c, dtype=torch.float32).item() for c in (c1, c2, c3))
@@ -391,7 +393,7 @@ def gm_ode_substeps(gm: dict, x: torch.Tensor, sigmas: Sigmas, eps: float = 1e-6
         return run_reference(ref.gm_ode_substeps, gm, x, levels, eps, out_dtype=x.dtype)
     if not isinstance(sigmas, torch.Tensor):  # a host-to-device copy: pass a device tensor in loops
         sigmas = torch.tensor(sigmas, dtype=torch.float32, device=s.device)
-    return torch.ops.gmkernels.gm_ode_substeps(gm["means"], gm["logstds"], gm["logweights"], x, sigmas, float(eps))
+    return call_op(torch.ops.gmkernels.gm_ode_substeps, gm["means"], gm["logstds"], gm["logweights"], x, sigmas, float(eps))
 
 
 def gm_sde_step(
@@ -425,10 +427,11 @@ def gm_sde_step(
     if sigma_next > sigma:
         raise ValueError(f"sigma_next ({sigma_next}) must not exceed sigma ({sigma})")
     power = check_power(power, "power")
+    generator = check_generator(generator)
     if select_backend(gm["means"]) == "triton":
         gen_device = s.device if generator is None else generator.device
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).to(s.device)
-        return torch.ops.gmkernels.gm_sde_step(
+        return call_op(torch.ops.gmkernels.gm_sde_step,
             gm["means"], gm["logstds"], gm["logweights"], x, seed, sigma, sigma_next, power, float(eps)
         )
     u = torch.rand((*s.batch, 1, s.H, s.W), generator=generator, device=s.device)

@@ -23,8 +23,8 @@ import reference.transition as ref
 
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
-from .._validate import Sigma, check_gm, check_sigma, check_state
-from ._launch import kernels_wanted, needs_int64
+from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
+from ._launch import call_op, cdiv, kernels_wanted, needs_int64, next_pow2
 
 try:
     import triton
@@ -74,7 +74,7 @@ def flat_sigma(sigma: Optional[torch.Tensor], batch: tuple[int, ...], like: torc
 
 def pow2_at_most(n: int, cap: int) -> int:
     """The next power of two >= ``n``, capped at ``cap``."""
-    return min(triton.next_power_of_2(max(int(n), 1)), cap)
+    return min(next_pow2(max(int(n), 1)), cap)
 
 
 def _sigma_args(sigma: Sigma) -> tuple[Optional[torch.Tensor], float]:
@@ -189,7 +189,7 @@ def _launch(mode: int, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_
     R = B * K * C
     block_p = pow2_at_most(HW, 1024)
     block_r = pow2_at_most(R, max(1, _TILE // block_p))
-    grid = (triton.cdiv(R, block_r) * triton.cdiv(HW, block_p),)
+    grid = (cdiv(R, block_r) * cdiv(HW, block_p),)
     _transition_kernel[grid](
         m, x, ls, sig, sig_to, out_m, out_ls,
         R, K, C, HW, ls_hw,
@@ -274,7 +274,7 @@ def u_to_x0(gm_u: dict, x_t: torch.Tensor, sigma: Sigma, eps: float = 1e-6) -> d
     sigma = check_sigma(sigma, "sigma", s)
     if not kernels_wanted(*_tensors(gm_u["means"], gm_u["logstds"], x_t, sigma)):
         return run_reference(ref.u_to_x0, gm_u, x_t, sigma, eps, out_dtype=s.dtype)
-    means, logstds = torch.ops.gmkernels.u_to_x0(gm_u["means"], gm_u["logstds"], x_t, *_sigma_args(sigma), float(eps))
+    means, logstds = call_op(torch.ops.gmkernels.u_to_x0, gm_u["means"], gm_u["logstds"], x_t, *_sigma_args(sigma), float(eps))
     return {"means": means, "logstds": logstds, "logweights": gm_u["logweights"].to(s.dtype)}
 
 
@@ -287,7 +287,7 @@ def x0_to_u(gm_x0: dict, x_t: torch.Tensor, sigma: Sigma, eps: float = 1e-6) -> 
     sigma = check_sigma(sigma, "sigma", s)
     if not kernels_wanted(*_tensors(gm_x0["means"], gm_x0["logstds"], x_t, sigma)):
         return run_reference(ref.x0_to_u, gm_x0, x_t, sigma, eps, out_dtype=s.dtype)
-    means, logstds = torch.ops.gmkernels.x0_to_u(gm_x0["means"], gm_x0["logstds"], x_t, *_sigma_args(sigma), float(eps))
+    means, logstds = call_op(torch.ops.gmkernels.x0_to_u, gm_x0["means"], gm_x0["logstds"], x_t, *_sigma_args(sigma), float(eps))
     return {"means": means, "logstds": logstds, "logweights": gm_x0["logweights"].to(s.dtype)}
 
 
@@ -308,9 +308,10 @@ def reverse_transition(gm_x0: dict, x_t: torch.Tensor, sigma: Sigma, sigma_to: S
     check_state(x_t, "x_t", s)
     sigma = check_sigma(sigma, "sigma", s)
     sigma_to = check_sigma(sigma_to, "sigma_to", s)
+    check_sigma_order(sigma_to, "sigma_to", sigma, "sigma")
     if not kernels_wanted(*_tensors(gm_x0["means"], gm_x0["logstds"], x_t, sigma, sigma_to)):
         return run_reference(ref.reverse_transition, gm_x0, x_t, sigma, sigma_to, eps, out_dtype=s.dtype)
-    means, logstds = torch.ops.gmkernels.reverse_transition(
+    means, logstds = call_op(torch.ops.gmkernels.reverse_transition,
         gm_x0["means"], gm_x0["logstds"], x_t, *_sigma_args(sigma), *_sigma_args(sigma_to), float(eps)
     )
     return {"means": means, "logstds": logstds, "logweights": gm_x0["logweights"].to(s.dtype)}

@@ -1,0 +1,84 @@
+"""Host cost of a public op call: launch plans are computed once per shape, custom ops are
+called directly in plain eager mode (and through the dispatcher whenever something observes,
+traces or differentiates the call), and the benchmark that measures it runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gmkernels as G
+from gmkernels.ops import _launch
+from gmkernels_bench import host_cost
+from strategies import make_gm, rel_err
+
+SHAPE = ((2,), 3, 4, 5, 6)
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _plan_stats():
+    infos = [f.cache_info() for f in _launch.PLAN_FUNCTIONS]
+    return sum(i.misses for i in infos), sum(i.hits for i in infos)
+
+
+@pytest.mark.parametrize("op", ["gm_to_mean", "gm_posterior_mean", "gm_nll_loss", "gm_sample", "probabilistic_guidance"])
+def test_repeated_shape_recomputes_no_launch_plan(op):
+    call = host_cost.cases()[op if op != "gm_posterior_mean" else "gm_posterior_mean (float sigmas)"]
+    with G.use_backend("triton"), host_cost.stubbed_launches():
+        call()  # the first call of this shape may compute plans
+        misses, hits = _plan_stats()
+        call()
+        misses_after, hits_after = _plan_stats()
+    assert misses_after == misses and hits_after > hits
+
+
+def test_needs_int64_and_integer_helpers():
+    import triton
+
+    assert [_launch.next_pow2(n) for n in range(0, 2050)] == [triton.next_power_of_2(n) for n in range(0, 2050)]
+    assert all(_launch.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 70) for b in range(1, 9))
+    small = torch.empty(4, 5)
+    assert not _launch.needs_int64(small, small.t())
+    huge = torch.empty_strided((2, 2), (2**31, 1), device="meta")  # offsets past int32, no memory
+    assert _launch.needs_int64(small, huge)
+
+
+@pytest.mark.triton
+def test_direct_call_equals_the_dispatcher_and_steps_aside():
+    """Plain eager: the implementation runs without the dispatcher (same result); under a
+    dispatch mode, or with a tensor autograd must track, the op goes through the dispatcher."""
+    gm = make_gm(SHAPE, 2, torch.float32)
+    with G.use_backend("triton"):
+        direct = G.gm_to_mean(gm)
+        dispatched = torch.ops.gmkernels.gm_to_mean(gm["means"], gm["logweights"], 1.0)
+        assert rel_err(direct, dispatched) == 0
+        with Ops() as mode:
+            G.gm_to_mean(gm)
+        assert "gmkernels.gm_to_mean" in mode.names
+    plain = (gm["means"], gm["logweights"], 1.0)
+    assert _launch._plain_eager(plain)
+    assert not _launch._plain_eager((gm["means"].requires_grad_(), gm["logweights"], 1.0))
+    with torch.no_grad():
+        assert _launch._plain_eager((gm["means"], gm["logweights"], 1.0))
+    with Ops():
+        assert not _launch._plain_eager(plain)
+
+
+def test_host_cost_benchmark_runs(tmp_path, capsys):
+    out = tmp_path / "host.json"
+    assert host_cost.main(["--calls", "2", "--repeat", "1", "--filter", "gm_to_mean", "--json", str(out)]) == 0
+    assert "gm_to_mean" in capsys.readouterr().out
+    records = json.loads(out.read_text())["records"]
+    assert records[0]["op"] == "gm_to_mean" and records[0]["launches"] == 1 and records[0]["host_us"] > 0
