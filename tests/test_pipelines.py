@@ -1,0 +1,266 @@
+"""gmkernels.pipelines: the GM-DiT pipeline on a tiny random checkpoint in the public GMFlow layout
+(written by tests/gmflow_checkpoint.py without our model classes), and the diffusers schedulers."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import gmkernels  # noqa: E402
+from gmkernels.models import GMDiTTransformer2DModel, SpectrumMLP  # noqa: E402
+from gmkernels.pipelines import FlowEulerODEScheduler, GMDiTPipeline, GMFlowSDEScheduler  # noqa: E402
+from tests.gmflow_checkpoint import ID2LABEL, SPECTRUM, official_forward, transformer_config, write_checkpoint  # noqa: E402
+from tests.strategies import rel_err  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("gmflow_ckpt"))
+    states = write_checkpoint(path)
+    return path, states
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    return GMDiTPipeline.from_pretrained(ckpt[0])
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_checkpoint_loads_strict_without_warnings(ckpt):
+    path, states = ckpt
+    handler = _Records()
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        pipe = GMDiTPipeline.from_pretrained(path)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in handler.messages if "key" in m.lower() or "weight" in m.lower()], handler.messages
+    assert isinstance(pipe.transformer, GMDiTTransformer2DModel) and isinstance(pipe.spectrum_net, SpectrumMLP)
+    assert isinstance(pipe.scheduler, GMFlowSDEScheduler)
+    for name in ("transformer", "spectrum_net"):
+        module, state = getattr(pipe, name), states[name]
+        assert set(module.state_dict()) == set(state)
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, state[k]), k
+        fresh = type(module).from_config(module.config)
+        fresh.load_state_dict(state, strict=True)
+
+
+def test_transformer_matches_independent_forward(ckpt, pipe):
+    cfg = transformer_config()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"], generator=g)
+    t = torch.tensor([999.0, 412.5, 3.0])
+    y = torch.tensor([0, 7, cfg["num_embeds_ada_norm"]])  # the last one: the null class
+    with torch.no_grad():
+        out = pipe.transformer(x, timestep=t, class_labels=y)
+    ref = official_forward(ckpt[1]["transformer"], cfg, x, t, y)
+    for k in ("means", "logstds", "logweights"):
+        assert out[k].shape == ref[k].shape, k
+        assert rel_err(out[k], ref[k]) < 1e-5, (k, rel_err(out[k], ref[k]))
+    assert out["logweights"].exp().sum(1).sub(1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("output_mode,substeps", [("mean", 2), ("sample", 1)])
+def test_pipeline_images_and_latents(pipe, output_mode, substeps):
+    kw = dict(num_inference_steps=2, num_inference_substeps=substeps, output_mode=output_mode, progress=False)
+    images = pipe([2, 3], generator=torch.manual_seed(0), **kw).images
+    assert len(images) == 2 and all(im.size == (16, 16) and im.mode == "RGB" for im in images)
+    latents = pipe([2, 3], generator=torch.manual_seed(0), output_type="latent", **kw).images
+    assert latents.shape == (2, 4, 8, 8) and latents.dtype == torch.float32 and torch.isfinite(latents).all()
+    arr = pipe([2, 3], generator=torch.manual_seed(0), output_type="np", **kw).images
+    assert arr.shape == (2, 16, 16, 3) and 0 <= arr.min() and arr.max() <= 1
+    np.testing.assert_array_equal(np.asarray(images[1]), (arr[1] * 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("output_mode,substeps", [("mean", 2), ("sample", 1)])
+def test_same_seed_same_images(pipe, output_mode, substeps):
+    kw = dict(num_inference_steps=2, num_inference_substeps=substeps, output_mode=output_mode, output_type="pt",
+              progress=False, guidance_scale=0.3)
+    a = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
+    b = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
+    c = pipe([1, 4], generator=torch.manual_seed(6), **kw).images
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_pipeline_runs_the_gmkernels_sampler(pipe):
+    """"mean" mode is gmkernels.sample(solver="gm-ode") on the transformer, guided by the null class."""
+    B, labels = 2, torch.tensor([3, 5])
+    out = pipe(labels.tolist(), guidance_scale=0.4, generator=torch.manual_seed(2), num_inference_steps=2,
+               num_inference_substeps=3, output_type="latent", progress=False).images
+    noise = torch.randn(B, 4, 8, 8, generator=torch.manual_seed(2))
+    null = torch.full_like(labels, 10)
+
+    def denoiser(x, t):
+        gm = pipe.transformer(torch.cat([x, x]), timestep=torch.cat([t, t]), class_labels=torch.cat([labels, null]))
+        return {k: v[:B] for k, v in gm.items()}, {k: v[B:] for k, v in gm.items()}
+
+    with torch.no_grad():
+        ref = gmkernels.sample(denoiser, noise, 2, solver="gm-ode", substeps=3, order=2, guidance_scale=0.4)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_bf16_variant(ckpt):
+    pipe = GMDiTPipeline.from_pretrained(ckpt[0], torch_dtype=torch.bfloat16, variant="bf16")
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+    for k, v in pipe.transformer.state_dict().items():
+        assert torch.equal(v, ckpt[1]["transformer"][k].to(torch.bfloat16)), k
+    for mode, n in (("mean", 2), ("sample", 1)):
+        images = pipe([0, 9], generator=torch.manual_seed(0), num_inference_steps=2, num_inference_substeps=n,
+                      output_mode=mode, output_type="pt", progress=False).images
+        assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_get_label_ids(pipe):
+    assert pipe.get_label_ids(["jay", "magpie", "Tinca tinca", "tench"]) == [2, 3, 0, 0]
+    assert pipe.get_label_ids("robin") == [4]
+    with pytest.raises(ValueError, match="unknown labels"):
+        pipe.get_label_ids(["unicorn"])
+
+
+def test_save_pretrained_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(str(tmp_path))
+    again = GMDiTPipeline.from_pretrained(str(tmp_path))
+    assert again.labels == pipe.labels
+    for k, v in pipe.transformer.state_dict().items():
+        assert torch.equal(v, again.transformer.state_dict()[k])
+    assert dict(again.scheduler.config) == dict(pipe.scheduler.config)
+
+
+def test_bad_arguments(pipe, ckpt, tmp_path):
+    with pytest.raises(ValueError, match="output_mode"):
+        pipe([1], output_mode="mode")
+    with pytest.raises(ValueError, match="num_inference_substeps"):
+        pipe([1], output_mode="sample", num_inference_substeps=4)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipe([1], guidance_scale=1.0)
+    with pytest.raises(ValueError, match="class_labels"):
+        pipe([10])
+    with pytest.raises(ValueError, match="output_type"):
+        pipe([1], output_type="jpg")
+    path = str(tmp_path / "v2")
+    write_checkpoint(path)
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    index["transformer"] = ["lib.models.architecture.gmflow", "GMDiTTransformer2DModelV2"]
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    with pytest.raises(ValueError, match="GMDiTTransformer2DModelV2"):
+        GMDiTPipeline.from_pretrained(path)
+
+
+# ------------------------------------------------------------------------------------- schedulers
+
+
+def _toy_gm(x, t, K=3, seed=0):
+    """A u-GM that depends smoothly on ``x`` and ``t`` (stands in for a network)."""
+    g = torch.Generator().manual_seed(seed)
+    offs = torch.randn(K, *x.shape[1:], generator=g)
+    s = (t / 1000).reshape(-1, 1, 1, 1, 1)
+    means = 0.5 * x.unsqueeze(1) + offs * (1 + s)
+    logweights = torch.log_softmax((x.unsqueeze(1) * offs).sum(2, keepdim=True), dim=1)
+    return {"means": means, "logstds": torch.log(0.3 + 0.2 * s), "logweights": logweights}
+
+
+def _toy_guided(x, t):
+    return _toy_gm(x, t, seed=0), _toy_gm(x, t, seed=1)
+
+
+@pytest.mark.parametrize("cls,solver,substeps", [(FlowEulerODEScheduler, "gm-ode", 3), (GMFlowSDEScheduler, "gm-sde", 1)])
+def test_scheduler_loop_equals_sample(cls, solver, substeps):
+    noise = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    sched = cls(shift=2.0)
+    sched.set_timesteps(4, substeps, order=2, guidance_scale=0.3, orthogonal_guidance=0.5)
+    assert sched.timesteps.shape == (4,) and sched.sigmas.shape == (4 * substeps + 1,)
+    assert sched.sigmas[0] == 1 and sched.sigmas[-1] == 0 and sched.step_index == 0
+    x, g = noise, torch.Generator().manual_seed(3)
+    for i, t in enumerate(sched.timesteps):
+        assert sched.step_index == i
+        out = sched.step(_toy_guided(x, t.expand(2)), t, x, generator=g)
+        x = out.prev_sample
+    ref = gmkernels.sample(_toy_guided, noise, 4, solver=solver, substeps=substeps, order=2, shift=2.0,
+                           guidance_scale=0.3, orthogonal=0.5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x, ref, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="steps are done"):
+        sched.step(_toy_guided(x, sched.timesteps[:1]), 0.0, x)
+
+
+def test_spectral_sde_steps():
+    """The spectral GM-SDE path: finite, reproducible with a generator, and different from the
+    per-pixel draws."""
+    spectrum = SpectrumMLP(base_size=(3, 8, 8), layers=[8])
+    noise = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+
+    def run(spectrum_net, seed):
+        sched = GMFlowSDEScheduler()
+        sched.set_timesteps(3, order=2, guidance_scale=0.3)
+        x, g = noise, torch.Generator().manual_seed(seed)
+        for t in sched.timesteps:
+            x = sched.step(_toy_guided(x, t.expand(2)), t, x, generator=g, spectrum_net=spectrum_net).prev_sample
+        return x
+
+    with torch.no_grad():
+        a, b, c = run(spectrum, 1), run(spectrum, 1), run(None, 1)
+    assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.allclose(a, c)
+    sched = GMFlowSDEScheduler()
+    sched.set_timesteps(2)
+    x = sched.step(_toy_gm(noise, sched.timesteps[:1].expand(2)), sched.timesteps[0], noise,
+                   spectrum_net=spectrum).prev_sample
+    with pytest.raises(RuntimeError, match="spectrum_net"):
+        sched.step(_toy_gm(x, sched.timesteps[1:].expand(2)), sched.timesteps[1], x)
+
+
+def test_scheduler_config_round_trip(tmp_path):
+    sched = GMFlowSDEScheduler(shift=3.0, use_dynamic_shifting=True, base_seq_len=64, max_seq_len=1024)
+    sched.save_pretrained(str(tmp_path))
+    with open(tmp_path / "scheduler_config.json") as f:
+        saved = json.load(f)
+    assert saved["_class_name"] == "GMFlowSDEScheduler" and saved["shift"] == 3.0
+    again = GMFlowSDEScheduler.from_pretrained(str(tmp_path))
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(again.config) == public(sched.config)
+    ode = FlowEulerODEScheduler.from_config(again.config)
+    assert isinstance(ode, FlowEulerODEScheduler) and ode.config.shift == 3.0
+    # dynamic shifting: exp of the log-shift interpolated in the token count
+    assert again.get_shift(64) == pytest.approx(np.exp(0.5)) and again.get_shift(1024) == pytest.approx(np.exp(1.15))
+    assert again.get_shift(None) == 3.0
+
+
+def test_scheduler_rejects_unsupported_config():
+    with pytest.raises(ValueError, match="terminal_sigma"):
+        FlowEulerODEScheduler(terminal_sigma=0.01)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        GMFlowSDEScheduler(num_train_timesteps=100)
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        GMFlowSDEScheduler().step({}, 1000.0, torch.zeros(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="substeps"):
+        GMFlowSDEScheduler().set_timesteps(4, 2)
+
+
+def test_spectrum_mlp_crops_to_small_latents():
+    net = SpectrumMLP(**SPECTRUM)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    gaussian = {"mean": torch.randn(2, 4, 5, 6), "var": torch.rand(2, 1, 1, 1)}
+    out = net(gaussian)
+    assert out.shape == (2, 4, 5, 6)
+    # a log power spectrum that averages to 1 over the frequencies of each channel
+    torch.testing.assert_close(out.exp().mean(dim=(-2, -1)), torch.ones(2, 4))
+    full = net({"mean": torch.randn(2, 4, 8, 8), "var": gaussian["var"]})
+    assert full.shape == (2, 4, 8, 8)
