@@ -264,3 +264,24 @@ def test_spectrum_mlp_crops_to_small_latents():
     torch.testing.assert_close(out.exp().mean(dim=(-2, -1)), torch.ones(2, 4))
     full = net({"mean": torch.randn(2, 4, 8, 8), "var": gaussian["var"]})
     assert full.shape == (2, 4, 8, 8)
+
+
+def test_bench_pipeline_suite(tmp_path, capsys):
+    from gmkernels_bench.__main__ import main
+
+    out = tmp_path / "out"
+    argv = ["--suite", "pipeline", "--pipeline-model", "tiny", "--pipeline-steps", "1,2", "--pipeline-batch", "2",
+            "--quick", "--no-progress", "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    with open(out / "results.json") as f:
+        recs = json.load(f)["records"]
+    assert [r["op"].split()[1] for r in recs] == ["mean", "sample"]
+    for r in recs:
+        assert r["status"] == "ok", r
+        assert r["shape"] == "2x8x4x32x32" and r["backend"] == "torch"
+        assert 0 < r["network_ms"] < r["median_ms"]
+        assert r["sampler_ms"] == pytest.approx(r["median_ms"] - r["network_ms"])
+        assert r["sampler_share"] == pytest.approx(r["sampler_ms"] / r["median_ms"])
+    assert "sampler" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--suite", "pipeline", "--pipeline-steps", "32", "--out", str(out)])
