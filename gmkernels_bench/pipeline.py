@@ -51,8 +51,10 @@ def build_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: i
         for p in transformer.parameters():
             p.normal_(0, 0.02)
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
-    pipe = GMDiTPipeline(transformer, SpectrumMLP(), vae, FlowEulerODEScheduler())
-    return pipe.to(device=device, dtype=dtype)
+    spectrum_net = SpectrumMLP()
+    for m in (transformer, spectrum_net, vae):  # plain Module.to: ModelMixin.to warns about dtype casts
+        torch.nn.Module.to(m, device=device, dtype=dtype)
+    return GMDiTPipeline(transformer, spectrum_net, vae, FlowEulerODEScheduler())
 
 
 class _NetworkTimer:

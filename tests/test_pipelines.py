@@ -285,3 +285,34 @@ def test_bench_pipeline_suite(tmp_path, capsys):
     assert "sampler" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--suite", "pipeline", "--pipeline-steps", "32", "--out", str(out)])
+
+
+def test_model_trains_the_pipeline_network(tmp_path):
+    """model/'s ImageNet presets build the pipeline's transformer class: a training step runs (with
+    gradient checkpointing and seeded class dropout) and the weights export to a pipeline folder."""
+    from model.networks import GMDiTOfficial, build_network
+    from model.presets import get_preset
+    from model.train import call_net
+
+    cfg = get_preset("imagenet-xl2", ["net_cfg.num_layers=2", "net_cfg.num_attention_heads=2",
+                                      "net_cfg.attention_head_dim=8", "net_cfg.sample_size=8", "net_cfg.logstd_inner_dim=16"])
+    net = build_network(cfg["net"], cfg["net_cfg"]).train()
+    assert isinstance(net, GMDiTOfficial) and isinstance(net.transformer, GMDiTTransformer2DModel)
+    assert net.transformer.gradient_checkpointing
+    with torch.no_grad():  # leave the zero-initialised layers' zeros behind, so gradients reach every layer
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 999])
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    out = call_net(net, x, torch.tensor([10.0, 500.0, 990.0]), y, generator=g1)
+    gmkernels.gm_nll_loss(out, torch.randn(3, 4, 8, 8)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    again = call_net(net, x, torch.tensor([10.0, 500.0, 990.0]), y, generator=g2)
+    assert torch.equal(again["means"], out["means"])  # the same dropout draws from the same seed
+    net.transformer.save_pretrained(str(tmp_path / "transformer"))
+    loaded = GMDiTTransformer2DModel.from_pretrained(str(tmp_path), subfolder="transformer").eval()
+    net.eval()
+    with torch.no_grad():
+        ref = net(x, torch.tensor([10.0, 500.0, 990.0]), y)
+        got = loaded(x, timestep=torch.tensor([10.0, 500.0, 990.0]), class_labels=y)
+    assert torch.equal(ref["means"], got["means"]) and torch.equal(ref["logweights"], got["logweights"])

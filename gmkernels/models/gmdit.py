@@ -186,6 +186,26 @@ class GMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         self.gm_out = _GMOutput2D(num_gaussians, self.out_channels, D, constant_logstd, logstd_inner_dim,
                                   gm_num_logstd_layers)
 
+    def init_weights(self) -> None:
+        """The DiT initialisation for training from scratch: Xavier-uniform linear layers (the patch
+        embedding as one) with zero biases, class embeddings ``N(0, 0.02^2)``, and zeros for the
+        adaLN modulations, the output modulation and the log-std head's last layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        w = self.pos_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.pos_embed.proj.bias)
+        zero = [blk.norm1.linear for blk in self.transformer_blocks] + [self.proj_out_1]
+        if self.config.constant_logstd is None:
+            zero.append(self.gm_out.logstd_layers[-1])
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
     @property
     def null_class(self) -> int:
         """The class label of the unconditional branch of guidance."""
