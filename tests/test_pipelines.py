@@ -115,6 +115,16 @@ def test_pipeline_runs_the_gmkernels_sampler(pipe):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
+@pytest.mark.triton
+def test_pipeline_on_the_triton_path(pipe):
+    """The same call with the Triton kernels (interpreted on CPU) gives the torch path's latents."""
+    kw = dict(num_inference_steps=2, num_inference_substeps=2, output_type="latent", progress=False, guidance_scale=0.3)
+    ref = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
+    with gmkernels.use_backend("triton"):
+        out = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_bf16_variant(ckpt):
     pipe = GMDiTPipeline.from_pretrained(ckpt[0], torch_dtype=torch.bfloat16, variant="bf16")
     assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
