@@ -115,6 +115,20 @@ def test_pipeline_runs_the_gmkernels_sampler(pipe):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
+def test_sample_mode_without_spectrum_net_is_gm_sde(ckpt):
+    """Without a spectrum network "sample" mode is gmkernels.sample(solver="gm-sde"), the generator
+    drawing the noise and then every step."""
+    pipe = GMDiTPipeline.from_pretrained(ckpt[0], spectrum_net=None)
+    out = pipe([6], guidance_scale=0.0, generator=torch.manual_seed(4), num_inference_steps=3, num_inference_substeps=1,
+               output_mode="sample", output_type="latent", progress=False).images
+    g = torch.manual_seed(4)
+    noise = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        ref = gmkernels.sample(lambda x, t: pipe.transformer(x, timestep=t, class_labels=torch.tensor([6])), noise, 3,
+                               solver="gm-sde", order=2, generator=g)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 @pytest.mark.triton
 def test_pipeline_on_the_triton_path(pipe):
     """The same call with the Triton kernels (interpreted on CPU) gives the torch path's latents."""

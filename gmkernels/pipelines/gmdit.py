@@ -60,14 +60,14 @@ class GMDiTPipeline(DiffusionPipeline):
     """Class-conditional GM-DiT sampling (the official ``GMDiTPipeline``'s components and ``__call__``).
 
     Components: ``transformer`` (u-GM network), ``spectrum_net`` (log power spectrum for
-    ``"sample"`` mode), ``vae`` (latents -> images), ``scheduler`` (its config gives the schedule's
+    ``"sample"`` mode; ``None``: independent per-pixel draws, ``gmkernels.sample``'s GM-SDE), ``vae`` (latents -> images), ``scheduler`` (its config gives the schedule's
     shift; the solver follows ``output_mode``), and ``id2label`` (class id -> comma-separated
     names, for :meth:`get_label_ids`).
     """
 
     model_cpu_offload_seq = "transformer->vae"
 
-    def __init__(self, transformer: GMDiTTransformer2DModel, spectrum_net: SpectrumMLP, vae: AutoencoderKL,
+    def __init__(self, transformer: GMDiTTransformer2DModel, spectrum_net: SpectrumMLP | None, vae: AutoencoderKL,
                  scheduler: GMFlowSDEScheduler | FlowEulerODEScheduler, id2label: dict | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, spectrum_net=spectrum_net, vae=vae, scheduler=scheduler)
@@ -106,8 +106,11 @@ class GMDiTPipeline(DiffusionPipeline):
             _component_class(index, "transformer", _TRANSFORMERS)
             parts["transformer"] = GMDiTTransformer2DModel.from_pretrained(path, subfolder="transformer", **load)
         if "spectrum_net" not in parts:
-            _component_class(index, "spectrum_net", _SPECTRUM_NETS)
-            parts["spectrum_net"] = SpectrumMLP.from_pretrained(path, subfolder="spectrum_net", **load)
+            if index.get("spectrum_net") in (None, [None, None]):  # none saved: "sample" draws per pixel
+                parts["spectrum_net"] = None
+            else:
+                _component_class(index, "spectrum_net", _SPECTRUM_NETS)
+                parts["spectrum_net"] = SpectrumMLP.from_pretrained(path, subfolder="spectrum_net", **load)
         if "vae" not in parts:
             _component_class(index, "vae", ("AutoencoderKL",))
             parts["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **load)
@@ -215,7 +218,7 @@ class GMDiTPipeline(DiffusionPipeline):
         sched.set_timesteps(num_inference_steps, num_inference_substeps, device=device, seq_len=seq_len, order=order,
                             guidance_scale=guidance_scale, orthogonal_guidance=orthogonal_guidance)
         denoise = self._denoiser(labels, guidance_scale > 0)
-        spectrum = {"spectrum_net": self.spectrum_net} if output_mode == "sample" else {}
+        spectrum = {"spectrum_net": self.spectrum_net} if output_mode == "sample" and self.spectrum_net is not None else {}
         steps = sched.timesteps
         for t in self.progress_bar(steps) if progress else steps:
             gm = denoise(x, t.expand(B))
