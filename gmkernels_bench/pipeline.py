@@ -123,7 +123,7 @@ def pipeline_records(device: torch.device, dtypes: list[torch.dtype], model: str
                 total, net = totals[mid] * 1e3, nets[mid] * 1e3
                 rec.update(status="ok", median_ms=total, network_ms=net, sampler_ms=total - net,
                            sampler_share=(total - net) / total,
-                           note=f"network {net:.4g} ms, sampler {total - net:.4g} ms = {100 * (total - net) / total:.1f}% "
+                           note=f"network {net:.4g} ms, sampler {total - net:.4g} ms = {100 * (total - net) / total:.2g}% "
                                 f"of the call ({steps} network calls at batch {2 * batch}, VAE not timed)")
             except Exception as e:  # a failing mode does not stop the run
                 rec.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160])

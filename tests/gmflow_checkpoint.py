@@ -14,7 +14,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 TINY = dict(num_gaussians=3, in_channels=4, sample_size=8, patch_size=2, num_attention_heads=2, attention_head_dim=8,
             num_layers=2, num_embeds_ada_norm=10, logstd_inner_dim=16)

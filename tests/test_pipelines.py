@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 import gmkernels  # noqa: E402
 from gmkernels.models import GMDiTTransformer2DModel, SpectrumMLP  # noqa: E402
 from gmkernels.pipelines import FlowEulerODEScheduler, GMDiTPipeline, GMFlowSDEScheduler  # noqa: E402
-from tests.gmflow_checkpoint import ID2LABEL, SPECTRUM, official_forward, transformer_config, write_checkpoint  # noqa: E402
+from tests.gmflow_checkpoint import SPECTRUM, official_forward, transformer_config, write_checkpoint  # noqa: E402
 from tests.strategies import rel_err  # noqa: E402
 
 
