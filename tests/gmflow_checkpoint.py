@@ -37,7 +37,7 @@ def transformer_config(**kw) -> dict:
 
 
 def transformer_shapes(cfg: dict) -> dict:
-    """Official parameter name -> shape of ``_GMDiTTransformer2DModel`` (2 log-std layers)."""
+    """Official parameter name -> shape of ``_GMDiTTransformer2DModel``."""
     D = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     K, C, p = cfg["num_gaussians"], cfg["in_channels"], cfg["patch_size"]
     L = cfg["logstd_inner_dim"]
@@ -48,9 +48,12 @@ def transformer_shapes(cfg: dict) -> dict:
         "emb.class_embedder.embedding_table.weight": (cfg["num_embeds_ada_norm"] + 1, D),
         "proj_out_1.weight": (2 * D, D), "proj_out_1.bias": (2 * D,),
         "proj_out_2.weight": (p * p * K * (C + 1), D), "proj_out_2.bias": (p * p * K * (C + 1),),
-        "gm_out.logstd_layers.1.weight": (L, D), "gm_out.logstd_layers.1.bias": (L,),
-        "gm_out.logstd_layers.3.weight": (1, L), "gm_out.logstd_layers.3.bias": (1,),
     }
+    if cfg["constant_logstd"] is None:  # (SiLU, Linear) pairs: Linear i sits at index 2 * i + 1
+        dims = [D] + [L] * (cfg["gm_num_logstd_layers"] - 1) + [1]
+        for i in range(len(dims) - 1):
+            n = f"gm_out.logstd_layers.{2 * i + 1}."
+            shapes.update({n + "weight": (dims[i + 1], dims[i]), n + "bias": (dims[i + 1],)})
     for i in range(cfg["num_layers"]):
         b = f"transformer_blocks.{i}."
         shapes.update({
@@ -174,7 +177,12 @@ def official_forward(sd: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: t
     out = lin(ln(h, 1e-6) * (1 + scale[:, None]) + shift[:, None], "proj_out_2")  # (B, N, p*p*K*(C+1)) as (i, j, ch)
     ch = K * (C + 1)
     out = out.reshape(B, gh, gw, p, p, ch).permute(0, 5, 1, 3, 2, 4).reshape(B, ch, H, W)
-    logstds = lin(silu(lin(silu(c), "gm_out.logstd_layers.1")), "gm_out.logstd_layers.3")
+    if cfg["constant_logstd"] is None:
+        logstds = c
+        for i in range(cfg["gm_num_logstd_layers"]):
+            logstds = lin(silu(logstds), f"gm_out.logstd_layers.{2 * i + 1}")
+    else:
+        logstds = torch.full((B, 1), float(cfg["constant_logstd"]), dtype=torch.float64)
     return {
         "means": out[:, : K * C].reshape(B, K, C, H, W),
         "logstds": logstds.reshape(B, 1, 1, 1, 1),

@@ -14,8 +14,11 @@ pytest.importorskip("diffusers")
 import gmkernels  # noqa: E402
 from gmkernels.models import GMDiTTransformer2DModel, SpectrumMLP  # noqa: E402
 from gmkernels.pipelines import FlowEulerODEScheduler, GMDiTPipeline, GMFlowSDEScheduler  # noqa: E402
-from tests.gmflow_checkpoint import SPECTRUM, official_forward, transformer_config, write_checkpoint  # noqa: E402
-from tests.strategies import rel_err  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from tests.gmflow_checkpoint import (  # noqa: E402
+    SPECTRUM, official_forward, random_state, transformer_config, transformer_shapes, write_checkpoint)
+from tests.strategies import rel_err, seeds  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,31 @@ def test_transformer_matches_independent_forward(ckpt, pipe):
         assert out[k].shape == ref[k].shape, k
         assert rel_err(out[k], ref[k]) < 1e-5, (k, rel_err(out[k], ref[k]))
     assert out["logweights"].exp().sum(1).sub(1).abs().max() < 1e-5
+
+
+@settings(max_examples=10)
+@given(K=st.integers(1, 5), patch=st.sampled_from([1, 2]), grid=st.integers(1, 4), heads=st.integers(1, 3),
+       head_dim=st.sampled_from([4, 8, 12]), layers=st.integers(1, 2), C=st.integers(1, 4), B=st.integers(1, 3),
+       logstd=st.sampled_from([None, -1.5]), logstd_layers=st.integers(1, 3), seed=seeds)
+def test_transformer_matches_independent_forward_on_drawn_configs(K, patch, grid, heads, head_dim, layers, C, B, logstd,
+                                                                   logstd_layers, seed):
+    cfg = transformer_config(num_gaussians=K, patch_size=patch, sample_size=grid * patch, num_attention_heads=heads,
+                             attention_head_dim=head_dim, num_layers=layers, in_channels=C, constant_logstd=logstd,
+                             gm_num_logstd_layers=logstd_layers, logstd_inner_dim=5)
+    g = torch.Generator().manual_seed(seed)
+    state = random_state(transformer_shapes(cfg), g)
+    model = GMDiTTransformer2DModel.from_config(cfg).eval()
+    model.load_state_dict(state, strict=True)
+    S = grid * patch
+    x = torch.randn(B, C, S, S, generator=g)
+    t = torch.rand(B, generator=g) * 1000
+    y = torch.randint(0, cfg["num_embeds_ada_norm"] + 1, (B,), generator=g)
+    with torch.no_grad():
+        out = model(x, timestep=t, class_labels=y)
+    ref = official_forward(state, cfg, x, t, y)
+    for k in ("means", "logstds", "logweights"):
+        assert out[k].shape == ref[k].shape, k
+        assert rel_err(out[k], ref[k]) < 1e-5 or (out[k] - ref[k]).abs().max() < 1e-5, (k, rel_err(out[k], ref[k]))
 
 
 @pytest.mark.parametrize("output_mode,substeps", [("mean", 2), ("sample", 1)])
@@ -175,6 +203,8 @@ def test_bad_arguments(pipe, ckpt, tmp_path):
         pipe([1], guidance_scale=1.0)
     with pytest.raises(ValueError, match="class_labels"):
         pipe([10])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        GMDiTTransformer2DModel(num_attention_heads=3, attention_head_dim=6)
     with pytest.raises(ValueError, match="output_type"):
         pipe([1], output_type="jpg")
     path = str(tmp_path / "v2")

@@ -167,6 +167,9 @@ class GMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if sample_size % patch_size:
             raise ValueError(f"GMDiTTransformer2DModel: sample_size {sample_size} must divide by patch_size {patch_size}")
         D = num_attention_heads * attention_head_dim
+        if D % 4:
+            raise ValueError(f"GMDiTTransformer2DModel: num_attention_heads * attention_head_dim must be a multiple of 4 "
+                             f"(2-D sin-cos position embedding), got {num_attention_heads} * {attention_head_dim}")
         self.inner_dim = D
         self.out_channels = in_channels if out_channels is None else out_channels
         self.gm_channels = num_gaussians * (self.out_channels + 1)
