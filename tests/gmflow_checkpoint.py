@@ -85,27 +85,33 @@ def random_state(shapes: dict, generator: torch.Generator, scale: float = 0.3) -
     return out
 
 
-def _write_model(folder: str, class_name: str, config: dict, state: dict) -> None:
+def _write_model(folder: str, class_name: str, config: dict, state: dict, weights: str) -> None:
+    """config.json and the weights, fp32 and the ``bf16`` variant, as safetensors or torch ``.bin``."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config}, f, indent=2)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()},
-              os.path.join(folder, "diffusion_pytorch_model.bf16.safetensors"))
+    for variant, dtype in (("", torch.float32), (".bf16", torch.bfloat16)):
+        tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
+        if weights == "safetensors":
+            save_file(tensors, os.path.join(folder, f"diffusion_pytorch_model{variant}.safetensors"))
+        else:
+            torch.save(tensors, os.path.join(folder, f"diffusion_pytorch_model{variant}.bin"))
 
 
-def write_checkpoint(path: str, seed: int = 0, scheduler: str = "GMFlowSDEScheduler", shift: float = 1.0) -> dict:
-    """Write the tiny checkpoint to ``path``; returns ``{"transformer": state, "spectrum_net": state}``."""
+def write_checkpoint(path: str, seed: int = 0, scheduler: str = "GMFlowSDEScheduler", shift: float = 1.0,
+                     weights: str = "safetensors") -> dict:
+    """Write the tiny checkpoint to ``path`` (network weights as ``"safetensors"`` or ``"bin"``);
+    returns ``{"transformer": state, "spectrum_net": state}``."""
     from diffusers import AutoencoderKL
 
     g = torch.Generator().manual_seed(seed)
     t_cfg = transformer_config()
     t_state = random_state(transformer_shapes(t_cfg), g)
     s_state = random_state(spectrum_shapes(SPECTRUM), g)
-    _write_model(os.path.join(path, "transformer"), "GMDiTTransformer2DModel", t_cfg, t_state)
-    _write_model(os.path.join(path, "spectrum_net"), "SpectrumMLP", SPECTRUM, s_state)
+    _write_model(os.path.join(path, "transformer"), "GMDiTTransformer2DModel", t_cfg, t_state, weights)
+    _write_model(os.path.join(path, "spectrum_net"), "SpectrumMLP", SPECTRUM, s_state, weights)
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,

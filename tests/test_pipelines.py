@@ -178,6 +178,17 @@ def test_bf16_variant(ckpt):
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
+def test_bin_weights_and_ode_scheduler(tmp_path):
+    """torch .bin weight files (also as the bf16 variant) and a checkpoint whose scheduler is the ODE one."""
+    states = write_checkpoint(str(tmp_path), seed=3, scheduler="FlowEulerODEScheduler", shift=3.0, weights="bin")
+    assert not list(tmp_path.glob("transformer/*.safetensors"))
+    for dtype, variant in ((None, None), (torch.bfloat16, "bf16")):
+        pipe = GMDiTPipeline.from_pretrained(str(tmp_path), torch_dtype=dtype, variant=variant)
+        for k, v in pipe.transformer.state_dict().items():
+            assert torch.equal(v, states["transformer"][k].to(v.dtype)), k
+    assert isinstance(pipe.scheduler, FlowEulerODEScheduler) and pipe.scheduler.config.shift == 3.0
+
+
 def test_get_label_ids(pipe):
     assert pipe.get_label_ids(["jay", "magpie", "Tinca tinca", "tench"]) == [2, 3, 0, 0]
     assert pipe.get_label_ids("robin") == [4]
