@@ -110,8 +110,8 @@ def write_checkpoint(path: str, seed: int = 0, scheduler: str = "GMFlowSDESchedu
     t_cfg = transformer_config()
     t_state = random_state(transformer_shapes(t_cfg), g)
     s_state = random_state(spectrum_shapes(SPECTRUM), g)
-    _write_model(os.path.join(path, "transformer"), "GMDiTTransformer2DModel", t_cfg, t_state, weights)
-    _write_model(os.path.join(path, "spectrum_net"), "SpectrumMLP", SPECTRUM, s_state, weights)
+    _write_model(os.path.join(path, "transformer"), "_GMDiTTransformer2DModel", t_cfg, t_state, weights)
+    _write_model(os.path.join(path, "spectrum_net"), "_SpectrumMLP", SPECTRUM, s_state, weights)
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
