@@ -7,6 +7,7 @@
     python -m gmkernels_bench --suite ops --shapes imagenet large-k --dtype fp32,bf16
     python -m gmkernels_bench --suite train --shapes custom 8,16,4,32,32 --plot
     torchrun --nproc-per-node 8 -m gmkernels_bench --suite solvers   # data-parallel samples/s
+    python -m gmkernels_bench --suite pipeline --dtype bf16          # GMDiTPipeline, DiT-XL/2, B=8
 
 Writes ``results.json`` (one record per case and backend), ``results.md`` (the table) and, with
 ``--plot``, ``results.png`` into ``--out``; prints the table last. How the timing is done:
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-SUITES = ("ops", "solvers", "train", "all")
+SUITES = ("ops", "solvers", "train", "all", "pipeline")  # "all" is the first three
 BACKENDS = ("triton", "torch", "compile")
 TRITON_ON_CPU = "triton: skipped on cpu: the Triton interpreter is a correctness tool, not a performance path"
 
@@ -45,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="also write results.png (matplotlib)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 with --quick on a CPU)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--pipeline-model", choices=("xl2", "tiny"), default="xl2",
+                   help="--suite pipeline: random GM-DiT at DiT-XL/2 size (default) or a 2-layer one")
+    p.add_argument("--pipeline-steps", default="32,4", metavar="STEPS,SUBSTEPS",
+                   help="--suite pipeline: network calls and GM-ODE substeps per call (default: 32,4)")
+    p.add_argument("--pipeline-batch", type=int, default=8, help="--suite pipeline: images per call (default: 8)")
     return p
 
 
@@ -160,6 +166,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.threads is None and small_cpu:
         torch.set_num_threads(1)
         notes.append("cpu: 1 torch thread under --quick (OpenMP threads spin on busy cores and the timings scatter; --threads N to change)")
+    if args.suite == "pipeline":
+        return _pipeline(args, device, dtypes, notes, t0)
     if "triton" in backends and device.type != "cuda":
         backends.remove("triton")
         notes.append(TRITON_ON_CPU)
@@ -198,6 +206,29 @@ def _main(args: argparse.Namespace) -> int:
     records: list[dict] = []
     for case in _progress(cases, not args.no_progress):
         records += run_case(case, backends, device, cfg, copy_bw, max_copies)
+    return _finish(args, meta, records, t0)
+
+
+def _pipeline(args: argparse.Namespace, device: torch.device, dtypes: list[torch.dtype], notes: list[str], t0: float) -> int:
+    """``--suite pipeline``: ``gmkernels_bench/pipeline.py``."""
+    if importlib.util.find_spec("diffusers") is None:
+        _parser().error("--suite pipeline needs diffusers (pip install 'gmkernels[diffusers]')")
+    from .pipeline import parse_steps, pipeline_records
+    from .report import environment
+
+    try:
+        steps, substeps = parse_steps(args.pipeline_steps)
+    except ValueError as e:
+        _parser().error(str(e))
+    if args.pipeline_batch < 1:
+        _parser().error(f"--pipeline-batch must be >= 1, got {args.pipeline_batch}")
+    notes.append("pipeline: random weights, output_type='latent' (VAE decode not timed); sampler = call time - transformer time")
+    meta = {**environment(device), "quick": args.quick, "notes": notes, "copy_gbps": None}
+    print(f"gmkernels-bench on {meta['device']} (torch {meta['torch_version']}, triton {meta['triton_version']}, commit {meta['git_commit']})")
+    for n in notes:
+        print(n)
+    records = pipeline_records(device, dtypes, args.pipeline_model, steps, substeps, args.pipeline_batch,
+                               repeats=1 if args.quick else 3)
     return _finish(args, meta, records, t0)
 
 

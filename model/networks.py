@@ -12,12 +12,15 @@ that is the plain flow-matching baseline of the same network, its NLL loss being
   ``scaled_dot_product_attention``) with timestep and class embeddings; class ``num_classes``
   is the null class used for classifier-free / probabilistic guidance.
 * :class:`GMMLP2D`: an MLP for 2-D points, ``x (B, 2, 1, 1)`` (points are the SPEC's H = W = 1).
+* :class:`GMDiTOfficial`: the public checkpoint's GM-DiT (``gmkernels.models``, the network of
+  ``gmkernels.pipelines.GMDiTPipeline``), used by the ImageNet presets.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -269,6 +272,47 @@ class GMDiT(nn.Module):
         return z.view(B, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4).reshape(B, ch, g * p, g * p)
 
 
+# ------------------------------------------------------------------- GM-DiT of the public checkpoint
+
+
+class GMDiTOfficial(nn.Module):
+    """The GM-DiT of the public GMFlow checkpoint — ``gmkernels.models.GMDiTTransformer2DModel``
+    (needs the ``diffusers`` extra), the class ``gmkernels.pipelines.GMDiTPipeline`` runs — with
+    this package's calling convention ``forward(x, t, y, generator=None) -> u-GM``.
+
+    ``cfg``: the transformer's config keys (``num_gaussians``, ``num_attention_heads``, ...) plus
+    ``class_dropout`` (training: labels replaced by the null class with that probability, drawn
+    from ``generator`` so training stays seeded) and ``grad_checkpointing``. The weights are
+    ``self.transformer``'s, under the official parameter names: ``net.transformer.save_pretrained(
+    dir + "/transformer")`` writes the ``transformer/`` folder of a pipeline checkpoint.
+    """
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        from gmkernels.models import GMDiTTransformer2DModel
+
+        cfg = dict(cfg)
+        self.class_dropout = float(cfg.pop("class_dropout", 0.0))
+        checkpointing = bool(cfg.pop("grad_checkpointing", False))
+        self.transformer = GMDiTTransformer2DModel(**cfg)
+        self.transformer.init_weights()
+        if checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.cfg = SimpleNamespace(num_classes=self.transformer.config.num_embeds_ada_norm)  # what model.train reads
+
+    @property
+    def null_class(self) -> int:
+        return self.transformer.null_class
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        B = x.shape[0]
+        if self.training and self.class_dropout > 0:
+            drop = (torch.rand(B, generator=generator) < self.class_dropout).to(y.device)  # CPU generator
+            y = torch.where(drop, torch.full_like(y, self.null_class), y)
+        out = self.transformer(x, timestep=t.expand(B) if t.dim() == 0 else t, class_labels=y)
+        return {**out, "logstds": out["logstds"].float()}
+
+
 def config_dict(cfg) -> dict:
     """A network config as a plain dict (stored in checkpoints)."""
     return asdict(cfg)
@@ -280,4 +324,6 @@ def build_network(kind: str, cfg: dict) -> nn.Module:
         return GMMLP2D(MLP2DConfig(**cfg))
     if kind == "dit":
         return GMDiT(DiTConfig(**cfg))
-    raise ValueError(f"unknown network kind {kind!r}; expected 'mlp2d' or 'dit'")
+    if kind == "gmdit":
+        return GMDiTOfficial(cfg)
+    raise ValueError(f"unknown network kind {kind!r}; expected 'mlp2d', 'dit' or 'gmdit'")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import copy
 
-from .networks import config_dict, dit_b2, dit_xl2
 
 _TRAIN_DEFAULTS = dict(
     seed=0,
@@ -30,6 +29,11 @@ _TRAIN_DEFAULTS = dict(
     out="runs/NAME",
     threads=0,            # torch CPU threads, 0: torch's default
 )
+
+# The public checkpoint's GM-DiT (model.networks.GMDiTOfficial, the class GMDiTPipeline loads), K=8 on
+# 32x32x4 latents; the B/2 and XL/2 sizes are set per preset.
+_GMDIT_IMAGENET = dict(num_gaussians=8, in_channels=4, sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
+                       logstd_inner_dim=1024, class_dropout=0.1)
 
 _CHECKER_EVAL = dict(kind="2d", n=10000, nfe=[1, 2, 4, 8, 16, 32], projections=256, seed=1, ode_substeps=32)
 
@@ -59,13 +63,14 @@ PRESETS: dict[str, dict] = {
     ),
     # latent ImageNet 256 (32x32x4 SD-VAE latents), GPUs; give data_cfg.path=/path/to/latents.pt
     "imagenet-b2": dict(
-        _TRAIN_DEFAULTS, net="dit", net_cfg=config_dict(dit_b2(K=8, grad_checkpointing=False)),
+        _TRAIN_DEFAULTS, net="gmdit", net_cfg=dict(_GMDIT_IMAGENET, num_attention_heads=12, attention_head_dim=64, num_layers=12),
         data="latents", data_cfg=dict(path=None, num_classes=1000),
         steps=400_000, batch=256, lr=2e-4, weight_decay=0.0, warmup=1000, ema=0.9999, log_every=1000,
         ckpt_every=10_000, eval=dict(kind="none"),
     ),
     "imagenet-xl2": dict(
-        _TRAIN_DEFAULTS, net="dit", net_cfg=config_dict(dit_xl2(K=8, grad_checkpointing=True)),
+        _TRAIN_DEFAULTS, net="gmdit", net_cfg=dict(_GMDIT_IMAGENET, num_attention_heads=16, attention_head_dim=72, num_layers=28,
+                                                  grad_checkpointing=True),
         data="latents", data_cfg=dict(path=None, num_classes=1000),
         steps=800_000, batch=256, lr=2e-4, weight_decay=0.0, warmup=1000, ema=0.9999, log_every=1000,
         ckpt_every=10_000, eval=dict(kind="none"),
