@@ -228,3 +228,33 @@ def test_dit_samples_with_each_guidance_mode(guidance, scale, solver, order):
     assert x.shape == noise.shape and x.isfinite().all()
     assert len(calls) == 3
     assert float(calls[0].max()) == pytest.approx(1000.0)
+
+
+def test_sample_command_writes_a_grid(tmp_path, capsys):
+    import matplotlib.image
+
+    ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
+    png = tmp_path / "grid.png"
+    sample_cli.main([ckpt, "--n", "6", "--solver", "gm-sde", "--steps", "2", "--out", str(png), "--seed", "3"])
+    img = matplotlib.image.imread(png)
+    assert img.shape[:2] == (2 * 32 + 1, 3 * 32 + 2)  # 6 samples: 3 columns x 2 rows of 8x8 zoomed 4x, 1-px gaps
+    # labels, guidance and the seed reach the sampler: the same seed repeats, another seed differs
+    pt = tmp_path / "x.pt"
+    args = [ckpt, "--n", "4", "--steps", "2", "--labels", "3,5", "--scale", "0.3", "--out", str(pt)]
+    sample_cli.main(args)
+    a = torch.load(pt)
+    sample_cli.main(args)
+    assert torch.equal(a["x"], torch.load(pt)["x"]) and a["y"].tolist() == [3, 5, 3, 5]
+    sample_cli.main(args + ["--seed", "1"])
+    assert not torch.equal(a["x"], torch.load(pt)["x"])
+    with pytest.raises(SystemExit):
+        sample_cli.main([ckpt, "--labels", "12", "--out", str(pt)])
+    assert "--labels must be class indices in [0, 10)" in capsys.readouterr().err
+
+
+def test_sample_value_range_to_pixels():
+    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(5, 1, 1, 1)
+    assert sample_cli.to_pixels(x).flatten().tolist() == [0, 0, 128, 255, 255]
+    grid = sample_cli.image_grid(torch.full((5, 1, 2, 2), 255, dtype=torch.uint8), cols=2, zoom=2)
+    assert grid.shape == (3 * 4 + 2, 2 * 4 + 1, 1) and grid[4, 0, 0] == 0 and grid[0, 0, 0] == 255
+    assert sample_cli.parse_labels(None, 12, 10).tolist() == list(range(10)) + [0, 1]
