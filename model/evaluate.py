@@ -182,7 +182,7 @@ def evaluate_digits(net, cfg: dict, out: str, name: str) -> tuple[str, dict]:
             (m, sd), x = sweep(make_denoiser(net, labels), nfe, solver, order)
             res[("nfe", solver, order, nfe)] = (m, sd)
             rows.append([solver, order, nfe, "none", 0.0, *_cells(m, sd, n_seeds)])
-            if nfe in (2, 8, 32):
+            if nfe in (2, 8, 32) or not {2, 8, 32} & set(ecfg["nfe"]):  # the grid shows these NFEs (all, if none is run)
                 grid.append((f"{solver} order {order}, NFE {nfe}", x))
     _digits_grid(grid, os.path.join(out, f"{name}_nfe.png"))
     g_rows, g_grid = [], []
@@ -193,7 +193,8 @@ def evaluate_digits(net, cfg: dict, out: str, name: str) -> tuple[str, dict]:
             res[("guidance", mode, float(scale))] = (m, sd)
             g_rows.append([gs, go, gn, mode, float(scale), *_cells(m, sd, n_seeds)])
             g_grid.append((f"{mode} scale {scale} ({gs} order {go}, NFE {gn})", x))
-    _digits_grid(g_grid, os.path.join(out, f"{name}_guidance.png"))
+    if g_grid:  # eval.guidance={} skips the sweep
+        _digits_grid(g_grid, os.path.join(out, f"{name}_guidance.png"))
     header = ["solver", "order", "NFE", "guidance", "scale", *METRICS]
     spread = f"mean ± std over {n_seeds} noise seeds ({', '.join(map(str, seeds))})" if n_seeds > 1 else f"noise seed {seed}"
     md = (f"### {name}: digits, {labels.shape[0]} class-conditional samples, {spread}; precision/recall (k={k}) and "

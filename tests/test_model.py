@@ -258,3 +258,16 @@ def test_sample_value_range_to_pixels():
     grid = sample_cli.image_grid(torch.full((5, 1, 2, 2), 255, dtype=torch.uint8), cols=2, zoom=2)
     assert grid.shape == (3 * 4 + 2, 2 * 4 + 1, 1) and grid[4, 0, 0] == 0 and grid[0, 0, 0] == 255
     assert sample_cli.parse_labels(None, 12, 10).tolist() == list(range(10)) + [0, 1]
+
+
+@pytest.mark.slow
+def test_digits_evaluation_end_to_end(tmp_path):
+    """The digits evaluation on a tiny checkpoint with small settings: FD and mean ± std over seeds
+    reach the tables, and an NFE list without 2, 8 or 32 still draws its grid."""
+    ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
+    evaluate_cli.main([ckpt, "--out", str(tmp_path / "ev"), "--set", "eval.n_per_class=3", "eval.n_seeds=2", "eval.nfe=[1]",
+                       "eval.ode_substeps=2", 'eval.guidance={"probabilistic": [0.3], "mean-cfg": [1.5]}'])
+    md = (tmp_path / "ev" / "results.md").read_text()
+    assert "| FD |" in md and "mean ± std over 2 noise seeds (1, 2)" in md and " ± " in md.split("#### guidance")[1]
+    assert "lowest-FD probabilistic guidance" in md
+    assert (tmp_path / "ev" / "digits_nfe.png").exists() and (tmp_path / "ev" / "digits_guidance.png").exists()
