@@ -4,7 +4,8 @@ Images (the digits or an image-folder preset): the network works in data space s
 [-1, 1], so a sample value ``v`` becomes the 8-bit pixel ``round(255 * clip((v + 1) / 2, 0, 1))``
 (-1 black, +1 white; for digits -1 is grey level 0 and +1 is 16). Values beyond [-1, 1] are
 clipped in the PNG only; ``--out x.pt`` saves the raw ``(n, C, H, W)`` tensor (and the labels).
-The PNG is a grid, row-major, ``--cols`` per row, sample ``i`` with label ``labels[i]``.
+The PNG is a grid, row-major, ``--cols`` per row (default: one column per class when the labels
+cycle through every class, else a square), sample ``i`` with label ``labels[i]``.
 2-D checkpoints (checkerboard) write a 2-D histogram of the points instead. Latent checkpoints
 (ImageNet presets) give latents, which need the VAE that made the cache: use ``--out x.pt``.
 
@@ -33,16 +34,17 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def image_grid(pixels: torch.Tensor, cols: int, zoom: int = 1, pad: int = 1) -> torch.Tensor:
+def image_grid(pixels: torch.Tensor, cols: int, zoom: int = 1, pad: int = 1, pad_value: int = 128) -> torch.Tensor:
     """uint8 ``(n, C, H, W)`` with C = 1 or 3 -> one ``(rows*(H*zoom+pad)-pad, cols*(W*zoom+pad)-pad, C)``
-    image, row-major, tiles separated by ``pad`` black pixels, each pixel repeated ``zoom`` times."""
+    image, row-major, tiles separated by ``pad`` pixels of grey ``pad_value``, each pixel repeated
+    ``zoom`` times."""
     n, C, H, W = pixels.shape
     if C not in (1, 3):
         raise ValueError(f"image_grid: pixels must have 1 or 3 channels, got shape {tuple(pixels.shape)}")
     tiles = pixels.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
     h, w = H * zoom, W * zoom
     rows = math.ceil(n / cols)
-    grid = torch.zeros(rows * (h + pad) - pad, cols * (w + pad) - pad, C, dtype=torch.uint8)
+    grid = torch.full((rows * (h + pad) - pad, cols * (w + pad) - pad, C), pad_value, dtype=torch.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
         grid[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = tiles[i].permute(1, 2, 0)
@@ -103,7 +105,10 @@ def _write_png(x: torch.Tensor, labels: torch.Tensor | None, cfg: dict, path: st
         return
     if cfg["data"] == "latents":
         raise ValueError(f"{cfg['preset']!r} samples are VAE latents, not pixels: write them with --out x.pt and decode them")
-    cols = cols or math.ceil(math.sqrt(x.shape[0]))
+    if cols is None:  # one column per class when the labels cycle through every class, else square
+        n_cls = cfg["net_cfg"].get("num_classes", 10)
+        cycling = labels is not None and torch.equal(labels, torch.arange(labels.shape[0]) % n_cls)
+        cols = min(x.shape[0], n_cls) if cycling else math.ceil(math.sqrt(x.shape[0]))
     grid = image_grid(to_pixels(x), cols, zoom=max(1, 32 // x.shape[-1]))
     plt.imsave(path, grid.squeeze(-1).numpy() if grid.shape[-1] == 1 else grid.numpy(), cmap="gray", vmin=0, vmax=255)
 

@@ -237,7 +237,9 @@ def test_sample_command_writes_a_grid(tmp_path, capsys):
     png = tmp_path / "grid.png"
     sample_cli.main([ckpt, "--n", "6", "--solver", "gm-sde", "--steps", "2", "--out", str(png), "--seed", "3"])
     img = matplotlib.image.imread(png)
-    assert img.shape[:2] == (2 * 32 + 1, 3 * 32 + 2)  # 6 samples: 3 columns x 2 rows of 8x8 zoomed 4x, 1-px gaps
+    assert img.shape[:2] == (32, 6 * 32 + 5)  # labels 0..5: one column per class, 8x8 zoomed 4x, 1-px gaps
+    sample_cli.main([ckpt, "--n", "6", "--steps", "1", "--labels", "2", "--out", str(png)])
+    assert matplotlib.image.imread(png).shape[:2] == (2 * 32 + 1, 3 * 32 + 2)  # one label: a square grid
     # labels, guidance and the seed reach the sampler: the same seed repeats, another seed differs
     pt = tmp_path / "x.pt"
     args = [ckpt, "--n", "4", "--steps", "2", "--labels", "3,5", "--scale", "0.3", "--out", str(pt)]
@@ -256,7 +258,7 @@ def test_sample_value_range_to_pixels():
     x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(5, 1, 1, 1)
     assert sample_cli.to_pixels(x).flatten().tolist() == [0, 0, 128, 255, 255]
     grid = sample_cli.image_grid(torch.full((5, 1, 2, 2), 255, dtype=torch.uint8), cols=2, zoom=2)
-    assert grid.shape == (3 * 4 + 2, 2 * 4 + 1, 1) and grid[4, 0, 0] == 0 and grid[0, 0, 0] == 255
+    assert grid.shape == (3 * 4 + 2, 2 * 4 + 1, 1) and grid[4, 0, 0] == 128 and grid[0, 0, 0] == 255
     assert sample_cli.parse_labels(None, 12, 10).tolist() == list(range(10)) + [0, 1]
 
 
