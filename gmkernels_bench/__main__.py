@@ -97,7 +97,7 @@ def _finish(args: argparse.Namespace, meta: dict, records: list[dict], t0: float
         f.write(table)
     if args.plot:
         paths.append(os.path.join(args.out, "results.png"))
-        plot(paths[2], records)
+        plot(paths[2], records, meta)
     errors = sum(r["status"] != "ok" for r in records)
     print(f"wrote {', '.join(paths)}; {len(records)} records, {errors} errors, {time.perf_counter() - t0:.1f} s")
     print()

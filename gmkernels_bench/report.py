@@ -13,6 +13,9 @@ import torch
 import gmkernels
 
 BACKEND_ORDER = ("triton", "compile", "torch")
+# A case whose batches' interquartile range exceeds this share of the median is flagged "noisy":
+# its median, and every speedup computed from it, may be off by more than that.
+SPREAD_FLAG = 0.10
 
 
 def git_commit() -> str:
@@ -82,6 +85,26 @@ def _fmt(x: float | None, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
+def noisy(record: dict) -> bool:
+    """Whether a timed record's spread (IQR / median) exceeds :data:`SPREAD_FLAG`."""
+    return record.get("status") == "ok" and (record.get("iqr_rel") or 0.0) > SPREAD_FLAG
+
+
+def headline(meta: dict, records: list[dict]) -> list[str]:
+    """Warnings that belong above any table or plot of this run: CPU runs time the reference only,
+    and how many cases were too noisy to compare."""
+    lines = []
+    if meta.get("device_type") == "cpu":
+        lines.append("CPU run: reference timings only (torch eager and torch.compile of the reference; Triton skipped). "
+                     "They say nothing about the speed of the kernels.")
+    ok = [r for r in records if r["status"] == "ok"]
+    bad = [r for r in ok if noisy(r)]
+    if bad:
+        lines.append(f"{len(bad)} of {len(ok)} timings are noisy (IQR over {100 * SPREAD_FLAG:.0f}% of the median, flagged in the "
+                     "table): the machine was busy or the case too short; compare them, and speedups built on them, with care.")
+    return lines
+
+
 def markdown(meta: dict, records: list[dict]) -> str:
     """The markdown report: one line on the run, the probe, then a table of every record."""
     lines = [
@@ -91,17 +114,23 @@ def markdown(meta: dict, records: list[dict]) -> str:
         + (" · --quick" if meta.get("quick") else ""),
         "",
     ]
+    warn = headline(meta, records)
+    lines += [f"**{w}**" for w in warn] + ([""] if warn else [])
     lines += [f"- {note}" for note in meta.get("notes", [])]
     if meta.get("notes"):
         lines.append("")
-    head = ["suite", "op", "shape BxKxCxHxW", "dtype", "backend", "median ms", "ms/call", "GB/s", "% of copy", "vs torch", "vs compile", "note"]
+    head = ["suite", "op", "shape BxKxCxHxW", "dtype", "backend", "median ms", "IQR %", "ms/call", "GB/s", "% of copy", "vs torch",
+            "vs compile", "note"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in records:
         ok = r["status"] == "ok"
         note = r.get("note", "") if ok else f"{r['status']}: {r.get('reason', '')}"
+        if noisy(r):
+            note = "; ".join(x for x in (f"NOISY: IQR {100 * r['iqr_rel']:.0f}% of the median", note) if x)
         row = [
             r["suite"], r["op"], r["shape"], r["dtype"], r["backend"],
             _fmt(r.get("median_ms"), ".4g"),
+            _fmt(None if r.get("iqr_rel") is None else 100 * r["iqr_rel"], ".1f"),
             _fmt(r.get("ms_per_call"), ".4g") if r.get("per_call", 1) > 1 else "",
             _fmt(r.get("gbps"), ".3g"),
             _fmt(None if r.get("fraction_of_peak") is None else 100 * r["fraction_of_peak"], ".1f"),
@@ -119,40 +148,60 @@ def write_json(path: str, meta: dict, records: list[dict]) -> None:
         f.write("\n")
 
 
-def plot(path: str, records: list[dict]) -> None:
+def plot(path: str, records: list[dict], meta: dict | None = None) -> None:
     """PNG of each backend's speedup over torch eager (bars from 1x: right is faster) and of the
-    fraction of the copy bandwidth, per case (matplotlib, imported here only)."""
+    fraction of the copy bandwidth, per case (matplotlib, imported here only). The title names
+    the device and versions (and, on a CPU, that these are reference timings with Triton
+    skipped); noisy cases (see :func:`noisy`) are hatched and marked in their label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    meta = meta or {}
     nan = float("nan")
     ok = [r for r in records if r["status"] == "ok"]
-    cases = list(dict.fromkeys(f"{r['op']} {r['shape']} {r['dtype']}" for r in ok))
+    key = lambda r: f"{r['op']}  {r['shape']}  {r['dtype']}"  # noqa: E731
+    cases = list(dict.fromkeys(key(r) for r in ok))
+    shaky = {key(r) for r in ok if noisy(r)}
     backends = [b for b in BACKEND_ORDER if any(r["backend"] == b for r in ok)]
-    height = max(4.0, 0.28 * len(cases) * max(len(backends), 1) + 1.5)
-    fig, axes = plt.subplots(1, 2, figsize=(14, height), sharey=True)
+    height = max(4.5, 0.32 * len(cases) * max(len(backends), 1) + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(15, height), sharey=True)
     width = 0.8 / max(len(backends), 1)
     for j, b in enumerate(backends):
-        by_case = {f"{r['op']} {r['shape']} {r['dtype']}": r for r in ok if r["backend"] == b}
+        by_case = {key(r): r for r in ok if r["backend"] == b}
         ys = [i + j * width for i in range(len(cases))]
         speed = [(by_case[c].get("speedup_vs_torch") or nan) if c in by_case else nan for c in cases]
         frac = [100 * (by_case[c].get("fraction_of_peak") or nan) if c in by_case else nan for c in cases]
+        hatch = ["//" if c in by_case and noisy(by_case[c]) else "" for c in cases]
         color = f"C{BACKEND_ORDER.index(b)}"
+        label = {"torch": "torch eager (reference)", "compile": "torch.compile (reference)", "triton": "gmkernels (Triton)"}[b]
         if b != "torch":
-            axes[0].barh(ys, [x - 1 for x in speed], left=1.0, height=width, label=b, color=color)
-        axes[1].barh(ys, frac, height=width, label=b, color=color)
-    axes[0].set_yticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, fontsize=7)
+            axes[0].barh(ys, [x - 1 for x in speed], left=1.0, height=width, label=label, color=color, hatch=hatch)
+        axes[1].barh(ys, frac, height=width, label=label, color=color, hatch=hatch)
+    labels = [c + ("  (noisy)" if c in shaky else "") for c in cases]
+    axes[0].set_yticks([i + 0.4 - width / 2 for i in range(len(cases))], labels, fontsize=9)
+    axes[0].set_ylabel("case: op  shape BxKxCxHxW  dtype", fontsize=10)
     axes[0].invert_yaxis()
     axes[0].axvline(1.0, color="k", lw=0.8)
     axes[0].set_xscale("log")
     axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
     axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[0].set_xlabel("speedup over torch eager (x, log scale; right of 1 is faster)")
-    axes[1].set_xlabel("% of measured copy bandwidth (minimal-traffic bytes)")
-    axes[1].legend()
+    axes[0].set_xlabel("speedup over torch eager (log scale; right of 1x is faster)", fontsize=10)
+    axes[1].set_xlabel("% of the copy bandwidth measured in this run (minimal-traffic bytes)", fontsize=10)
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=9, loc="lower right")
+    title = [f"gmkernels benchmark on {meta.get('device', 'unknown device')}",
+             f"torch {meta.get('torch_version')} · triton {meta.get('triton_version')} · gmkernels {meta.get('gmkernels_version')}"
+             f" · commit {meta.get('git_commit')}" + (" · --quick" if meta.get("quick") else "")]
+    title += [w for w in headline(meta, records) if not w.startswith("CPU run")]  # that one is the suffix below
+    if meta.get("device_type") == "cpu":
+        title[0] += " — reference only, Triton skipped"
+    fig.suptitle("\n".join(title), fontsize=10, x=0.01, ha="left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -89,6 +89,8 @@ def run_case(case: Case, backends: list[str], device: torch.device, cfg: TimerCo
             median_ms=t.median_s * 1e3,
             p20_ms=t.p20_s * 1e3,
             p80_ms=t.p80_s * 1e3,
+            iqr_ms=(t.q3_s - t.q1_s) * 1e3,
+            iqr_rel=t.iqr_rel,
             ms_per_call=t.median_s * 1e3 / case.per_call,
             repeats=t.repeats,
             calls_per_repeat=t.calls_per_repeat,

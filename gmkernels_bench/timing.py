@@ -27,7 +27,8 @@ CPU_ROTATE_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class Timing:
-    """Per-call seconds of one case: median, the 20th/80th percentiles, and how it was taken."""
+    """Per-call seconds of one case: median, the 20th/80th percentiles, the quartiles, and how it
+    was taken."""
 
     median_s: float
     p20_s: float
@@ -35,6 +36,14 @@ class Timing:
     repeats: int
     calls_per_repeat: int
     input_copies: int
+    q1_s: float
+    q3_s: float
+
+    @property
+    def iqr_rel(self) -> float:
+        """Spread of the batches: interquartile range over the median (0.1: the middle half of
+        the batches lies within a band 10% of the median wide)."""
+        return (self.q3_s - self.q1_s) / self.median_s if self.median_s > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -101,11 +110,20 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+def _quartiles(xs: Sequence[float]) -> tuple[float, float]:
+    """First and third quartile, linearly interpolated (``statistics.quantiles``, inclusive)."""
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
 def measure(calls: Sequence[Callable[[], object]], device: torch.device, cfg: TimerConfig) -> Timing:
     """Time one case. ``calls[i]`` runs the op on input copy ``i``; batches cycle through them.
 
     Returns the per-call median over ``cfg.repeats`` batches (fewer when a call is so slow that
-    ``cfg.max_total_s`` would be passed, but never fewer than 3).
+    ``cfg.max_total_s`` would be passed, but never fewer than 3) and the spread of the batches
+    (quartiles; ``Timing.iqr_rel``), which the report flags when it is large.
     """
     clock = Clock(device)
     n = len(calls)
@@ -135,6 +153,7 @@ def measure(calls: Sequence[Callable[[], object]], device: torch.device, cfg: Ti
     finally:
         if gc_was_enabled:
             gc.enable()
+    q1, q3 = _quartiles(samples)
     return Timing(
         median_s=statistics.median(samples),
         p20_s=_quantile(samples, 0.2),
@@ -142,6 +161,8 @@ def measure(calls: Sequence[Callable[[], object]], device: torch.device, cfg: Ti
         repeats=repeats,
         calls_per_repeat=count,
         input_copies=n,
+        q1_s=q1,
+        q3_s=q3,
     )
 
 

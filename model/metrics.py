@@ -1,6 +1,6 @@
 """Sample-quality metrics: sliced Wasserstein-1 (2-D), improved precision/recall (k-NN manifolds,
-Kynkäänniemi et al. 2019, as in the GMFlow paper's tables) in the feature space of a small digits
-classifier, that classifier's accuracy on class-conditional samples, and a saturation measure."""
+Kynkäänniemi et al. 2019, as in the GMFlow paper's tables) and the Fréchet distance in the feature
+space of a small digits classifier, that classifier's accuracy on class-conditional samples, and a saturation measure."""
 
 from __future__ import annotations
 
@@ -24,18 +24,34 @@ def sliced_w1(a: torch.Tensor, b: torch.Tensor, projections: int = 256, generato
 
 def _kth_nn_radius(feats: torch.Tensor, k: int) -> torch.Tensor:
     """Distance of every row to its k-th nearest other row."""
-    dist = torch.cdist(feats, feats)
+    dist = torch.cdist(feats, feats, compute_mode="donot_use_mm_for_euclid_dist")
     return dist.kthvalue(k + 1, dim=1).values  # +1: the row itself at distance 0
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision (share of ``fake`` inside the real k-NN manifold) and recall (share of
     ``real`` inside the fake k-NN manifold); ``real (N, F)``, ``fake (M, F)``."""
+    real, fake = real.double(), fake.double()  # exact distances: no rounding decides a k-NN tie
     r_real, r_fake = _kth_nn_radius(real, k), _kth_nn_radius(fake, k)
-    d = torch.cdist(fake, real)  # (M, N)
+    d = torch.cdist(fake, real, compute_mode="donot_use_mm_for_euclid_dist")  # (M, N)
     precision = (d <= r_real.unsqueeze(0)).any(dim=1).float().mean().item()
     recall = (d.t() <= r_fake.unsqueeze(0)).any(dim=1).float().mean().item()
     return precision, recall
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to ``a (N, F)`` and ``b (M, F)`` (FID's formula in
+    any feature space): ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``, float64,
+    eigenvalues clamped at 0. Unlike precision alone it grows when samples lose diversity."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"frechet_distance: a and b must be (N, F) and (M, F) with N, M >= 2, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.t()), torch.cov(b.t())
+    ev, vec = torch.linalg.eigh(s_a)
+    root_a = (vec * ev.clamp_min(0).sqrt()) @ vec.t()
+    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * cross).clamp_min(0).item()
 
 
 class DigitsClassifier(nn.Module):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 
+from .networks import DiTConfig, MLP2DConfig
 
 _TRAIN_DEFAULTS = dict(
     seed=0,
@@ -56,7 +58,7 @@ PRESETS: dict[str, dict] = {
                                                  heads=4, num_classes=10, class_dropout=0.1, logstd_hidden=128),
         data="digits", data_cfg={},
         steps=2000, batch=128, lr=1e-3, log_every=250, threads=1,
-        eval=dict(kind="digits", n_per_class=100, nfe=[1, 2, 4, 8, 16, 32], k=3, seed=1,
+        eval=dict(kind="digits", n_per_class=100, nfe=[1, 2, 4, 8, 16, 32], k=3, seed=1, n_seeds=1,
                   guidance_nfe=8, ode_substeps=32, guidance_solver="gm-sde", guidance_order=2,
                   guidance={"probabilistic": [0.05, 0.1, 0.2, 0.3, 0.45, 0.6], "mean-cfg": [1.25, 1.5, 2.0, 3.0, 4.5],
                             "weight": [1.5, 2.0, 4.0]}),
@@ -97,19 +99,56 @@ def get_preset(name: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     return apply_overrides(cfg, overrides)
 
 
+def _net_fields(cfg: dict) -> set[str]:
+    """Every field of the network config dataclass of ``cfg["net"]`` (not only those the preset sets)."""
+    kind = {"mlp2d": MLP2DConfig, "dit": DiTConfig}.get(cfg.get("net"))
+    return {f.name for f in dataclasses.fields(kind)} if kind is not None else set()
+
+
+def _typed(item: str, key: str, old, new):
+    """``new`` if it has the type of the value it replaces (int for a float is widened, a list for
+    a tuple is accepted); else a ValueError naming the key, both values and the expected type."""
+    if old is None or new is None and key.rsplit(".", 1)[-1] in ("fixed_logstd", "path"):
+        return new
+    if isinstance(old, bool):
+        ok = isinstance(new, bool)
+    elif isinstance(old, int):
+        ok = isinstance(new, int) and not isinstance(new, bool)
+    elif isinstance(old, float):
+        ok = isinstance(new, (int, float)) and not isinstance(new, bool)
+        new = float(new) if ok else new
+    elif isinstance(old, (list, tuple)):
+        ok = isinstance(new, (list, tuple))
+    else:
+        ok = isinstance(new, type(old))
+    if not ok:
+        raise ValueError(f"override {item!r}: {key} must be {type(old).__name__} like its default {old!r}, "
+                         f"got {type(new).__name__} {new!r}")
+    return new
+
+
 def apply_overrides(cfg: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply ``key=value`` overrides to ``cfg`` in place (see :func:`get_preset`); returns it."""
+    """Apply ``key=value`` overrides to ``cfg`` in place (see :func:`get_preset`); returns it.
+
+    Every key must exist (a typo, top-level or nested like ``eval.nn=3``, raises a ValueError
+    listing the valid keys; ``net_cfg`` accepts every field of the network's config), and the
+    value must have the type of the default it replaces (``steps=abc`` raises).
+    """
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ValueError(f"override {item!r} must look like key=value")
         *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
+        node, where = cfg, f"preset {cfg.get('preset')!r}"
+        for i, p in enumerate(parents):
             if not isinstance(node.get(p), dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a nested config of preset {cfg.get('preset')!r}")
+                nested = sorted(k for k, v in node.items() if isinstance(v, dict))
+                raise ValueError(f"override {item!r}: {'.'.join(parents[:i + 1])!r} is not a nested config of {where}; "
+                                 f"nested configs: {nested}")
             node = node[p]
-        if leaf not in node and not parents:
-            raise ValueError(f"override {item!r}: preset {cfg.get('preset')!r} has no key {leaf!r}; keys: {sorted(cfg)}")
-        node[leaf] = _parse_value(value)
+        valid = set(node) | (_net_fields(cfg) if parents == ["net_cfg"] else set())
+        if leaf not in valid:
+            scope = f"{'.'.join(parents)} of {where}" if parents else where
+            raise ValueError(f"override {item!r}: {scope} has no key {leaf!r}; valid keys: {sorted(valid)}")
+        node[leaf] = _typed(item, key, node.get(leaf), _parse_value(value))
     return cfg

@@ -104,6 +104,17 @@ def load_network(path: str, ema: bool = True, device: str | torch.device = "cpu"
     return net.to(device).eval(), ck["cfg"]
 
 
+def check_resumable(path: str, saved: dict, cfg: dict) -> None:
+    """Raise a ValueError when the checkpoint at ``path`` holds another network than ``cfg`` asks
+    for (``net`` or any ``net_cfg`` entry differs), instead of a state-dict size mismatch."""
+    diff = [f"net: {saved['net']!r} there, {cfg['net']!r} asked"] if saved["net"] != cfg["net"] else []
+    a, b = saved["net_cfg"], cfg["net_cfg"]
+    diff += [f"net_cfg.{k}: {a.get(k)!r} there, {b.get(k)!r} asked" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        raise ValueError(f"{path} holds a run of another network ({'; '.join(diff)}); resuming needs the same network: "
+                         f"pass another out= for a new run, or remove that checkpoint")
+
+
 def train(cfg: dict, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train with ``cfg`` (a preset dict), resuming from ``<out>/ckpt.pt`` when it exists.
 
@@ -124,6 +135,7 @@ def train(cfg: dict, progress: bool = True, stop_after: int | None = None) -> di
     step, history = 0, []
     if os.path.exists(path):
         ck = torch.load(path, map_location="cpu", weights_only=False)
+        check_resumable(path, ck["cfg"], cfg)
         net.load_state_dict(ck["net"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -189,11 +201,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (loss lines are still printed)")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. steps=500 net_cfg.K=16 out=runs/x")
     args = ap.parse_args(argv)
-    cfg = get_preset(args.preset, args.overrides)
+    try:
+        cfg = get_preset(args.preset, args.overrides)
+    except ValueError as e:
+        ap.error(str(e))
     if cfg["data"] == "latents" and not cfg["data_cfg"].get("path"):
         ap.error(f"preset {args.preset} trains on a latent cache: pass data_cfg.path=/path/to/latents.pt")
     t0 = time.time()
-    res = train(cfg, progress=not args.no_progress)
+    try:
+        res = train(cfg, progress=not args.no_progress)
+    except ValueError as e:  # a checkpoint in out= of another network
+        raise SystemExit(f"error: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         last = res["history"][-min(len(res["history"]), cfg["log_every"]):]
         print(json.dumps(dict(preset=cfg["preset"], steps=res["step"], final_loss=sum(last) / max(1, len(last)),

@@ -9,11 +9,14 @@ import torch
 
 import gmkernels
 from model.data import Checkerboard, Digits
+from model import evaluate as evaluate_cli
+from model import sample as sample_cli
 from model.evaluate import make_denoiser
-from model.metrics import precision_recall, sliced_w1
+from model.metrics import frechet_distance, precision_recall, sliced_w1
 from model.networks import DiTConfig, GMDiT, GMMLP2D, MLP2DConfig, build_network
 from model.presets import get_preset
 from model.train import draw_training_pair, load_network, train, training_loss
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -121,6 +124,65 @@ def test_presets_and_overrides():
     assert ((cell.sum(1) % 2) == 0).all(), "every point lies on a black cell"
 
 
+def test_overrides_reject_typos_and_bad_types():
+    """A typo at any depth lists the valid keys; a value of the wrong type names the key."""
+    with pytest.raises(ValueError, match=r"eval of preset 'digits' has no key 'nn'; valid keys: \[.*'k'.*'n_per_class'"):
+        get_preset("digits", ["eval.nn=3"])
+    with pytest.raises(ValueError, match=r"eval.guidance of preset 'digits' has no key 'prob'"):
+        get_preset("digits", ["eval.guidance.prob=[0.1]"])
+    with pytest.raises(ValueError, match=r"net_cfg of preset 'checkerboard' has no key 'KK'; valid keys: \['K', 'depth'"):
+        get_preset("checkerboard", ["net_cfg.KK=3"])
+    with pytest.raises(ValueError, match="'steps' is not a nested config"):
+        get_preset("digits", ["steps.x=1"])
+    with pytest.raises(ValueError, match="steps must be int like its default 2000, got str 'abc'"):
+        get_preset("digits", ["steps=abc"])
+    with pytest.raises(ValueError, match="bf16 must be bool"):
+        get_preset("digits", ["bf16=1"])
+    with pytest.raises(ValueError, match="eval.nfe must be list"):
+        get_preset("digits", ["eval.nfe=4"])
+    with pytest.raises(ValueError, match="must look like key=value"):
+        get_preset("digits", ["steps"])
+    # every field of the network config is settable (not only those the preset lists); ints widen to float
+    cfg = get_preset("digits", ["net_cfg.grad_checkpointing=True", "lr=1", "betas=[0.8,0.9]", "eval.guidance.weight=[2.0]"])
+    assert cfg["net_cfg"]["grad_checkpointing"] is True and cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
+    assert cfg["eval"]["guidance"]["weight"] == [2.0]
+
+
+def test_resume_into_another_network_is_rejected(tmp_path):
+    kw = dict(steps=1, batch=4, net_cfg=dict(TINY_DIT))
+    train(_tiny_cfg("digits", tmp_path, **kw), progress=False)
+    with pytest.raises(ValueError, match=r"holds a run of another network \(net_cfg.K: 3 there, 2 asked\).*another out="):
+        train(_tiny_cfg("digits", tmp_path, steps=2, batch=4, net_cfg=dict(TINY_DIT, K=2)), progress=False)
+    assert train(_tiny_cfg("digits", tmp_path, steps=2, **{k: v for k, v in kw.items() if k != "steps"}), progress=False)["step"] == 2
+
+
+def test_evaluate_command_line_takes_overrides_before_or_after_checkpoints(tmp_path, capsys):
+    _, args = evaluate_cli.parse_args(["--set", "eval.k=5", "eval.guidance.mean-cfg=[2.0]", "runs/a/ckpt.pt", "--out", "o"])
+    assert args.checkpoints == ["runs/a/ckpt.pt"] and args.set == ["eval.k=5", "eval.guidance.mean-cfg=[2.0]"]
+    _, args = evaluate_cli.parse_args(["a.pt", "b.pt", "--set", "eval.k=5"])
+    assert args.checkpoints == ["a.pt", "b.pt"] and args.set == ["eval.k=5"]
+    with pytest.raises(SystemExit):
+        evaluate_cli.parse_args(["--set", "eval.k=5"])
+    assert "give at least one CHECKPOINT" in capsys.readouterr().err
+    ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
+    with pytest.raises(SystemExit):  # a typo stops the run before any evaluation
+        evaluate_cli.main(["--set", "eval.nn=3", ckpt])
+    assert "has no key 'nn'" in capsys.readouterr().err
+
+
+def test_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    assert frechet_distance(a, a.clone()) == pytest.approx(0.0, abs=1e-9)
+    # b = 2a + 1: S_b = 4 S_a, (S_a^1/2 S_b S_a^1/2)^1/2 = 2 S_a, so FD = |mu_a + 1|^2 + tr(S_a)
+    exact = (a.double().mean(0) + 1).square().sum() + torch.cov(a.double().t()).trace()
+    assert frechet_distance(a, 2 * a + 1) == pytest.approx(exact.item(), rel=1e-9)
+    # collapsed samples keep precision but not FD
+    assert frechet_distance(a, 0.1 * a) > 10 * frechet_distance(a[:200], a[200:])
+    with pytest.raises(ValueError, match="frechet_distance"):
+        frechet_distance(a, a[:, :3])
+
+
 def test_metrics():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(500, 2, generator=g)
@@ -166,3 +228,48 @@ def test_dit_samples_with_each_guidance_mode(guidance, scale, solver, order):
     assert x.shape == noise.shape and x.isfinite().all()
     assert len(calls) == 3
     assert float(calls[0].max()) == pytest.approx(1000.0)
+
+
+def test_sample_command_writes_a_grid(tmp_path, capsys):
+    import matplotlib.image
+
+    ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
+    png = tmp_path / "grid.png"
+    sample_cli.main([ckpt, "--n", "6", "--solver", "gm-sde", "--steps", "2", "--out", str(png), "--seed", "3"])
+    img = matplotlib.image.imread(png)
+    assert img.shape[:2] == (32, 6 * 32 + 5)  # labels 0..5: one column per class, 8x8 zoomed 4x, 1-px gaps
+    sample_cli.main([ckpt, "--n", "6", "--steps", "1", "--labels", "2", "--out", str(png)])
+    assert matplotlib.image.imread(png).shape[:2] == (2 * 32 + 1, 3 * 32 + 2)  # one label: a square grid
+    # labels, guidance and the seed reach the sampler: the same seed repeats, another seed differs
+    pt = tmp_path / "x.pt"
+    args = [ckpt, "--n", "4", "--steps", "2", "--labels", "3,5", "--scale", "0.3", "--out", str(pt)]
+    sample_cli.main(args)
+    a = torch.load(pt)
+    sample_cli.main(args)
+    assert torch.equal(a["x"], torch.load(pt)["x"]) and a["y"].tolist() == [3, 5, 3, 5]
+    sample_cli.main(args + ["--seed", "1"])
+    assert not torch.equal(a["x"], torch.load(pt)["x"])
+    with pytest.raises(SystemExit):
+        sample_cli.main([ckpt, "--labels", "12", "--out", str(pt)])
+    assert "--labels must be class indices in [0, 10)" in capsys.readouterr().err
+
+
+def test_sample_value_range_to_pixels():
+    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(5, 1, 1, 1)
+    assert sample_cli.to_pixels(x).flatten().tolist() == [0, 0, 128, 255, 255]
+    grid = sample_cli.image_grid(torch.full((5, 1, 2, 2), 255, dtype=torch.uint8), cols=2, zoom=2)
+    assert grid.shape == (3 * 4 + 2, 2 * 4 + 1, 1) and grid[4, 0, 0] == 128 and grid[0, 0, 0] == 255
+    assert sample_cli.parse_labels(None, 12, 10).tolist() == list(range(10)) + [0, 1]
+
+
+@pytest.mark.slow
+def test_digits_evaluation_end_to_end(tmp_path):
+    """The digits evaluation on a tiny checkpoint with small settings: FD and mean ± std over seeds
+    reach the tables, and an NFE list without 2, 8 or 32 still draws its grid."""
+    ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
+    evaluate_cli.main([ckpt, "--out", str(tmp_path / "ev"), "--set", "eval.n_per_class=3", "eval.n_seeds=2", "eval.nfe=[1]",
+                       "eval.ode_substeps=2", 'eval.guidance={"probabilistic": [0.3], "mean-cfg": [1.5]}'])
+    md = (tmp_path / "ev" / "results.md").read_text()
+    assert "| FD |" in md and "mean ± std over 2 noise seeds (1, 2)" in md and " ± " in md.split("#### guidance")[1]
+    assert "lowest-FD probabilistic guidance" in md
+    assert (tmp_path / "ev" / "digits_nfe.png").exists() and (tmp_path / "ev" / "digits_guidance.png").exists()
