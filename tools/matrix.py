@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from gmkernels_bench.gpu_check import KERNEL_TESTS  # noqa: E402  (the Triton test files; no torch import)
 
-TEST_DEPS = ("numpy", "pytest", "hypothesis", "pytest-benchmark")
+TEST_DEPS = ("pytest", "hypothesis", "pytest-benchmark")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,10 @@ class Pair:
     torch: str  # exact release, e.g. "2.11.0"
     triton: str  # exact release, e.g. "3.6.0"
     why: str
+    # Triton's interpreter before 3.7 turns a scalar argument (a 1-element array) into a Python
+    # int with int(array), which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted
+    # to Python scalars"): every kernel with a loop fails there. 3.7 squeezes the array first.
+    numpy: str = "numpy"
 
     @property
     def label(self) -> str:
@@ -66,8 +70,8 @@ def _minor(version: str) -> str:
 # Newest first. The floor is the oldest pair the kernels support (pyproject's lower bounds).
 PAIRS = (
     Pair("2.13.0", "3.9.0", "newest releases"),
-    Pair("2.11.0", "3.6.0", "the stack of the H200 test machines"),
-    Pair("2.5.1", "3.1.0", "floor: pyproject's lower bounds"),
+    Pair("2.11.0", "3.6.0", "the stack of the H200 test machines", numpy="numpy<2.4"),
+    Pair("2.8.0", "3.4.0", "floor: pyproject's lower bounds", numpy="numpy<2.4"),
 )
 
 
@@ -83,11 +87,16 @@ def _run(cmd: list[str], log: Path, env: dict | None = None, timeout: float | No
             return 124
 
 
-def _installed(python: Path) -> tuple[str, str] | None:
-    """(torch, triton) versions importable by ``python``, or None."""
+def _installed(python: Path, numpy_spec: str) -> tuple[str, str] | None:
+    """(torch, triton) versions importable by ``python`` when numpy meets ``numpy_spec`` and the
+    test tools import, else None."""
     if not python.exists():
         return None
-    code = "import torch, triton; print(torch.__version__.split('+')[0], triton.__version__)"
+    bound = numpy_spec.partition("<")[2]
+    code = ("import torch, triton, numpy, pytest, hypothesis, pytest_benchmark\n"
+            f"v = tuple(int(x) for x in numpy.__version__.split('.')[:2]); b = {bound!r}\n"
+            "assert not b or v < tuple(int(x) for x in b.split('.')), numpy.__version__\n"
+            "print(torch.__version__.split('+')[0], triton.__version__)")
     proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
     if proc.returncode:
         return None
@@ -99,17 +108,14 @@ def ensure_venv(pair: Pair, venvs: Path, base_python: str, log_dir: Path) -> Pat
     """Create or reuse the pair's venv; return its python. Raises RuntimeError on a failed install."""
     venv = venvs / pair.venv_name
     python = venv / "bin" / "python"
-    if _installed(python) == (pair.torch, pair.triton):
-        missing = subprocess.run([str(python), "-c", "import pytest, hypothesis, numpy, pytest_benchmark"],
-                                 capture_output=True).returncode
-        if not missing:
-            return python
+    if _installed(python, pair.numpy) == (pair.torch, pair.triton):
+        return python
     if not python.exists():
         venvs.mkdir(parents=True, exist_ok=True)
         subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
     log = log_dir / f"{pair.venv_name}-install.log"
-    rc = _run([str(python), "-m", "pip", "install", f"torch=={pair.torch}", f"triton=={pair.triton}", *TEST_DEPS], log)
-    if rc or _installed(python) != (pair.torch, pair.triton):
+    rc = _run([str(python), "-m", "pip", "install", f"torch=={pair.torch}", f"triton=={pair.triton}", pair.numpy, *TEST_DEPS], log)
+    if rc or _installed(python, pair.numpy) != (pair.torch, pair.triton):
         raise RuntimeError(f"installing torch {pair.torch} + triton {pair.triton} into {venv} failed: see {log}")
     return python
 
@@ -132,14 +138,15 @@ def _junit_counts(path: Path) -> tuple[int, int, int, list[str]]:
     return passed, failed, skipped, failing
 
 
-def run_pair(pair: Pair, python: Path, out: Path, tests: list[str], pytest_args: list[str], timeout: float) -> dict:
+def run_pair(pair: Pair, python: Path, out: Path, tests: list[str], pytest_args: list[str], timeout: float,
+             parts: tuple[str, ...] = ("tests", "compile")) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "VIRTUAL_ENV")}
     env.update(PYTHONPATH=str(REPO), CI="true", PYTHONDONTWRITEBYTECODE="1")
     tag = pair.venv_name
     t0 = time.perf_counter()
     junit = out / f"{tag}-junit.xml"
     junit.unlink(missing_ok=True)
-    test_rc = _run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *pytest_args, *tests],
+    test_rc = 0 if "tests" not in parts else _run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *pytest_args, *tests],
                    out / f"{tag}-tests.log", env=env, timeout=timeout)
     t_tests = time.perf_counter() - t0
     passed, failed, skipped, failing = _junit_counts(junit)
@@ -150,11 +157,15 @@ def run_pair(pair: Pair, python: Path, out: Path, tests: list[str], pytest_args:
     t1 = time.perf_counter()
     report = out / f"{tag}-compile_report.json"
     report.unlink(missing_ok=True)
-    cr_rc = _run([str(python), "-m", "gmkernels_bench.compile_report", "--check", "--json", str(report)],
+    cr_rc = 0 if "compile" not in parts else _run([str(python), "-m", "gmkernels_bench.compile_report", "--check", "--json", str(report)],
                  out / f"{tag}-compile_report.log", env={**env, "TRITON_INTERPRET": "0"}, timeout=timeout)
     t_compile = time.perf_counter() - t1
-    compile_failures = json.loads(report.read_text())["failures"] if report.exists() else [
-        f"compile_report exit status {cr_rc} without a report: see {tag}-compile_report.log"]
+    if "compile" not in parts:
+        compile_failures = []
+    elif report.exists():
+        compile_failures = json.loads(report.read_text())["failures"]
+    else:
+        compile_failures = [f"compile_report exit status {cr_rc} without a report: see {tag}-compile_report.log"]
     spilling = [f for f in compile_failures if "local memory" in f]
     return {
         "pair": pair.label,
@@ -166,6 +177,7 @@ def run_pair(pair: Pair, python: Path, out: Path, tests: list[str], pytest_args:
                   "seconds": round(t_tests, 1)},
         "compile_report": {"exit_status": cr_rc, "failures": compile_failures, "spilling_kernels": len(spilling),
                            "seconds": round(t_compile, 1)},
+        "parts": list(parts),
         "ok": test_rc == 0 and failed == 0 and cr_rc == 0,
         "seconds": round(t_tests + t_compile, 1),
     }
@@ -193,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default="python3.11", help="interpreter the venvs are made from (default python3.11)")
     p.add_argument("--out", type=Path, default=REPO / "out" / "matrix", help="logs and matrix.json (default out/matrix)")
     p.add_argument("--install-only", action="store_true", help="build or check the venvs, run no test")
+    p.add_argument("--only", choices=("tests", "compile"), help="run only the tests or only compile_report --check")
     p.add_argument("--tests", nargs="+", default=list(KERNEL_TESTS), help="test files (default: the Triton ones)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per pytest or compile_report run (default 3600)")
     p.add_argument("pytest_args", nargs="*", help="after --: passed to pytest, e.g. -- -x -k mixture")
@@ -218,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.install_only:
             continue
-        row = run_pair(pair, python, args.out, args.tests, args.pytest_args, args.timeout)
+        parts = (args.only,) if args.only else ("tests", "compile")
+        row = run_pair(pair, python, args.out, args.tests, args.pytest_args, args.timeout, parts)
         rows.append(row)
         print(f"[matrix]   tests {row['tests']['passed']} passed, {row['tests']['failed']} failed "
               f"({row['tests']['seconds']:.0f} s); compile report {len(row['compile_report']['failures'])} failures "
