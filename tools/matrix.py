@@ -19,9 +19,9 @@ It prints a table (pair, tests passed / failed, kernels that spill, seconds) and
 ``<out>/matrix.json`` with the failing test ids and spilling kernels of each pair, and the logs.
 Exit status 1 when a pair fails. Time on the 2-core CPU machine (measured 2026-12-02): 6-8 minutes
 per venv to build the first time (the CUDA builds of torch are ~3-5 GB with their nvidia
-packages; they run on CPU), then per pair 2.5-3 minutes of tests and 3.5-7 minutes of compile
-report when the machine is quiet (20 minutes of tests when other jobs load it): about 30 minutes
-for the three pairs, venvs built. CI runs only the pinned pair (``.ci/run``), not this script.
+packages; they run on CPU), then per pair 2-2.5 minutes of tests and 1-2 minutes of compile
+report: 11 minutes for the three pairs, venvs built, on a quiet machine (up to an hour when other
+jobs load it: 20 minutes of tests per pair were seen). CI runs only the pinned pair (``.ci/run``), not this script.
 """
 
 from __future__ import annotations
