@@ -193,7 +193,7 @@ class GMFlowPolicy:
 
     def copy(self) -> "GMFlowPolicy":
         """A new policy sharing the tensors (the in-place methods of the copy do not touch this one)."""
-        new = GMFlowPolicy.__new__(GMFlowPolicy)
+        new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
         return new
 

@@ -278,3 +278,40 @@ def test_extreme_values_stay_finite():
         assert torch.isfinite(policy.pi(x, s)).all()
     out, _, _ = policy.integrate(x, 1.0, 1.0, 0.0, shift=3.0, total_substeps=16)
     assert torch.isfinite(out).all()
+
+
+class DynamicShiftSampler:
+    """A timestep sampler in the style of the public pi-Flow code: ``warp_t(raw_t, seq_len)`` with
+    a shift that depends on the sequence length, and ``num_timesteps``."""
+
+    num_timesteps = 1000
+
+    def warp_t(self, raw_t, seq_len=None):
+        shift = 1.0 if seq_len is None else 1.0 + seq_len / 8
+        return shift * raw_t / (1 + (shift - 1) * raw_t)
+
+
+def test_compat_policy_is_the_public_interface():
+    from gmkernels.compat.piflow import GMFlowPolicy as CompatPolicy
+
+    shape = ((3,), 4, 2, 3, 2)
+    gm, x = make_gm(shape, 13, dead=True), make_state(shape, 13)
+    sigma_src = torch.tensor([0.9, 0.7, 0.5], dtype=torch.float64)
+    pol = CompatPolicy(gm, x, sigma_src, checkpointing=True, eps=1e-6)
+    assert pol.ndim == 4 and pol.sigma_t_src.shape == (3, 1, 1, 1) and pol.x_t_src is x
+    x0 = pol.denoising_output_x_0
+    assert torch.allclose(x0["means"], x.unsqueeze(1) - sigma_src.view(3, 1, 1, 1, 1) * gm["means"])
+    assert torch.allclose(x0["gm_vars"].flatten(), torch.exp(2 * gm["logstds"]).flatten() * sigma_src**2)
+    sampler = DynamicShiftSampler()
+    r0 = torch.tensor([0.9, 0.7, 0.5], dtype=torch.float64)
+    r1 = torch.tensor([0.2, 0.0, 0.45], dtype=torch.float64)
+    sig0 = sampler.warp_t(r0, seq_len=6).view(3, 1, 1, 1)
+    x_end, s_end, t_end = pol.integrate(x, sig0, r0, r1, sampler, seq_len=6, total_substeps=16)
+    x_ll, s_ll = lakonlab_loop(pol, x, sig0.flatten(), r0, r1, lambda r: sampler.warp_t(r, seq_len=6), 16)
+    assert rel_err(x_end, x_ll) < 1e-12
+    assert s_end.shape == (3, 1, 1, 1) and torch.allclose(s_end.flatten(), s_ll)
+    assert torch.allclose(t_end, s_ll * 1000)
+    assert rel_err(pol.pi(x, sig0), GMFlowPolicy(gm, x, sigma_src).pi(x, sig0.flatten())) == 0
+    for derived in (pol.copy(), pol.detach(), pol.temperature(0.5), pol.dropout(0.5)):
+        assert type(derived) is CompatPolicy and derived.ndim == 4
+    assert torch.allclose(pol.temperature(temp=0.5).gm_vars, pol.gm_vars * 0.5)

@@ -3,7 +3,9 @@
 The math of every kernel is ``reference.policy`` (the policy's x0-GM, its posterior mean at a
 new state, the Euler rollout along per-sample sigma tables). The affine map of op 5 from the
 network's u-GM to the x0-GM (``mu_k = x_src - sigma_src * u_k``) is applied in registers, so no
-x0-GM is ever written.
+x0-GM is ever written. The kernels evaluate the posterior's logits centred at component 0
+(``e_k = mu_k - mu_0 = sigma_src * (u_0 - u_k)``): the same softmax, without the means' common
+offset, whose float32 rounding otherwise dominates (found by hypothesis at K = 300).
 
 * ``policy_velocity``: one pass over K per pixel (online softmax over K tiles), writes only ``u``.
 * ``policy_rollout``: one kernel for all substeps. When ``next_pow2(K) * next_pow2(C) <= 1024``
@@ -94,32 +96,39 @@ if triton is not None:
         return s, zeta, cx, cs, dd, inv_d
 
     @triton.jit
-    def _posterior_one(mu, lw, nu, zeta, inv_d):
-        """Posterior weights ``(BLOCK_K, BLOCK_P)``, the raw logit terms ``D`` and the weighted
-        mean ``mbar (BLOCK_C, BLOCK_P)`` of a whole-K register tile."""
-        dlog = tl.sum(mu * (nu[None, :, :] - 0.5 * zeta * mu), axis=1)
+    def _posterior_one(e, lw, nu2, zeta, inv_d):
+        """Posterior weights ``(BLOCK_K, BLOCK_P)``, the logit terms ``D`` and the weighted mean
+        of the centred means ``ebar (BLOCK_C, BLOCK_P)`` of a whole-K register tile.
+
+        Centred form: with ``e_k = mu_k - c`` (``c = mu_0``) and ``nu2 = nu - zeta * c``,
+        ``sum_c e_kc (nu2_c - zeta e_kc / 2)`` differs from ``D_k`` by a constant over k (the
+        softmax is unchanged) but does not carry the means' common offset, whose rounding would
+        otherwise dominate the float32 logits."""
+        dlog = tl.sum(e * (nu2[None, :, :] - 0.5 * zeta * e), axis=1)
         logit = lw + dlog * inv_d
         mx = tl.max(logit, axis=0)
-        e = tl.exp(logit - mx[None, :])
-        w = e / tl.sum(e, axis=0)[None, :]
-        mbar = tl.sum(w[:, None, :] * mu, axis=0)
-        return w, dlog, mbar
+        ex = tl.exp(logit - mx[None, :])
+        w = ex / tl.sum(ex, axis=0)[None, :]
+        ebar = tl.sum(w[:, None, :] * e, axis=0)
+        return w, dlog, ebar
 
     @triton.jit
-    def _step_one(mu, lw, x, xs, s2, ss, s_j, s_n, eps):
-        """One Euler substep ``x + pi(x, s_j) * (s_n - s_j)`` with the whole GM in registers;
-        the state is kept exactly where ``s_n == s_j`` (a finished sample)."""
+    def _step_one(e, lw, x, xs, c0, s2, ss, s_j, s_n, eps):
+        """One Euler substep ``x + pi(x, s_j) * (s_n - s_j)`` with the whole GM in registers
+        (centred means ``e``, centre ``c0``); the state is kept exactly where ``s_n == s_j``
+        (a finished sample)."""
         s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
         nu = cx * x - cs * xs
-        w, dlog, mbar = _posterior_one(mu, lw, nu, zeta, inv_d)
-        u = (x - (s2 * nu + mbar) * inv_d) / s
+        w, dlog, ebar = _posterior_one(e, lw, nu - zeta * c0, zeta, inv_d)
+        u = (x - (s2 * nu + c0 + ebar) * inv_d) / s
         return tl.where(s_n != s_j, x + u * (s_n - s_j), x)
 
     @triton.jit
-    def _mbar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, xs, ssrc, nu, zeta, inv_d,
+    def _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, ssrc, nu2, zeta, inv_d,
                        K, kr, cmask, pmask, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """``mbar`` of the posterior with K streamed in tiles (online softmax; a fully dead tile
-        so far gives no NaN). ``m_off (1, BLOCK_C, BLOCK_P)``, ``l_off (1, BLOCK_P)``."""
+        """``ebar`` of the posterior (centred at component 0, whose u-mean is ``u0``) with K
+        streamed in tiles (online softmax; a fully dead tile so far gives no NaN).
+        ``m_off (1, BLOCK_C, BLOCK_P)``, ``l_off (1, BLOCK_P)``."""
         m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
         s_run = tl.zeros([BLOCK_P], tl.float32)
         acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
@@ -128,17 +137,17 @@ if triton is not None:
             k = k0 + kr
             kmask = k < K
             mu_u = tl.load(means_ptr + m_off + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
-            mu = xs[None, :, :] - ssrc * mu_u
+            e = ssrc * (u0[None, :, :] - mu_u)
             lw = tl.load(lw_ptr + l_off + k[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
             lw = tl.where(pmask[None, :], lw, 0.0)
             lw = tl.where(kmask[:, None], lw, float("-inf"))
-            logit = lw + tl.sum(mu * (nu[None, :, :] - 0.5 * zeta * mu), axis=1) * inv_d
+            logit = lw + tl.sum(e * (nu2[None, :, :] - 0.5 * zeta * e), axis=1) * inv_d
             m_new = tl.maximum(m_run, tl.max(logit, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             scale = tl.exp(m_run - m_safe)
-            e = tl.exp(logit - m_safe[None, :])
-            s_run = s_run * scale + tl.sum(e, axis=0)
-            acc = acc * scale[None, :] + tl.sum(e[:, None, :] * mu, axis=0)
+            ex = tl.exp(logit - m_safe[None, :])
+            s_run = s_run * scale + tl.sum(ex, axis=0)
+            acc = acc * scale[None, :] + tl.sum(ex[:, None, :] * e, axis=0)
             m_run = m_new
         return acc / s_run[None, :]
 
@@ -170,9 +179,11 @@ if triton is not None:
         nu = cx * x - cs * xs
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
         l_off = b * s_lb + p[None, :] * s_lp
-        mbar = _mbar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, xs, ssrc, nu, zeta, inv_d,
+        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
+        c0 = xs - ssrc * u0
+        ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, ssrc, nu - zeta * c0, zeta, inv_d,
                               K, kr, cmask, pmask, BLOCK_C, BLOCK_P)
-        u = (x - (s2 * nu + mbar) * inv_d) / s
+        u = (x - (s2 * nu + c0 + ebar) * inv_d) / s
         tl.store(out_ptr + b * (C * P) + c[:, None] * P + p[None, :], u.to(out_ptr.dtype.element_ty), mask=xmask)
 
     @triton.jit
@@ -205,9 +216,11 @@ if triton is not None:
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
         l_off = b * s_lb + p[None, :] * s_lp
         st_off = c[:, None] * P + p[None, :]
+        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
+        c0 = xs - ssrc * u0
         if ONE_TILE:  # the pixel's whole GM, loaded once for all N substeps
             kmask = kr < K
-            mu = xs[None, :, :] - ssrc * tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
+            e = ssrc * (u0[None, :, :] - tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32))
             lw = tl.load(lw_ptr + l_off + kr[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
             lw = tl.where(pmask[None, :], lw, 0.0)
             lw = tl.where(kmask[:, None], lw, float("-inf"))
@@ -218,34 +231,37 @@ if triton is not None:
             s_j = tl.load(tab_ptr + b * s_tb + j)
             s_n = tl.load(tab_ptr + b * s_tb + j + 1)
             if ONE_TILE:
-                x = _step_one(mu, lw, x, xs, s2, ss, s_j, s_n, eps)
+                x = _step_one(e, lw, x, xs, c0, s2, ss, s_j, s_n, eps)
             else:
                 s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
                 nu = cx * x - cs * xs
-                mbar = _mbar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, xs, ssrc, nu, zeta, inv_d,
+                ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, ssrc, nu - zeta * c0, zeta, inv_d,
                                       K, kr, cmask, pmask, BLOCK_C, BLOCK_P)
-                u = (x - (s2 * nu + mbar) * inv_d) / s
+                u = (x - (s2 * nu + c0 + ebar) * inv_d) / s
                 x = tl.where(s_n != s_j, x + u * (s_n - s_j), x)
         tl.store(out_ptr + b * (C * P) + st_off, x.to(out_ptr.dtype.element_ty), mask=xmask)
 
     @triton.jit
-    def _pi_backward_one(mu, lw, x, xs, g_u, s, zeta, cx, cs, s2, dd, inv_d, eps):
+    def _pi_backward_one(e, lw, x, xs, c0, g_u, s, zeta, cx, cs, s2, dd, inv_d, eps):
         """Vector-Jacobian product of ``u = pi(x)`` at one state, whole GM in registers.
 
         Returns ``g_x (BLOCK_C, BLOCK_P)``, ``g_mu (BLOCK_K, BLOCK_C, BLOCK_P)`` (w.r.t. the
         x0-means), ``g_l (BLOCK_K, BLOCK_P)``, ``g_xs`` (through ``nu`` only) and ``g_s2
-        (BLOCK_P,)``. With ``x0 = (s2 * nu + mbar) * inv_d`` and ``mbar = sum_k w_k mu_k``,
-        ``w = softmax(l + D * inv_d)``, ``D_k = sum_c mu_kc (nu_c - zeta mu_kc / 2)``.
+        (BLOCK_P,)``. With ``x0 = (s2 * nu + mbar) * inv_d``, ``mbar = sum_k w_k mu_k``,
+        ``w = softmax(l + D * inv_d)``, ``D_k = sum_c mu_kc (nu_c - zeta mu_kc / 2)``. In the
+        centred form of ``_posterior_one`` (``e_k = mu_k - c0``) every term is the same: the
+        softmax gradient sums to 0 over k, so the constant shift of ``D`` drops out.
         """
         nu = cx * x - cs * xs
-        w, dlog, mbar = _posterior_one(mu, lw, nu, zeta, inv_d)
+        nu2 = nu - zeta * c0
+        w, dlog, ebar = _posterior_one(e, lw, nu2, zeta, inv_d)
         g_x0 = -g_u / s
         g_mbar = g_x0 * inv_d
-        g_l = w * (tl.sum(mu * g_mbar[None, :, :], axis=1) - tl.sum(mbar * g_mbar, axis=0)[None, :])
+        g_l = w * (tl.sum(e * g_mbar[None, :, :], axis=1) - tl.sum(ebar * g_mbar, axis=0)[None, :])
         g_dlog = g_l * inv_d
-        g_mu = w[:, None, :] * g_mbar[None, :, :] + g_dlog[:, None, :] * (nu[None, :, :] - zeta * mu)
-        g_nu = s2 * g_mbar + tl.sum(g_dlog[:, None, :] * mu, axis=0)
-        g_inv_d = tl.sum(g_x0 * (s2 * nu + mbar), axis=0) + tl.sum(g_l * dlog, axis=0)
+        g_mu = w[:, None, :] * g_mbar[None, :, :] + g_dlog[:, None, :] * (nu2[None, :, :] - zeta * e)
+        g_nu = s2 * g_mbar + tl.sum(g_dlog[:, None, :] * e, axis=0)
+        g_inv_d = tl.sum(g_x0 * (s2 * nu + c0 + ebar), axis=0) + tl.sum(g_l * dlog, axis=0)
         g_dd = tl.where(dd > eps, -g_inv_d * inv_d * inv_d, 0.0)
         g_s2 = tl.sum(g_x0 * nu, axis=0) * inv_d + g_dd * zeta
         g_x = g_u / s + cx * g_nu
@@ -288,7 +304,9 @@ if triton is not None:
         ssrc = tl.load(ssrc_ptr + b)
         ss = tl.maximum(ssrc, eps)
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
-        mu = xs[None, :, :] - ssrc * tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=mmask, other=0.0).to(tl.float32)
+        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
+        c0 = xs - ssrc * u0
+        e = ssrc * (u0[None, :, :] - tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=mmask, other=0.0).to(tl.float32))
         lw = tl.load(lw_ptr + b * s_lb + p[None, :] * s_lp + kr[:, None] * s_lk, mask=lmask, other=float("-inf")).to(tl.float32)
         lw = tl.where(pmask[None, :], lw, 0.0)
         lw = tl.where(kmask[:, None], lw, float("-inf"))
@@ -309,12 +327,12 @@ if triton is not None:
                         x = x_seg
                         for i in range(S):  # the state before substep j, from the segment's start
                             if i < j - j0:
-                                x = _step_one(mu, lw, x, xs, s2, ss, tl.load(tab_ptr + b * s_tb + j0 + i),
+                                x = _step_one(e, lw, x, xs, c0, s2, ss, tl.load(tab_ptr + b * s_tb + j0 + i),
                                               tl.load(tab_ptr + b * s_tb + j0 + i + 1), eps)
                         s_j = tl.load(tab_ptr + b * s_tb + j)
                         h = tl.load(tab_ptr + b * s_tb + j + 1) - s_j
                         s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
-                        g_x, g_mu, g_l, g_xs, g_s2 = _pi_backward_one(mu, lw, x, xs, h * g, s, zeta, cx, cs, s2, dd, inv_d, eps)
+                        g_x, g_mu, g_l, g_xs, g_s2 = _pi_backward_one(e, lw, x, xs, c0, h * g, s, zeta, cx, cs, s2, dd, inv_d, eps)
                         g = g + g_x
                         acc_mu += g_mu
                         acc_l += g_l
@@ -323,7 +341,7 @@ if triton is not None:
         else:
             x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
             s, zeta, cx, cs, dd, inv_d = _consts(tl.load(tab_ptr + b * s_tb), ss, s2, eps)
-            g_x, acc_mu, acc_l, acc_xs, acc_s2 = _pi_backward_one(mu, lw, x, xs, g, s, zeta, cx, cs, s2, dd, inv_d, eps)
+            g_x, acc_mu, acc_l, acc_xs, acc_s2 = _pi_backward_one(e, lw, x, xs, c0, g, s, zeta, cx, cs, s2, dd, inv_d, eps)
             g = g_x
         # back through mu = x_src - sigma_src * u
         acc_xs += tl.sum(acc_mu, axis=0)
