@@ -7,6 +7,7 @@
     python -m gmkernels_bench --suite ops --shapes imagenet large-k --dtype fp32,bf16
     python -m gmkernels_bench --suite train --shapes custom 8,16,4,32,32 --plot
     torchrun --nproc-per-node 8 -m gmkernels_bench --suite solvers   # data-parallel samples/s
+    python -m gmkernels_bench --suite policy                # pi-Flow rollouts (ImageNet, FLUX GM heads)
 
 Writes ``results.json`` (one record per case and backend), ``results.md`` (the table) and, with
 ``--plot``, ``results.png`` into ``--out``; prints the table last. How the timing is done:
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-SUITES = ("ops", "solvers", "train", "all")
+SUITES = ("ops", "solvers", "train", "policy", "all")
 BACKENDS = ("triton", "torch", "compile")
 TRITON_ON_CPU = "triton: skipped on cpu: the Triton interpreter is a correctness tool, not a performance path"
 
@@ -149,7 +150,7 @@ def _main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             _parser().error(f"--device {args.device}: CUDA is not available here")
         torch.cuda.set_device(device)
-    from .cases import QUICK_CPU_COMPILE, op_cases, sample_unavailable, solver_cases, train_cases
+    from .cases import QUICK_CPU_COMPILE, op_cases, policy_cases, sample_unavailable, solver_cases, train_cases
     from .runner import run_case
     from .timing import TimerConfig, copy_bandwidth
 
@@ -165,7 +166,7 @@ def _main(args: argparse.Namespace) -> int:
         notes.append(TRITON_ON_CPU)
     if "compile" in backends and small_cpu:
         notes.append(f"compile: --quick on cpu compiles only {' and '.join(QUICK_CPU_COMPILE)} at the first shape (torch.compile costs seconds per op and shape; drop --quick for all)")
-    suites = ("ops", "train", "solvers") if args.suite == "all" else (args.suite,)
+    suites = ("ops", "train", "solvers", "policy") if args.suite == "all" else (args.suite,)
     if "solvers" in suites:
         reason = sample_unavailable(device)
         if reason is not None:
@@ -194,6 +195,9 @@ def _main(args: argparse.Namespace) -> int:
                 cases += train_cases(shape, dtype, device, compile_ops)
             if "solvers" in suites:
                 cases += solver_cases(shape, dtype, device, args.quick, compile_loop=args.compile_solvers, max_copies=max_copies)
+    if "policy" in suites:  # its own shapes (pi-Flow's ImageNet and FLUX GM heads)
+        for dtype in dtypes:
+            cases += policy_cases(dtype, device, args.quick, compile_ok=not small_cpu)
     cases = [c for c in cases if args.filter in c.op]
     records: list[dict] = []
     for case in _progress(cases, not args.no_progress):

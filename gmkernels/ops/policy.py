@@ -44,7 +44,8 @@ except ImportError:  # the torch path still works
     triton = None
 
 _TILE_FWD = 2048  # elements of the (K, C, pixels) register tile of the forward kernels
-_TILE_BWD = 1024  # the backward keeps the means and their gradient accumulator: half the pixels
+_TILE_BWD = 512  # the backward keeps the means, their gradient accumulator and the recomputed posterior
+_WARPS_BWD = 8  # 2 tile elements per thread: the one setting without local memory at sm_80/sm_90 on triton 3.6 and 3.9
 _ONE_TILE_KC = 1024  # largest next_pow2(K) * next_pow2(C) kept in registers across substeps
 
 
@@ -68,6 +69,15 @@ def _blocks(K: int, C: int, P: int, tile: int) -> tuple[int, int, int, bool]:
     return max(1, min(bk, tile // (bc * bp))), bc, bp, False
 
 
+def _pi_blocks(K: int, C: int, P: int) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_C, BLOCK_P)`` of the one-pass velocity: K streamed in tiles of a
+    1024-element register tile, 32 pixels for up to 4 channels, down to 8 pixels from 16 channels
+    (32 pixels x 16 channels took triton 3.6 to 255 registers and a spill at the FLUX shape)."""
+    bc = _np2(C)
+    bp = min(_np2(P), 32, max(8, 128 // bc))
+    return max(1, min(_np2(K), 1024 // (bc * bp))), bc, bp
+
+
 def checkpoint_stride(N: int) -> int:
     """Substeps between two saved states of a training rollout: ``ceil(sqrt(N))``."""
     return math.isqrt(max(N, 1) - 1) + 1
@@ -83,17 +93,22 @@ if triton is not None:
 
     @triton.jit
     def _consts(s_raw, ss, s2, eps):
-        """Per-sample constants at noise level ``s_raw``: ``(s, zeta, cx, cs, dd, inv_d)`` with
-        ``nu = cx * x - cs * x_src`` and ``dd = s2 * zeta + 1`` before the ``eps`` floor."""
+        """Per-sample constants at noise level ``s_raw``: ``(inv_s, zeta, cx, cs, dd, inv_d)``
+        with ``nu = cx * x - cs * x_src`` and ``dd = s2 * zeta + 1`` before the ``eps`` floor.
+
+        Reciprocals by ``tl.fdiv`` (a few ulp, no IEEE slow-path subroutine: its call frame is
+        local memory in the compile report); every divisor is in [eps, 1/eps^2]."""
         s = tl.maximum(s_raw, eps)
+        inv_s = tl.fdiv(1.0, s)
+        inv_ss = tl.fdiv(1.0, ss)
         a = 1.0 - s
         a_src = 1.0 - ss
-        zeta = (a / s) * (a / s) - (a_src / ss) * (a_src / ss)
-        cx = a / (s * s)
-        cs = a_src / (ss * ss)
+        zeta = (a * inv_s) * (a * inv_s) - (a_src * inv_ss) * (a_src * inv_ss)
+        cx = a * inv_s * inv_s
+        cs = a_src * inv_ss * inv_ss
         dd = s2 * zeta + 1.0
-        inv_d = 1.0 / tl.maximum(dd, eps)
-        return s, zeta, cx, cs, dd, inv_d
+        inv_d = tl.fdiv(1.0, tl.maximum(dd, eps))
+        return inv_s, zeta, cx, cs, dd, inv_d
 
     @triton.jit
     def _posterior_one(e, lw, nu2, zeta, inv_d):
@@ -108,7 +123,7 @@ if triton is not None:
         logit = lw + dlog * inv_d
         mx = tl.max(logit, axis=0)
         ex = tl.exp(logit - mx[None, :])
-        w = ex / tl.sum(ex, axis=0)[None, :]
+        w = ex * tl.fdiv(1.0, tl.sum(ex, axis=0))[None, :]  # the sum is >= 1
         ebar = tl.sum(w[:, None, :] * e, axis=0)
         return w, dlog, ebar
 
@@ -117,15 +132,15 @@ if triton is not None:
         """One Euler substep ``x + pi(x, s_j) * (s_n - s_j)`` with the whole GM in registers
         (centred means ``e``, centre ``c0``); the state is kept exactly where ``s_n == s_j``
         (a finished sample)."""
-        s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
+        inv_s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
         nu = cx * x - cs * xs
         w, dlog, ebar = _posterior_one(e, lw, nu - zeta * c0, zeta, inv_d)
-        u = (x - (s2 * nu + c0 + ebar) * inv_d) / s
+        u = (x - (s2 * nu + c0 + ebar) * inv_d) * inv_s
         return tl.where(s_n != s_j, x + u * (s_n - s_j), x)
 
     @triton.jit
     def _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, ssrc, nu2, zeta, inv_d,
-                       K, kr, cmask, pmask, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                       K, kr, cmask, pmask, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """``ebar`` of the posterior (centred at component 0, whose u-mean is ``u0``) with K
         streamed in tiles (online softmax; a fully dead tile so far gives no NaN).
         ``m_off (1, BLOCK_C, BLOCK_P)``, ``l_off (1, BLOCK_P)``."""
@@ -133,7 +148,7 @@ if triton is not None:
         s_run = tl.zeros([BLOCK_P], tl.float32)
         acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
         xmask = cmask[:, None] & pmask[None, :]
-        for k0 in range(0, K, kr.shape[0]):
+        for k0 in range(0, K, BLOCK_K):
             k = k0 + kr
             kmask = k < K
             mu_u = tl.load(means_ptr + m_off + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
@@ -149,7 +164,7 @@ if triton is not None:
             s_run = s_run * scale + tl.sum(ex, axis=0)
             acc = acc * scale[None, :] + tl.sum(ex[:, None, :] * e, axis=0)
             m_run = m_new
-        return acc / s_run[None, :]
+        return acc * tl.fdiv(1.0, s_run)[None, :]  # s_run >= 1
 
     @triton.jit
     def _policy_pi_kernel(
@@ -175,15 +190,15 @@ if triton is not None:
         x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
         s2 = tl.load(var_ptr + b)
         ssrc = tl.load(ssrc_ptr + b)
-        s, zeta, cx, cs, dd, inv_d = _consts(tl.load(sig_ptr + b), tl.maximum(ssrc, eps), s2, eps)
+        inv_s, zeta, cx, cs, dd, inv_d = _consts(tl.load(sig_ptr + b), tl.maximum(ssrc, eps), s2, eps)
         nu = cx * x - cs * xs
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
         l_off = b * s_lb + p[None, :] * s_lp
         u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
         c0 = xs - ssrc * u0
         ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, ssrc, nu - zeta * c0, zeta, inv_d,
-                              K, kr, cmask, pmask, BLOCK_C, BLOCK_P)
-        u = (x - (s2 * nu + c0 + ebar) * inv_d) / s
+                              K, kr, cmask, pmask, BLOCK_K, BLOCK_C, BLOCK_P)
+        u = (x - (s2 * nu + c0 + ebar) * inv_d) * inv_s
         tl.store(out_ptr + b * (C * P) + c[:, None] * P + p[None, :], u.to(out_ptr.dtype.element_ty), mask=xmask)
 
     @triton.jit
@@ -233,16 +248,16 @@ if triton is not None:
             if ONE_TILE:
                 x = _step_one(e, lw, x, xs, c0, s2, ss, s_j, s_n, eps)
             else:
-                s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
+                inv_s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
                 nu = cx * x - cs * xs
                 ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, ssrc, nu - zeta * c0, zeta, inv_d,
-                                      K, kr, cmask, pmask, BLOCK_C, BLOCK_P)
-                u = (x - (s2 * nu + c0 + ebar) * inv_d) / s
+                                      K, kr, cmask, pmask, BLOCK_K, BLOCK_C, BLOCK_P)
+                u = (x - (s2 * nu + c0 + ebar) * inv_d) * inv_s
                 x = tl.where(s_n != s_j, x + u * (s_n - s_j), x)
         tl.store(out_ptr + b * (C * P) + st_off, x.to(out_ptr.dtype.element_ty), mask=xmask)
 
     @triton.jit
-    def _pi_backward_one(e, lw, x, xs, c0, g_u, s, zeta, cx, cs, s2, dd, inv_d, eps):
+    def _pi_backward_one(e, lw, x, xs, c0, g_u, inv_s, zeta, cx, cs, s2, dd, inv_d, eps):
         """Vector-Jacobian product of ``u = pi(x)`` at one state, whole GM in registers.
 
         Returns ``g_x (BLOCK_C, BLOCK_P)``, ``g_mu (BLOCK_K, BLOCK_C, BLOCK_P)`` (w.r.t. the
@@ -255,7 +270,7 @@ if triton is not None:
         nu = cx * x - cs * xs
         nu2 = nu - zeta * c0
         w, dlog, ebar = _posterior_one(e, lw, nu2, zeta, inv_d)
-        g_x0 = -g_u / s
+        g_x0 = -g_u * inv_s
         g_mbar = g_x0 * inv_d
         g_l = w * (tl.sum(e * g_mbar[None, :, :], axis=1) - tl.sum(ebar * g_mbar, axis=0)[None, :])
         g_dlog = g_l * inv_d
@@ -264,7 +279,7 @@ if triton is not None:
         g_inv_d = tl.sum(g_x0 * (s2 * nu + c0 + ebar), axis=0) + tl.sum(g_l * dlog, axis=0)
         g_dd = tl.where(dd > eps, -g_inv_d * inv_d * inv_d, 0.0)
         g_s2 = tl.sum(g_x0 * nu, axis=0) * inv_d + g_dd * zeta
-        g_x = g_u / s + cx * g_nu
+        g_x = g_u * inv_s + cx * g_nu
         return g_x, g_mu, g_l, -cs * g_nu, g_s2
 
     @triton.jit
@@ -321,27 +336,28 @@ if triton is not None:
                 seg = n_ck - 1 - cc
                 j0 = seg * S
                 x_seg = tl.load(ck_ptr + (b * n_ck + seg) * (C * P) + st_off, mask=xmask, other=0.0)
-                for jj in range(S):
-                    j = j0 + S - 1 - jj
-                    if j < N:
-                        x = x_seg
-                        for i in range(S):  # the state before substep j, from the segment's start
-                            if i < j - j0:
-                                x = _step_one(e, lw, x, xs, c0, s2, ss, tl.load(tab_ptr + b * s_tb + j0 + i),
-                                              tl.load(tab_ptr + b * s_tb + j0 + i + 1), eps)
-                        s_j = tl.load(tab_ptr + b * s_tb + j)
-                        h = tl.load(tab_ptr + b * s_tb + j + 1) - s_j
-                        s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
-                        g_x, g_mu, g_l, g_xs, g_s2 = _pi_backward_one(e, lw, x, xs, c0, h * g, s, zeta, cx, cs, s2, dd, inv_d, eps)
-                        g = g + g_x
-                        acc_mu += g_mu
-                        acc_l += g_l
-                        acc_xs += g_xs
-                        acc_s2 += g_s2
+                seg_len = N - j0
+                if seg_len > S:
+                    seg_len = S
+                for jj in range(seg_len):
+                    j = j0 + seg_len - 1 - jj
+                    x = x_seg
+                    for i in range(j - j0):  # the state before substep j, from the segment's start
+                        x = _step_one(e, lw, x, xs, c0, s2, ss, tl.load(tab_ptr + b * s_tb + j0 + i),
+                                      tl.load(tab_ptr + b * s_tb + j0 + i + 1), eps)
+                    s_j = tl.load(tab_ptr + b * s_tb + j)
+                    h = tl.load(tab_ptr + b * s_tb + j + 1) - s_j
+                    inv_s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
+                    g_x, g_mu, g_l, g_xs, g_s2 = _pi_backward_one(e, lw, x, xs, c0, h * g, inv_s, zeta, cx, cs, s2, dd, inv_d, eps)
+                    g = g + g_x
+                    acc_mu += g_mu
+                    acc_l += g_l
+                    acc_xs += g_xs
+                    acc_s2 += g_s2
         else:
             x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
-            s, zeta, cx, cs, dd, inv_d = _consts(tl.load(tab_ptr + b * s_tb), ss, s2, eps)
-            g_x, acc_mu, acc_l, acc_xs, acc_s2 = _pi_backward_one(e, lw, x, xs, c0, g, s, zeta, cx, cs, s2, dd, inv_d, eps)
+            inv_s, zeta, cx, cs, dd, inv_d = _consts(tl.load(tab_ptr + b * s_tb), ss, s2, eps)
+            g_x, acc_mu, acc_l, acc_xs, acc_s2 = _pi_backward_one(e, lw, x, xs, c0, g, inv_s, zeta, cx, cs, s2, dd, inv_d, eps)
             g = g_x
         # back through mu = x_src - sigma_src * u
         acc_xs += tl.sum(acc_mu, axis=0)
@@ -367,7 +383,7 @@ def _launch_pi(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps):
     B, K, C, P = m.shape
     xf = x.reshape(B, C, P)
     out = torch.empty((B, C, P), device=x.device, dtype=x.dtype)
-    bk, bc, bp, _ = _blocks(K, C, P, _TILE_FWD)
+    bk, bc, bp = _pi_blocks(K, C, P)
     _policy_pi_kernel[(triton.cdiv(P, bp), B)](
         m, lw, xs, xf, gm_vars, sigma_src, sigma, out, K, C, P,
         *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), eps,
@@ -412,7 +428,7 @@ def _launch_backward(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, 
         K, C, P, N, checkpoint_stride(N),
         *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), sigmas.stride(0), eps,
         BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ROLLOUT=rollout,
-        INT64=_needs_int64(m, lw, xs, xf, g_m, ck), num_warps=4,
+        INT64=_needs_int64(m, lw, xs, xf, g_m, ck), num_warps=_WARPS_BWD,
     )
     return (g_m.view(means_u.shape), g_v.sum(dim=1).to(gm_vars.dtype), g_l.view(logweights.shape),
             g_xs.view(x_src.shape), g_x.view(x.shape))
@@ -540,7 +556,7 @@ def _aot_cases() -> list[AotCase]:
             unit = {"s_mp": 1, "s_lp": 1, "s_sp": 1, "s_xp": 1}
             div = ("means_ptr", "lw_ptr", "xs_ptr", "x_ptr", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_sb", "s_sc", "s_xb", "s_xc")
             gm_ptrs = {"means_ptr": f"*{dt}", "lw_ptr": f"*{dt}", "xs_ptr": f"*{dt}", "x_ptr": f"*{dt}", "var_ptr": "*fp32", "ssrc_ptr": "*fp32"}
-            bk, bc, bp, _ = _blocks(K, C, P, _TILE_FWD)
+            bk, bc, bp = _pi_blocks(K, C, P)
             cases.append(AotCase(
                 name=f"policy.pi[{name},B{B},K{K},C{C},{H}x{W},{dt}]",
                 kernel=_policy_pi_kernel,
@@ -570,6 +586,7 @@ def _aot_cases() -> list[AotCase]:
                                "s_tb": "i32", "eps": "fp32", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr",
                                "ROLLOUT": "constexpr", "INT64": "constexpr"},
                     constexprs={**unit, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "ROLLOUT": rollout, "INT64": False},
+                    num_warps=_WARPS_BWD,
                     divisible=(*div, "tab_ptr", "ck_ptr", "g_ptr", "gm_ptr", "gl_ptr", "gxs_ptr", "gx_ptr", "gv_ptr"),
                 ))
     return cases
