@@ -85,9 +85,12 @@ def _child(dims: tuple[int, ...], n: int) -> dict:
 
 
 def _measure(dims: tuple[int, ...], n: int) -> dict:
+    # A fixed mmap threshold: every allocation from 64 KiB is its own mapping, returned to the OS on
+    # free (glibc's dynamic threshold would otherwise keep freed tensors resident and hide the peak).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(
         [sys.executable, "-m", "gmkernels_bench.policy_memory", "--child", ",".join(map(str, dims)), str(n)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -104,7 +107,7 @@ def fused_extra_bytes(dims: tuple[int, ...], n: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gmkernels_bench.policy_memory", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes")
-    p.add_argument("--counts", default="2,4", help="substep counts the reference runs at (default 2,4)")
+    p.add_argument("--counts", default="4,8", help="substep counts the reference runs at (default 4,8)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

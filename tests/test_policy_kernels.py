@@ -144,3 +144,25 @@ def test_training_rollout_saves_states_not_gm_copies():
     assert out.requires_grad and len(ck) == 1 and tuple(ck[0].shape) == (2, 7, 3, 9)  # S = 8, 7 segments
     small = sum(t.numel() for t in new) - ck[0].numel()  # sigma tables, variances: O(B * N)
     assert small <= 2 * 51 + 16
+
+
+@pytest.mark.triton
+def test_gradients_above_the_register_tile_take_the_torch_path():
+    """``next_pow2(K) * next_pow2(C) > 1024`` with a gradient: the differentiable torch path, same
+    values and gradients as under ``use_backend("torch")``; without a gradient the streamed kernel."""
+    shape = ((1,), 300, 4, 1, 2)
+    gm = make_gm(shape, 2, dtype=torch.float32, dead=True)
+    x = make_state(shape, 2, dtype=torch.float32)
+    assert not ops.one_tile(300, 4)
+    results = []
+    for backend in ("triton", "torch"):
+        g = {k: v.clone().requires_grad_() for k, v in gm.items()}
+        with gmkernels.use_backend(backend):
+            out, _, _ = GMFlowPolicy(g, x, 0.8).integrate(x, 0.8, 0.8, 0.1, total_substeps=4)
+        out.square().sum().backward()
+        results.append([out.detach(), *(g[k].grad for k in gm)])
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-6
+    with gmkernels.use_backend("triton"), torch.no_grad():
+        streamed_out, _, _ = GMFlowPolicy(gm, x, 0.8).integrate(x, 0.8, 0.8, 0.1, total_substeps=4)
+    assert rel_err(streamed_out, results[1][0]) < TOL[torch.float32]

@@ -378,7 +378,13 @@ def _flat(means_u, logweights, x_src):
     return m, logweights.reshape(B, K, -1), x_src.reshape(B, C, -1)
 
 
+def _f32(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """Per-sample scalars and sigma tables as the kernels read them: contiguous float32."""
+    return [t.to(torch.float32).contiguous() for t in ts]
+
+
 def _launch_pi(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps):
+    gm_vars, sigma_src, sigma = _f32(gm_vars, sigma_src, sigma)
     m, lw, xs = _flat(means_u, logweights, x_src)
     B, K, C, P = m.shape
     xf = x.reshape(B, C, P)
@@ -393,6 +399,7 @@ def _launch_pi(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps):
 
 
 def _launch_rollout(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, eps, save):
+    gm_vars, sigma_src, sigmas = _f32(gm_vars, sigma_src, sigmas)
     m, lw, xs = _flat(means_u, logweights, x_src)
     B, K, C, P = m.shape
     xf = x.reshape(B, C, P)
@@ -411,6 +418,8 @@ def _launch_rollout(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, e
 
 
 def _launch_backward(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, ck, g, eps, rollout):
+    var_dtype = gm_vars.dtype
+    gm_vars, sigma_src, sigmas = _f32(gm_vars, sigma_src, sigmas)
     m, lw, xs = _flat(means_u, logweights, x_src)
     B, K, C, P = m.shape
     xf = x.reshape(B, C, P)
@@ -430,7 +439,7 @@ def _launch_backward(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, 
         BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ROLLOUT=rollout,
         INT64=_needs_int64(m, lw, xs, xf, g_m, ck), num_warps=_WARPS_BWD,
     )
-    return (g_m.view(means_u.shape), g_v.sum(dim=1).to(gm_vars.dtype), g_l.view(logweights.shape),
+    return (g_m.view(means_u.shape), g_v.sum(dim=1).to(var_dtype), g_l.view(logweights.shape),
             g_xs.view(x_src.shape), g_x.view(x.shape))
 
 
