@@ -448,7 +448,8 @@ def _policy_grads(rollout: Callable) -> Callable[[tuple], tuple]:
 def policy_cases(dtype: torch.dtype, device: torch.device, quick: bool, compile_ok: bool) -> list[Case]:
     """A full 128-substep rollout of a GM policy (16 under ``quick`` on a CPU): ``triton`` the fused kernel, ``torch`` the
     reference loop, ``compile`` that loop with a compiled velocity (when ``compile_ok``); and
-    the training rollout (forward + gradients of the u-GM): fused backward vs the reference
+    the training rollout (forward + gradients of the u-GM; named without "fwd+bwd", which
+    selects the NLL training case): fused backward vs the reference
     with one activation checkpoint per substep (``measure_memory``: peak memory on CUDA).
 
     Minimal traffic: the GM, ``x_src`` and ``x_start`` read once and ``x_end`` written (training:
@@ -468,7 +469,7 @@ def policy_cases(dtype: torch.dtype, device: torch.device, quick: bool, compile_
                         lambda s=shape: _policy_inputs(s, dtype, device, False, n), runs, params=dict(params),
                         per_call=n, batch=shape.B))
         train_runs = {"triton": _policy_grads(_policy_rollout), "torch": _policy_grads(_policy_rollout_torch)}
-        out.append(Case("policy", f"policy rollout {n} fwd+bwd", "policy", shape, dtype,
+        out.append(Case("policy", f"policy training rollout {n}", "policy", shape, dtype,
                         fwd_bytes + _elements("G+L+S", c) * dtype.itemsize,
                         lambda s=shape: _policy_inputs(s, dtype, device, True, n), train_runs, params=dict(params),
                         per_call=n, batch=shape.B, measure_memory=True))
