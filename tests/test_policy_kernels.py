@@ -40,7 +40,7 @@ def streamed(enabled: bool):
 
 
 @pytest.mark.triton
-@settings(max_examples=12)
+@settings(max_examples=25)
 @given(shape=cases(), seed=seeds, dtype=st.sampled_from([torch.float32, torch.bfloat16]), dead=st.booleans(),
        frac=st.floats(0.05, 1.0), big_k=st.booleans())
 def test_pi_kernel_matches_reference(shape, seed, dtype, dead, frac, big_k):
@@ -63,7 +63,7 @@ def test_pi_kernel_matches_reference(shape, seed, dtype, dead, frac, big_k):
 
 
 @pytest.mark.triton
-@settings(max_examples=12)
+@settings(max_examples=25)
 @given(shape=cases(), seed=seeds, dtype=st.sampled_from([torch.float32, torch.bfloat16]), dead=st.booleans(),
        n=st.integers(1, 10), shift=st.sampled_from([1.0, 3.0]), stream=st.booleans(), temp=st.sampled_from([1.0, 0.7]))
 def test_rollout_kernel_matches_reference(shape, seed, dtype, dead, n, shift, stream, temp):
@@ -98,7 +98,7 @@ def grads(policy_args, x_start, sig0, r0, r1, n, weights_pi, weights_x, backend)
 
 
 @pytest.mark.triton
-@settings(max_examples=8)
+@settings(max_examples=15)
 @given(shape=cases(max_k=9, max_c=4, max_hw=3), seed=seeds, dead=st.booleans(), n=st.integers(1, 11))
 def test_fused_backward_matches_float64_autograd(shape, seed, dead, n):
     """Gradients of the fused kernels (fp32) against autograd through the float64 reference;
