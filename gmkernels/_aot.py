@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILIES = ("mixture", "product", "posterior", "transition", "guidance", "likelihood", "sampling", "inverse_cdf", "solver_steps")
+FAMILIES = ("mixture", "product", "posterior", "transition", "guidance", "likelihood", "sampling", "inverse_cdf", "solver_steps", "policy")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@
     python -m gmkernels_bench --suite train --shapes custom 8,16,4,32,32 --plot
     torchrun --nproc-per-node 8 -m gmkernels_bench --suite solvers   # data-parallel samples/s
     python -m gmkernels_bench --suite pipeline --dtype bf16          # GMDiTPipeline, DiT-XL/2, B=8
+    python -m gmkernels_bench --suite policy                         # pi-Flow rollouts (ImageNet, FLUX GM heads)
 
 Writes ``results.json`` (one record per case and backend), ``results.md`` (the table) and, with
 ``--plot``, ``results.png`` into ``--out``; prints the table last. How the timing is done:
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-SUITES = ("ops", "solvers", "train", "all", "pipeline")  # "all" is the first three
+SUITES = ("ops", "solvers", "train", "policy", "all", "pipeline")  # "all" is the first four
 BACKENDS = ("triton", "torch", "compile")
 TRITON_ON_CPU = "triton: skipped on cpu: the Triton interpreter is a correctness tool, not a performance path"
 
@@ -155,7 +156,7 @@ def _main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             _parser().error(f"--device {args.device}: CUDA is not available here")
         torch.cuda.set_device(device)
-    from .cases import QUICK_CPU_COMPILE, op_cases, sample_unavailable, solver_cases, train_cases
+    from .cases import QUICK_CPU_COMPILE, op_cases, policy_cases, sample_unavailable, solver_cases, train_cases
     from .runner import run_case
     from .timing import TimerConfig, copy_bandwidth
 
@@ -173,7 +174,7 @@ def _main(args: argparse.Namespace) -> int:
         notes.append(TRITON_ON_CPU)
     if "compile" in backends and small_cpu:
         notes.append(f"compile: --quick on cpu compiles only {' and '.join(QUICK_CPU_COMPILE)} at the first shape (torch.compile costs seconds per op and shape; drop --quick for all)")
-    suites = ("ops", "train", "solvers") if args.suite == "all" else (args.suite,)
+    suites = ("ops", "train", "solvers", "policy") if args.suite == "all" else (args.suite,)
     if "solvers" in suites:
         reason = sample_unavailable(device)
         if reason is not None:
@@ -202,6 +203,9 @@ def _main(args: argparse.Namespace) -> int:
                 cases += train_cases(shape, dtype, device, compile_ops)
             if "solvers" in suites:
                 cases += solver_cases(shape, dtype, device, args.quick, compile_loop=args.compile_solvers, max_copies=max_copies)
+    if "policy" in suites:  # its own shapes (pi-Flow's ImageNet and FLUX GM heads)
+        for dtype in dtypes:
+            cases += policy_cases(dtype, device, args.quick, compile_ok=not small_cpu)
     cases = [c for c in cases if args.filter in c.op]
     records: list[dict] = []
     for case in _progress(cases, not args.no_progress):

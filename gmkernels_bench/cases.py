@@ -380,3 +380,97 @@ def solver_cases(shape: Shape, dtype: torch.dtype, device: torch.device, quick: 
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# pi-Flow GM policies (issue 15): the GM heads of pi-Flow's ImageNet (K=32, C=4, 32x32) and FLUX
+# (K=8, C=16, 96x170 latents at 1360x768) models, one full rollout of 128 substeps. The suite
+# uses these shapes whatever --shapes says.
+
+POLICY_SHAPES = {"piflow-imagenet": (64, 32, 4, 32, 32), "piflow-flux": (2, 8, 16, 96, 170)}
+POLICY_QUICK_CPU = {"piflow-imagenet": (2, 32, 4, 8, 8), "piflow-flux": (1, 8, 16, 8, 12)}
+POLICY_SUBSTEPS = 128
+POLICY_SUBSTEPS_QUICK_CPU = 16  # --quick on a CPU: the reference's training rollout costs ~1 s per 16 substeps
+POLICY_SHIFT = 3.0
+
+
+def _policy_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, grad: bool, n: int) -> tuple:
+    """``(gm_u, x_src, sigma_src, raw_t_start, raw_t_end, total_substeps)``: a rollout over the
+    whole raw interval."""
+    r = Inputs(shape, dtype, device, seed=404)
+    gm = r.gm()
+    if grad:
+        gm = {k: v.requires_grad_() for k, v in gm.items()}
+    ones = torch.ones(shape.B, device=device)
+    return gm, r.state(), ones, ones, torch.zeros(shape.B, device=device), n
+
+
+def _policy_rollout(a: tuple) -> torch.Tensor:
+    from gmkernels.policy import GMFlowPolicy
+
+    gm, x, s, r0, r1, n = a
+    return GMFlowPolicy(gm, x, s).integrate(x, s, r0, r1, shift=POLICY_SHIFT, total_substeps=n)[0]
+
+
+def _policy_rollout_torch(a: tuple) -> torch.Tensor:
+    with gmkernels.use_backend("torch"):
+        return _policy_rollout(a)
+
+
+def _policy_rollout_compiled_pi(a: tuple) -> torch.Tensor:
+    """The reference loop with ``torch.compile`` of the velocity (the loop itself would unroll
+    128 substeps)."""
+    import reference.policy as ref_policy
+    from gmkernels.policy import GMFlowPolicy
+
+    gm, x, s, r0, r1, n = a
+    with gmkernels.use_backend("torch"):
+        pol = GMFlowPolicy(gm, x, s)
+    warp = lambda t: POLICY_SHIFT * t / (1 + (POLICY_SHIFT - 1) * t)  # noqa: E731
+    sigmas, _ = ref_policy.rollout_sigmas(pol.sigma_src, r0, r1, n, warp)
+    pi = compiled(ref_policy.policy_pi)
+    xf = x.float()
+    for j in range(n):
+        u = pi(pol.means_u.float(), pol.gm_vars, pol.logweights.float(), pol.x_src.float(), pol.sigma_src, xf, sigmas[:, j])
+        xf = xf + u * (sigmas[:, j + 1] - sigmas[:, j]).view(-1, 1, 1, 1)
+    return xf.to(x.dtype)
+
+
+def _policy_grads(rollout: Callable) -> Callable[[tuple], tuple]:
+    def run(a: tuple) -> tuple:
+        gm = a[0]
+        out = rollout(a)
+        return torch.autograd.grad(out, [gm["means"], gm["logstds"], gm["logweights"]], torch.ones_like(out))
+
+    return run
+
+
+def policy_cases(dtype: torch.dtype, device: torch.device, quick: bool, compile_ok: bool) -> list[Case]:
+    """A full 128-substep rollout of a GM policy (16 under ``quick`` on a CPU): ``triton`` the fused kernel, ``torch`` the
+    reference loop, ``compile`` that loop with a compiled velocity (when ``compile_ok``); and
+    the training rollout (forward + gradients of the u-GM; named without "fwd+bwd", which
+    selects the NLL training case): fused backward vs the reference
+    with one activation checkpoint per substep (``measure_memory``: peak memory on CUDA).
+
+    Minimal traffic: the GM, ``x_src`` and ``x_start`` read once and ``x_end`` written (training:
+    plus the three gradients written)."""
+    out = []
+    small = quick and device.type == "cpu"
+    n = POLICY_SUBSTEPS_QUICK_CPU if small else POLICY_SUBSTEPS
+    for name, dims in POLICY_SHAPES.items():
+        shape = Shape(name, *(POLICY_QUICK_CPU[name] if small else dims))
+        c = counts(shape)
+        fwd_bytes = (_elements("G+L+S+X+X+X", c)) * dtype.itemsize
+        runs = {"triton": _policy_rollout, "torch": _policy_rollout_torch}
+        if compile_ok:
+            runs["compile"] = _policy_rollout_compiled_pi
+        params = {"substeps": n, "shift": POLICY_SHIFT}
+        out.append(Case("policy", f"policy rollout {n}", "policy", shape, dtype, fwd_bytes,
+                        lambda s=shape: _policy_inputs(s, dtype, device, False, n), runs, params=dict(params),
+                        per_call=n, batch=shape.B))
+        train_runs = {"triton": _policy_grads(_policy_rollout), "torch": _policy_grads(_policy_rollout_torch)}
+        out.append(Case("policy", f"policy training rollout {n}", "policy", shape, dtype,
+                        fwd_bytes + _elements("G+L+S", c) * dtype.itemsize,
+                        lambda s=shape: _policy_inputs(s, dtype, device, True, n), train_runs, params=dict(params),
+                        per_call=n, batch=shape.B, measure_memory=True))
+    return out

@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from gmkernels_bench.cases import QUICK_CPU_COMPILE, clone_tree, op_cases, parse_shapes, sample_unavailable, solver_cases, train_cases  # noqa: E402
+from gmkernels_bench.cases import QUICK_CPU_COMPILE, clone_tree, op_cases, parse_shapes, policy_cases, sample_unavailable, solver_cases, train_cases  # noqa: E402
 from gmkernels_bench.runner import DTYPE_NAMES  # noqa: E402
 from gmkernels_bench.timing import input_copies  # noqa: E402
 
@@ -40,6 +40,8 @@ def _cases() -> list:
             cases += train_cases(shape, dtype, DEVICE, QUICK_CPU_COMPILE if ON_CPU else None)
             if SOLVERS_SKIPPED is None:
                 cases += solver_cases(shape, dtype, DEVICE, quick=ON_CPU, compile_loop=False)
+    for dtype in DTYPES:  # pi-Flow policies: their own shapes
+        cases += policy_cases(dtype, DEVICE, quick=ON_CPU, compile_ok=not ON_CPU)
     return [
         pytest.param(case, backend, id=f"{case.suite}-{case.op.replace(' ', '_')}-{case.shape.label}-{DTYPE_NAMES[case.dtype]}-{backend}")
         for case in cases
