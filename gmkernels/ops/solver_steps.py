@@ -24,6 +24,7 @@ from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_float_tensor, check_gm, check_power, check_sigma, check_state
 from ._launch import I32_MAX, needs_int64
+from .mixture import online_moments_update
 
 try:
     import triton
@@ -252,6 +253,291 @@ if triton is not None:
             tl.store(out_ptr + b * (C * HW) + c[:, None] * HW + p[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    # ------------------------------------------------------------------------- fused sampler step
+    # One kernel for a whole sampler step on the network's u-GM (see ``fused_step``): the
+    # u -> x0 map, the guidance and 2nd-order reweightings and the GM-ODE / GM-SDE consumer are
+    # applied as the GM is loaded; per-sample coefficients come from its own statistics mode.
+
+    @triton.jit
+    def _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_luk, xmask, pmask, xb, a0, wsc,
+                 WEIGHT: tl.constexpr):  # fmt: skip
+        """One K tile of the x0-GM ``R'``: means ``xb + a0 * u_k`` ``[BK, BC, BP]`` (``xb`` the
+        state plus a mean-CFG offset, ``a0 = -sigma``) and logits ``[BK, BP]`` (weight-guided
+        when ``WEIGHT``; ``-inf`` past K, 0 for pixels past the end)."""
+        k = k0 + kr
+        kmask = k < K
+        u = tl.load(um_base + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0)
+        mu = xb[None, :, :] + a0 * u.to(tl.float32)
+        lmask = kmask[:, None] & pmask[None, :]
+        lc = tl.load(ul_base + k[:, None] * s_lk, mask=lmask, other=0.0).to(tl.float32)
+        if WEIGHT:  # log_softmax(l_c + (scale - 1)(l_c - l_u)), dead clamped at -1e30 (normaliser irrelevant)
+            lu = tl.load(lu_base + k[:, None] * s_luk, mask=lmask, other=0.0).to(tl.float32)
+            lc = tl.maximum(lc, -1e30)
+            lc = lc + (wsc - 1.0) * (lc - tl.maximum(lu, -1e30))
+        lc = tl.where(kmask[:, None], lc, float("-inf"))
+        return mu, tl.where(pmask[None, :], lc, 0.0)
+
+    @triton.jit
+    def _fs_tile(mu, lg, kap1, c1, kap2, al2, c2, m, w_sum, mean, m2,
+                 Q1: tl.constexpr, Q2: tl.constexpr, WITH_VAR: tl.constexpr):  # fmt: skip
+        """Merge a tile into the running moments of ``R'`` reweighted by up to two Gaussians:
+        logits ``lg - kap1 |mu + c1|^2 - kap2 |al2 mu + c2|^2`` (``c = offset - centre``)."""
+        if Q1:
+            d1 = mu + c1[None, :, :]
+            lg = lg - kap1[None, :] * tl.sum(d1 * d1, axis=1)
+        if Q2:
+            d2 = al2[None, None, :] * mu + c2[None, :, :]
+            lg = lg - kap2[None, :] * tl.sum(d2 * d2, axis=1)
+        return online_moments_update(lg * 1.4426950408889634, mu, m, w_sum, mean, m2, WITH_VAR)
+
+    @triton.jit
+    def _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_luk, kr, xmask, pmask, xb, a0, wsc,
+                 kap1, c1, kap2, al2, c2,
+                 ONE_TILE: tl.constexpr, WEIGHT: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr,
+                 WITH_VAR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+        """Softmax-weighted mean ``[BC, BP]`` of the (reweighted) means over all K and, with
+        ``WITH_VAR``, the weighted squared deviation summed over channels ``[BP]``."""
+        m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        w_sum = tl.zeros([BLOCK_P], tl.float32)
+        mean = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        m2 = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        if ONE_TILE:
+            m, w_sum, mean, m2 = _fs_tile(mu_all, l_all, kap1, c1, kap2, al2, c2, m, w_sum, mean, m2, Q1, Q2, WITH_VAR)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_luk, xmask, pmask, xb, a0, wsc, WEIGHT)
+                m, w_sum, mean, m2 = _fs_tile(mu, lg, kap1, c1, kap2, al2, c2, m, w_sum, mean, m2, Q1, Q2, WITH_VAR)
+        var = tl.sum(m2, axis=0) / tl.where(w_sum > 0, w_sum, 1.0)
+        return mean, var
+
+    @triton.jit
+    def _fs_transfer(sb, st, x, x_base, eps):
+        """Transfer Gaussian of op 6 from ``(x_base, sb)`` to ``(x, st)``: ``g [BC, BP]``, ``v``."""
+        a_b = 1.0 - sb
+        a_t = 1.0 - st
+        d = tl.maximum((a_t * sb) * (a_t * sb) - (a_b * st) * (a_b * st), eps)
+        g = (a_t * sb * sb * x - a_b * st * st * x_base) / d
+        v = (st * sb) * (st * sb) / d
+        return g, v
+
+    @triton.jit
+    def _fused_step_kernel(
+        um_ptr, ul_ptr, uls_ptr, vm_ptr, vl_ptr, x_ptr, prev_ptr, coef_ptr, sig_ptr, seed_ptr,
+        out_ptr, post_ptr, stat_ptr,
+        K, KU, C, HW, NPB, N, NCOEF, NPIX,
+        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_lsb, s_lsp,
+        s_vb, s_vk, s_vc, s_vp, s_vlb, s_vlk, s_vlp,
+        s_xb, s_xc, s_xp,
+        c1t, c2t, c3t, wsc, eps,
+        SDE: tl.constexpr, WEIGHT: tl.constexpr, UNCOND: tl.constexpr, MEANCFG: tl.constexpr,
+        PROB: tl.constexpr, ORDER2: tl.constexpr, POST: tl.constexpr, STATS: tl.constexpr,
+        ONE_TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        NEED_MC: tl.constexpr, RW_A: tl.constexpr, INT64: tl.constexpr,
+    ):  # fmt: skip
+        """A sampler step for ``BLOCK_P`` pixels of batch row ``b``, all channels (see ``fused_step``).
+
+        Per pixel: ``R`` is the x0-GM ``x - sigma u_k`` (std times ``sigma``); its moments
+        ``m_c``, ``var``; the unconditional mean ``m_u`` (``UNCOND``); ``db = d - proj m_c`` with
+        ``d = m_c - m_u``; the mean-CFG offset ``o = coef[1] db`` (``MEANCFG``) gives ``R'``;
+        ``F`` is ``R'`` reweighted by ``N(g1, v1)`` (``PROB``), ``A`` the GM that moves the state:
+        ``F`` at order 1, ``R'`` reweighted by ``N(gA, vA)`` at order 2. ``STATS`` 1 and 2 write
+        per-program partial sums instead of a state; ``POST`` also writes the posterior mean of
+        ``F`` at the new state (the next step's 2nd-order input).
+        """
+        pid = tl.program_id(0)
+        b = pid // NPB
+        pb = pid % NPB
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.arange(0, BLOCK_C)
+        kr = tl.arange(0, BLOCK_K)
+        if INT64:
+            b = b.to(tl.int64)
+            p = p.to(tl.int64)
+        pmask = p < HW
+        cmask = c < C
+        xmask = cmask[:, None] & pmask[None, :]
+        x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
+        x_base = x
+        sb = tl.load(sig_ptr).to(tl.float32)
+        a0 = -sb
+        ls = tl.load(uls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)
+        ls = ls + tl.log(tl.maximum(sb, eps))  # x0 log-std, op 5
+        s2 = tl.exp(tl.minimum(2.0 * ls, 80.0))
+        cf = coef_ptr + b * NCOEF
+        um_base = um_ptr + b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
+        ul_base = ul_ptr + b * s_lb + p[None, :] * s_lp
+        lu_base = vl_ptr + b * s_vlb + p[None, :] * s_vlp
+        zero_v = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        zero_p = tl.zeros([BLOCK_P], tl.float32)
+        mu_all = 0.0
+        l_all = 0.0
+        if ONE_TILE:
+            mu_all, l_all = _fs_load(um_base, ul_base, lu_base, 0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, x, a0, wsc, WEIGHT)
+        xb = x
+        # moments of R (and R' = R + o: same spread, mean shifted by o)
+        m_c = zero_v
+        var = zero_p
+        if NEED_MC:
+            m_c, var = _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_vlk, kr, xmask, pmask, xb, a0, wsc,
+                                zero_p, zero_v, zero_p, zero_p, zero_v,
+                                ONE_TILE, WEIGHT, False, False, STATS == 1, BLOCK_K, BLOCK_C, BLOCK_P)
+        d = zero_v
+        db = zero_v
+        if UNCOND:
+            vm_base = vm_ptr + b * s_vb + c[None, :, None] * s_vc + p[None, None, :] * s_vp
+            vl_base = vl_ptr + b * s_vlb + p[None, :] * s_vlp
+            m_u, _ = _fs_pass(0.0, 0.0, vm_base, vl_base, vl_base, KU, s_vk, s_vlk, s_vlk, kr, xmask, pmask, x, a0, wsc,
+                              zero_p, zero_v, zero_p, zero_p, zero_v,
+                              False, False, False, False, False, BLOCK_K, BLOCK_C, BLOCK_P)
+            d = tl.where(xmask, m_c - m_u, 0.0)
+            db = d - tl.load(cf + 0) * m_c
+        if STATS == 1:
+            var = var / C + s2  # per-pixel variance of op 2
+            e = zero_v
+            if ORDER2:
+                prev = tl.load(prev_ptr + b * (C * HW) + c[:, None] * HW + p[None, :], mask=xmask, other=0.0)
+                e = tl.where(xmask, m_c + tl.load(cf + 1) * db - prev, 0.0)
+            mc0 = tl.where(xmask, m_c, 0.0)
+            sp = stat_ptr + pid * 8
+            tl.store(sp + 0, tl.sum(tl.where(pmask, var, 0.0), axis=0))
+            tl.store(sp + 1, tl.sum(tl.sum(d * mc0, axis=0), axis=0))
+            tl.store(sp + 2, tl.sum(tl.sum(mc0 * mc0, axis=0), axis=0))
+            tl.store(sp + 3, tl.sum(tl.sum(d * d, axis=0), axis=0))
+            tl.store(sp + 4, tl.sum(tl.sum(e * e, axis=0), axis=0))
+        else:
+            if MEANCFG:
+                o = tl.load(cf + 1) * db
+                xb = x + o
+                m_c = m_c + o
+                if ONE_TILE:
+                    mu_all = mu_all + o[None, :, :]
+            # F = R' reweighted by N(g1, v1) under probabilistic guidance
+            g1 = zero_v
+            kap1 = zero_p
+            al1 = zero_p + 1.0
+            s2f = s2
+            betF = zero_v
+            if PROB:
+                g1 = tl.load(cf + 6) * m_c + tl.load(cf + 7) * db
+                v1 = tl.load(cf + 8)
+                n1 = tl.maximum(v1 + s2, eps)
+                kap1 = 0.5 / n1
+                al1 = v1 / n1
+                s2f = s2 * al1
+                betF = (s2 / n1)[None, :] * g1
+            mean_now = m_c
+            e = zero_v
+            if ORDER2:
+                if PROB:
+                    mw, _ = _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_vlk, kr, xmask, pmask, xb, a0, wsc,
+                                     kap1, -g1, zero_p, zero_p, zero_v,
+                                     ONE_TILE, WEIGHT, True, False, False, BLOCK_K, BLOCK_C, BLOCK_P)
+                    mean_now = al1[None, :] * mw + betF
+                prev = tl.load(prev_ptr + b * (C * HW) + c[:, None] * HW + p[None, :], mask=xmask, other=0.0)
+                e = mean_now - prev
+            if STATS == 2:  # exact power of the 2nd-order bias damp * e + cfg
+                bt = tl.where(xmask, tl.load(cf + 9) * e + tl.load(cf + 10) * db, 0.0)
+                tl.store(stat_ptr + pid * 8 + 5, tl.sum(tl.sum(bt * bt, axis=0), axis=0))
+            else:
+                # A: the GM that moves the state (RW_A: PROB or ORDER2)
+                gA = g1
+                kapA = kap1
+                alA = al1
+                s2A = s2f
+                if ORDER2:
+                    gA = m_c + tl.load(cf + 3) * db + tl.load(cf + 4) * e
+                    vA = tl.load(cf + 5)
+                    nA = tl.maximum(vA + s2, eps)
+                    kapA = 0.5 / nA
+                    alA = vA / nA
+                    s2A = s2 * alA
+                betA = zero_v
+                if RW_A:
+                    betA = (s2 * kapA * 2.0)[None, :] * gA  # s2 / n * g
+                if SDE:
+                    # component draw from A's weights: total, then the CDF walk
+                    seed = tl.load(seed_ptr)
+                    m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
+                    tot = tl.zeros([BLOCK_P], tl.float32)
+                    for k0 in range(0, K, BLOCK_K):
+                        mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, xb, a0, wsc, WEIGHT)
+                        if RW_A:
+                            dA = mu - gA[None, :, :]
+                            lg = lg - kapA[None, :] * tl.sum(dA * dA, axis=1)
+                        m_new = tl.maximum(m_run, tl.max(lg, axis=0))
+                        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        tot = tot * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[None, :]), axis=0)
+                        m_run = m_new
+                    m_fin = tl.where(m_run == float("-inf"), 0.0, m_run)
+                    target = tl.rand(seed, b * HW + p) * tot
+                    cum = tl.zeros([BLOCK_P], tl.float32)
+                    sel = tl.full([BLOCK_P], -1, tl.int32)
+                    last = tl.zeros([BLOCK_P], tl.int32)
+                    for k0 in range(0, K, BLOCK_K):
+                        k = k0 + kr
+                        mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, xb, a0, wsc, WEIGHT)
+                        if RW_A:
+                            dA = mu - gA[None, :, :]
+                            lg = lg - kapA[None, :] * tl.sum(dA * dA, axis=1)
+                        w = tl.exp(lg - m_fin[None, :])
+                        cdf = cum[None, :] + tl.cumsum(w, axis=0)
+                        hit = (cdf > target[None, :]) & (k < K)[:, None]
+                        first = tl.min(tl.where(hit, k[:, None], K), axis=0).to(tl.int32)
+                        sel = tl.where((sel < 0) & (first < K), first, sel)
+                        last = tl.maximum(last, tl.max(tl.where(w > 0, k[:, None], 0), axis=0).to(tl.int32))
+                        cum = cum + tl.sum(w, axis=0)
+                    sel = tl.where(sel < 0, last, sel)
+                    if INT64:
+                        sel_off = sel.to(tl.int64) * s_mk
+                    else:
+                        sel_off = sel * s_mk
+                    u_sel = tl.load(um_ptr + b * s_mb + sel_off[None, :] + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0)
+                    mu_sel = xb + a0 * u_sel.to(tl.float32)
+                    if RW_A:
+                        mu_sel = alA[None, :] * mu_sel + betA
+                    # sqrt(c2^2 s2A + c3) as hi * sqrt(1 + (lo / hi)^2)
+                    pa = tl.abs(c2t) * tl.sqrt(s2A)
+                    qa = tl.sqrt(tl.maximum(c3t, 0.0)) + zero_p
+                    hi = tl.maximum(pa, qa)
+                    lo = tl.minimum(pa, qa)
+                    ratio = tl.where(hi > 0, lo / tl.where(hi > 0, hi, 1.0), 0.0)
+                    std = hi * tl.sqrt(1.0 + ratio * ratio)
+                    z = tl.randn(seed, NPIX + (b * C + c[:, None]) * HW + p[None, :])
+                    x = c1t * x + c2t * mu_sel + std[None, :] * z
+                else:
+                    for j in range(N):
+                        s_j = tl.load(sig_ptr + j).to(tl.float32)
+                        s_n = tl.load(sig_ptr + j + 1).to(tl.float32)
+                        gt, vt = _fs_transfer(sb, s_j, x, x_base, eps)
+                        nt = tl.maximum(vt + s2A, eps)
+                        first = j == 0  # substep 0: the plain mixture mean of A
+                        kapt = tl.where(first, 0.0, 0.5 / nt)
+                        mw, _ = _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_vlk, kr, xmask, pmask, xb, a0, wsc,
+                                         kapA, -gA, kapt, alA, betA - gt,
+                                         ONE_TILE, WEIGHT, RW_A, True, False, BLOCK_K, BLOCK_C, BLOCK_P)
+                        mA = alA[None, :] * mw + betA
+                        # r_v = vt / (vt + s2A), r_s = s2A / (vt + s2A) as sigmoids (no inf / inf)
+                        tt = tl.minimum(tl.maximum(tl.log(s2A) - tl.log(vt), -80.0), 80.0)
+                        r_v = tl.where(first, 1.0, 1.0 / (1.0 + tl.exp(tt)))
+                        r_s = tl.where(first, 0.0, 1.0 / (1.0 + tl.exp(-tt)))
+                        x0 = r_v[None, :] * mA + r_s[None, :] * gt
+                        x = x + (x - x0) * ((s_n - s_j) / tl.maximum(s_j, eps))
+                o_off = b * (C * HW) + c[:, None] * HW + p[None, :]
+                tl.store(out_ptr + o_off, x.to(out_ptr.dtype.element_ty), mask=xmask)
+                if POST:  # posterior mean of F at the new state, for the next step's 2nd-order rule
+                    s_end = tl.load(sig_ptr + N).to(tl.float32)
+                    gt, vt = _fs_transfer(sb, s_end, x, x_base, eps)
+                    nt = tl.maximum(vt + s2f, eps)
+                    mw, _ = _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_vlk, kr, xmask, pmask, xb, a0, wsc,
+                                     kap1, -g1, 0.5 / nt, al1, betF - gt,
+                                     ONE_TILE, WEIGHT, PROB, True, False, BLOCK_K, BLOCK_C, BLOCK_P)
+                    tt = tl.minimum(tl.maximum(tl.log(s2f) - tl.log(vt), -80.0), 80.0)
+                    r_v = 1.0 / (1.0 + tl.exp(tt))
+                    r_s = 1.0 / (1.0 + tl.exp(-tt))
+                    post = r_v[None, :] * (al1[None, :] * mw + betF) + r_s[None, :] * gt
+                    tl.store(post_ptr + o_off, post, mask=xmask)
+
+
 def _flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor):
     """``(B, K, C, HW)`` means, ``(B, K, HW)`` log-weights, ``(B, 1|HW)`` log-stds (views when
     the strides allow) and the log-std strides (pixel stride 0 for a per-sample std)."""
@@ -434,6 +720,142 @@ def gm_sde_step(
     u = torch.rand((*s.batch, 1, s.H, s.W), generator=generator, device=s.device)
     z = torch.randn(s.pixel_shape, generator=generator, device=s.device)
     return run_reference(ref.gm_sde_step, gm, x, sigma, sigma_next, u, z, power, eps, out_dtype=x.dtype)
+
+
+# ----------------------------------------------------------------------------- fused sampler step
+
+_NCOEF = 11  # per-sample coefficients of ``_fused_step_kernel`` (see ``fused_step``)
+_NSTAT = 8  # per-program partial sums of its statistics modes
+# Coefficients of the 2nd-order error estimate E = V * (scale^2 * cb^2 + ca) (SPEC §4).
+CA, CB = 0.005, 1.0
+# Floor of the relative variance reduction of a Gaussian reweighting (schedulers._reweight).
+RHO_MIN = 1e-6
+
+
+def _f32(v: float) -> float:
+    """A launch scalar rounded to float32 as a GPU launch rounds it (the interpreter keeps float64)."""
+    return torch.tensor(v, dtype=torch.float32).item()
+
+
+def fused_step(
+    gm_u, x: torch.Tensor, sigmas: torch.Tensor, levels: tuple[float, float], *, sde: bool, guidance: str = "none", scale: float = 0.0,
+    orthogonal: float = 0.0, prev_mean: torch.Tensor | None = None, h: float = 0.0, h_prev: float = 0.0,
+    post: bool = False, generator: torch.Generator | None = None, eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One whole sampler step on the network's u-GM, with no GM-sized temporary (the schedulers'
+    Triton path; the eager composition of ops 5, 11, SPEC §4's 2nd-order rule and
+    ``gm_ode_substeps`` / ``gm_sde_step`` is its reference, ``schedulers._GMSchedulerBase._x0_gm``).
+
+    Every GM of the step is the network's GM in its own dtype seen through per-sample
+    coefficients and per-pixel means that the kernel forms as it loads: ``x0_k = x - sigma u_k``
+    (std times ``sigma``); mean-CFG shifts every mean by ``(scale - 1)(d - proj m_c)``; weight
+    guidance combines the log-weights; probabilistic guidance and the 2nd-order correction are
+    Gaussian reweightings ``N(g, v)`` whose centre ``g`` is a per-pixel combination of ``m_c``,
+    ``d = m_c - m_u``, and ``mean_now - prev_mean``. Statistics launches of the same kernel
+    (``STATS=1``: variance, ``<d, m_c>``, ``<m_c, m_c>``, ``<d, d>``, ``<e, e>``; ``STATS=2``: the
+    exact power of the 2nd-order bias when it depends on the first pass) give the per-sample
+    scalars as ``(B, programs, 8)`` partials summed in float64 by torch (no host read).
+
+    Args:
+        gm_u: u-GM ``{means (*B, K, C, H, W), logstds (*B, 1, 1, 1|H, 1|W), logweights}`` or the
+            pair ``(gm_cond, gm_uncond)`` when ``scale > 0``.
+        x: ``(*B, C, H, W)`` state at ``sigmas[0]``.
+        sigmas: 1-D float32 device tensor, the ``N + 1`` levels of the step (``N = 1`` for SDE).
+        levels: ``(sigmas[0], sigmas[N])`` as Python floats (the SDE's transition constants).
+        sde: GM-SDE draw (Philox seeded from ``generator`` as ``gm_sde_step``) instead of
+            ``N`` GM-ODE substeps.
+        guidance: ``"none"``, ``"probabilistic"``, ``"weight"`` or ``"mean-cfg"``.
+        prev_mean: ``(*B, C, H, W)`` float32, the previous step's first-order GM's posterior
+            mean at ``(x, sigmas[0])``: turns on the 2nd-order rule with step sizes ``h``, ``h_prev``.
+        post: also return that posterior mean at the new state for the next step.
+    Returns:
+        ``(x_next (*B, C, H, W) in x's dtype, post_mean (*B, C, H, W) float32 or None)``.
+    """
+    paired = isinstance(gm_u, (tuple, list))
+    cond = gm_u[0] if paired else gm_u
+    uncond = gm_u[1] if paired else cond
+    if scale == 0:
+        guidance = "none"
+    prob, weight, meancfg = guidance == "probabilistic", guidance == "weight", guidance == "mean-cfg"
+    has_uncond = prob or meancfg
+    order2 = prev_mean is not None
+    *_, K, C, H, W = cond["means"].shape
+    HW = H * W
+    m, lw, ls, s_lsb, s_lsp = _flat_gm(cond["means"], cond["logstds"], cond["logweights"])
+    KU = uncond["means"].shape[-4]
+    if weight and KU != K:
+        raise ValueError(f"weight guidance needs matching K: gm_cond has K={K}, gm_uncond has K={KU}")
+    vm, vl = uncond["means"].reshape(-1, KU, C, HW), uncond["logweights"].reshape(-1, KU, HW)
+    B = m.shape[0]
+    xf = x.reshape(B, C, HW)
+    bk, bc, bp, one = _ode_blocks(K, C, HW)
+    npb = triton.cdiv(HW, bp)
+    dev = x.device
+    coef = torch.zeros((B, _NCOEF), dtype=torch.float32, device=dev)
+    stats = torch.empty((B * npb, _NSTAT), dtype=torch.float32, device=dev) if (has_uncond or order2) else coef
+    prev = prev_mean.reshape(B, C, HW) if order2 else xf
+    out = torch.empty((B, C, HW), device=dev, dtype=x.dtype)
+    postbuf = torch.empty((B, C, HW), device=dev, dtype=torch.float32) if post else out
+    seed = coef
+    c1 = c2 = c3 = 0.0
+    if sde:
+        gen_device = dev if generator is None else generator.device
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).to(dev)
+        c1, c2, c3 = (_f32(v) for v in transition_coefficients(levels[0], levels[1], eps))
+    int64 = needs_int64(m, lw, vm, vl, xf, out) or B * HW * (C + 1) >= I32_MAX
+
+    def launch(mode: int) -> None:
+        _fused_step_kernel[(B * npb,)](
+            m, lw, ls, vm, vl, xf, prev, coef, sigmas, seed, out, postbuf, stats,
+            K, vm.shape[1], C, HW, npb, sigmas.numel() - 1, _NCOEF, B * HW,
+            *m.stride(), *lw.stride(), s_lsb, s_lsp, *vm.stride(), *vl.stride(), *xf.stride(),
+            c1, c2, c3, float(scale), eps,
+            SDE=sde, WEIGHT=weight, UNCOND=has_uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2,
+            POST=post and mode == 0, STATS=mode, ONE_TILE=one, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
+            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, INT64=int64, num_warps=4,
+        )
+
+    def mean_over(col: int, n: int) -> torch.Tensor:
+        return stats[:, col].view(B, npb).sum(1, dtype=torch.float64) / n
+
+    if has_uncond or order2:
+        CHW = C * HW
+        amount = (orthogonal if prob else (1.0 if orthogonal > 0 else 0.0)) if has_uncond else 0.0
+        if meancfg and amount == 0:
+            coef[:, 1] = scale - 1
+        launch(1)
+        V, dm, mm, dd = mean_over(0, HW), mean_over(1, CHW), mean_over(2, CHW), mean_over(3, CHW)
+        proj = amount * dm / mm.clamp(min=1e-6)
+        pg = (dd - 2 * proj * dm + proj * proj * mm).clamp(min=0)  # <db, db>, db = d - proj m_c
+        alpha = torch.zeros_like(V)
+        if has_uncond:
+            coef[:, 0] = proj.float()
+        if meancfg:
+            coef[:, 1] = scale - 1
+        if prob:
+            alpha = scale * torch.sqrt(V / pg.clamp(min=1e-6))
+            vt = V * (1 - scale * scale)  # op 4: target / cond
+            n4 = (V - vt).clamp(min=1e-6)
+            coef[:, 6] = ((V - vt) / n4).float()
+            coef[:, 7] = (V * alpha / n4).float()
+            coef[:, 8] = (vt * V / n4).float()
+        if order2:
+            E = V * ((scale * scale * CB * CB if prob else 0.0) + CA)
+            damp = torch.sqrt((1 - E / (h_prev * h_prev)).clamp(min=0)) * (0.5 * h / h_prev)
+            if prob or (meancfg and amount > 0):  # the bias needs the first pass's scalars
+                coef[:, 9] = damp.float()
+                coef[:, 10] = alpha.float()
+                launch(2)
+                P = mean_over(5, CHW)
+            else:
+                P = damp * damp * mean_over(4, CHW)
+            cap = torch.sqrt((V / P.clamp(min=1e-6)).clamp(max=1))
+            rho = (P / V.clamp(min=1e-6)).clamp(min=RHO_MIN, max=1 - RHO_MIN)
+            coef[:, 3] = (cap * alpha / rho).float()
+            coef[:, 4] = (cap * damp / rho).float()
+            coef[:, 5] = (V * (1 - rho) / rho).float()
+    launch(0)
+    return out.view(x.shape), (postbuf.view(x.shape) if post else None)
 
 
 # ----------------------------------------------------------------------------- AOT cases
