@@ -7,8 +7,11 @@ It reads the GM, ``x_src`` and ``x_tgt`` once and writes only the ``(*B, C, H, W
 new means are affine in the old ones, ``(v / n) mu_k + (s2 / n) g``, so the kernel averages the
 old means under the reweighted softmax and applies the affine map once per pixel.
 
-A program owns ``BLOCK_P`` pixels of one batch row and one tile of ``BLOCK_C`` channels, and
-runs an online softmax over K tiles (``mixture.online_moments_update``). The reweighting needs
+A program owns ``BLOCK_P`` pixels of one batch row and one tile of ``BLOCK_C`` channels. A first
+sweep over K finds each pixel's reference component ``r`` (largest naive posterior logit); the
+second runs an online softmax over K tiles (``mixture.online_moments_update``) on logits taken
+relative to ``r`` (``reference.posterior.gm_posterior_mean`` explains the conditioning; the
+first sweep's reads mostly hit L2). The reweighting needs
 ``sum_c (mu_k - g)^2`` over every channel: when ``C <= BLOCK_C`` (16) the tile holds them all;
 otherwise each program also walks the other channel tiles of its pixels for the distance term
 (extra reads that the neighbouring programs of the same pixels, scheduled next to it, mostly
@@ -84,8 +87,44 @@ if triton is not None:
         offs_c = cb * BLOCK_C + ar_c
         mask_cp = (offs_c < C)[:, None] & mask_p[None, :]
         g = _transfer_mean(xt_base, xs_base, offs_c, mask_cp, s_xtc, s_xsc, ct, cs)
+        # the reference component: largest naive posterior logit l_k - |mu_k - g|^2 / (2n) (pass 1)
+        best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+        k_best = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + ar_k
+            mask_k = offs_k < K
+            if SINGLE_C:
+                mu = tl.load(
+                    m_base + offs_k[:, None, None] * s_mk + offs_c[None, :, None] * s_mc,
+                    mask=mask_k[:, None, None] & mask_cp[None, :, :],
+                    other=0.0,
+                ).to(tl.float32)
+                q = tl.sum((mu - g[None, :, :]) * (mu - g[None, :, :]), axis=1)
+            else:
+                q = tl.zeros([BLOCK_K, BLOCK_P], dtype=tl.float32)
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c2 = c0 + ar_c
+                    mask_cp2 = (offs_c2 < C)[:, None] & mask_p[None, :]
+                    mu_c = tl.load(
+                        m_base + offs_k[:, None, None] * s_mk + offs_c2[None, :, None] * s_mc,
+                        mask=mask_k[:, None, None] & mask_cp2[None, :, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    g_c = _transfer_mean(xt_base, xs_base, offs_c2, mask_cp2, s_xtc, s_xsc, ct, cs)
+                    q += tl.sum((mu_c - g_c[None, :, :]) * (mu_c - g_c[None, :, :]), axis=1)
+            lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=mask_k[:, None] & mask_p[None, :], other=float("-inf"))
+            naive = tl.where(mask_k[:, None], lw.to(tl.float32) * 1.4426950408889634 + coef2[None, :] * q, float("-inf"))
+            t_best = tl.max(naive, axis=0)
+            t_k = tl.min(tl.where(naive == t_best[None, :], offs_k[:, None], K), axis=0).to(tl.int32)
+            take = t_best > best
+            k_best = tl.where(take, t_k, k_best)
+            best = tl.where(take, t_best, best)
+        if INT64:
+            r_base = m_base + k_best.to(tl.int64)[None, None, :] * s_mk
+        else:
+            r_base = m_base + k_best[None, None, :] * s_mk
         if SINGLE_C:
-            mu0 = tl.load(m_base + offs_c[None, :, None] * s_mc, mask=mask_cp[None, :, :], other=0.0).to(tl.float32)
+            mu0 = tl.load(r_base + offs_c[None, :, None] * s_mc, mask=mask_cp[None, :, :], other=0.0).to(tl.float32)
             shift = mu0 - g[None, :, :]
         m = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
         w_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -98,7 +137,7 @@ if triton is not None:
                 mask=mask_k[:, None, None] & mask_cp[None, :, :],
                 other=0.0,
             ).to(tl.float32)
-            # sum_c (mu_k - mu_0)((mu_k - g) + (mu_0 - g)) = sum_c (mu_k - g)^2 - sum_c (mu_0 - g)^2
+            # sum_c (mu_k - r)((mu_k - g) + (r - g)) = sum_c (mu_k - g)^2 - sum_c (r - g)^2 (r: pass 1's component)
             if SINGLE_C:
                 dist = tl.sum((mu - mu0) * ((mu - g[None, :, :]) + shift), axis=1)
             else:
@@ -111,7 +150,7 @@ if triton is not None:
                         mask=mask_k[:, None, None] & mask_cp2[None, :, :],
                         other=0.0,
                     ).to(tl.float32)
-                    mu0_c = tl.load(m_base + offs_c2[None, :, None] * s_mc, mask=mask_cp2[None, :, :], other=0.0)
+                    mu0_c = tl.load(r_base + offs_c2[None, :, None] * s_mc, mask=mask_cp2[None, :, :], other=0.0)
                     mu0_c = mu0_c.to(tl.float32)
                     g_c = _transfer_mean(xt_base, xs_base, offs_c2, mask_cp2, s_xtc, s_xsc, ct, cs)
                     dist += tl.sum((mu_c - mu0_c) * ((mu_c - g_c[None, :, :]) + (mu0_c - g_c[None, :, :])), axis=1)
