@@ -260,14 +260,17 @@ if triton is not None:
 
     @triton.jit
     def _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_luk, xmask, pmask, xb, a0, wsc,
-                 WEIGHT: tl.constexpr):  # fmt: skip
+                 WEIGHT: tl.constexpr, LOAD_MU: tl.constexpr = True):  # fmt: skip
         """One K tile of the x0-GM ``R'``: means ``xb + a0 * u_k`` ``[BK, BC, BP]`` (``xb`` the
         state plus a mean-CFG offset, ``a0 = -sigma``) and logits ``[BK, BP]`` (weight-guided
-        when ``WEIGHT``; ``-inf`` past K, 0 for pixels past the end)."""
+        when ``WEIGHT``; ``-inf`` past K, 0 for pixels past the end). Without ``LOAD_MU`` the
+        means are not read (0.0 stands for them)."""
         k = k0 + kr
         kmask = k < K
-        u = tl.load(um_base + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0)
-        mu = xb[None, :, :] + a0 * u.to(tl.float32)
+        mu = 0.0
+        if LOAD_MU:
+            u = tl.load(um_base + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0)
+            mu = xb[None, :, :] + a0 * u.to(tl.float32)
         lmask = kmask[:, None] & pmask[None, :]
         lc = tl.load(ul_base + k[:, None] * s_lk, mask=lmask, other=0.0).to(tl.float32)
         if WEIGHT:  # log_softmax(l_c + (scale - 1)(l_c - l_u)), dead clamped at -1e30 (normaliser irrelevant)
@@ -309,6 +312,34 @@ if triton is not None:
                 m, w_sum, mean, m2 = _fs_tile(mu, lg, kap1, c1, kap2, al2, c2, m, w_sum, mean, m2, Q1, Q2, WITH_VAR)
         var = tl.sum(m2, axis=0) / tl.where(w_sum > 0, w_sum, 1.0)
         return mean, var
+
+    @triton.jit
+    def _fs_logits_a(mu, lg, gA, kapA, RW_A: tl.constexpr):
+        """Logits of A: ``lg - kapA |mu - gA|^2`` when A reweights ``R'`` (``RW_A``), else ``lg``."""
+        if RW_A:
+            dA = mu - gA[None, :, :]
+            lg = lg - kapA[None, :] * tl.sum(dA * dA, axis=1)
+        return lg
+
+    @triton.jit
+    def _fs_total(lg, m_run, tot):
+        """Running max and total of ``exp(lg)`` over K tiles (an all-dead tile gives no NaN)."""
+        m_new = tl.maximum(m_run, tl.max(lg, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        tot = tot * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[None, :]), axis=0)
+        return m_new, tot
+
+    @triton.jit
+    def _fs_cdf(lg, k, K, m_fin, target, cum, sel, last):
+        """One K tile of the CDF walk of ``gm_sde_step``'s kernel: the first component whose
+        cumulative weight passes ``target``, and the last live one (taken if rounding runs past)."""
+        w = tl.exp(lg - m_fin[None, :])
+        cdf = cum[None, :] + tl.cumsum(w, axis=0)
+        hit = (cdf > target[None, :]) & (k < K)[:, None]
+        first = tl.min(tl.where(hit, k[:, None], K), axis=0).to(tl.int32)
+        sel = tl.where((sel < 0) & (first < K), first, sel)
+        last = tl.maximum(last, tl.max(tl.where(w > 0, k[:, None], 0), axis=0).to(tl.int32))
+        return cum + tl.sum(w, axis=0), sel, last
 
     @triton.jit
     def _fs_transfer(sb, st, x, x_base, eps):
@@ -459,33 +490,23 @@ if triton is not None:
                     seed = tl.load(seed_ptr)
                     m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
                     tot = tl.zeros([BLOCK_P], tl.float32)
-                    for k0 in range(0, K, BLOCK_K):
-                        mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, xb, a0, wsc, WEIGHT)
-                        if RW_A:
-                            dA = mu - gA[None, :, :]
-                            lg = lg - kapA[None, :] * tl.sum(dA * dA, axis=1)
-                        m_new = tl.maximum(m_run, tl.max(lg, axis=0))
-                        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                        tot = tot * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[None, :]), axis=0)
-                        m_run = m_new
+                    if ONE_TILE:
+                        m_run, tot = _fs_total(_fs_logits_a(mu_all, l_all, gA, kapA, RW_A), m_run, tot)
+                    else:  # the means only when A reweights them
+                        for k0 in range(0, K, BLOCK_K):
+                            mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, xb, a0, wsc, WEIGHT, RW_A)
+                            m_run, tot = _fs_total(_fs_logits_a(mu, lg, gA, kapA, RW_A), m_run, tot)
                     m_fin = tl.where(m_run == float("-inf"), 0.0, m_run)
                     target = tl.rand(seed, b * HW + p) * tot
                     cum = tl.zeros([BLOCK_P], tl.float32)
                     sel = tl.full([BLOCK_P], -1, tl.int32)
                     last = tl.zeros([BLOCK_P], tl.int32)
-                    for k0 in range(0, K, BLOCK_K):
-                        k = k0 + kr
-                        mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, xb, a0, wsc, WEIGHT)
-                        if RW_A:
-                            dA = mu - gA[None, :, :]
-                            lg = lg - kapA[None, :] * tl.sum(dA * dA, axis=1)
-                        w = tl.exp(lg - m_fin[None, :])
-                        cdf = cum[None, :] + tl.cumsum(w, axis=0)
-                        hit = (cdf > target[None, :]) & (k < K)[:, None]
-                        first = tl.min(tl.where(hit, k[:, None], K), axis=0).to(tl.int32)
-                        sel = tl.where((sel < 0) & (first < K), first, sel)
-                        last = tl.maximum(last, tl.max(tl.where(w > 0, k[:, None], 0), axis=0).to(tl.int32))
-                        cum = cum + tl.sum(w, axis=0)
+                    if ONE_TILE:
+                        cum, sel, last = _fs_cdf(_fs_logits_a(mu_all, l_all, gA, kapA, RW_A), kr, K, m_fin, target, cum, sel, last)
+                    else:
+                        for k0 in range(0, K, BLOCK_K):
+                            mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, xb, a0, wsc, WEIGHT, RW_A)
+                            cum, sel, last = _fs_cdf(_fs_logits_a(mu, lg, gA, kapA, RW_A), k0 + kr, K, m_fin, target, cum, sel, last)
                     sel = tl.where(sel < 0, last, sel)
                     if INT64:
                         sel_off = sel.to(tl.int64) * s_mk
@@ -811,7 +832,7 @@ def fused_step(
             *m.stride(), *lw.stride(), s_lsb, s_lsp, *vm.stride(), *vl.stride(), *xf.stride(),
             c1, c2, c3, float(scale), eps,
             SDE=sde, WEIGHT=weight, UNCOND=has_uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2,
-            POST=post and mode == 0, STATS=mode, ONE_TILE=one, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
+            POST=post and mode == 0, STATS=mode, ONE_TILE=one and (not sde or has_uncond or order2 or prob), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
             NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, INT64=int64, num_warps=4,
         )
 
