@@ -412,7 +412,8 @@ def step_traffic(shape: Shape, gm_dtype: torch.dtype, state_dtype: torch.dtype, 
     GM, from registers or L1/L2, which is not counted); per launch: the conditional GM (means,
     log-weights, log-stds; the plain GM-SDE draw reads the log-weights and gathers one mean per
     pixel and channel), the unconditional means and log-weights when the step needs ``m_u``, its
-    log-weights under weight guidance, the state, the 2nd-order memory (``X`` in float32) and the
+    log-weights under weight guidance (the first launch keeps ``m_u``, ``X`` float32, which the
+    later ones read instead), the state, the 2nd-order memory (``X`` in float32) and the
     outputs: the new state and, at 2nd order except after the last step, the posterior mean for
     the next step (``X`` float32). Per-sample scalars (``B * 8`` partial sums per program) are
     left out. ``tests/test_sampler.py`` checks the launch list against the kernel launches.
@@ -429,10 +430,12 @@ def step_traffic(shape: Shape, gm_dtype: torch.dtype, state_dtype: torch.dtype, 
     state = c["X"] * xs
     launches = step_launches(solver, order, guidance, orthogonal)
     total = 0
-    for mode in launches:
+    for i, mode in enumerate(launches):
         plain_draw = solver == "gm-sde" and mode == 0 and not has_uncond and order == 1
         cond = (c["L"] + c["S"]) * g + c["X"] * g if plain_draw else gm_c
-        total += cond + gm_u + state + (c["X"] * f32 if order == 2 else 0)
+        # the first launch reads the unconditional GM and keeps m_u (X float32) for the others
+        uncond = (gm_u + c["X"] * f32 if i == 0 else c["X"] * f32) if has_uncond else gm_u
+        total += cond + uncond + state + (c["X"] * f32 if order == 2 else 0)
         if mode == 0:
             total += state + (c["X"] * f32 if order == 2 and not last else 0)
     minimum = gm_c + gm_u + 2 * state

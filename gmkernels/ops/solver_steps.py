@@ -354,7 +354,7 @@ if triton is not None:
     @triton.jit
     def _fused_step_kernel(
         um_ptr, ul_ptr, uls_ptr, vm_ptr, vl_ptr, x_ptr, prev_ptr, coef_ptr, sig_ptr, seed_ptr,
-        out_ptr, post_ptr, stat_ptr,
+        out_ptr, post_ptr, stat_ptr, mu_ptr,
         K, KU, C, HW, NPB, N, NCOEF, NPIX,
         s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_lsb, s_lsp,
         s_vb, s_vk, s_vc, s_vp, s_vlb, s_vlk, s_vlp,
@@ -363,7 +363,7 @@ if triton is not None:
         SDE: tl.constexpr, WEIGHT: tl.constexpr, UNCOND: tl.constexpr, MEANCFG: tl.constexpr,
         PROB: tl.constexpr, ORDER2: tl.constexpr, POST: tl.constexpr, STATS: tl.constexpr,
         ONE_TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        NEED_MC: tl.constexpr, RW_A: tl.constexpr, INT64: tl.constexpr,
+        NEED_MC: tl.constexpr, RW_A: tl.constexpr, MU_IN: tl.constexpr, INT64: tl.constexpr,
     ):  # fmt: skip
         """A sampler step for ``BLOCK_P`` pixels of batch row ``b``, all channels (see ``fused_step``).
 
@@ -414,19 +414,24 @@ if triton is not None:
                                 ONE_TILE, WEIGHT, False, False, STATS == 1, BLOCK_K, BLOCK_C, BLOCK_P)
         d = zero_v
         db = zero_v
-        if UNCOND:
-            vm_base = vm_ptr + b * s_vb + c[None, :, None] * s_vc + p[None, None, :] * s_vp
-            vl_base = vl_ptr + b * s_vlb + p[None, :] * s_vlp
-            m_u, _ = _fs_pass(0.0, 0.0, vm_base, vl_base, vl_base, KU, s_vk, s_vlk, s_vlk, kr, xmask, pmask, x, a0, wsc,
-                              zero_p, zero_v, zero_p, zero_p, zero_v,
-                              False, False, False, False, False, BLOCK_K, BLOCK_C, BLOCK_P)
+        o_off = b * (C * HW) + c[:, None] * HW + p[None, :]
+        if UNCOND:  # m_u: from the unconditional GM in the first launch, which keeps it for the others
+            if MU_IN:
+                m_u = tl.load(mu_ptr + o_off, mask=xmask, other=0.0)
+            else:
+                vm_base = vm_ptr + b * s_vb + c[None, :, None] * s_vc + p[None, None, :] * s_vp
+                vl_base = vl_ptr + b * s_vlb + p[None, :] * s_vlp
+                m_u, _ = _fs_pass(0.0, 0.0, vm_base, vl_base, vl_base, KU, s_vk, s_vlk, s_vlk, kr, xmask, pmask, x, a0, wsc,
+                                  zero_p, zero_v, zero_p, zero_p, zero_v,
+                                  False, False, False, False, False, BLOCK_K, BLOCK_C, BLOCK_P)
+                tl.store(mu_ptr + o_off, m_u, mask=xmask)
             d = tl.where(xmask, m_c - m_u, 0.0)
             db = d - tl.load(cf + 0) * m_c
         if STATS == 1:
             var = var / C + s2  # per-pixel variance of op 2
             e = zero_v
             if ORDER2:
-                prev = tl.load(prev_ptr + b * (C * HW) + c[:, None] * HW + p[None, :], mask=xmask, other=0.0)
+                prev = tl.load(prev_ptr + o_off, mask=xmask, other=0.0)
                 e = tl.where(xmask, m_c + tl.load(cf + 1) * db - prev, 0.0)
             mc0 = tl.where(xmask, m_c, 0.0)
             sp = stat_ptr + pid * 8
@@ -464,7 +469,7 @@ if triton is not None:
                                      kap1, -g1, zero_p, zero_p, zero_v,
                                      ONE_TILE, WEIGHT, True, False, False, BLOCK_K, BLOCK_C, BLOCK_P)
                     mean_now = al1[None, :] * mw + betF
-                prev = tl.load(prev_ptr + b * (C * HW) + c[:, None] * HW + p[None, :], mask=xmask, other=0.0)
+                prev = tl.load(prev_ptr + o_off, mask=xmask, other=0.0)
                 e = mean_now - prev
             if STATS == 2:  # exact power of the 2nd-order bias damp * e + cfg
                 bt = tl.where(xmask, tl.load(cf + 9) * e + tl.load(cf + 10) * db, 0.0)
@@ -543,9 +548,10 @@ if triton is not None:
                         r_s = tl.where(first, 0.0, 1.0 / (1.0 + tl.exp(-tt)))
                         x0 = r_v[None, :] * mA + r_s[None, :] * gt
                         x = x + (x - x0) * ((s_n - s_j) / tl.maximum(s_j, eps))
-                o_off = b * (C * HW) + c[:, None] * HW + p[None, :]
                 tl.store(out_ptr + o_off, x.to(out_ptr.dtype.element_ty), mask=xmask)
-                if POST:  # posterior mean of F at the new state, for the next step's 2nd-order rule
+                if POST:  # posterior mean of F at the new state, for the next step's 2nd-order rule;
+                    # at 2nd order it overwrites ``prev`` in place: both accesses use the pointers
+                    # ``o_off``, so every element is read and later written by the same thread
                     s_end = tl.load(sig_ptr + N).to(tl.float32)
                     gt, vt = _fs_transfer(sb, s_end, x, x_base, eps)
                     nt = tl.maximum(vt + s2f, eps)
@@ -775,7 +781,8 @@ def fused_step(
     ``d = m_c - m_u``, and ``mean_now - prev_mean``. Statistics launches of the same kernel
     (``STATS=1``: variance, ``<d, m_c>``, ``<m_c, m_c>``, ``<d, d>``, ``<e, e>``; ``STATS=2``: the
     exact power of the 2nd-order bias when it depends on the first pass) give the per-sample
-    scalars as ``(B, programs, 8)`` partials summed in float64 by torch (no host read).
+    scalars as ``(B, programs, 8)`` partials summed in float64 by torch (no host read). The first
+    launch also keeps ``m_u`` (``(*B, C, H, W)`` float32), so the unconditional GM is read once.
 
     Args:
         gm_u: u-GM ``{means (*B, K, C, H, W), logstds (*B, 1, 1, 1|H, 1|W), logweights}`` or the
@@ -788,7 +795,9 @@ def fused_step(
         guidance: ``"none"``, ``"probabilistic"``, ``"weight"`` or ``"mean-cfg"``.
         prev_mean: ``(*B, C, H, W)`` float32, the previous step's first-order GM's posterior
             mean at ``(x, sigmas[0])``: turns on the 2nd-order rule with step sizes ``h``, ``h_prev``.
-        post: also return that posterior mean at the new state for the next step.
+        post: also return that posterior mean at the new state for the next step (written into
+            ``prev_mean``'s storage when given: the scheduler's own buffer, read before it is
+            overwritten).
     Returns:
         ``(x_next (*B, C, H, W) in x's dtype, post_mean (*B, C, H, W) float32 or None)``.
     """
@@ -814,9 +823,11 @@ def fused_step(
     dev = x.device
     coef = torch.zeros((B, _NCOEF), dtype=torch.float32, device=dev)
     stats = torch.empty((B * npb, _NSTAT), dtype=torch.float32, device=dev) if (has_uncond or order2) else coef
+    m_u = torch.empty((B, C, HW), dtype=torch.float32, device=dev) if has_uncond else coef
     prev = prev_mean.reshape(B, C, HW) if order2 else xf
     out = torch.empty((B, C, HW), device=dev, dtype=x.dtype)
-    postbuf = torch.empty((B, C, HW), device=dev, dtype=torch.float32) if post else out
+    # the new posterior mean overwrites the previous one in place (see the kernel's POST store)
+    postbuf = (prev if order2 else torch.empty((B, C, HW), device=dev, dtype=torch.float32)) if post else out
     seed = coef
     c1 = c2 = c3 = 0.0
     if sde:
@@ -827,13 +838,13 @@ def fused_step(
 
     def launch(mode: int) -> None:
         _fused_step_kernel[(B * npb,)](
-            m, lw, ls, vm, vl, xf, prev, coef, sigmas, seed, out, postbuf, stats,
+            m, lw, ls, vm, vl, xf, prev, coef, sigmas, seed, out, postbuf, stats, m_u,
             K, vm.shape[1], C, HW, npb, sigmas.numel() - 1, _NCOEF, B * HW,
             *m.stride(), *lw.stride(), s_lsb, s_lsp, *vm.stride(), *vl.stride(), *xf.stride(),
             c1, c2, c3, float(scale), eps,
             SDE=sde, WEIGHT=weight, UNCOND=has_uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2,
             POST=post and mode == 0, STATS=mode, ONE_TILE=one and (not sde or has_uncond or order2 or prob), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
-            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, INT64=int64, num_warps=4,
+            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, INT64=int64, num_warps=4,
         )
 
     def mean_over(col: int, n: int) -> torch.Tensor:
