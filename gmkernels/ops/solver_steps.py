@@ -55,6 +55,33 @@ def _ode_blocks(K: int, C: int, HW: int) -> tuple[int, int, int, bool]:
     return max(1, min(bk, _TILE // (bc * bp))), bc, bp, False
 
 
+_REG_TILE = 64  # GM elements (K x C) of a pixel that the fused step keeps in one thread's registers
+
+
+def _fused_blocks(K: int, C: int, HW: int) -> tuple[int, int, int, bool, int]:
+    """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE, num_warps)`` of ``_fused_step_kernel``.
+
+    One pixel per thread for ``C <= 16``: the kernel's pixel strides are not specialised, so the
+    compiler puts no vector of pixels in a thread and the ``(K, C, pixels)`` tiles lie with K
+    and C inside the thread, warps along the pixels: the K and C reductions of the substep loop
+    need no shuffle or barrier. The pixel's whole GM stays in registers across the substeps when
+    ``K * C <= _REG_TILE`` (``ONE_TILE``); above, K is streamed in tiles of ``_REG_TILE`` elements
+    per substep (re-read from L1/L2: the step still reads the GM from DRAM once). ``C > 16``:
+    32 pixels per program, channels spread over the 4 warps (per-thread registers stay bounded).
+    """
+    bc = _np2(C)
+    if bc <= 16:
+        bp = min(max(_np2(HW), 32), 128)
+        warps = bp // 32
+    else:
+        bp, warps = 32, 4
+    per_thread_c = bc if bc <= 16 else bc // warps
+    bk = _np2(K)
+    if bk * per_thread_c <= _REG_TILE:
+        return bk, bc, bp, True, warps
+    return max(1, _REG_TILE // per_thread_c), bc, bp, False, warps
+
+
 def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P)`` of the SDE kernel: it streams K (log-weights only) and C.
     K tiles stay at 512 elements: larger ones made ptxas use local memory for the bf16 sm_80
@@ -351,14 +378,14 @@ if triton is not None:
         v = (st * sb) * (st * sb) / d
         return g, v
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["s_mp", "s_lp", "s_lsp", "s_vp", "s_vlp", "s_xp", "s_op"])
     def _fused_step_kernel(
         um_ptr, ul_ptr, uls_ptr, vm_ptr, vl_ptr, x_ptr, prev_ptr, coef_ptr, sig_ptr, seed_ptr,
         out_ptr, post_ptr, stat_ptr, mu_ptr,
         K, KU, C, HW, NPB, N, NCOEF, NPIX,
         s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_lsb, s_lsp,
         s_vb, s_vk, s_vc, s_vp, s_vlb, s_vlk, s_vlp,
-        s_xb, s_xc, s_xp,
+        s_xb, s_xc, s_xp, s_op,
         c1t, c2t, c3t, wsc, eps,
         SDE: tl.constexpr, WEIGHT: tl.constexpr, UNCOND: tl.constexpr, MEANCFG: tl.constexpr,
         PROB: tl.constexpr, ORDER2: tl.constexpr, POST: tl.constexpr, STATS: tl.constexpr,
@@ -414,7 +441,7 @@ if triton is not None:
                                 ONE_TILE, WEIGHT, False, False, STATS == 1, BLOCK_K, BLOCK_C, BLOCK_P)
         d = zero_v
         db = zero_v
-        o_off = b * (C * HW) + c[:, None] * HW + p[None, :]
+        o_off = b * (C * HW) + c[:, None] * HW + p[None, :] * s_op
         if UNCOND:  # m_u: from the unconditional GM in the first launch, which keeps it for the others
             if MU_IN:
                 m_u = tl.load(mu_ptr + o_off, mask=xmask, other=0.0)
@@ -818,7 +845,7 @@ def fused_step(
     vm, vl = uncond["means"].reshape(-1, KU, C, HW), uncond["logweights"].reshape(-1, KU, HW)
     B = m.shape[0]
     xf = x.reshape(B, C, HW)
-    bk, bc, bp, one = _ode_blocks(K, C, HW)
+    bk, bc, bp, one, warps = _fused_blocks(K, C, HW)
     npb = triton.cdiv(HW, bp)
     dev = x.device
     coef = torch.zeros((B, _NCOEF), dtype=torch.float32, device=dev)
@@ -840,11 +867,11 @@ def fused_step(
         _fused_step_kernel[(B * npb,)](
             m, lw, ls, vm, vl, xf, prev, coef, sigmas, seed, out, postbuf, stats, m_u,
             K, vm.shape[1], C, HW, npb, sigmas.numel() - 1, _NCOEF, B * HW,
-            *m.stride(), *lw.stride(), s_lsb, s_lsp, *vm.stride(), *vl.stride(), *xf.stride(),
+            *m.stride(), *lw.stride(), s_lsb, s_lsp, *vm.stride(), *vl.stride(), *xf.stride(), 1,
             c1, c2, c3, float(scale), eps,
             SDE=sde, WEIGHT=weight, UNCOND=has_uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2,
             POST=post and mode == 0, STATS=mode, ONE_TILE=one and (not sde or has_uncond or order2 or prob), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
-            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, INT64=int64, num_warps=4,
+            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, INT64=int64, num_warps=warps,
         )
 
     def mean_over(col: int, n: int) -> torch.Tensor:
@@ -938,7 +965,39 @@ def _aot_cases() -> list[AotCase]:
             num_warps=4,
             divisible=("means_ptr", "lw_ptr", "ls_ptr", "x_ptr", "out_ptr", "HW", "NPIX", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_xb", "s_xc"),
         ))
+    cases += [_fused_case(125, 8, 4, 32 * 32, dt, mode) for dt in ("fp32", "bf16") for mode in _FUSED_MODES]
     return cases
+
+
+#: launches of ``_fused_step_kernel`` compiled by the AOT report: (name, STATS, SDE, guidance, order 2)
+_FUSED_MODES = {
+    "ode": (0, False, "none", False), "sde": (0, True, "none", False),
+    "ode-order2-prob": (0, False, "probabilistic", True), "stats-order2-prob": (1, False, "probabilistic", True),
+}
+
+
+def _fused_case(B: int, K: int, C: int, HW: int, dt: str, mode: str) -> AotCase:
+    """``_fused_step_kernel`` as ``fused_step`` launches it: network GM in ``dt``, float32 state,
+    a per-sample std (its row stride 1, which the launcher specialises), unspecialised pixel
+    strides, Triton's default ``num_stages``."""
+    stats, sde, guidance, order2 = _FUSED_MODES[mode]
+    bk, bc, bp, one, warps = _fused_blocks(K, C, HW)
+    prob = guidance == "probabilistic"
+    ptrs = {n: f"*{dt}" for n in ("um_ptr", "ul_ptr", "uls_ptr", "vm_ptr", "vl_ptr")}
+    ptrs.update({n: "*fp32" for n in ("x_ptr", "prev_ptr", "coef_ptr", "sig_ptr")})
+    ptrs["seed_ptr"] = "*i64"
+    ptrs.update({n: "*fp32" for n in ("out_ptr", "post_ptr", "stat_ptr", "mu_ptr")})
+    ints = "K KU C HW NPB N NCOEF NPIX s_mb s_mk s_mc s_mp s_lb s_lk s_lp s_lsb s_lsp s_vb s_vk s_vc s_vp s_vlb s_vlk s_vlp s_xb s_xc s_xp s_op".split()
+    sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "fp32" for n in ("c1t", "c2t", "c3t", "wsc", "eps")}}
+    sig["s_lsb"] = "constexpr"
+    consts = dict(SDE=sde, WEIGHT=False, UNCOND=prob, MEANCFG=False, PROB=prob, ORDER2=order2, POST=order2 and stats == 0,
+                  STATS=stats, ONE_TILE=one and (not sde or prob or order2), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
+                  NEED_MC=prob or order2 or stats > 0, RW_A=prob or order2, MU_IN=stats != 1, INT64=False)
+    sig.update({n: "constexpr" for n in consts})
+    consts["s_lsb"] = 1
+    divisible = (*ptrs, "HW", "NPIX", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_vb", "s_vk", "s_vc", "s_vlb", "s_vlk", "s_xb", "s_xc")
+    name = f"solver_steps.fused_step[{mode},B{B},K{K},C{C},HW{HW},{dt}]"
+    return AotCase(name, _fused_step_kernel, sig, consts, warps, 3, divisible)
 
 
 AOT_CASES = _aot_cases()
