@@ -15,6 +15,11 @@ Schedule (SPEC §4): for ``S`` steps of ``N`` substeps, ``s_i = 1 - i / (S*N)``,
 ``sigma_i = shift * s_i / (1 + (shift - 1) * s_i)`` for ``i < S*N``, then ``sigma = 0``;
 ``t = 1000 * sigma``. ``timesteps`` holds the ``S`` main-step timesteps.
 
+Triton path: ``step`` runs ``gmkernels.ops.solver_steps.fused_step``, one kernel on the
+network's GM in its own dtype (plus statistics launches of it under guidance and at 2nd order):
+no x0-GM, guided GM or float32 copy of the network output is formed. The torch path composes the
+ops eagerly (``_x0_gm``); the two agree to fp32 accuracy (``tests/test_solver_steps.py``).
+
 No host synchronisation: ``step`` advances an internal step index (``t`` is not looked up in
 the table, which would read a device value), all sigmas are Python floats or a device table
 built with device ops, and no Python branch depends on tensor values; the loop can therefore

@@ -14,6 +14,9 @@ log-stds ``S = B``, a state ``X = B*C*P``, a per-pixel variance ``V = B*P``. Out
 contract lets an op return unchanged (the log-weights of ``u_to_x0``, the means of
 ``weight_guidance``) cost nothing; scalars are not counted. The 1-D GM of ``gm1d_inverse_cdf`` is
 the ``C = 1`` case (its means count as ``L``).
+
+Sampler-step traffic (``step_traffic``, ``traffic_table``): bytes per network call of the fused
+Triton sampler step, launch by launch, next to that minimum (a model, not a measurement).
 """
 
 from __future__ import annotations

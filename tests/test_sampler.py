@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten
 import gmkernels
 from gmkernels.ops import solver_steps
 from gmkernels.schedulers import SCHEDULERS, FlowEulerScheduler, GMFlowODEScheduler, GMFlowSDEScheduler, schedule_sigmas
-from gmkernels_bench.cases import step_launches
+from gmkernels_bench.cases import Shape, step_launches, step_traffic
 
 DATA = GMData([[-1.0, 0.5], [1.0, 1.0], [0.5, -1.5]], [0.0, 0.3, -0.2], 0.3)
 OTHER = GMData([[-1.5, -1.0], [-0.5, -1.5], [-2.0, 0.0]], [0.1, 0.0, 0.2], 0.4)
@@ -287,6 +287,18 @@ def test_step_allocation_audit(solver, order, guidance, scale, dtype, monkeypatc
     assert not [n for n, _ in audit.new if n >= K * C * H * W], audit.new
     assert sum(nb for _, nb in audit.new) <= 3 * state_bytes, audit.new
     assert launches == step_launches(solver, order, guidance if scale > 0 else "none")
+
+
+
+@pytest.mark.parametrize("solver", ["gm-ode", "gm-sde"])
+@pytest.mark.parametrize("guidance", ["none", "probabilistic", "weight", "mean-cfg"])
+def test_traffic_model_first_order_targets(solver, guidance):
+    """The fused path's bytes per network call (bf16 GM, fp32 state, ImageNet shape) against the
+    minimum of reading the network output and the state once and writing the state: within
+    1.2x unguided and 2.5x guided at order 1. (2nd order adds a statistics pass over the GM:
+    its per-sample variance and bias power are global reductions needed before the step.)"""
+    t = step_traffic(Shape("imagenet", 256, 8, 4, 32, 32), torch.bfloat16, torch.float32, solver, 1, guidance)
+    assert t["ratio"] <= (1.2 if guidance == "none" else 2.5), t
 
 
 # ----------------------------------------------------------------------------- progress and bad input
