@@ -96,7 +96,7 @@ def test_ode_kernel_matches_reference(shape, seed, sigmas, dtype, dead, per_pixe
 @pytest.mark.parametrize("K,C,one_tile", [(8, 4, True), (70, 3, False), (3, 70, False)])
 def test_ode_kernel_both_register_paths_noncontiguous(K, C, one_tile):
     """All K in registers, and K streamed in tiles; strided (non-contiguous) GM and state."""
-    assert ops._ode_blocks(K, C, 6)[3] == one_tile
+    assert ops._fused_blocks(K, C, 6)[3] == one_tile
     gm = make_gm(((2,), K, C, 2, 3), 11, torch.float32, dead=True)
     gm = {"means": gm["means"].transpose(-1, -2), "logstds": gm["logstds"], "logweights": gm["logweights"].transpose(-1, -2)}
     x = make_state(((2,), K, C, 2, 3), 11, torch.float32).transpose(-1, -2)

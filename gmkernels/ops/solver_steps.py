@@ -1,9 +1,10 @@
 """Fused sampler steps (SPEC §4): ``gm_ode_substeps`` and ``gm_sde_step``.
 
-``gm_ode_substeps`` runs all N GM-ODE substeps of one main step; the Triton kernel reads each
-pixel's K means and log-weights once and keeps them in registers for the N posterior-mean +
-Euler updates (legal because every substep of a pixel depends only on that pixel's GM and
-state), writing only the final state. ``gm_sde_step`` draws the component, the Gaussian noise
+``gm_ode_substeps`` runs all N GM-ODE substeps of one main step on ``_fused_step_kernel`` (the
+sampler's fused step, with the means taken as given): one pixel per thread, the pixel's K means
+and log-weights read once and kept in registers for the N posterior-mean + Euler updates when
+``K * C <= 64`` (legal because every substep of a pixel depends only on that pixel's GM and
+state; above, streamed per substep from L1/L2), writing only the final state. ``gm_sde_step`` draws the component, the Gaussian noise
 and applies the exact reverse transition in one kernel, with Triton's Philox seeded from the
 caller's ``torch.Generator``.
 
@@ -43,18 +44,6 @@ def _np2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _ode_blocks(K: int, C: int, HW: int) -> tuple[int, int, int, bool]:
-    """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE)``: all K components in registers when the
-    ``(K, C, 16 pixels)`` tile fits ``_TILE``, else K tiles streamed per substep."""
-    bc = _np2(C)
-    bk = _np2(K)
-    if bk * bc * 16 <= _TILE:
-        bp = min(_np2(HW), max(16, _TILE // (bk * bc)), 128)
-        return bk, bc, bp, True
-    bp = min(_np2(HW), 32)
-    return max(1, min(bk, _TILE // (bc * bp))), bc, bp, False
-
-
 _REG_TILE = 64  # GM elements (K x C) of a pixel that the fused step keeps in one thread's registers
 
 
@@ -91,97 +80,6 @@ def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _gm_ode_substeps_kernel(
-        means_ptr, lw_ptr, ls_ptr, x_ptr, sig_ptr, out_ptr,
-        K, C, HW, N,
-        s_mb, s_mk, s_mc, s_mp,
-        s_lb, s_lk, s_lp,
-        s_lsb, s_lsp,
-        s_xb, s_xc, s_xp,
-        s_sig, eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ONE_TILE: tl.constexpr, INT64: tl.constexpr,
-    ):
-        """N GM-ODE substeps for the ``BLOCK_P`` pixels ``p`` of batch element ``b``, all channels.
-
-        Per substep ``j``: ``x0 = r_v * sum_k w'_k mu_k + r_s * g`` with the transfer Gaussian
-        ``(g, v)`` of op 6, ``r_v = v / (v + s2)``, ``r_s = s2 / (v + s2)`` (as sigmoids of
-        ``2 logstd - log v``, so huge or tiny stds give no inf/inf) and
-        ``w' = softmax_k(l_k - 0.5 / max(v + s2, eps) * |mu_k - g|^2)``; substep 0 is the plain
-        mixture mean. Then the Euler update. Only the final state is stored.
-        """
-        pid_p = tl.program_id(0)
-        b = tl.program_id(1)
-        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = tl.arange(0, BLOCK_C)
-        kr = tl.arange(0, BLOCK_K)
-        if INT64:
-            b = b.to(tl.int64)
-            p = p.to(tl.int64)
-        pmask = p < HW
-        cmask = c < C
-        xmask = cmask[:, None] & pmask[None, :]
-        x_off = b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp
-        x = tl.load(x_ptr + x_off, mask=xmask, other=0.0).to(tl.float32)  # (BLOCK_C, BLOCK_P)
-        x_base = x
-        ls = tl.load(ls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)  # (BLOCK_P,)
-        m_base = means_ptr + b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
-        l_base = lw_ptr + b * s_lb + p[None, :] * s_lp
-        if ONE_TILE:  # the whole GM of these pixels, loaded once for all N substeps
-            kmask = kr < K
-            mu_all = tl.load(m_base + kr[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
-            l_all = tl.load(l_base + kr[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
-            l_all = tl.where(pmask[None, :], l_all, 0.0)  # pixels past HW: finite, never stored
-        s_b = tl.load(sig_ptr).to(tl.float32)
-        a_b = 1.0 - s_b
-        for j in range(N):
-            s_j = tl.load(sig_ptr + j * s_sig).to(tl.float32)
-            s_n = tl.load(sig_ptr + (j + 1) * s_sig).to(tl.float32)
-            a_j = 1.0 - s_j
-            d = tl.maximum((a_j * s_b) * (a_j * s_b) - (a_b * s_j) * (a_b * s_j), eps)
-            g = (a_j * s_b * s_b * x - a_b * s_j * s_j * x_base) / d  # (BLOCK_C, BLOCK_P)
-            v = (s_j * s_b) * (s_j * s_b) / d
-            # log(s2 / v), clamped where the sigmoids are 0 or 1 to fp32 precision anyway
-            # (v = 0 gives +inf; the clamp keeps exp finite)
-            tt = tl.minimum(tl.maximum(2.0 * ls - tl.log(v), -80.0), 80.0)
-            r_v = 1.0 / (1.0 + tl.exp(tt))
-            r_s = 1.0 / (1.0 + tl.exp(-tt))
-            kap = 0.5 / tl.maximum(v + tl.exp(tl.minimum(2.0 * ls, 80.0)), eps)
-            first = j == 0  # substep 0: the plain mixture mean
-            r_v = tl.where(first, 1.0, r_v)
-            r_s = tl.where(first, 0.0, r_s)
-            kap = tl.where(first, 0.0, kap)
-            if ONE_TILE:
-                diff = mu_all - g[None, :, :]
-                logit = l_all - kap[None, :] * tl.sum(diff * diff, axis=1)  # (BLOCK_K, BLOCK_P)
-                mx = tl.max(logit, axis=0)
-                e = tl.exp(logit - mx[None, :])
-                acc = tl.sum(e[:, None, :] * mu_all, axis=0) / tl.sum(e, axis=0)[None, :]
-            else:  # online softmax over K tiles, re-read per substep (from L2)
-                m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
-                s_run = tl.zeros([BLOCK_P], tl.float32)
-                acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    k = k0 + kr
-                    kmask = k < K
-                    mu = tl.load(m_base + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
-                    lw = tl.load(l_base + k[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
-                    lw = tl.where(pmask[None, :], lw, 0.0)
-                    diff = mu - g[None, :, :]
-                    logit = lw - kap[None, :] * tl.sum(diff * diff, axis=1)
-                    m_new = tl.maximum(m_run, tl.max(logit, axis=0))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully dead tile so far
-                    scale = tl.exp(m_run - m_safe)
-                    e = tl.exp(logit - m_safe[None, :])
-                    s_run = s_run * scale + tl.sum(e, axis=0)
-                    acc = acc * scale[None, :] + tl.sum(e[:, None, :] * mu, axis=0)
-                    m_run = m_new
-                acc = acc / s_run[None, :]
-            x0 = r_v[None, :] * acc + r_s[None, :] * g
-            x = x + (x - x0) * ((s_n - s_j) / tl.maximum(s_j, eps))
-        tl.store(out_ptr + b * (C * HW) + c[:, None] * HW + p[None, :], x.to(out_ptr.dtype.element_ty), mask=xmask)
 
     @triton.jit
     def _gm_sde_step_kernel(
@@ -390,7 +288,7 @@ if triton is not None:
         SDE: tl.constexpr, WEIGHT: tl.constexpr, UNCOND: tl.constexpr, MEANCFG: tl.constexpr,
         PROB: tl.constexpr, ORDER2: tl.constexpr, POST: tl.constexpr, STATS: tl.constexpr,
         ONE_TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        NEED_MC: tl.constexpr, RW_A: tl.constexpr, MU_IN: tl.constexpr, INT64: tl.constexpr,
+        NEED_MC: tl.constexpr, RW_A: tl.constexpr, MU_IN: tl.constexpr, AFFINE: tl.constexpr, INT64: tl.constexpr,
     ):  # fmt: skip
         """A sampler step for ``BLOCK_P`` pixels of batch row ``b``, all channels (see ``fused_step``).
 
@@ -418,8 +316,11 @@ if triton is not None:
         x_base = x
         sb = tl.load(sig_ptr).to(tl.float32)
         a0 = -sb
+        if not AFFINE:  # an x0-GM given as such (the public gm_ode_substeps): means as loaded
+            a0 = 1.0
         ls = tl.load(uls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)
-        ls = ls + tl.log(tl.maximum(sb, eps))  # x0 log-std, op 5
+        if AFFINE:
+            ls = ls + tl.log(tl.maximum(sb, eps))  # x0 log-std, op 5
         s2 = tl.exp(tl.minimum(2.0 * ls, 80.0))
         cf = coef_ptr + b * NCOEF
         um_base = um_ptr + b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
@@ -429,9 +330,11 @@ if triton is not None:
         zero_p = tl.zeros([BLOCK_P], tl.float32)
         mu_all = 0.0
         l_all = 0.0
-        if ONE_TILE:
-            mu_all, l_all = _fs_load(um_base, ul_base, lu_base, 0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, x, a0, wsc, WEIGHT)
         xb = x
+        if not AFFINE:
+            xb = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        if ONE_TILE:
+            mu_all, l_all = _fs_load(um_base, ul_base, lu_base, 0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, xb, a0, wsc, WEIGHT)
         # moments of R (and R' = R + o: same spread, mean shifted by o)
         m_c = zero_v
         var = zero_p
@@ -603,19 +506,25 @@ def _flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tenso
 
 
 def _launch_ode(means, logstds, logweights, x, sigmas, eps):
+    """``gm_ode_substeps`` on an x0-GM: ``_fused_step_kernel`` with the means taken as loaded
+    (``AFFINE=False``), no guidance, first order."""
     *_, K, C, H, W = means.shape
     HW = H * W
     m, lw, ls, s_lsb, s_lsp = _flat_gm(means, logstds, logweights)
     B = m.shape[0]
     xf = x.reshape(B, C, HW)
     out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
-    bk, bc, bp, one = _ode_blocks(K, C, HW)
-    grid = (triton.cdiv(HW, bp), B)
-    _gm_ode_substeps_kernel[grid](
-        m, lw, ls, xf, sigmas, out,
-        K, C, HW, sigmas.numel() - 1,
-        *m.stride(), *lw.stride(), s_lsb, s_lsp, *xf.stride(), sigmas.stride(0), eps,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=one, INT64=needs_int64(m, lw, xf, out), num_warps=4,
+    sig = sigmas.to(torch.float32).contiguous()
+    bk, bc, bp, one, warps = _fused_blocks(K, C, HW)
+    npb = triton.cdiv(HW, bp)
+    _fused_step_kernel[(B * npb,)](
+        m, lw, ls, m, lw, xf, xf, sig, sig, sig, out, out, sig, sig,
+        K, K, C, HW, npb, sig.numel() - 1, 0, B * HW,
+        *m.stride(), *lw.stride(), s_lsb, s_lsp, *m.stride(), *lw.stride(), *xf.stride(), 1,
+        0.0, 0.0, 0.0, 1.0, eps,
+        SDE=False, WEIGHT=False, UNCOND=False, MEANCFG=False, PROB=False, ORDER2=False, POST=False, STATS=0,
+        ONE_TILE=one, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, NEED_MC=False, RW_A=False, MU_IN=True, AFFINE=False,
+        INT64=needs_int64(m, lw, xf, out), num_warps=warps,
     )
     return out.view(x.shape)
 
@@ -871,7 +780,7 @@ def fused_step(
             c1, c2, c3, float(scale), eps,
             SDE=sde, WEIGHT=weight, UNCOND=has_uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2,
             POST=post and mode == 0, STATS=mode, ONE_TILE=one and (not sde or has_uncond or order2 or prob), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
-            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, INT64=int64, num_warps=warps,
+            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, AFFINE=True, INT64=int64, num_warps=warps,
         )
 
     def mean_over(col: int, n: int) -> torch.Tensor:
@@ -921,13 +830,12 @@ def fused_step(
 
 
 def _aot_cases() -> list[AotCase]:
-    """The benchmark shape B=125, K=8, C=4, 32x32 with a per-sample std, contiguous. The substep
-    count is a runtime argument, so 4 and 8 substeps share one ODE specialisation; the SDE case
-    is the Philox variant. fp32 and bf16 (GM, state and output all in that dtype)."""
+    """The benchmark shape B=125, K=8, C=4, 32x32 with a per-sample std, contiguous: the public
+    ``gm_sde_step`` kernel (Philox variant; GM, state and output in fp32 or bf16) and the fused
+    kernel in the launches of ``_FUSED_MODES`` (the substep count is a runtime argument)."""
     if triton is None:
         return []
     K, C, HW = 8, 4, 32 * 32
-    bk, bc, bp, one = _ode_blocks(K, C, HW)
     sk, sc, sp = _sde_blocks(K, C, HW)
     cases = []
     for dt in ("fp32", "bf16"):
@@ -941,17 +849,6 @@ def _aot_cases() -> list[AotCase]:
             "s_xb": "i32", "s_xc": "i32", "s_xp": "constexpr",
         }
         unit = {"s_mp": 1, "s_lp": 1, "s_lsb": 1, "s_lsp": 0, "s_xp": 1}
-        ode_sig = {**gm_sig, "sig_ptr": "*fp32", "out_ptr": f"*{dt}", "K": "i32", "C": "i32", "HW": "i32", "N": "i32",
-                   **strides, "s_sig": "constexpr", "eps": "fp32",
-                   "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr", "ONE_TILE": "constexpr", "INT64": "constexpr"}
-        cases.append(AotCase(
-            name=f"solver_steps.gm_ode_substeps[B125,K8,C4,32x32,N4|N8,{dt}]",
-            kernel=_gm_ode_substeps_kernel,
-            signature=ode_sig,
-            constexprs={**unit, "s_sig": 1, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "ONE_TILE": one, "INT64": False},
-            num_warps=4,
-            divisible=("means_ptr", "lw_ptr", "ls_ptr", "x_ptr", "sig_ptr", "out_ptr", "HW", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_xb", "s_xc"),
-        ))
         sde_sig = {**gm_sig, "u_ptr": f"*{dt}", "z_ptr": f"*{dt}", "seed_ptr": "*i64", "out_ptr": f"*{dt}",
                    "K": "i32", "C": "i32", "HW": "i32", "NPIX": "i32", **strides,
                    "s_ub": "i32", "s_up": "constexpr", "s_zb": "i32", "s_zc": "i32", "s_zp": "constexpr",
@@ -969,10 +866,12 @@ def _aot_cases() -> list[AotCase]:
     return cases
 
 
-#: launches of ``_fused_step_kernel`` compiled by the AOT report: (name, STATS, SDE, guidance, order 2)
+#: launches of ``_fused_step_kernel`` compiled by the AOT report: name -> (STATS, SDE, guidance,
+#: 2nd order, AFFINE); ``gm_ode_substeps`` is the public op on an x0-GM
 _FUSED_MODES = {
-    "ode": (0, False, "none", False), "sde": (0, True, "none", False),
-    "ode-order2-prob": (0, False, "probabilistic", True), "stats-order2-prob": (1, False, "probabilistic", True),
+    "gm_ode_substeps": (0, False, "none", False, False),
+    "ode": (0, False, "none", False, True), "sde": (0, True, "none", False, True),
+    "ode-order2-prob": (0, False, "probabilistic", True, True), "stats-order2-prob": (1, False, "probabilistic", True, True),
 }
 
 
@@ -980,7 +879,7 @@ def _fused_case(B: int, K: int, C: int, HW: int, dt: str, mode: str) -> AotCase:
     """``_fused_step_kernel`` as ``fused_step`` launches it: network GM in ``dt``, float32 state,
     a per-sample std (its row stride 1, which the launcher specialises), unspecialised pixel
     strides, Triton's default ``num_stages``."""
-    stats, sde, guidance, order2 = _FUSED_MODES[mode]
+    stats, sde, guidance, order2, affine = _FUSED_MODES[mode]
     bk, bc, bp, one, warps = _fused_blocks(K, C, HW)
     prob = guidance == "probabilistic"
     ptrs = {n: f"*{dt}" for n in ("um_ptr", "ul_ptr", "uls_ptr", "vm_ptr", "vl_ptr")}
@@ -992,7 +891,7 @@ def _fused_case(B: int, K: int, C: int, HW: int, dt: str, mode: str) -> AotCase:
     sig["s_lsb"] = "constexpr"
     consts = dict(SDE=sde, WEIGHT=False, UNCOND=prob, MEANCFG=False, PROB=prob, ORDER2=order2, POST=order2 and stats == 0,
                   STATS=stats, ONE_TILE=one and (not sde or prob or order2), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
-                  NEED_MC=prob or order2 or stats > 0, RW_A=prob or order2, MU_IN=stats != 1, INT64=False)
+                  NEED_MC=prob or order2 or stats > 0, RW_A=prob or order2, MU_IN=stats != 1, AFFINE=affine, INT64=False)
     sig.update({n: "constexpr" for n in consts})
     consts["s_lsb"] = 1
     divisible = (*ptrs, "HW", "NPIX", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_vb", "s_vk", "s_vc", "s_vlb", "s_vlk", "s_xb", "s_xc")
