@@ -47,7 +47,7 @@ def _np2(n: int) -> int:
 _REG_TILE = 64  # GM elements (K x C) of a pixel that the fused step keeps in one thread's registers
 
 
-def _fused_blocks(K: int, C: int, HW: int) -> tuple[int, int, int, bool, int]:
+def _fused_blocks(K: int, C: int, HW: int, sde: bool = False) -> tuple[int, int, int, bool, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE, num_warps)`` of ``_fused_step_kernel``.
 
     One pixel per thread for ``C <= 16``: the kernel's pixel strides are not specialised, so the
@@ -57,7 +57,10 @@ def _fused_blocks(K: int, C: int, HW: int) -> tuple[int, int, int, bool, int]:
     ``K * C <= _REG_TILE`` (``ONE_TILE``); above, K is streamed in tiles of ``_REG_TILE`` elements
     per substep (re-read from L1/L2: the step still reads the GM from DRAM once). ``C > 16``:
     32 pixels per program, channels spread over the 4 warps (per-thread registers stay bounded).
+    The GM-SDE draw halves the tile: its in-thread ``tl.cumsum`` over 16 components went to local
+    memory (32-40 bytes at sm_80/sm_90), over 8 it does not.
     """
+    reg_tile = _REG_TILE // 2 if sde else _REG_TILE
     bc = _np2(C)
     if bc <= 16:
         bp = min(max(_np2(HW), 32), 128)
@@ -66,9 +69,9 @@ def _fused_blocks(K: int, C: int, HW: int) -> tuple[int, int, int, bool, int]:
         bp, warps = 32, 4
     per_thread_c = bc if bc <= 16 else bc // warps
     bk = _np2(K)
-    if bk * per_thread_c <= _REG_TILE:
+    if bk * per_thread_c <= reg_tile:
         return bk, bc, bp, True, warps
-    return max(1, _REG_TILE // per_thread_c), bc, bp, False, warps
+    return max(1, reg_tile // per_thread_c), bc, bp, False, warps
 
 
 def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
@@ -754,7 +757,7 @@ def fused_step(
     vm, vl = uncond["means"].reshape(-1, KU, C, HW), uncond["logweights"].reshape(-1, KU, HW)
     B = m.shape[0]
     xf = x.reshape(B, C, HW)
-    bk, bc, bp, one, warps = _fused_blocks(K, C, HW)
+    bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde)
     npb = triton.cdiv(HW, bp)
     dev = x.device
     coef = torch.zeros((B, _NCOEF), dtype=torch.float32, device=dev)
@@ -880,7 +883,7 @@ def _fused_case(B: int, K: int, C: int, HW: int, dt: str, mode: str) -> AotCase:
     a per-sample std (its row stride 1, which the launcher specialises), unspecialised pixel
     strides, Triton's default ``num_stages``."""
     stats, sde, guidance, order2, affine = _FUSED_MODES[mode]
-    bk, bc, bp, one, warps = _fused_blocks(K, C, HW)
+    bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde)
     prob = guidance == "probabilistic"
     ptrs = {n: f"*{dt}" for n in ("um_ptr", "ul_ptr", "uls_ptr", "vm_ptr", "vl_ptr")}
     ptrs.update({n: "*fp32" for n in ("x_ptr", "prev_ptr", "coef_ptr", "sig_ptr")})
