@@ -47,7 +47,7 @@ if triton is not None:
         xs = tl.load(xs_base + offs_c[:, None] * s_sc, mask=mask_cp, other=0.0).to(tl.float32)
         return ct[None, :] * xt - cs[None, :] * xs
 
-    @triton.jit(do_not_specialize=["s_mp", "s_lp", "s_sp", "s_xsp", "s_xtp", "s_ssp", "s_stp", "s_op"])
+    @triton.jit(do_not_specialize=["P", "s_mr", "s_mk", "s_mc", "s_lr", "s_lk", "s_xsr", "s_xsc", "s_xtr", "s_xtc", "s_or", "s_oc"])
     def _gm_posterior_mean_kernel(
         means_ptr, lw_ptr, logstds_ptr, xs_ptr, xt_ptr, sig_s_ptr, sig_t_ptr, out_ptr,
         K, C, P, n_pblocks, n_ctiles,
@@ -167,11 +167,12 @@ _REG_TILE = 64  # GM elements (BLOCK_K x BLOCK_C) of a pixel per thread and K ti
 
 
 def _posterior_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``: one pixel per thread. The pixel strides are
-    not specialised, so the compiler gives a thread no vector of pixels and lays the
-    ``(K, C, pixels)`` tile out with K and C inside the thread and the warps along the pixels:
-    the distance and softmax reductions need no shuffle or barrier. Up to 16 channels per tile,
-    ``BLOCK_K * BLOCK_C <= _REG_TILE``, 32 to 128 pixels (1 to 4 warps)."""
+    """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``: one pixel per thread. The pixel stride 1 is
+    specialised (tiles ordered pixels-fastest) but the row, component and channel strides and
+    ``P`` are not, so no load may assume an alignment and no thread gets a vector of pixels: the
+    ``(K, C, pixels)`` tile lies with K and C inside the thread and the warps along the pixels
+    (triton 3.6 and 3.9 alike), and the distance and softmax reductions need no shuffle or
+    barrier. Up to 16 channels per tile, ``BLOCK_K * BLOCK_C <= _REG_TILE``, 32 to 128 pixels."""
     del R  # the grid is rows x pixel blocks x channel tiles whatever the batch
     block_c = min(triton.next_power_of_2(C), 16)
     block_p = min(max(triton.next_power_of_2(P), 32), 128)
@@ -274,12 +275,12 @@ def _posterior_case(B: int, K: int, C: int, P: int, dt: str) -> AotCase:
     sig.update(sig_s_ptr="*fp32", sig_t_ptr="*fp32")  # per-batch sigma tensors
     sig.update({n: "i32" for n in ("K", "C", "P", "n_pblocks", "n_ctiles")})
     strides = "s_mr s_mk s_mc s_mp s_lr s_lk s_lp s_sr s_sp s_xsr s_xsc s_xsp s_xtr s_xtc s_xtp s_ssr s_ssp s_str s_stp s_or s_oc s_op".split()
-    unit = {"s_ssr", "s_str", "s_sr"}  # sigma and per-sample log-std rows (1: specialised); pixel strides are not
+    unit = {"s_ssr", "s_str", "s_sr", "s_mp", "s_lp", "s_xsp", "s_xtp", "s_op"}  # 1: specialised by the launcher
     sig.update({n: "constexpr" if n in unit else "i32" for n in strides})
     sig["eps"] = "fp32"
     sig.update({n: "constexpr" for n in ("BLOCK_K", "BLOCK_C", "BLOCK_P", "SINGLE_C", "INT64")})
     consts = {**{n: 1 for n in unit}, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "SINGLE_C": C <= bc, "INT64": False}
-    divisible = (*ptrs, "P", *(n for n in strides if n not in unit and not n.endswith("p")))
+    divisible = tuple(ptrs)  # the strides and P are not specialised (see _posterior_blocks)
     return AotCase(f"gm_posterior_mean[B{B},K{K},C{C},HW{P},{dt}]", _gm_posterior_mean_kernel, sig, consts, warps, 3, divisible)
 
 

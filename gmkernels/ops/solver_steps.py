@@ -50,9 +50,11 @@ _REG_TILE = 64  # GM elements (K x C) of a pixel that the fused step keeps in on
 def _fused_blocks(K: int, C: int, HW: int, sde: bool = False) -> tuple[int, int, int, bool, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE, num_warps)`` of ``_fused_step_kernel``.
 
-    One pixel per thread for ``C <= 16``: the kernel's pixel strides are not specialised, so the
-    compiler puts no vector of pixels in a thread and the ``(K, C, pixels)`` tiles lie with K
-    and C inside the thread, warps along the pixels: the K and C reductions of the substep loop
+    One pixel per thread for ``C <= 16``: the pixels are contiguous (their stride 1 is
+    specialised, so the compiler orders the tiles pixels-fastest) but the row, component and
+    channel strides and ``H * W`` are not specialised, so no load may assume an alignment and no
+    thread gets a vector of pixels: the ``(K, C, pixels)`` tiles lie with K and C inside the
+    thread and the warps along the pixels, on triton 3.6 and 3.9 alike: the K and C reductions of the substep loop
     need no shuffle or barrier. The pixel's whole GM stays in registers across the substeps when
     ``K * C <= _REG_TILE`` (``ONE_TILE``); above, K is streamed in tiles of ``_REG_TILE`` elements
     per substep (re-read from L1/L2: the step still reads the GM from DRAM once). ``C > 16``:
@@ -279,7 +281,7 @@ if triton is not None:
         v = (st * sb) * (st * sb) / d
         return g, v
 
-    @triton.jit(do_not_specialize=["s_mp", "s_lp", "s_lsp", "s_vp", "s_vlp", "s_xp", "s_op"])
+    @triton.jit(do_not_specialize=["HW", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_vb", "s_vk", "s_vc", "s_vlb", "s_vlk", "s_xb", "s_xc"])
     def _fused_step_kernel(
         um_ptr, ul_ptr, uls_ptr, vm_ptr, vl_ptr, x_ptr, prev_ptr, coef_ptr, sig_ptr, seed_ptr,
         out_ptr, post_ptr, stat_ptr, mu_ptr,
@@ -880,8 +882,8 @@ _FUSED_MODES = {
 
 def _fused_case(B: int, K: int, C: int, HW: int, dt: str, mode: str) -> AotCase:
     """``_fused_step_kernel`` as ``fused_step`` launches it: network GM in ``dt``, float32 state,
-    a per-sample std (its row stride 1, which the launcher specialises), unspecialised pixel
-    strides, Triton's default ``num_stages``."""
+    a per-sample std (its row stride 1), contiguous pixels (stride 1: specialised), unspecialised
+    row/component/channel strides and ``H * W``, Triton's default ``num_stages``."""
     stats, sde, guidance, order2, affine = _FUSED_MODES[mode]
     bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde)
     prob = guidance == "probabilistic"
@@ -891,13 +893,14 @@ def _fused_case(B: int, K: int, C: int, HW: int, dt: str, mode: str) -> AotCase:
     ptrs.update({n: "*fp32" for n in ("out_ptr", "post_ptr", "stat_ptr", "mu_ptr")})
     ints = "K KU C HW NPB N NCOEF NPIX s_mb s_mk s_mc s_mp s_lb s_lk s_lp s_lsb s_lsp s_vb s_vk s_vc s_vp s_vlb s_vlk s_vlp s_xb s_xc s_xp s_op".split()
     sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "fp32" for n in ("c1t", "c2t", "c3t", "wsc", "eps")}}
-    sig["s_lsb"] = "constexpr"
+    unit = ("s_mp", "s_lp", "s_lsb", "s_vp", "s_vlp", "s_xp", "s_op")  # 1: specialised by the launcher
+    sig.update({n: "constexpr" for n in unit})
     consts = dict(SDE=sde, WEIGHT=False, UNCOND=prob, MEANCFG=False, PROB=prob, ORDER2=order2, POST=order2 and stats == 0,
                   STATS=stats, ONE_TILE=one and (not sde or prob or order2), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
                   NEED_MC=prob or order2 or stats > 0, RW_A=prob or order2, MU_IN=stats != 1, AFFINE=affine, INT64=False)
     sig.update({n: "constexpr" for n in consts})
-    consts["s_lsb"] = 1
-    divisible = (*ptrs, "HW", "NPIX", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_vb", "s_vk", "s_vc", "s_vlb", "s_vlk", "s_xb", "s_xc")
+    consts.update({n: 1 for n in unit})
+    divisible = (*ptrs, "NPIX")  # the strides and H * W are not specialised (see _fused_blocks)
     name = f"solver_steps.fused_step[{mode},B{B},K{K},C{C},HW{HW},{dt}]"
     return AotCase(name, _fused_step_kernel, sig, consts, warps, 3, divisible)
 
