@@ -47,7 +47,7 @@ def _np2(n: int) -> int:
 _REG_TILE = 64  # GM elements (K x C) of a pixel that the fused step keeps in one thread's registers
 
 
-def _fused_blocks(K: int, C: int, HW: int, sde: bool = False) -> tuple[int, int, int, bool, int]:
+def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = False) -> tuple[int, int, int, bool, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE, num_warps)`` of ``_fused_step_kernel``.
 
     One pixel per thread for ``C <= 16``: the pixels are contiguous (their stride 1 is
@@ -60,16 +60,21 @@ def _fused_blocks(K: int, C: int, HW: int, sde: bool = False) -> tuple[int, int,
     per substep (re-read from L1/L2: the step still reads the GM from DRAM once). ``C > 16``:
     32 pixels per program, channels spread over the 4 warps (per-thread registers stay bounded).
     The GM-SDE draw halves the tile: its in-thread ``tl.cumsum`` over 16 components went to local
-    memory (32-40 bytes at sm_80/sm_90), over 8 it does not.
+    memory (32-40 bytes at sm_80/sm_90), over 8 it does not. ``heavy`` launches (guidance or 2nd
+    order: a dozen more per-pixel C-vectors live) quarter it (halve it when the channels are
+    spread) and spread 16 channels over the warps as well: one pixel per thread spilled there
+    (8 bytes at K >= 32, C = 4; 200+ at C = 16). At C = 64 they still spill (1368 bytes at
+    sm_90 for 2nd-order probabilistic guidance: 16 channels per thread).
     """
-    reg_tile = _REG_TILE // 2 if sde else _REG_TILE
     bc = _np2(C)
-    if bc <= 16:
+    split = bc > 16 or (bc == 16 and heavy)
+    reg_tile = _REG_TILE // (4 if heavy and not split else (2 if sde or heavy else 1))
+    if split:
+        bp, warps = 32, 4
+    else:
         bp = min(max(_np2(HW), 32), 128)
         warps = bp // 32
-    else:
-        bp, warps = 32, 4
-    per_thread_c = bc if bc <= 16 else bc // warps
+    per_thread_c = bc // warps if split else bc
     bk = _np2(K)
     if bk * per_thread_c <= reg_tile:
         return bk, bc, bp, True, warps
@@ -759,7 +764,7 @@ def fused_step(
     vm, vl = uncond["means"].reshape(-1, KU, C, HW), uncond["logweights"].reshape(-1, KU, HW)
     B = m.shape[0]
     xf = x.reshape(B, C, HW)
-    bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde)
+    bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde, heavy=has_uncond or order2)
     npb = triton.cdiv(HW, bp)
     dev = x.device
     coef = torch.zeros((B, _NCOEF), dtype=torch.float32, device=dev)
@@ -885,8 +890,8 @@ def _fused_case(B: int, K: int, C: int, HW: int, dt: str, mode: str) -> AotCase:
     a per-sample std (its row stride 1), contiguous pixels (stride 1: specialised), unspecialised
     row/component/channel strides and ``H * W``, Triton's default ``num_stages``."""
     stats, sde, guidance, order2, affine = _FUSED_MODES[mode]
-    bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde)
     prob = guidance == "probabilistic"
+    bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde, heavy=prob or order2)
     ptrs = {n: f"*{dt}" for n in ("um_ptr", "ul_ptr", "uls_ptr", "vm_ptr", "vl_ptr")}
     ptrs.update({n: "*fp32" for n in ("x_ptr", "prev_ptr", "coef_ptr", "sig_ptr")})
     ptrs["seed_ptr"] = "*i64"
