@@ -61,14 +61,15 @@ def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = Fals
     32 pixels per program, channels spread over the 4 warps (per-thread registers stay bounded).
     The GM-SDE draw halves the tile: its in-thread ``tl.cumsum`` over 16 components went to local
     memory (32-40 bytes at sm_80/sm_90), over 8 it does not. ``heavy`` launches (guidance or 2nd
-    order: a dozen more per-pixel C-vectors live) quarter it (halve it when the channels are
-    spread) and spread 16 channels over the warps as well: one pixel per thread spilled there
-    (8 bytes at K >= 32, C = 4; 200+ at C = 16). At C = 64 they still spill (1368 bytes at
+    order: a dozen more per-pixel C-vectors live) halve it, stream K in quarter tiles, and spread
+    16 channels over the warps as well: one pixel per thread spilled there (8 bytes at K >= 32,
+    C = 4, in half tiles; 200+ at C = 16). At C = 64 they still spill (1368 bytes at
     sm_90 for 2nd-order probabilistic guidance: 16 channels per thread).
     """
     bc = _np2(C)
     split = bc > 16 or (bc == 16 and heavy)
-    reg_tile = _REG_TILE // (4 if heavy and not split else (2 if sde or heavy else 1))
+    reg_tile = _REG_TILE // 2 if (sde or heavy) else _REG_TILE
+    stream_tile = reg_tile // 2 if heavy and not split else reg_tile
     if split:
         bp, warps = 32, 4
     else:
@@ -78,7 +79,7 @@ def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = Fals
     bk = _np2(K)
     if bk * per_thread_c <= reg_tile:
         return bk, bc, bp, True, warps
-    return max(1, reg_tile // per_thread_c), bc, bp, False, warps
+    return max(1, stream_tile // per_thread_c), bc, bp, False, warps
 
 
 def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
