@@ -43,7 +43,9 @@ def sample(denoiser, noise, num_steps, *, solver="gm-sde", substeps=1, order=1, 
             or the pair ``(gm_cond, gm_uncond)`` when ``guidance_scale > 0``. Called exactly
             ``num_steps`` times.
         noise: ``(*B, C, H, W)`` standard normal start state (sigma = 1); its dtype is the
-            state's (a bf16/fp16 GM is promoted to fp32 before ``x0 = x_t - sigma * u``).
+            state's (a bf16/fp16 GM enters ``x0 = x_t - sigma * u`` in fp32: on the Triton path
+            each step is one fused kernel that reads the network's GM in its own dtype and forms
+            no x0-GM, see ``gmkernels.ops.solver_steps.fused_step``).
         num_steps: main steps = network calls.
         solver: ``"gm-sde"`` (exact GM transition draws), ``"gm-ode"`` (``substeps`` Euler
             substeps per call on the GM's posterior mean) or ``"euler"`` (flow-matching baseline).

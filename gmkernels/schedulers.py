@@ -15,6 +15,11 @@ Schedule (SPEC §4): for ``S`` steps of ``N`` substeps, ``s_i = 1 - i / (S*N)``,
 ``sigma_i = shift * s_i / (1 + (shift - 1) * s_i)`` for ``i < S*N``, then ``sigma = 0``;
 ``t = 1000 * sigma``. ``timesteps`` holds the ``S`` main-step timesteps.
 
+Triton path: ``step`` runs ``gmkernels.ops.solver_steps.fused_step``, one kernel on the
+network's GM in its own dtype (plus statistics launches of it under guidance and at 2nd order):
+no x0-GM, guided GM or float32 copy of the network output is formed. The torch path composes the
+ops eagerly (``_x0_gm``); the two agree to fp32 accuracy (``tests/test_solver_steps.py``).
+
 No host synchronisation: ``step`` advances an internal step index (``t`` is not looked up in
 the table, which would read a device value), all sigmas are Python floats or a device table
 built with device ops, and no Python branch depends on tensor values; the loop can therefore
@@ -29,21 +34,19 @@ import math
 import torch
 
 from ._dispatch import select_backend
-from ._validate import check_model_output, check_positive, check_power
-from .ops.guidance import mean_cfg, probabilistic_guidance, weight_guidance
+from ._validate import check_gm, check_model_output, check_positive, check_power, check_state
+from .ops._launch import kernels_wanted
+from .ops.guidance import _check_pair, mean_cfg, probabilistic_guidance, weight_guidance
 from .ops.mixture import gm_to_iso_gaussian, gm_to_mean
 from .ops.posterior import gm_posterior_mean
 from .ops.product import gm_mul_iso_gaussian
-from .ops.solver_steps import gm_ode_substeps, gm_sde_step
+from .ops.solver_steps import CA, CB, RHO_MIN, fused_step, gm_ode_substeps, gm_sde_step
 from .ops.transition import u_to_x0
 
 T = 1000.0
 GUIDANCE = ("probabilistic", "weight", "mean-cfg")
 _DIMS = (-3, -2, -1)
-# Coefficients of the 2nd-order error estimate E = V * (scale^2 * cb^2 + ca) (SPEC §4).
-CA, CB = 0.005, 1.0
-# Floor of the relative variance reduction of a Gaussian reweighting (see ``_reweight``).
-_RHO_MIN = 1e-6
+_RHO_MIN = RHO_MIN  # floor of the relative variance reduction of a Gaussian reweighting (``_reweight``)
 
 
 def schedule_sigmas(num_steps: int, substeps: int = 1, shift: float = 1.0) -> list[float]:
@@ -105,6 +108,8 @@ class _GMSchedulerBase(abc.ABC):
     x0-GM; subclasses move the state (``_advance``)."""
 
     solver = ""
+    #: run a step as one fused kernel on the Triton path (False: the eager composition of ops)
+    fused = True
     _orders = (1, 2)
     _substeps_allowed = True
 
@@ -154,8 +159,8 @@ class _GMSchedulerBase(abc.ABC):
             self._table = _schedule_table(self.num_steps * self.substeps, self.shift, device)
         return self._table
 
-    def _x0_gm(self, gm_u, x: torch.Tensor, sigma: float, h: float) -> dict:
-        """The x0-GM the state moves with: u -> x0 (op 5), guidance (op 11), 2nd order (SPEC §4)."""
+    def _split(self, gm_u) -> tuple[dict, dict | None]:
+        """``(gm_cond, gm_uncond)`` of a model output; ``gm_uncond`` is None without guidance."""
         scale = self.guidance_scale
         paired = isinstance(gm_u, (tuple, list))
         if paired and len(gm_u) != 2:
@@ -163,11 +168,20 @@ class _GMSchedulerBase(abc.ABC):
         if scale > 0 and not paired:
             raise TypeError(f"guidance_scale={scale} > 0: the model output must be a pair (gm_cond, gm_uncond), got {type(gm_u).__name__}")
         if scale == 0:  # no guidance; a pair's conditional GM is used as is
-            gm = u_to_x0(_fp32(gm_u[0] if paired else gm_u), x, sigma)
+            return (gm_u[0] if paired else gm_u), None
+        return gm_u[0], gm_u[1]
+
+    def _x0_gm(self, gm_u, x: torch.Tensor, sigma: float, h: float) -> dict:
+        """The x0-GM the state moves with: u -> x0 (op 5), guidance (op 11), 2nd order (SPEC §4),
+        composed eagerly (the torch path; the Triton path fuses it, see ``_fused_step``)."""
+        scale = self.guidance_scale
+        cond_u, uncond_u = self._split(gm_u)
+        if uncond_u is None:
+            gm = u_to_x0(_fp32(cond_u), x, sigma)
             cond = uncond = None
         else:
-            cond = u_to_x0(_fp32(gm_u[0]), x, sigma)
-            uncond = u_to_x0(_fp32(gm_u[1]), x, sigma)
+            cond = u_to_x0(_fp32(cond_u), x, sigma)
+            uncond = u_to_x0(_fp32(uncond_u), x, sigma)
             if self.guidance == "probabilistic":
                 gm = probabilistic_guidance(cond, uncond, scale, self.orthogonal)
             elif self.guidance == "weight":
@@ -241,9 +255,33 @@ class _GMSchedulerBase(abc.ABC):
         sigma, sigma_next = self.sigmas[i * N], self.sigmas[(i + 1) * N]
         if isinstance(t, (int, float)) and not math.isclose(float(t), T * sigma, rel_tol=1e-5, abs_tol=1e-3):
             raise ValueError(f"t={t} does not match step {i} of the schedule (t={T * sigma})")
-        gm = self._x0_gm(gm_u, x, sigma, sigma - sigma_next)
-        x = self._advance(gm, x, i, generator)
+        cond, uncond = self._split(gm_u)
+        if self.fused and kernels_wanted(cond["means"], x):
+            x = self._fused_step(cond, uncond, x, i, generator)
+        else:
+            gm = self._x0_gm(gm_u, x, sigma, sigma - sigma_next)
+            x = self._advance(gm, x, i, generator)
         self.step_index = i + 1
+        return x
+
+    def _fused_step(self, cond: dict, uncond: dict | None, x: torch.Tensor, i: int, generator) -> torch.Tensor:
+        """The Triton path of ``step``: one fused kernel on the network's GMs in their own dtype
+        (plus statistics launches of it under guidance or at 2nd order), no x0-GM formed. At 2nd
+        order the memory is the previous first-order GM's posterior mean at this state
+        (``(*B, C, H, W)`` float32, written by the previous step's kernel) and its step size."""
+        s = check_gm(cond, "gm_cond") if uncond is None else _check_pair(cond, uncond)
+        check_state(x, "x", s)
+        N = self.substeps
+        levels = (self.sigmas[i * N], self.sigmas[(i + 1) * N])
+        prev = self._prev if self.order == 2 else None
+        post = self.order == 2 and i + 1 < self.num_steps
+        x, post_mean = fused_step(
+            cond if uncond is None else (cond, uncond), x, self._sigma_table(x.device)[i * N : (i + 1) * N + 1], levels,
+            sde=self.solver == "gm-sde", guidance=self.guidance if uncond is not None else "none",
+            scale=self.guidance_scale, orthogonal=self.orthogonal, prev_mean=None if prev is None else prev[0],
+            h=levels[0] - levels[1], h_prev=0.0 if prev is None else prev[1], post=post, generator=generator,
+        )
+        self._prev = (post_mean, levels[0] - levels[1]) if post else None
         return x
 
     @abc.abstractmethod

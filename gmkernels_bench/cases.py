@@ -14,6 +14,9 @@ log-stds ``S = B``, a state ``X = B*C*P``, a per-pixel variance ``V = B*P``. Out
 contract lets an op return unchanged (the log-weights of ``u_to_x0``, the means of
 ``weight_guidance``) cost nothing; scalars are not counted. The 1-D GM of ``gm1d_inverse_cdf`` is
 the ``C = 1`` case (its means count as ``L``).
+
+Sampler-step traffic (``step_traffic``, ``traffic_table``): bytes per network call of the fused
+Triton sampler step, launch by launch, next to that minimum (a model, not a measurement).
 """
 
 from __future__ import annotations
@@ -474,3 +477,77 @@ def policy_cases(dtype: torch.dtype, device: torch.device, quick: bool, compile_
                         lambda s=shape: _policy_inputs(s, dtype, device, True, n), train_runs, params=dict(params),
                         per_call=n, batch=shape.B, measure_memory=True))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# traffic of one sampler step (issue 13): the fused Triton path, launch by launch
+
+
+def step_launches(solver: str, order: int, guidance: str, orthogonal: float = 1.0) -> list[int]:
+    """The launches of ``_fused_step_kernel`` in one sampler step of the Triton path, as its
+    ``STATS`` mode: 1 and 2 are statistics passes, 0 the step itself (``solver_steps.fused_step``).
+    ``guidance`` is ``"none"`` or a guidance mode with a scale > 0; ``order`` 2 means a step with
+    a previous one (the first step of a loop is first order)."""
+    del solver  # GM-ODE and GM-SDE launch alike
+    has_uncond = guidance in ("probabilistic", "mean-cfg")
+    launches = []
+    if has_uncond or order == 2:
+        launches.append(1)
+    if order == 2 and (guidance == "probabilistic" or (guidance == "mean-cfg" and orthogonal > 0)):
+        launches.append(2)
+    return launches + [0]
+
+
+def step_traffic(shape: Shape, gm_dtype: torch.dtype, state_dtype: torch.dtype, solver: str, order: int, guidance: str,
+                 orthogonal: float = 1.0, last: bool = False) -> dict[str, Any]:
+    """Bytes one sampler step (one network call) reads and writes on the fused Triton path, next
+    to the minimum: the network output read once (both GMs under probabilistic guidance and
+    mean-CFG, the conditional GM and the unconditional log-weights under weight guidance), the
+    state read once and written once.
+
+    Model: a launch reads each array it needs once (a program re-reads only its own tile of the
+    GM, from registers or L1/L2, which is not counted); per launch: the conditional GM (means,
+    log-weights, log-stds; the plain GM-SDE draw reads the log-weights and gathers one mean per
+    pixel and channel), the unconditional means and log-weights when the step needs ``m_u``, its
+    log-weights under weight guidance (the first launch keeps ``m_u``, ``X`` float32, which the
+    later ones read instead), the state, the 2nd-order memory (``X`` in float32) and the
+    outputs: the new state and, at 2nd order except after the last step, the posterior mean for
+    the next step (``X`` float32). Per-sample scalars (``B * 8`` partial sums per program) are
+    left out. ``tests/test_sampler.py`` checks the launch list against the kernel launches.
+
+    Returns:
+        ``{"launches": [...], "bytes": int, "minimum": int, "ratio": float}``.
+    """
+    c = counts(shape)
+    g, xs, f32 = gm_dtype.itemsize, state_dtype.itemsize, 4
+    has_uncond = guidance in ("probabilistic", "mean-cfg")
+    weight = guidance == "weight"
+    gm_c = (c["G"] + c["L"] + c["S"]) * g
+    gm_u = (c["G"] + c["L"]) * g if has_uncond else (c["L"] * g if weight else 0)
+    state = c["X"] * xs
+    launches = step_launches(solver, order, guidance, orthogonal)
+    total = 0
+    for i, mode in enumerate(launches):
+        plain_draw = solver == "gm-sde" and mode == 0 and not has_uncond and order == 1
+        cond = (c["L"] + c["S"]) * g + c["X"] * g if plain_draw else gm_c
+        # the first launch reads the unconditional GM and keeps m_u (X float32) for the others
+        uncond = (gm_u + c["X"] * f32 if i == 0 else c["X"] * f32) if has_uncond else gm_u
+        total += cond + uncond + state + (c["X"] * f32 if order == 2 else 0)
+        if mode == 0:
+            total += state + (c["X"] * f32 if order == 2 and not last else 0)
+    minimum = gm_c + gm_u + 2 * state
+    return {"launches": launches, "bytes": total, "minimum": minimum, "ratio": total / minimum}
+
+
+def traffic_table(shape: Shape, gm_dtype: torch.dtype = torch.bfloat16, state_dtype: torch.dtype = torch.float32) -> str:
+    """Markdown table of ``step_traffic`` per solver, order and guidance mode (bytes per pixel)."""
+    P = shape.B * shape.H * shape.W
+    lines = [f"| step ({shape.label}, GM {str(gm_dtype)[6:]}, state {str(state_dtype)[6:]}) | launches | B/pixel | minimum | ratio |",
+             "|---|---|---|---|---|"]
+    for solver in ("gm-ode", "gm-sde"):
+        for order in (1, 2):
+            for guidance in ("none", "probabilistic", "weight", "mean-cfg"):
+                t = step_traffic(shape, gm_dtype, state_dtype, solver, order, guidance)
+                lines.append(f"| {solver} order {order} {guidance} | {len(t['launches'])} | {t['bytes'] / P:.0f} | "
+                             f"{t['minimum'] / P:.0f} | {t['ratio']:.2f} |")
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ import gmkernels
 import reference
 from gmkernels.ops import posterior
 from tests.strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
+from reference.posterior import transfer_gaussian
 from tests.test_kernels_mixture import as_f64, cast_gm, relayout
 
 pytest.importorskip("triton")
@@ -135,3 +136,24 @@ def test_bad_sigma_names_the_argument():
         gmkernels.gm_posterior_mean(gm, x, 0.5, x, 1.5)
     with pytest.raises(ValueError, match="x_src"):
         gmkernels.gm_posterior_mean(gm, x[..., :1], 0.5, x, 0.2)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("sigma_src,ratio", [(0.999, 0.0586), (0.5, 0.999), (0.3, 0.9999), (0.9, 0.3), (0.999, 0.001)])
+@pytest.mark.parametrize("seed,dead", [(226, True), (14, False), (3, False)])
+def test_fp32_accuracy_across_the_sigma_range(sigma_src, ratio, seed, dead):
+    """The draw that once failed (``((), 16, 16, 4, 7)``, sigma_src 0.999, ratio 0.0586: 1.43e-5
+    with logits relative to component 0) and the other ill-conditioned regimes (a sharp posterior;
+    a short step, where ``g`` is far from every component): reference and kernel in float32
+    against the product-then-mean composition in float64."""
+    shape = ((), 16, 16, 4, 7)
+    gm = make_gm(shape, seed, torch.float32, dead=dead)
+    x_src, x_tgt = make_state(shape, seed, torch.float32), make_state(shape, seed + 3, torch.float32)
+    s_tgt = sigma_src * ratio
+    g64 = as_f64(gm)
+    tg = transfer_gaussian(x_src.double(), sigma_src, x_tgt.double(), s_tgt)
+    exact = reference.gm_to_mean(reference.gm_mul_iso_gaussian(g64, tg))
+    assert rel_err(reference.gm_posterior_mean(gm, x_src, sigma_src, x_tgt, s_tgt), exact) < TOL[torch.float32]
+    with gmkernels.use_backend("triton"):
+        out = gmkernels.gm_posterior_mean(gm, x_src, sigma_src, x_tgt, s_tgt)
+    assert rel_err(out, exact) < TOL[torch.float32]

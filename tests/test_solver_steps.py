@@ -3,7 +3,7 @@ their random streams, and the twins against the unfused SPEC ops they stand for.
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds
 
@@ -96,7 +96,7 @@ def test_ode_kernel_matches_reference(shape, seed, sigmas, dtype, dead, per_pixe
 @pytest.mark.parametrize("K,C,one_tile", [(8, 4, True), (70, 3, False), (3, 70, False)])
 def test_ode_kernel_both_register_paths_noncontiguous(K, C, one_tile):
     """All K in registers, and K streamed in tiles; strided (non-contiguous) GM and state."""
-    assert ops._ode_blocks(K, C, 6)[3] == one_tile
+    assert ops._fused_blocks(K, C, 6)[3] == one_tile
     gm = make_gm(((2,), K, C, 2, 3), 11, torch.float32, dead=True)
     gm = {"means": gm["means"].transpose(-1, -2), "logstds": gm["logstds"], "logweights": gm["logweights"].transpose(-1, -2)}
     x = make_state(((2,), K, C, 2, 3), 11, torch.float32).transpose(-1, -2)
@@ -217,3 +217,80 @@ def test_bad_input_names_the_argument():
         gmkernels.gm_sde_step(gm, x, 0.2, 0.5)
     with pytest.raises(TypeError, match="floating-point"):
         gmkernels.gm_sde_step(gm, x.long(), 0.5, 0.2)
+
+
+# ----------------------------------------------------------------------------- fused sampler step
+
+GUIDED = [("none", 0.0), ("probabilistic", 0.6), ("weight", 2.5), ("mean-cfg", 2.0)]
+
+
+def _run_sampler(gms, x, solver, order, guidance, scale, orthogonal, fused, backend, seed=0):
+    """Two main steps (the second one 2nd order when ``order == 2``) of ``gmkernels.sample``
+    with the network outputs ``gms`` (one per step), on the given backend and path."""
+    calls = iter(gms)
+    cls = gmkernels.schedulers.SCHEDULERS[solver]
+    old, cls.fused = cls.fused, fused
+    try:
+        with gmkernels.use_backend(backend):
+            return gmkernels.sample(lambda x_t, t: next(calls), x, len(gms), solver=solver, substeps=3 if solver == "gm-ode" else 1,
+                                    order=order, guidance="probabilistic" if guidance == "none" else guidance,
+                                    guidance_scale=scale, orthogonal=orthogonal, shift=1.5,
+                                    generator=torch.Generator().manual_seed(seed))
+    finally:
+        cls.fused = old
+
+
+def _outputs(shape, seed, dtype, dead, per_pixel, guided, K_uncond=None):
+    """Two network outputs; a pair's components die together when their K match (weight
+    guidance needs corresponding components: one dead only in ``gm_uncond`` gets a log-weight
+    of ``+1e30``-scale, where no float32 evaluation resolves the others)."""
+    out = []
+    for i in range(2):
+        cond = make_gm(shape, seed + i, dtype, dead=dead, per_pixel_std=per_pixel, logstd_range=(-2.0, 0.5))
+        if guided:
+            ushape = shape if K_uncond is None else (shape[0], K_uncond, *shape[2:])
+            uncond = make_gm(ushape, seed + 100 + i, dtype, dead=dead and K_uncond is not None, per_pixel_std=per_pixel,
+                             logstd_range=(-2.0, 0.5))
+            if K_uncond is None:
+                lw = torch.where(cond["logweights"] == float("-inf"), float("-inf"), uncond["logweights"].float())
+                uncond["logweights"] = torch.log_softmax(lw, dim=-4).to(dtype)
+            cond = (cond, uncond)
+        out.append(cond)
+    return out
+
+
+@pytest.mark.triton
+@settings(max_examples=10)
+@given(shape=gm_shapes(max_k=24, max_c=5, max_hw=4, max_b=2), seed=seeds, dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       dead=st.booleans(), per_pixel=st.booleans(), order=st.sampled_from([1, 2]), guided=st.sampled_from(GUIDED),
+       orthogonal=st.sampled_from([0.0, 1.0]))
+def test_fused_ode_step_matches_eager_reference(shape, seed, dtype, dead, per_pixel, order, guided, orthogonal):
+    """The fused GM-ODE sampler step (network GM in its own dtype, nothing GM-sized formed)
+    against the eager composition of the SPEC ops in float64 on the torch path. The network's
+    values are the same in both (bf16 ones are exact in float64), so fp32 accuracy applies."""
+    guidance, scale = guided
+    _, _, C, H, W = shape
+    assume(orthogonal == 0 or scale == 0 or C * H * W >= 3)  # else the orthogonal residual is pure rounding
+    gms = _outputs(shape, seed, dtype, dead, per_pixel, scale > 0)
+    x = make_state(shape, seed).float()
+    out = _run_sampler(gms, x, "gm-ode", order, guidance, scale, orthogonal, True, "triton")
+    g64 = [tuple(f64(g) for g in o) if isinstance(o, tuple) else f64(o) for o in gms]
+    expect = _run_sampler(g64, x.double(), "gm-ode", order, guidance, scale, orthogonal, False, "torch")
+    assert out.dtype == torch.float32 and out.isfinite().all()
+    assert rel_err(out, expect) < TOL[torch.float32]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("guided", GUIDED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_sde_step_matches_eager_composition(order, guided, dtype):
+    """The fused GM-SDE step draws the same Philox stream as ``gm_sde_step`` (whose kernel is
+    tested against its reference above), so it equals the eager composition of Triton ops."""
+    guidance, scale = guided
+    shape = ((2,), 5, 3, 3, 2)
+    gms = _outputs(shape, 5, dtype, True, False, scale > 0, K_uncond=4 if guidance != "weight" else None)
+    x = make_state(shape, 5).float()
+    out = _run_sampler(gms, x, "gm-sde", order, guidance, scale, 1.0, True, "triton", seed=9)
+    expect = _run_sampler(gms, x, "gm-sde", order, guidance, scale, 1.0, False, "triton", seed=9)
+    assert rel_err(out, expect) < TOL[torch.float32]

@@ -7,8 +7,11 @@ It reads the GM, ``x_src`` and ``x_tgt`` once and writes only the ``(*B, C, H, W
 new means are affine in the old ones, ``(v / n) mu_k + (s2 / n) g``, so the kernel averages the
 old means under the reweighted softmax and applies the affine map once per pixel.
 
-A program owns ``BLOCK_P`` pixels of one batch row and one tile of ``BLOCK_C`` channels, and
-runs an online softmax over K tiles (``mixture.online_moments_update``). The reweighting needs
+A program owns ``BLOCK_P`` pixels of one batch row and one tile of ``BLOCK_C`` channels. A first
+sweep over K finds each pixel's reference component ``r`` (largest naive posterior logit); the
+second runs an online softmax over K tiles (``mixture.online_moments_update``) on logits taken
+relative to ``r`` (``reference.posterior.gm_posterior_mean`` explains the conditioning; the
+first sweep's reads mostly hit L2). The reweighting needs
 ``sum_c (mu_k - g)^2`` over every channel: when ``C <= BLOCK_C`` (16) the tile holds them all;
 otherwise each program also walks the other channel tiles of its pixels for the distance term
 (extra reads that the neighbouring programs of the same pixels, scheduled next to it, mostly
@@ -24,7 +27,7 @@ import reference.posterior as ref
 from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
-from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, mixture_blocks, needs_int64, per_row, pixel_rows
+from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
 from .mixture import online_moments_update, program_tile
 from .product import _check_real
 
@@ -44,7 +47,7 @@ if triton is not None:
         xs = tl.load(xs_base + offs_c[:, None] * s_sc, mask=mask_cp, other=0.0).to(tl.float32)
         return ct[None, :] * xt - cs[None, :] * xs
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["P", "s_mr", "s_mk", "s_mc", "s_lr", "s_lk", "s_xsr", "s_xsc", "s_xtr", "s_xtc", "s_or", "s_oc"])
     def _gm_posterior_mean_kernel(
         means_ptr, lw_ptr, logstds_ptr, xs_ptr, xt_ptr, sig_s_ptr, sig_t_ptr, out_ptr,
         K, C, P, n_pblocks, n_ctiles,
@@ -84,8 +87,44 @@ if triton is not None:
         offs_c = cb * BLOCK_C + ar_c
         mask_cp = (offs_c < C)[:, None] & mask_p[None, :]
         g = _transfer_mean(xt_base, xs_base, offs_c, mask_cp, s_xtc, s_xsc, ct, cs)
+        # the reference component: largest naive posterior logit l_k - |mu_k - g|^2 / (2n) (pass 1)
+        best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+        k_best = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + ar_k
+            mask_k = offs_k < K
+            if SINGLE_C:
+                mu = tl.load(
+                    m_base + offs_k[:, None, None] * s_mk + offs_c[None, :, None] * s_mc,
+                    mask=mask_k[:, None, None] & mask_cp[None, :, :],
+                    other=0.0,
+                ).to(tl.float32)
+                q = tl.sum((mu - g[None, :, :]) * (mu - g[None, :, :]), axis=1)
+            else:
+                q = tl.zeros([BLOCK_K, BLOCK_P], dtype=tl.float32)
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c2 = c0 + ar_c
+                    mask_cp2 = (offs_c2 < C)[:, None] & mask_p[None, :]
+                    mu_c = tl.load(
+                        m_base + offs_k[:, None, None] * s_mk + offs_c2[None, :, None] * s_mc,
+                        mask=mask_k[:, None, None] & mask_cp2[None, :, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    g_c = _transfer_mean(xt_base, xs_base, offs_c2, mask_cp2, s_xtc, s_xsc, ct, cs)
+                    q += tl.sum((mu_c - g_c[None, :, :]) * (mu_c - g_c[None, :, :]), axis=1)
+            lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=mask_k[:, None] & mask_p[None, :], other=float("-inf"))
+            naive = tl.where(mask_k[:, None], lw.to(tl.float32) * 1.4426950408889634 + coef2[None, :] * q, float("-inf"))
+            t_best = tl.max(naive, axis=0)
+            t_k = tl.min(tl.where(naive == t_best[None, :], offs_k[:, None], K), axis=0).to(tl.int32)
+            take = t_best > best
+            k_best = tl.where(take, t_k, k_best)
+            best = tl.where(take, t_best, best)
+        if INT64:
+            r_base = m_base + k_best.to(tl.int64)[None, None, :] * s_mk
+        else:
+            r_base = m_base + k_best[None, None, :] * s_mk
         if SINGLE_C:
-            mu0 = tl.load(m_base + offs_c[None, :, None] * s_mc, mask=mask_cp[None, :, :], other=0.0).to(tl.float32)
+            mu0 = tl.load(r_base + offs_c[None, :, None] * s_mc, mask=mask_cp[None, :, :], other=0.0).to(tl.float32)
             shift = mu0 - g[None, :, :]
         m = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
         w_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -98,7 +137,7 @@ if triton is not None:
                 mask=mask_k[:, None, None] & mask_cp[None, :, :],
                 other=0.0,
             ).to(tl.float32)
-            # sum_c (mu_k - mu_0)((mu_k - g) + (mu_0 - g)) = sum_c (mu_k - g)^2 - sum_c (mu_0 - g)^2
+            # sum_c (mu_k - r)((mu_k - g) + (r - g)) = sum_c (mu_k - g)^2 - sum_c (r - g)^2 (r: pass 1's component)
             if SINGLE_C:
                 dist = tl.sum((mu - mu0) * ((mu - g[None, :, :]) + shift), axis=1)
             else:
@@ -111,7 +150,7 @@ if triton is not None:
                         mask=mask_k[:, None, None] & mask_cp2[None, :, :],
                         other=0.0,
                     ).to(tl.float32)
-                    mu0_c = tl.load(m_base + offs_c2[None, :, None] * s_mc, mask=mask_cp2[None, :, :], other=0.0)
+                    mu0_c = tl.load(r_base + offs_c2[None, :, None] * s_mc, mask=mask_cp2[None, :, :], other=0.0)
                     mu0_c = mu0_c.to(tl.float32)
                     g_c = _transfer_mean(xt_base, xs_base, offs_c2, mask_cp2, s_xtc, s_xsc, ct, cs)
                     dist += tl.sum((mu_c - mu0_c) * ((mu_c - g_c[None, :, :]) + (mu0_c - g_c[None, :, :])), axis=1)
@@ -124,9 +163,22 @@ if triton is not None:
         tl.store(out_ptr + row * s_or + offs_c[:, None] * s_oc + offs_p[None, :] * s_op, out.to(out_ptr.dtype.element_ty), mask=mask_cp)
 
 
+_REG_TILE = 64  # GM elements (BLOCK_K x BLOCK_C) of a pixel per thread and K tile
+
+
 @launch_plan
 def _posterior_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
-    return mixture_blocks(K, C, P, R, c_tiles_in_grid=True, tile=4096)
+    """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``: one pixel per thread. The pixel stride 1 is
+    specialised (tiles ordered pixels-fastest) but the row, component and channel strides and
+    ``P`` are not, so no load may assume an alignment and no thread gets a vector of pixels: the
+    ``(K, C, pixels)`` tile lies with K and C inside the thread and the warps along the pixels
+    (triton 3.6 and 3.9 alike), and the distance and softmax reductions need no shuffle or
+    barrier. Up to 16 channels per tile, ``BLOCK_K * BLOCK_C <= _REG_TILE``, 32 to 128 pixels."""
+    del R  # the grid is rows x pixel blocks x channel tiles whatever the batch
+    block_c = min(next_pow2(C), 16)
+    block_p = min(max(next_pow2(P), 32), 128)
+    block_k = max(1, min(next_pow2(K), _REG_TILE // block_c))
+    return block_k, block_c, block_p, block_p // 32
 
 
 def _launch_posterior(
@@ -225,13 +277,13 @@ def _posterior_case(B: int, K: int, C: int, P: int, dt: str) -> AotCase:
     sig.update(sig_s_ptr="*fp32", sig_t_ptr="*fp32")  # per-batch sigma tensors
     sig.update({n: "i32" for n in ("K", "C", "P", "n_pblocks", "n_ctiles")})
     strides = "s_mr s_mk s_mc s_mp s_lr s_lk s_lp s_sr s_sp s_xsr s_xsc s_xsp s_xtr s_xtc s_xtp s_ssr s_ssp s_str s_stp s_or s_oc s_op".split()
-    unit = {"s_mp", "s_lp", "s_xsp", "s_xtp", "s_op", "s_ssr", "s_str"}  # contiguous; sigma (B,) rows
+    unit = {"s_ssr", "s_str", "s_sr", "s_mp", "s_lp", "s_xsp", "s_xtp", "s_op"}  # 1: specialised by the launcher
     sig.update({n: "constexpr" if n in unit else "i32" for n in strides})
     sig["eps"] = "fp32"
     sig.update({n: "constexpr" for n in ("BLOCK_K", "BLOCK_C", "BLOCK_P", "SINGLE_C", "INT64")})
     consts = {**{n: 1 for n in unit}, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "SINGLE_C": C <= bc, "INT64": False}
-    divisible = (*ptrs, "P", *(n for n in strides if n not in unit and n not in ("s_sp", "s_ssp", "s_stp")))
-    return AotCase(f"gm_posterior_mean[B{B},K{K},C{C},HW{P},{dt}]", _gm_posterior_mean_kernel, sig, consts, warps, 2, divisible)
+    divisible = tuple(ptrs)  # the strides and P are not specialised (see _posterior_blocks)
+    return AotCase(f"gm_posterior_mean[B{B},K{K},C{C},HW{P},{dt}]", _gm_posterior_mean_kernel, sig, consts, warps, 3, divisible)
 
 
 AOT_CASES = [_posterior_case(B, K, C, P, dt) for B, K, C, P in BENCH_SHAPES for dt in ("fp32", "bf16")] if triton is not None else []

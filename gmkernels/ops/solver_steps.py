@@ -1,9 +1,10 @@
 """Fused sampler steps (SPEC §4): ``gm_ode_substeps`` and ``gm_sde_step``.
 
-``gm_ode_substeps`` runs all N GM-ODE substeps of one main step; the Triton kernel reads each
-pixel's K means and log-weights once and keeps them in registers for the N posterior-mean +
-Euler updates (legal because every substep of a pixel depends only on that pixel's GM and
-state), writing only the final state. ``gm_sde_step`` draws the component, the Gaussian noise
+``gm_ode_substeps`` runs all N GM-ODE substeps of one main step on ``_fused_step_kernel`` (the
+sampler's fused step, with the means taken as given): one pixel per thread, the pixel's K means
+and log-weights read once and kept in registers for the N posterior-mean + Euler updates when
+``K * C <= 64`` (legal because every substep of a pixel depends only on that pixel's GM and
+state; above, streamed per substep from L1/L2), writing only the final state. ``gm_sde_step`` draws the component, the Gaussian noise
 and applies the exact reverse transition in one kernel, with Triton's Philox seeded from the
 caller's ``torch.Generator``.
 
@@ -24,6 +25,7 @@ from .._aot import AotCase
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state
 from ._launch import I32_MAX, call_op, cdiv, launch_plan, needs_int64
+from .mixture import online_moments_update
 
 try:
     import triton
@@ -42,17 +44,43 @@ def _np2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+_REG_TILE = 64  # GM elements (K x C) of a pixel that the fused step keeps in one thread's registers
+
+
 @launch_plan
-def _ode_blocks(K: int, C: int, HW: int) -> tuple[int, int, int, bool]:
-    """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE)``: all K components in registers when the
-    ``(K, C, 16 pixels)`` tile fits ``_TILE``, else K tiles streamed per substep."""
+def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = False) -> tuple[int, int, int, bool, int]:
+    """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE, num_warps)`` of ``_fused_step_kernel``.
+
+    One pixel per thread for ``C <= 16``: the pixels are contiguous (their stride 1 is
+    specialised, so the compiler orders the tiles pixels-fastest) but the row, component and
+    channel strides and ``H * W`` are not specialised, so no load may assume an alignment and no
+    thread gets a vector of pixels: the ``(K, C, pixels)`` tiles lie with K and C inside the
+    thread and the warps along the pixels, on triton 3.6 and 3.9 alike: the K and C reductions of the substep loop
+    need no shuffle or barrier. The pixel's whole GM stays in registers across the substeps when
+    ``K * C <= _REG_TILE`` (``ONE_TILE``); above, K is streamed in tiles of ``_REG_TILE`` elements
+    per substep (re-read from L1/L2: the step still reads the GM from DRAM once). ``C > 16``:
+    32 pixels per program, channels spread over the 4 warps (per-thread registers stay bounded).
+    The GM-SDE draw halves the tile: its in-thread ``tl.cumsum`` over 16 components went to local
+    memory (32-40 bytes at sm_80/sm_90), over 8 it does not. ``heavy`` launches (guidance or 2nd
+    order: a dozen more per-pixel C-vectors live) halve it, stream K in quarter tiles, and spread
+    16 channels over the warps as well: one pixel per thread spilled there (8 bytes at K >= 32,
+    C = 4, in half tiles; 200+ at C = 16). At C = 64 they still spill (1368 bytes at
+    sm_90 for 2nd-order probabilistic guidance: 16 channels per thread).
+    """
     bc = _np2(C)
+    split = bc > 16 or (bc == 16 and heavy)
+    reg_tile = _REG_TILE // 2 if (sde or heavy) else _REG_TILE
+    stream_tile = reg_tile // 2 if heavy and not split else reg_tile
+    if split:
+        bp, warps = 32, 4
+    else:
+        bp = min(max(_np2(HW), 32), 128)
+        warps = bp // 32
+    per_thread_c = bc // warps if split else bc
     bk = _np2(K)
-    if bk * bc * 16 <= _TILE:
-        bp = min(_np2(HW), max(16, _TILE // (bk * bc)), 128)
-        return bk, bc, bp, True
-    bp = min(_np2(HW), 32)
-    return max(1, min(bk, _TILE // (bc * bp))), bc, bp, False
+    if bk * per_thread_c <= reg_tile:
+        return bk, bc, bp, True, warps
+    return max(1, stream_tile // per_thread_c), bc, bp, False, warps
 
 
 @launch_plan
@@ -65,97 +93,6 @@ def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _gm_ode_substeps_kernel(
-        means_ptr, lw_ptr, ls_ptr, x_ptr, sig_ptr, out_ptr,
-        K, C, HW, N,
-        s_mb, s_mk, s_mc, s_mp,
-        s_lb, s_lk, s_lp,
-        s_lsb, s_lsp,
-        s_xb, s_xc, s_xp,
-        s_sig, eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ONE_TILE: tl.constexpr, INT64: tl.constexpr,
-    ):
-        """N GM-ODE substeps for the ``BLOCK_P`` pixels ``p`` of batch element ``b``, all channels.
-
-        Per substep ``j``: ``x0 = r_v * sum_k w'_k mu_k + r_s * g`` with the transfer Gaussian
-        ``(g, v)`` of op 6, ``r_v = v / (v + s2)``, ``r_s = s2 / (v + s2)`` (as sigmoids of
-        ``2 logstd - log v``, so huge or tiny stds give no inf/inf) and
-        ``w' = softmax_k(l_k - 0.5 / max(v + s2, eps) * |mu_k - g|^2)``; substep 0 is the plain
-        mixture mean. Then the Euler update. Only the final state is stored.
-        """
-        pid_p = tl.program_id(0)
-        b = tl.program_id(1)
-        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = tl.arange(0, BLOCK_C)
-        kr = tl.arange(0, BLOCK_K)
-        if INT64:
-            b = b.to(tl.int64)
-            p = p.to(tl.int64)
-        pmask = p < HW
-        cmask = c < C
-        xmask = cmask[:, None] & pmask[None, :]
-        x_off = b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp
-        x = tl.load(x_ptr + x_off, mask=xmask, other=0.0).to(tl.float32)  # (BLOCK_C, BLOCK_P)
-        x_base = x
-        ls = tl.load(ls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)  # (BLOCK_P,)
-        m_base = means_ptr + b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
-        l_base = lw_ptr + b * s_lb + p[None, :] * s_lp
-        if ONE_TILE:  # the whole GM of these pixels, loaded once for all N substeps
-            kmask = kr < K
-            mu_all = tl.load(m_base + kr[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
-            l_all = tl.load(l_base + kr[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
-            l_all = tl.where(pmask[None, :], l_all, 0.0)  # pixels past HW: finite, never stored
-        s_b = tl.load(sig_ptr).to(tl.float32)
-        a_b = 1.0 - s_b
-        for j in range(N):
-            s_j = tl.load(sig_ptr + j * s_sig).to(tl.float32)
-            s_n = tl.load(sig_ptr + (j + 1) * s_sig).to(tl.float32)
-            a_j = 1.0 - s_j
-            d = tl.maximum((a_j * s_b) * (a_j * s_b) - (a_b * s_j) * (a_b * s_j), eps)
-            g = (a_j * s_b * s_b * x - a_b * s_j * s_j * x_base) / d  # (BLOCK_C, BLOCK_P)
-            v = (s_j * s_b) * (s_j * s_b) / d
-            # log(s2 / v), clamped where the sigmoids are 0 or 1 to fp32 precision anyway
-            # (v = 0 gives +inf; the clamp keeps exp finite)
-            tt = tl.minimum(tl.maximum(2.0 * ls - tl.log(v), -80.0), 80.0)
-            r_v = 1.0 / (1.0 + tl.exp(tt))
-            r_s = 1.0 / (1.0 + tl.exp(-tt))
-            kap = 0.5 / tl.maximum(v + tl.exp(tl.minimum(2.0 * ls, 80.0)), eps)
-            first = j == 0  # substep 0: the plain mixture mean
-            r_v = tl.where(first, 1.0, r_v)
-            r_s = tl.where(first, 0.0, r_s)
-            kap = tl.where(first, 0.0, kap)
-            if ONE_TILE:
-                diff = mu_all - g[None, :, :]
-                logit = l_all - kap[None, :] * tl.sum(diff * diff, axis=1)  # (BLOCK_K, BLOCK_P)
-                mx = tl.max(logit, axis=0)
-                e = tl.exp(logit - mx[None, :])
-                acc = tl.sum(e[:, None, :] * mu_all, axis=0) / tl.sum(e, axis=0)[None, :]
-            else:  # online softmax over K tiles, re-read per substep (from L2)
-                m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
-                s_run = tl.zeros([BLOCK_P], tl.float32)
-                acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    k = k0 + kr
-                    kmask = k < K
-                    mu = tl.load(m_base + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
-                    lw = tl.load(l_base + k[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
-                    lw = tl.where(pmask[None, :], lw, 0.0)
-                    diff = mu - g[None, :, :]
-                    logit = lw - kap[None, :] * tl.sum(diff * diff, axis=1)
-                    m_new = tl.maximum(m_run, tl.max(logit, axis=0))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully dead tile so far
-                    scale = tl.exp(m_run - m_safe)
-                    e = tl.exp(logit - m_safe[None, :])
-                    s_run = s_run * scale + tl.sum(e, axis=0)
-                    acc = acc * scale[None, :] + tl.sum(e[:, None, :] * mu, axis=0)
-                    m_run = m_new
-                acc = acc / s_run[None, :]
-            x0 = r_v[None, :] * acc + r_s[None, :] * g
-            x = x + (x - x0) * ((s_n - s_j) / tl.maximum(s_j, eps))
-        tl.store(out_ptr + b * (C * HW) + c[:, None] * HW + p[None, :], x.to(out_ptr.dtype.element_ty), mask=xmask)
 
     @triton.jit
     def _gm_sde_step_kernel(
@@ -254,6 +191,323 @@ if triton is not None:
             tl.store(out_ptr + b * (C * HW) + c[:, None] * HW + p[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    # ------------------------------------------------------------------------- fused sampler step
+    # One kernel for a whole sampler step on the network's u-GM (see ``fused_step``): the
+    # u -> x0 map, the guidance and 2nd-order reweightings and the GM-ODE / GM-SDE consumer are
+    # applied as the GM is loaded; per-sample coefficients come from its own statistics mode.
+
+    @triton.jit
+    def _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_luk, xmask, pmask, xb, a0, wsc,
+                 WEIGHT: tl.constexpr, LOAD_MU: tl.constexpr = True):  # fmt: skip
+        """One K tile of the x0-GM ``R'``: means ``xb + a0 * u_k`` ``[BK, BC, BP]`` (``xb`` the
+        state plus a mean-CFG offset, ``a0 = -sigma``) and logits ``[BK, BP]`` (weight-guided
+        when ``WEIGHT``; ``-inf`` past K, 0 for pixels past the end). Without ``LOAD_MU`` the
+        means are not read (0.0 stands for them)."""
+        k = k0 + kr
+        kmask = k < K
+        mu = 0.0
+        if LOAD_MU:
+            u = tl.load(um_base + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0)
+            mu = xb[None, :, :] + a0 * u.to(tl.float32)
+        lmask = kmask[:, None] & pmask[None, :]
+        lc = tl.load(ul_base + k[:, None] * s_lk, mask=lmask, other=0.0).to(tl.float32)
+        if WEIGHT:  # log_softmax(l_c + (scale - 1)(l_c - l_u)), dead clamped at -1e30 (normaliser irrelevant)
+            lu = tl.load(lu_base + k[:, None] * s_luk, mask=lmask, other=0.0).to(tl.float32)
+            lc = tl.maximum(lc, -1e30)
+            lc = lc + (wsc - 1.0) * (lc - tl.maximum(lu, -1e30))
+        lc = tl.where(kmask[:, None], lc, float("-inf"))
+        return mu, tl.where(pmask[None, :], lc, 0.0)
+
+    @triton.jit
+    def _fs_tile(mu, lg, kap1, c1, kap2, al2, c2, m, w_sum, mean, m2,
+                 Q1: tl.constexpr, Q2: tl.constexpr, WITH_VAR: tl.constexpr):  # fmt: skip
+        """Merge a tile into the running moments of ``R'`` reweighted by up to two Gaussians:
+        logits ``lg - kap1 |mu + c1|^2 - kap2 |al2 mu + c2|^2`` (``c = offset - centre``)."""
+        if Q1:
+            d1 = mu + c1[None, :, :]
+            lg = lg - kap1[None, :] * tl.sum(d1 * d1, axis=1)
+        if Q2:
+            d2 = al2[None, None, :] * mu + c2[None, :, :]
+            lg = lg - kap2[None, :] * tl.sum(d2 * d2, axis=1)
+        return online_moments_update(lg * 1.4426950408889634, mu, m, w_sum, mean, m2, WITH_VAR)
+
+    @triton.jit
+    def _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_luk, kr, xmask, pmask, xb, a0, wsc,
+                 kap1, c1, kap2, al2, c2,
+                 ONE_TILE: tl.constexpr, WEIGHT: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr,
+                 WITH_VAR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+        """Softmax-weighted mean ``[BC, BP]`` of the (reweighted) means over all K and, with
+        ``WITH_VAR``, the weighted squared deviation summed over channels ``[BP]``."""
+        m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        w_sum = tl.zeros([BLOCK_P], tl.float32)
+        mean = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        m2 = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        if ONE_TILE:
+            m, w_sum, mean, m2 = _fs_tile(mu_all, l_all, kap1, c1, kap2, al2, c2, m, w_sum, mean, m2, Q1, Q2, WITH_VAR)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_luk, xmask, pmask, xb, a0, wsc, WEIGHT)
+                m, w_sum, mean, m2 = _fs_tile(mu, lg, kap1, c1, kap2, al2, c2, m, w_sum, mean, m2, Q1, Q2, WITH_VAR)
+        var = tl.sum(m2, axis=0) / tl.where(w_sum > 0, w_sum, 1.0)
+        return mean, var
+
+    @triton.jit
+    def _fs_logits_a(mu, lg, gA, kapA, RW_A: tl.constexpr):
+        """Logits of A: ``lg - kapA |mu - gA|^2`` when A reweights ``R'`` (``RW_A``), else ``lg``."""
+        if RW_A:
+            dA = mu - gA[None, :, :]
+            lg = lg - kapA[None, :] * tl.sum(dA * dA, axis=1)
+        return lg
+
+    @triton.jit
+    def _fs_total(lg, m_run, tot):
+        """Running max and total of ``exp(lg)`` over K tiles (an all-dead tile gives no NaN)."""
+        m_new = tl.maximum(m_run, tl.max(lg, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        tot = tot * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[None, :]), axis=0)
+        return m_new, tot
+
+    @triton.jit
+    def _fs_cdf(lg, k, K, m_fin, target, cum, sel, last):
+        """One K tile of the CDF walk of ``gm_sde_step``'s kernel: the first component whose
+        cumulative weight passes ``target``, and the last live one (taken if rounding runs past)."""
+        w = tl.exp(lg - m_fin[None, :])
+        cdf = cum[None, :] + tl.cumsum(w, axis=0)
+        hit = (cdf > target[None, :]) & (k < K)[:, None]
+        first = tl.min(tl.where(hit, k[:, None], K), axis=0).to(tl.int32)
+        sel = tl.where((sel < 0) & (first < K), first, sel)
+        last = tl.maximum(last, tl.max(tl.where(w > 0, k[:, None], 0), axis=0).to(tl.int32))
+        return cum + tl.sum(w, axis=0), sel, last
+
+    @triton.jit
+    def _fs_transfer(sb, st, x, x_base, eps):
+        """Transfer Gaussian of op 6 from ``(x_base, sb)`` to ``(x, st)``: ``g [BC, BP]``, ``v``."""
+        a_b = 1.0 - sb
+        a_t = 1.0 - st
+        d = tl.maximum((a_t * sb) * (a_t * sb) - (a_b * st) * (a_b * st), eps)
+        g = (a_t * sb * sb * x - a_b * st * st * x_base) / d
+        v = (st * sb) * (st * sb) / d
+        return g, v
+
+    @triton.jit(do_not_specialize=["HW", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_vb", "s_vk", "s_vc", "s_vlb", "s_vlk", "s_xb", "s_xc"])
+    def _fused_step_kernel(
+        um_ptr, ul_ptr, uls_ptr, vm_ptr, vl_ptr, x_ptr, prev_ptr, coef_ptr, sig_ptr, seed_ptr,
+        out_ptr, post_ptr, stat_ptr, mu_ptr,
+        K, KU, C, HW, NPB, N, NCOEF, NPIX,
+        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_lsb, s_lsp,
+        s_vb, s_vk, s_vc, s_vp, s_vlb, s_vlk, s_vlp,
+        s_xb, s_xc, s_xp, s_op,
+        c1t, c2t, c3t, wsc, eps,
+        SDE: tl.constexpr, WEIGHT: tl.constexpr, UNCOND: tl.constexpr, MEANCFG: tl.constexpr,
+        PROB: tl.constexpr, ORDER2: tl.constexpr, POST: tl.constexpr, STATS: tl.constexpr,
+        ONE_TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        NEED_MC: tl.constexpr, RW_A: tl.constexpr, MU_IN: tl.constexpr, AFFINE: tl.constexpr, INT64: tl.constexpr,
+    ):  # fmt: skip
+        """A sampler step for ``BLOCK_P`` pixels of batch row ``b``, all channels (see ``fused_step``).
+
+        Per pixel: ``R`` is the x0-GM ``x - sigma u_k`` (std times ``sigma``); its moments
+        ``m_c``, ``var``; the unconditional mean ``m_u`` (``UNCOND``); ``db = d - proj m_c`` with
+        ``d = m_c - m_u``; the mean-CFG offset ``o = coef[1] db`` (``MEANCFG``) gives ``R'``;
+        ``F`` is ``R'`` reweighted by ``N(g1, v1)`` (``PROB``), ``A`` the GM that moves the state:
+        ``F`` at order 1, ``R'`` reweighted by ``N(gA, vA)`` at order 2. ``STATS`` 1 and 2 write
+        per-program partial sums instead of a state; ``POST`` also writes the posterior mean of
+        ``F`` at the new state (the next step's 2nd-order input).
+        """
+        pid = tl.program_id(0)
+        b = pid // NPB
+        pb = pid % NPB
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.arange(0, BLOCK_C)
+        kr = tl.arange(0, BLOCK_K)
+        if INT64:
+            b = b.to(tl.int64)
+            p = p.to(tl.int64)
+        pmask = p < HW
+        cmask = c < C
+        xmask = cmask[:, None] & pmask[None, :]
+        x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
+        x_base = x
+        sb = tl.load(sig_ptr).to(tl.float32)
+        a0 = -sb
+        if not AFFINE:  # an x0-GM given as such (the public gm_ode_substeps): means as loaded
+            a0 = 1.0
+        ls = tl.load(uls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)
+        if AFFINE:
+            ls = ls + tl.log(tl.maximum(sb, eps))  # x0 log-std, op 5
+        s2 = tl.exp(tl.minimum(2.0 * ls, 80.0))
+        cf = coef_ptr + b * NCOEF
+        um_base = um_ptr + b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
+        ul_base = ul_ptr + b * s_lb + p[None, :] * s_lp
+        lu_base = vl_ptr + b * s_vlb + p[None, :] * s_vlp
+        zero_v = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        zero_p = tl.zeros([BLOCK_P], tl.float32)
+        mu_all = 0.0
+        l_all = 0.0
+        xb = x
+        if not AFFINE:
+            xb = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        if ONE_TILE:
+            mu_all, l_all = _fs_load(um_base, ul_base, lu_base, 0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, xb, a0, wsc, WEIGHT)
+        # moments of R (and R' = R + o: same spread, mean shifted by o)
+        m_c = zero_v
+        var = zero_p
+        if NEED_MC:
+            m_c, var = _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_vlk, kr, xmask, pmask, xb, a0, wsc,
+                                zero_p, zero_v, zero_p, zero_p, zero_v,
+                                ONE_TILE, WEIGHT, False, False, STATS == 1, BLOCK_K, BLOCK_C, BLOCK_P)
+        d = zero_v
+        db = zero_v
+        o_off = b * (C * HW) + c[:, None] * HW + p[None, :] * s_op
+        if UNCOND:  # m_u: from the unconditional GM in the first launch, which keeps it for the others
+            if MU_IN:
+                m_u = tl.load(mu_ptr + o_off, mask=xmask, other=0.0)
+            else:
+                vm_base = vm_ptr + b * s_vb + c[None, :, None] * s_vc + p[None, None, :] * s_vp
+                vl_base = vl_ptr + b * s_vlb + p[None, :] * s_vlp
+                m_u, _ = _fs_pass(0.0, 0.0, vm_base, vl_base, vl_base, KU, s_vk, s_vlk, s_vlk, kr, xmask, pmask, x, a0, wsc,
+                                  zero_p, zero_v, zero_p, zero_p, zero_v,
+                                  False, False, False, False, False, BLOCK_K, BLOCK_C, BLOCK_P)
+                tl.store(mu_ptr + o_off, m_u, mask=xmask)
+            d = tl.where(xmask, m_c - m_u, 0.0)
+            db = d - tl.load(cf + 0) * m_c
+        if STATS == 1:
+            var = var / C + s2  # per-pixel variance of op 2
+            e = zero_v
+            if ORDER2:
+                prev = tl.load(prev_ptr + o_off, mask=xmask, other=0.0)
+                e = tl.where(xmask, m_c + tl.load(cf + 1) * db - prev, 0.0)
+            mc0 = tl.where(xmask, m_c, 0.0)
+            sp = stat_ptr + pid * 8
+            tl.store(sp + 0, tl.sum(tl.where(pmask, var, 0.0), axis=0))
+            tl.store(sp + 1, tl.sum(tl.sum(d * mc0, axis=0), axis=0))
+            tl.store(sp + 2, tl.sum(tl.sum(mc0 * mc0, axis=0), axis=0))
+            tl.store(sp + 3, tl.sum(tl.sum(d * d, axis=0), axis=0))
+            tl.store(sp + 4, tl.sum(tl.sum(e * e, axis=0), axis=0))
+        else:
+            if MEANCFG:
+                o = tl.load(cf + 1) * db
+                xb = x + o
+                m_c = m_c + o
+                if ONE_TILE:
+                    mu_all = mu_all + o[None, :, :]
+            # F = R' reweighted by N(g1, v1) under probabilistic guidance
+            g1 = zero_v
+            kap1 = zero_p
+            al1 = zero_p + 1.0
+            s2f = s2
+            betF = zero_v
+            if PROB:
+                g1 = tl.load(cf + 6) * m_c + tl.load(cf + 7) * db
+                v1 = tl.load(cf + 8)
+                n1 = tl.maximum(v1 + s2, eps)
+                kap1 = 0.5 / n1
+                al1 = v1 / n1
+                s2f = s2 * al1
+                betF = (s2 / n1)[None, :] * g1
+            mean_now = m_c
+            e = zero_v
+            if ORDER2:
+                if PROB:
+                    mw, _ = _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_vlk, kr, xmask, pmask, xb, a0, wsc,
+                                     kap1, -g1, zero_p, zero_p, zero_v,
+                                     ONE_TILE, WEIGHT, True, False, False, BLOCK_K, BLOCK_C, BLOCK_P)
+                    mean_now = al1[None, :] * mw + betF
+                prev = tl.load(prev_ptr + o_off, mask=xmask, other=0.0)
+                e = mean_now - prev
+            if STATS == 2:  # exact power of the 2nd-order bias damp * e + cfg
+                bt = tl.where(xmask, tl.load(cf + 9) * e + tl.load(cf + 10) * db, 0.0)
+                tl.store(stat_ptr + pid * 8 + 5, tl.sum(tl.sum(bt * bt, axis=0), axis=0))
+            else:
+                # A: the GM that moves the state (RW_A: PROB or ORDER2)
+                gA = g1
+                kapA = kap1
+                alA = al1
+                s2A = s2f
+                if ORDER2:
+                    gA = m_c + tl.load(cf + 3) * db + tl.load(cf + 4) * e
+                    vA = tl.load(cf + 5)
+                    nA = tl.maximum(vA + s2, eps)
+                    kapA = 0.5 / nA
+                    alA = vA / nA
+                    s2A = s2 * alA
+                betA = zero_v
+                if RW_A:
+                    betA = (s2 * kapA * 2.0)[None, :] * gA  # s2 / n * g
+                if SDE:
+                    # component draw from A's weights: total, then the CDF walk
+                    seed = tl.load(seed_ptr)
+                    m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
+                    tot = tl.zeros([BLOCK_P], tl.float32)
+                    if ONE_TILE:
+                        m_run, tot = _fs_total(_fs_logits_a(mu_all, l_all, gA, kapA, RW_A), m_run, tot)
+                    else:  # the means only when A reweights them
+                        for k0 in range(0, K, BLOCK_K):
+                            mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, xb, a0, wsc, WEIGHT, RW_A)
+                            m_run, tot = _fs_total(_fs_logits_a(mu, lg, gA, kapA, RW_A), m_run, tot)
+                    m_fin = tl.where(m_run == float("-inf"), 0.0, m_run)
+                    target = tl.rand(seed, b * HW + p) * tot
+                    cum = tl.zeros([BLOCK_P], tl.float32)
+                    sel = tl.full([BLOCK_P], -1, tl.int32)
+                    last = tl.zeros([BLOCK_P], tl.int32)
+                    if ONE_TILE:
+                        cum, sel, last = _fs_cdf(_fs_logits_a(mu_all, l_all, gA, kapA, RW_A), kr, K, m_fin, target, cum, sel, last)
+                    else:
+                        for k0 in range(0, K, BLOCK_K):
+                            mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_vlk, xmask, pmask, xb, a0, wsc, WEIGHT, RW_A)
+                            cum, sel, last = _fs_cdf(_fs_logits_a(mu, lg, gA, kapA, RW_A), k0 + kr, K, m_fin, target, cum, sel, last)
+                    sel = tl.where(sel < 0, last, sel)
+                    if INT64:
+                        sel_off = sel.to(tl.int64) * s_mk
+                    else:
+                        sel_off = sel * s_mk
+                    u_sel = tl.load(um_ptr + b * s_mb + sel_off[None, :] + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0)
+                    mu_sel = xb + a0 * u_sel.to(tl.float32)
+                    if RW_A:
+                        mu_sel = alA[None, :] * mu_sel + betA
+                    # sqrt(c2^2 s2A + c3) as hi * sqrt(1 + (lo / hi)^2)
+                    pa = tl.abs(c2t) * tl.sqrt(s2A)
+                    qa = tl.sqrt(tl.maximum(c3t, 0.0)) + zero_p
+                    hi = tl.maximum(pa, qa)
+                    lo = tl.minimum(pa, qa)
+                    ratio = tl.where(hi > 0, lo / tl.where(hi > 0, hi, 1.0), 0.0)
+                    std = hi * tl.sqrt(1.0 + ratio * ratio)
+                    z = tl.randn(seed, NPIX + (b * C + c[:, None]) * HW + p[None, :])
+                    x = c1t * x + c2t * mu_sel + std[None, :] * z
+                else:
+                    for j in range(N):
+                        s_j = tl.load(sig_ptr + j).to(tl.float32)
+                        s_n = tl.load(sig_ptr + j + 1).to(tl.float32)
+                        gt, vt = _fs_transfer(sb, s_j, x, x_base, eps)
+                        nt = tl.maximum(vt + s2A, eps)
+                        first = j == 0  # substep 0: the plain mixture mean of A
+                        kapt = tl.where(first, 0.0, 0.5 / nt)
+                        mw, _ = _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_vlk, kr, xmask, pmask, xb, a0, wsc,
+                                         kapA, -gA, kapt, alA, betA - gt,
+                                         ONE_TILE, WEIGHT, RW_A, True, False, BLOCK_K, BLOCK_C, BLOCK_P)
+                        mA = alA[None, :] * mw + betA
+                        # r_v = vt / (vt + s2A), r_s = s2A / (vt + s2A) as sigmoids (no inf / inf)
+                        tt = tl.minimum(tl.maximum(tl.log(s2A) - tl.log(vt), -80.0), 80.0)
+                        r_v = tl.where(first, 1.0, 1.0 / (1.0 + tl.exp(tt)))
+                        r_s = tl.where(first, 0.0, 1.0 / (1.0 + tl.exp(-tt)))
+                        x0 = r_v[None, :] * mA + r_s[None, :] * gt
+                        x = x + (x - x0) * ((s_n - s_j) / tl.maximum(s_j, eps))
+                tl.store(out_ptr + o_off, x.to(out_ptr.dtype.element_ty), mask=xmask)
+                if POST:  # posterior mean of F at the new state, for the next step's 2nd-order rule;
+                    # at 2nd order it overwrites ``prev`` in place: both accesses use the pointers
+                    # ``o_off``, so every element is read and later written by the same thread
+                    s_end = tl.load(sig_ptr + N).to(tl.float32)
+                    gt, vt = _fs_transfer(sb, s_end, x, x_base, eps)
+                    nt = tl.maximum(vt + s2f, eps)
+                    mw, _ = _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_vlk, kr, xmask, pmask, xb, a0, wsc,
+                                     kap1, -g1, 0.5 / nt, al1, betF - gt,
+                                     ONE_TILE, WEIGHT, PROB, True, False, BLOCK_K, BLOCK_C, BLOCK_P)
+                    tt = tl.minimum(tl.maximum(tl.log(s2f) - tl.log(vt), -80.0), 80.0)
+                    r_v = 1.0 / (1.0 + tl.exp(tt))
+                    r_s = 1.0 / (1.0 + tl.exp(-tt))
+                    post = r_v[None, :] * (al1[None, :] * mw + betF) + r_s[None, :] * gt
+                    tl.store(post_ptr + o_off, post, mask=xmask)
+
+
 def _flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor):
     """``(B, K, C, HW)`` means, ``(B, K, HW)`` log-weights, ``(B, 1|HW)`` log-stds (views when
     the strides allow) and the log-std strides (pixel stride 0 for a per-sample std)."""
@@ -265,19 +519,25 @@ def _flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tenso
 
 
 def _launch_ode(means, logstds, logweights, x, sigmas, eps):
+    """``gm_ode_substeps`` on an x0-GM: ``_fused_step_kernel`` with the means taken as loaded
+    (``AFFINE=False``), no guidance, first order."""
     *_, K, C, H, W = means.shape
     HW = H * W
     m, lw, ls, s_lsb, s_lsp = _flat_gm(means, logstds, logweights)
     B = m.shape[0]
     xf = x.reshape(B, C, HW)
     out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
-    bk, bc, bp, one = _ode_blocks(K, C, HW)
-    grid = (cdiv(HW, bp), B)
-    _gm_ode_substeps_kernel[grid](
-        m, lw, ls, xf, sigmas, out,
-        K, C, HW, sigmas.numel() - 1,
-        *m.stride(), *lw.stride(), s_lsb, s_lsp, *xf.stride(), sigmas.stride(0), eps,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=one, INT64=needs_int64(m, lw, xf, out), num_warps=4,
+    sig = sigmas.to(torch.float32).contiguous()
+    bk, bc, bp, one, warps = _fused_blocks(K, C, HW)
+    npb = cdiv(HW, bp)
+    _fused_step_kernel[(B * npb,)](
+        m, lw, ls, m, lw, xf, xf, sig, sig, sig, out, out, sig, sig,
+        K, K, C, HW, npb, sig.numel() - 1, 0, B * HW,
+        *m.stride(), *lw.stride(), s_lsb, s_lsp, *m.stride(), *lw.stride(), *xf.stride(), 1,
+        0.0, 0.0, 0.0, 1.0, eps,
+        SDE=False, WEIGHT=False, UNCOND=False, MEANCFG=False, PROB=False, ORDER2=False, POST=False, STATS=0,
+        ONE_TILE=one, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, NEED_MC=False, RW_A=False, MU_IN=True, AFFINE=False,
+        INT64=needs_int64(m, lw, xf, out), num_warps=warps,
     )
     return out.view(x.shape)
 
@@ -439,17 +699,157 @@ def gm_sde_step(
     return run_reference(ref.gm_sde_step, gm, x, sigma, sigma_next, u, z, power, eps, out_dtype=x.dtype)
 
 
+# ----------------------------------------------------------------------------- fused sampler step
+
+_NCOEF = 11  # per-sample coefficients of ``_fused_step_kernel`` (see ``fused_step``)
+_NSTAT = 8  # per-program partial sums of its statistics modes
+# Coefficients of the 2nd-order error estimate E = V * (scale^2 * cb^2 + ca) (SPEC §4).
+CA, CB = 0.005, 1.0
+# Floor of the relative variance reduction of a Gaussian reweighting (schedulers._reweight).
+RHO_MIN = 1e-6
+
+
+def _f32(v: float) -> float:
+    """A launch scalar rounded to float32 as a GPU launch rounds it (the interpreter keeps float64)."""
+    return torch.tensor(v, dtype=torch.float32).item()
+
+
+def fused_step(
+    gm_u, x: torch.Tensor, sigmas: torch.Tensor, levels: tuple[float, float], *, sde: bool, guidance: str = "none", scale: float = 0.0,
+    orthogonal: float = 0.0, prev_mean: torch.Tensor | None = None, h: float = 0.0, h_prev: float = 0.0,
+    post: bool = False, generator: torch.Generator | None = None, eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One whole sampler step on the network's u-GM, with no GM-sized temporary (the schedulers'
+    Triton path; the eager composition of ops 5, 11, SPEC §4's 2nd-order rule and
+    ``gm_ode_substeps`` / ``gm_sde_step`` is its reference, ``schedulers._GMSchedulerBase._x0_gm``).
+
+    Every GM of the step is the network's GM in its own dtype seen through per-sample
+    coefficients and per-pixel means that the kernel forms as it loads: ``x0_k = x - sigma u_k``
+    (std times ``sigma``); mean-CFG shifts every mean by ``(scale - 1)(d - proj m_c)``; weight
+    guidance combines the log-weights; probabilistic guidance and the 2nd-order correction are
+    Gaussian reweightings ``N(g, v)`` whose centre ``g`` is a per-pixel combination of ``m_c``,
+    ``d = m_c - m_u``, and ``mean_now - prev_mean``. Statistics launches of the same kernel
+    (``STATS=1``: variance, ``<d, m_c>``, ``<m_c, m_c>``, ``<d, d>``, ``<e, e>``; ``STATS=2``: the
+    exact power of the 2nd-order bias when it depends on the first pass) give the per-sample
+    scalars as ``(B, programs, 8)`` partials summed in float64 by torch (no host read). The first
+    launch also keeps ``m_u`` (``(*B, C, H, W)`` float32), so the unconditional GM is read once.
+
+    Args:
+        gm_u: u-GM ``{means (*B, K, C, H, W), logstds (*B, 1, 1, 1|H, 1|W), logweights}`` or the
+            pair ``(gm_cond, gm_uncond)`` when ``scale > 0``.
+        x: ``(*B, C, H, W)`` state at ``sigmas[0]``.
+        sigmas: 1-D float32 device tensor, the ``N + 1`` levels of the step (``N = 1`` for SDE).
+        levels: ``(sigmas[0], sigmas[N])`` as Python floats (the SDE's transition constants).
+        sde: GM-SDE draw (Philox seeded from ``generator`` as ``gm_sde_step``) instead of
+            ``N`` GM-ODE substeps.
+        guidance: ``"none"``, ``"probabilistic"``, ``"weight"`` or ``"mean-cfg"``.
+        prev_mean: ``(*B, C, H, W)`` float32, the previous step's first-order GM's posterior
+            mean at ``(x, sigmas[0])``: turns on the 2nd-order rule with step sizes ``h``, ``h_prev``.
+        post: also return that posterior mean at the new state for the next step (written into
+            ``prev_mean``'s storage when given: the scheduler's own buffer, read before it is
+            overwritten).
+    Returns:
+        ``(x_next (*B, C, H, W) in x's dtype, post_mean (*B, C, H, W) float32 or None)``.
+    """
+    paired = isinstance(gm_u, (tuple, list))
+    cond = gm_u[0] if paired else gm_u
+    uncond = gm_u[1] if paired else cond
+    if scale == 0:
+        guidance = "none"
+    prob, weight, meancfg = guidance == "probabilistic", guidance == "weight", guidance == "mean-cfg"
+    has_uncond = prob or meancfg
+    order2 = prev_mean is not None
+    *_, K, C, H, W = cond["means"].shape
+    HW = H * W
+    m, lw, ls, s_lsb, s_lsp = _flat_gm(cond["means"], cond["logstds"], cond["logweights"])
+    KU = uncond["means"].shape[-4]
+    if weight and KU != K:
+        raise ValueError(f"weight guidance needs matching K: gm_cond has K={K}, gm_uncond has K={KU}")
+    vm, vl = uncond["means"].reshape(-1, KU, C, HW), uncond["logweights"].reshape(-1, KU, HW)
+    B = m.shape[0]
+    xf = x.reshape(B, C, HW)
+    bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde, heavy=has_uncond or order2)
+    npb = cdiv(HW, bp)
+    dev = x.device
+    coef = torch.zeros((B, _NCOEF), dtype=torch.float32, device=dev)
+    stats = torch.empty((B * npb, _NSTAT), dtype=torch.float32, device=dev) if (has_uncond or order2) else coef
+    m_u = torch.empty((B, C, HW), dtype=torch.float32, device=dev) if has_uncond else coef
+    prev = prev_mean.reshape(B, C, HW) if order2 else xf
+    out = torch.empty((B, C, HW), device=dev, dtype=x.dtype)
+    # the new posterior mean overwrites the previous one in place (see the kernel's POST store)
+    postbuf = (prev if order2 else torch.empty((B, C, HW), device=dev, dtype=torch.float32)) if post else out
+    seed = coef
+    c1 = c2 = c3 = 0.0
+    if sde:
+        gen_device = dev if generator is None else generator.device
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).to(dev)
+        c1, c2, c3 = (_f32(v) for v in transition_coefficients(levels[0], levels[1], eps))
+    int64 = needs_int64(m, lw, vm, vl, xf, out) or B * HW * (C + 1) >= I32_MAX
+
+    def launch(mode: int) -> None:
+        _fused_step_kernel[(B * npb,)](
+            m, lw, ls, vm, vl, xf, prev, coef, sigmas, seed, out, postbuf, stats, m_u,
+            K, vm.shape[1], C, HW, npb, sigmas.numel() - 1, _NCOEF, B * HW,
+            *m.stride(), *lw.stride(), s_lsb, s_lsp, *vm.stride(), *vl.stride(), *xf.stride(), 1,
+            c1, c2, c3, float(scale), eps,
+            SDE=sde, WEIGHT=weight, UNCOND=has_uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2,
+            POST=post and mode == 0, STATS=mode, ONE_TILE=one and (not sde or has_uncond or order2 or prob), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
+            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, AFFINE=True, INT64=int64, num_warps=warps,
+        )
+
+    def mean_over(col: int, n: int) -> torch.Tensor:
+        return stats[:, col].view(B, npb).sum(1, dtype=torch.float64) / n
+
+    if has_uncond or order2:
+        CHW = C * HW
+        amount = (orthogonal if prob else (1.0 if orthogonal > 0 else 0.0)) if has_uncond else 0.0
+        if meancfg and amount == 0:
+            coef[:, 1] = scale - 1
+        launch(1)
+        V, dm, mm, dd = mean_over(0, HW), mean_over(1, CHW), mean_over(2, CHW), mean_over(3, CHW)
+        proj = amount * dm / mm.clamp(min=1e-6)
+        pg = (dd - 2 * proj * dm + proj * proj * mm).clamp(min=0)  # <db, db>, db = d - proj m_c
+        alpha = torch.zeros_like(V)
+        if has_uncond:
+            coef[:, 0] = proj.float()
+        if meancfg:
+            coef[:, 1] = scale - 1
+        if prob:
+            alpha = scale * torch.sqrt(V / pg.clamp(min=1e-6))
+            vt = V * (1 - scale * scale)  # op 4: target / cond
+            n4 = (V - vt).clamp(min=1e-6)
+            coef[:, 6] = ((V - vt) / n4).float()
+            coef[:, 7] = (V * alpha / n4).float()
+            coef[:, 8] = (vt * V / n4).float()
+        if order2:
+            E = V * ((scale * scale * CB * CB if prob else 0.0) + CA)
+            damp = torch.sqrt((1 - E / (h_prev * h_prev)).clamp(min=0)) * (0.5 * h / h_prev)
+            if prob or (meancfg and amount > 0):  # the bias needs the first pass's scalars
+                coef[:, 9] = damp.float()
+                coef[:, 10] = alpha.float()
+                launch(2)
+                P = mean_over(5, CHW)
+            else:
+                P = damp * damp * mean_over(4, CHW)
+            cap = torch.sqrt((V / P.clamp(min=1e-6)).clamp(max=1))
+            rho = (P / V.clamp(min=1e-6)).clamp(min=RHO_MIN, max=1 - RHO_MIN)
+            coef[:, 3] = (cap * alpha / rho).float()
+            coef[:, 4] = (cap * damp / rho).float()
+            coef[:, 5] = (V * (1 - rho) / rho).float()
+    launch(0)
+    return out.view(x.shape), (postbuf.view(x.shape) if post else None)
+
+
 # ----------------------------------------------------------------------------- AOT cases
 
 
 def _aot_cases() -> list[AotCase]:
-    """The benchmark shape B=125, K=8, C=4, 32x32 with a per-sample std, contiguous. The substep
-    count is a runtime argument, so 4 and 8 substeps share one ODE specialisation; the SDE case
-    is the Philox variant. fp32 and bf16 (GM, state and output all in that dtype)."""
+    """The benchmark shape B=125, K=8, C=4, 32x32 with a per-sample std, contiguous: the public
+    ``gm_sde_step`` kernel (Philox variant; GM, state and output in fp32 or bf16) and the fused
+    kernel in the launches of ``_FUSED_MODES`` (the substep count is a runtime argument)."""
     if triton is None:
         return []
     K, C, HW = 8, 4, 32 * 32
-    bk, bc, bp, one = _ode_blocks(K, C, HW)
     sk, sc, sp = _sde_blocks(K, C, HW)
     cases = []
     for dt in ("fp32", "bf16"):
@@ -463,17 +863,6 @@ def _aot_cases() -> list[AotCase]:
             "s_xb": "i32", "s_xc": "i32", "s_xp": "constexpr",
         }
         unit = {"s_mp": 1, "s_lp": 1, "s_lsb": 1, "s_lsp": 0, "s_xp": 1}
-        ode_sig = {**gm_sig, "sig_ptr": "*fp32", "out_ptr": f"*{dt}", "K": "i32", "C": "i32", "HW": "i32", "N": "i32",
-                   **strides, "s_sig": "constexpr", "eps": "fp32",
-                   "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr", "ONE_TILE": "constexpr", "INT64": "constexpr"}
-        cases.append(AotCase(
-            name=f"solver_steps.gm_ode_substeps[B125,K8,C4,32x32,N4|N8,{dt}]",
-            kernel=_gm_ode_substeps_kernel,
-            signature=ode_sig,
-            constexprs={**unit, "s_sig": 1, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "ONE_TILE": one, "INT64": False},
-            num_warps=4,
-            divisible=("means_ptr", "lw_ptr", "ls_ptr", "x_ptr", "sig_ptr", "out_ptr", "HW", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_xb", "s_xc"),
-        ))
         sde_sig = {**gm_sig, "u_ptr": f"*{dt}", "z_ptr": f"*{dt}", "seed_ptr": "*i64", "out_ptr": f"*{dt}",
                    "K": "i32", "C": "i32", "HW": "i32", "NPIX": "i32", **strides,
                    "s_ub": "i32", "s_up": "constexpr", "s_zb": "i32", "s_zc": "i32", "s_zp": "constexpr",
@@ -487,7 +876,42 @@ def _aot_cases() -> list[AotCase]:
             num_warps=4,
             divisible=("means_ptr", "lw_ptr", "ls_ptr", "x_ptr", "out_ptr", "HW", "NPIX", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_xb", "s_xc"),
         ))
+    cases += [_fused_case(125, 8, 4, 32 * 32, dt, mode) for dt in ("fp32", "bf16") for mode in _FUSED_MODES]
     return cases
+
+
+#: launches of ``_fused_step_kernel`` compiled by the AOT report: name -> (STATS, SDE, guidance,
+#: 2nd order, AFFINE); ``gm_ode_substeps`` is the public op on an x0-GM
+_FUSED_MODES = {
+    "gm_ode_substeps": (0, False, "none", False, False),
+    "ode": (0, False, "none", False, True), "sde": (0, True, "none", False, True),
+    "ode-order2-prob": (0, False, "probabilistic", True, True), "stats-order2-prob": (1, False, "probabilistic", True, True),
+}
+
+
+def _fused_case(B: int, K: int, C: int, HW: int, dt: str, mode: str) -> AotCase:
+    """``_fused_step_kernel`` as ``fused_step`` launches it: network GM in ``dt``, float32 state,
+    a per-sample std (its row stride 1), contiguous pixels (stride 1: specialised), unspecialised
+    row/component/channel strides and ``H * W``, Triton's default ``num_stages``."""
+    stats, sde, guidance, order2, affine = _FUSED_MODES[mode]
+    prob = guidance == "probabilistic"
+    bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde, heavy=prob or order2)
+    ptrs = {n: f"*{dt}" for n in ("um_ptr", "ul_ptr", "uls_ptr", "vm_ptr", "vl_ptr")}
+    ptrs.update({n: "*fp32" for n in ("x_ptr", "prev_ptr", "coef_ptr", "sig_ptr")})
+    ptrs["seed_ptr"] = "*i64"
+    ptrs.update({n: "*fp32" for n in ("out_ptr", "post_ptr", "stat_ptr", "mu_ptr")})
+    ints = "K KU C HW NPB N NCOEF NPIX s_mb s_mk s_mc s_mp s_lb s_lk s_lp s_lsb s_lsp s_vb s_vk s_vc s_vp s_vlb s_vlk s_vlp s_xb s_xc s_xp s_op".split()
+    sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "fp32" for n in ("c1t", "c2t", "c3t", "wsc", "eps")}}
+    unit = ("s_mp", "s_lp", "s_lsb", "s_vp", "s_vlp", "s_xp", "s_op")  # 1: specialised by the launcher
+    sig.update({n: "constexpr" for n in unit})
+    consts = dict(SDE=sde, WEIGHT=False, UNCOND=prob, MEANCFG=False, PROB=prob, ORDER2=order2, POST=order2 and stats == 0,
+                  STATS=stats, ONE_TILE=one and (not sde or prob or order2), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
+                  NEED_MC=prob or order2 or stats > 0, RW_A=prob or order2, MU_IN=stats != 1, AFFINE=affine, INT64=False)
+    sig.update({n: "constexpr" for n in consts})
+    consts.update({n: 1 for n in unit})
+    divisible = (*ptrs, "NPIX")  # the strides and H * W are not specialised (see _fused_blocks)
+    name = f"solver_steps.fused_step[{mode},B{B},K{K},C{C},HW{HW},{dt}]"
+    return AotCase(name, _fused_step_kernel, sig, consts, warps, 3, divisible)
 
 
 AOT_CASES = _aot_cases()
