@@ -27,12 +27,13 @@ Inputs that need a gradient, and float64 inputs, take the differentiable torch p
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 import reference.inverse_cdf as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_count, check_gm, check_gm1d, check_positive, check_state
 from ._launch import kernels_wanted, needs_int64, per_row, pixel_rows
@@ -443,42 +444,25 @@ def gm_samples_to_gaussian_samples(gm: dict, gm_samples: torch.Tensor, eps: floa
 
 # --------------------------------------------------------------------------- AOT cases
 
-#: benchmark shapes ``(B, K, C, H*W)``
-BENCH_SHAPES = ((256, 8, 4, 32 * 32), (32, 256, 4, 32 * 32))
+
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """For a ``(B, K, C, H, W)`` GM and one sample per pixel, fp32 and bf16: the KR transport
+    both ways (``gaussian_samples_to_gm_samples``, ``gm_samples_to_gaussian_samples``) and the
+    1-D inverse CDF (``gm1d_inverse_cdf``, the same GM with one channel)."""
+    mod = sys.modules[__name__]
+    cases = []
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        tag = shape_tag(B, K, C, H, W, dt)
+        z = gm["means"].new_empty((B, 1, C, H, W))
+        cases += launch_cases(mod, f"kr_inverse[{tag}]", _launch_kr_inverse, gm["means"], gm["logstds"], gm["logweights"], z,
+                              None, 2, 1e-6, 1.0)  # fmt: skip
+        cases += launch_cases(mod, f"kr_cdf[{tag}]", _launch_kr_cdf, gm["means"], gm["logstds"], gm["logweights"], z)
+        gm1 = meta_gm(B, K, 1, H, W, dt)
+        z1 = z[:, :, :1].contiguous()
+        cases += launch_cases(mod, f"kr_inverse_1d[{shape_tag(B, K, 1, H, W, dt)}]", _launch_kr_inverse, gm1["means"],
+                              gm1["logstds"], gm1["logweights"], z1, z1, 2, 1e-6, 1.0)  # fmt: skip
+    return cases
 
 
-def _kr_case(name: str, kernel, K: int, P: int, R: int, dtype: str, inverse: bool, has_u: bool = False) -> AotCase:
-    bk, bp, warps = kr_blocks(K, P, R)
-    ptr = f"*{dtype}"
-    sig = {"means_ptr": ptr, "lw_ptr": ptr, "logstds_ptr": ptr}
-    sig.update({"z_ptr": ptr, "u_ptr": ptr, "out_ptr": ptr} if inverse else {"x_ptr": ptr, "out_ptr": "*fp32"})
-    sig.update({"acc_ptr": "*fp32", "K": "i32", "C": "i32", "P": "i32", "N": "i32", "n_pblocks": "i32"})
-    sig.update({"s_mr": "i32", "s_mk": "i32", "s_mc": "i32", "s_mp": "constexpr"})
-    sig.update({"s_lr": "i32", "s_lk": "i32", "s_lp": "constexpr", "s_sr": "i32", "s_sp": "i32"})
-    samples = ("z", "u", "o") if inverse else ("x", "o")
-    for t in samples:
-        sig.update({f"s_{t}r": "i32", f"s_{t}n": "i32", f"s_{t}c": "i32", f"s_{t}p": "constexpr"})
-    consts = {"s_mp": 1, "s_lp": 1, **{f"s_{t}p": 1 for t in samples}}
-    if inverse:
-        sig.update({"n_steps": "i32", "eps": "fp32", "max_step_size": "fp32", "HAS_U": "constexpr"})
-        consts["HAS_U"] = has_u
-    sig.update({"BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "INT64": "constexpr"})
-    consts.update({"BLOCK_K": bk, "BLOCK_P": bp, "INT64": False})
-    divisible = ("means_ptr", "lw_ptr", "out_ptr", "acc_ptr", "P", "s_mr", "s_mk", "s_mc", "s_lr", "s_lk", "s_sp")
-    return AotCase(name, kernel, sig, consts, num_warps=warps, divisible=divisible)
-
-
-AOT_CASES = (
-    [
-        _kr_case(f"{nm}[B{B},K{K},{'' if has_u else f'C{C},'}HW{P},{dt}]", kern, K, P, B, dt, inv, has_u)
-        for nm, kern, inv, has_u in (
-            ("kr_inverse", _kr_inverse_kernel, True, False),  # gaussian_samples_to_gm_samples
-            ("kr_inverse_1d", _kr_inverse_kernel, True, True),  # gm1d_inverse_cdf (C = 1 at run time)
-            ("kr_cdf", _kr_cdf_kernel, False, False),  # gm_samples_to_gaussian_samples
-        )
-        for B, K, C, P in BENCH_SHAPES
-        for dt in ("fp32", "bf16")
-    ]
-    if triton is not None
-    else []
-)
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

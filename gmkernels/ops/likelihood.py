@@ -34,6 +34,7 @@ Point data (``H = W = 1``) swaps rows and pixels so the batch fills the pixel bl
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Optional
 
 import torch
@@ -42,7 +43,7 @@ import reference.likelihood as ref
 import reference.transition as ref_transition
 from reference._util import to_gm_dims
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import compute_dtype, run_reference, select_backend
 from .._validate import GMShape, Sigma, check_gm, check_sigma, check_state
 
@@ -647,50 +648,27 @@ def _check_nondecreasing(t_low: Sigma, t_high: Sigma) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases: the benchmark constexprs, fp32 and bf16
+# Ahead-of-time compile cases
 # --------------------------------------------------------------------------------------------
 
 
-def _aot_case(name: str, kernel, dt: str, fp32_ptrs: tuple[str, ...], constexprs: dict) -> AotCase:
-    """A case for contiguous inputs of dtype ``dt``: ``*_ptr`` arguments are pointers (float32
-    for ``fp32_ptrs``), other lower-case ``s*`` arguments strides, pixel strides 1 (Triton
-    specialises a stride of 1 as a constant, not 0), ``istd_max``/``sign``/``shift`` floats."""
-    sig = {}
-    for arg in kernel.arg_names:
-        if arg in constexprs:
-            sig[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            sig[arg] = "*fp32" if arg in fp32_ptrs else f"*{dt}"
-        elif arg in ("istd_max", "sign", "shift"):
-            sig[arg] = "fp32"
-        else:
-            sig[arg] = "i32"
-    # pointers, P and the other strides are multiples of 16 at these shapes (the pixel stride 0 of
-    # the per-row log-std and scales included)
-    divisible = tuple(a for a, ty in sig.items() if a.endswith("_ptr") or (ty == "i32" and (a == "P" or a.startswith("s"))))
-    return AotCase(name=name, kernel=kernel, signature=sig, constexprs=constexprs, num_warps=NUM_WARPS, divisible=divisible)
-
-
-def _aot_cases() -> list[AotCase]:
-    if triton is None:
-        return []
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """The NLL forward and backward for a ``(B, K, C, H, W)`` GM and one target per pixel, plain
+    and with the transition loss's affine map (scaled means), fp32 and bf16."""
+    mod = sys.modules[__name__]
     cases = []
-    # strides of 1: the pixels of every pixel tensor, the rows of the (B, 1, 1, 1, 1) log-std and scales
-    unit = {"sm_p": 1, "sw_p": 1, "sy_p": 1, "sx_p": 1, "ss_r": 1, "smc_r": 1, "sxr_r": 1}
-    fwd_unit = {**unit, "N": 1, "so_p": 1}
-    bwd_unit = {**unit, "sl_p": 1, "sg_p": 1, "sgm_p": 1, "sgw_p": 1}
-    for dt in ("fp32", "bf16"):
-        # the benchmark shapes (C = 4, 32x32); the transition loss (scaled means) at the first
-        for R, K, P, scaled in ((256, 8, 1024, False), (32, 256, 1024, False), (256, 8, 1024, True)):
-            block_k, block_p = _blocks(K, P, R, scaled)
-            common = dict(AFFINE=scaled, BLOCK_K=block_k, BLOCK_P=block_p, I64=False)
-            tag = f"K{K}_{dt}" + ("_transition" if scaled else "")
-            cases.append(_aot_case(f"likelihood.nll_fwd_{tag}", _gm_loglik_fwd_kernel, dt, ("out_ptr", "mscale_ptr", "xres_ptr"),
-                                   {**common, **fwd_unit}))
-            cases.append(_aot_case(f"likelihood.nll_bwd_{tag}", _gm_nll_bwd_kernel, dt,
-                                   ("loss_ptr", "gloss_ptr", "glogstds_ptr", "mscale_ptr", "xres_ptr"),
-                                   {**common, **bwd_unit, "STD_PER_PIXEL": False}))
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        m, s, lw = gm["means"], gm["logstds"], gm["logweights"]
+        y = m.new_empty((B, C, H, W))
+        loss = torch.empty((B, H, W), device="meta")
+        affine = (s.new_empty(s.shape), s.new_empty(s.shape), y)
+        for aff, suffix in ((None, ""), (affine, ",transition")):
+            tag = shape_tag(B, K, C, H, W, dt) + suffix
+            cases += launch_cases(mod, f"likelihood.nll_fwd[{tag}]", _launch_loglik, m, s, lw, y.unsqueeze(-4), 1e4, -1.0, 0.0,
+                                  torch.float32, aff)  # fmt: skip
+            cases += launch_cases(mod, f"likelihood.nll_bwd[{tag}]", _launch_nll_bwd, loss, loss, m, s, lw, y, aff, 1e-4)
     return cases
 
 
-AOT_CASES = _aot_cases()
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

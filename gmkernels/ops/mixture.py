@@ -16,11 +16,13 @@ Launcher helpers shared with the other families live in ``_launch``.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import reference.mixture as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_gm, check_power
 from ._launch import LOG2E, gm_views, kernels_wanted, mixture_blocks, needs_int64, per_row, pixel_rows
@@ -245,39 +247,16 @@ def gm_to_iso_gaussian(gm: dict) -> dict:
 # --------------------------------------------------------------------------- AOT cases
 
 
-def _moments_case(name: str, K: int, C: int, P: int, R: int, dtype: str, with_var: bool) -> AotCase:
-    bk, bc, bp, warps = _moments_blocks(K, C, P, R, with_var)
-    ptr = f"*{dtype}"
-    sig = {
-        "means_ptr": ptr, "lw_ptr": ptr, "logstds_ptr": ptr, "mean_ptr": ptr, "var_ptr": ptr,
-        "K": "i32", "C": "i32", "P": "i32", "n_pblocks": "i32", "n_ctiles": "i32",
-        "s_mr": "i32", "s_mk": "i32", "s_mc": "i32", "s_mp": "constexpr",
-        "s_lr": "i32", "s_lk": "i32", "s_lp": "constexpr",
-        "s_sr": "i32", "s_sp": "i32",
-        "s_or": "i32", "s_oc": "i32", "s_op": "constexpr",
-        "s_vr": "i32", "s_vp": "constexpr",
-        "power_log2e": "fp32",
-        "WITH_VAR": "constexpr", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr",
-        "INT64": "constexpr",
-    }  # fmt: skip
-    # contiguous inputs: unit pixel strides (Triton specialises 1), per-batch logstds (stride 0)
-    consts = {"s_mp": 1, "s_lp": 1, "s_op": 1, "s_vp": 1, "WITH_VAR": with_var,
-              "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "INT64": False}  # fmt: skip
-    divisible = ("means_ptr", "lw_ptr", "mean_ptr", "var_ptr", "P", "s_mr", "s_mk", "s_mc", "s_lr", "s_lk",
-                 "s_or", "s_oc", "s_vr")  # fmt: skip
-    return AotCase(name, _gm_moments_kernel, sig, consts, num_warps=warps, divisible=divisible)
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """Both launches (mean; mean and variance) for a ``(B, K, C, H, W)`` GM, fp32 and bf16."""
+    cases = []
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        tag = shape_tag(B, K, C, H, W, dt)
+        cases += launch_cases(sys.modules[__name__], f"gm_to_mean[{tag}]", _launch_moments, gm["means"], gm["logweights"], None, 1.0)
+        cases += launch_cases(sys.modules[__name__], f"gm_to_iso_gaussian[{tag}]", _launch_moments, gm["means"], gm["logweights"],
+                              gm["logstds"], 1.0)  # fmt: skip
+    return cases
 
 
-#: benchmark shapes ``(B, K, C, H*W)``
-BENCH_SHAPES = ((256, 8, 4, 32 * 32), (32, 256, 4, 32 * 32))
-
-AOT_CASES = (
-    [
-        _moments_case(f"{op}[B{B},K{K},C{C},HW{P},{dt}]", K, C, P, B, dt, op == "gm_to_iso_gaussian")
-        for op in ("gm_to_mean", "gm_to_iso_gaussian")
-        for B, K, C, P in BENCH_SHAPES
-        for dt in ("fp32", "bf16")
-    ]
-    if triton is not None
-    else []
-)
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

@@ -21,11 +21,13 @@ dominate), and each difference is exact when g and the components share a large 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import reference.product as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_gaussian, check_gm
 from ._launch import gm_views, kernels_wanted, mixture_blocks, needs_int64, per_row, pixel_rows
@@ -398,48 +400,21 @@ def iso_gaussian_mul_iso_gaussian(
 
 # --------------------------------------------------------------------------- AOT cases
 
-#: benchmark shapes ``(B, K, C, H*W)``
-BENCH_SHAPES = ((256, 8, 4, 32 * 32), (32, 256, 4, 32 * 32))
+
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """Both products for a ``(B, K, C, H, W)`` GM and a Gaussian with a per-pixel variance, fp32
+    and bf16."""
+    mod = sys.modules[__name__]
+    cases = []
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        tag = shape_tag(B, K, C, H, W, dt)
+        mean = gm["means"].new_empty((B, C, H, W))
+        var = gm["means"].new_empty((B, 1, H, W))
+        cases += launch_cases(mod, f"gm_mul_iso_gaussian[{tag}]", _launch_gm_mul, gm["means"], gm["logstds"], gm["logweights"],
+                              mean, var, 1.0, 1e-6)  # fmt: skip
+        cases += launch_cases(mod, f"iso_gaussian_mul_iso_gaussian[{tag}]", _launch_gauss_mul, mean, var, mean, var, 1.0, 1.0, 1e-6)
+    return cases
 
 
-def _gm_mul_case(B: int, K: int, C: int, P: int, dt: str) -> AotCase:
-    bk, bc, bp, warps = _gm_mul_blocks(K, C, P, B)
-    ptr = f"*{dt}"
-    names = ["means_ptr", "lw_ptr", "logstds_ptr", "g_ptr", "v_ptr", "out_m_ptr", "out_lw_ptr", "out_s_ptr", "raw_ptr"]
-    sig = {n: ptr for n in names}
-    sig["raw_ptr"] = "*fp32"
-    sig.update({n: "i32" for n in ("K", "C", "P", "n_pblocks")})
-    strides = ("s_mr s_mk s_mc s_mp s_lr s_lk s_lp s_sr s_sp s_gr s_gc s_gp s_vr s_vp "
-               "s_omr s_omk s_omc s_omp s_olr s_olk s_olp s_osr s_osp s_rr s_rk s_rp").split()  # fmt: skip
-    unit = {"s_mp", "s_lp", "s_gp", "s_omp", "s_olp", "s_rp"}  # contiguous pixels: Triton specialises 1
-    sig.update({n: "constexpr" if n in unit else "i32" for n in strides})
-    sig.update({"r": "fp32", "eps": "fp32"})
-    consts = {n: 1 for n in unit}
-    sig.update({n: "constexpr" for n in ("BLOCK_K", "BLOCK_C", "BLOCK_P", "SINGLE_K", "INT64")})
-    consts.update(BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, SINGLE_K=K <= bk, INT64=False)
-    divisible = (*names, "P", *(n for n in strides if n not in unit and n not in ("s_sp", "s_vp", "s_osp")))
-    return AotCase(f"gm_mul_iso_gaussian[B{B},K{K},C{C},HW{P},{dt}]", _gm_mul_kernel, sig, consts, warps, 2, divisible)
-
-
-def _gauss_mul_case(B: int, C: int, P: int, dt: str) -> AotCase:
-    bc, bp, warps = _gauss_blocks(C, P)
-    ptr = f"*{dt}"
-    names = ["m1_ptr", "v1_ptr", "m2_ptr", "v2_ptr", "out_m_ptr", "out_v_ptr"]
-    sig = {n: ptr for n in names}
-    sig.update({n: "i32" for n in ("C", "P", "n_pblocks", "n_ctiles")})
-    strides = "s_1r s_1c s_1p s_v1r s_v1p s_2r s_2c s_2p s_v2r s_v2p s_or s_oc s_op s_ovr s_ovp".split()
-    unit = {"s_1p", "s_2p", "s_op", "s_v1p", "s_v2p", "s_ovp"}  # per-pixel variances
-    sig.update({n: "constexpr" if n in unit else "i32" for n in strides})
-    sig.update({"power1": "fp32", "power2": "fp32", "eps": "fp32"})
-    sig.update({n: "constexpr" for n in ("BLOCK_C", "BLOCK_P", "INT64")})
-    consts = {**{n: 1 for n in unit}, "BLOCK_C": bc, "BLOCK_P": bp, "INT64": False}
-    divisible = (*names, "P", *(n for n in strides if n not in unit))
-    return AotCase(f"iso_gaussian_mul_iso_gaussian[B{B},C{C},HW{P},{dt}]", _gauss_mul_kernel, sig, consts, warps, 2, divisible)
-
-
-AOT_CASES = (
-    [_gm_mul_case(B, K, C, P, dt) for B, K, C, P in BENCH_SHAPES for dt in ("fp32", "bf16")]
-    + [_gauss_mul_case(B, C, P, dt) for B, C, P in ((256, 4, 1024), (32, 4, 1024)) for dt in ("fp32", "bf16")]
-    if triton is not None
-    else []
-)
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

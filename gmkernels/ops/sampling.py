@@ -13,12 +13,13 @@ Triton and torch backends draw different (equally distributed) numbers.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 import reference.sampling as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_count, check_gm, check_power
 from ._launch import kernels_wanted, needs_int64, per_row, pixel_rows
@@ -193,34 +194,16 @@ def gm_sample(gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch
 
 # --------------------------------------------------------------------------- AOT cases
 
-#: benchmark shapes ``(B, K, C, H*W)``
-BENCH_SHAPES = ((256, 8, 4, 32 * 32), (32, 256, 4, 32 * 32))
+
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """One sample per pixel of a ``(B, K, C, H, W)`` GM, fp32 and bf16."""
+    cases = []
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        seeds = torch.empty(2, dtype=torch.int64, device="meta")
+        cases += launch_cases(sys.modules[__name__], f"gm_sample[{shape_tag(B, K, C, H, W, dt)}]", _launch_sample,
+                              gm["means"], gm["logstds"], gm["logweights"], seeds, 1, 1.0)  # fmt: skip
+    return cases
 
 
-def _sample_case(name: str, K: int, C: int, P: int, R: int, dtype: str) -> AotCase:
-    bk, bc, bp, warps = sample_blocks(K, C, P, R)
-    ptr = f"*{dtype}"
-    sig = {
-        "means_ptr": ptr, "lw_ptr": ptr, "logstds_ptr": ptr, "seeds_ptr": "*i64", "out_ptr": ptr,
-        "K": "i32", "C": "i32", "P": "i32", "N": "i32", "n_pblocks": "i32",
-        "s_mr": "i32", "s_mk": "i32", "s_mc": "i32", "s_mp": "constexpr",
-        "s_lr": "i32", "s_lk": "i32", "s_lp": "constexpr",
-        "s_sr": "i32", "s_sp": "i32",
-        "s_or": "i32", "s_on": "i32", "s_oc": "i32", "s_op": "constexpr",
-        "power": "fp32",
-        "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr", "INT64": "constexpr",
-    }  # fmt: skip
-    consts = {"s_mp": 1, "s_lp": 1, "s_op": 1, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "INT64": False}
-    divisible = ("means_ptr", "lw_ptr", "out_ptr", "P", "s_mr", "s_mk", "s_mc", "s_lr", "s_lk", "s_sp", "s_or", "s_on", "s_oc")
-    return AotCase(name, _gm_sample_kernel, sig, consts, num_warps=warps, divisible=divisible)
-
-
-AOT_CASES = (
-    [
-        _sample_case(f"gm_sample[B{B},K{K},C{C},HW{P},{dt}]", K, C, P, B, dt)
-        for B, K, C, P in BENCH_SHAPES
-        for dt in ("fp32", "bf16")
-    ]
-    if triton is not None
-    else []
-)
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []
