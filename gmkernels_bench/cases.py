@@ -13,7 +13,8 @@ once, in the benchmark dtype; with ``P = H*W``: means ``G = B*K*C*P``, log-weigh
 log-stds ``S = B``, a state ``X = B*C*P``, a per-pixel variance ``V = B*P``. Outputs that the
 contract lets an op return unchanged (the log-weights of ``u_to_x0``, the means of
 ``weight_guidance``) cost nothing; scalars are not counted. The 1-D GM of ``gm1d_inverse_cdf`` is
-the ``C = 1`` case (its means count as ``L``).
+the ``C = 1`` case (its means count as ``L``). ``gm_sample`` reads the means of the one component it
+draws per pixel, ``X`` elements, not the whole ``G``.
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ _OPS: dict[str, tuple[str, Callable[[Inputs], tuple], str, str]] = {
     "reverse_transition": ("transition", lambda r: (r.gm(), r.state(), 0.6, 0.4), "G+S+X", "G+S"),
     "gm_logprob": ("likelihood", lambda r: (r.gm(), r.state(1)), "G+L+S+X", "V"),
     "gm_nll_loss": ("likelihood", lambda r: (r.gm(), r.state()), "G+L+S+X", ""),
-    "gm_sample": ("sampling", lambda r: (r.gm(),), "G+L+S", "X"),
+    "gm_sample": ("sampling", lambda r: (r.gm(),), "X+L+S", "X"),  # only the drawn component's means: X
     "probabilistic_guidance": ("guidance", lambda r: (r.gm(), r.gm(), 0.5), "G+L+S+G+L", "G+L+S"),
     "weight_guidance": ("guidance", lambda r: (r.gm(), r.gm(), 2.0), "L+L", "L"),
     "mean_cfg": ("guidance", lambda r: (r.gm(), r.gm(), 2.0), "G+L+G+L", "G"),
