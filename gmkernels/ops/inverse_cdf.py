@@ -16,7 +16,9 @@ row ``(r, n)`` and walks the axes ``c = 0 .. C-1``):
   (running max, weight sum, mean and Chan-merged variance), ``n_steps`` Newton passes (CDF and
   pdf with the weights normalised by that max and sum) and one pass adding the axis's squared
   distances ``((x_c - mu_kc) / s)^2`` to a float32 scratch ``(R * N, K, P)`` that carries the
-  KR slice log-weights to the next axis (not allocated when ``C == 1``, the 1-D case).
+  KR slice log-weights to the next axis (not allocated when ``C == 1``, the 1-D case). A barrier
+  separates an axis's scratch stores from the next axis's loads, so the read-after-write holds
+  whichever threads the compiler gives each access.
 * ``_kr_cdf_kernel``: per axis, one online pass for the conditional scaled CDF; ``erfinv`` of
   it is taken in torch afterwards.
 
@@ -160,6 +162,10 @@ if triton is not None:
                     mu = tl.load(m_base + offs_k[:, None] * s_mk + c * s_mc, mask=mask, other=0.0).to(tl.float32)
                     d = (x[None, :] - mu) * inv_std[None, :]
                     tl.store(a_ptrs, acc + d * d, mask=mask)
+                # the next axis reads this scratch back; its tiles may sit in other threads than
+                # the ones that stored them (the compiler picks each access's layout), so every
+                # store of the program completes before any load of the next axis
+                tl.debug_barrier()
 
     @triton.jit
     def _kr_cdf_kernel(
@@ -220,6 +226,7 @@ if triton is not None:
                 tl.store(a_ptrs, acc + d * d, mask=mask & store_acc)
             u = cdf / tl.where(w_sum > 0, w_sum, 1.0)
             tl.store(out_ptr + row * s_or + n * s_on + c * s_oc + offs_p * s_op, u.to(out_ptr.dtype.element_ty), mask=mask_p)
+            tl.debug_barrier()  # the scratch stores above complete before the next axis loads them (any thread)
 
 
 # --------------------------------------------------------------------------- launchers
