@@ -9,7 +9,10 @@ one row and one tile of ``BLOCK_C`` channels (all channel tiles, in a loop, when
 is wanted, since it sums over channels) and runs an online softmax over tiles of ``BLOCK_K``
 components: a running max, the running weight sum, the running weighted mean and, for the
 variance, the running weighted sum of squared deviations merged tile by tile with Chan's
-formula (no ``E[x^2] - E[x]^2`` cancellation). Registers do not grow with K or C.
+formula (no ``E[x^2] - E[x]^2`` cancellation). Registers do not grow with K or C. The layout
+is pixel-per-thread (``pixel_blocks``): warps along the pixels, each thread's K and C tiles in
+its registers, so the K loop has no barrier or shuffle (image data; for point data the
+contiguous axes are K and C, and the compiler may still split them across threads).
 
 Launcher helpers shared with the other families live in ``_launch``.
 """
@@ -25,7 +28,7 @@ import reference.mixture as ref
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_gm, check_power
-from ._launch import LOG2E, gm_views, kernels_wanted, mixture_blocks, needs_int64, per_row, pixel_rows
+from ._launch import LOG2E, gm_views, kernels_wanted, needs_int64, per_row, pixel_rows
 
 try:
     import triton
@@ -140,9 +143,57 @@ if triton is not None:
             tl.store(var_ptr + row * s_vr + offs_p * s_vp, var.to(var_ptr.dtype.element_ty), mask=mask_p)
 
 
-def _moments_blocks(K: int, C: int, P: int, R: int, with_var: bool) -> tuple[int, int, int, int]:
+def single_row_views(*views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``views`` with the stride of their first (row) axis set to 0 when that axis has size 1 (as
+    point data has after ``pixel_rows``): the same elements, but Triton then sees a row offset
+    divisible by 16 instead of ``row * 1``, which keeps 128-bit loads along the points'
+    contiguous log-weights."""
+    if views[0].shape[0] != 1:
+        return views
+    return tuple(v.as_strided(v.shape, (0, *v.stride()[1:]), v.storage_offset()) for v in views)
+
+
+def pixel_blocks(K: int, C: int, P: int, programs_per_pblock: int, elem_bytes: int, tile: int,
+                 c_tiles_in_grid: bool, contiguous_pixels: bool = True) -> tuple[int, int, int, int]:  # fmt: skip
+    """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)`` for a pixel-per-thread layout: every warp lies
+    along the pixels and each thread owns ``vec`` contiguous pixels (one 128-bit load,
+    ``vec = 16 / elem_bytes``) with its whole ``BLOCK_K x BLOCK_C`` tile in registers, so the
+    reductions over K and C never cross threads (no barrier, no shuffle). That holds when
+    ``BLOCK_P = 32 * vec * num_warps``: Triton gives each thread ``vec`` pixels and spreads the
+    threads, then the warps, along the contiguous pixel axis before any other.
+
+    ``tile`` caps the per-thread tile ``BLOCK_K * BLOCK_C * vec`` (64 keeps the mean kernels
+    near 128 registers; kernels that keep more per element use 32): channels up to
+    ``tile / vec`` a tile, then as many components as fit. Warps: 4, halved down to 1 while the
+    grid has fewer than 1024 programs (a GPU wants a few per SM); fewer pixels than one warp's
+    ``32 * vec`` take one warp.
+
+    Without ``contiguous_pixels`` (point data: the pixel axis is the batch, K and C are the
+    contiguous axes) each thread owns one pixel, one channel per tile (a wider channel tile
+    would put threads along C) and one 128-bit load of log-weights per K tile.
+    """
+    vec = max(1, 16 // elem_bytes) if contiguous_pixels else 1
+    block_c = min(triton.next_power_of_2(C), max(1, tile // vec)) if contiguous_pixels else 1
+    c_progs = triton.cdiv(C, block_c) if c_tiles_in_grid else 1
+    warps = 4
+    while warps > 1 and programs_per_pblock * c_progs * triton.cdiv(P, 32 * vec * warps) < 1024:
+        warps //= 2
+    block_p = min(32 * vec * warps, triton.next_power_of_2(P))
+    warps = max(1, min(warps, block_p // (32 * vec)))
+    block_k = max(1, min(triton.next_power_of_2(K), tile // (block_c * vec) if contiguous_pixels else 16 // elem_bytes))
+    return block_k, block_c, block_p, warps
+
+
+def _moments_layout(K: int, C: int, P: int, R: int, with_var: bool, elem_bytes: int,
+                    contiguous_pixels: bool) -> tuple[int, int, int, int]:  # fmt: skip
     # the variance path keeps a second [BLOCK_C, BLOCK_P] accumulator and the deviations
-    return mixture_blocks(K, C, P, R, c_tiles_in_grid=not with_var, tile=2048 if with_var else 4096)
+    return pixel_blocks(K, C, P, R, elem_bytes, 32 if with_var else 64, not with_var, contiguous_pixels)
+
+
+def _moments_blocks(K: int, C: int, P: int, R: int, with_var: bool) -> tuple[int, int, int, int]:
+    """Blocks for 4-byte elements along contiguous pixels (the common case, and the hook the
+    tests replace to force multi-tile paths)."""
+    return _moments_layout(K, C, P, R, with_var, 4, True)
 
 
 def _launch_moments(
@@ -161,9 +212,12 @@ def _launch_moments(
     o3 = mean.view(R, C, P)
     s2 = per_row(logstds, R, P) if with_var else o3[:, 0, :]  # placeholder pointers when unused
     v2 = var.view(R, P) if with_var else o3[:, 0, :]
-    m4, l3, o3, s2, v2 = pixel_rows(m4, l3, o3, s2, v2)
+    m4, l3, o3, s2, v2 = single_row_views(*pixel_rows(m4, l3, o3, s2, v2))
     R, P = m4.shape[0], m4.shape[-1]
-    block_k, block_c, block_p, warps = _moments_blocks(K, C, P, R, with_var)
+    if means.element_size() == 4 and m4.stride(-1) == 1:
+        block_k, block_c, block_p, warps = _moments_blocks(K, C, P, R, with_var)
+    else:
+        block_k, block_c, block_p, warps = _moments_layout(K, C, P, R, with_var, means.element_size(), m4.stride(-1) == 1)
     n_pblocks = triton.cdiv(P, block_p)
     n_ctiles = 1 if with_var else triton.cdiv(C, block_c)
     grid = (R * n_pblocks * n_ctiles,)
