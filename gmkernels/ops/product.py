@@ -30,7 +30,8 @@ import reference.product as ref
 from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_gaussian, check_gm
-from ._launch import gm_views, kernels_wanted, mixture_blocks, needs_int64, per_row, pixel_rows
+from ._launch import gm_views, kernels_wanted, needs_int64, per_row, pixel_rows
+from .mixture import pixel_blocks, single_row_views
 
 try:
     import triton
@@ -225,14 +226,24 @@ if triton is not None:
 # --------------------------------------------------------------------------- launchers
 
 
+def _gm_mul_layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous_pixels: bool) -> tuple[int, int, int, int]:
+    """Pixel-per-thread blocks (``mixture.pixel_blocks``: warps along the pixels, K and C in
+    each thread's registers). Channels are looped inside the program and the tile holds mu,
+    the new means and the distances, so along contiguous pixels the components come first (up
+    to 32 per thread's ``vec`` pixels: one K tile keeps the logits in registers, no scratch
+    pass, for K <= 8 in fp32) and the channel tile takes what is left, usually 1."""
+    bk, bc, bp, warps = pixel_blocks(K, C, P, R, elem_bytes, 32, False, contiguous_pixels)
+    if contiguous_pixels:
+        vec = 16 // elem_bytes
+        bk = min(triton.next_power_of_2(K), max(1, 32 // vec))
+        bc = max(1, min(triton.next_power_of_2(C), 32 // (bk * vec)))
+    return bk, bc, bp, warps
+
+
 def _gm_mul_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
-    # channels are looped inside the program; the tile holds mu and the new means. With several
-    # K tiles the two-pass state costs registers too: half the tile (sm_90 spilled at 2048) on
-    # 2 warps, which keeps 4 contiguous pixels a thread (128-bit fp32 loads).
-    blocks = mixture_blocks(K, C, P, R, c_tiles_in_grid=False, tile=2048)
-    if K <= blocks[0]:
-        return blocks
-    return (*mixture_blocks(K, C, P, R, c_tiles_in_grid=False, tile=1024)[:3], 2)
+    """Blocks for 4-byte elements along contiguous pixels (the common case, and the hook the
+    tests replace to force multi-tile paths)."""
+    return _gm_mul_layout(K, C, P, R, 4, True)
 
 
 def _launch_gm_mul(
@@ -253,8 +264,12 @@ def _launch_gm_mul(
     om4, ol3 = gm_views(out_m, out_lw)
     views = (m4, l3, per_row(logstds, R, P), g.reshape(R, C, P), per_row(var, R, P), om4, ol3, per_row(out_s, R, P))
     m4, l3, s2, g3, v2, om4, ol3, os2 = pixel_rows(*views)
+    m4, l3, s2, g3, v2, om4, ol3, os2 = single_row_views(m4, l3, s2, g3, v2, om4, ol3, os2)
     R, P = m4.shape[0], m4.shape[-1]
-    block_k, block_c, block_p, warps = _gm_mul_blocks(K, C, P, R)
+    if means.element_size() == 4 and m4.stride(-1) == 1:
+        block_k, block_c, block_p, warps = _gm_mul_blocks(K, C, P, R)
+    else:
+        block_k, block_c, block_p, warps = _gm_mul_layout(K, C, P, R, means.element_size(), m4.stride(-1) == 1)
     single_k = K <= block_k
     # raw logits of a multi-tile K: in the output when it is float32, else in a float32 scratch
     raw = ol3 if single_k or out_lw.dtype == torch.float32 else torch.empty(ol3.shape, device=means.device)
