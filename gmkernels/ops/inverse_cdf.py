@@ -52,12 +52,12 @@ _SQRT2 = math.sqrt(2.0)
 
 
 def kr_blocks(K: int, P: int, programs_per_pblock: int) -> tuple[int, int, int]:
-    """``(BLOCK_K, BLOCK_P, num_warps)``: up to 128 pixels per program, halved down to 32 while
-    the grid has fewer than 1024 programs, and ``BLOCK_K * BLOCK_P <= 1024`` over 8 warps, so the
+    """``(BLOCK_K, BLOCK_P, num_warps)``: up to 128 pixels per program, halved down to 64 while
+    the grid has fewer than 1024 programs (at 32 the sm_80 1-D inverse spilled a register), and ``BLOCK_K * BLOCK_P <= 1024`` over 8 warps, so the
     three tiles loaded per pass (log-weights, scratch, means) stay in registers (at 4 warps the
     bf16 variants reach 190 registers and spill at sm_80)."""
     block_p = min(triton.next_power_of_2(P), 128)
-    while block_p > 32 and programs_per_pblock * triton.cdiv(P, block_p) < 1024:
+    while block_p > 64 and programs_per_pblock * triton.cdiv(P, block_p) < 1024:
         block_p //= 2
     block_k = max(1, min(triton.next_power_of_2(K), 1024 // block_p))
     return block_k, block_p, 8

@@ -237,13 +237,14 @@ if triton is not None:
 
 
 def _blocks(K: int, P: int, programs_per_pblock: int, affine: bool = False) -> tuple[int, int]:
-    """``(BLOCK_K, BLOCK_P)``: up to 128 pixels per program (128-bit loads), halved down to 32
-    while the grid has fewer than 1024 programs (a GPU wants a few per SM), and as many
+    """``(BLOCK_K, BLOCK_P)``: up to 128 pixels per program (128-bit loads), halved down to 64
+    while the grid has fewer than 1024 programs (a GPU wants a few per SM; at 32 the sm_90
+    forward spilled a register), and as many
     components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``TILE`` elements (8 fp32 per
     thread at 4 warps; half that with the affine map, which holds more per pixel: the compile
     report shows no spills there)."""
     block_p = min(triton.next_power_of_2(P), 128)
-    while block_p > 32 and programs_per_pblock * triton.cdiv(P, block_p) < 1024:
+    while block_p > 64 and programs_per_pblock * triton.cdiv(P, block_p) < 1024:
         block_p //= 2
     tile = TILE // 2 if affine else TILE
     block_k = max(1, min(triton.next_power_of_2(K), tile // block_p))
