@@ -40,6 +40,11 @@ QUICK_CPU = {"imagenet": (4, 8, 4, 16, 16), "large-k": (1, 256, 4, 8, 8)}
 # torch.compile on a CPU costs seconds per op and shape (and ~20 s to start): --quick compiles
 # this subset at the first shape only: the fused sampler op and the training loss.
 QUICK_CPU_COMPILE = ("gm_posterior_mean", "gm_nll_loss fwd+bwd")
+# ops at batches up to this size also run, on a GPU only, the ``graph`` backend (the Triton op
+# captured in a CUDA graph and replayed: no Python, dispatch or launch cost) and
+# ``reduce-overhead`` (``torch.compile(reference, mode="reduce-overhead")``, CUDA graphs of
+# compiled torch); on a CPU those rows are absent.
+SMALL_BATCH = 8
 
 # SPEC §4 configurations: (steps, substeps) x solver x guidance scale.
 SOLVER_STEPS = ((32, 4), (16, 8))
@@ -203,17 +208,18 @@ def counts(s: Shape) -> dict[str, int]:
     return {"G": B * K * C * P, "L": B * K * P, "S": B, "X": B * C * P, "V": B * P}
 
 
-_compiled: dict[Callable, Callable] = {}
+_compiled: dict[tuple[Callable, str | None], Callable] = {}
 
 
-def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn, dynamic=False)``, one wrapper per function (recompiled per shape)."""
-    if fn not in _compiled:
+def compiled(fn: Callable, mode: str | None = None) -> Callable:
+    """``torch.compile(fn, dynamic=False, mode=mode)``, one wrapper per function and mode
+    (recompiled per shape)."""
+    if (fn, mode) not in _compiled:
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.recompile_limit = max(getattr(dynamo_config, "recompile_limit", 8), 64)
-        _compiled[fn] = torch.compile(fn, dynamic=False)
-    return _compiled[fn]
+        _compiled[fn, mode] = torch.compile(fn, dynamic=False, mode=mode)
+    return _compiled[fn, mode]
 
 
 def has_triton_kernels(family: str) -> bool:
@@ -264,6 +270,9 @@ def op_cases(shape: Shape, dtype: torch.dtype, device: torch.device, compile_ops
         runs = {"triton": lambda a, f=gm_fn: f(*a), "torch": lambda a, f=ref_fn: f(*a)}
         if compile_ops is None or name in compile_ops:
             runs["compile"] = lambda a, f=ref_fn: compiled(f)(*a)
+        if device.type == "cuda" and shape.B <= SMALL_BATCH:  # where launch and host costs show
+            runs["graph"] = runs["triton"]  # the runner captures it in CUDA graphs and times their replay
+            runs["reduce-overhead"] = lambda a, f=ref_fn: compiled(f, "reduce-overhead")(*a)
         nbytes = (_elements(reads, c) + _elements(writes, c)) * dtype.itemsize
         out.append(
             Case("ops", name, family, shape, dtype, nbytes, lambda a=args, s=i: a(Inputs(shape, dtype, device, seed=s)), runs)

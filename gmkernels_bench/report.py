@@ -12,7 +12,7 @@ import torch
 
 import gmkernels
 
-BACKEND_ORDER = ("triton", "compile", "torch")
+BACKEND_ORDER = ("triton", "compile", "torch", "graph", "reduce-overhead")
 
 
 def git_commit() -> str:
