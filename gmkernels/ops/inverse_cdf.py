@@ -51,15 +51,17 @@ LOG2E = 1.4426950408889634
 _SQRT2 = math.sqrt(2.0)
 
 
-def kr_blocks(K: int, P: int, programs_per_pblock: int) -> tuple[int, int, int]:
-    """``(BLOCK_K, BLOCK_P, num_warps)``: up to 128 pixels per program, halved down to 64 while
-    the grid has fewer than 1024 programs (at 32 the sm_80 1-D inverse spilled a register), and ``BLOCK_K * BLOCK_P <= 1024`` over 8 warps, so the
-    three tiles loaded per pass (log-weights, scratch, means) stay in registers (at 4 warps the
-    bf16 variants reach 190 registers and spill at sm_80)."""
+def kr_blocks(K: int, P: int, tile: int = 1024) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_P, num_warps)``: 128 pixels per program (for grids of few programs a
+    smaller block would give more of them, but at 32 and 64 pixels ptxas spilled a register in
+    some sm_80 builds at the users shapes of the compile report, and at 128 none), and
+    ``BLOCK_K * BLOCK_P <= tile`` over 8 warps, so the three tiles loaded per pass (log-weights,
+    scratch, means) stay in registers (at 4 warps the bf16 variants reach 190 registers and
+    spill at sm_80). The KR inverse over several axes of point data (a strided pixel axis) uses
+    a tile of 512: at 1024 its fp32 build spilled (and the other point-data builds spill a
+    register at 512)."""
     block_p = min(triton.next_power_of_2(P), 128)
-    while block_p > 64 and programs_per_pblock * triton.cdiv(P, block_p) < 1024:
-        block_p //= 2
-    block_k = max(1, min(triton.next_power_of_2(K), 1024 // block_p))
+    block_k = max(1, min(triton.next_power_of_2(K), tile // block_p))
     return block_k, block_p, 8
 
 
@@ -257,7 +259,7 @@ def _launch_kr_inverse(
     R, K, C, P = m4.shape
     N = z4.shape[1]
     acc = torch.empty((R * N, K, P) if C > 1 else (1,), dtype=torch.float32, device=means.device)
-    block_k, block_p, warps = kr_blocks(K, P, R * N)
+    block_k, block_p, warps = kr_blocks(K, P, 1024 if C == 1 or m4.stride(-1) == 1 else 512)
     n_pblocks = triton.cdiv(P, block_p)
     _kr_inverse_kernel[(R * N * n_pblocks,)](
         m4, l3, s2, z4, u4, o4, acc,
@@ -279,7 +281,7 @@ def _launch_kr_cdf(means: torch.Tensor, logstds: torch.Tensor, logweights: torch
     R, K, C, P = m4.shape
     N = x4.shape[1]
     acc = torch.empty((R * N, K, P) if C > 1 else (1,), dtype=torch.float32, device=means.device)
-    block_k, block_p, warps = kr_blocks(K, P, R * N)
+    block_k, block_p, warps = kr_blocks(K, P)
     n_pblocks = triton.cdiv(P, block_p)
     _kr_cdf_kernel[(R * N * n_pblocks,)](
         m4, l3, s2, x4, o4, acc,

@@ -236,16 +236,14 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 
 
-def _blocks(K: int, P: int, programs_per_pblock: int, affine: bool = False) -> tuple[int, int]:
-    """``(BLOCK_K, BLOCK_P)``: up to 128 pixels per program (128-bit loads), halved down to 64
-    while the grid has fewer than 1024 programs (a GPU wants a few per SM; at 32 the sm_90
-    forward spilled a register), and as many
-    components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``TILE`` elements (8 fp32 per
-    thread at 4 warps; half that with the affine map, which holds more per pixel: the compile
-    report shows no spills there)."""
+def _blocks(K: int, P: int, affine: bool = False) -> tuple[int, int]:
+    """``(BLOCK_K, BLOCK_P)``: 128 pixels per program (128-bit loads; for grids of few programs
+    a smaller block would give more of them, but at 32 and 64 pixels ptxas spilled a register in
+    some sm_80 / sm_90 builds at the users shapes of the compile report, and at 128 none), and as
+    many components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``TILE`` elements (8 fp32
+    per thread at 4 warps; half that with the affine map, which holds more per pixel: the
+    compile report shows no spills there)."""
     block_p = min(triton.next_power_of_2(P), 128)
-    while block_p > 64 and programs_per_pblock * triton.cdiv(P, block_p) < 1024:
-        block_p //= 2
     tile = TILE // 2 if affine else TILE
     block_k = max(1, min(triton.next_power_of_2(K), tile // block_p))
     return block_k, block_p
@@ -293,7 +291,7 @@ def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, 
     out = torch.empty((*batch, N, H, W), device=means.device, dtype=out_dtype)
     mf, sf, mcf, xcf, xf, wf, yf, of = _views(means, logstds, logweights, affine, y, out)
     R, P = mf.shape[0], mf.shape[-1]
-    block_k, block_p = _blocks(K, P, R * N, affine is not None)
+    block_k, block_p = _blocks(K, P, affine is not None)
     n_pb = triton.cdiv(P, block_p)
     grid = (n_pb * R * N,)
     if grid[0] > 0:
@@ -318,7 +316,7 @@ def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, affine,
         means, logstds, logweights, affine, target, loss, grad_loss, g_means, g_logweights.select(-3, 0)
     )
     R, P = mf.shape[0], mf.shape[-1]
-    block_k, block_p = _blocks(K, P, R, affine is not None)
+    block_k, block_p = _blocks(K, P, affine is not None)
     n_pb = triton.cdiv(P, block_p)
     per_pixel = sf.stride(-1) != 0  # after the point-data swap a per-row std is per pixel
     g_std = torch.empty((R, P if per_pixel else n_pb), device=means.device, dtype=torch.float32)
