@@ -162,8 +162,10 @@ def pixel_blocks(K: int, C: int, P: int, programs_per_pblock: int, elem_bytes: i
     ``BLOCK_P = 32 * vec * num_warps``: Triton gives each thread ``vec`` pixels and spreads the
     threads, then the warps, along the contiguous pixel axis before any other.
 
-    ``tile`` caps the per-thread tile ``BLOCK_K * BLOCK_C * vec`` (64 keeps the mean kernels
-    near 128 registers; kernels that keep more per element use 32): channels up to
+    ``tile`` caps the per-thread tile ``BLOCK_K * BLOCK_C * vec`` for 4-byte elements, scaled
+    by ``elem_bytes / 4`` (the fp32 state per pixel doubles with ``vec``; triton 3.6 spilled bf16
+    builds at the full tile). 64 keeps the mean kernels near 128 registers; kernels that keep
+    more per element use 32. Channels up to
     ``tile / vec`` a tile, then as many components as fit. Warps: 4, halved down to 1 while the
     grid has fewer than 1024 programs (a GPU wants a few per SM); fewer pixels than one warp's
     ``32 * vec`` take one warp.
@@ -173,6 +175,8 @@ def pixel_blocks(K: int, C: int, P: int, programs_per_pblock: int, elem_bytes: i
     would put threads along C) and one 128-bit load of log-weights per K tile.
     """
     vec = max(1, 16 // elem_bytes) if contiguous_pixels else 1
+    if contiguous_pixels:  # 2-byte elements: twice the pixels a thread, so half the K x C tile
+        tile = max(vec, tile * elem_bytes // 4)
     block_c = min(triton.next_power_of_2(C), max(1, tile // vec)) if contiguous_pixels else 1
     c_progs = triton.cdiv(C, block_c) if c_tiles_in_grid else 1
     warps = 4

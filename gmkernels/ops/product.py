@@ -230,13 +230,15 @@ def _gm_mul_layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous_p
     """Pixel-per-thread blocks (``mixture.pixel_blocks``: warps along the pixels, K and C in
     each thread's registers). Channels are looped inside the program and the tile holds mu,
     the new means and the distances, so along contiguous pixels the components come first (up
-    to 32 per thread's ``vec`` pixels: one K tile keeps the logits in registers, no scratch
-    pass, for K <= 8 in fp32) and the channel tile takes what is left, usually 1."""
+    to 32 values a thread in fp32, 16 with 2-byte elements: one K tile keeps the logits in
+    registers, no scratch pass, for K <= 8 in fp32) and the channel tile takes what is left,
+    usually 1."""
     bk, bc, bp, warps = pixel_blocks(K, C, P, R, elem_bytes, 32, False, contiguous_pixels)
     if contiguous_pixels:
         vec = 16 // elem_bytes
-        bk = min(triton.next_power_of_2(K), max(1, 32 // vec))
-        bc = max(1, min(triton.next_power_of_2(C), 32 // (bk * vec)))
+        tile = 32 * elem_bytes // 4  # 2-byte elements: twice the pixels a thread, half the tile
+        bk = min(triton.next_power_of_2(K), max(1, tile // vec))
+        bc = max(1, min(triton.next_power_of_2(C), tile // (bk * vec)))
     return bk, bc, bp, warps
 
 

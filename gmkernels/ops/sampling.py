@@ -34,12 +34,12 @@ except ImportError:  # CPU-only installs: the torch path still works
 
 def sample_blocks(K: int, C: int, P: int, programs_per_pblock: int) -> tuple[int, int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``: up to 128 pixels per program, halved down to
-    32 while the grid has fewer than 1024 programs; ``BLOCK_K * BLOCK_P <= 2048`` (one
-    log-weight tile and its random numbers in registers) and up to 16 channels per store tile."""
+    32 while the grid has fewer than 1024 programs; ``BLOCK_K * BLOCK_P <= 1024`` (one
+    log-weight tile and its cumulative weights in registers; triton 3.6 spilled at 2048) and up to 16 channels per store tile."""
     block_p = min(triton.next_power_of_2(P), 128)
     while block_p > 32 and programs_per_pblock * triton.cdiv(P, block_p) < 1024:
         block_p //= 2
-    block_k = max(1, min(triton.next_power_of_2(K), 2048 // block_p))
+    block_k = max(1, min(triton.next_power_of_2(K), 1024 // block_p))
     return block_k, min(triton.next_power_of_2(C), 16), block_p, 4
 
 

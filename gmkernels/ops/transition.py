@@ -189,7 +189,9 @@ def _launch(mode: int, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_
         return out_m.view(means.shape), out_ls.view(logstds.shape)
     R = B * K * C
     block_p = pow2_at_most(HW, 1024)
-    block_r = pow2_at_most(R, max(1, _TILE // block_p))
+    # point data (one pixel): every row element carries its own sigma and log-std math; half
+    # the tile (triton 3.6 used 254 registers and spilled at 2048)
+    block_r = pow2_at_most(R, max(1, (_TILE if block_p > 1 else _TILE // 2) // block_p))
     grid = (triton.cdiv(R, block_r) * triton.cdiv(HW, block_p),)
     _transition_kernel[grid](
         m, x, ls, sig, sig_to, out_m, out_ls,
