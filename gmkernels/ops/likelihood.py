@@ -241,10 +241,11 @@ def _blocks(K: int, P: int, affine: bool = False) -> tuple[int, int]:
     a smaller block would give more of them, but at 32 and 64 pixels ptxas spilled a register in
     some sm_80 / sm_90 builds at the users shapes of the compile report, and at 128 none), and as
     many components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``TILE`` elements (8 fp32
-    per thread at 4 warps; a quarter with the affine map, which holds more per pixel: at half,
-    triton 3.6 spilled the bf16 point-data forward)."""
+    per thread at 4 warps; half that with the affine map, which holds more per pixel; at a
+    quarter the fp32 point-data backward spilled at sm_80, at half triton 3.6, not 3.9, spills 8
+    bytes in the bf16 point-data forward at sm_90)."""
     block_p = min(triton.next_power_of_2(P), 128)
-    tile = TILE // 4 if affine else TILE
+    tile = TILE // 2 if affine else TILE
     block_k = max(1, min(triton.next_power_of_2(K), tile // block_p))
     return block_k, block_p
 
