@@ -1,24 +1,54 @@
 """Ahead-of-time compilation of the Triton kernels for NVIDIA targets, without a GPU.
 
-Each op family module lists ``AOT_CASES``: the kernels at the constexprs the benchmark
-shapes use. ``compile_case`` compiles one for ``sm_80`` / ``sm_90`` with ``triton.compile`` and
-reads registers, spills (local memory), shared memory and the share of 128-bit global loads
-from the cubin with the ``cuobjdump`` / ``nvdisasm`` that the triton wheel ships. The test
-suite fails on a compile error or a spill; ``python -m gmkernels_bench.compile_report``
-prints the table.
+How a family plugs in: its module (``gmkernels.ops.<family>``, listed in ``FAMILIES``) defines
+
+* ``aot_cases(B, K, C, H, W) -> list[AotCase]``: every kernel its launchers run for a GM of
+  shape ``(B, K, C, H, W)`` (one sample per pixel, contiguous inputs), fp32 and bf16. Build them
+  with ``launch_cases``: it runs the family's real launcher on ``meta`` tensors (``meta_gm``)
+  with the kernels swapped for recorders, and turns every recorded launch into a case exactly as
+  Triton's launcher would specialise it (constexprs, ``num_warps``, ``num_stages``, integers of 1
+  as constants, divisibility by 16, the grid). Nothing is copied from the launcher, so the
+  report cannot drift from what a launch compiles. Name the cases ``f"{op}[{shape_tag(...)}]"``.
+* ``AOT_CASES``: ``aot_cases`` at the benchmark shapes (the fast subset the test suite compiles).
+
+``compile_case`` compiles one case for ``sm_80`` / ``sm_90`` with ``triton.compile`` and reads
+from the cubin (``cuobjdump`` / ``nvdisasm`` ship with the triton wheel): registers, spills
+(local memory), shared memory, the bytes of the static global loads and the share of them
+made by 128-bit loads, and for the hottest loop (the largest innermost loop of the SASS)
+its instructions, barriers, shuffles and shared-memory accesses. ``python -m
+gmkernels_bench.compile_report`` prints the table; the test suite fails on a spill.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator, Optional
 
 FAMILIES = ("mixture", "product", "posterior", "transition", "guidance", "likelihood", "sampling", "inverse_cdf", "solver_steps", "policy")
+
+#: named shape sets ``(B, K, C, H, W)`` for ``compile_report --shapes``
+SHAPE_SETS = {
+    "bench": ((256, 8, 4, 32, 32), (32, 256, 4, 32, 32)),
+    "users": (
+        (256, 8, 4, 32, 32),  # ImageNet latents
+        (1, 8, 4, 32, 32),  # small batches
+        (8, 8, 4, 32, 32),
+        (32, 256, 4, 32, 32),  # large K
+        (8, 1024, 4, 16, 16),
+        (64, 32, 4, 32, 32),  # pi-Flow policies
+        (2, 8, 16, 96, 170),  # FLUX at 1360x768
+        (1, 8, 16, 134, 240),  # Qwen-Image at 1080p
+        (2, 8, 32, 64, 64),  # C = 32
+        (1, 16, 64, 32, 32),  # C = 64
+        (100000, 64, 2, 1, 1),  # 2-D points
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +59,10 @@ class AotCase:
     ``"i64"``, ``"fp32"``, ``"constexpr"``); ``constexprs`` gives the constexpr values;
     ``divisible`` names the arguments Triton may assume divisible by 16 (pointers and
     strides of contiguous inputs, as its launcher specialises them at run time).
+    ``num_stages=None`` compiles with Triton's default, which is what a launch that passes no
+    ``num_stages`` gets. ``pixels`` is the number of pixels one program owns (default: the
+    ``BLOCK_P`` constexpr), for the thread-instructions-per-pixel column; ``grid`` the launch
+    grid when the case was recorded from a launch.
     """
 
     name: str
@@ -36,8 +70,25 @@ class AotCase:
     signature: dict[str, str]
     constexprs: dict[str, Any]
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: Optional[int] = None
     divisible: tuple[str, ...] = field(default_factory=tuple)
+    pixels: Optional[int] = None
+    grid: tuple[int, ...] = ()
+
+    @property
+    def pixels_per_program(self) -> int:
+        return self.pixels if self.pixels is not None else int(self.constexprs.get("BLOCK_P", 1))
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    """The hottest loop of a kernel's SASS: instructions, ``BAR`` barriers, ``SHFL`` shuffles
+    and shared-memory accesses (``LDS``/``STS``/``LDSM``/``ATOMS``) per iteration."""
+
+    instructions: int
+    barriers: int
+    shuffles: int
+    smem_ops: int
 
 
 @dataclass(frozen=True)
@@ -47,30 +98,204 @@ class AotResult:
     registers: int
     local_bytes: int
     shared_bytes: int
-    global_loads: int
-    global_loads_128: int
+    global_load_bytes: int  # per thread, over the static LDG instructions
+    global_load_bytes_128: int  # of which by 128-bit LDGs
+    loop: Optional[LoopStats]
+    threads: int
+    pixels: int
 
     @property
     def share_128(self) -> float:
-        return self.global_loads_128 / self.global_loads if self.global_loads else 1.0
+        """Share of the loaded bytes (not of the instructions) that 128-bit loads carry."""
+        return self.global_load_bytes_128 / self.global_load_bytes if self.global_load_bytes else 1.0
+
+    @property
+    def thread_instructions_per_pixel(self) -> Optional[float]:
+        """Hottest-loop instructions x threads / pixels per program: the issue cost of one loop
+        iteration, per pixel."""
+        return self.loop.instructions * self.threads / self.pixels if self.loop else None
+
+
+def launch_rows(B: int, H: int, W: int) -> tuple[int, int]:
+    """``(rows, pixels)`` of the ``(R, ..., P)`` view the launchers give the kernels for ``B``
+    batch rows of ``H x W`` pixels: point data (``H = W = 1``) becomes one row of ``B`` pixels
+    (``_launch.pixel_rows``)."""
+    return (1, B) if H * W == 1 and B > 1 else (B, H * W)
+
+
+def shape_tag(B: int, K: int, C: int, H: int, W: int, dtype: str) -> str:
+    return f"B{B},K{K},C{C},{H}x{W},{dtype}"
+
+
+AOT_DTYPES = ("fp32", "bf16")  #: the dtypes every family compiles
+
+
+def meta_gm(B: int, K: int, C: int, H: int, W: int, dtype: str) -> dict:
+    """A contiguous GM ``{means (B, K, C, H, W), logstds (B, 1, 1, 1, 1), logweights (B, K, 1, H, W)}``
+    of ``dtype`` (``"fp32"`` / ``"bf16"``) on the ``meta`` device: shapes and strides, no memory."""
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return {
+        "means": torch.empty((B, K, C, H, W), dtype=dt, device="meta"),
+        "logstds": torch.empty((B, 1, 1, 1, 1), dtype=dt, device="meta"),
+        "logweights": torch.empty((B, K, 1, H, W), dtype=dt, device="meta"),
+    }
+
+
+class _Recorder:
+    """Stands in for a ``JITFunction``: ``kernel[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, kernel: Any, launches: list):
+        self.kernel = kernel
+        self.launches = launches
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            self.launches.append((self.kernel, tuple(grid), args, kwargs))
+
+        return launch
+
+
+@contextlib.contextmanager
+def recording(module: Any) -> Iterator[list]:
+    """Within the block, every Triton kernel of ``module`` records its launches as
+    ``(kernel, grid, args, kwargs)`` in the yielded list instead of running."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    launches: list = []
+    kernels = {n: k for n, k in vars(module).items() if isinstance(k, (JITFunction, InterpretedFunction))}
+    try:
+        for n, k in kernels.items():
+            setattr(module, n, _Recorder(k, launches))
+        yield launches
+    finally:
+        for n, k in kernels.items():
+            setattr(module, n, k)
+
+
+def case_from_launch(name: str, kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> AotCase:
+    """The specialisation Triton's launcher compiles for ``kernel[grid](*args, **kwargs)``."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(kernel, JITFunction):  # recorded under TRITON_INTERPRET=1: the same function, compilable
+        kernel = JITFunction(kernel.fn)
+    kwargs = dict(kwargs)
+    num_warps = kwargs.pop("num_warps", 4)
+    num_stages = kwargs.pop("num_stages", None)
+    values = dict(zip(kernel.arg_names, args), **kwargs)
+    sig: dict[str, str] = {}
+    consts: dict[str, Any] = {}
+    divisible = []
+    for p in kernel.params:
+        v = values[p.name] if p.name in values else p.default
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", v
+            continue
+        ty, key = native_specialize_impl(BaseBackend, v, False, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            sig[p.name], consts[p.name] = "constexpr", key
+        else:
+            sig[p.name] = ty
+            if key == "D":
+                divisible.append(p.name)
+    return AotCase(name, kernel, sig, consts, num_warps, num_stages, tuple(divisible), grid=grid)
+
+
+def launch_cases(module: Any, name: str, launcher: Callable[..., Any], *args: Any, **kwargs: Any) -> list[AotCase]:
+    """Run ``launcher(*args, **kwargs)`` (on ``meta`` tensors) with ``module``'s kernels recorded;
+    one case per launch, named ``name`` (``name#i`` when it launches more than once)."""
+    with recording(module) as launches:
+        launcher(*args, **kwargs)
+    tags = [name] if len(launches) == 1 else [f"{name}#{i}" for i in range(len(launches))]
+    return [case_from_launch(t, *launch) for t, launch in zip(tags, launches)]
+
+
+def _family_modules():
+    for fam in FAMILIES:
+        try:
+            yield fam, importlib.import_module(f"gmkernels.ops.{fam}")
+        except ImportError:
+            continue
 
 
 def all_cases() -> list[AotCase]:
-    """The ``AOT_CASES`` of every op family module that defines them."""
+    """The ``AOT_CASES`` (benchmark shapes) of every op family module that defines them."""
     cases: list[AotCase] = []
-    for fam in FAMILIES:
-        try:
-            mod = importlib.import_module(f"gmkernels.ops.{fam}")
-        except ImportError:
-            continue
+    for _, mod in _family_modules():
         cases.extend(getattr(mod, "AOT_CASES", ()))
     return cases
+
+
+def shape_cases(B: int, K: int, C: int, H: int, W: int) -> tuple[list[AotCase], list[str]]:
+    """Every family's ``aot_cases`` at ``(B, K, C, H, W)``, and the families without one."""
+    cases: list[AotCase] = []
+    missing: list[str] = []
+    for fam, mod in _family_modules():
+        build = getattr(mod, "aot_cases", None)
+        if build is None:
+            missing.append(fam)
+        else:
+            cases.extend(build(B, K, C, H, W))
+    return cases, missing
 
 
 def _tool(name: str) -> str:
     import triton
 
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+_INSTR = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+_LDG_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def _ldg_bytes(opcode: str) -> int:
+    """Bytes per thread of one ``LDG`` (``LDG.E.128``: 16, ``LDG.E.U16``: 2, ``LDG.E``: 4)."""
+    return next((_LDG_BYTES[part] for part in opcode.split(".") if part in _LDG_BYTES), 4)
+
+
+def sass_stats(sass: str) -> tuple[int, int, Optional[LoopStats]]:
+    """``(global load bytes, of which 128-bit, hottest loop)`` of ``nvdisasm -c`` output.
+
+    A loop is a label and a branch back to it; the hottest loop is the innermost one (holding no
+    other loop) with the most instructions, the branch included (``None`` without a loop)."""
+    ops: list[str] = []
+    labels: dict[str, int] = {}
+    back_edges: list[tuple[str, int]] = []
+    for line in sass.splitlines():
+        lab = _LABEL.match(line.strip())
+        if lab:
+            labels[lab.group(1)] = len(ops)
+            continue
+        ins = _INSTR.search(line)
+        if not ins:
+            continue
+        opcode, rest = ins.group(1), ins.group(2)
+        if opcode == "BRA":
+            tgt = _TARGET.search(rest)
+            if tgt:
+                back_edges.append((tgt.group(1), len(ops)))
+        ops.append(opcode)
+    loops = [(labels[t], j) for t, j in back_edges if t in labels and labels[t] < j]
+    inner = [(i, j) for i, j in loops if not any((a, b) != (i, j) and i <= a and b <= j for a, b in loops)]
+    hot = None
+    if inner:
+        i, j = max(inner, key=lambda ij: ij[1] - ij[0])
+        body = ops[i : j + 1]
+        hot = LoopStats(
+            instructions=len(body),
+            barriers=sum(op.startswith("BAR") for op in body),
+            shuffles=sum(op.startswith("SHFL") for op in body),
+            smem_ops=sum(op.split(".")[0] in ("LDS", "STS", "LDSM", "ATOMS") for op in body),
+        )
+    ldg = [_ldg_bytes(op) for op in ops if op.startswith("LDG")]
+    return sum(ldg), sum(b for b in ldg if b == 16), hot
 
 
 def compile_case(case: AotCase, arch: int) -> AotResult:
@@ -82,7 +307,9 @@ def compile_case(case: AotCase, arch: int) -> AotResult:
     names = list(case.signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in case.divisible}
     src = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=attrs)
-    opts = {"num_warps": case.num_warps, "num_stages": case.num_stages}
+    opts: dict[str, Any] = {"num_warps": case.num_warps}
+    if case.num_stages is not None:
+        opts["num_stages"] = case.num_stages
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
@@ -95,13 +322,16 @@ def compile_case(case: AotCase, arch: int) -> AotResult:
         m = re.search(rf"\b{key}:(\d+)", usage)
         return int(m.group(1)) if m else 0
 
-    loads = re.findall(r"\bLDG\.E(\S*)", sass)
+    ldg_bytes, ldg_128, loop = sass_stats(sass)
     return AotResult(
         name=case.name,
         arch=arch,
         registers=field_of("REG"),
         local_bytes=field_of("LOCAL") + field_of("STACK"),
         shared_bytes=field_of("SHARED"),
-        global_loads=len(loads),
-        global_loads_128=sum(1 for s in loads if ".128" in s),
+        global_load_bytes=ldg_bytes,
+        global_load_bytes_128=ldg_128,
+        loop=loop,
+        threads=32 * case.num_warps,
+        pixels=case.pixels_per_program,
     )

@@ -26,7 +26,8 @@ import time
 import torch
 
 SUITES = ("ops", "solvers", "train", "policy", "all", "pipeline")  # "all" is the first four
-BACKENDS = ("triton", "torch", "compile")
+BACKENDS = ("triton", "torch", "compile", "graph", "reduce-overhead")
+GPU_ONLY = ("graph", "reduce-overhead")  # small batches on CUDA (cases.SMALL_BATCH); absent on a CPU
 TRITON_ON_CPU = "triton: skipped on cpu: the Triton interpreter is a correctness tool, not a performance path"
 
 
@@ -38,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", nargs="+", default=["imagenet", "large-k"], metavar="SHAPE",
                    help="imagenet (B=256,K=8,C=4,32x32), large-k (B=32,K=256,C=4,32x32) and/or custom B,K,C,H,W "
                         "(default: imagenet large-k; on a CPU --quick shrinks the named ones)")
-    p.add_argument("--backends", default=",".join(BACKENDS), help="comma list of triton,torch,compile (default: all)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma list of triton,torch,compile,graph,reduce-overhead (default: all; graph = the Triton op "
+                        "replayed from a CUDA graph, reduce-overhead = torch.compile(mode='reduce-overhead'): both on a GPU "
+                        "at batches <= 8 only)")  # fmt: skip
     p.add_argument("--filter", default="", help="only cases whose op name contains this")
     p.add_argument("--compile-solvers", action="store_true",
                    help="also torch.compile the reference sampling loop (it unrolls steps x substeps: minutes per configuration)")
@@ -172,6 +175,8 @@ def _main(args: argparse.Namespace) -> int:
     if "triton" in backends and device.type != "cuda":
         backends.remove("triton")
         notes.append(TRITON_ON_CPU)
+    if device.type != "cuda":
+        backends = [b for b in backends if b not in GPU_ONLY]
     if "compile" in backends and small_cpu:
         notes.append(f"compile: --quick on cpu compiles only {' and '.join(QUICK_CPU_COMPILE)} at the first shape (torch.compile costs seconds per op and shape; drop --quick for all)")
     suites = ("ops", "train", "solvers", "policy") if args.suite == "all" else (args.suite,)

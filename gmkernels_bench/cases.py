@@ -13,7 +13,8 @@ once, in the benchmark dtype; with ``P = H*W``: means ``G = B*K*C*P``, log-weigh
 log-stds ``S = B``, a state ``X = B*C*P``, a per-pixel variance ``V = B*P``. Outputs that the
 contract lets an op return unchanged (the log-weights of ``u_to_x0``, the means of
 ``weight_guidance``) cost nothing; scalars are not counted. The 1-D GM of ``gm1d_inverse_cdf`` is
-the ``C = 1`` case (its means count as ``L``).
+the ``C = 1`` case (its means count as ``L``). ``gm_sample`` reads the means of the one component it
+draws per pixel, ``X`` elements, not the whole ``G``.
 
 Sampler-step traffic (``step_traffic``, ``traffic_table``): bytes per network call of the fused
 Triton sampler step, launch by launch, next to that minimum (a model, not a measurement).
@@ -42,6 +43,11 @@ QUICK_CPU = {"imagenet": (4, 8, 4, 16, 16), "large-k": (1, 256, 4, 8, 8)}
 # torch.compile on a CPU costs seconds per op and shape (and ~20 s to start): --quick compiles
 # this subset at the first shape only: the fused sampler op and the training loss.
 QUICK_CPU_COMPILE = ("gm_posterior_mean", "gm_nll_loss fwd+bwd")
+# ops at batches up to this size also run, on a GPU only, the ``graph`` backend (the Triton op
+# captured in a CUDA graph and replayed: no Python, dispatch or launch cost) and
+# ``reduce-overhead`` (``torch.compile(reference, mode="reduce-overhead")``, CUDA graphs of
+# compiled torch); on a CPU those rows are absent.
+SMALL_BATCH = 8
 
 # SPEC §4 configurations: (steps, substeps) x solver x guidance scale.
 SOLVER_STEPS = ((32, 4), (16, 8))
@@ -205,17 +211,18 @@ def counts(s: Shape) -> dict[str, int]:
     return {"G": B * K * C * P, "L": B * K * P, "S": B, "X": B * C * P, "V": B * P}
 
 
-_compiled: dict[Callable, Callable] = {}
+_compiled: dict[tuple[Callable, str | None], Callable] = {}
 
 
-def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn, dynamic=False)``, one wrapper per function (recompiled per shape)."""
-    if fn not in _compiled:
+def compiled(fn: Callable, mode: str | None = None) -> Callable:
+    """``torch.compile(fn, dynamic=False, mode=mode)``, one wrapper per function and mode
+    (recompiled per shape)."""
+    if (fn, mode) not in _compiled:
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.recompile_limit = max(getattr(dynamo_config, "recompile_limit", 8), 64)
-        _compiled[fn] = torch.compile(fn, dynamic=False)
-    return _compiled[fn]
+        _compiled[fn, mode] = torch.compile(fn, dynamic=False, mode=mode)
+    return _compiled[fn, mode]
 
 
 def has_triton_kernels(family: str) -> bool:
@@ -242,7 +249,7 @@ _OPS: dict[str, tuple[str, Callable[[Inputs], tuple], str, str]] = {
     "reverse_transition": ("transition", lambda r: (r.gm(), r.state(), 0.6, 0.4), "G+S+X", "G+S"),
     "gm_logprob": ("likelihood", lambda r: (r.gm(), r.state(1)), "G+L+S+X", "V"),
     "gm_nll_loss": ("likelihood", lambda r: (r.gm(), r.state()), "G+L+S+X", ""),
-    "gm_sample": ("sampling", lambda r: (r.gm(),), "G+L+S", "X"),
+    "gm_sample": ("sampling", lambda r: (r.gm(),), "X+L+S", "X"),  # only the drawn component's means: X
     "probabilistic_guidance": ("guidance", lambda r: (r.gm(), r.gm(), 0.5), "G+L+S+G+L", "G+L+S"),
     "weight_guidance": ("guidance", lambda r: (r.gm(), r.gm(), 2.0), "L+L", "L"),
     "mean_cfg": ("guidance", lambda r: (r.gm(), r.gm(), 2.0), "G+L+G+L", "G"),
@@ -266,6 +273,9 @@ def op_cases(shape: Shape, dtype: torch.dtype, device: torch.device, compile_ops
         runs = {"triton": lambda a, f=gm_fn: f(*a), "torch": lambda a, f=ref_fn: f(*a)}
         if compile_ops is None or name in compile_ops:
             runs["compile"] = lambda a, f=ref_fn: compiled(f)(*a)
+        if device.type == "cuda" and shape.B <= SMALL_BATCH:  # where launch and host costs show
+            runs["graph"] = runs["triton"]  # the runner captures it in CUDA graphs and times their replay
+            runs["reduce-overhead"] = lambda a, f=ref_fn: compiled(f, "reduce-overhead")(*a)
         nbytes = (_elements(reads, c) + _elements(writes, c)) * dtype.itemsize
         out.append(
             Case("ops", name, family, shape, dtype, nbytes, lambda a=args, s=i: a(Inputs(shape, dtype, device, seed=s)), runs)

@@ -12,7 +12,7 @@ import torch
 
 import gmkernels
 
-BACKEND_ORDER = ("triton", "compile", "torch")
+BACKEND_ORDER = ("triton", "compile", "torch", "graph", "reduce-overhead")
 # A case whose batches' interquartile range exceeds this share of the median is flagged "noisy":
 # its median, and every speedup computed from it, may be off by more than that.
 SPREAD_FLAG = 0.10

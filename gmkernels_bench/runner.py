@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .cases import Case, clone_tree, has_triton_kernels
-from .timing import Clock, TimerConfig, cache_bytes, input_copies, measure
+from .timing import Clock, TimerConfig, cache_bytes, graph_replays, input_copies, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -72,7 +72,8 @@ def run_case(case: Case, backends: list[str], device: torch.device, cfg: TimerCo
                 run(inputs[0])
                 clock.sync()
                 rec["compile_s"] = round(time.perf_counter() - t0, 3)
-            t = measure([lambda a=a: run(a) for a in inputs], device, cfg)
+            calls = graph_replays(run, inputs) if backend == "graph" else [lambda a=a: run(a) for a in inputs]
+            t = measure(calls, device, cfg)
             if case.measure_memory and device.type == "cuda":
                 extra, grads = _peak_extra_bytes(run, inputs[0], device)
                 rec["peak_extra_mb"] = extra / 2**20

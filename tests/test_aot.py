@@ -1,9 +1,13 @@
-"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 without register spills.
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 without register spills; the
+compile report reads SASS correctly; every recorded launch fits CUDA's grid limits.
 
-Runs the compile report in a subprocess: it needs the real compiler, not the interpreter that
-the rest of the suite uses on CPU.
+The compile check runs the compile report in a subprocess: it needs the real compiler, not the
+interpreter that the rest of the suite uses on CPU. It compiles each family's ``AOT_CASES`` (the
+benchmark shapes); ``python -m gmkernels_bench.compile_report --shapes users --check`` is the full
+check at the shapes users run.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -11,6 +15,8 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+
+from gmkernels._aot import FAMILIES, SHAPE_SETS, sass_stats, shape_cases  # noqa: E402
 
 
 def test_all_kernels_compile_without_spills():
@@ -23,9 +29,52 @@ def test_all_kernels_compile_without_spills():
 
 def test_every_kernel_family_lists_aot_cases():
     """A family that gains kernels must also gain a place in the compile check."""
-    import importlib
-
-    from gmkernels._aot import FAMILIES
-
     missing = [f for f in FAMILIES if not getattr(importlib.import_module(f"gmkernels.ops.{f}"), "AOT_CASES", None)]
     assert not missing, f"op families without AOT_CASES: {missing}"
+
+
+_SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/              @!P0 BRA `(.L_x_0) ;
+.L_x_2:
+        /*0030*/                   LDG.E.U16 R8, desc[UR4][R2.64] ;
+.L_x_1:
+        /*0040*/                   SHFL.BFLY PT, R9, R8, 0x1, 0x1f ;
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0060*/                   STS [R0], R9 ;
+        /*0070*/                   LDS R9, [R0] ;
+        /*0080*/              @P1 BRA `(.L_x_1) ;
+        /*0090*/                   LDG.E R10, desc[UR4][R2.64] ;
+        /*00a0*/              @P2 BRA `(.L_x_2) ;
+.L_x_0:
+        /*00b0*/                   EXIT ;
+.L_x_3:
+        /*00c0*/                   BRA `(.L_x_3);
+"""
+
+
+def test_sass_stats_reads_bytes_and_the_innermost_loop():
+    ldg_bytes, ldg_128, loop = sass_stats(_SASS)
+    assert (ldg_bytes, ldg_128) == (16 + 2 + 4, 16)  # bytes, not instructions
+    # the inner loop .L_x_1 (5 instructions), not the outer .L_x_2 nor the trap self-loop
+    assert (loop.instructions, loop.barriers, loop.shuffles, loop.smem_ops) == (5, 1, 1, 2)
+    assert sass_stats("        /*0000*/                   EXIT ;")[2] is None
+
+
+@pytest.mark.parametrize("shape", [(1_000_000, 8, 4, 32, 32), (1_000_000, 64, 2, 1, 1), (1, 8, 16, 134, 240)])
+def test_launch_grids_fit_cuda_limits(shape):
+    """x < 2^31, y and z <= 65535 for every launch a family records, up to a million batch rows."""
+    cases, _ = shape_cases(*shape)
+    assert cases
+    bad = [(c.name, c.grid) for c in cases if not c.grid or c.grid[0] >= 2**31 or any(g > 65535 for g in c.grid[1:])]
+    assert not bad, bad
+
+
+def test_point_data_fills_programs():
+    """Point data (H = W = 1) packs batch rows into the pixel axis: >= 32 points per program."""
+    B, K, C, H, W = SHAPE_SETS["users"][-1]
+    assert H * W == 1
+    cases, _ = shape_cases(B, K, C, H, W)
+    elems = {c.name: c.pixels_per_program * int(c.constexprs.get("BLOCK_R", 1)) for c in cases}
+    assert all(n >= 32 for n in elems.values()), {k: v for k, v in elems.items() if v < 32}

@@ -118,3 +118,14 @@ def test_torchrun_data_parallel_solvers(tmp_path):
         assert rec["world_size"] == 2 and len(rec["samples_per_s_per_rank"]) == 2
         assert min(rec["samples_per_s_per_rank"]) * 2 <= rec["samples_per_s"] * (1 + 1e-9) <= sum(rec["samples_per_s_per_rank"]) * (1 + 1e-9)
         assert FIELDS <= set(rec), FIELDS - set(rec)
+
+
+def test_gpu_only_backends_absent_on_cpu(tmp_path, capsys):
+    """The CUDA-graph replay and reduce-overhead rows exist on a GPU only: on a CPU they are
+    absent (not zero), even when asked for, and the op cases do not offer them."""
+    from gmkernels_bench.cases import op_cases
+
+    data, _ = _run(tmp_path, capsys, "--suite", "ops", "--filter", "gm_to_mean", "--backends", "torch,graph,reduce-overhead")
+    assert {r["backend"] for r in data["records"]} == {"torch"}
+    shape = parse_shapes(["custom", "1,3,2,4,5"], torch.device("cpu"), True)[0]
+    assert not any({"graph", "reduce-overhead"} & set(c.runs) for c in op_cases(shape, torch.float32, torch.device("cpu"), None))

@@ -138,31 +138,3 @@ def call_op(op: Any, *args: Any) -> Any:
             impl = _DIRECT[op] = getattr(opdef, "_init_fn", op)
         return impl(*args)
     return op(*args)
-
-
-@launch_plan
-def mixture_blocks(
-    K: int, C: int, P: int, rows: int, c_tiles_in_grid: bool, tile: int = 4096
-) -> tuple[int, int, int, int]:
-    """Heuristic block sizes ``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)`` for the kernels that
-    reduce over K (a heuristic, not ``triton.autotune``: no benchmark runs at the first call
-    and nothing to avoid under CUDA-graph capture).
-
-    Channels: up to 16 per tile. Pixels: up to 128 per program (4 fp32 per thread, 128-bit
-    loads), halved down to 32 while the grid has fewer than 1024 programs (a GPU needs a few
-    programs per SM to keep loads in flight), or to as few as let all K components fit one
-    tile (down to 32). Components: as many per tile as keep the
-    ``BLOCK_K x BLOCK_C x BLOCK_P`` register tile at ``tile`` elements (4096: 32 per thread at
-    4 warps; kernels that keep more per element use 2048, which the compile report shows
-    keeps them well clear of spills).
-    """
-    block_c = min(next_pow2(C), 16)
-    block_p = min(next_pow2(P), 128)
-    c_progs = cdiv(C, block_c) if c_tiles_in_grid else 1
-    while block_p > 32 and rows * cdiv(P, block_p) * c_progs < 1024:
-        block_p //= 2
-    k_fit = tile // (block_c * next_pow2(K))
-    if 32 <= k_fit < block_p:  # a small K fits one tile with >= 32 pixels: no softmax rescaling
-        block_p = k_fit
-    block_k = max(1, min(next_pow2(K), tile // (block_c * block_p)))
-    return block_k, block_c, block_p, 4

@@ -16,7 +16,9 @@ row ``(r, n)`` and walks the axes ``c = 0 .. C-1``):
   (running max, weight sum, mean and Chan-merged variance), ``n_steps`` Newton passes (CDF and
   pdf with the weights normalised by that max and sum) and one pass adding the axis's squared
   distances ``((x_c - mu_kc) / s)^2`` to a float32 scratch ``(R * N, K, P)`` that carries the
-  KR slice log-weights to the next axis (not allocated when ``C == 1``, the 1-D case).
+  KR slice log-weights to the next axis (not allocated when ``C == 1``, the 1-D case). A barrier
+  separates an axis's scratch stores from the next axis's loads, so the read-after-write holds
+  whichever threads the compiler gives each access.
 * ``_kr_cdf_kernel``: per axis, one online pass for the conditional scaled CDF; ``erfinv`` of
   it is taken in torch afterwards.
 
@@ -27,12 +29,13 @@ Inputs that need a gradient, and float64 inputs, take the differentiable torch p
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 import reference.inverse_cdf as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_count, check_gm, check_gm1d, check_positive, check_state
 from ._launch import call_op, cdiv, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
@@ -49,15 +52,17 @@ _SQRT2 = math.sqrt(2.0)
 
 
 @launch_plan
-def kr_blocks(K: int, P: int, programs_per_pblock: int) -> tuple[int, int, int]:
-    """``(BLOCK_K, BLOCK_P, num_warps)``: up to 128 pixels per program, halved down to 32 while
-    the grid has fewer than 1024 programs, and ``BLOCK_K * BLOCK_P <= 1024`` over 8 warps, so the
-    three tiles loaded per pass (log-weights, scratch, means) stay in registers (at 4 warps the
-    bf16 variants reach 190 registers and spill at sm_80)."""
+def kr_blocks(K: int, P: int, tile: int = 1024) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_P, num_warps)``: 128 pixels per program (for grids of few programs a
+    smaller block would give more of them, but at 32 and 64 pixels ptxas spilled a register in
+    some sm_80 builds at the users shapes of the compile report, and at 128 none), and
+    ``BLOCK_K * BLOCK_P <= tile`` over 8 warps, so the three tiles loaded per pass (log-weights,
+    scratch, means) stay in registers (at 4 warps the bf16 variants reach 190 registers and
+    spill at sm_80). The KR inverse over several axes of point data (a strided pixel axis) uses
+    a tile of 512: at 1024 its fp32 build spilled (and the other point-data builds spill a
+    register at 512)."""
     block_p = min(next_pow2(P), 128)
-    while block_p > 32 and programs_per_pblock * cdiv(P, block_p) < 1024:
-        block_p //= 2
-    block_k = max(1, min(next_pow2(K), 1024 // block_p))
+    block_k = max(1, min(next_pow2(K), tile // block_p))
     return block_k, block_p, 8
 
 
@@ -160,6 +165,10 @@ if triton is not None:
                     mu = tl.load(m_base + offs_k[:, None] * s_mk + c * s_mc, mask=mask, other=0.0).to(tl.float32)
                     d = (x[None, :] - mu) * inv_std[None, :]
                     tl.store(a_ptrs, acc + d * d, mask=mask)
+                # the next axis reads this scratch back; its tiles may sit in other threads than
+                # the ones that stored them (the compiler picks each access's layout), so every
+                # store of the program completes before any load of the next axis
+                tl.debug_barrier()
 
     @triton.jit
     def _kr_cdf_kernel(
@@ -220,6 +229,7 @@ if triton is not None:
                 tl.store(a_ptrs, acc + d * d, mask=mask & store_acc)
             u = cdf / tl.where(w_sum > 0, w_sum, 1.0)
             tl.store(out_ptr + row * s_or + n * s_on + c * s_oc + offs_p * s_op, u.to(out_ptr.dtype.element_ty), mask=mask_p)
+            tl.debug_barrier()  # the scratch stores above complete before the next axis loads them (any thread)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -250,7 +260,7 @@ def _launch_kr_inverse(
     R, K, C, P = m4.shape
     N = z4.shape[1]
     acc = torch.empty((R * N, K, P) if C > 1 else (1,), dtype=torch.float32, device=means.device)
-    block_k, block_p, warps = kr_blocks(K, P, R * N)
+    block_k, block_p, warps = kr_blocks(K, P, 1024 if C == 1 or m4.stride(-1) == 1 else 512)
     n_pblocks = cdiv(P, block_p)
     _kr_inverse_kernel[(R * N * n_pblocks,)](
         m4, l3, s2, z4, u4, o4, acc,
@@ -272,7 +282,7 @@ def _launch_kr_cdf(means: torch.Tensor, logstds: torch.Tensor, logweights: torch
     R, K, C, P = m4.shape
     N = x4.shape[1]
     acc = torch.empty((R * N, K, P) if C > 1 else (1,), dtype=torch.float32, device=means.device)
-    block_k, block_p, warps = kr_blocks(K, P, R * N)
+    block_k, block_p, warps = kr_blocks(K, P)
     n_pblocks = cdiv(P, block_p)
     _kr_cdf_kernel[(R * N * n_pblocks,)](
         m4, l3, s2, x4, o4, acc,
@@ -444,42 +454,25 @@ def gm_samples_to_gaussian_samples(gm: dict, gm_samples: torch.Tensor, eps: floa
 
 # --------------------------------------------------------------------------- AOT cases
 
-#: benchmark shapes ``(B, K, C, H*W)``
-BENCH_SHAPES = ((256, 8, 4, 32 * 32), (32, 256, 4, 32 * 32))
+
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """For a ``(B, K, C, H, W)`` GM and one sample per pixel, fp32 and bf16: the KR transport
+    both ways (``gaussian_samples_to_gm_samples``, ``gm_samples_to_gaussian_samples``) and the
+    1-D inverse CDF (``gm1d_inverse_cdf``, the same GM with one channel)."""
+    mod = sys.modules[__name__]
+    cases = []
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        tag = shape_tag(B, K, C, H, W, dt)
+        z = gm["means"].new_empty((B, 1, C, H, W))
+        cases += launch_cases(mod, f"kr_inverse[{tag}]", _launch_kr_inverse, gm["means"], gm["logstds"], gm["logweights"], z,
+                              None, 2, 1e-6, 1.0)  # fmt: skip
+        cases += launch_cases(mod, f"kr_cdf[{tag}]", _launch_kr_cdf, gm["means"], gm["logstds"], gm["logweights"], z)
+        gm1 = meta_gm(B, K, 1, H, W, dt)
+        z1 = z[:, :, :1].contiguous()
+        cases += launch_cases(mod, f"kr_inverse_1d[{shape_tag(B, K, 1, H, W, dt)}]", _launch_kr_inverse, gm1["means"],
+                              gm1["logstds"], gm1["logweights"], z1, z1, 2, 1e-6, 1.0)  # fmt: skip
+    return cases
 
 
-def _kr_case(name: str, kernel, K: int, P: int, R: int, dtype: str, inverse: bool, has_u: bool = False) -> AotCase:
-    bk, bp, warps = kr_blocks(K, P, R)
-    ptr = f"*{dtype}"
-    sig = {"means_ptr": ptr, "lw_ptr": ptr, "logstds_ptr": ptr}
-    sig.update({"z_ptr": ptr, "u_ptr": ptr, "out_ptr": ptr} if inverse else {"x_ptr": ptr, "out_ptr": "*fp32"})
-    sig.update({"acc_ptr": "*fp32", "K": "i32", "C": "i32", "P": "i32", "N": "i32", "n_pblocks": "i32"})
-    sig.update({"s_mr": "i32", "s_mk": "i32", "s_mc": "i32", "s_mp": "constexpr"})
-    sig.update({"s_lr": "i32", "s_lk": "i32", "s_lp": "constexpr", "s_sr": "i32", "s_sp": "i32"})
-    samples = ("z", "u", "o") if inverse else ("x", "o")
-    for t in samples:
-        sig.update({f"s_{t}r": "i32", f"s_{t}n": "i32", f"s_{t}c": "i32", f"s_{t}p": "constexpr"})
-    consts = {"s_mp": 1, "s_lp": 1, **{f"s_{t}p": 1 for t in samples}}
-    if inverse:
-        sig.update({"n_steps": "i32", "eps": "fp32", "max_step_size": "fp32", "HAS_U": "constexpr"})
-        consts["HAS_U"] = has_u
-    sig.update({"BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "INT64": "constexpr"})
-    consts.update({"BLOCK_K": bk, "BLOCK_P": bp, "INT64": False})
-    divisible = ("means_ptr", "lw_ptr", "out_ptr", "acc_ptr", "P", "s_mr", "s_mk", "s_mc", "s_lr", "s_lk", "s_sp")
-    return AotCase(name, kernel, sig, consts, num_warps=warps, divisible=divisible)
-
-
-AOT_CASES = (
-    [
-        _kr_case(f"{nm}[B{B},K{K},{'' if has_u else f'C{C},'}HW{P},{dt}]", kern, K, P, B, dt, inv, has_u)
-        for nm, kern, inv, has_u in (
-            ("kr_inverse", _kr_inverse_kernel, True, False),  # gaussian_samples_to_gm_samples
-            ("kr_inverse_1d", _kr_inverse_kernel, True, True),  # gm1d_inverse_cdf (C = 1 at run time)
-            ("kr_cdf", _kr_cdf_kernel, False, False),  # gm_samples_to_gaussian_samples
-        )
-        for B, K, C, P in BENCH_SHAPES
-        for dt in ("fp32", "bf16")
-    ]
-    if triton is not None
-    else []
-)
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

@@ -34,6 +34,7 @@ Point data (``H = W = 1``) swaps rows and pixels so the batch fills the pixel bl
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Optional
 
 import torch
@@ -42,7 +43,7 @@ import reference.likelihood as ref
 import reference.transition as ref_transition
 from reference._util import to_gm_dims
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import compute_dtype, run_reference, select_backend
 from .._validate import GMShape, Sigma, check_gm, check_sigma, check_sigma_order, check_state, require, value_range
 from ._launch import call_op, cdiv, launch_plan, next_pow2
@@ -237,15 +238,15 @@ if triton is not None:
 
 
 @launch_plan
-def _blocks(K: int, P: int, programs_per_pblock: int, affine: bool = False) -> tuple[int, int]:
-    """``(BLOCK_K, BLOCK_P)``: up to 128 pixels per program (128-bit loads), halved down to 32
-    while the grid has fewer than 1024 programs (a GPU wants a few per SM), and as many
-    components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``TILE`` elements (8 fp32 per
-    thread at 4 warps; half that with the affine map, which holds more per pixel: the compile
-    report shows no spills there)."""
+def _blocks(K: int, P: int, affine: bool = False) -> tuple[int, int]:
+    """``(BLOCK_K, BLOCK_P)``: 128 pixels per program (128-bit loads; for grids of few programs
+    a smaller block would give more of them, but at 32 and 64 pixels ptxas spilled a register in
+    some sm_80 / sm_90 builds at the users shapes of the compile report, and at 128 none), and as
+    many components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``TILE`` elements (8 fp32
+    per thread at 4 warps; half that with the affine map, which holds more per pixel; at a
+    quarter the fp32 point-data backward spilled at sm_80, at half triton 3.6, not 3.9, spills 8
+    bytes in the bf16 point-data forward at sm_90)."""
     block_p = min(next_pow2(P), 128)
-    while block_p > 32 and programs_per_pblock * cdiv(P, block_p) < 1024:
-        block_p //= 2
     tile = TILE // 2 if affine else TILE
     block_k = max(1, min(next_pow2(K), tile // block_p))
     return block_k, block_p
@@ -293,7 +294,7 @@ def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, 
     out = torch.empty((*batch, N, H, W), device=means.device, dtype=out_dtype)
     mf, sf, mcf, xcf, xf, wf, yf, of = _views(means, logstds, logweights, affine, y, out)
     R, P = mf.shape[0], mf.shape[-1]
-    block_k, block_p = _blocks(K, P, R * N, affine is not None)
+    block_k, block_p = _blocks(K, P, affine is not None)
     n_pb = cdiv(P, block_p)
     grid = (n_pb * R * N,)
     if grid[0] > 0:
@@ -318,7 +319,7 @@ def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, affine,
         means, logstds, logweights, affine, target, loss, grad_loss, g_means, g_logweights.select(-3, 0)
     )
     R, P = mf.shape[0], mf.shape[-1]
-    block_k, block_p = _blocks(K, P, R, affine is not None)
+    block_k, block_p = _blocks(K, P, affine is not None)
     n_pb = cdiv(P, block_p)
     per_pixel = sf.stride(-1) != 0  # after the point-data swap a per-row std is per pixel
     g_std = torch.empty((R, P if per_pixel else n_pb), device=means.device, dtype=torch.float32)
@@ -642,50 +643,27 @@ def _check_nondecreasing(t_low: Sigma, t_high: Sigma) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases: the benchmark constexprs, fp32 and bf16
+# Ahead-of-time compile cases
 # --------------------------------------------------------------------------------------------
 
 
-def _aot_case(name: str, kernel, dt: str, fp32_ptrs: tuple[str, ...], constexprs: dict) -> AotCase:
-    """A case for contiguous inputs of dtype ``dt``: ``*_ptr`` arguments are pointers (float32
-    for ``fp32_ptrs``), other lower-case ``s*`` arguments strides, pixel strides 1 (Triton
-    specialises a stride of 1 as a constant, not 0), ``istd_max``/``sign``/``shift`` floats."""
-    sig = {}
-    for arg in kernel.arg_names:
-        if arg in constexprs:
-            sig[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            sig[arg] = "*fp32" if arg in fp32_ptrs else f"*{dt}"
-        elif arg in ("istd_max", "sign", "shift"):
-            sig[arg] = "fp32"
-        else:
-            sig[arg] = "i32"
-    # pointers, P and the other strides are multiples of 16 at these shapes (the pixel stride 0 of
-    # the per-row log-std and scales included)
-    divisible = tuple(a for a, ty in sig.items() if a.endswith("_ptr") or (ty == "i32" and (a == "P" or a.startswith("s"))))
-    return AotCase(name=name, kernel=kernel, signature=sig, constexprs=constexprs, num_warps=NUM_WARPS, divisible=divisible)
-
-
-def _aot_cases() -> list[AotCase]:
-    if triton is None:
-        return []
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """The NLL forward and backward for a ``(B, K, C, H, W)`` GM and one target per pixel, plain
+    and with the transition loss's affine map (scaled means), fp32 and bf16."""
+    mod = sys.modules[__name__]
     cases = []
-    # strides of 1: the pixels of every pixel tensor, the rows of the (B, 1, 1, 1, 1) log-std and scales
-    unit = {"sm_p": 1, "sw_p": 1, "sy_p": 1, "sx_p": 1, "ss_r": 1, "smc_r": 1, "sxr_r": 1}
-    fwd_unit = {**unit, "N": 1, "so_p": 1}
-    bwd_unit = {**unit, "sl_p": 1, "sg_p": 1, "sgm_p": 1, "sgw_p": 1}
-    for dt in ("fp32", "bf16"):
-        # the benchmark shapes (C = 4, 32x32); the transition loss (scaled means) at the first
-        for R, K, P, scaled in ((256, 8, 1024, False), (32, 256, 1024, False), (256, 8, 1024, True)):
-            block_k, block_p = _blocks(K, P, R, scaled)
-            common = dict(AFFINE=scaled, BLOCK_K=block_k, BLOCK_P=block_p, I64=False)
-            tag = f"K{K}_{dt}" + ("_transition" if scaled else "")
-            cases.append(_aot_case(f"likelihood.nll_fwd_{tag}", _gm_loglik_fwd_kernel, dt, ("out_ptr", "mscale_ptr", "xres_ptr"),
-                                   {**common, **fwd_unit}))
-            cases.append(_aot_case(f"likelihood.nll_bwd_{tag}", _gm_nll_bwd_kernel, dt,
-                                   ("loss_ptr", "gloss_ptr", "glogstds_ptr", "mscale_ptr", "xres_ptr"),
-                                   {**common, **bwd_unit, "STD_PER_PIXEL": False}))
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        m, s, lw = gm["means"], gm["logstds"], gm["logweights"]
+        y = m.new_empty((B, C, H, W))
+        loss = torch.empty((B, H, W), device="meta")
+        affine = (s.new_empty(s.shape), s.new_empty(s.shape), y)
+        for aff, suffix in ((None, ""), (affine, ",transition")):
+            tag = shape_tag(B, K, C, H, W, dt) + suffix
+            cases += launch_cases(mod, f"likelihood.nll_fwd[{tag}]", _launch_loglik, m, s, lw, y.unsqueeze(-4), 1e4, -1.0, 0.0,
+                                  torch.float32, aff)  # fmt: skip
+            cases += launch_cases(mod, f"likelihood.nll_bwd[{tag}]", _launch_nll_bwd, loss, loss, m, s, lw, y, aff, 1e-4)
     return cases
 
 
-AOT_CASES = _aot_cases()
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

@@ -9,21 +9,26 @@ one row and one tile of ``BLOCK_C`` channels (all channel tiles, in a loop, when
 is wanted, since it sums over channels) and runs an online softmax over tiles of ``BLOCK_K``
 components: a running max, the running weight sum, the running weighted mean and, for the
 variance, the running weighted sum of squared deviations merged tile by tile with Chan's
-formula (no ``E[x^2] - E[x]^2`` cancellation). Registers do not grow with K or C.
+formula (no ``E[x^2] - E[x]^2`` cancellation). Registers do not grow with K or C. The layout
+is pixel-per-thread (``pixel_blocks``): warps along the pixels, each thread's K and C tiles in
+its registers, so the K loop has no barrier or shuffle (image data; for point data the
+contiguous axes are K and C, and the compiler may still split them across threads).
 
 Launcher helpers shared with the other families live in ``_launch``.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import reference.mixture as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_gm, check_power
-from ._launch import LOG2E, call_op, cdiv, gm_views, kernels_wanted, launch_plan, mixture_blocks, needs_int64, per_row, pixel_rows
+from ._launch import LOG2E, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
 
 try:
     import triton
@@ -138,10 +143,64 @@ if triton is not None:
             tl.store(var_ptr + row * s_vr + offs_p * s_vp, var.to(var_ptr.dtype.element_ty), mask=mask_p)
 
 
+def single_row_views(*views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``views`` with the stride of their first (row) axis set to 0 when that axis has size 1 (as
+    point data has after ``pixel_rows``): the same elements, but Triton then sees a row offset
+    divisible by 16 instead of ``row * 1``, which keeps 128-bit loads along the points'
+    contiguous log-weights."""
+    if views[0].shape[0] != 1:
+        return views
+    return tuple(v.as_strided(v.shape, (0, *v.stride()[1:]), v.storage_offset()) for v in views)
+
+
+@launch_plan
+def pixel_blocks(K: int, C: int, P: int, programs_per_pblock: int, elem_bytes: int, tile: int,
+                 c_tiles_in_grid: bool, contiguous_pixels: bool = True) -> tuple[int, int, int, int]:  # fmt: skip
+    """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)`` for a pixel-per-thread layout: every warp lies
+    along the pixels and each thread owns ``vec`` contiguous pixels (one 128-bit load,
+    ``vec = 16 / elem_bytes``) with its whole ``BLOCK_K x BLOCK_C`` tile in registers, so the
+    reductions over K and C never cross threads (no barrier, no shuffle). That holds when
+    ``BLOCK_P = 32 * vec * num_warps``: Triton gives each thread ``vec`` pixels and spreads the
+    threads, then the warps, along the contiguous pixel axis before any other.
+
+    ``tile`` caps the per-thread tile ``BLOCK_K * BLOCK_C * vec`` for 4-byte elements, scaled
+    by ``elem_bytes / 4`` (the fp32 state per pixel doubles with ``vec``; triton 3.6 spilled bf16
+    builds at the full tile). 64 keeps the mean kernels near 128 registers; kernels that keep
+    more per element use 32. Channels up to
+    ``tile / vec`` a tile, then as many components as fit. Warps: 4, halved down to 1 while the
+    grid has fewer than 1024 programs (a GPU wants a few per SM); fewer pixels than one warp's
+    ``32 * vec`` take one warp.
+
+    Without ``contiguous_pixels`` (point data: the pixel axis is the batch, K and C are the
+    contiguous axes) each thread owns one pixel, one channel per tile (a wider channel tile
+    would put threads along C) and one 128-bit load of log-weights per K tile.
+    """
+    vec = max(1, 16 // elem_bytes) if contiguous_pixels else 1
+    if contiguous_pixels:  # 2-byte elements: twice the pixels a thread, so half the K x C tile
+        tile = max(vec, tile * elem_bytes // 4)
+    block_c = min(next_pow2(C), max(1, tile // vec)) if contiguous_pixels else 1
+    c_progs = cdiv(C, block_c) if c_tiles_in_grid else 1
+    warps = 4
+    while warps > 1 and programs_per_pblock * c_progs * cdiv(P, 32 * vec * warps) < 1024:
+        warps //= 2
+    block_p = min(32 * vec * warps, next_pow2(P))
+    warps = max(1, min(warps, block_p // (32 * vec)))
+    block_k = max(1, min(next_pow2(K), tile // (block_c * vec) if contiguous_pixels else 16 // elem_bytes))
+    return block_k, block_c, block_p, warps
+
+
+@launch_plan
+def _moments_layout(K: int, C: int, P: int, R: int, with_var: bool, elem_bytes: int,
+                    contiguous_pixels: bool) -> tuple[int, int, int, int]:  # fmt: skip
+    # the variance path keeps a second [BLOCK_C, BLOCK_P] accumulator and the deviations
+    return pixel_blocks(K, C, P, R, elem_bytes, 32 if with_var else 64, not with_var, contiguous_pixels)
+
+
 @launch_plan
 def _moments_blocks(K: int, C: int, P: int, R: int, with_var: bool) -> tuple[int, int, int, int]:
-    # the variance path keeps a second [BLOCK_C, BLOCK_P] accumulator and the deviations
-    return mixture_blocks(K, C, P, R, c_tiles_in_grid=not with_var, tile=2048 if with_var else 4096)
+    """Blocks for 4-byte elements along contiguous pixels (the common case, and the hook the
+    tests replace to force multi-tile paths)."""
+    return _moments_layout(K, C, P, R, with_var, 4, True)
 
 
 def _launch_moments(
@@ -160,9 +219,12 @@ def _launch_moments(
     o3 = mean.view(R, C, P)
     s2 = per_row(logstds, R, P) if with_var else o3[:, 0, :]  # placeholder pointers when unused
     v2 = var.view(R, P) if with_var else o3[:, 0, :]
-    m4, l3, o3, s2, v2 = pixel_rows(m4, l3, o3, s2, v2)
+    m4, l3, o3, s2, v2 = single_row_views(*pixel_rows(m4, l3, o3, s2, v2))
     R, P = m4.shape[0], m4.shape[-1]
-    block_k, block_c, block_p, warps = _moments_blocks(K, C, P, R, with_var)
+    if means.element_size() == 4 and m4.stride(-1) == 1:
+        block_k, block_c, block_p, warps = _moments_blocks(K, C, P, R, with_var)
+    else:
+        block_k, block_c, block_p, warps = _moments_layout(K, C, P, R, with_var, means.element_size(), m4.stride(-1) == 1)
     n_pblocks = cdiv(P, block_p)
     n_ctiles = 1 if with_var else cdiv(C, block_c)
     grid = (R * n_pblocks * n_ctiles,)
@@ -246,39 +308,16 @@ def gm_to_iso_gaussian(gm: dict) -> dict:
 # --------------------------------------------------------------------------- AOT cases
 
 
-def _moments_case(name: str, K: int, C: int, P: int, R: int, dtype: str, with_var: bool) -> AotCase:
-    bk, bc, bp, warps = _moments_blocks(K, C, P, R, with_var)
-    ptr = f"*{dtype}"
-    sig = {
-        "means_ptr": ptr, "lw_ptr": ptr, "logstds_ptr": ptr, "mean_ptr": ptr, "var_ptr": ptr,
-        "K": "i32", "C": "i32", "P": "i32", "n_pblocks": "i32", "n_ctiles": "i32",
-        "s_mr": "i32", "s_mk": "i32", "s_mc": "i32", "s_mp": "constexpr",
-        "s_lr": "i32", "s_lk": "i32", "s_lp": "constexpr",
-        "s_sr": "i32", "s_sp": "i32",
-        "s_or": "i32", "s_oc": "i32", "s_op": "constexpr",
-        "s_vr": "i32", "s_vp": "constexpr",
-        "power_log2e": "fp32",
-        "WITH_VAR": "constexpr", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr",
-        "INT64": "constexpr",
-    }  # fmt: skip
-    # contiguous inputs: unit pixel strides (Triton specialises 1), per-batch logstds (stride 0)
-    consts = {"s_mp": 1, "s_lp": 1, "s_op": 1, "s_vp": 1, "WITH_VAR": with_var,
-              "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "INT64": False}  # fmt: skip
-    divisible = ("means_ptr", "lw_ptr", "mean_ptr", "var_ptr", "P", "s_mr", "s_mk", "s_mc", "s_lr", "s_lk",
-                 "s_or", "s_oc", "s_vr")  # fmt: skip
-    return AotCase(name, _gm_moments_kernel, sig, consts, num_warps=warps, divisible=divisible)
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """Both launches (mean; mean and variance) for a ``(B, K, C, H, W)`` GM, fp32 and bf16."""
+    cases = []
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        tag = shape_tag(B, K, C, H, W, dt)
+        cases += launch_cases(sys.modules[__name__], f"gm_to_mean[{tag}]", _launch_moments, gm["means"], gm["logweights"], None, 1.0)
+        cases += launch_cases(sys.modules[__name__], f"gm_to_iso_gaussian[{tag}]", _launch_moments, gm["means"], gm["logweights"],
+                              gm["logstds"], 1.0)  # fmt: skip
+    return cases
 
 
-#: benchmark shapes ``(B, K, C, H*W)``
-BENCH_SHAPES = ((256, 8, 4, 32 * 32), (32, 256, 4, 32 * 32))
-
-AOT_CASES = (
-    [
-        _moments_case(f"{op}[B{B},K{K},C{C},HW{P},{dt}]", K, C, P, B, dt, op == "gm_to_iso_gaussian")
-        for op in ("gm_to_mean", "gm_to_iso_gaussian")
-        for B, K, C, P in BENCH_SHAPES
-        for dt in ("fp32", "bf16")
-    ]
-    if triton is not None
-    else []
-)
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

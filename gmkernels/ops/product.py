@@ -21,14 +21,17 @@ dominate), and each difference is exact when g and the components share a large 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import reference.product as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_gaussian, check_gm, require, value_range
-from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, mixture_blocks, needs_int64, next_pow2, per_row, pixel_rows
+from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
+from .mixture import pixel_blocks, single_row_views
 
 try:
     import triton
@@ -224,14 +227,27 @@ if triton is not None:
 
 
 @launch_plan
+def _gm_mul_layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous_pixels: bool) -> tuple[int, int, int, int]:
+    """Pixel-per-thread blocks (``mixture.pixel_blocks``: warps along the pixels, K and C in
+    each thread's registers). Channels are looped inside the program and the tile holds mu,
+    the new means and the distances, so along contiguous pixels the components come first (up
+    to 32 values a thread in fp32, 16 with 2-byte elements: one K tile keeps the logits in
+    registers, no scratch pass, for K <= 8 in fp32) and the channel tile takes what is left,
+    usually 1."""
+    bk, bc, bp, warps = pixel_blocks(K, C, P, R, elem_bytes, 32, False, contiguous_pixels)
+    if contiguous_pixels:
+        vec = 16 // elem_bytes
+        tile = 32 * elem_bytes // 4  # 2-byte elements: twice the pixels a thread, half the tile
+        bk = min(next_pow2(K), max(1, tile // vec))
+        bc = max(1, min(next_pow2(C), tile // (bk * vec)))
+    return bk, bc, bp, warps
+
+
+@launch_plan
 def _gm_mul_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
-    # channels are looped inside the program; the tile holds mu and the new means. With several
-    # K tiles the two-pass state costs registers too: half the tile (sm_90 spilled at 2048) on
-    # 2 warps, which keeps 4 contiguous pixels a thread (128-bit fp32 loads).
-    blocks = mixture_blocks(K, C, P, R, c_tiles_in_grid=False, tile=2048)
-    if K <= blocks[0]:
-        return blocks
-    return (*mixture_blocks(K, C, P, R, c_tiles_in_grid=False, tile=1024)[:3], 2)
+    """Blocks for 4-byte elements along contiguous pixels (the common case, and the hook the
+    tests replace to force multi-tile paths)."""
+    return _gm_mul_layout(K, C, P, R, 4, True)
 
 
 def _launch_gm_mul(
@@ -252,8 +268,12 @@ def _launch_gm_mul(
     om4, ol3 = gm_views(out_m, out_lw)
     views = (m4, l3, per_row(logstds, R, P), g.reshape(R, C, P), per_row(var, R, P), om4, ol3, per_row(out_s, R, P))
     m4, l3, s2, g3, v2, om4, ol3, os2 = pixel_rows(*views)
+    m4, l3, s2, g3, v2, om4, ol3, os2 = single_row_views(m4, l3, s2, g3, v2, om4, ol3, os2)
     R, P = m4.shape[0], m4.shape[-1]
-    block_k, block_c, block_p, warps = _gm_mul_blocks(K, C, P, R)
+    if means.element_size() == 4 and m4.stride(-1) == 1:
+        block_k, block_c, block_p, warps = _gm_mul_blocks(K, C, P, R)
+    else:
+        block_k, block_c, block_p, warps = _gm_mul_layout(K, C, P, R, means.element_size(), m4.stride(-1) == 1)
     single_k = K <= block_k
     # raw logits of a multi-tile K: in the output when it is float32, else in a float32 scratch
     raw = ol3 if single_k or out_lw.dtype == torch.float32 else torch.empty(ol3.shape, device=means.device)
@@ -401,48 +421,21 @@ def iso_gaussian_mul_iso_gaussian(
 
 # --------------------------------------------------------------------------- AOT cases
 
-#: benchmark shapes ``(B, K, C, H*W)``
-BENCH_SHAPES = ((256, 8, 4, 32 * 32), (32, 256, 4, 32 * 32))
+
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """Both products for a ``(B, K, C, H, W)`` GM and a Gaussian with a per-pixel variance, fp32
+    and bf16."""
+    mod = sys.modules[__name__]
+    cases = []
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        tag = shape_tag(B, K, C, H, W, dt)
+        mean = gm["means"].new_empty((B, C, H, W))
+        var = gm["means"].new_empty((B, 1, H, W))
+        cases += launch_cases(mod, f"gm_mul_iso_gaussian[{tag}]", _launch_gm_mul, gm["means"], gm["logstds"], gm["logweights"],
+                              mean, var, 1.0, 1e-6)  # fmt: skip
+        cases += launch_cases(mod, f"iso_gaussian_mul_iso_gaussian[{tag}]", _launch_gauss_mul, mean, var, mean, var, 1.0, 1.0, 1e-6)
+    return cases
 
 
-def _gm_mul_case(B: int, K: int, C: int, P: int, dt: str) -> AotCase:
-    bk, bc, bp, warps = _gm_mul_blocks(K, C, P, B)
-    ptr = f"*{dt}"
-    names = ["means_ptr", "lw_ptr", "logstds_ptr", "g_ptr", "v_ptr", "out_m_ptr", "out_lw_ptr", "out_s_ptr", "raw_ptr"]
-    sig = {n: ptr for n in names}
-    sig["raw_ptr"] = "*fp32"
-    sig.update({n: "i32" for n in ("K", "C", "P", "n_pblocks")})
-    strides = ("s_mr s_mk s_mc s_mp s_lr s_lk s_lp s_sr s_sp s_gr s_gc s_gp s_vr s_vp "
-               "s_omr s_omk s_omc s_omp s_olr s_olk s_olp s_osr s_osp s_rr s_rk s_rp").split()  # fmt: skip
-    unit = {"s_mp", "s_lp", "s_gp", "s_omp", "s_olp", "s_rp"}  # contiguous pixels: Triton specialises 1
-    sig.update({n: "constexpr" if n in unit else "i32" for n in strides})
-    sig.update({"r": "fp32", "eps": "fp32"})
-    consts = {n: 1 for n in unit}
-    sig.update({n: "constexpr" for n in ("BLOCK_K", "BLOCK_C", "BLOCK_P", "SINGLE_K", "INT64")})
-    consts.update(BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, SINGLE_K=K <= bk, INT64=False)
-    divisible = (*names, "P", *(n for n in strides if n not in unit and n not in ("s_sp", "s_vp", "s_osp")))
-    return AotCase(f"gm_mul_iso_gaussian[B{B},K{K},C{C},HW{P},{dt}]", _gm_mul_kernel, sig, consts, warps, 2, divisible)
-
-
-def _gauss_mul_case(B: int, C: int, P: int, dt: str) -> AotCase:
-    bc, bp, warps = _gauss_blocks(C, P)
-    ptr = f"*{dt}"
-    names = ["m1_ptr", "v1_ptr", "m2_ptr", "v2_ptr", "out_m_ptr", "out_v_ptr"]
-    sig = {n: ptr for n in names}
-    sig.update({n: "i32" for n in ("C", "P", "n_pblocks", "n_ctiles")})
-    strides = "s_1r s_1c s_1p s_v1r s_v1p s_2r s_2c s_2p s_v2r s_v2p s_or s_oc s_op s_ovr s_ovp".split()
-    unit = {"s_1p", "s_2p", "s_op", "s_v1p", "s_v2p", "s_ovp"}  # per-pixel variances
-    sig.update({n: "constexpr" if n in unit else "i32" for n in strides})
-    sig.update({"power1": "fp32", "power2": "fp32", "eps": "fp32"})
-    sig.update({n: "constexpr" for n in ("BLOCK_C", "BLOCK_P", "INT64")})
-    consts = {**{n: 1 for n in unit}, "BLOCK_C": bc, "BLOCK_P": bp, "INT64": False}
-    divisible = (*names, "P", *(n for n in strides if n not in unit))
-    return AotCase(f"iso_gaussian_mul_iso_gaussian[B{B},C{C},HW{P},{dt}]", _gauss_mul_kernel, sig, consts, warps, 2, divisible)
-
-
-AOT_CASES = (
-    [_gm_mul_case(B, K, C, P, dt) for B, K, C, P in BENCH_SHAPES for dt in ("fp32", "bf16")]
-    + [_gauss_mul_case(B, C, P, dt) for B, C, P in ((256, 4, 1024), (32, 4, 1024)) for dt in ("fp32", "bf16")]
-    if triton is not None
-    else []
-)
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

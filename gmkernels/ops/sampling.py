@@ -2,10 +2,11 @@
 
 Kernel ``_gm_sample_kernel``: one program owns ``BLOCK_P`` pixels of one sample row ``(r, n)``
 (layout ``means (R, K, C, P)``, ``logweights (R, K, P)``, ``out (R, N, C, P)``). The component
-is drawn by the Gumbel-max trick in one online pass over K tiles: ``argmax_k(power * l_k + g_k)``
-with ``g_k = -log(-log(u_k))`` from Triton's Philox (``tl.rand``), a running max and argmax
-(dead components, ``-inf``, never win). The chosen means are gathered per channel tile and
-``exp(logstds) * tl.randn`` is added. Two Philox seeds are drawn with ``torch.randint`` from the
+is drawn by inverting the categorical CDF of ``softmax(power * logweights)`` at one uniform per
+pixel (Triton's Philox, ``tl.rand``), as the torch reference does: two passes over the
+log-weights (max and total, then the cumulative sum up to ``u * total``), no random number per
+component; dead components (``-inf``) carry no weight and are never drawn. Only the chosen
+component's means are read, per channel tile, and ``exp(logstds) * z`` is added. Two Philox seeds are drawn with ``torch.randint`` from the
 caller's ``torch.Generator``, so a seeded generator reproduces the samples on one backend; the
 Triton and torch backends draw different (equally distributed) numbers.
 """
@@ -13,15 +14,16 @@ Triton and torch backends draw different (equally distributed) numbers.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 import reference.sampling as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_count, check_generator, check_gm, check_power
-from ._launch import call_op, cdiv, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
+from ._launch import LOG2E, call_op, cdiv, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
 
 try:
     import triton
@@ -33,12 +35,12 @@ except ImportError:  # CPU-only installs: the torch path still works
 @launch_plan
 def sample_blocks(K: int, C: int, P: int, programs_per_pblock: int) -> tuple[int, int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``: up to 128 pixels per program, halved down to
-    32 while the grid has fewer than 1024 programs; ``BLOCK_K * BLOCK_P <= 2048`` (one
-    log-weight tile and its random numbers in registers) and up to 16 channels per store tile."""
+    32 while the grid has fewer than 1024 programs; ``BLOCK_K * BLOCK_P <= 1024`` (one
+    log-weight tile and its cumulative weights in registers; triton 3.6 spilled at 2048) and up to 16 channels per store tile."""
     block_p = min(next_pow2(P), 128)
     while block_p > 32 and programs_per_pblock * cdiv(P, block_p) < 1024:
         block_p //= 2
-    block_k = max(1, min(next_pow2(K), 2048 // block_p))
+    block_k = max(1, min(next_pow2(K), 1024 // block_p))
     return block_k, min(next_pow2(C), 16), block_p, 4
 
 
@@ -69,12 +71,16 @@ if triton is not None:
         s_lr, s_lk, s_lp,
         s_sr, s_sp,
         s_or, s_on, s_oc, s_op,
-        power,
+        power_log2e,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
     ):  # fmt: skip
         """``out (R, N, C, P) = mu_k + exp(logstds) * z`` with ``k ~ softmax(power * logweights)``
-        per pixel and sample. Philox offsets: ``(rn * K + k) * P + p`` for the Gumbel noise
-        (seed 0) and ``(rn * C + c) * P + p`` for ``z`` (seed 1), ``rn = r * N + n``.
+        per pixel and sample, drawn by inverting the categorical CDF at one uniform ``u`` per
+        pixel and sample: pass 1 over the K tiles finds the running max ``m`` and the total
+        ``S = sum_k 2^(l_k - m)``; pass 2 takes the first ``k`` whose cumulative weight exceeds
+        ``u * S`` (the last live component if rounding leaves none; component 0 for a pixel with
+        no live component). Philox offsets: ``rn * P + p`` for ``u`` (seed 0) and
+        ``(rn * C + c) * P + p`` for ``z`` (seed 1), ``rn = r * N + n``.
         Grid: ``R * N * n_pblocks``, pixel block fastest."""
         pid = tl.program_id(0)
         pb = pid % n_pblocks
@@ -84,7 +90,7 @@ if triton is not None:
         offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
         ar_k = tl.arange(0, BLOCK_K)
         ar_c = tl.arange(0, BLOCK_C)
-        # Philox counters are 64-bit always (R * N * K * P can pass 2**31 with a small tensor)
+        # Philox counters are 64-bit always (R * N * C * P can pass 2**31 with a small tensor)
         rn64 = rn.to(tl.int64)
         offs_p64 = offs_p.to(tl.int64)
         if INT64:
@@ -94,27 +100,37 @@ if triton is not None:
             ar_k = ar_k.to(tl.int64)
             ar_c = ar_c.to(tl.int64)
         mask_p = offs_p < P
-        seed_k = tl.load(seeds_ptr)
+        seed_u = tl.load(seeds_ptr)
         seed_z = tl.load(seeds_ptr + 1)
-        # component: Gumbel-max, online over K tiles
-        best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
-        idx = tl.zeros([BLOCK_P], dtype=ar_k.dtype)
         l_base = lw_ptr + row * s_lr + offs_p[None, :] * s_lp
+        # pass 1: max and total weight (online), and the last live component
+        m = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_P], dtype=tl.float32)
+        last = tl.zeros([BLOCK_P], dtype=ar_k.dtype)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + ar_k
-            mask = (offs_k < K)[:, None] & mask_p[None, :]
-            lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=mask, other=float("-inf")).to(tl.float32)
+            lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=(offs_k < K)[:, None] & mask_p[None, :], other=float("-inf"))
             dead = lw == float("-inf")
-            logit = tl.where(dead, lw, tl.where(dead, 0.0, lw) * power)  # dead stays dead for power 0, no -inf * 0
-            ctr = (rn64 * K + offs_k[:, None].to(tl.int64)) * P + offs_p64[None, :]
-            u = tl.maximum(tl.rand(seed_k, ctr), 1.0e-30)
-            score = logit - tl.log(-tl.log(u))
-            tile_best = tl.max(score, axis=0)
-            # first index of the tile's max (two plain reductions; no (value, index) tuple reduction)
-            tile_idx = tl.min(tl.where(score == tile_best[None, :], offs_k[:, None], K), axis=0)
-            take = tile_best > best
-            best = tl.where(take, tile_best, best)
-            idx = tl.where(take, tile_idx, idx)
+            logit2 = tl.where(dead, float("-inf"), tl.where(dead, 0.0, lw.to(tl.float32)) * power_log2e)  # no -inf * 0
+            m_new = tl.maximum(m, tl.max(logit2, axis=0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            total = total * tl.exp2(m - m_ref) + tl.sum(tl.exp2(logit2 - m_ref[None, :]), axis=0)
+            m = m_new
+            last = tl.maximum(last, tl.max(tl.where(dead, 0, offs_k[:, None]), axis=0))
+        # pass 2: the first component whose cumulative weight exceeds u * total
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        target = tl.rand(seed_u, rn64 * P + offs_p64) * total
+        below = tl.zeros([BLOCK_P], dtype=tl.float32)
+        idx = last
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + ar_k
+            lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=(offs_k < K)[:, None] & mask_p[None, :], other=float("-inf"))
+            dead = lw == float("-inf")
+            logit2 = tl.where(dead, float("-inf"), tl.where(dead, 0.0, lw.to(tl.float32)) * power_log2e)
+            w = tl.exp2(logit2 - m_ref[None, :])
+            cum = below[None, :] + tl.cumsum(w, axis=0)
+            idx = tl.minimum(idx, tl.min(tl.where(cum > target[None, :], offs_k[:, None], K), axis=0))
+            below += tl.sum(w, axis=0)
         std = tl.exp(tl.load(logstds_ptr + row * s_sr + offs_p * s_sp, mask=mask_p, other=0.0).to(tl.float32))
         mu_base = means_ptr + row * s_mr + idx[None, :] * s_mk + offs_p[None, :] * s_mp
         o_base = out_ptr + row * s_or + n * s_on + offs_p[None, :] * s_op
@@ -146,7 +162,7 @@ def _launch_sample(
         m4, l3, s2, seeds, o4,
         K, C, P, n_samples, n_pblocks,
         *m4.stride(), *l3.stride(), *s2.stride(), *o4.stride(),
-        power,
+        power * LOG2E,
         BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, INT64=needs_int64(m4, l3, o4), num_warps=warps,
     )  # fmt: skip
     return out
@@ -195,34 +211,16 @@ def gm_sample(gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch
 
 # --------------------------------------------------------------------------- AOT cases
 
-#: benchmark shapes ``(B, K, C, H*W)``
-BENCH_SHAPES = ((256, 8, 4, 32 * 32), (32, 256, 4, 32 * 32))
+
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """One sample per pixel of a ``(B, K, C, H, W)`` GM, fp32 and bf16."""
+    cases = []
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        seeds = torch.empty(2, dtype=torch.int64, device="meta")
+        cases += launch_cases(sys.modules[__name__], f"gm_sample[{shape_tag(B, K, C, H, W, dt)}]", _launch_sample,
+                              gm["means"], gm["logstds"], gm["logweights"], seeds, 1, 1.0)  # fmt: skip
+    return cases
 
 
-def _sample_case(name: str, K: int, C: int, P: int, R: int, dtype: str) -> AotCase:
-    bk, bc, bp, warps = sample_blocks(K, C, P, R)
-    ptr = f"*{dtype}"
-    sig = {
-        "means_ptr": ptr, "lw_ptr": ptr, "logstds_ptr": ptr, "seeds_ptr": "*i64", "out_ptr": ptr,
-        "K": "i32", "C": "i32", "P": "i32", "N": "i32", "n_pblocks": "i32",
-        "s_mr": "i32", "s_mk": "i32", "s_mc": "i32", "s_mp": "constexpr",
-        "s_lr": "i32", "s_lk": "i32", "s_lp": "constexpr",
-        "s_sr": "i32", "s_sp": "i32",
-        "s_or": "i32", "s_on": "i32", "s_oc": "i32", "s_op": "constexpr",
-        "power": "fp32",
-        "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr", "INT64": "constexpr",
-    }  # fmt: skip
-    consts = {"s_mp": 1, "s_lp": 1, "s_op": 1, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "INT64": False}
-    divisible = ("means_ptr", "lw_ptr", "out_ptr", "P", "s_mr", "s_mk", "s_mc", "s_lr", "s_lk", "s_sp", "s_or", "s_on", "s_oc")
-    return AotCase(name, _gm_sample_kernel, sig, consts, num_warps=warps, divisible=divisible)
-
-
-AOT_CASES = (
-    [
-        _sample_case(f"gm_sample[B{B},K{K},C{C},HW{P},{dt}]", K, C, P, B, dt)
-        for B, K, C, P in BENCH_SHAPES
-        for dt in ("fp32", "bf16")
-    ]
-    if triton is not None
-    else []
-)
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

@@ -15,13 +15,14 @@ autotuning, so launches are deterministic and safe inside CUDA-graph capture.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 
 import reference.transition as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
 from ._launch import call_op, cdiv, kernels_wanted, needs_int64, next_pow2
@@ -188,7 +189,9 @@ def _launch(mode: int, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_
         return out_m.view(means.shape), out_ls.view(logstds.shape)
     R = B * K * C
     block_p = pow2_at_most(HW, 1024)
-    block_r = pow2_at_most(R, max(1, _TILE // block_p))
+    # point data (one pixel): every row element carries its own sigma and log-std math; half
+    # the tile (triton 3.6 used 254 registers and spilled at 2048)
+    block_r = pow2_at_most(R, max(1, (_TILE if block_p > 1 else _TILE // 2) // block_p))
     grid = (cdiv(R, block_r) * cdiv(HW, block_p),)
     _transition_kernel[grid](
         m, x, ls, sig, sig_to, out_m, out_ls,
@@ -320,43 +323,21 @@ def reverse_transition(gm_x0: dict, x_t: torch.Tensor, sigma: Sigma, sigma_to: S
 # ----------------------------------------------------------------------------- AOT cases
 
 
-def _aot_cases() -> list[AotCase]:
-    """Both benchmark shapes (B=256, K=8 and B=32, K=256 at C=4, 32x32) give the same
-    specialisation here (K and B are runtime values; the heuristic picks BLOCK_P=1024,
-    BLOCK_R=2 for H*W=1024), so one case per op and dtype covers them."""
-    if triton is None:
-        return []
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """The three transitions of a ``(B, K, C, H, W)`` GM with per-sample sigma tensors, fp32
+    and bf16."""
+    mod = sys.modules[__name__]
     cases = []
-    for dt in ("fp32", "bf16"):
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        tag = shape_tag(B, K, C, H, W, dt)
+        x = gm["means"].new_empty((B, C, H, W))
+        sig = torch.empty((B, 1, 1, 1), device="meta")
         for mode, name in ((U_TO_X0, "u_to_x0"), (X0_TO_U, "x0_to_u"), (REVERSE, "reverse_transition")):
-            sig = {
-                "means_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ls_ptr": f"*{dt}", "sig_ptr": "*fp32", "sigto_ptr": "*fp32",
-                "out_means_ptr": f"*{dt}", "out_ls_ptr": f"*{dt}",
-                "R": "i32", "K": "i32", "C": "i32", "HW": "i32", "LS_HW": "constexpr",
-                "s_mb": "i32", "s_mk": "i32", "s_mc": "i32", "s_mp": "constexpr",
-                "s_xb": "i32", "s_xc": "i32", "s_xp": "constexpr",
-                "s_lsb": "constexpr", "s_lsp": "i32", "s_sig": "constexpr", "s_sigto": "constexpr",
-                "sig_f": "fp32", "sigto_f": "fp32", "eps": "fp32",
-                "MODE": "constexpr", "SIG_T": "constexpr", "SIGTO_T": "constexpr",
-                "BLOCK_R": "constexpr", "BLOCK_P": "constexpr", "INT64": "constexpr",
-            }
-            const = {
-                "LS_HW": 1, "s_mp": 1, "s_xp": 1, "s_lsb": 1, "s_sig": 1, "s_sigto": 1,
-                "MODE": mode, "SIG_T": True, "SIGTO_T": mode == REVERSE,
-                "BLOCK_R": 2, "BLOCK_P": 1024, "INT64": False,
-            }
-            cases.append(
-                AotCase(
-                    name=f"transition.{name}[C4,32x32,{dt}]",
-                    kernel=_transition_kernel,
-                    signature=sig,
-                    constexprs=const,
-                    num_warps=4,
-                    divisible=("means_ptr", "x_ptr", "ls_ptr", "sig_ptr", "sigto_ptr", "out_means_ptr", "out_ls_ptr",
-                               "R", "HW", "s_mb", "s_mk", "s_mc", "s_xb", "s_xc", "s_lsp"),
-                )
-            )
+            sig_to = sig if mode == REVERSE else None
+            cases += launch_cases(mod, f"transition.{name}[{tag}]", _launch, mode, gm["means"], gm["logstds"], x, sig, 0.0,
+                                  sig_to, 0.0, 1e-6)  # fmt: skip
     return cases
 
 
-AOT_CASES = _aot_cases()
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []
