@@ -271,6 +271,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     return ap, args
 
 
+@torch.no_grad()  # a scoped switch: main() is also called in-process (tests), where a global one would leak
 def main(argv: list[str] | None = None) -> None:
     ap, args = parse_args(argv)
     runs = []  # every checkpoint's config checked before the first (long) evaluation starts
@@ -285,7 +286,6 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoints[0]))
     os.makedirs(out, exist_ok=True)
     sections, by_k = [], {}
-    torch.set_grad_enabled(False)
     for path, net, cfg in runs:
         t0 = time.time()
         if cfg.get("threads"):

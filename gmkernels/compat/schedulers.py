@@ -6,7 +6,7 @@
     from gmkernels.compat.schedulers import FlowEulerODEScheduler, GMFlowSDEScheduler
     pipe.scheduler = GMFlowSDEScheduler.from_config(pipe.scheduler.config)
 
-With diffusers installed (``pip install gmkernels[diffusers]``) they are diffusers
+With diffusers installed (``pip install -e '.[diffusers]'`` from a checkout) they are diffusers
 ``SchedulerMixin``/``ConfigMixin`` classes (``from_config``, ``save_config``, ``config`` as a
 ``FrozenDict``). Without it they keep the same interface through a small stand-in: ``config`` (a dict
 with attribute access) and ``from_config(config, **overrides)``. Either way ``from_config`` warns

@@ -33,7 +33,7 @@ try:
     from diffusers.models.modeling_utils import ModelMixin
     from diffusers.models.normalization import AdaLayerNormZero
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("gmkernels.models needs diffusers: pip install 'gmkernels[diffusers]'") from e
+    raise ImportError("gmkernels.models needs diffusers: pip install -e '.[diffusers]' from a checkout, or pip install diffusers") from e
 
 
 class _ClassTable(nn.Module):

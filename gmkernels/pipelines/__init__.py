@@ -1,5 +1,5 @@
 """diffusers pipeline and schedulers for GMFlow checkpoints (needs the ``diffusers`` extra:
-``pip install 'gmkernels[diffusers]'``).
+``pip install -e '.[diffusers]'`` from a checkout).
 
 * :class:`GMDiTPipeline` — loads a checkpoint directory in the public GMFlow layout and samples it
   with ``gmkernels``' GM-ODE / GM-SDE solvers;

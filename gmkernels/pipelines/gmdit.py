@@ -26,7 +26,7 @@ try:
     from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("gmkernels.pipelines needs diffusers: pip install 'gmkernels[diffusers]'") from e
+    raise ImportError("gmkernels.pipelines needs diffusers: pip install -e '.[diffusers]' from a checkout, or pip install diffusers") from e
 
 from ..models.gmdit import GMDiTTransformer2DModel, SpectrumMLP
 

@@ -39,7 +39,7 @@ try:
     from diffusers.configuration_utils import ConfigMixin, register_to_config
     from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("gmkernels.pipelines needs diffusers: pip install 'gmkernels[diffusers]'") from e
+    raise ImportError("gmkernels.pipelines needs diffusers: pip install -e '.[diffusers]' from a checkout, or pip install diffusers") from e
 
 
 class _GMDiffusersScheduler(SchedulerMixin, ConfigMixin):
