@@ -1,6 +1,6 @@
 """gmkernels: fused, exact Triton kernels for Gaussian Mixture Flow Matching (GMFlow).
 
-Every op takes the GM dicts of the public GMFlow code base (``SPEC.md`` §2)::
+Every op takes the GM dicts of the public GMFlow code base (``docs/layout.md``)::
 
     gm = {"means": (*B, K, C, H, W), "logstds": (*B, 1, 1, 1, 1), "logweights": (*B, K, 1, H, W)}
 

@@ -1,6 +1,6 @@
 """Input validation, in one place, for every public op.
 
-Rules (SPEC §2, §5): a GM is a dict with ``means (*B, K, C, H, W)``, ``logstds`` of shape
+Rules (docs/layout.md, docs/numerics.md#bad-input): a GM is a dict with ``means (*B, K, C, H, W)``, ``logstds`` of shape
 ``(*B, 1, 1, 1, 1)`` (or ``(*B, 1, 1, H, W)``, what a product with a per-pixel Gaussian gives)
 and ``logweights (*B, K, 1, H, W)``. Batch dims of every other tensor must equal ``*B``
 exactly: nothing is broadcast silently. Floating dtypes only, one device. Sigmas are Python

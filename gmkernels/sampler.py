@@ -1,4 +1,4 @@
-"""Few-step GM sampling (SPEC §4): ``gmkernels.sample``, a loop over the scheduler objects of
+"""Few-step GM sampling (docs/solvers.md): ``gmkernels.sample``, a loop over the scheduler objects of
 ``gmkernels.schedulers``.
 
 CUDA graphs: the loop never synchronises the host. The ops get the sigmas of the fixed schedule
@@ -34,7 +34,7 @@ from .schedulers import SCHEDULERS
 
 def sample(denoiser, noise, num_steps, *, solver="gm-sde", substeps=1, order=1, shift=1.0,
            guidance="probabilistic", guidance_scale=0.0, orthogonal=1.0, generator=None, progress=False):
-    """Sample with a GMFlow model in ``num_steps`` network calls (SPEC §4).
+    """Sample with a GMFlow model in ``num_steps`` network calls (docs/solvers.md).
 
     Args:
         denoiser: ``denoiser(x_t, t) -> gm_u``: ``x_t (*B, C, H, W)``, ``t`` a float32 tensor of
@@ -50,7 +50,7 @@ def sample(denoiser, noise, num_steps, *, solver="gm-sde", substeps=1, order=1, 
         solver: ``"gm-sde"`` (exact GM transition draws), ``"gm-ode"`` (``substeps`` Euler
             substeps per call on the GM's posterior mean) or ``"euler"`` (flow-matching baseline).
         substeps: GM-ODE substeps per main step (1 for the other solvers).
-        order: 1, or 2 for the GM solvers (SPEC §4's 2nd-order rule; the first step is first order).
+        order: 1, or 2 for the GM solvers (the 2nd-order rule of docs/solvers.md#2nd-order; the first step is first order).
         shift: time shift of the schedule ``sigma = shift * s / (1 + (shift - 1) * s)``.
         guidance: ``"probabilistic"`` (scale in [0, 1), with ``orthogonal``), ``"weight"`` or
             ``"mean-cfg"`` (CFG scales; mean-CFG is orthogonalised when ``orthogonal > 0``, so pass

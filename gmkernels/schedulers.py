@@ -11,7 +11,7 @@ Example (what ``gmkernels.sample`` does)::
         x = sched.step(gm_u, t, x)
     # x: samples at sigma = 0
 
-Schedule (SPEC §4): for ``S`` steps of ``N`` substeps, ``s_i = 1 - i / (S*N)``,
+Schedule (docs/solvers.md): for ``S`` steps of ``N`` substeps, ``s_i = 1 - i / (S*N)``,
 ``sigma_i = shift * s_i / (1 + (shift - 1) * s_i)`` for ``i < S*N``, then ``sigma = 0``;
 ``t = 1000 * sigma``. ``timesteps`` holds the ``S`` main-step timesteps.
 
@@ -50,7 +50,7 @@ _RHO_MIN = RHO_MIN  # floor of the relative variance reduction of a Gaussian rew
 
 
 def schedule_sigmas(num_steps: int, substeps: int = 1, shift: float = 1.0) -> list[float]:
-    """The ``num_steps * substeps + 1`` noise levels of SPEC §4 as Python floats (last one 0)."""
+    """The ``num_steps * substeps + 1`` noise levels of docs/solvers.md#schedule as Python floats (last one 0)."""
     n = num_steps * substeps
     s = [1 - i / n for i in range(n)]
     return [shift * v / (1 + (shift - 1) * v) for v in s] + [0.0]
@@ -90,7 +90,7 @@ def _reweight(base_gm: dict, base_mean: torch.Tensor, base_var: torch.Tensor, bi
 
 
 def _guidance_parts(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: float):
-    """Pieces of probabilistic guidance (SPEC §3.11) that the 2nd-order rule combines with its
+    """Pieces of probabilistic guidance (docs/ops.md#guidance) that the 2nd-order rule combines with its
     own bias: ``m_c (*B, C, H, W)``, ``v_c (*B, 1, 1, 1)`` and the scaled guidance bias."""
     cond = gm_to_iso_gaussian(gm_cond)
     m_c, v_c = cond["mean"], cond["var"].mean(dim=(-2, -1), keepdim=True)
@@ -172,7 +172,7 @@ class _GMSchedulerBase(abc.ABC):
         return gm_u[0], gm_u[1]
 
     def _x0_gm(self, gm_u, x: torch.Tensor, sigma: float, h: float) -> dict:
-        """The x0-GM the state moves with: u -> x0 (op 5), guidance (op 11), 2nd order (SPEC §4),
+        """The x0-GM the state moves with: u -> x0 (op 5), guidance (op 11), 2nd order (docs/solvers.md),
         composed eagerly (the torch path; the Triton path fuses it, see ``_fused_step``)."""
         scale = self.guidance_scale
         cond_u, uncond_u = self._split(gm_u)
@@ -193,7 +193,7 @@ class _GMSchedulerBase(abc.ABC):
         return self._second_order(gm, cond, uncond, x, sigma, h)
 
     def _second_order(self, gm: dict, cond, uncond, x: torch.Tensor, sigma: float, h: float) -> dict:
-        """SPEC §4's 2nd-order rule. ``gm`` is the first-order (guided) x0-GM.
+        """the 2nd-order rule of docs/solvers.md#2nd-order. ``gm`` is the first-order (guided) x0-GM.
 
         The mean of the previous step's first-order GM carried to the current state (op 6) is
         compared with the current mean; the difference times
@@ -290,7 +290,7 @@ class _GMSchedulerBase(abc.ABC):
 
 
 class GMFlowODEScheduler(_GMSchedulerBase):
-    """GM-ODE (SPEC §4): per main step, ``substeps`` Euler substeps whose x0 is the posterior mean
+    """GM-ODE (docs/solvers.md): per main step, ``substeps`` Euler substeps whose x0 is the posterior mean
     of the step's GM at the substep's state (one fused kernel, no network call)."""
 
     solver = "gm-ode"
@@ -305,7 +305,7 @@ class GMFlowODEScheduler(_GMSchedulerBase):
 
 
 class GMFlowSDEScheduler(_GMSchedulerBase):
-    """GM-SDE (SPEC §4): an exact draw from the GM reverse transition per step (one fused kernel)."""
+    """GM-SDE (docs/solvers.md): an exact draw from the GM reverse transition per step (one fused kernel)."""
 
     solver = "gm-sde"
     _substeps_allowed = False

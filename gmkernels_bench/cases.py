@@ -1,4 +1,4 @@
-"""The benchmark cases: every op of SPEC §3 (``ops``), the GM NLL forward+backward (``train``) and
+"""The benchmark cases: every op of docs/ops.md (``ops``), the GM NLL forward+backward (``train``) and
 the sampling loop with a stub denoiser (``solvers``), each with its minimal-traffic byte count.
 
 Backends of a case:
@@ -49,7 +49,7 @@ QUICK_CPU_COMPILE = ("gm_posterior_mean", "gm_nll_loss fwd+bwd")
 # compiled torch); on a CPU those rows are absent.
 SMALL_BATCH = 8
 
-# SPEC §4 configurations: (steps, substeps) x solver x guidance scale.
+# Solver configurations (docs/solvers.md): (steps, substeps) x solver x guidance scale.
 SOLVER_STEPS = ((32, 4), (16, 8))
 SOLVER_STEPS_QUICK = ((4, 2),)
 SOLVERS = ("gm-ode", "gm-sde")
@@ -151,7 +151,7 @@ class Inputs:
         return self._randn(*size).to(self.dtype)
 
     def gm1d(self) -> dict:
-        """A 1-D GM per pixel (SPEC §3.12): means, log-weights ``(B, K, H, W)``, log-stds ``(B, 1, 1, 1)``."""
+        """A 1-D GM per pixel (docs/ops.md#inverse-cdf-and-transports): means, log-weights ``(B, K, H, W)``, log-stds ``(B, 1, 1, 1)``."""
         gm = self.gm()
         return {k: v[:, :, 0].contiguous() for k, v in gm.items()}
 
@@ -265,7 +265,7 @@ def _elements(expr: str, c: dict[str, int]) -> int:
 
 
 def op_cases(shape: Shape, dtype: torch.dtype, device: torch.device, compile_ops: tuple[str, ...] | None) -> list[Case]:
-    """Every SPEC §3 op at ``shape``; ``compile_ops`` limits the ``compile`` backend (None: all)."""
+    """Every op of docs/ops.md at ``shape``; ``compile_ops`` limits the ``compile`` backend (None: all)."""
     out = []
     c = counts(shape)
     for i, (name, (family, args, reads, writes)) in enumerate(_OPS.items()):
@@ -315,7 +315,7 @@ def train_cases(shape: Shape, dtype: torch.dtype, device: torch.device, compile_
 
 
 class StubDenoiser:
-    """``denoiser(x_t, t)`` of SPEC §4 that costs nothing: returns a fixed random u-GM (a pair
+    """``denoiser(x_t, t)`` of docs/solvers.md#gmkernelssample that costs nothing: returns a fixed random u-GM (a pair
     ``(gm_cond, gm_uncond)`` under guidance), cycling through ``copies`` equal copies so that
     consecutive calls do not find the GM in cache, as after a real network call."""
 
@@ -343,7 +343,7 @@ def sample_unavailable(device: torch.device) -> str | None:
 
 
 def solver_configs(quick: bool) -> list[dict]:
-    """SPEC §4 configurations; GM-SDE has no substeps (one exact transition per call), so it runs
+    """Solver configurations (docs/solvers.md); GM-SDE has no substeps (one exact transition per call), so it runs
     the same numbers of steps with ``substeps=1``."""
     steps = SOLVER_STEPS_QUICK if quick else SOLVER_STEPS
     return [
@@ -360,7 +360,7 @@ def solver_label(cfg: dict) -> str:
 
 
 def solver_cases(shape: Shape, dtype: torch.dtype, device: torch.device, quick: bool, compile_loop: bool, max_copies: int = 64) -> list[Case]:
-    """``gmkernels.sample`` with a stub denoiser, per SPEC §4 configuration. ``triton`` is the
+    """``gmkernels.sample`` with a stub denoiser, per solver configuration (docs/solvers.md). ``triton`` is the
     default dispatch, ``torch`` the same loop under ``use_backend("torch")`` (the reference ops),
     ``compile`` ``torch.compile`` of that loop (only when ``compile_loop``).
 

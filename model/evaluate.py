@@ -1,6 +1,6 @@
 """Evaluate checkpoints: ``python -m model.evaluate CHECKPOINT [CHECKPOINT ...] [--out DIR]``.
 
-Samples go through ``gmkernels.sample`` (SPEC §4) with the EMA weights. For every checkpoint an NFE
+Samples go through ``gmkernels.sample`` (docs/solvers.md) with the EMA weights. For every checkpoint an NFE
 sweep (``eval.nfe``, default 1, 2, 4, 8, 16, 32) of GM-SDE and GM-ODE at orders 1 and 2 and
 Euler; GM-ODE takes ``ode_substeps // NFE`` substeps per step (substeps cost no network call).
 

@@ -1,4 +1,4 @@
-"""Denoisers that predict a Gaussian mixture over the flow velocity ``u = eps - x0`` (SPEC §2).
+"""Denoisers that predict a Gaussian mixture over the flow velocity ``u = eps - x0`` (docs/layout.md).
 
 Both networks return the u-GM dict of the public GMFlow code base::
 
@@ -11,7 +11,7 @@ that is the plain flow-matching baseline of the same network, its NLL loss being
 * :class:`GMDiT`: a DiT (patch embedding, adaLN-Zero transformer blocks, attention through
   ``scaled_dot_product_attention``) with timestep and class embeddings; class ``num_classes``
   is the null class used for classifier-free / probabilistic guidance.
-* :class:`GMMLP2D`: an MLP for 2-D points, ``x (B, 2, 1, 1)`` (points are the SPEC's H = W = 1).
+* :class:`GMMLP2D`: an MLP for 2-D points, ``x (B, 2, 1, 1)`` (points are H = W = 1, docs/layout.md).
 * :class:`GMDiTOfficial`: the public checkpoint's GM-DiT (``gmkernels.models``, the network of
   ``gmkernels.pipelines.GMDiTPipeline``), used by the ImageNet presets.
 """
@@ -206,7 +206,7 @@ class DiTBlock(nn.Module):
 
 
 class GMDiT(nn.Module):
-    """Class-conditional DiT with a GM output head (the u-GM of SPEC §2).
+    """Class-conditional DiT with a GM output head (the u-GM of docs/layout.md).
 
     ``forward(x (B, C, H, W), t (B,), y (B,) int64) -> u-GM`` with ``means (B, K, C, H, W)``,
     ``logweights (B, K, 1, H, W)`` (log-softmax over K per pixel) and ``logstds (B, 1, 1, 1, 1)``

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of every gmkernels op: the oracle of the tests and the CPU fallback.
 
 One module per op family, mirroring ``gmkernels.ops``. Written to be read: each function
-carries the equation of ``SPEC.md`` it implements. Works in float32 and float64 with any
+carries the equation of ``docs/ops.md`` it implements. Works in float32 and float64 with any
 leading batch dims; dead components (``-inf`` log-weights) give no NaN. No validation here:
 the public ``gmkernels`` functions validate and then call these.
 """

@@ -1,4 +1,4 @@
-"""Guidance on the x0-GMs of a conditional and an unconditional pass (SPEC §3.11)."""
+"""Guidance on the x0-GMs of a conditional and an unconditional pass (docs/ops.md#guidance)."""
 
 from __future__ import annotations
 

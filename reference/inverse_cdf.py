@@ -1,5 +1,5 @@
 """1-D mixture inverse CDF and the Knothe-Rosenblatt (KR) transports between standard-normal and
-GM samples (SPEC §3.12), following the conventions of the public GMFlow code (``gmflow_ops``).
+GM samples (docs/ops.md#inverse-cdf-and-transports), following the conventions of the public GMFlow code (``gmflow_ops``).
 
 CDFs are *scaled* to ``[-1, 1]``: ``F(x) = sum_k w_k erf((x - mu_k) / (s sqrt 2)) = 2 cdf(x) - 1``,
 so a standard-normal ``z`` has ``F = erf(z / sqrt 2)``.

@@ -1,4 +1,4 @@
-"""GM log-density and the GM negative log-likelihood training loss (SPEC §3.8-9)."""
+"""GM log-density and the GM negative log-likelihood training loss (docs/ops.md#likelihood)."""
 
 from __future__ import annotations
 

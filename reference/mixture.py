@@ -1,4 +1,4 @@
-"""Mixture moments: the mean of a GM and its moment-matched isotropic Gaussian (SPEC §3.1-2).
+"""Mixture moments: the mean of a GM and its moment-matched isotropic Gaussian (docs/ops.md#mixture-moments).
 
 Shapes: ``means (*B, K, C, H, W)``, ``logstds (*B, 1, 1, 1, 1)``, ``logweights (*B, K, 1, H, W)``.
 """

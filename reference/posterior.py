@@ -1,4 +1,4 @@
-"""Posterior mean of x0 at a new state from a GM predicted at another one (SPEC §3.6).
+"""Posterior mean of x0 at a new state from a GM predicted at another one (docs/ops.md#gm_posterior_mean).
 
 The x0-GM predicted at ``(x_src, sigma_src)`` is reweighted by the Gaussian likelihood that
 links the two states, giving the denoising distribution at ``(x_tgt, sigma_tgt)`` without a

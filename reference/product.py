@@ -1,5 +1,5 @@
 """Products of densities: GM x isotropic Gaussian (posterior reweighting) and Gaussian x
-Gaussian (SPEC §3.3-4).
+Gaussian (docs/ops.md#products).
 
 Shapes: GM as in ``reference.mixture``; a Gaussian is ``{mean (*B, C, H, W), var}`` with
 ``var (*B, 1, H, W)`` or ``(*B, 1, 1, 1)``.

@@ -1,4 +1,4 @@
-"""Ancestral sampling from a per-pixel GM (SPEC §3.10)."""
+"""Ancestral sampling from a per-pixel GM (docs/ops.md#gm_sample)."""
 
 from __future__ import annotations
 

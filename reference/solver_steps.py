@@ -1,4 +1,4 @@
-"""Fused sampler steps of SPEC §4, written as the plain loops they fuse: the oracle of the Triton
+"""Fused sampler steps (docs/solvers.md#fused-steps), written as the plain loops they fuse: the oracle of the Triton
 kernels in ``gmkernels.ops.solver_steps`` and the CPU path of the samplers.
 
 Shapes: an x0-GM ``{means (*B, K, C, H, W), logstds (*B, 1, 1, 1|H, 1|W), logweights

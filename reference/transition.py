@@ -1,5 +1,5 @@
 """Affine changes of variable on a GM: velocity <-> denoised sample, and the exact reverse
-transition of the rectified-flow path (SPEC §3.5, §3.7).
+transition of the rectified-flow path (docs/ops.md#changes-of-variable-and-the-reverse-transition).
 
 Path: ``x_t = a * x0 + sigma * eps`` with ``a = 1 - sigma``; velocity ``u = eps - x0`` so
 ``x0 = x_t - sigma * u``. ``x_t`` is ``(*B, C, H, W)``; sigmas are floats or tensors

@@ -639,7 +639,7 @@ def test_gm_2nd_order_first_call_records_then_shifts_the_mean():
     out, gout = model.gm_2nd_order(gm1, g1, x1, t1, h1)
     assert out is gm1 and gout is g1 and model.prev_gm is gm1
 
-    # K = 1: the update is exact: N(m + bias, s2 * (1 - P / V)) with SPEC §4's bias
+    # K = 1: the update is exact: N(m + bias, s2 * (1 - P / V)) with the 2nd-order bias of docs/solvers.md#2nd-order
     gm2 = k1_gm(torch.randn(B, C, H, W, generator=g, dtype=F64) * 0.1, -3.0)
     g2 = G.gm_to_iso_gaussian(gm2)[0]
     m2 = g2["mean"].clone()

@@ -1,4 +1,4 @@
-"""Exactness of the samplers on analytic problems (SPEC §4).
+"""Exactness of the samplers on analytic problems (docs/solvers.md).
 
 The data is itself a Gaussian mixture with a shared isotropic std, the same at every pixel:
 ``x0 ~ sum_k pi_k N(m_k, s0^2 I_C)``. Under ``x_t = a x0 + sigma eps`` the true denoising

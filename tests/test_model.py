@@ -205,7 +205,7 @@ def _sampler_ready() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _sampler_ready(), reason="gmkernels.sample still raises NotImplementedError (SPEC §4, issue 4)")
+@pytest.mark.skipif(not _sampler_ready(), reason="gmkernels.sample still raises NotImplementedError (docs/solvers.md)")
 @pytest.mark.parametrize("guidance,scale", [("probabilistic", 0.0), ("probabilistic", 0.5), ("weight", 2.0), ("mean-cfg", 2.0)])
 @pytest.mark.parametrize("solver,order", [("gm-sde", 2), ("gm-ode", 1), ("euler", 1)])
 def test_dit_samples_with_each_guidance_mode(guidance, scale, solver, order):

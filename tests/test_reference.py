@@ -275,7 +275,7 @@ def test_gm_nll_loss(dtype, c, reduction):
 
 
 def test_nll_istd_clamp():
-    """Tiny stds hit ``istd = min(exp(-logstds), 1/eps)`` exactly as SPEC §3.9 puts it."""
+    """Tiny stds hit ``istd = min(exp(-logstds), 1/eps)`` exactly as docs/ops.md#gm_nll_loss puts it."""
     shape = ((2,), 3, 2, 3, 3)
     gm = make_gm(shape, 0)
     gm["logstds"] = torch.full_like(gm["logstds"], -30.0)

@@ -1,4 +1,4 @@
-"""``gmkernels.sample`` and the scheduler objects: SPEC §4's schedule and denoiser contract,
+"""``gmkernels.sample`` and the scheduler objects: the schedule of docs/solvers.md#schedule and denoiser contract,
 solver identities, guidance, seeding, no host synchronisation, the Triton path, bad input."""
 
 import pytest

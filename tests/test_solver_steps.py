@@ -1,5 +1,5 @@
 """The fused sampler-step kernels against their reference twins (``reference/solver_steps.py``),
-their random streams, and the twins against the unfused SPEC ops they stand for."""
+their random streams, and the twins against the unfused public ops they stand for."""
 
 import pytest
 import torch
@@ -266,7 +266,7 @@ def _outputs(shape, seed, dtype, dead, per_pixel, guided, K_uncond=None):
        orthogonal=st.sampled_from([0.0, 1.0]))
 def test_fused_ode_step_matches_eager_reference(shape, seed, dtype, dead, per_pixel, order, guided, orthogonal):
     """The fused GM-ODE sampler step (network GM in its own dtype, nothing GM-sized formed)
-    against the eager composition of the SPEC ops in float64 on the torch path. The network's
+    against the eager composition of the public ops in float64 on the torch path. The network's
     values are the same in both (bf16 ones are exact in float64), so fp32 accuracy applies."""
     guidance, scale = guided
     _, _, C, H, W = shape

@@ -1,4 +1,4 @@
-"""Bad input raises ``ValueError``/``TypeError`` naming the argument and the shapes (SPEC §5)."""
+"""Bad input raises ``ValueError``/``TypeError`` naming the argument and the shapes (docs/numerics.md)."""
 
 from __future__ import annotations
 

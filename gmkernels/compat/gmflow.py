@@ -49,7 +49,7 @@ def _to_gm_dims(c: torch.Tensor) -> torch.Tensor:
 
 def transition_sample(x_0, x_t, sigma, sigma_to, eps=1e-6, generator=None):
     """One exact draw of ``x_{sigma_to}`` given ``x_t`` at ``sigma`` and ``x_0``:
-    ``c1 * x_t + c2 * x_0 + sqrt(c3) * z`` (SPEC §3.7's constants), ``z ~ N(0, I)`` from
+    ``c1 * x_t + c2 * x_0 + sqrt(c3) * z`` (reverse_transition's constants, docs/ops.md#reverse_transition), ``z ~ N(0, I)`` from
     ``generator``. ``sigma``/``sigma_to`` are tensors broadcastable to ``x_t``."""
     c1, c2, c3 = transition_coefficients(sigma, sigma_to, eps)
     device = x_t.device if generator is None else generator.device  # a CPU generator may drive CUDA states
@@ -60,7 +60,7 @@ def transition_sample(x_0, x_t, sigma, sigma_to, eps=1e-6, generator=None):
 def probabilistic_guidance_jit(
     cond_mean, total_var, uncond_mean, guidance_scale: float, orthogonal: float = 1.0, orthogonal_axis=None
 ):
-    """The Gaussian step of GMFlow's probabilistic guidance (SPEC §3.11).
+    """The Gaussian step of GMFlow's probabilistic guidance (docs/ops.md#guidance).
 
     Args:
         cond_mean: ``(B, C, H, W)``, mean of the conditional x0-GM.
@@ -127,7 +127,7 @@ def u_to_x_0(denoising_output, x_t, t=None, sigma=None, eps=1e-6, num_timesteps=
 
 
 def reverse_transition(denoising_output, x_t_high, t_low, t_high, eps=1e-6, prediction_type="u", num_timesteps=NUM_TIMESTEPS):
-    """The distribution of ``x_{t_low}`` given ``x_{t_high}`` (SPEC §3.7), from a u- or x0-prediction.
+    """The distribution of ``x_{t_low}`` given ``x_{t_high}`` (docs/ops.md#reverse_transition), from a u- or x0-prediction.
 
     For a GM: means from ``gmkernels.reverse_transition`` (``c1 * x_t + c2 * mu_x0``); logstds
     ``0.5 * logaddexp(2 * (logstds + log(max(s * c2, eps))), log(max(c3, eps)))`` with ``s = sigma``
@@ -272,7 +272,7 @@ class GMFlowMixin:
         guidance_scale=0.0, gm_cond=None, gaussian_cond=None, avg_var=None, cfg_bias=None, ca=0.005, cb=1.0,
         gm2_correction_steps=0,
     ):
-        """GMFlow's 2nd-order update (SPEC §4), fused with the guidance bias into one Gaussian
+        """GMFlow's 2nd-order update (docs/solvers.md), fused with the guidance bias into one Gaussian
         reweighting of the base GM. The first call (no previous GM) only records the state.
 
         Args:

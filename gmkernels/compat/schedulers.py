@@ -16,7 +16,7 @@ these classes do not implement: a config that sets them steps as described below
 original would.
 
 Schedule: ``set_timesteps(n)`` gives ``sigma_i = shift * s_i / (1 + (shift - 1) * s_i)`` with
-``s_i = 1 - i / n`` (SPEC §4), ``timesteps = T * sigma`` and a final ``sigma = 0``.
+``s_i = 1 - i / n`` (docs/solvers.md), ``timesteps = T * sigma`` and a final ``sigma = 0``.
 ``step(model_output, timestep, sample, generator=None, return_dict=True, prediction_type='u')``
 moves ``sample`` from ``sigmas[i]`` to ``sigmas[i + 1]``; ``model_output`` is a velocity
 (``'u'``) or a denoised sample (``'x0'``), e.g. ``gm_to_mean`` or a draw of the x0-GM.
@@ -151,7 +151,7 @@ class _FlowScheduler(SchedulerMixin, ConfigMixin):
 
     @staticmethod
     def _schedule(n, shift):
-        """The ``n`` shifted noise levels of SPEC §4 from 1 down (without the final 0), float32."""
+        """The ``n`` shifted noise levels of docs/solvers.md#schedule from 1 down (without the final 0), float32."""
         return torch.tensor(schedule_sigmas(n, 1, float(shift))[:-1], dtype=torch.float32)
 
     @property
@@ -181,7 +181,7 @@ class _FlowScheduler(SchedulerMixin, ConfigMixin):
         return 1 - one_minus * (1 - self.config.terminal_sigma) / one_minus[-1]
 
     def set_timesteps(self, num_inference_steps: int, seq_len=None, device=None):
-        """``num_inference_steps`` sigmas from 1 (SPEC §4 schedule), then a final 0."""
+        """``num_inference_steps`` sigmas from 1 (docs/solvers.md#schedule), then a final 0."""
         self.num_inference_steps = num_inference_steps
         sigmas = self._schedule(num_inference_steps, self.get_shift(seq_len=seq_len))
         if self.config.terminal_sigma is not None:
@@ -259,7 +259,7 @@ class FlowEulerODEScheduler(_FlowScheduler):
 
 class GMFlowSDEScheduler(_FlowScheduler):
     """Exact reverse-transition steps (GM-SDE): ``c1 * x + c2 * x0 + sqrt(c3) * z`` with
-    ``z ~ N(0, I)`` from ``generator`` (SPEC §3.7's constants); with ``x0`` a draw of the x0-GM this
+    ``z ~ N(0, I)`` from ``generator`` (reverse_transition's constants, docs/ops.md#reverse_transition); with ``x0`` a draw of the x0-GM this
     samples the GM transition exactly."""
 
     _output_cls = GMFlowSDESchedulerOutput

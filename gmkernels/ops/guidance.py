@@ -1,4 +1,4 @@
-"""Guidance on conditional/unconditional x0-GMs (SPEC §3.11): ``probabilistic_guidance``,
+"""Guidance on conditional/unconditional x0-GMs (docs/ops.md#guidance): ``probabilistic_guidance``,
 ``weight_guidance``, ``mean_cfg``.
 
 Kernels (all self-contained: the mixture moments and the GM x Gaussian product are fused in):
@@ -521,7 +521,7 @@ def _check_pair(gm_cond: dict, gm_uncond: dict) -> GMShape:
 
 
 def probabilistic_guidance(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: float = 1.0) -> dict:
-    """GMFlow's probabilistic guidance (SPEC §3.11): the conditional GM reweighted by the Gaussian
+    """GMFlow's probabilistic guidance (docs/ops.md#guidance): the conditional GM reweighted by the Gaussian
     quotient ``target / cond``, which moves its mean by the (orthogonalised) bias normalised to
     the average variance and shrinks its spread by ``1 - scale^2``.
 

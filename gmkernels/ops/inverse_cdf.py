@@ -1,4 +1,4 @@
-"""1-D mixture inverse CDF and Knothe-Rosenblatt transports (SPEC §3.12):
+"""1-D mixture inverse CDF and Knothe-Rosenblatt transports (docs/ops.md#inverse-cdf-and-transports):
 ``gm1d_inverse_cdf``, ``gaussian_samples_to_gm_samples``, ``gm_samples_to_gaussian_samples``.
 
 Names, arguments and defaults follow the public GMFlow code (``gmflow_ops``): scaled CDFs in

@@ -1,4 +1,4 @@
-"""GM log-density and NLL loss (SPEC §3.8-9): ``gm_logprob``, ``gm_nll_loss``, ``transition_loss``.
+"""GM log-density and NLL loss (docs/ops.md#likelihood): ``gm_logprob``, ``gm_nll_loss``, ``transition_loss``.
 
 Kernels
 -------
@@ -574,8 +574,8 @@ def transition_loss(
 
     With ``sigma = t / 1000`` (``T = 1000``):
     ``gm_x0 = u_to_x0(gm_u, x_t_high, sigma_high)``,
-    ``gm_low = reverse_transition(gm_x0, x_t_high, sigma_high, sigma_low)`` (SPEC §3.5, §3.7),
-    ``loss = gm_nll_loss(gm_low, x_t_low, eps, reduction)`` (SPEC §3.9: per pixel, no ``2 pi``,
+    ``gm_low = reverse_transition(gm_x0, x_t_high, sigma_high, sigma_low)`` (docs/ops.md#changes-of-variable-and-the-reverse-transition),
+    ``loss = gm_nll_loss(gm_low, x_t_low, eps, reduction)`` (docs/ops.md#gm_nll_loss: per pixel, no ``2 pi``,
     ``"mean"``/``"sum"`` over ``(*B, H, W)``). ``t_low = 0`` gives the NLL of ``x0`` itself.
 
     Args:

@@ -1,4 +1,4 @@
-"""Mixture moments (SPEC §3.1-2): ``gm_to_mean`` and ``gm_to_iso_gaussian``.
+"""Mixture moments (docs/ops.md#mixture-moments): ``gm_to_mean`` and ``gm_to_iso_gaussian``.
 
 Kernel: ``_gm_moments_kernel`` reads the means and log-weights once and writes the mixture mean
 (and, for ``gm_to_iso_gaussian``, the per-pixel variance). Layout seen by the kernel:

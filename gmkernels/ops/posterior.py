@@ -1,4 +1,4 @@
-"""Posterior mean at a new state (SPEC §3.6): ``gm_posterior_mean``, the mixture velocity of
+"""Posterior mean at a new state (docs/ops.md#gm_posterior_mean): ``gm_posterior_mean``, the mixture velocity of
 the GM-ODE substeps.
 
 Kernel: ``_gm_posterior_mean_kernel`` fuses ``transfer_gaussian`` (the Gaussian ``N(g, v)`` in

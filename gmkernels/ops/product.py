@@ -1,4 +1,4 @@
-"""Products of densities (SPEC §3.3-4): ``gm_mul_iso_gaussian`` (posterior reweighting) and
+"""Products of densities (docs/ops.md#products): ``gm_mul_iso_gaussian`` (posterior reweighting) and
 ``iso_gaussian_mul_iso_gaussian``.
 
 Kernels:

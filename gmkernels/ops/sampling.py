@@ -1,4 +1,4 @@
-"""Ancestral GM sampling (SPEC §3.10): ``gm_sample``.
+"""Ancestral GM sampling (docs/ops.md#gm_sample): ``gm_sample``.
 
 Kernel ``_gm_sample_kernel``: one program owns ``BLOCK_P`` pixels of one sample row ``(r, n)``
 (layout ``means (R, K, C, P)``, ``logweights (R, K, P)``, ``out (R, N, C, P)``). The component

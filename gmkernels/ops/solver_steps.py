@@ -1,4 +1,4 @@
-"""Fused sampler steps (SPEC §4): ``gm_ode_substeps`` and ``gm_sde_step``.
+"""Fused sampler steps (docs/solvers.md): ``gm_ode_substeps`` and ``gm_sde_step``.
 
 ``gm_ode_substeps`` runs all N GM-ODE substeps of one main step on ``_fused_step_kernel`` (the
 sampler's fused step, with the means taken as given): one pixel per thread, the pixel's K means
@@ -703,7 +703,7 @@ def gm_sde_step(
 
 _NCOEF = 11  # per-sample coefficients of ``_fused_step_kernel`` (see ``fused_step``)
 _NSTAT = 8  # per-program partial sums of its statistics modes
-# Coefficients of the 2nd-order error estimate E = V * (scale^2 * cb^2 + ca) (SPEC §4).
+# Coefficients of the 2nd-order error estimate E = V * (scale^2 * cb^2 + ca) (docs/solvers.md).
 CA, CB = 0.005, 1.0
 # Floor of the relative variance reduction of a Gaussian reweighting (schedulers._reweight).
 RHO_MIN = 1e-6
@@ -720,7 +720,7 @@ def fused_step(
     post: bool = False, generator: torch.Generator | None = None, eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One whole sampler step on the network's u-GM, with no GM-sized temporary (the schedulers'
-    Triton path; the eager composition of ops 5, 11, SPEC §4's 2nd-order rule and
+    Triton path; the eager composition of ops 5, 11, the 2nd-order rule of docs/solvers.md#2nd-order and
     ``gm_ode_substeps`` / ``gm_sde_step`` is its reference, ``schedulers._GMSchedulerBase._x0_gm``).
 
     Every GM of the step is the network's GM in its own dtype seen through per-sample

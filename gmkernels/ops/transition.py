@@ -1,4 +1,4 @@
-"""Affine GM changes of variable (SPEC §3.5, §3.7): ``u_to_x0``, ``x0_to_u``, ``reverse_transition``.
+"""Affine GM changes of variable (docs/ops.md#changes-of-variable-and-the-reverse-transition): ``u_to_x0``, ``x0_to_u``, ``reverse_transition``.
 
 All three are ``means' = alpha * x_t + beta * means`` with per-batch-element ``alpha, beta``
 (functions of the sigmas) and a per-batch-element shift of ``logstds``; log-weights pass
