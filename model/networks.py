@@ -140,7 +140,7 @@ class GMMLP2D(nn.Module):
 
 @dataclass
 class DiTConfig:
-    """Sizes of :class:`GMDiT`. ``dit_b2()`` and ``dit_xl2()`` give the paper's sizes."""
+    """Sizes of :class:`GMDiT` (the digits preset; the ImageNet presets train :class:`GMDiTOfficial`)."""
 
     K: int = 8
     in_channels: int = 1
@@ -155,18 +155,6 @@ class DiTConfig:
     logstd_hidden: int = 256
     fixed_logstd: float | None = None
     grad_checkpointing: bool = False
-
-
-def dit_b2(**kw) -> DiTConfig:
-    """DiT-B/2 on 32x32x4 latents (130M parameters)."""
-    return DiTConfig(**{**dict(in_channels=4, image_size=32, patch_size=2, hidden=768, depth=12, heads=12,
-                               num_classes=1000, logstd_hidden=1024), **kw})
-
-
-def dit_xl2(**kw) -> DiTConfig:
-    """DiT-XL/2 on 32x32x4 latents (675M parameters)."""
-    return DiTConfig(**{**dict(in_channels=4, image_size=32, patch_size=2, hidden=1152, depth=28, heads=16,
-                               num_classes=1000, logstd_hidden=1024), **kw})
 
 
 def _sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
