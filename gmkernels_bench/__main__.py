@@ -97,6 +97,8 @@ def _finish(args: argparse.Namespace, meta: dict, records: list[dict], t0: float
     paths = [os.path.join(args.out, "results.json"), os.path.join(args.out, "results.md")]
     write_json(paths[0], meta, records)
     table = markdown(meta, records)
+    for t in meta.get("step_traffic", ()):  # the sampler-step traffic model (cases.step_traffic), per shape
+        table += "\nSampler-step traffic model (bytes per network call on the fused Triton path, not a measurement):\n\n" + t + "\n"
     with open(paths[1], "w") as f:
         f.write(table)
     if args.plot:
@@ -159,7 +161,7 @@ def _main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             _parser().error(f"--device {args.device}: CUDA is not available here")
         torch.cuda.set_device(device)
-    from .cases import QUICK_CPU_COMPILE, op_cases, policy_cases, sample_unavailable, solver_cases, train_cases
+    from .cases import QUICK_CPU_COMPILE, op_cases, policy_cases, sample_unavailable, solver_cases, traffic_table, train_cases
     from .runner import run_case
     from .timing import TimerConfig, copy_bandwidth
 
@@ -189,6 +191,8 @@ def _main(args: argparse.Namespace) -> int:
             notes.append("solvers: torch.compile of the sampling loop is opt-in (--compile-solvers): it unrolls every step and substep")
 
     meta = {**environment(device), "quick": args.quick, "notes": notes}
+    if "solvers" in suites:
+        meta["step_traffic"] = [traffic_table(s) for s in shapes]
     print(f"gmkernels-bench on {meta['device']} (torch {meta['torch_version']}, triton {meta['triton_version']}, commit {meta['git_commit']})")
     for n in notes:
         print(n)

@@ -72,6 +72,9 @@ def test_solver_suite(tmp_path, capsys):
     assert rec["status"] == "ok", rec
     assert rec["params"] == {"solver": "gm-ode", "num_steps": 4, "substeps": 2, "guidance_scale": 0.5}
     assert math.isclose(rec["ms_per_call"] * 4, rec["median_ms"]) and rec["samples_per_s"] > 0
+    md = (tmp_path / "out" / "results.md").read_text()  # the step traffic model rides along with the solvers
+    assert "Sampler-step traffic model" in md and "| gm-sde order 2 probabilistic |" in md
+    assert data["meta"]["step_traffic"] and "ratio" in data["meta"]["step_traffic"][0]
 
 
 def test_speedups_are_ratios_within_a_case():
