@@ -118,8 +118,10 @@ if triton is not None:
         ``NPIX + (b * C + c) * HW + p``, disjoint from the uniforms), store
         ``c1 * x + c2 * mu + std * z``.
         """
-        pid_p = tl.program_id(0)
-        b = tl.program_id(1)
+        pid = tl.program_id(0)  # 1-D grid, pixel blocks fastest: any batch size fits CUDA's limits
+        n_pblocks = tl.cdiv(HW, BLOCK_P)
+        b = pid // n_pblocks
+        pid_p = pid % n_pblocks
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         kr = tl.arange(0, BLOCK_K)
         if INT64:
@@ -554,7 +556,7 @@ def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
     uf = u.reshape(B, HW) if given else xf
     zf = z.reshape(B, C, HW) if given else xf
     bk, bc, bp = _sde_blocks(K, C, HW)
-    grid = (cdiv(HW, bp), B)
+    grid = (B * cdiv(HW, bp),)
     # the kernel's float32 scalars, rounded here as a GPU launch rounds them (the interpreter keeps
     # float64, and a c3 far below float32's range then meets bf16 math as a NaN)
     c1, c2, c3 = (torch.tensor(c, dtype=torch.float32).item() for c in (c1, c2, c3))
