@@ -35,6 +35,7 @@ Block sizes come from a fixed heuristic (no autotuning: deterministic, CUDA-grap
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -44,7 +45,7 @@ import reference.guidance as ref
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_gm, check_power
-from ._launch import call_op, cdiv, kernels_wanted, launch_plan, needs_int64
+from ._launch import call_op, cdiv, kernels_wanted, launch_plan, needs_int64, pixel_rows
 from .mixture import online_moments_update
 from .transition import flat_gm, flat_logstds, pow2_at_most
 
@@ -260,11 +261,13 @@ if triton is not None:
         K, HW, NPB,
         s_cb, s_ck, s_cp,
         s_ub, s_uk, s_up,
+        s_ob, s_ok, s_op,
         scale_m1,
         SINGLE_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
     ):  # fmt: skip
         """``out[b, :, p] = log_softmax_k(l_c + (scale - 1) (l_c - l_u))`` with both log-weights
-        clamped at ``-1e30``; ``out`` is ``(B, K, HW)`` contiguous. One K sweep when
+        clamped at ``-1e30``; ``(B, K, HW)`` views of any strides (point data comes as one row of
+        ``B`` pixels). One K sweep when
         ``K <= BLOCK_K``, else a second sweep re-reads the (small) log-weights."""
         pid = tl.program_id(0)
         b = pid // NPB
@@ -290,7 +293,8 @@ if triton is not None:
             m_run = m_new
             if SINGLE_K:
                 lse = m_ref + tl.log(tl.where(l_run > 0, l_run, 1.0))
-                tl.store(out_ptr + (b * K + kk[:, None]) * HW + p[None, :], (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+                o_off = b * s_ob + kk[:, None] * s_ok + p[None, :] * s_op
+                tl.store(out_ptr + o_off, (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
         if not SINGLE_K:
             lse = tl.where(m_run == float("-inf"), 0.0, m_run) + tl.log(tl.where(l_run > 0, l_run, 1.0))
             for k0 in range(0, K, BLOCK_K):
@@ -299,7 +303,8 @@ if triton is not None:
                 lc = tl.maximum(tl.load(lc_ptr + b * s_cb + kk[:, None] * s_ck + p[None, :] * s_cp, mask=mask, other=0.0).to(tl.float32), -1e30)
                 lu = tl.maximum(tl.load(lu_ptr + b * s_ub + kk[:, None] * s_uk + p[None, :] * s_up, mask=mask, other=0.0).to(tl.float32), -1e30)
                 x = lc + scale_m1 * (lc - lu)
-                tl.store(out_ptr + (b * K + kk[:, None]) * HW + p[None, :], (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+                o_off = b * s_ob + kk[:, None] * s_ok + p[None, :] * s_op
+                tl.store(out_ptr + o_off, (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _mean_cfg_apply_kernel(
@@ -406,17 +411,18 @@ def _launch_probabilistic(cm, cls, cl, um, ul, scale: float, orthogonal: float):
 def _launch_weight(lc: torch.Tensor, lu: torch.Tensor, scale: float) -> torch.Tensor:
     *_, K, _, H, W = lc.shape
     HW = H * W
-    c3, u3 = lc.reshape(-1, K, HW), lu.reshape(-1, K, HW)
-    B = c3.shape[0]
-    out = torch.empty((B, K, HW), device=lc.device, dtype=lc.dtype)
+    out = torch.empty((math.prod(lc.shape[:-4]), K, HW), device=lc.device, dtype=lc.dtype)
     if out.numel() == 0:
         return out.view(lc.shape)
+    # per pixel only: point data (H = W = 1) runs as one row of B pixels
+    c3, u3, o3 = pixel_rows(lc.reshape(-1, K, HW), lu.reshape(-1, K, HW), out)
+    B, P = c3.shape[0], c3.shape[-1]
     bk = pow2_at_most(K, 16)
-    bp = pow2_at_most(HW, max(16, _TILE // bk))
-    npb = cdiv(HW, bp)
+    bp = pow2_at_most(P, max(16, _TILE // bk))
+    npb = cdiv(P, bp)
     _weight_guidance_kernel[(B * npb,)](
-        c3, u3, out, K, HW, npb, *c3.stride(), *u3.stride(), scale - 1.0,
-        SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, out), num_warps=4,
+        c3, u3, o3, K, P, npb, *c3.stride(), *u3.stride(), *o3.stride(), scale - 1.0,
+        SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, o3), num_warps=4,
     )  # fmt: skip
     return out.view(lc.shape)
 
