@@ -38,7 +38,7 @@ Sigmas = Union[Sequence[float], torch.Tensor]
 
 # ----------------------------------------------------------------------------- kernels
 
-_TILE = 2048  # elements of the (K, C, pixels) tile a program keeps in registers
+_SDE_TILE = 512  # elements of the SDE kernel's (K, pixels) and (C, pixels) tiles
 
 
 def _np2(n: int) -> int:
@@ -87,10 +87,12 @@ def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = Fals
 @launch_plan
 def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P)`` of the SDE kernel: it streams K (log-weights only) and C.
-    K tiles stay at 512 elements: larger ones made ptxas use local memory for the bf16 sm_80
-    build of the CDF walk (``tl.cumsum``) at the benchmark shape."""
-    bp = min(_np2(HW), 128)
-    return min(_np2(K), max(1, 512 // bp)), min(_np2(C), max(1, _TILE // bp)), bp
+    K and C tiles stay at 512 elements: larger K tiles made ptxas use local memory for the bf16
+    sm_80 build of the CDF walk (``tl.cumsum``) at the benchmark shape, and 16-channel tiles
+    (2048 elements) 32 bytes of it for bf16 at sm_80 when C >= 16. At least 2 pixels: a
+    one-pixel block (point data) compiled to a 32-byte stack frame at sm_80."""
+    bp = min(max(_np2(HW), 2), 128)
+    return min(_np2(K), max(1, _SDE_TILE // bp)), min(_np2(C), max(1, _SDE_TILE // bp)), bp
 
 
 if triton is not None:
