@@ -116,6 +116,20 @@ def test_weight_guidance(data, dtype, scale):
 
 
 @pytest.mark.triton
+@settings(max_examples=5)
+@given(batch=st.integers(2, 300), K=st.sampled_from([1, 3, 16, 40]), dead=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_weight_guidance_point_data(batch, K, dead, dtype):
+    """Point data (H = W = 1) runs as one row of ``batch`` pixels: every point still gets its own softmax."""
+    gm_c = make_gm(((batch,), K, 2, 1, 1), 3, dtype, dead=dead)
+    gm_u = make_gm(((batch,), K, 2, 1, 1), 4, dtype, dead=dead)
+    with gmkernels.use_backend("triton"):
+        out = gmkernels.weight_guidance(gm_c, gm_u, 2.5)
+    ref = reference.weight_guidance(to64(gm_c), to64(gm_u), 2.5)
+    close(out["logweights"], ref["logweights"], dtype, "logweights")
+
+
+
+@pytest.mark.triton
 @settings(max_examples=10)
 @given(
     data=st.data(),

@@ -35,14 +35,17 @@ Block sizes come from a fixed heuristic (no autotuning: deterministic, CUDA-grap
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 
 import reference.guidance as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_gm, check_power
-from ._launch import call_op, cdiv, kernels_wanted, launch_plan, needs_int64
+from ._launch import call_op, cdiv, kernels_wanted, launch_plan, needs_int64, pixel_rows
 from .mixture import online_moments_update
 from .transition import flat_gm, flat_logstds, pow2_at_most
 
@@ -258,11 +261,13 @@ if triton is not None:
         K, HW, NPB,
         s_cb, s_ck, s_cp,
         s_ub, s_uk, s_up,
+        s_ob, s_ok, s_op,
         scale_m1,
         SINGLE_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
     ):  # fmt: skip
         """``out[b, :, p] = log_softmax_k(l_c + (scale - 1) (l_c - l_u))`` with both log-weights
-        clamped at ``-1e30``; ``out`` is ``(B, K, HW)`` contiguous. One K sweep when
+        clamped at ``-1e30``; ``(B, K, HW)`` views of any strides (point data comes as one row of
+        ``B`` pixels). One K sweep when
         ``K <= BLOCK_K``, else a second sweep re-reads the (small) log-weights."""
         pid = tl.program_id(0)
         b = pid // NPB
@@ -288,7 +293,8 @@ if triton is not None:
             m_run = m_new
             if SINGLE_K:
                 lse = m_ref + tl.log(tl.where(l_run > 0, l_run, 1.0))
-                tl.store(out_ptr + (b * K + kk[:, None]) * HW + p[None, :], (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+                o_off = b * s_ob + kk[:, None] * s_ok + p[None, :] * s_op
+                tl.store(out_ptr + o_off, (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
         if not SINGLE_K:
             lse = tl.where(m_run == float("-inf"), 0.0, m_run) + tl.log(tl.where(l_run > 0, l_run, 1.0))
             for k0 in range(0, K, BLOCK_K):
@@ -297,7 +303,8 @@ if triton is not None:
                 lc = tl.maximum(tl.load(lc_ptr + b * s_cb + kk[:, None] * s_ck + p[None, :] * s_cp, mask=mask, other=0.0).to(tl.float32), -1e30)
                 lu = tl.maximum(tl.load(lu_ptr + b * s_ub + kk[:, None] * s_uk + p[None, :] * s_up, mask=mask, other=0.0).to(tl.float32), -1e30)
                 x = lc + scale_m1 * (lc - lu)
-                tl.store(out_ptr + (b * K + kk[:, None]) * HW + p[None, :], (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+                o_off = b * s_ob + kk[:, None] * s_ok + p[None, :] * s_op
+                tl.store(out_ptr + o_off, (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _mean_cfg_apply_kernel(
@@ -404,17 +411,18 @@ def _launch_probabilistic(cm, cls, cl, um, ul, scale: float, orthogonal: float):
 def _launch_weight(lc: torch.Tensor, lu: torch.Tensor, scale: float) -> torch.Tensor:
     *_, K, _, H, W = lc.shape
     HW = H * W
-    c3, u3 = lc.reshape(-1, K, HW), lu.reshape(-1, K, HW)
-    B = c3.shape[0]
-    out = torch.empty((B, K, HW), device=lc.device, dtype=lc.dtype)
+    out = torch.empty((math.prod(lc.shape[:-4]), K, HW), device=lc.device, dtype=lc.dtype)
     if out.numel() == 0:
         return out.view(lc.shape)
+    # per pixel only: point data (H = W = 1) runs as one row of B pixels
+    c3, u3, o3 = pixel_rows(lc.reshape(-1, K, HW), lu.reshape(-1, K, HW), out)
+    B, P = c3.shape[0], c3.shape[-1]
     bk = pow2_at_most(K, 16)
-    bp = pow2_at_most(HW, max(16, _TILE // bk))
-    npb = cdiv(HW, bp)
+    bp = pow2_at_most(P, max(16, _TILE // bk))
+    npb = cdiv(P, bp)
     _weight_guidance_kernel[(B * npb,)](
-        c3, u3, out, K, HW, npb, *c3.stride(), *u3.stride(), scale - 1.0,
-        SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, out), num_warps=4,
+        c3, u3, o3, K, P, npb, *c3.stride(), *u3.stride(), *o3.stride(), scale - 1.0,
+        SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, o3), num_warps=4,
     )  # fmt: skip
     return out.view(lc.shape)
 
@@ -580,76 +588,22 @@ def mean_cfg(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: bool = Fa
 
 # ----------------------------------------------------------------------------- AOT cases
 
-#: benchmark shapes ``(B, K, C, H*W)``
-BENCH_SHAPES = ((256, 8, 4, 32 * 32), (32, 256, 4, 32 * 32))
 
-
-def _aot_cases() -> list[AotCase]:
-    """Every guidance kernel at the constexprs its launcher picks for the benchmark shapes,
-    contiguous inputs (unit pixel strides, per-sample logstds), fp32 and bf16."""
-    if triton is None:
-        return []
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """The launches of the three guidance ops for a pair of ``(B, K, C, H, W)`` GMs with
+    per-sample stds, fp32 and bf16: probabilistic guidance (statistics ``#0``, apply ``#1``),
+    weight guidance, mean-CFG plain and orthogonal (statistics ``#0``, apply ``#1``)."""
     cases = []
-    for B, K, C, HW in BENCH_SHAPES:
-        bk, bc, bp = _blocks(K, C, HW)
-        for dt in ("fp32", "bf16"):
-            tag = f"[B{B},K{K},C{C},HW{HW},{dt}]"
-            for with_var, name in ((True, "probabilistic_guidance.stats"), (False, "mean_cfg.stats")):
-                sig = {
-                    "mc_ptr": f"*{dt}", "lc_ptr": f"*{dt}", "ls_ptr": f"*{dt}", "mu_ptr": f"*{dt}", "lu_ptr": f"*{dt}",
-                    "out_mc_ptr": "*fp32", "out_d_ptr": "*fp32", "part_ptr": "*fp32",
-                    "Kc": "i32", "Ku": "i32", "C": "i32", "HW": "i32", "NPB": "i32",
-                    "s_cb": "i32", "s_ck": "i32", "s_cc": "i32", "s_cp": "constexpr",
-                    "s_lcb": "i32", "s_lck": "i32", "s_lcp": "constexpr",
-                    "s_lsb": "constexpr", "s_lsp": "i32",
-                    "s_ub": "i32", "s_uk": "i32", "s_uc": "i32", "s_up": "constexpr",
-                    "s_lub": "i32", "s_luk": "i32", "s_lup": "constexpr",
-                    "WITH_VAR": "constexpr", "WITH_MC": "constexpr",
-                    "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr", "INT64": "constexpr",
-                }  # fmt: skip
-                const = {"s_cp": 1, "s_lcp": 1, "s_lsb": 1, "s_up": 1, "s_lup": 1, "WITH_VAR": with_var, "WITH_MC": True,
-                         "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "INT64": False}  # fmt: skip
-                div = ("mc_ptr", "lc_ptr", "ls_ptr", "mu_ptr", "lu_ptr", "out_mc_ptr", "out_d_ptr", "part_ptr", "HW",
-                       "s_cb", "s_cc", "s_ck", "s_lcb", "s_lsp", "s_ub", "s_uk", "s_uc", "s_lub")  # fmt: skip
-                cases.append(AotCase(name + tag, _guidance_stats_kernel, sig, const, divisible=div))
-            sig = {
-                "m_ptr": f"*{dt}", "l_ptr": f"*{dt}", "ls_ptr": f"*{dt}", "mc_ptr": "*fp32", "d_ptr": "*fp32",
-                "coef_ptr": "*fp32", "out_m_ptr": f"*{dt}", "out_l_ptr": f"*{dt}", "out_ls_ptr": f"*{dt}",
-                "K": "i32", "C": "i32", "HW": "i32", "NPB": "i32", "LS_HW": "constexpr",
-                "s_mb": "i32", "s_mk": "i32", "s_mc": "i32", "s_mp": "constexpr",
-                "s_lb": "i32", "s_lk": "i32", "s_lp": "constexpr", "s_lsb": "constexpr", "s_lsp": "i32", "eps": "fp32",
-                "SINGLE_K": "constexpr", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr",
-                "INT64": "constexpr",
-            }  # fmt: skip
-            const = {"LS_HW": 1, "s_mp": 1, "s_lp": 1, "s_lsb": 1, "SINGLE_K": K <= bk,
-                     "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "INT64": False}  # fmt: skip
-            div = ("m_ptr", "l_ptr", "ls_ptr", "mc_ptr", "d_ptr", "coef_ptr", "out_m_ptr", "out_l_ptr", "out_ls_ptr",
-                   "HW", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_lsp")  # fmt: skip
-            cases.append(AotCase("probabilistic_guidance.apply" + tag, _guidance_apply_kernel, sig, const, divisible=div))
-
-            wbk = pow2_at_most(K, 16)
-            sig = {
-                "lc_ptr": f"*{dt}", "lu_ptr": f"*{dt}", "out_ptr": f"*{dt}", "K": "i32", "HW": "i32", "NPB": "i32",
-                "s_cb": "i32", "s_ck": "i32", "s_cp": "constexpr", "s_ub": "i32", "s_uk": "i32", "s_up": "constexpr",
-                "scale_m1": "fp32", "SINGLE_K": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr",
-                "INT64": "constexpr",
-            }  # fmt: skip
-            const = {"s_cp": 1, "s_up": 1, "SINGLE_K": K <= wbk, "BLOCK_K": wbk,
-                     "BLOCK_P": pow2_at_most(HW, max(16, _TILE // wbk)), "INT64": False}  # fmt: skip
-            div = ("lc_ptr", "lu_ptr", "out_ptr", "HW", "s_cb", "s_ck", "s_ub", "s_uk")
-            cases.append(AotCase("weight_guidance" + tag, _weight_guidance_kernel, sig, const, divisible=div))
-    for dt in ("fp32", "bf16"):  # one specialisation serves both benchmark shapes (K, B are runtime)
+    mod = sys.modules[__name__]
+    for dt in AOT_DTYPES:
+        g = meta_gm(B, K, C, H, W, dt)
+        m, ls, lw = g["means"], g["logstds"], g["logweights"]
+        tag = shape_tag(B, K, C, H, W, dt)
+        cases += launch_cases(mod, f"probabilistic_guidance[{tag}]", _launch_probabilistic, m, ls, lw, m, lw, 2.0, 1.0)
+        cases += launch_cases(mod, f"weight_guidance[{tag}]", _launch_weight, lw, lw, 2.0)
         for ortho in (False, True):
-            sig = {
-                "m_ptr": f"*{dt}", "mc_ptr": "*fp32", "d_ptr": "*fp32", "coef_ptr": "*fp32", "out_ptr": f"*{dt}",
-                "R": "i32", "K": "i32", "C": "i32", "HW": "i32",
-                "s_mb": "i32", "s_mk": "i32", "s_mc": "i32", "s_mp": "constexpr",
-                "ORTHO": "constexpr", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr", "INT64": "constexpr",
-            }  # fmt: skip
-            const = {"s_mp": 1, "ORTHO": ortho, "BLOCK_R": 2, "BLOCK_P": 1024, "INT64": False}
-            div = ("m_ptr", "mc_ptr", "d_ptr", "coef_ptr", "out_ptr", "R", "HW", "s_mb", "s_mk", "s_mc")
-            cases.append(AotCase(f"mean_cfg.apply[ortho={ortho},C4,HW1024,{dt}]", _mean_cfg_apply_kernel, sig, const, divisible=div))
+            cases += launch_cases(mod, f"mean_cfg[ortho={ortho},{tag}]", _launch_mean_cfg, m, lw, m, lw, 2.0, ortho)
     return cases
 
 
-AOT_CASES = _aot_cases()
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

@@ -20,11 +20,13 @@ find in L2).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import reference.posterior as ref
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
 from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
@@ -266,24 +268,20 @@ def gm_posterior_mean(
     )
 
 
-#: benchmark shapes ``(B, K, C, H*W)``
-BENCH_SHAPES = ((256, 8, 4, 32 * 32), (32, 256, 4, 32 * 32))
+# --------------------------------------------------------------------------- AOT cases
 
 
-def _posterior_case(B: int, K: int, C: int, P: int, dt: str) -> AotCase:
-    bk, bc, bp, warps = _posterior_blocks(K, C, P, B)
-    ptrs = ["means_ptr", "lw_ptr", "logstds_ptr", "xs_ptr", "xt_ptr", "sig_s_ptr", "sig_t_ptr", "out_ptr"]
-    sig = {n: f"*{dt}" for n in ptrs}
-    sig.update(sig_s_ptr="*fp32", sig_t_ptr="*fp32")  # per-batch sigma tensors
-    sig.update({n: "i32" for n in ("K", "C", "P", "n_pblocks", "n_ctiles")})
-    strides = "s_mr s_mk s_mc s_mp s_lr s_lk s_lp s_sr s_sp s_xsr s_xsc s_xsp s_xtr s_xtc s_xtp s_ssr s_ssp s_str s_stp s_or s_oc s_op".split()
-    unit = {"s_ssr", "s_str", "s_sr", "s_mp", "s_lp", "s_xsp", "s_xtp", "s_op"}  # 1: specialised by the launcher
-    sig.update({n: "constexpr" if n in unit else "i32" for n in strides})
-    sig["eps"] = "fp32"
-    sig.update({n: "constexpr" for n in ("BLOCK_K", "BLOCK_C", "BLOCK_P", "SINGLE_C", "INT64")})
-    consts = {**{n: 1 for n in unit}, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "SINGLE_C": C <= bc, "INT64": False}
-    divisible = tuple(ptrs)  # the strides and P are not specialised (see _posterior_blocks)
-    return AotCase(f"gm_posterior_mean[B{B},K{K},C{C},HW{P},{dt}]", _gm_posterior_mean_kernel, sig, consts, warps, 3, divisible)
+def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """The launch of ``gm_posterior_mean`` for a ``(B, K, C, H, W)`` GM with per-sample sigmas,
+    fp32 and bf16."""
+    cases = []
+    for dt in AOT_DTYPES:
+        gm = meta_gm(B, K, C, H, W, dt)
+        x = gm["means"].new_empty((B, C, H, W))
+        sig = torch.empty((B, 1, 1, 1), device="meta")
+        cases += launch_cases(sys.modules[__name__], f"gm_posterior_mean[{shape_tag(B, K, C, H, W, dt)}]", _launch_posterior,
+                              gm["means"], gm["logstds"], gm["logweights"], x, sig, x, sig, 1e-6)  # fmt: skip
+    return cases
 
 
-AOT_CASES = [_posterior_case(B, K, C, P, dt) for B, K, C, P in BENCH_SHAPES for dt in ("fp32", "bf16")] if triton is not None else []
+AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

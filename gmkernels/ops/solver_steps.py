@@ -14,6 +14,7 @@ be bf16), with fp32 arithmetic.
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence, Union
 
 import torch
@@ -21,7 +22,7 @@ import torch
 import reference.solver_steps as ref
 from reference.transition import transition_coefficients
 
-from .._aot import AotCase
+from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state
 from ._launch import I32_MAX, call_op, cdiv, launch_plan, needs_int64
@@ -37,7 +38,7 @@ Sigmas = Union[Sequence[float], torch.Tensor]
 
 # ----------------------------------------------------------------------------- kernels
 
-_TILE = 2048  # elements of the (K, C, pixels) tile a program keeps in registers
+_SDE_TILE = 512  # elements of the SDE kernel's (K, pixels) and (C, pixels) tiles
 
 
 def _np2(n: int) -> int:
@@ -86,10 +87,12 @@ def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = Fals
 @launch_plan
 def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P)`` of the SDE kernel: it streams K (log-weights only) and C.
-    K tiles stay at 512 elements: larger ones made ptxas use local memory for the bf16 sm_80
-    build of the CDF walk (``tl.cumsum``) at the benchmark shape."""
-    bp = min(_np2(HW), 128)
-    return min(_np2(K), max(1, 512 // bp)), min(_np2(C), max(1, _TILE // bp)), bp
+    K and C tiles stay at 512 elements: larger K tiles made ptxas use local memory for the bf16
+    sm_80 build of the CDF walk (``tl.cumsum``) at the benchmark shape, and 16-channel tiles
+    (2048 elements) 32 bytes of it for bf16 at sm_80 when C >= 16. At least 2 pixels: a
+    one-pixel block (point data) compiled to a 32-byte stack frame at sm_80."""
+    bp = min(max(_np2(HW), 2), 128)
+    return min(_np2(K), max(1, _SDE_TILE // bp)), min(_np2(C), max(1, _SDE_TILE // bp)), bp
 
 
 if triton is not None:
@@ -117,8 +120,10 @@ if triton is not None:
         ``NPIX + (b * C + c) * HW + p``, disjoint from the uniforms), store
         ``c1 * x + c2 * mu + std * z``.
         """
-        pid_p = tl.program_id(0)
-        b = tl.program_id(1)
+        pid = tl.program_id(0)  # 1-D grid, pixel blocks fastest: any batch size fits CUDA's limits
+        n_pblocks = tl.cdiv(HW, BLOCK_P)
+        b = pid // n_pblocks
+        pid_p = pid % n_pblocks
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         kr = tl.arange(0, BLOCK_K)
         if INT64:
@@ -553,7 +558,7 @@ def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
     uf = u.reshape(B, HW) if given else xf
     zf = z.reshape(B, C, HW) if given else xf
     bk, bc, bp = _sde_blocks(K, C, HW)
-    grid = (cdiv(HW, bp), B)
+    grid = (B * cdiv(HW, bp),)
     # the kernel's float32 scalars, rounded here as a GPU launch rounds them (the interpreter keeps
     # float64, and a c3 far below float32's range then meets bf16 math as a NaN)
     c1, c2, c3 = (torch.tensor(c, dtype=torch.float32).item() for c in (c1, c2, c3))
@@ -843,75 +848,46 @@ def fused_step(
 # ----------------------------------------------------------------------------- AOT cases
 
 
-def _aot_cases() -> list[AotCase]:
-    """The benchmark shape B=125, K=8, C=4, 32x32 with a per-sample std, contiguous: the public
-    ``gm_sde_step`` kernel (Philox variant; GM, state and output in fp32 or bf16) and the fused
-    kernel in the launches of ``_FUSED_MODES`` (the substep count is a runtime argument)."""
-    if triton is None:
-        return []
-    K, C, HW = 8, 4, 32 * 32
-    sk, sc, sp = _sde_blocks(K, C, HW)
+#: the sampler's step variants (``schedulers``' launches, ``gmkernels_bench.cases.step_launches``):
+#: solver x order x guidance mode (orthogonal 1.0 where the mode has it)
+STEP_VARIANTS = tuple(
+    (solver, order, guidance)
+    for solver in ("gm-ode", "gm-sde")
+    for order in (1, 2)
+    for guidance in ("none", "probabilistic", "weight", "mean-cfg")
+)
+#: the variants in ``AOT_CASES`` (the test suite's fast subset): the plain steps and the heaviest
+AOT_STEP_VARIANTS = (("gm-ode", 1, "none"), ("gm-sde", 1, "none"), ("gm-ode", 2, "probabilistic"))
+
+
+def aot_cases(B: int, K: int, C: int, H: int, W: int, variants=STEP_VARIANTS) -> list[AotCase]:
+    """The launches of ``gm_ode_substeps`` (8 substeps), ``gm_sde_step`` (Philox) and the
+    sampler's ``fused_step`` in each of ``variants`` for a ``(B, K, C, H, W)`` GM with per-sample
+    stds, fp32 and bf16 (``fused_step``: network GM in that dtype, float32 state as the
+    schedulers keep it). A step's launches are numbered ``#i`` in launch order (statistics
+    passes first, the step last)."""
+    mod = sys.modules[__name__]
     cases = []
-    for dt in ("fp32", "bf16"):
-        gm_sig = {
-            "means_ptr": f"*{dt}", "lw_ptr": f"*{dt}", "ls_ptr": f"*{dt}", "x_ptr": f"*{dt}",
-        }
-        strides = {
-            "s_mb": "i32", "s_mk": "i32", "s_mc": "i32", "s_mp": "constexpr",
-            "s_lb": "i32", "s_lk": "i32", "s_lp": "constexpr",
-            "s_lsb": "constexpr", "s_lsp": "constexpr",
-            "s_xb": "i32", "s_xc": "i32", "s_xp": "constexpr",
-        }
-        unit = {"s_mp": 1, "s_lp": 1, "s_lsb": 1, "s_lsp": 0, "s_xp": 1}
-        sde_sig = {**gm_sig, "u_ptr": f"*{dt}", "z_ptr": f"*{dt}", "seed_ptr": "*i64", "out_ptr": f"*{dt}",
-                   "K": "i32", "C": "i32", "HW": "i32", "NPIX": "i32", **strides,
-                   "s_ub": "i32", "s_up": "constexpr", "s_zb": "i32", "s_zc": "i32", "s_zp": "constexpr",
-                   "c1": "fp32", "c2": "fp32", "c3": "fp32", "power": "fp32",
-                   "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr", "GIVEN_NOISE": "constexpr", "INT64": "constexpr"}
-        cases.append(AotCase(
-            name=f"solver_steps.gm_sde_step[B125,K8,C4,32x32,philox,{dt}]",
-            kernel=_gm_sde_step_kernel,
-            signature=sde_sig,
-            constexprs={**unit, "s_up": 1, "s_zp": 1, "BLOCK_K": sk, "BLOCK_C": sc, "BLOCK_P": sp, "GIVEN_NOISE": False, "INT64": False},
-            num_warps=4,
-            divisible=("means_ptr", "lw_ptr", "ls_ptr", "x_ptr", "out_ptr", "HW", "NPIX", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_xb", "s_xc"),
-        ))
-    cases += [_fused_case(125, 8, 4, 32 * 32, dt, mode) for dt in ("fp32", "bf16") for mode in _FUSED_MODES]
+    for dt in AOT_DTYPES:
+        g = meta_gm(B, K, C, H, W, dt)
+        m, ls, lw = g["means"], g["logstds"], g["logweights"]
+        tag = shape_tag(B, K, C, H, W, dt)
+        x = m.new_empty((B, C, H, W))
+        sig = torch.empty(9, device="meta")
+        cases += launch_cases(mod, f"gm_ode_substeps[{tag}]", _launch_ode, m, ls, lw, x, sig, 1e-6)
+        seed = torch.empty(1, dtype=torch.int64, device="meta")
+        cases += launch_cases(mod, f"gm_sde_step[{tag}]", _launch_sde, m, ls, lw, x, seed, None, None, 0.5, 0.5, 0.1, 1.0)
+        xf = torch.empty((B, C, H, W), device="meta")
+        for solver, order, guidance in variants:
+            sde = solver == "gm-sde"
+            gm_u = g if guidance == "none" else (g, g)
+            scale = 0.0 if guidance == "none" else 2.0
+            sigmas = torch.empty(2 if sde else 9, device="meta")
+            prev = torch.empty((B, C, H, W), device="meta") if order == 2 else None
+            cases += launch_cases(mod, f"fused_step[{solver},order{order},{guidance},{tag}]", fused_step, gm_u, xf, sigmas, (0.8, 0.6),
+                                  sde=sde, guidance=guidance, scale=scale, orthogonal=1.0, prev_mean=prev, h=0.1, h_prev=0.1,
+                                  post=order == 2)  # fmt: skip
     return cases
 
 
-#: launches of ``_fused_step_kernel`` compiled by the AOT report: name -> (STATS, SDE, guidance,
-#: 2nd order, AFFINE); ``gm_ode_substeps`` is the public op on an x0-GM
-_FUSED_MODES = {
-    "gm_ode_substeps": (0, False, "none", False, False),
-    "ode": (0, False, "none", False, True), "sde": (0, True, "none", False, True),
-    "ode-order2-prob": (0, False, "probabilistic", True, True), "stats-order2-prob": (1, False, "probabilistic", True, True),
-}
-
-
-def _fused_case(B: int, K: int, C: int, HW: int, dt: str, mode: str) -> AotCase:
-    """``_fused_step_kernel`` as ``fused_step`` launches it: network GM in ``dt``, float32 state,
-    a per-sample std (its row stride 1), contiguous pixels (stride 1: specialised), unspecialised
-    row/component/channel strides and ``H * W``, Triton's default ``num_stages``."""
-    stats, sde, guidance, order2, affine = _FUSED_MODES[mode]
-    prob = guidance == "probabilistic"
-    bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde, heavy=prob or order2)
-    ptrs = {n: f"*{dt}" for n in ("um_ptr", "ul_ptr", "uls_ptr", "vm_ptr", "vl_ptr")}
-    ptrs.update({n: "*fp32" for n in ("x_ptr", "prev_ptr", "coef_ptr", "sig_ptr")})
-    ptrs["seed_ptr"] = "*i64"
-    ptrs.update({n: "*fp32" for n in ("out_ptr", "post_ptr", "stat_ptr", "mu_ptr")})
-    ints = "K KU C HW NPB N NCOEF NPIX s_mb s_mk s_mc s_mp s_lb s_lk s_lp s_lsb s_lsp s_vb s_vk s_vc s_vp s_vlb s_vlk s_vlp s_xb s_xc s_xp s_op".split()
-    sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "fp32" for n in ("c1t", "c2t", "c3t", "wsc", "eps")}}
-    unit = ("s_mp", "s_lp", "s_lsb", "s_vp", "s_vlp", "s_xp", "s_op")  # 1: specialised by the launcher
-    sig.update({n: "constexpr" for n in unit})
-    consts = dict(SDE=sde, WEIGHT=False, UNCOND=prob, MEANCFG=False, PROB=prob, ORDER2=order2, POST=order2 and stats == 0,
-                  STATS=stats, ONE_TILE=one and (not sde or prob or order2), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
-                  NEED_MC=prob or order2 or stats > 0, RW_A=prob or order2, MU_IN=stats != 1, AFFINE=affine, INT64=False)
-    sig.update({n: "constexpr" for n in consts})
-    consts.update({n: 1 for n in unit})
-    divisible = (*ptrs, "NPIX")  # the strides and H * W are not specialised (see _fused_blocks)
-    name = f"solver_steps.fused_step[{mode},B{B},K{K},C{C},HW{HW},{dt}]"
-    return AotCase(name, _fused_step_kernel, sig, consts, warps, 3, divisible)
-
-
-AOT_CASES = _aot_cases()
+AOT_CASES = aot_cases(*SHAPE_SETS["bench"][0], variants=AOT_STEP_VARIANTS) if triton is not None else []
