@@ -358,9 +358,16 @@ def _launch_stats(cm, cl, cls, um, ul, with_var: bool, with_mc: bool):
         Kc, Ku, C, HW, npb,
         *m4.stride(), *l3.stride(), s_lsb, s_lsp, *u4.stride(), *ul3.stride(),
         WITH_VAR=with_var, WITH_MC=with_mc, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
-        INT64=needs_int64(m4, l3, u4, ul3, d), num_warps=4,
+        INT64=needs_int64(m4, l3, u4, ul3, d), num_warps=_stats_warps(with_var, with_mc, m4.element_size(), C),
     )  # fmt: skip
     return m_c, d, part.sum(dim=1, dtype=torch.float64)
+
+
+def _stats_warps(with_var: bool, with_mc: bool, elem_bytes: int, C: int) -> int:
+    """Warps of the statistics pass: 2 for plain mean-CFG on fp32 with up to 32 channels (the lightest
+    variant: at 4 warps ptxas spilled 8 bytes at sm_90 for K = 8 to 1024, C = 4), else 4 (2 warps
+    spilled bf16, and fp32 at C = 64)."""
+    return 2 if not (with_var or with_mc) and elem_bytes == 4 and C <= 32 else 4
 
 
 def _projection(sums: torch.Tensor, CHW: int, orthogonal: float) -> torch.Tensor:
