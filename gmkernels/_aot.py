@@ -177,9 +177,18 @@ def recording(module: Any) -> Iterator[list]:
 
 def case_from_launch(name: str, kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> AotCase:
     """The specialisation Triton's launcher compiles for ``kernel[grid](*args, **kwargs)``."""
-    from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction
+
+    try:
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:  # triton < 3.5 specialises in Python, with the backend's divisibility rule
+        from triton.runtime.jit import create_specialize_impl
+
+        python_impl = create_specialize_impl(BaseBackend.get_arg_specialization)
+
+        def native_specialize_impl(backend, arg, is_const, specialize, align):
+            return python_impl(arg, is_const, specialize, align)
 
     if not isinstance(kernel, JITFunction):  # recorded under TRITON_INTERPRET=1: the same function, compilable
         kernel = JITFunction(kernel.fn)

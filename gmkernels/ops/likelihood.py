@@ -238,16 +238,16 @@ if triton is not None:
 
 
 @launch_plan
-def _blocks(K: int, P: int, affine: bool = False) -> tuple[int, int]:
+def _blocks(K: int, P: int, affine: bool = False, backward: bool = False) -> tuple[int, int]:
     """``(BLOCK_K, BLOCK_P)``: 128 pixels per program (128-bit loads; for grids of few programs
     a smaller block would give more of them, but at 32 and 64 pixels ptxas spilled a register in
     some sm_80 / sm_90 builds at the users shapes of the compile report, and at 128 none), and as
     many components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``TILE`` elements (8 fp32
-    per thread at 4 warps; half that with the affine map, which holds more per pixel; at a
-    quarter the fp32 point-data backward spilled at sm_80, at half triton 3.6, not 3.9, spills 8
-    bytes in the bf16 point-data forward at sm_90)."""
+    per thread at 4 warps). The affine map holds more per pixel: its backward takes half that
+    (at a quarter the fp32 point-data backward spilled at sm_80), its forward a quarter (at half,
+    triton 3.6, not 3.9, spilled 8 bytes in the bf16 point-data forward at sm_90)."""
     block_p = min(next_pow2(P), 128)
-    tile = TILE // 2 if affine else TILE
+    tile = (TILE // 2 if backward else TILE // 4) if affine else TILE
     block_k = max(1, min(next_pow2(K), tile // block_p))
     return block_k, block_p
 
@@ -319,7 +319,7 @@ def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, affine,
         means, logstds, logweights, affine, target, loss, grad_loss, g_means, g_logweights.select(-3, 0)
     )
     R, P = mf.shape[0], mf.shape[-1]
-    block_k, block_p = _blocks(K, P, affine is not None)
+    block_k, block_p = _blocks(K, P, affine is not None, backward=True)
     n_pb = cdiv(P, block_p)
     per_pixel = sf.stride(-1) != 0  # after the point-data swap a per-row std is per pixel
     g_std = torch.empty((R, P if per_pixel else n_pb), device=means.device, dtype=torch.float32)

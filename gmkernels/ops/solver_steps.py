@@ -98,6 +98,30 @@ def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
 if triton is not None:
 
     @triton.jit
+    def _philox_randn(seed, offset):
+        """``tl.randn(seed, offset)`` (same Philox draws, same Box-Muller ``r * cos(2 pi u2)``) with
+        the cosine evaluated here: libdevice's ``cosf`` carries a Payne-Hanek reduction for huge
+        arguments whose 28-byte scratch array older ptxas (triton <= 3.6) leaves in local memory.
+        The angle lies in [0, 2 pi), so a 3-part Cody-Waite reduction to [-pi/4, pi/4] and Taylor
+        polynomials (truncation < 1e-9) give cos to about an ulp of ``tl.randn``'s."""
+        i1, i2, _, _ = tl.randint4x(seed, offset)
+        u1 = tl.maximum(1.0e-7, tl.random.uint_to_uniform_float(i1))
+        th = 6.283185307179586 * tl.random.uint_to_uniform_float(i2)
+        j = tl.floor(th * 0.6366197466850281 + 0.5)  # quadrant 0..4
+        # pi/2 = 1.5707855224609375 + 1.0804273188114166e-05 + 6.077094383272197e-11; the first
+        # two have 17 significant bits, so j * them and the first subtraction are exact.
+        x = th - j * 1.5707855224609375
+        x = x - j * 1.0804273188114166e-05
+        x = x - j * 6.077094383272197e-11
+        x2 = x * x
+        sin_x = x + x * x2 * (-1.0 / 6.0 + x2 * (1.0 / 120.0 + x2 * (-1.0 / 5040.0 + x2 * (1.0 / 362880.0))))
+        cos_x = 1.0 + x2 * (-0.5 + x2 * (1.0 / 24.0 + x2 * (-1.0 / 720.0 + x2 * (1.0 / 40320.0 + x2 * (-1.0 / 3628800.0)))))
+        q = j.to(tl.int32) & 3  # cos(q pi/2 + x)
+        c = tl.where((q & 1) == 0, cos_x, sin_x)
+        c = tl.where((q == 1) | (q == 2), -c, c)
+        return tl.sqrt(-2.0 * tl.log(u1)) * c
+
+    @triton.jit
     def _gm_sde_step_kernel(
         means_ptr, lw_ptr, ls_ptr, x_ptr, u_ptr, z_ptr, seed_ptr, out_ptr,
         K, C, HW, NPIX,
@@ -191,7 +215,7 @@ if triton is not None:
             if GIVEN_NOISE:
                 z = tl.load(z_ptr + b * s_zb + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(tl.float32)
             else:
-                z = tl.randn(seed, NPIX + (b * C + c[:, None]) * HW + p[None, :])
+                z = _philox_randn(seed, NPIX + (b * C + c[:, None]) * HW + p[None, :])
             out = c1 * x + c2 * mu + std[None, :] * z
             tl.store(out_ptr + b * (C * HW) + c[:, None] * HW + p[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -476,7 +500,7 @@ if triton is not None:
                     lo = tl.minimum(pa, qa)
                     ratio = tl.where(hi > 0, lo / tl.where(hi > 0, hi, 1.0), 0.0)
                     std = hi * tl.sqrt(1.0 + ratio * ratio)
-                    z = tl.randn(seed, NPIX + (b * C + c[:, None]) * HW + p[None, :])
+                    z = _philox_randn(seed, NPIX + (b * C + c[:, None]) * HW + p[None, :])
                     x = c1t * x + c2t * mu_sel + std[None, :] * z
                 else:
                     for j in range(N):
