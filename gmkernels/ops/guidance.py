@@ -363,11 +363,16 @@ def _launch_stats(cm, cl, cls, um, ul, with_var: bool, with_mc: bool):
     return m_c, d, part.sum(dim=1, dtype=torch.float64)
 
 
+# ptxas of triton < 3.5 and >= 3.5 disagree on the lightest statistics variant (see _stats_warps)
+_OLD_PTXAS = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 5)
+
+
 def _stats_warps(with_var: bool, with_mc: bool, elem_bytes: int, C: int) -> int:
     """Warps of the statistics pass: 2 for plain mean-CFG on fp32 with up to 32 channels (the lightest
-    variant: at 4 warps ptxas spilled 8 bytes at sm_90 for K = 8 to 1024, C = 4), else 4 (2 warps
-    spilled bf16, and fp32 at C = 64)."""
-    return 2 if not (with_var or with_mc) and elem_bytes == 4 and C <= 32 else 4
+    variant: at 4 warps triton 3.6 and 3.9 spilled 8 bytes at sm_90 for K = 8 to 1024, C = 4), else 4
+    (2 warps spilled bf16, and fp32 at C = 64). Keyed to the triton version because the older
+    compiler does the opposite: with triton 3.4, 4 warps compile clean and 2 spill 8-16 bytes."""
+    return 2 if not (with_var or with_mc) and elem_bytes == 4 and C <= 32 and not _OLD_PTXAS else 4
 
 
 def _projection(sums: torch.Tensor, CHW: int, orthogonal: float) -> torch.Tensor:
