@@ -108,12 +108,14 @@ def test_ode_kernel_matches_reference(shape, seed, sigmas, dtype, dead, per_pixe
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("K,C,one_tile", [(8, 4, True), (70, 3, False), (3, 70, False)])
-def test_ode_kernel_both_register_paths_noncontiguous(K, C, one_tile):
-    """All K in registers, and K streamed in tiles; strided (non-contiguous) GM and state."""
-    assert ops._fused_blocks(K, C, 6)[3] == one_tile
-    gm = make_gm(((2,), K, C, 2, 3), 11, torch.float32, dead=True)
-    gm = {"means": gm["means"].transpose(-1, -2), "logstds": gm["logstds"], "logweights": gm["logweights"].transpose(-1, -2)}
+@pytest.mark.parametrize("K,C,per_pixel,path", [(8, 4, False, "registers"), (2, 40, False, "registers"), (70, 3, False, "wide"),
+                                                 (5, 40, False, "wide"), (70, 3, True, "streamed"), (300, 5, False, "streamed")])
+def test_ode_kernel_every_register_path_noncontiguous(K, C, per_pixel, path):
+    """All K in one thread's registers, the GM spread over a program's threads, and K streamed
+    in tiles; strided (non-contiguous) GM and state."""
+    assert ops.ode_path(K, C, 6, not per_pixel) == path
+    gm = make_gm(((2,), K, C, 2, 3), 11, torch.float32, dead=True, per_pixel_std=per_pixel)
+    gm = {k: v.transpose(-1, -2) for k, v in gm.items()}
     x = make_state(((2,), K, C, 2, 3), 11, torch.float32).transpose(-1, -2)
     assert not gm["means"].is_contiguous() and not x.is_contiguous() and x.shape == (2, C, 3, 2)
     sig = torch.tensor([0.8, 0.6, 0.5, 0.2, 0.0])

@@ -36,6 +36,7 @@ import reference.policy as ref
 
 from .._aot import AotCase
 from .._dispatch import compute_dtype, select_backend
+from ._launch import launch_plan
 
 try:
     import triton
@@ -67,6 +68,15 @@ def _blocks(K: int, C: int, P: int, tile: int) -> tuple[int, int, int, bool]:
         return bk, bc, max(1, min(_np2(P), tile // (bk * bc), 128)), True
     bp = min(_np2(P), 16)
     return max(1, min(bk, tile // (bc * bp))), bc, bp, False
+
+
+@launch_plan
+def rollout_blocks(K: int, C: int, P: int) -> tuple[int, int, int, int] | None:
+    """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)`` of the one-tile rollout of a ``(K, C)`` GM over
+    ``P`` pixels per sample (the forward's register tile), or ``None`` when the GM does not fit
+    one tile."""
+    bk, bc, bp, one = _blocks(K, C, P, _TILE_FWD)
+    return (bk, bc, bp, 4) if one else None
 
 
 def _pi_blocks(K: int, C: int, P: int) -> tuple[int, int, int]:
@@ -139,10 +149,11 @@ if triton is not None:
         return tl.where(s_n != s_j, x + u * (s_n - s_j), x)
 
     @triton.jit
-    def _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, ssrc, nu2, zeta, inv_d,
+    def _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, a, nu2, zeta, inv_d,
                        K, kr, cmask, pmask, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """``ebar`` of the posterior (centred at component 0, whose u-mean is ``u0``) with K
-        streamed in tiles (online softmax; a fully dead tile so far gives no NaN).
+        """``ebar`` of the posterior (centred at component 0, whose loaded mean is ``u0``; the
+        centred x0-means are ``e_k = a (m_k - u0)``: ``a = -sigma_src`` for a u-GM, 1 for an
+        x0-GM) with K streamed in tiles (online softmax; a fully dead tile so far gives no NaN).
         ``m_off (1, BLOCK_C, BLOCK_P)``, ``l_off (1, BLOCK_P)``."""
         m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
         s_run = tl.zeros([BLOCK_P], tl.float32)
@@ -152,7 +163,7 @@ if triton is not None:
             k = k0 + kr
             kmask = k < K
             mu_u = tl.load(means_ptr + m_off + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
-            e = ssrc * (u0[None, :, :] - mu_u)
+            e = a * (mu_u - u0[None, :, :])
             lw = tl.load(lw_ptr + l_off + k[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
             lw = tl.where(pmask[None, :], lw, 0.0)
             lw = tl.where(kmask[:, None], lw, float("-inf"))
@@ -196,7 +207,7 @@ if triton is not None:
         l_off = b * s_lb + p[None, :] * s_lp
         u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
         c0 = xs - ssrc * u0
-        ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, ssrc, nu - zeta * c0, zeta, inv_d,
+        ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, -ssrc, nu - zeta * c0, zeta, inv_d,
                               K, kr, cmask, pmask, BLOCK_K, BLOCK_C, BLOCK_P)
         u = (x - (s2 * nu + c0 + ebar) * inv_d) * inv_s
         tl.store(out_ptr + b * (C * P) + c[:, None] * P + p[None, :], u.to(out_ptr.dtype.element_ty), mask=xmask)
@@ -204,16 +215,21 @@ if triton is not None:
     @triton.jit
     def _policy_rollout_kernel(
         means_ptr, lw_ptr, xs_ptr, x_ptr, var_ptr, ssrc_ptr, tab_ptr, out_ptr, ck_ptr,
-        K, C, P, N, S,
-        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, s_tb, eps,
+        K, C, P, N, S, NPB,
+        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, s_tb, s_vb, s_ssb, eps,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ONE_TILE: tl.constexpr, SAVE: tl.constexpr, INT64: tl.constexpr,
+        ONE_TILE: tl.constexpr, SAVE: tl.constexpr, X0: tl.constexpr, INT64: tl.constexpr,
     ):
         """All ``N`` Euler substeps of the policy for the ``BLOCK_P`` pixels ``p`` of batch element
         ``b`` along row ``b`` of the sigma table; stores the final state and, when ``SAVE``, the
-        state before every ``S``-th substep (``ck (B, ceil(N / S), C, P)``)."""
-        pid_p = tl.program_id(0)
-        b = tl.program_id(1)
+        state before every ``S``-th substep (``ck (B, ceil(N / S), C, P)``). ``X0``: the means
+        are an x0-GM's (``gm_ode_substeps``: the policy's affine map is the identity).
+        A 1-D grid of ``B * NPB`` programs, pixel blocks fastest (any batch fits CUDA's limits);
+        ``s_vb``, ``s_ssb`` and ``s_tb`` the batch strides of the per-sample variance, sigma_src and
+        sigma table (0: shared by the batch)."""
+        pid = tl.program_id(0)
+        b = pid // NPB
+        pid_p = pid % NPB
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.arange(0, BLOCK_C)
         kr = tl.arange(0, BLOCK_K)
@@ -225,17 +241,22 @@ if triton is not None:
         xmask = cmask[:, None] & pmask[None, :]
         xs = tl.load(xs_ptr + b * s_sb + c[:, None] * s_sc + p[None, :] * s_sp, mask=xmask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
-        s2 = tl.load(var_ptr + b)
-        ssrc = tl.load(ssrc_ptr + b)
+        s2 = tl.load(var_ptr + b * s_vb)
+        ssrc = tl.load(ssrc_ptr + b * s_ssb)
         ss = tl.maximum(ssrc, eps)
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
         l_off = b * s_lb + p[None, :] * s_lp
         st_off = c[:, None] * P + p[None, :]
         u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
-        c0 = xs - ssrc * u0
+        if X0:
+            a = ssrc * 0.0 + 1.0
+            c0 = u0
+        else:
+            a = -ssrc
+            c0 = xs - ssrc * u0
         if ONE_TILE:  # the pixel's whole GM, loaded once for all N substeps
             kmask = kr < K
-            e = ssrc * (u0[None, :, :] - tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32))
+            e = a * (tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32) - u0[None, :, :])
             lw = tl.load(lw_ptr + l_off + kr[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
             lw = tl.where(pmask[None, :], lw, 0.0)
             lw = tl.where(kmask[:, None], lw, float("-inf"))
@@ -250,7 +271,7 @@ if triton is not None:
             else:
                 inv_s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
                 nu = cx * x - cs * xs
-                ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, ssrc, nu - zeta * c0, zeta, inv_d,
+                ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, a, nu - zeta * c0, zeta, inv_d,
                                       K, kr, cmask, pmask, BLOCK_K, BLOCK_C, BLOCK_P)
                 u = (x - (s2 * nu + c0 + ebar) * inv_d) * inv_s
                 x = tl.where(s_n != s_j, x + u * (s_n - s_j), x)
@@ -408,10 +429,11 @@ def _launch_rollout(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, e
     out = torch.empty((B, C, P), device=x.device, dtype=x.dtype)
     ck = torch.empty((B, triton.cdiv(N, S), C, P) if save else (1,), device=x.device, dtype=torch.float32)
     bk, bc, bp, one = _blocks(K, C, P, _TILE_FWD)
-    _policy_rollout_kernel[(triton.cdiv(P, bp), B)](
-        m, lw, xs, xf, gm_vars, sigma_src, sigmas, out, ck, K, C, P, N, S,
-        *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), sigmas.stride(0), eps,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=one, SAVE=save,
+    npb = triton.cdiv(P, bp)
+    _policy_rollout_kernel[(B * npb,)](
+        m, lw, xs, xf, gm_vars, sigma_src, sigmas, out, ck, K, C, P, N, S, npb,
+        *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), sigmas.stride(0), 1, 1, eps,
+        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=one, SAVE=save, X0=False,
         INT64=_needs_int64(m, lw, xs, xf, out, ck), num_warps=4,
     )
     return out.view(x.shape), ck
@@ -580,9 +602,10 @@ def _aot_cases() -> list[AotCase]:
                     name=f"policy.rollout[{name},B{B},K{K},C{C},{H}x{W},N128,{'train' if save else 'infer'},{dt}]",
                     kernel=_policy_rollout_kernel,
                     signature={**gm_ptrs, "tab_ptr": "*fp32", "out_ptr": f"*{dt}", "ck_ptr": "*fp32", **strides, "N": "i32", "S": "i32",
-                               "s_tb": "i32", "eps": "fp32", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr",
-                               "ONE_TILE": "constexpr", "SAVE": "constexpr", "INT64": "constexpr"},
-                    constexprs={**unit, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "ONE_TILE": one, "SAVE": save, "INT64": False},
+                               "NPB": "i32", "s_tb": "i32", "s_vb": "constexpr", "s_ssb": "constexpr", "eps": "fp32", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr",
+                               "BLOCK_P": "constexpr", "ONE_TILE": "constexpr", "SAVE": "constexpr", "X0": "constexpr", "INT64": "constexpr"},
+                    constexprs={**unit, "s_vb": 1, "s_ssb": 1, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "ONE_TILE": one, "SAVE": save, "X0": False,
+                                "INT64": False},
                     divisible=(*div, "tab_ptr", "out_ptr", "ck_ptr"),
                 ))
             bk, bc, bp, one = _blocks(K, C, P, _TILE_BWD)

@@ -1,10 +1,14 @@
 """Fused sampler steps (docs/solvers.md): ``gm_ode_substeps`` and ``gm_sde_step``.
 
-``gm_ode_substeps`` runs all N GM-ODE substeps of one main step on ``_fused_step_kernel`` (the
-sampler's fused step, with the means taken as given): one pixel per thread, the pixel's K means
-and log-weights read once and kept in registers for the N posterior-mean + Euler updates when
-``K * C <= 64`` (legal because every substep of a pixel depends only on that pixel's GM and
-state; above, streamed per substep from L1/L2), writing only the final state. ``gm_sde_step`` draws the component, the Gaussian noise
+``gm_ode_substeps`` runs all N GM-ODE substeps of one main step in one kernel, writing only the
+final state (legal because every substep of a pixel depends only on that pixel's GM and state).
+The pixel's K means and log-weights are read once and kept on chip for the N posterior-mean +
+Euler updates (``ode_path``): in one thread's registers on ``_fused_step_kernel`` (the sampler's
+fused step, with the means taken as given) up to 64 ``K x C`` elements, or 128 for the plain
+step with at most 32 components (sizes rounded up to powers of two); spread over a program's
+threads on the pi-Flow rollout kernel (``policy``, x0 mode) up to 1024 with a per-sample std;
+larger GMs, per-pixel stds beyond the register bound and point data stream K per substep from
+L1/L2 (DRAM still reads the GM once per step). ``gm_sde_step`` draws the component, the Gaussian noise
 and applies the exact reverse transition in one kernel, with Triton's Philox seeded from the
 caller's ``torch.Generator``.
 
@@ -27,6 +31,7 @@ from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state
 from ._launch import I32_MAX, call_op, cdiv, launch_plan, needs_int64
 from .mixture import online_moments_update
+from .policy import _policy_rollout_kernel, rollout_blocks
 
 try:
     import triton
@@ -46,6 +51,7 @@ def _np2(n: int) -> int:
 
 
 _REG_TILE = 64  # GM elements (K x C) of a pixel that the fused step keeps in one thread's registers
+_REG_TILE_WIDE = 128  # the plain GM-ODE step's bound for at most 32 components (see ``_fused_blocks``)
 
 
 @launch_plan
@@ -79,7 +85,7 @@ def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = Fals
         warps = bp // 32
     per_thread_c = bc // warps if split else bc
     bk = _np2(K)
-    if bk * per_thread_c <= reg_tile:
+    if bk * per_thread_c <= reg_tile or (not (sde or heavy or split) and bk <= 32 and bk * per_thread_c <= _REG_TILE_WIDE):
         return bk, bc, bp, True, warps
     return max(1, stream_tile // per_thread_c), bc, bp, False, warps
 
@@ -547,6 +553,21 @@ def _flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tenso
     return m, lw, ls, ls.stride(0), (ls.stride(1) if ls.shape[1] > 1 else 0)
 
 
+@launch_plan
+def ode_path(K: int, C: int, HW: int, per_sample_std: bool) -> str:
+    """How ``gm_ode_substeps`` keeps a pixel's GM across the substeps: ``"registers"`` (one
+    thread's registers, ``_fused_blocks``' one-tile case), ``"wide"`` (loaded once, spread over
+    the program's threads: ``_launch_ode_wide``, for GMs up to 1024 ``K x C`` elements after
+    rounding each up to a power of two, per-sample std, more than one pixel per sample) or
+    ``"streamed"`` (K tiles re-read from L1/L2 at every substep: DRAM still reads the GM once
+    per step)."""
+    if _fused_blocks(K, C, HW)[3]:
+        return "registers"
+    if per_sample_std and HW > 1 and rollout_blocks(K, C, HW) is not None:
+        return "wide"
+    return "streamed"
+
+
 def _launch_ode(means, logstds, logweights, x, sigmas, eps):
     """``gm_ode_substeps`` on an x0-GM: ``_fused_step_kernel`` with the means taken as loaded
     (``AFFINE=False``), no guidance, first order."""
@@ -557,6 +578,8 @@ def _launch_ode(means, logstds, logweights, x, sigmas, eps):
     xf = x.reshape(B, C, HW)
     out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
     sig = sigmas.to(torch.float32).contiguous()
+    if ode_path(K, C, HW, s_lsp == 0) == "wide":
+        return _launch_ode_wide(m, lw, ls, xf, sig, out, eps, rollout_blocks(K, C, HW)).view(x.shape)
     bk, bc, bp, one, warps = _fused_blocks(K, C, HW)
     npb = cdiv(HW, bp)
     _fused_step_kernel[(B * npb,)](
@@ -569,6 +592,25 @@ def _launch_ode(means, logstds, logweights, x, sigmas, eps):
         INT64=needs_int64(m, lw, xf, out), num_warps=warps,
     )
     return out.view(x.shape)
+
+
+def _launch_ode_wide(m, lw, ls, xf, sig, out, eps, blocks):
+    """``gm_ode_substeps`` for a GM too large for one thread's registers (``K * C`` above
+    ``_REG_TILE``) but within ``policy.rollout_blocks``' one-tile bound, with a per-sample std:
+    the pi-Flow rollout kernel on the x0-GM (``X0``), its sigma table the shared ``sigmas``.
+    Each pixel's GM is loaded once and kept in registers spread over the program's threads
+    (Triton's layout, with cross-thread reductions) for all N substeps."""
+    B, K, C, HW = m.shape
+    bk, bc, bp, warps = blocks
+    var = torch.exp(2.0 * ls[:, 0].to(torch.float32))  # (B,) per-sample variance
+    npb = cdiv(HW, bp)
+    _policy_rollout_kernel[(B * npb,)](
+        m, lw, xf, xf, var, sig, sig, out, out, K, C, HW, sig.numel() - 1, 1, npb,
+        *m.stride(), *lw.stride(), *xf.stride(), *xf.stride(), 0, var.stride(0), 0, eps,
+        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=True, SAVE=False, X0=True,
+        INT64=needs_int64(m, lw, xf, out), num_warps=warps,
+    )
+    return out
 
 
 def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
