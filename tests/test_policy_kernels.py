@@ -46,7 +46,10 @@ def streamed(enabled: bool):
 def test_pi_kernel_matches_reference(shape, seed, dtype, dead, frac, big_k):
     """``sigma`` from 5% of ``sigma_src`` up: ``u = (x - x0_hat) / sigma`` amplifies the rounding of
     ``x0_hat`` by ``|x| / (sigma |u|)``, so near ``sigma = 0`` no float32 evaluation can keep a
-    relative 1e-5 (the rollout's states do: they add ``u * (sigma_next - sigma)``)."""
+    relative 1e-5 (the rollout's states do: they add ``u * (sigma_next - sigma)``). The same holds
+    for a small ``sigma_src``: the bar is widened by that amplification past 100x (a float32
+    evaluation of the reference formula itself misses 1e-5 there, e.g. 5.6e-5 at ``sigma_src =
+    0.058``, ``sigma = 0.015``, ``|x| = 1.1``, ``|u| = 0.38``, where the kernel gives 1.3e-5)."""
     if big_k:  # several K tiles of the streamed softmax
         shape = (shape[0], 300, 2, 1, 3)
     B = shape[0][0]
@@ -59,7 +62,8 @@ def test_pi_kernel_matches_reference(shape, seed, dtype, dead, frac, big_k):
     with gmkernels.use_backend("triton"):
         got = pol.pi(xq, sigma)
     assert got.dtype == dtype and got.shape == x.shape
-    assert rel_err(got, want) < TOL[dtype]
+    amplification = float(xq.double().norm() / (sigma.double().min() * want.norm()))
+    assert rel_err(got, want) < TOL[dtype] * max(1.0, amplification / 100)
 
 
 @pytest.mark.triton

@@ -180,14 +180,15 @@ if triton is not None:
     @triton.jit
     def _policy_pi_kernel(
         means_ptr, lw_ptr, xs_ptr, x_ptr, var_ptr, ssrc_ptr, sig_ptr, out_ptr,
-        K, C, P,
+        K, C, P, NPB,
         s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, eps,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
     ):
         """``u = pi(x, sigma)`` for the ``BLOCK_P`` pixels ``p`` of batch element ``b``, all
         channels, K streamed in ``BLOCK_K`` tiles. Writes only ``u``."""
-        pid_p = tl.program_id(0)
-        b = tl.program_id(1)
+        pid = tl.program_id(0)  # 1-D grid, pixel blocks fastest: any batch fits CUDA's limits
+        b = pid // NPB
+        pid_p = pid % NPB
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.arange(0, BLOCK_C)
         kr = tl.arange(0, BLOCK_K)
@@ -320,8 +321,8 @@ if triton is not None:
         (B, K, P)``, ``g_x_src (B, C, P)``, ``g_x (B, C, P)`` (of ``x``, or of ``x_start``) and
         the per-pixel share of ``g_gm_vars`` ``(B, P)`` (fp32; summed over pixels by the caller).
         """
-        pid_p = tl.program_id(0)
-        b = tl.program_id(1)
+        b = tl.program_id(0)  # batch on the grid's x axis (no limit that matters), pixel blocks on y
+        pid_p = tl.program_id(1)
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.arange(0, BLOCK_C)
         kr = tl.arange(0, BLOCK_K)
@@ -411,8 +412,9 @@ def _launch_pi(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps):
     xf = x.reshape(B, C, P)
     out = torch.empty((B, C, P), device=x.device, dtype=x.dtype)
     bk, bc, bp = _pi_blocks(K, C, P)
-    _policy_pi_kernel[(triton.cdiv(P, bp), B)](
-        m, lw, xs, xf, gm_vars, sigma_src, sigma, out, K, C, P,
+    npb = triton.cdiv(P, bp)
+    _policy_pi_kernel[(B * npb,)](
+        m, lw, xs, xf, gm_vars, sigma_src, sigma, out, K, C, P, npb,
         *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), eps,
         BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, INT64=_needs_int64(m, lw, xs, xf, out), num_warps=4,
     )
@@ -454,7 +456,10 @@ def _launch_backward(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, 
     g_v = torch.empty((B, P), device=m.device, dtype=torch.float32)
     bk, bc, bp, one = _blocks(K, C, P, _TILE_BWD)
     assert one, "the fused backward needs the one-tile case (checked by the caller)"
-    _policy_backward_kernel[(triton.cdiv(P, bp), B)](
+    npb = triton.cdiv(P, bp)
+    if npb > 65535:  # CUDA's limit of the grid's y axis (the 1-D grid's division spilled here)
+        raise ValueError(f"the fused policy backward takes at most {65535 * bp} pixels per sample for this GM, got {P}")
+    _policy_backward_kernel[(B, npb)](
         m, lw, xs, xf, gm_vars, sigma_src, sigmas, ck, gf, g_m, g_l, g_xs, g_x, g_v,
         K, C, P, N, checkpoint_stride(N),
         *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), sigmas.stride(0), eps,
@@ -591,7 +596,7 @@ def _aot_cases() -> list[AotCase]:
             cases.append(AotCase(
                 name=f"policy.pi[{name},B{B},K{K},C{C},{H}x{W},{dt}]",
                 kernel=_policy_pi_kernel,
-                signature={**gm_ptrs, "sig_ptr": "*fp32", "out_ptr": f"*{dt}", **strides, "eps": "fp32",
+                signature={**gm_ptrs, "sig_ptr": "*fp32", "out_ptr": f"*{dt}", **strides, "NPB": "i32", "eps": "fp32",
                            "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr", "INT64": "constexpr"},
                 constexprs={**unit, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "INT64": False},
                 divisible=(*div, "out_ptr"),
