@@ -219,12 +219,13 @@ if triton is not None:
         K, C, P, N, S, NPB,
         s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, s_tb, s_vb, s_ssb, eps,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ONE_TILE: tl.constexpr, SAVE: tl.constexpr, X0: tl.constexpr, INT64: tl.constexpr,
+        ONE_TILE: tl.constexpr, SAVE: tl.constexpr, X0: tl.constexpr, PIXEL_VAR: tl.constexpr, INT64: tl.constexpr,
     ):
         """All ``N`` Euler substeps of the policy for the ``BLOCK_P`` pixels ``p`` of batch element
         ``b`` along row ``b`` of the sigma table; stores the final state and, when ``SAVE``, the
         state before every ``S``-th substep (``ck (B, ceil(N / S), C, P)``). ``X0``: the means
-        are an x0-GM's (``gm_ode_substeps``: the policy's affine map is the identity).
+        are an x0-GM's (``gm_ode_substeps``: the policy's affine map is the identity);
+        ``PIXEL_VAR``: the variance is per pixel (``var (B, P)``, batch stride ``s_vb``).
         A 1-D grid of ``B * NPB`` programs, pixel blocks fastest (any batch fits CUDA's limits);
         ``s_vb``, ``s_ssb`` and ``s_tb`` the batch strides of the per-sample variance, sigma_src and
         sigma table (0: shared by the batch)."""
@@ -242,7 +243,10 @@ if triton is not None:
         xmask = cmask[:, None] & pmask[None, :]
         xs = tl.load(xs_ptr + b * s_sb + c[:, None] * s_sc + p[None, :] * s_sp, mask=xmask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
-        s2 = tl.load(var_ptr + b * s_vb)
+        if PIXEL_VAR:
+            s2 = tl.load(var_ptr + b * s_vb + p, mask=pmask, other=1.0)
+        else:
+            s2 = tl.load(var_ptr + b * s_vb)
         ssrc = tl.load(ssrc_ptr + b * s_ssb)
         ss = tl.maximum(ssrc, eps)
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
@@ -435,7 +439,7 @@ def _launch_rollout(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, e
     _policy_rollout_kernel[(B * npb,)](
         m, lw, xs, xf, gm_vars, sigma_src, sigmas, out, ck, K, C, P, N, S, npb,
         *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), sigmas.stride(0), 1, 1, eps,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=one, SAVE=save, X0=False,
+        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=one, SAVE=save, X0=False, PIXEL_VAR=False,
         INT64=_needs_int64(m, lw, xs, xf, out, ck), num_warps=4,
     )
     return out.view(x.shape), ck
@@ -608,9 +612,10 @@ def _aot_cases() -> list[AotCase]:
                     kernel=_policy_rollout_kernel,
                     signature={**gm_ptrs, "tab_ptr": "*fp32", "out_ptr": f"*{dt}", "ck_ptr": "*fp32", **strides, "N": "i32", "S": "i32",
                                "NPB": "i32", "s_tb": "i32", "s_vb": "constexpr", "s_ssb": "constexpr", "eps": "fp32", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr",
-                               "BLOCK_P": "constexpr", "ONE_TILE": "constexpr", "SAVE": "constexpr", "X0": "constexpr", "INT64": "constexpr"},
+                               "BLOCK_P": "constexpr", "ONE_TILE": "constexpr", "SAVE": "constexpr", "X0": "constexpr", "PIXEL_VAR": "constexpr",
+                               "INT64": "constexpr"},
                     constexprs={**unit, "s_vb": 1, "s_ssb": 1, "BLOCK_K": bk, "BLOCK_C": bc, "BLOCK_P": bp, "ONE_TILE": one, "SAVE": save, "X0": False,
-                                "INT64": False},
+                                "PIXEL_VAR": False, "INT64": False},
                     divisible=(*div, "tab_ptr", "out_ptr", "ck_ptr"),
                 ))
             bk, bc, bp, one = _blocks(K, C, P, _TILE_BWD)

@@ -6,9 +6,9 @@ The pixel's K means and log-weights are read once and kept on chip for the N pos
 Euler updates (``ode_path``): in one thread's registers on ``_fused_step_kernel`` (the sampler's
 fused step, with the means taken as given) up to 64 ``K x C`` elements, or 128 for the plain
 step with at most 32 components (sizes rounded up to powers of two); spread over a program's
-threads on the pi-Flow rollout kernel (``policy``, x0 mode) up to 1024 with a per-sample std;
-larger GMs, per-pixel stds beyond the register bound and point data stream K per substep from
-L1/L2 (DRAM still reads the GM once per step). ``gm_sde_step`` draws the component, the Gaussian noise
+threads on the pi-Flow rollout kernel (``policy``, x0 mode) up to 1024; larger GMs and point
+data beyond the register bound stream K per substep from L1/L2 (DRAM still reads the GM once
+per step). ``gm_sde_step`` draws the component, the Gaussian noise
 and applies the exact reverse transition in one kernel, with Triton's Philox seeded from the
 caller's ``torch.Generator``.
 
@@ -554,16 +554,16 @@ def _flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tenso
 
 
 @launch_plan
-def ode_path(K: int, C: int, HW: int, per_sample_std: bool) -> str:
+def ode_path(K: int, C: int, HW: int) -> str:
     """How ``gm_ode_substeps`` keeps a pixel's GM across the substeps: ``"registers"`` (one
     thread's registers, ``_fused_blocks``' one-tile case), ``"wide"`` (loaded once, spread over
     the program's threads: ``_launch_ode_wide``, for GMs up to 1024 ``K x C`` elements after
-    rounding each up to a power of two, per-sample std, more than one pixel per sample) or
+    rounding each up to a power of two, more than one pixel per sample) or
     ``"streamed"`` (K tiles re-read from L1/L2 at every substep: DRAM still reads the GM once
     per step)."""
     if _fused_blocks(K, C, HW)[3]:
         return "registers"
-    if per_sample_std and HW > 1 and rollout_blocks(K, C, HW) is not None:
+    if HW > 1 and rollout_blocks(K, C, HW) is not None:
         return "wide"
     return "streamed"
 
@@ -578,8 +578,8 @@ def _launch_ode(means, logstds, logweights, x, sigmas, eps):
     xf = x.reshape(B, C, HW)
     out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
     sig = sigmas.to(torch.float32).contiguous()
-    if ode_path(K, C, HW, s_lsp == 0) == "wide":
-        return _launch_ode_wide(m, lw, ls, xf, sig, out, eps, rollout_blocks(K, C, HW)).view(x.shape)
+    if ode_path(K, C, HW) == "wide":
+        return _launch_ode_wide(m, lw, ls, s_lsp, xf, sig, out, eps, rollout_blocks(K, C, HW)).view(x.shape)
     bk, bc, bp, one, warps = _fused_blocks(K, C, HW)
     npb = cdiv(HW, bp)
     _fused_step_kernel[(B * npb,)](
@@ -594,20 +594,21 @@ def _launch_ode(means, logstds, logweights, x, sigmas, eps):
     return out.view(x.shape)
 
 
-def _launch_ode_wide(m, lw, ls, xf, sig, out, eps, blocks):
+def _launch_ode_wide(m, lw, ls, s_lsp, xf, sig, out, eps, blocks):
     """``gm_ode_substeps`` for a GM too large for one thread's registers (``K * C`` above
-    ``_REG_TILE``) but within ``policy.rollout_blocks``' one-tile bound, with a per-sample std:
-    the pi-Flow rollout kernel on the x0-GM (``X0``), its sigma table the shared ``sigmas``.
+    ``_REG_TILE``) but within ``policy.rollout_blocks``' one-tile bound: the pi-Flow rollout
+    kernel on the x0-GM (``X0``; per-pixel variance when ``s_lsp``), its sigma table the shared
+    ``sigmas``.
     Each pixel's GM is loaded once and kept in registers spread over the program's threads
     (Triton's layout, with cross-thread reductions) for all N substeps."""
     B, K, C, HW = m.shape
     bk, bc, bp, warps = blocks
-    var = torch.exp(2.0 * ls[:, 0].to(torch.float32))  # (B,) per-sample variance
+    var = torch.exp(2.0 * (ls if s_lsp else ls[:, :1]).to(torch.float32))  # (B, HW | 1) variance
     npb = cdiv(HW, bp)
     _policy_rollout_kernel[(B * npb,)](
         m, lw, xf, xf, var, sig, sig, out, out, K, C, HW, sig.numel() - 1, 1, npb,
         *m.stride(), *lw.stride(), *xf.stride(), *xf.stride(), 0, var.stride(0), 0, eps,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=True, SAVE=False, X0=True,
+        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=True, SAVE=False, X0=True, PIXEL_VAR=bool(s_lsp),
         INT64=needs_int64(m, lw, xf, out), num_warps=warps,
     )
     return out
