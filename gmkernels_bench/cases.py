@@ -508,6 +508,13 @@ def step_launches(solver: str, order: int, guidance: str, orthogonal: float = 1.
     return launches + [0]
 
 
+def launch_reads_memory(mode: int, order: int, guidance: str, orthogonal: float = 1.0) -> bool:
+    """Whether a launch of ``step_launches`` reads the 2nd-order memory (the previous step's
+    posterior mean): every launch at order 2 except the first statistics pass when a second one
+    computes the bias power."""
+    return order == 2 and not (mode == 1 and 2 in step_launches("gm-ode", order, guidance, orthogonal))
+
+
 def step_traffic(shape: Shape, gm_dtype: torch.dtype, state_dtype: torch.dtype, solver: str, order: int, guidance: str,
                  orthogonal: float = 1.0, last: bool = False) -> dict[str, Any]:
     """Bytes one sampler step (one network call) reads and writes on the fused Triton path, next
@@ -520,7 +527,7 @@ def step_traffic(shape: Shape, gm_dtype: torch.dtype, state_dtype: torch.dtype, 
     log-weights, log-stds; the plain GM-SDE draw reads the log-weights and gathers one mean per
     pixel and channel), the unconditional means and log-weights when the step needs ``m_u``, its
     log-weights under weight guidance (the first launch keeps ``m_u``, ``X`` float32, which the
-    later ones read instead), the state, the 2nd-order memory (``X`` in float32) and the
+    later ones read instead), the state, the 2nd-order memory (``X`` in float32, ``launch_reads_memory``) and the
     outputs: the new state and, at 2nd order except after the last step, the posterior mean for
     the next step (``X`` float32). Per-sample scalars (``B * 8`` partial sums per program) are
     left out. ``tests/test_sampler.py`` checks the launch list against the kernel launches.
@@ -542,7 +549,8 @@ def step_traffic(shape: Shape, gm_dtype: torch.dtype, state_dtype: torch.dtype, 
         cond = (c["L"] + c["S"]) * g + c["X"] * g if plain_draw else gm_c
         # the first launch reads the unconditional GM and keeps m_u (X float32) for the others
         uncond = (gm_u + c["X"] * f32 if i == 0 else c["X"] * f32) if has_uncond else gm_u
-        total += cond + uncond + state + (c["X"] * f32 if order == 2 else 0)
+        memory = c["X"] * f32 if launch_reads_memory(mode, order, guidance, orthogonal) else 0
+        total += cond + uncond + state + memory
         if mode == 0:
             total += state + (c["X"] * f32 if order == 2 and not last else 0)
     minimum = gm_c + gm_u + 2 * state

@@ -857,6 +857,10 @@ def fused_step(
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).to(dev)
         c1, c2, c3 = (_f32(v) for v in transition_coefficients(levels[0], levels[1], eps))
     int64 = needs_int64(m, lw, vm, vl, xf, out) or B * HW * (C + 1) >= I32_MAX
+    amount = (orthogonal if prob else (1.0 if orthogonal > 0 else 0.0)) if has_uncond else 0.0
+    # the 2nd-order bias power from its own pass (it depends on the first pass's scalars): the
+    # first pass then needs no 2nd-order memory
+    bias_pass = order2 and (prob or (meancfg and amount > 0))
 
     def launch(mode: int) -> None:
         _fused_step_kernel[(B * npb,)](
@@ -864,7 +868,7 @@ def fused_step(
             K, vm.shape[1], C, HW, npb, sigmas.numel() - 1, _NCOEF, B * HW,
             *m.stride(), *lw.stride(), s_lsb, s_lsp, *vm.stride(), *vl.stride(), *xf.stride(), 1,
             c1, c2, c3, float(scale), eps,
-            SDE=sde, WEIGHT=weight, UNCOND=has_uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2,
+            SDE=sde, WEIGHT=weight, UNCOND=has_uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2 and not (mode == 1 and bias_pass),
             POST=post and mode == 0, STATS=mode, ONE_TILE=one and (not sde or has_uncond or order2 or prob), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
             NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, AFFINE=True, INT64=int64, num_warps=warps,
         )
@@ -874,7 +878,6 @@ def fused_step(
 
     if has_uncond or order2:
         CHW = C * HW
-        amount = (orthogonal if prob else (1.0 if orthogonal > 0 else 0.0)) if has_uncond else 0.0
         if meancfg and amount == 0:
             coef[:, 1] = scale - 1
         launch(1)
@@ -896,7 +899,7 @@ def fused_step(
         if order2:
             E = V * ((scale * scale * CB * CB if prob else 0.0) + CA)
             damp = torch.sqrt((1 - E / (h_prev * h_prev)).clamp(min=0)) * (0.5 * h / h_prev)
-            if prob or (meancfg and amount > 0):  # the bias needs the first pass's scalars
+            if bias_pass:  # the bias needs the first pass's scalars
                 coef[:, 9] = damp.float()
                 coef[:, 10] = alpha.float()
                 launch(2)
