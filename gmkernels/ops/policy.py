@@ -36,7 +36,7 @@ import reference.policy as ref
 
 from .._aot import AotCase
 from .._dispatch import compute_dtype, select_backend
-from ._launch import launch_plan
+from ._launch import launch_plan, next_pow2
 
 try:
     import triton
@@ -50,23 +50,19 @@ _WARPS_BWD = 8  # 2 tile elements per thread: the one setting without local memo
 _ONE_TILE_KC = 1024  # largest next_pow2(K) * next_pow2(C) kept in registers across substeps
 
 
-def _np2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def one_tile(K: int, C: int) -> bool:
     """True when a pixel's whole GM stays in registers across substeps (and the fused backward
     applies)."""
-    return _np2(K) * _np2(C) <= _ONE_TILE_KC
+    return next_pow2(K) * next_pow2(C) <= _ONE_TILE_KC
 
 
 def _blocks(K: int, C: int, P: int, tile: int) -> tuple[int, int, int, bool]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE)``: all of K in one register tile when it fits,
     else K tiles with at least 16 pixels."""
-    bk, bc = _np2(K), _np2(C)
+    bk, bc = next_pow2(K), next_pow2(C)
     if bk * bc <= _ONE_TILE_KC:
-        return bk, bc, max(1, min(_np2(P), tile // (bk * bc), 128)), True
-    bp = min(_np2(P), 16)
+        return bk, bc, max(1, min(next_pow2(P), tile // (bk * bc), 128)), True
+    bp = min(next_pow2(P), 16)
     return max(1, min(bk, tile // (bc * bp))), bc, bp, False
 
 
@@ -83,9 +79,9 @@ def _pi_blocks(K: int, C: int, P: int) -> tuple[int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P)`` of the one-pass velocity: K streamed in tiles of a
     1024-element register tile, 32 pixels for up to 4 channels, down to 8 pixels from 16 channels
     (32 pixels x 16 channels took triton 3.6 to 255 registers and a spill at the FLUX shape)."""
-    bc = _np2(C)
-    bp = min(_np2(P), 32, max(8, 128 // bc))
-    return max(1, min(_np2(K), 1024 // (bc * bp))), bc, bp
+    bc = next_pow2(C)
+    bp = min(next_pow2(P), 32, max(8, 128 // bc))
+    return max(1, min(next_pow2(K), 1024 // (bc * bp))), bc, bp
 
 
 def checkpoint_stride(N: int) -> int:
