@@ -310,6 +310,21 @@ def test_fused_ode_step_matches_eager_reference(shape, seed, dtype, dead, per_pi
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("per_pixel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_ode_step_of_a_wide_gm_matches_eager_reference(per_pixel, dtype):
+    """The plain first-order GM-ODE sampler step of a GM past one thread's registers runs on the
+    rollout kernel with the u -> x0 map applied as it loads (``ode_path`` "wide")."""
+    shape = ((2,), 40, 3, 2, 3)
+    assert ops.ode_path(40, 3, 6) == "wide"
+    gms = _outputs(shape, 5, dtype, True, per_pixel, False)
+    x = make_state(shape, 5).float()
+    out = _run_sampler(gms, x, "gm-ode", 1, "none", 0.0, 0.0, True, "triton")
+    expect = _run_sampler([f64(g) for g in gms], x.double(), "gm-ode", 1, "none", 0.0, 0.0, False, "torch")
+    assert out.dtype == torch.float32 and rel_err(out, expect) < TOL[torch.float32]
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("guided", GUIDED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

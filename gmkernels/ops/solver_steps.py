@@ -594,21 +594,24 @@ def _launch_ode(means, logstds, logweights, x, sigmas, eps):
     return out.view(x.shape)
 
 
-def _launch_ode_wide(m, lw, ls, s_lsp, xf, sig, out, eps, blocks):
-    """``gm_ode_substeps`` for a GM too large for one thread's registers (``K * C`` above
+def _launch_ode_wide(m, lw, ls, s_lsp, xf, sig, out, eps, blocks, affine=False):
+    """The GM-ODE substeps of a GM too large for one thread's registers (``K * C`` above
     ``_REG_TILE``) but within ``policy.rollout_blocks``' one-tile bound: the pi-Flow rollout
-    kernel on the x0-GM (``X0``; per-pixel variance when ``s_lsp``), its sigma table the shared
-    ``sigmas``.
-    Each pixel's GM is loaded once and kept in registers spread over the program's threads
-    (Triton's layout, with cross-thread reductions) for all N substeps."""
+    kernel from ``(xf, sig[0])`` along the shared ``sig``, on an x0-GM (``gm_ode_substeps``) or,
+    ``affine``, on the network's u-GM (the sampler's plain step: the kernel applies op 5 as it
+    loads); per-pixel variance when ``s_lsp``. Each pixel's GM is loaded once and kept in
+    registers spread over the program's threads (Triton's layout, with cross-thread reductions)
+    for all N substeps."""
     B, K, C, HW = m.shape
     bk, bc, bp, warps = blocks
     var = torch.exp(2.0 * (ls if s_lsp else ls[:, :1]).to(torch.float32))  # (B, HW | 1) variance
+    if affine:
+        var = var * sig[:1].square()  # x0 stds are the u stds times sigma (a device op: no host read)
     npb = cdiv(HW, bp)
     _policy_rollout_kernel[(B * npb,)](
         m, lw, xf, xf, var, sig, sig, out, out, K, C, HW, sig.numel() - 1, 1, npb,
         *m.stride(), *lw.stride(), *xf.stride(), *xf.stride(), 0, var.stride(0), 0, eps,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=True, SAVE=False, X0=True, PIXEL_VAR=bool(s_lsp),
+        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=True, SAVE=False, X0=not affine, PIXEL_VAR=bool(s_lsp),
         INT64=needs_int64(m, lw, xf, out), num_warps=warps,
     )
     return out
@@ -840,6 +843,9 @@ def fused_step(
     vm, vl = uncond["means"].reshape(-1, KU, C, HW), uncond["logweights"].reshape(-1, KU, HW)
     B = m.shape[0]
     xf = x.reshape(B, C, HW)
+    if not (sde or has_uncond or weight or order2 or post) and ode_path(K, C, HW) == "wide":
+        out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
+        return _launch_ode_wide(m, lw, ls, s_lsp, xf, sigmas, out, eps, rollout_blocks(K, C, HW), affine=True).view(x.shape), None
     bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde, heavy=has_uncond or order2)
     npb = cdiv(HW, bp)
     dev = x.device
