@@ -45,7 +45,7 @@ from reference._util import to_gm_dims
 
 from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import compute_dtype, run_reference, select_backend
-from .._validate import GMShape, Sigma, check_gm, check_sigma, check_sigma_order, check_state, require, value_range
+from .._validate import GMShape, Sigma, check_gm, check_sigma, check_sigma_order, check_state, require_range
 from ._launch import call_op, cdiv, launch_plan, next_pow2
 
 try:
@@ -556,7 +556,7 @@ def _check_timestep(t: Any, name: str, s: GMShape) -> Sigma:
             raise ValueError(f"{name} must lie in [0, 1000], got {t}")
         return t
     check_sigma(t, name, s, check_values=False)  # type, device, shape
-    require((t >= 0) & (t <= 1000), f"{name} must lie in [0, 1000]", lambda: f"; got values {value_range(t)}")
+    require_range(t, 0.0, 1000.0, f"{name} must lie in [0, 1000]")
     return t
 
 

@@ -29,7 +29,7 @@ import reference.product as ref
 
 from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
-from .._validate import check_gaussian, check_gm, require, value_range
+from .._validate import check_gaussian, check_gm, require_range
 from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
 from .mixture import pixel_blocks, single_row_views
 
@@ -383,7 +383,7 @@ def gm_mul_iso_gaussian(
     """
     s = check_gm(gm)
     check_gaussian(gaussian, "gaussian", s)
-    require(gaussian["var"] > 0, "gaussian['var'] must be > 0 (a variance; inf is allowed)", lambda: f"; got values {value_range(gaussian['var'])}")
+    require_range(gaussian["var"], 0.0, float("inf"), "gaussian['var'] must be > 0 (a variance; inf is allowed)", low_open=True)
     gm_power = _check_real(gm_power, "gm_power")
     if gm_power <= 0:
         raise ValueError(f"gm_power must be > 0, got {gm_power}")
