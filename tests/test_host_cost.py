@@ -169,4 +169,4 @@ def test_transition_rows_kernel_equals_its_torch_twin(batch, dtypes, out_dtype, 
     assert got.shape == want.shape == (4, *batch) and got.dtype == out_dtype
     # both round float64 values to out_dtype; float64 logs may differ in the last bit
     rtol = {torch.float64: 1e-12, torch.float32: 1e-6}[out_dtype]
-    torch.testing.assert_close(got, want, rtol=rtol, atol=0.0)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-15)

@@ -264,7 +264,7 @@ if triton is not None:
         p = a / tl.maximum(a_to, eps)
         qp = q * p
         beta = one - qp * qp
-        c1 = q * qp
+        c1 = q * q * p  # the reference's association (1 - c1 - c2 cancels at close timesteps)
         c2 = beta * a_to
         c3 = beta * sl * sl
         ty = out_ptr.dtype.element_ty
