@@ -139,16 +139,19 @@ def _planned(args_fn: Callable, tensors: tuple, extra: tuple) -> tuple:
     return same_data(views, tensors), grid, ints, options
 
 
-def planned_args(cache: PlanCache, args_fn: Callable, tensors: tuple, *extra: Any) -> tuple:
+def planned_args(cache: PlanCache, args_fn: Callable, tensors: tuple, *extra: Any, n_key: int | None = None) -> tuple:
     """``(tensors, grid, ints, options)`` for ``kernel[grid](*tensors, *ints, ..., **options)``.
 
     ``args_fn(*tensors, *extra)`` computes them from scratch: the kernel's tensor arguments
     (views of ``tensors``, one each, in order), grid, integer arguments and options
-    (constexprs, ``num_warps``). Its result is stored in ``cache`` under the tensors'
-    :func:`tensor_key` and the hashable ``extra``; a repeated call then hands the kernel the
-    ``tensors`` themselves (when the views made no copy, :func:`same_data`) with the stored
+    (constexprs, ``num_warps``). Its result is stored in ``cache`` under the
+    :func:`tensor_key` of the first ``n_key`` tensors (all by default; the rest must be
+    outputs the launcher allocated contiguous, with shapes and dtypes that follow from the
+    keyed ones and ``extra``) and the hashable ``extra``; a repeated call then hands the kernel
+    the ``tensors`` themselves (when the views made no copy, :func:`same_data`) with the stored
     rest, so it costs the key and one lookup. When a view copied, ``args_fn`` runs again."""
-    pure, grid, ints, options = cache.get((*tensor_key(*tensors), *extra), lambda: _planned(args_fn, tensors, extra))
+    key = (*tensor_key(*(tensors if n_key is None else tensors[:n_key])), *extra)
+    pure, grid, ints, options = cache.get(key, lambda: _planned(args_fn, tensors, extra))
     if pure:
         return tensors, grid, ints, options
     return args_fn(*tensors, *extra)

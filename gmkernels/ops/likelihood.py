@@ -420,7 +420,9 @@ def _launch_transition_rows(t_high: torch.Tensor, t_low: torch.Tensor, out: torc
     if R == 0:
         return
     block = min(next_pow2(R), 1024)
-    _transition_rows_kernel[(cdiv(R, block),)](t_high, t_low, out, R, t_high.stride(0), t_low.stride(0), BLOCK_R=block, num_warps=4)
+    _transition_rows_kernel[(cdiv(R, block),)](
+        t_high, t_low, out, R, t_high.stride(0), t_low.stride(0), BLOCK_R=block, num_warps=4
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +435,7 @@ def _gm(means, logstds, logweights) -> dict:
 
 
 def _stat_dtype(*ts: torch.Tensor) -> torch.dtype:
-    return compute_dtype(*(t.dtype for t in ts))
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 def _affine(mscale, xres, x) -> Optional[tuple]:
@@ -458,7 +460,9 @@ def _transition_rows(t_high: torch.Tensor, t_low: torch.Tensor, batch: list[int]
     ``mscale, xres, A, L`` of ``_transition_rows_kernel`` for timesteps broadcastable to
     ``(*batch, 1, 1, 1)``; the torch branch is the kernel's twin."""
     out = torch.empty((4, *batch), dtype=dtype, device=t_high.device)
-    th, tlow = (t.expand(*batch, 1, 1, 1).reshape(-1) for t in (t_high, t_low))  # views when strides allow
+    # (R,) views when strides allow; a per-sample (*batch, 1, 1, 1) needs no expand
+    full = (*batch, 1, 1, 1)
+    th, tlow = (t.reshape(-1) if t.shape == full else t.expand(full).reshape(-1) for t in (t_high, t_low))
     if select_backend(t_high) == "triton":
         _launch_transition_rows(th, tlow, out.view(4, -1))
         return out
@@ -763,7 +767,8 @@ def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
                                   torch.float32, aff)  # fmt: skip
             cases += launch_cases(mod, f"likelihood.nll_bwd[{tag}]", _launch_nll_bwd, loss, loss, m, s, lw, y, aff, 1e-4)
     t = torch.empty((B,), device="meta")  # the transition loss's per-row constants (float32 timesteps)
-    cases += launch_cases(mod, f"likelihood.transition_rows[B={B}]", _launch_transition_rows, t, t, torch.empty((4, B), device="meta"))
+    rows = torch.empty((4, B), device="meta")
+    cases += launch_cases(mod, f"likelihood.transition_rows[B={B}]", _launch_transition_rows, t, t, rows)
     return cases
 
 

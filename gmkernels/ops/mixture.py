@@ -250,7 +250,7 @@ def _launch_moments(
     if mean.numel() == 0:
         return mean, var
     tensors = (means, logweights, logstds, mean, var) if with_var else (means, logweights, mean, mean, mean)
-    tensors, grid, ints, options = planned_args(_PLANS, _moments_args, tensors, with_var, _moments_blocks, needs_int64)
+    tensors, grid, ints, options = planned_args(_PLANS, _moments_args, tensors, with_var, _moments_blocks, needs_int64, n_key=3)
     _gm_moments_kernel[grid](*tensors, *ints, power * LOG2E, **options)
     return mean, var
 

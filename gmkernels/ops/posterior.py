@@ -226,7 +226,7 @@ def _launch_posterior(
     if out.numel() == 0:
         return out
     tensors = (means, logweights, logstds, x_src, x_tgt, sigma_src, sigma_tgt, out)
-    tensors, grid, ints, options = planned_args(_PLANS, _posterior_args, tensors, _posterior_blocks, needs_int64)
+    tensors, grid, ints, options = planned_args(_PLANS, _posterior_args, tensors, _posterior_blocks, needs_int64, n_key=7)
     _gm_posterior_mean_kernel[grid](*tensors, *ints, eps, **options)
     return out
 

@@ -303,7 +303,7 @@ def _launch_gm_mul(
     if out_m.numel() == 0:
         return out_m, out_s, out_lw
     tensors = (means, logweights, logstds, g, var, out_m, out_lw, out_s, out_lw)
-    tensors, grid, ints, options = planned_args(_GM_MUL_PLANS, _gm_mul_args, tensors, _gm_mul_blocks, needs_int64)
+    tensors, grid, ints, options = planned_args(_GM_MUL_PLANS, _gm_mul_args, tensors, _gm_mul_blocks, needs_int64, n_key=5)
     _gm_mul_kernel[grid](*tensors, *ints, r, eps, **options)
     return out_m, out_s, out_lw
 
@@ -338,7 +338,7 @@ def _launch_gauss_mul(
     var = torch.empty((*batch, 1, H, W) if per_pixel else (*batch, 1, 1, 1), dtype=m1.dtype, device=m1.device)
     if mean.numel() == 0:
         return mean, var
-    tensors, grid, ints, options = planned_args(_GAUSS_PLANS, _gauss_mul_args, (m1, v1, m2, v2, mean, var))
+    tensors, grid, ints, options = planned_args(_GAUSS_PLANS, _gauss_mul_args, (m1, v1, m2, v2, mean, var), n_key=4)
     _gauss_mul_kernel[grid](*tensors, *ints, power1, power2, eps, **options)
     return mean, var
 

@@ -207,7 +207,7 @@ def _launch(mode: int, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_
         return out_m, out_ls
     sig_t, sigto_t = sigma_t is not None, sigma_to_t is not None
     tensors = (means, x_t, logstds, sigma_t if sig_t else means, sigma_to_t if sigto_t else means, out_m, out_ls)
-    tensors, grid, ints, options = planned_args(_PLANS, _transition_args, tensors, mode, sig_t, sigto_t)
+    tensors, grid, ints, options = planned_args(_PLANS, _transition_args, tensors, mode, sig_t, sigto_t, n_key=5)
     _transition_kernel[grid](*tensors, *ints, sigma_f, sigma_to_f, eps, **options)
     return out_m, out_ls
 
