@@ -117,7 +117,7 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     With ``s`` given, its batch and pixel sizes must match the GM's. Returns the Gaussian's
     sizes as a ``GMShape`` with ``K = 1``.
     """
-    if not isinstance(g, Mapping) or "mean" not in g or "var" not in g:
+    if (type(g) is not dict and not isinstance(g, Mapping)) or "mean" not in g or "var" not in g:
         raise TypeError(f"{name} must be a dict with keys mean and var, got {type(g).__name__}")
     mean = check_float_tensor(g["mean"], f"{name}['mean']", None if s is None else s.device)
     if mean.dim() < 3:
@@ -125,7 +125,7 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     var = check_float_tensor(g["var"], f"{name}['var']", mean.device)
     *batch, C, H, W = mean.shape
     gs = GMShape(tuple(batch), 1, C, H, W, mean.device, mean.dtype)
-    if s is not None and gs.pixel_shape != s.pixel_shape:
+    if s is not None and mean.shape != s.pixel_shape:
         raise ValueError(
             f"{name}['mean'] must have shape (*B, C, H, W) = {s.pixel_shape} to match the GM, got {_shape(mean)}"
         )
