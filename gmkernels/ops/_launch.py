@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch._library.custom_ops import OPDEFS
@@ -90,6 +90,15 @@ def launch_plan(fn: Callable) -> Callable:
     return cached
 
 
+class PlanCacheInfo(NamedTuple):
+    """Statistics of a :class:`PlanCache`, as ``functools.lru_cache``'s ``cache_info()``."""
+
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
+
+
 class PlanCache:
     """Per-shape launch plans of one launcher: ``get(key, build)`` returns the plan stored
     under ``key`` (a tuple of sizes, strides, dtypes and flags, see :func:`tensor_key`) or
@@ -113,12 +122,12 @@ class PlanCache:
         self.misses += 1
         plan = build()
         if len(self._plans) >= self.maxsize:
-            del self._plans[next(iter(self._plans))]
+            self._plans.pop(next(iter(self._plans)), None)
         self._plans[key] = plan
         return plan
 
-    def cache_info(self) -> Any:
-        return functools._CacheInfo(self.hits, self.misses, self.maxsize, len(self._plans))
+    def cache_info(self) -> "PlanCacheInfo":
+        return PlanCacheInfo(self.hits, self.misses, self.maxsize, len(self._plans))
 
 
 def tensor_key(*tensors: torch.Tensor) -> tuple:
