@@ -182,8 +182,8 @@ def require_range(t: torch.Tensor, low: float, high: float, message: str, low_op
             values = t.reshape(-1).tolist()
             if all((low < v if low_open else low <= v) and v <= high for v in values):  # NaN fails
                 return
-        else:
-            lo, hi = (v.item() for v in torch.aminmax(t))  # NaN anywhere gives NaN in both
+        else:  # NaN anywhere gives NaN in the minimum and the maximum, which then fail
+            lo, hi = (t.min().item(), high) if high == float("inf") else (v.item() for v in torch.aminmax(t))
             if (lo > low if low_open else lo >= low) and hi <= high:
                 return
         raise ValueError(f"{message}; got values {value_range(t)}")
