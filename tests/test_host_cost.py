@@ -1,6 +1,8 @@
-"""Host cost of a public op call: launch plans are computed once per shape, custom ops are
-called directly in plain eager mode (and through the dispatcher whenever something observes,
-traces or differentiates the call), and the benchmark that measures it runs."""
+"""Host cost of a public op call: launch plans (blocks, grid, the flattened views' strides)
+are computed once per shape, custom ops are called directly in plain eager mode (their
+registered autograd formula as a plain ``autograd.Function`` when autograd tracks an input;
+through the dispatcher whenever something observes or traces the call), the transition loss's
+per-row constants come from one small kernel, and the benchmark that measures it runs."""
 
 from __future__ import annotations
 
@@ -8,12 +10,14 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gmkernels as G
-from gmkernels.ops import _launch
+from gmkernels.ops import _launch, mixture
 from gmkernels_bench import host_cost
-from strategies import make_gm, rel_err
+from strategies import make_gm, make_state, rel_err
 
 SHAPE = ((2,), 3, 4, 5, 6)
 
@@ -33,9 +37,13 @@ def _plan_stats():
     return sum(i.misses for i in infos), sum(i.hits for i in infos)
 
 
-@pytest.mark.parametrize("op", ["gm_to_mean", "gm_posterior_mean", "gm_nll_loss", "gm_sample", "probabilistic_guidance"])
+@pytest.mark.parametrize("op", [
+    "gm_to_mean", "gm_to_iso_gaussian", "gm_mul_iso_gaussian", "iso_gaussian_mul_iso_gaussian", "u_to_x0 (tensor sigma)",
+    "reverse_transition", "gm_posterior_mean (float sigmas)", "gm_logprob", "gm_nll_loss", "gm_nll_loss fwd+bwd",
+    "transition_loss fwd+bwd", "gm_sample", "probabilistic_guidance",
+])  # fmt: skip
 def test_repeated_shape_recomputes_no_launch_plan(op):
-    call = host_cost.cases()[op if op != "gm_posterior_mean" else "gm_posterior_mean (float sigmas)"]
+    call = host_cost.cases()[op]
     with G.use_backend("triton"), host_cost.stubbed_launches():
         call()  # the first call of this shape may compute plans
         misses, hits = _plan_stats()
@@ -82,3 +90,83 @@ def test_host_cost_benchmark_runs(tmp_path, capsys):
     assert "gm_to_mean" in capsys.readouterr().out
     records = json.loads(out.read_text())["records"]
     assert records[0]["op"] == "gm_to_mean" and records[0]["launches"] == 1 and records[0]["host_us"] > 0
+
+
+@pytest.mark.triton
+def test_a_plan_whose_view_copies_is_recomputed_per_call():
+    """Means whose H and W cannot be merged (a transposed spatial layout): the flattening copies,
+    so the stored plan says so and each call makes its own views; results stay exact."""
+    gm = make_gm(((2,), 3, 4, 5, 6), 3, torch.float32)
+    gm["means"] = gm["means"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    gm["logweights"] = gm["logweights"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    with G.use_backend("torch"):
+        want = G.gm_to_mean(gm)
+    with G.use_backend("triton"):
+        first, second = G.gm_to_mean(gm), G.gm_to_mean(gm)
+    key = next(k for k in mixture._PLANS._plans if k[1][1] == gm["means"].stride())
+    assert mixture._PLANS._plans[key][0] is False  # not the tensors themselves
+    assert rel_err(first, want) < 1e-5 and rel_err(second, want) < 1e-5
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("loss", ["gm_nll_loss", "transition_loss"])
+def test_direct_autograd_equals_the_dispatcher(loss):
+    """With inputs that require grad the op's registered formula runs as a plain
+    ``autograd.Function``: the same loss and gradients as through the dispatcher (forced here
+    by a dispatch mode, which makes the call observed)."""
+    shape = ((2,), 3, 4, 5, 3)
+    gm = make_gm(shape, 5, torch.float32)
+    x, y = make_state(shape, 5).float(), make_state(shape, 6).float()
+    t_hi, t_lo = torch.tensor([700.0, 400.0]), torch.tensor([500.0, 0.0])
+
+    def run():
+        leaves = {k: v.clone().requires_grad_() for k, v in gm.items()}
+        out = G.gm_nll_loss(leaves, y) if loss == "gm_nll_loss" else G.transition_loss(leaves, x, t_hi, y, t_lo)
+        return out.detach(), torch.autograd.grad(out, list(leaves.values()))
+
+    with G.use_backend("triton"):
+        leaves = [v.clone().requires_grad_() for v in gm.values()]
+        assert _launch._tracked_plain((*leaves, y)) and not _launch._plain_eager((*leaves, y))
+        direct = run()
+        with Ops() as mode:
+            dispatched = run()
+    assert "gmkernels.gm_nll_loss_pixels" in mode.names
+    assert torch.equal(direct[0], dispatched[0])
+    for a, b in zip(direct[1], dispatched[1]):
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.sampled_from([(), (1,), (3,), (2, 3)]),
+    dtypes=st.tuples(*[st.sampled_from([torch.float32, torch.bfloat16, torch.float64, None])] * 2),
+    out_dtype=st.sampled_from([torch.float32, torch.float64]),
+    data=st.data(),
+)
+def test_transition_rows_kernel_equals_its_torch_twin(batch, dtypes, out_dtype, data):
+    """The transition loss's per-row constants (``mscale, xres, A, L``): the kernel against the
+    op's torch branch, in the compute dtypes, per-sample or broadcast timesteps of any float
+    dtype (None: a Python float, passed as a 0-d float64 tensor), including t_low = t_high (A = -inf), t_low = 0,
+    t_high = 1000 and a t_high below 1e-3 (the eps floors)."""
+    n = int(torch.Size(batch).numel())
+    edge = st.sampled_from([0.0, 1e-4, 0.5, 1.0, 999.0, 1000.0])
+    highs = data.draw(st.lists(st.one_of(edge, st.floats(0.0, 1000.0)), min_size=n, max_size=n))
+    lows = [data.draw(st.one_of(st.sampled_from([0.0, h]), st.floats(0.0, h))) for h in highs]
+
+    def timestep(values, dt):
+        if dt is None or not batch:
+            return torch.tensor(values[0] if values else 0.0, dtype=dt or torch.float64)
+        t = torch.tensor(values, dtype=dt).view(*batch, 1, 1, 1)
+        return t if data.draw(st.booleans()) else t[..., :1, :1, :1].expand(*batch, 1, 1, 1)
+
+    t_high, t_low = timestep(highs, dtypes[0]), timestep(lows, dtypes[1])
+    t_low = torch.minimum(t_low.to(t_high.dtype), t_high).to(t_low.dtype)  # rounding may have swapped them
+    op = torch.ops.gmkernels.transition_loss_rows
+    with G.use_backend("torch"):
+        want = _launch.call_op(op, t_high, t_low, list(batch), out_dtype)
+    with G.use_backend("triton"):
+        got = _launch.call_op(op, t_high, t_low, list(batch), out_dtype)
+    assert got.shape == want.shape == (4, *batch) and got.dtype == out_dtype
+    # both round float64 values to out_dtype; float64 logs may differ in the last bit
+    rtol = {torch.float64: 1e-12, torch.float32: 1e-6}[out_dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-15)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch._library.custom_ops import OPDEFS
@@ -90,6 +90,82 @@ def launch_plan(fn: Callable) -> Callable:
     return cached
 
 
+class PlanCacheInfo(NamedTuple):
+    """Statistics of a :class:`PlanCache`, as ``functools.lru_cache``'s ``cache_info()``."""
+
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
+
+
+class PlanCache:
+    """Per-shape launch plans of one launcher: ``get(key, build)`` returns the plan stored
+    under ``key`` (a tuple of sizes, strides, dtypes and flags, see :func:`tensor_key`) or
+    stores ``build()``'s. A plan holds everything a launch derives from metadata -- blocks,
+    grid, the kernel's integer arguments (strides of the flattened views included), the int64
+    flag -- so a repeated call passes its tensors' data and the stored integers and computes
+    nothing. Bounded: past ``maxsize`` plans the oldest is dropped. ``cache_info()`` as an
+    ``lru_cache``'s (registered in :data:`PLAN_FUNCTIONS`)."""
+
+    def __init__(self, maxsize: int = 4096):
+        self.maxsize = maxsize
+        self._plans: dict = {}
+        self.hits = self.misses = 0
+        PLAN_FUNCTIONS.append(self)
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        plan = self._plans.get(key)
+        if plan is not None:
+            self.hits += 1
+            return plan
+        self.misses += 1
+        plan = build()
+        if len(self._plans) >= self.maxsize:
+            self._plans.pop(next(iter(self._plans)), None)
+        self._plans[key] = plan
+        return plan
+
+    def cache_info(self) -> "PlanCacheInfo":
+        return PlanCacheInfo(self.hits, self.misses, self.maxsize, len(self._plans))
+
+
+def tensor_key(*tensors: torch.Tensor) -> tuple:
+    """The metadata a launch plan depends on: each tensor's sizes, strides and dtype, and the
+    first one's device (about 0.3 µs a tensor)."""
+    return (tensors[0].device, *[(t.shape, t.stride(), t.dtype) for t in tensors])
+
+
+def same_data(views: tuple, tensors: tuple) -> bool:
+    """True when every view starts at its tensor's first element, i.e. the flattening made no
+    copy: the kernel may then be handed the original tensor (Triton reads a tensor argument's
+    data pointer and dtype only) with the view's strides from a stored plan."""
+    return all(v.data_ptr() == t.data_ptr() and v.dtype == t.dtype for v, t in zip(views, tensors))
+
+
+def _planned(args_fn: Callable, tensors: tuple, extra: tuple) -> tuple:
+    views, grid, ints, options = args_fn(*tensors, *extra)
+    return same_data(views, tensors), grid, ints, options
+
+
+def planned_args(cache: PlanCache, args_fn: Callable, tensors: tuple, *extra: Any, n_key: int | None = None) -> tuple:
+    """``(tensors, grid, ints, options)`` for ``kernel[grid](*tensors, *ints, ..., **options)``.
+
+    ``args_fn(*tensors, *extra)`` computes them from scratch: the kernel's tensor arguments
+    (views of ``tensors``, one each, in order), grid, integer arguments and options
+    (constexprs, ``num_warps``). Its result is stored in ``cache`` under the
+    :func:`tensor_key` of the first ``n_key`` tensors (all by default; the rest must be
+    outputs the launcher allocated contiguous, with shapes and dtypes that follow from the
+    keyed ones and ``extra``) and the hashable ``extra``; a repeated call then hands the kernel
+    the ``tensors`` themselves (when the views made no copy, :func:`same_data`) with the stored
+    rest, so it costs the key and one lookup. When a view copied, ``args_fn`` runs again."""
+    key = (*tensor_key(*(tensors if n_key is None else tensors[:n_key])), *extra)
+    pure, grid, ints, options = cache.get(key, lambda: _planned(args_fn, tensors, extra))
+    if pure:
+        return tensors, grid, ints, options
+    return args_fn(*tensors, *extra)
+
+
 @functools.lru_cache(maxsize=4096)
 def _extent_needs_int64(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return sum((n - 1) * abs(st) for n, st in zip(shape, stride)) >= I32_MAX
@@ -106,15 +182,22 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
 
 
 _DIRECT: dict[Any, Callable] = {}
+_DIRECT_AUTOGRAD: dict[Any, Any] = {}
+
+
+def _unobserved() -> bool:
+    """True when nothing but the implementation itself would act on a call: not traced by
+    torch.compile, no dispatch or function mode, no functorch transform."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is None
 
 
 def _plain_eager(args: tuple) -> bool:
-    """True when nothing but the implementation itself would act on this call: not traced by
-    torch.compile, no dispatch or function mode, no functorch transform, plain tensors, and
-    no tensor argument that autograd must track."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    """True when nothing but the implementation itself would act on this call
+    (:func:`_unobserved`), its tensors are plain tensors, and no tensor argument is one that
+    autograd must track."""
+    if not _unobserved():
         return False
     grad = torch.is_grad_enabled()
     for a in args:
@@ -123,18 +206,61 @@ def _plain_eager(args: tuple) -> bool:
     return True
 
 
+def _tracked_plain(args: tuple) -> bool:
+    """True when the call is unobserved, every tensor is a plain tensor and autograd must
+    track at least one: the op's registered autograd formula then runs as a plain
+    ``torch.autograd.Function`` (:func:`_autograd_function`)."""
+    if not torch.is_grad_enabled() or not _unobserved():
+        return False
+    tracked = False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) is not torch.Tensor:
+                return False
+            tracked = tracked or a.requires_grad
+    return tracked
+
+
+def _autograd_function(opdef: Any) -> Any:
+    """An ``autograd.Function`` running ``opdef``'s implementation forward and its registered
+    ``setup_context`` / ``backward`` (what ``torch.library.register_autograd`` installs in
+    the dispatcher's autograd layer, without the layer: the generated function there also
+    redispatches, fills defaults and carries a dispatch-key set, ~40 µs a call). Positional
+    arguments only, as :func:`call_op` passes them."""
+    impl, setup, backward = opdef._init_fn, opdef._setup_context_fn, opdef._backward_fn
+
+    def forward(ctx: Any, *args: Any) -> Any:
+        out = impl(*args)
+        setup(ctx=ctx, inputs=args, output=out)
+        return out
+
+    return type(f"Direct_{opdef._name}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})  # fmt: skip
+
+
 def call_op(op: Any, *args: Any) -> Any:
     """``op(*args)`` for a ``torch.library.custom_op`` (the ``torch.ops.gmkernels.<name>``
     packet), minus the dispatcher when the call is plain eager (:func:`_plain_eager`): then the
     op's Python implementation runs directly, which is what the dispatcher would end up
     running, without its custom-op layers (autograd wrapper, redispatch, the dynamo-disable
-    wrapper: ~50 µs of host time per call). Traced, transformed, mode-observed or
-    autograd-tracked calls go through the dispatcher as before. A direct call does not show up
-    under the op's name in ``torch.profiler`` traces."""
+    wrapper: ~50 µs of host time per call). When autograd must track a plain tensor argument
+    of an unobserved call and the op has a registered autograd formula, that formula runs as a
+    plain ``autograd.Function`` (:func:`_autograd_function`), the same forward, saved tensors
+    and backward as through the dispatcher. Traced, transformed or mode-observed calls go
+    through the dispatcher as before. A direct call does not show up under the op's name in
+    ``torch.profiler`` traces."""
     if _plain_eager(args):
         impl = _DIRECT.get(op)
         if impl is None:
             opdef = OPDEFS.get(op._qualified_op_name)
             impl = _DIRECT[op] = getattr(opdef, "_init_fn", op)
         return impl(*args)
+    if _tracked_plain(args):
+        fn = _DIRECT_AUTOGRAD.get(op, False)
+        if fn is False:
+            opdef = OPDEFS.get(op._qualified_op_name)
+            has_formula = opdef is not None and opdef._backward_fn is not None and opdef._setup_context_fn is not None
+            fn = _DIRECT_AUTOGRAD[op] = _autograd_function(opdef) if has_formula else None
+        if fn is not None:
+            return fn.apply(*args)
     return op(*args)

@@ -41,12 +41,11 @@ import torch
 
 import reference.likelihood as ref
 import reference.transition as ref_transition
-from reference._util import to_gm_dims
 
 from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import compute_dtype, run_reference, select_backend
-from .._validate import GMShape, Sigma, check_gm, check_sigma, check_sigma_order, check_state, require, value_range
-from ._launch import call_op, cdiv, launch_plan, next_pow2
+from .._validate import GMShape, Sigma, check_gm, check_sigma, check_sigma_order, check_state, require_range
+from ._launch import PlanCache, call_op, cdiv, launch_plan, next_pow2, same_data, tensor_key
 
 try:
     import triton
@@ -232,6 +231,49 @@ if triton is not None:
             tl.store(glogstds_ptr + pid, tl.sum(acc_ls, axis=0))
 
 
+    @triton.jit
+    def _timestep_sigma(t, T_TY: tl.constexpr):
+        """``sigma = t / 1000`` in float64 for float64 timesteps, else in float32 as the torch
+        path computes it (the float64 quotient rounded to float32 is the correctly rounded
+        float32 quotient), widened to float64."""
+        s = t.to(tl.float64) / 1000.0
+        if T_TY != tl.float64:
+            s = s.to(tl.float32).to(tl.float64)
+        return s
+
+    @triton.jit
+    def _transition_rows_kernel(th_ptr, tlow_ptr, out_ptr, R, s_th, s_tl, BLOCK_R: tl.constexpr):
+        """The transition loss's per-row constants, in float64, from the timesteps ``t_high``,
+        ``t_low`` (one per row ``r < R``, given by strides; ``sigma`` of ``_timestep_sigma``):
+        ``out (4, R)`` (float32 or float64) holds ``mscale = -c2 *
+        sigma_high``, ``xres = 1 - c1 - c2``, ``A = 2 log(|c2| max(sigma_high, 1e-6))`` and
+        ``L = log(max(c3, 1e-12))`` (``c1, c2, c3`` of the reverse transition), so that the
+        reverse-transition GM has means ``mscale * means_u + (1 - xres) * x_t_high`` and
+        log-stds ``0.5 * logaddexp(2 logstds_u + A, L)``."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = r < R
+        th = tl.load(th_ptr + r * s_th, mask=mask, other=1000.0)
+        tlow = tl.load(tlow_ptr + r * s_tl, mask=mask, other=0.0)
+        sh = _timestep_sigma(th, th_ptr.dtype.element_ty)
+        sl = _timestep_sigma(tlow, tlow_ptr.dtype.element_ty)
+        eps = tl.full([BLOCK_R], 1e-6, tl.float64)  # float64 constants: a literal would be float32
+        one = tl.full([BLOCK_R], 1.0, tl.float64)
+        a = one - sh
+        a_to = one - sl
+        q = sl / tl.maximum(sh, eps)
+        p = a / tl.maximum(a_to, eps)
+        qp = q * p
+        beta = one - qp * qp
+        c1 = q * q * p  # the reference's association (1 - c1 - c2 cancels at close timesteps)
+        c2 = beta * a_to
+        c3 = beta * sl * sl
+        ty = out_ptr.dtype.element_ty
+        tl.store(out_ptr + r, (-c2 * sh).to(ty), mask=mask)
+        tl.store(out_ptr + R + r, (one - c1 - c2).to(ty), mask=mask)
+        tl.store(out_ptr + 2 * R + r, (2.0 * tl.log(tl.abs(c2) * tl.maximum(sh, eps))).to(ty), mask=mask)
+        tl.store(out_ptr + 3 * R + r, tl.log(tl.maximum(c3, eps * eps)).to(ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -285,36 +327,53 @@ def _needs_i64(*tensors: torch.Tensor) -> bool:
     return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 for t in tensors)
 
 
-def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, shift: float, out_dtype, affine=None):
-    """``sign * logsumexp_k l_k + shift`` for ``y (*B, N, C, H, W)`` -> ``(*B, N, H, W)``; with
-    ``affine = (mscale, xres, x)`` (``(*B, 1, 1, 1, 1)``, ``(*B, 1, 1, 1, 1)``, ``(*B, C, H, W)``)
-    the component means are ``mscale * means + (1 - xres) * x``."""
-    *batch, K, C, H, W = means.shape
+def _loglik_args(means, logstds, logweights, y, out, affine):
+    """The forward kernel's tensor arguments (views), grid, integer arguments and options."""
+    K, C = means.shape[-4], means.shape[-3]
     N = y.shape[-4]
-    out = torch.empty((*batch, N, H, W), device=means.device, dtype=out_dtype)
     mf, sf, mcf, xcf, xf, wf, yf, of = _views(means, logstds, logweights, affine, y, out)
     R, P = mf.shape[0], mf.shape[-1]
     block_k, block_p = _blocks(K, P, affine is not None)
     n_pb = cdiv(P, block_p)
-    grid = (n_pb * R * N,)
+    ints = (N, K, C, P, n_pb, *mf.stride(), *sf.stride(), *wf.stride(), *yf.stride(), *of.stride(),
+            *mcf.stride(), *xcf.stride(), *xf.stride())  # fmt: skip
+    options = dict(AFFINE=affine is not None, BLOCK_K=block_k, BLOCK_P=block_p, I64=_needs_i64(mf, wf, yf, of, xf),
+                   num_warps=NUM_WARPS)  # fmt: skip
+    return (mf, sf, wf, yf, of, mcf, xcf, xf), (n_pb * R * N,), ints, options
+
+
+def _fwd_plan(tensors, affine):
+    """``(views are the tensors themselves, grid, ints, options)`` for the forward launch."""
+    views, grid, ints, options = _loglik_args(*tensors[:5], affine)
+    return same_data(views, tensors), grid, ints, options
+
+
+_FWD_PLANS = PlanCache()
+_BWD_PLANS = PlanCache()
+
+
+def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, shift: float, out_dtype, affine=None):
+    """``sign * logsumexp_k l_k + shift`` for ``y (*B, N, C, H, W)`` -> ``(*B, N, H, W)``; with
+    ``affine = (mscale, xres, x)`` (``(*B, 1, 1, 1, 1)``, ``(*B, 1, 1, 1, 1)``, ``(*B, C, H, W)``)
+    the component means are ``mscale * means + (1 - xres) * x``. The launch plan (views' strides
+    included) is stored per shape (:class:`PlanCache`)."""
+    *batch, K, C, H, W = means.shape
+    out = torch.empty((*batch, y.shape[-4], H, W), device=means.device, dtype=out_dtype)
+    mscale, xres, x = affine if affine is not None else (logstds, logstds, means)
+    tensors = (means, logstds, logweights, y, out, mscale, xres, x)
+    key = tensor_key(*tensors) if affine is not None else tensor_key(*tensors[:5])
+    pure, grid, ints, options = _FWD_PLANS.get(key, lambda: _fwd_plan(tensors, affine))
+    if not pure:  # a flattening copied: the views of this call
+        tensors = _loglik_args(means, logstds, logweights, y, out, affine)[0]
     if grid[0] > 0:
-        _gm_loglik_fwd_kernel[grid](
-            mf, sf, wf, yf, of, mcf, xcf, xf,
-            N, K, C, P, n_pb,
-            *mf.stride(), *sf.stride(), *wf.stride(), *yf.stride(), *of.stride(),
-            *mcf.stride(), *xcf.stride(), *xf.stride(),
-            istd_max, sign, shift,
-            AFFINE=affine is not None, BLOCK_K=block_k, BLOCK_P=block_p,
-            I64=_needs_i64(mf, wf, yf, of, xf), num_warps=NUM_WARPS,
-        )
+        _gm_loglik_fwd_kernel[grid](*tensors, *ints, istd_max, sign, shift, **options)
     return out
 
 
-def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, affine, eps: float):
-    """Gradients of the per-pixel NLL for means, logstds, logweights, in their dtypes."""
-    *batch, K, C, H, W = means.shape
-    g_means = torch.empty(means.shape, device=means.device, dtype=means.dtype)
-    g_logweights = torch.empty(logweights.shape, device=means.device, dtype=logweights.dtype)
+def _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights, affine):
+    """The backward kernel's tensor arguments (views, but for ``g_std``), grid, integer
+    arguments, options and the shape of ``g_std``."""
+    K, C = means.shape[-4], means.shape[-3]
     mf, sf, mcf, xcf, xf, wf, yf, lf, gf, gmf, gwf = _views(
         means, logstds, logweights, affine, target, loss, grad_loss, g_means, g_logweights.select(-3, 0)
     )
@@ -322,22 +381,48 @@ def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, affine,
     block_k, block_p = _blocks(K, P, affine is not None, backward=True)
     n_pb = cdiv(P, block_p)
     per_pixel = sf.stride(-1) != 0  # after the point-data swap a per-row std is per pixel
-    g_std = torch.empty((R, P if per_pixel else n_pb), device=means.device, dtype=torch.float32)
-    grid = (n_pb * R,)
+    ints = (K, C, P, n_pb, *mf.stride(), *sf.stride(), *wf.stride(), *yf.stride(), *lf.stride(), *gf.stride(),
+            *gmf.stride(), *gwf.stride(), *mcf.stride(), *xcf.stride(), *xf.stride())  # fmt: skip
+    options = dict(AFFINE=affine is not None, STD_PER_PIXEL=per_pixel, BLOCK_K=block_k, BLOCK_P=block_p,
+                   I64=_needs_i64(mf, wf, yf, gmf, xf), num_warps=NUM_WARPS)  # fmt: skip
+    views = (mf, sf, wf, yf, lf, gf, mcf, xcf, xf, gmf, gwf)
+    return views, (n_pb * R,), ints, options, (R, P if per_pixel else n_pb)
+
+
+def _bwd_plan(tensors, affine):
+    views, grid, ints, options, g_std_shape = _nll_bwd_args(*tensors[:4], tensors[4], tensors[5], tensors[9], tensors[10], affine)
+    return same_data(views, tensors), grid, ints, options, g_std_shape
+
+
+def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, affine, eps: float):
+    """Gradients of the per-pixel NLL for means, logstds, logweights, in their dtypes."""
+    g_means = torch.empty(means.shape, device=means.device, dtype=means.dtype)
+    g_logweights = torch.empty(logweights.shape, device=means.device, dtype=logweights.dtype)
+    mscale, xres, x = affine if affine is not None else (logstds, logstds, means)
+    # in the kernel's argument order; g_logweights stands for its (R, K, P) view
+    tensors = (means, logstds, logweights, target, loss, grad_loss, mscale, xres, x, g_means, g_logweights)
+    key = tensor_key(*tensors) if affine is not None else tensor_key(*tensors[:6])
+    pure, grid, ints, options, g_std_shape = _BWD_PLANS.get(key, lambda: _bwd_plan(tensors, affine))
+    if not pure:  # a flattening copied: the views of this call
+        tensors = _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights, affine)[0]
+    g_std = torch.empty(g_std_shape, device=means.device, dtype=torch.float32)
     if grid[0] > 0:
-        _gm_nll_bwd_kernel[grid](
-            mf, sf, wf, yf, lf, gf, mcf, xcf, xf,
-            gmf, gwf, g_std,
-            K, C, P, n_pb,
-            *mf.stride(), *sf.stride(), *wf.stride(), *yf.stride(), *lf.stride(), *gf.stride(),
-            *gmf.stride(), *gwf.stride(), *mcf.stride(), *xcf.stride(), *xf.stride(),
-            1.0 / eps,
-            AFFINE=affine is not None, STD_PER_PIXEL=per_pixel, BLOCK_K=block_k, BLOCK_P=block_p,
-            I64=_needs_i64(mf, wf, yf, gmf, xf), num_warps=NUM_WARPS,
-        )
-    if not per_pixel:
+        _gm_nll_bwd_kernel[grid](*tensors, g_std, *ints, 1.0 / eps, **options)
+    if not options["STD_PER_PIXEL"]:
         g_std = g_std.sum(dim=1)  # the per-program partials of each row
     return g_means, g_std.view(logstds.shape).to(logstds.dtype), g_logweights
+
+
+def _launch_transition_rows(t_high: torch.Tensor, t_low: torch.Tensor, out: torch.Tensor) -> None:
+    """Run ``_transition_rows_kernel`` into ``out (4, R)`` for timesteps ``(R,)`` (any stride,
+    0 included)."""
+    R = out.shape[1]
+    if R == 0:
+        return
+    block = min(next_pow2(R), 1024)
+    _transition_rows_kernel[(cdiv(R, block),)](
+        t_high, t_low, out, R, t_high.stride(0), t_low.stride(0), BLOCK_R=block, num_warps=4
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,7 +435,7 @@ def _gm(means, logstds, logweights) -> dict:
 
 
 def _stat_dtype(*ts: torch.Tensor) -> torch.dtype:
-    return compute_dtype(*(t.dtype for t in ts))
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 def _affine(mscale, xres, x) -> Optional[tuple]:
@@ -367,6 +452,30 @@ def _mapped_means(means: torch.Tensor, affine: Optional[tuple]) -> torch.Tensor:
         return means
     mscale, xres, x = affine
     return mscale * means + (1 - xres) * x.unsqueeze(-4)
+
+
+@torch.library.custom_op("gmkernels::transition_loss_rows", mutates_args=())
+def _transition_rows(t_high: torch.Tensor, t_low: torch.Tensor, batch: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """``(4, *batch)`` in ``dtype`` (float32 or float64, the compute dtype): the per-row
+    ``mscale, xres, A, L`` of ``_transition_rows_kernel`` for timesteps broadcastable to
+    ``(*batch, 1, 1, 1)``; the torch branch is the kernel's twin."""
+    out = torch.empty((4, *batch), dtype=dtype, device=t_high.device)
+    # (R,) views when strides allow; a per-sample (*batch, 1, 1, 1) needs no expand
+    full = (*batch, 1, 1, 1)
+    th, tlow = (t.reshape(-1) if t.shape == full else t.expand(full).reshape(-1) for t in (t_high, t_low))
+    if select_backend(t_high) == "triton":
+        _launch_transition_rows(th, tlow, out.view(4, -1))
+        return out
+    sh, sl = ((t / 1000 if t.dtype == torch.float64 else t.float() / 1000).double() for t in (th, tlow))
+    c1, c2, c3 = ref_transition.transition_coefficients(sh, sl)
+    rows = (-c2 * sh, 1 - c1 - c2, 2 * (c2.abs() * sh.clamp(min=1e-6)).log(), c3.clamp(min=1e-12).log())
+    out.view(4, -1).copy_(torch.stack(rows))
+    return out
+
+
+@_transition_rows.register_fake
+def _(t_high, t_low, batch, dtype):
+    return t_high.new_empty((4, *batch), dtype=dtype)
 
 
 @torch.library.custom_op("gmkernels::gm_nll_loss_pixels", mutates_args=())
@@ -556,7 +665,7 @@ def _check_timestep(t: Any, name: str, s: GMShape) -> Sigma:
             raise ValueError(f"{name} must lie in [0, 1000], got {t}")
         return t
     check_sigma(t, name, s, check_values=False)  # type, device, shape
-    require((t >= 0) & (t <= 1000), f"{name} must lie in [0, 1000]", lambda: f"; got values {value_range(t)}")
+    require_range(t, 0.0, 1000.0, f"{name} must lie in [0, 1000]")
     return t
 
 
@@ -613,25 +722,18 @@ def transition_loss(
     # The reverse-transition means are affine in the u-GM's: c1 x + c2 (x - sigma_high mu_k) =
     # (1 - xres) x - (c2 sigma_high) mu_k with xres = 1 - c1 - c2 (formed in float64: x_t_low - x
     # is O(sigma) while x is O(1)), which the fused NLL kernels apply on the fly. The new
-    # log-std (it depends on logstds and the sigmas only) comes from the reference maps applied
-    # to a GM of size 1 carrying the u-GM's logstds (tiny, differentiable).
+    # log-std depends on logstds and the sigmas only: 0.5 * logaddexp(2 log|c2| + 2 (logstds +
+    # log max(sigma_high, 1e-6)), log max(c3, 1e-12)) (u_to_x0 then reverse_transition), three
+    # differentiable ops on the (*B, 1, 1, 1, 1) log-stds once one small kernel has written the
+    # per-row constants (a Python float timestep is a 0-d float64 tensor there).
     dt = compute_dtype(*(t.dtype for t in (*gm_tensors, x_t_high, x_t_low)))
-    sigma_high, sigma_low = (t.detach() / 1000 if isinstance(t, torch.Tensor) else t / 1000 for t in (t_high, t_low))
-    ls = gm_u["logstds"].to(dt)
-    one = torch.zeros((*s.batch, 1, 1, 1, 1), dtype=dt, device=s.device)
-    probe = {"means": one, "logstds": ls, "logweights": one}
-    x_probe = one.squeeze(-4)
-    gm_x0 = ref_transition.u_to_x0(probe, x_probe, sigma_high)
-    logstds_low = ref_transition.reverse_transition(gm_x0, x_probe, sigma_high, sigma_low)["logstds"]
-    s_high64, s_low64 = (v.double() if isinstance(v, torch.Tensor) else v for v in (sigma_high, sigma_low))
-    c1, c2, _ = ref_transition.transition_coefficients(s_high64, s_low64)
-
-    def per_row(v):
-        return torch.as_tensor(to_gm_dims(v), device=s.device).to(dt).expand(*s.batch, 1, 1, 1, 1).detach()
-
+    t_high, t_low = (t.detach() if isinstance(t, torch.Tensor) else torch.full((), t, dtype=torch.float64, device=s.device)
+                     for t in (t_high, t_low))  # fmt: skip
+    mscale, xres, a, log_c3 = call_op(torch.ops.gmkernels.transition_loss_rows, t_high, t_low, list(s.batch), dt).view(
+        4, *s.batch, 1, 1, 1, 1).unbind(0)  # fmt: skip
+    logstds_low = torch.logaddexp(torch.add(a, gm_u["logstds"].to(dt), alpha=2), log_c3) * 0.5
     loss = call_op(torch.ops.gmkernels.gm_nll_loss_pixels,
-        gm_u["means"], logstds_low, gm_u["logweights"], x_t_low,
-        per_row(-c2 * s_high64), per_row(1 - c1 - c2), x_t_high, eps,
+        gm_u["means"], logstds_low, gm_u["logweights"], x_t_low, mscale, xres, x_t_high, eps,
     )
     return _reduce(loss, reduction).to(s.dtype)
 
@@ -649,7 +751,8 @@ def _check_nondecreasing(t_low: Sigma, t_high: Sigma) -> None:
 
 def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
     """The NLL forward and backward for a ``(B, K, C, H, W)`` GM and one target per pixel, plain
-    and with the transition loss's affine map (scaled means), fp32 and bf16."""
+    and with the transition loss's affine map (scaled means), fp32 and bf16; the transition
+    loss's per-row constants for ``B`` rows."""
     mod = sys.modules[__name__]
     cases = []
     for dt in AOT_DTYPES:
@@ -663,6 +766,9 @@ def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
             cases += launch_cases(mod, f"likelihood.nll_fwd[{tag}]", _launch_loglik, m, s, lw, y.unsqueeze(-4), 1e4, -1.0, 0.0,
                                   torch.float32, aff)  # fmt: skip
             cases += launch_cases(mod, f"likelihood.nll_bwd[{tag}]", _launch_nll_bwd, loss, loss, m, s, lw, y, aff, 1e-4)
+    t = torch.empty((B,), device="meta")  # the transition loss's per-row constants (float32 timesteps)
+    rows = torch.empty((4, B), device="meta")
+    cases += launch_cases(mod, f"likelihood.transition_rows[B={B}]", _launch_transition_rows, t, t, rows)
     return cases
 
 

@@ -20,6 +20,7 @@ Launcher helpers shared with the other families live in ``_launch``.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 
@@ -28,7 +29,10 @@ import reference.mixture as ref
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_gm, check_power
-from ._launch import LOG2E, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
+from ._launch import (
+    LOG2E, PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows,
+    planned_args,
+)
 
 try:
     import triton
@@ -203,39 +207,51 @@ def _moments_blocks(K: int, C: int, P: int, R: int, with_var: bool) -> tuple[int
     return _moments_layout(K, C, P, R, with_var, 4, True)
 
 
-def _launch_moments(
-    means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor | None, power: float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run ``_gm_moments_kernel``: mean ``(*B, C, H, W)`` and, when ``logstds`` is given,
-    var ``(*B, 1, H, W)``, both in the dtype of ``means``."""
-    *batch, K, C, H, W = means.shape
-    with_var = logstds is not None
-    mean = means.new_empty((*batch, C, H, W))
-    var = means.new_empty((*batch, 1, H, W)) if with_var else None
-    if mean.numel() == 0:
-        return mean, var
+def _moments_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                  with_var: bool, blocks_fn: Any, int64_fn: Any) -> tuple:  # fmt: skip
+    """The kernel's views (in the order of the arguments; without the variance ``logstds`` and
+    ``var`` stand in as placeholders, the kernel does not read them), grid, integer arguments
+    and options. ``blocks_fn, int64_fn`` are ``_moments_blocks, needs_int64``, keys of the
+    stored plan (tests replace them)."""
+    K, C = means.shape[-4], means.shape[-3]
     m4, l3 = gm_views(means, logweights)
     R, P = m4.shape[0], m4.shape[-1]
     o3 = mean.view(R, C, P)
-    s2 = per_row(logstds, R, P) if with_var else o3[:, 0, :]  # placeholder pointers when unused
+    s2 = per_row(logstds, R, P) if with_var else o3[:, 0, :]
     v2 = var.view(R, P) if with_var else o3[:, 0, :]
-    m4, l3, o3, s2, v2 = single_row_views(*pixel_rows(m4, l3, o3, s2, v2))
+    views = single_row_views(*pixel_rows(m4, l3, s2, o3, v2))
+    m4, l3, s2, o3, v2 = views
     R, P = m4.shape[0], m4.shape[-1]
     if means.element_size() == 4 and m4.stride(-1) == 1:
-        block_k, block_c, block_p, warps = _moments_blocks(K, C, P, R, with_var)
+        block_k, block_c, block_p, warps = blocks_fn(K, C, P, R, with_var)
     else:
         block_k, block_c, block_p, warps = _moments_layout(K, C, P, R, with_var, means.element_size(), m4.stride(-1) == 1)
     n_pblocks = cdiv(P, block_p)
     n_ctiles = 1 if with_var else cdiv(C, block_c)
-    grid = (R * n_pblocks * n_ctiles,)
-    _gm_moments_kernel[grid](
-        m4, l3, s2, o3, v2,
-        K, C, P, n_pblocks, n_ctiles,
-        *m4.stride(), *l3.stride(), *s2.stride(), *o3.stride(), *v2.stride(),
-        power * LOG2E,
-        WITH_VAR=with_var, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p,
-        INT64=needs_int64(m4, l3, o3), num_warps=warps,
-    )  # fmt: skip
+    ints = (K, C, P, n_pblocks, n_ctiles, *m4.stride(), *l3.stride(), *s2.stride(), *o3.stride(), *v2.stride())
+    options = dict(WITH_VAR=with_var, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, INT64=int64_fn(m4, l3, o3),
+                   num_warps=warps)  # fmt: skip
+    return views, (R * n_pblocks * n_ctiles,), ints, options
+
+
+_PLANS = PlanCache()
+
+
+def _launch_moments(
+    means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor | None, power: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``_gm_moments_kernel``: mean ``(*B, C, H, W)`` and, when ``logstds`` is given,
+    var ``(*B, 1, H, W)``, both in the dtype of ``means``. The launch plan is stored per shape
+    (``planned_args``)."""
+    *batch, K, C, H, W = means.shape
+    with_var = logstds is not None
+    mean = torch.empty((*batch, C, H, W), dtype=means.dtype, device=means.device)
+    var = torch.empty((*batch, 1, H, W), dtype=means.dtype, device=means.device) if with_var else None
+    if mean.numel() == 0:
+        return mean, var
+    tensors = (means, logweights, logstds, mean, var) if with_var else (means, logweights, mean, mean, mean)
+    tensors, grid, ints, options = planned_args(_PLANS, _moments_args, tensors, with_var, _moments_blocks, needs_int64, n_key=3)
+    _gm_moments_kernel[grid](*tensors, *ints, power * LOG2E, **options)
     return mean, var
 
 

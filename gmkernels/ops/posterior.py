@@ -21,6 +21,7 @@ find in L2).
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 
@@ -29,7 +30,9 @@ import reference.posterior as ref
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
-from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
+from ._launch import (
+    PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+)
 from .mixture import online_moments_update, program_tile
 from .product import _check_real
 
@@ -183,15 +186,14 @@ def _posterior_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, in
     return block_k, block_c, block_p, block_p // 32
 
 
-def _launch_posterior(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor,
-    sigma_src: torch.Tensor, x_tgt: torch.Tensor, sigma_tgt: torch.Tensor, eps: float,
-) -> torch.Tensor:  # fmt: skip
-    """Run ``_gm_posterior_mean_kernel``; sigmas are tensors broadcastable to ``(*B, 1, 1, 1)``."""
+def _posterior_args(
+    means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, x_src: torch.Tensor, x_tgt: torch.Tensor,
+    sigma_src: torch.Tensor, sigma_tgt: torch.Tensor, out: torch.Tensor, blocks_fn: Any, int64_fn: Any,
+) -> tuple:  # fmt: skip
+    """The kernel's views (in the order of the arguments), grid, integer arguments and options.
+    ``blocks_fn, int64_fn`` are ``_posterior_blocks, needs_int64``, keys of the stored plan
+    (tests replace them)."""
     *batch, K, C, H, W = means.shape
-    out = means.new_empty((*batch, C, H, W))
-    if out.numel() == 0:
-        return out
     m4, l3 = gm_views(means, logweights)
     R, P = m4.shape[0], m4.shape[-1]
 
@@ -199,19 +201,33 @@ def _launch_posterior(
         return per_row(sigma.expand(*batch, 1, 1, 1), R, P)
 
     views = (m4, l3, per_row(logstds, R, P), x_src.reshape(R, C, P), x_tgt.reshape(R, C, P))
-    m4, l3, s2, xs, xt, ss, st, o3 = pixel_rows(*views, per_batch(sigma_src), per_batch(sigma_tgt), out.view(R, C, P))
+    views = pixel_rows(*views, per_batch(sigma_src), per_batch(sigma_tgt), out.view(R, C, P))
+    m4, l3, s2, xs, xt, ss, st, o3 = views
     R, P = m4.shape[0], m4.shape[-1]
-    block_k, block_c, block_p, warps = _posterior_blocks(K, C, P, R)
+    block_k, block_c, block_p, warps = blocks_fn(K, C, P, R)
     n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
-    _gm_posterior_mean_kernel[(R * n_pblocks * n_ctiles,)](
-        m4, l3, s2, xs, xt, ss, st, o3,
-        K, C, P, n_pblocks, n_ctiles,
-        *m4.stride(), *l3.stride(), *s2.stride(), *xs.stride(), *xt.stride(), *ss.stride(), *st.stride(),
-        *o3.stride(),
-        eps,
-        BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_C=n_ctiles == 1,
-        INT64=needs_int64(m4, l3, xs, xt, o3), num_warps=warps,
-    )  # fmt: skip
+    ints = (K, C, P, n_pblocks, n_ctiles, *m4.stride(), *l3.stride(), *s2.stride(), *xs.stride(), *xt.stride(),
+            *ss.stride(), *st.stride(), *o3.stride())  # fmt: skip
+    options = dict(BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_C=n_ctiles == 1,
+                   INT64=int64_fn(m4, l3, xs, xt, o3), num_warps=warps)  # fmt: skip
+    return views, (R * n_pblocks * n_ctiles,), ints, options
+
+
+_PLANS = PlanCache()
+
+
+def _launch_posterior(
+    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor,
+    sigma_src: torch.Tensor, x_tgt: torch.Tensor, sigma_tgt: torch.Tensor, eps: float,
+) -> torch.Tensor:  # fmt: skip
+    """Run ``_gm_posterior_mean_kernel``; sigmas are tensors broadcastable to ``(*B, 1, 1, 1)``.
+    The launch plan is stored per shape (``planned_args``)."""
+    out = torch.empty((*means.shape[:-4], *means.shape[-3:]), dtype=means.dtype, device=means.device)
+    if out.numel() == 0:
+        return out
+    tensors = (means, logweights, logstds, x_src, x_tgt, sigma_src, sigma_tgt, out)
+    tensors, grid, ints, options = planned_args(_PLANS, _posterior_args, tensors, _posterior_blocks, needs_int64, n_key=7)
+    _gm_posterior_mean_kernel[grid](*tensors, *ints, eps, **options)
     return out
 
 

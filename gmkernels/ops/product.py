@@ -22,6 +22,7 @@ dominate), and each difference is exact when g and the components share a large 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 
@@ -29,8 +30,10 @@ import reference.product as ref
 
 from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
-from .._validate import check_gaussian, check_gm, require, value_range
-from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
+from .._validate import check_gaussian, check_gm, require_range
+from ._launch import (
+    PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+)
 from .mixture import pixel_blocks, single_row_views
 
 try:
@@ -250,19 +253,15 @@ def _gm_mul_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
     return _gm_mul_layout(K, C, P, R, 4, True)
 
 
-def _launch_gm_mul(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, g: torch.Tensor, var: torch.Tensor,
-    r: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Run ``_gm_mul_kernel``; returns new ``(means, logstds, logweights)`` in the dtype of
-    ``means``, ``logstds`` per pixel ``(*B, 1, 1, H, W)`` when ``logstds`` or ``var`` is."""
-    *batch, K, C, H, W = means.shape
-    per_pixel = logstds.shape[-1] * logstds.shape[-2] > 1 or var.shape[-1] * var.shape[-2] > 1
-    out_m = means.new_empty(means.shape)
-    out_lw = means.new_empty(logweights.shape)
-    out_s = means.new_empty((*batch, 1, 1, H, W) if per_pixel else (*batch, 1, 1, 1, 1))
-    if out_m.numel() == 0:
-        return out_m, out_s, out_lw
+def _gm_mul_args(
+    means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, g: torch.Tensor, var: torch.Tensor,
+    out_m: torch.Tensor, out_lw: torch.Tensor, out_s: torch.Tensor, raw: torch.Tensor, blocks_fn: Any, int64_fn: Any,
+) -> tuple:  # fmt: skip
+    """The kernel's views (in the order of the arguments; ``raw`` is ``out_lw`` or, for a
+    multi-tile K of 2-byte logits, a float32 scratch made here), grid, integer arguments,
+    options. ``blocks_fn, int64_fn`` are ``_gm_mul_blocks, needs_int64``, keys of the stored
+    plan (tests replace them)."""
+    K, C = means.shape[-4], means.shape[-3]
     m4, l3 = gm_views(means, logweights)
     R, P = m4.shape[0], m4.shape[-1]
     om4, ol3 = gm_views(out_m, out_lw)
@@ -271,22 +270,41 @@ def _launch_gm_mul(
     m4, l3, s2, g3, v2, om4, ol3, os2 = single_row_views(m4, l3, s2, g3, v2, om4, ol3, os2)
     R, P = m4.shape[0], m4.shape[-1]
     if means.element_size() == 4 and m4.stride(-1) == 1:
-        block_k, block_c, block_p, warps = _gm_mul_blocks(K, C, P, R)
+        block_k, block_c, block_p, warps = blocks_fn(K, C, P, R)
     else:
         block_k, block_c, block_p, warps = _gm_mul_layout(K, C, P, R, means.element_size(), m4.stride(-1) == 1)
     single_k = K <= block_k
     # raw logits of a multi-tile K: in the output when it is float32, else in a float32 scratch
     raw = ol3 if single_k or out_lw.dtype == torch.float32 else torch.empty(ol3.shape, device=means.device)
     n_pblocks = cdiv(P, block_p)
-    _gm_mul_kernel[(R * n_pblocks,)](
-        m4, l3, s2, g3, v2, om4, ol3, os2, raw,
-        K, C, P, n_pblocks,
-        *m4.stride(), *l3.stride(), *s2.stride(), *g3.stride(), *v2.stride(),
-        *om4.stride(), *ol3.stride(), *os2.stride(), *raw.stride(),
-        r, eps,
-        BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_K=single_k,
-        INT64=needs_int64(m4, l3, g3, om4, ol3, raw), num_warps=warps,
-    )  # fmt: skip
+    ints = (K, C, P, n_pblocks, *m4.stride(), *l3.stride(), *s2.stride(), *g3.stride(), *v2.stride(),
+            *om4.stride(), *ol3.stride(), *os2.stride(), *raw.stride())  # fmt: skip
+    options = dict(BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_K=single_k,
+                   INT64=int64_fn(m4, l3, g3, om4, ol3, raw), num_warps=warps)  # fmt: skip
+    return (m4, l3, s2, g3, v2, om4, ol3, os2, raw), (R * n_pblocks,), ints, options
+
+
+_GM_MUL_PLANS = PlanCache()
+_GAUSS_PLANS = PlanCache()
+
+
+def _launch_gm_mul(
+    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, g: torch.Tensor, var: torch.Tensor,
+    r: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Run ``_gm_mul_kernel``; returns new ``(means, logstds, logweights)`` in the dtype of
+    ``means``, ``logstds`` per pixel ``(*B, 1, 1, H, W)`` when ``logstds`` or ``var`` is. The
+    launch plan is stored per shape (``planned_args``)."""
+    *batch, K, C, H, W = means.shape
+    per_pixel = logstds.shape[-1] * logstds.shape[-2] > 1 or var.shape[-1] * var.shape[-2] > 1
+    out_m = torch.empty(means.shape, dtype=means.dtype, device=means.device)
+    out_lw = torch.empty(logweights.shape, dtype=means.dtype, device=means.device)
+    out_s = torch.empty((*batch, 1, 1, H, W) if per_pixel else (*batch, 1, 1, 1, 1), dtype=means.dtype, device=means.device)
+    if out_m.numel() == 0:
+        return out_m, out_s, out_lw
+    tensors = (means, logweights, logstds, g, var, out_m, out_lw, out_s, out_lw)
+    tensors, grid, ints, options = planned_args(_GM_MUL_PLANS, _gm_mul_args, tensors, _gm_mul_blocks, needs_int64, n_key=5)
+    _gm_mul_kernel[grid](*tensors, *ints, r, eps, **options)
     return out_m, out_s, out_lw
 
 
@@ -296,28 +314,32 @@ def _gauss_blocks(C: int, P: int) -> tuple[int, int, int]:
     return min(next_pow2(C), 8), min(next_pow2(P), 128), 4
 
 
+def _gauss_mul_args(m1, v1, m2, v2, mean, var) -> tuple:
+    """The kernel's views (in the order of the arguments), grid, integer arguments, options."""
+    C, H, W = m1.shape[-3:]
+    R, P = mean.numel() // (C * H * W), H * W
+    views = (m1.reshape(R, C, P), per_row(v1, R, P), m2.reshape(R, C, P), per_row(v2, R, P))
+    views = pixel_rows(*views, mean.view(R, C, P), per_row(var, R, P))
+    a1, b1, a2, b2, om, ov = views
+    R, P = a1.shape[0], a1.shape[-1]
+    block_c, block_p, warps = _gauss_blocks(C, P)
+    n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
+    ints = (C, P, n_pblocks, n_ctiles, *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *om.stride(), *ov.stride())
+    options = dict(BLOCK_C=block_c, BLOCK_P=block_p, INT64=needs_int64(a1, a2, om), num_warps=warps)
+    return views, (R * n_pblocks * n_ctiles,), ints, options
+
+
 def _launch_gauss_mul(
     m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor, power1: float, power2: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     *batch, C, H, W = m1.shape
     per_pixel = v1.shape[-1] * v1.shape[-2] > 1 or v2.shape[-1] * v2.shape[-2] > 1
-    mean = m1.new_empty(m1.shape)
-    var = m1.new_empty((*batch, 1, H, W) if per_pixel else (*batch, 1, 1, 1))
+    mean = torch.empty(m1.shape, dtype=m1.dtype, device=m1.device)
+    var = torch.empty((*batch, 1, H, W) if per_pixel else (*batch, 1, 1, 1), dtype=m1.dtype, device=m1.device)
     if mean.numel() == 0:
         return mean, var
-    R, P = mean.numel() // (C * H * W), H * W
-    views = (m1.reshape(R, C, P), per_row(v1, R, P), m2.reshape(R, C, P), per_row(v2, R, P))
-    a1, b1, a2, b2, om, ov = pixel_rows(*views, mean.view(R, C, P), per_row(var, R, P))
-    R, P = a1.shape[0], a1.shape[-1]
-    block_c, block_p, warps = _gauss_blocks(C, P)
-    n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
-    _gauss_mul_kernel[(R * n_pblocks * n_ctiles,)](
-        a1, b1, a2, b2, om, ov,
-        C, P, n_pblocks, n_ctiles,
-        *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *om.stride(), *ov.stride(),
-        power1, power2, eps,
-        BLOCK_C=block_c, BLOCK_P=block_p, INT64=needs_int64(a1, a2, om), num_warps=warps,
-    )  # fmt: skip
+    tensors, grid, ints, options = planned_args(_GAUSS_PLANS, _gauss_mul_args, (m1, v1, m2, v2, mean, var), n_key=4)
+    _gauss_mul_kernel[grid](*tensors, *ints, power1, power2, eps, **options)
     return mean, var
 
 
@@ -383,7 +405,7 @@ def gm_mul_iso_gaussian(
     """
     s = check_gm(gm)
     check_gaussian(gaussian, "gaussian", s)
-    require(gaussian["var"] > 0, "gaussian['var'] must be > 0 (a variance; inf is allowed)", lambda: f"; got values {value_range(gaussian['var'])}")
+    require_range(gaussian["var"], 0.0, float("inf"), "gaussian['var'] must be > 0 (a variance; inf is allowed)", low_open=True)
     gm_power = _check_real(gm_power, "gm_power")
     if gm_power <= 0:
         raise ValueError(f"gm_power must be > 0, got {gm_power}")

@@ -23,7 +23,9 @@ import reference.sampling as ref
 from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_count, check_generator, check_gm, check_power
-from ._launch import LOG2E, call_op, cdiv, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows
+from ._launch import (
+    LOG2E, PlanCache, call_op, cdiv, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+)
 
 try:
     import triton
@@ -143,14 +145,11 @@ if triton is not None:
             tl.store(o_base + offs_c[:, None] * s_oc, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_sample(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, seeds: torch.Tensor, n_samples: int, power: float
-) -> torch.Tensor:
-    """Run ``_gm_sample_kernel``: ``(*B, N, C, H, W)`` in the dtype of ``means``."""
+def _sample_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, seeds: torch.Tensor,
+                 out: torch.Tensor) -> tuple:  # fmt: skip
+    """The kernel's views (in the order of the arguments), grid, integer arguments and options."""
     *batch, K, C, H, W = means.shape
-    out = means.new_empty((*batch, n_samples, C, H, W))
-    if out.numel() == 0:
-        return out
+    n_samples = out.shape[-4]
     R, P = math.prod(batch), H * W
     m4, l3, s2, o4 = pixel_rows(
         means.reshape(R, K, C, P), logweights.reshape(R, K, P), per_row(logstds, R, P), out.view(R, n_samples, C, P)
@@ -158,13 +157,25 @@ def _launch_sample(
     R, P = m4.shape[0], m4.shape[-1]
     block_k, block_c, block_p, warps = sample_blocks(K, C, P, R * n_samples)
     n_pblocks = cdiv(P, block_p)
-    _gm_sample_kernel[(R * n_samples * n_pblocks,)](
-        m4, l3, s2, seeds, o4,
-        K, C, P, n_samples, n_pblocks,
-        *m4.stride(), *l3.stride(), *s2.stride(), *o4.stride(),
-        power * LOG2E,
-        BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, INT64=needs_int64(m4, l3, o4), num_warps=warps,
-    )  # fmt: skip
+    ints = (K, C, P, n_samples, n_pblocks, *m4.stride(), *l3.stride(), *s2.stride(), *o4.stride())
+    options = dict(BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, INT64=needs_int64(m4, l3, o4), num_warps=warps)
+    return (m4, l3, s2, seeds, o4), (R * n_samples * n_pblocks,), ints, options
+
+
+_PLANS = PlanCache()
+
+
+def _launch_sample(
+    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, seeds: torch.Tensor, n_samples: int, power: float
+) -> torch.Tensor:
+    """Run ``_gm_sample_kernel``: ``(*B, N, C, H, W)`` in the dtype of ``means``. The launch
+    plan is stored per shape (``planned_args``)."""
+    *batch, K, C, H, W = means.shape
+    out = torch.empty((*batch, n_samples, C, H, W), dtype=means.dtype, device=means.device)
+    if out.numel() == 0:
+        return out
+    tensors, grid, ints, options = planned_args(_PLANS, _sample_args, (means, logweights, logstds, seeds, out))
+    _gm_sample_kernel[grid](*tensors, *ints, power * LOG2E, **options)
     return out
 
 

@@ -25,7 +25,7 @@ import reference.transition as ref
 from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
-from ._launch import call_op, cdiv, kernels_wanted, needs_int64, next_pow2
+from ._launch import PlanCache, call_op, cdiv, kernels_wanted, needs_int64, next_pow2, planned_args
 
 try:
     import triton
@@ -173,36 +173,43 @@ if triton is not None:
         tl.store(out_ls_ptr + (b * LS_HW)[:, None] + p[None, :], ls_out.to(out_ls_ptr.dtype.element_ty), mask=lmask)
 
 
-def _launch(mode: int, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_to_f, eps):
+def _transition_args(means, x_t, logstds, sigma_t, sigma_to_t, out_m, out_ls, mode: int, sig_t: bool, sigto_t: bool):
+    """The kernel's views (in the order of the arguments; a Python-float sigma's pointer is
+    ``means``, unread), grid, integer arguments and options."""
     *batch, K, C, H, W = means.shape
-    batch = tuple(batch)
     HW = H * W
     m = flat_gm(means)
     B = m.shape[0]
     x = x_t.reshape(B, C, HW)
     ls, ls_hw, s_lsb, s_lsp = flat_logstds(logstds, H, W)
-    sig, s_sig = flat_sigma(sigma_t, batch, means)
-    sig_to, s_sigto = flat_sigma(sigma_to_t, batch, means)
-    out_m = torch.empty((B, K, C, HW), device=means.device, dtype=means.dtype)
-    out_ls = torch.empty((B, ls_hw), device=means.device, dtype=means.dtype)
-    if out_m.numel() == 0:
-        return out_m.view(means.shape), out_ls.view(logstds.shape)
+    sig, s_sig = flat_sigma(sigma_t if sig_t else None, tuple(batch), means)
+    sig_to, s_sigto = flat_sigma(sigma_to_t if sigto_t else None, tuple(batch), means)
+    om, ols = out_m.view(B, K, C, HW), out_ls.view(B, ls_hw)
     R = B * K * C
     block_p = pow2_at_most(HW, 1024)
     # point data (one pixel): every row element carries its own sigma and log-std math; half
     # the tile (triton 3.6 used 254 registers and spilled at 2048)
     block_r = pow2_at_most(R, max(1, (_TILE if block_p > 1 else _TILE // 2) // block_p))
-    grid = (cdiv(R, block_r) * cdiv(HW, block_p),)
-    _transition_kernel[grid](
-        m, x, ls, sig, sig_to, out_m, out_ls,
-        R, K, C, HW, ls_hw,
-        *m.stride(), *x.stride(), s_lsb, s_lsp, s_sig, s_sigto,
-        sigma_f, sigma_to_f, eps,
-        MODE=mode, SIG_T=sigma_t is not None, SIGTO_T=sigma_to_t is not None,
-        BLOCK_R=block_r, BLOCK_P=block_p, INT64=needs_int64(m, x, out_m),
-        num_warps=4,
-    )
-    return out_m.view(means.shape), out_ls.view(logstds.shape)
+    ints = (R, K, C, HW, ls_hw, *m.stride(), *x.stride(), s_lsb, s_lsp, s_sig, s_sigto)
+    options = dict(MODE=mode, SIG_T=sig_t, SIGTO_T=sigto_t, BLOCK_R=block_r, BLOCK_P=block_p, INT64=needs_int64(m, x, om),
+                   num_warps=4)  # fmt: skip
+    return (m, x, ls, sig, sig_to, om, ols), (cdiv(R, block_r) * cdiv(HW, block_p),), ints, options
+
+
+_PLANS = PlanCache()
+
+
+def _launch(mode: int, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_to_f, eps):
+    """Run ``_transition_kernel``; the launch plan is stored per shape (``planned_args``)."""
+    out_m = torch.empty(means.shape, device=means.device, dtype=means.dtype)
+    out_ls = torch.empty(logstds.shape, device=means.device, dtype=means.dtype)
+    if out_m.numel() == 0:
+        return out_m, out_ls
+    sig_t, sigto_t = sigma_t is not None, sigma_to_t is not None
+    tensors = (means, x_t, logstds, sigma_t if sig_t else means, sigma_to_t if sigto_t else means, out_m, out_ls)
+    tensors, grid, ints, options = planned_args(_PLANS, _transition_args, tensors, mode, sig_t, sigto_t, n_key=5)
+    _transition_kernel[grid](*tensors, *ints, sigma_f, sigma_to_f, eps, **options)
+    return out_m, out_ls
 
 
 def _impl(mode, ref_fn, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_to_f, eps):
