@@ -446,6 +446,10 @@ if triton is not None:
                 tl.store(o_base + kk[:, None, None] * s_ok + cc[None, :, None] * s_oc, (mu + shift[None, :, :]).to(out_ptr.dtype.element_ty), mask=mask3)
 
 # ----------------------------------------------------------------------------- launchers
+#
+# Host cost: everything a launch needs besides the data pointers (views' strides, blocks, grids,
+# flags, scratch sizes) is a memoised plan per input geometry (shapes, strides, dtypes), built
+# once on meta tensors; a repeated call allocates its outputs and scratch and launches.
 
 
 def _is_points(m4: torch.Tensor) -> bool:
@@ -454,106 +458,197 @@ def _is_points(m4: torch.Tensor) -> bool:
     return m4.shape[0] > 1 and m4.shape[-1] == 1
 
 
-def _launch_stats(m4, l3, ls2, u4, ul3, with_var: bool, with_mc: bool, with_dd: bool, points: bool):
-    """Pass 1 on ``(R, K, C, P)`` / ``(R, K, P)`` / ``(R, P)`` views (after ``pixel_rows``).
-    Returns ``(m_c, d, part, npb, block_c, block_p, warps)``: ``(R, C, P)`` float32 scratch (``m_c``
-    only ``with_mc``), the float32 partial sums (a row per program, or per lane for point data;
-    the columns the flags ask for) and the layout that the bias-power pass reuses (it writes the same rows)."""
+def _meta(geom: tuple) -> list[torch.Tensor]:
+    """Meta tensors of a ``(shape, stride, dtype)`` geometry (what the plans are built from)."""
+    return [torch.empty_strided(s, st, dtype=dt, device="meta") for s, st, dt in geom]
+
+
+def _geometry(*tensors: torch.Tensor) -> tuple:
+    return tuple((t.shape, t.stride(), t.dtype) for t in tensors)
+
+
+def _flat(means: torch.Tensor, logweights: torch.Tensor):
+    """``gm_views`` of a GM, or None when they would copy (H, W not mergeable): a plan passes the
+    inputs' own pointers, so its views must alias them."""
+    m4, l3 = gm_views(means, logweights)
+    return (m4, l3) if torch._C._is_alias_of(m4, means) and torch._C._is_alias_of(l3, logweights) else None
+
+
+def _stats_plan(m4, l3, ls2, u4, ul3, with_var: bool, with_mc: bool, with_dd: bool, points: bool) -> dict:
+    """Pass 1 on ``(R, K, C, P)`` / ``(R, K, P)`` / ``(R, P)`` views (after ``pixel_rows``): its
+    grid, scalar arguments and constexprs, the ``(R, C, P)`` float32 scratch shape (``d``, and
+    ``m_c`` when ``with_mc``), the rows of float32 partial sums (a row per program, or per lane for
+    point data; 0 when no column is asked for) and the layout that the bias-power pass reuses (it
+    writes the same rows)."""
     R, Kc, C, P = m4.shape
     elem = min(m4.element_size(), u4.element_size())
     contiguous = m4.stride(-1) == 1 and u4.stride(-1) == 1
     bk, bc, bp, warps = _layout(max(Kc, u4.shape[1]), C, P, R, elem, contiguous, 32)
     npb = cdiv(P, bp)
-    d = torch.empty((R, C, P), device=m4.device, dtype=torch.float32)
-    m_c = torch.empty_like(d) if with_mc else d
     sums = with_var or with_mc or with_dd
-    part = torch.empty((P if points else R * npb, 4), device=m4.device, dtype=torch.float32) if sums else d
-    _guidance_stats_kernel[(R * npb,)](
-        m4, l3, ls2, u4, ul3, m_c, d, part,
-        Kc, u4.shape[1], C, P, npb,
-        *m4.stride(), *l3.stride(), *ls2.stride(), *u4.stride(), *ul3.stride(),
-        WITH_VAR=with_var, WITH_MC=with_mc, WITH_DD=with_dd, SUMS=sums, POINTS=points, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
-        INT64=needs_int64(m4, l3, ls2, u4, ul3), num_warps=warps,
-    )  # fmt: skip
-    return m_c, d, part, npb, bc, bp, warps
+    return {
+        "grid": (R * npb,),
+        "args": (Kc, u4.shape[1], C, P, npb, *m4.stride(), *l3.stride(), *ls2.stride(), *u4.stride(), *ul3.stride()),
+        "kw": dict(WITH_VAR=with_var, WITH_MC=with_mc, WITH_DD=with_dd, SUMS=sums, POINTS=points, BLOCK_K=bk, BLOCK_C=bc,
+                   BLOCK_P=bp, INT64=needs_int64(m4, l3, ls2, u4, ul3), num_warps=warps),  # fmt: skip
+        "scratch": (R, C, P),
+        "part_rows": (P if points else R * npb) if sums else 0,
+        "npb": npb, "block_c": bc, "block_p": bp, "warps": warps,
+    }  # fmt: skip
+
+
+@launch_plan
+def _probabilistic_plan(geom: tuple, orthogonal: bool) -> dict | None:
+    """The three launches of probabilistic guidance for inputs ``(cm, cls, cl, um, ul)`` of this
+    geometry (None when a flattened view would copy)."""
+    cm, cls, cl, um, ul = _meta(geom)
+    *_, K, C, H, W = cm.shape
+    cg, ug = _flat(cm, cl), _flat(um, ul)
+    if cg is None or ug is None:
+        return None
+    (m4, l3), (u4, ul3) = cg, ug
+    R, P = m4.shape[0], m4.shape[-1]
+    ls2 = per_row(cls, R, P)
+    if not torch._C._is_alias_of(ls2, cls):
+        return None
+    out_ls = torch.empty(cls.shape, device="meta", dtype=cm.dtype)
+    points = _is_points(m4)
+    views = pixel_rows(m4, l3, ls2, u4, ul3, torch.empty((R, K, C, P), device="meta", dtype=cm.dtype),
+                       torch.empty((R, K, P), device="meta", dtype=cm.dtype), out_ls.view(R, -1))  # fmt: skip
+    m4, l3, ls2, u4, ul3, om, ol, ols = views
+    R, P = m4.shape[0], m4.shape[-1]
+    stats = _stats_plan(m4, l3, ls2, u4, ul3, True, True, not orthogonal, points)
+    int64 = needs_int64(*views)
+    bias = dict(POINTS=points, BLOCK_C=stats["block_c"], BLOCK_P=stats["block_p"], BLOCK_N=_NSUM, INT64=int64,
+                num_warps=stats["warps"])  # fmt: skip
+    bk, bc, bp, warps = _apply_layout(K, C, P, R, cm.element_size(), m4.stride(-1) == 1)
+    single_k = K <= bk
+    npb = cdiv(P, bp)
+    return {
+        "stats": stats,
+        "bias_grid": (R * stats["npb"],),
+        "bias_args": (C, P, stats["npb"], 1.0 / (C * H * W)),
+        "bias_kw": bias,
+        "apply_grid": (R * npb,),
+        "apply_args": (K, C, P, npb, stats["npb"], ols.shape[-1], *m4.stride(), *l3.stride(), *ls2.stride(), *om.stride(),
+                       *ol.stride(), *ols.stride(), 1.0 / (C * H * W), 1.0 / (H * W)),  # fmt: skip
+        "apply_kw": dict(POINTS=points, SINGLE_K=single_k, ONE_C=C <= bc, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, BLOCK_N=_NSUM,
+                         INT64=int64, num_warps=warps),  # fmt: skip
+        # unnormalised logits between the apply's two sweeps: float32, with the log-weights' strides
+        "logits": None if single_k or cm.dtype == torch.float32 else (ol.shape, ol.stride()),
+    }  # fmt: skip
+
+
+def _scratch(stats: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m_c, d, part)`` float32 scratch of a statistics plan (``m_c`` is ``d`` without
+    ``WITH_MC``, ``part`` is ``d`` when no partial sums are written)."""
+    d = torch.empty(stats["scratch"], device=device, dtype=torch.float32)
+    m_c = torch.empty(stats["scratch"], device=device, dtype=torch.float32) if stats["kw"]["WITH_MC"] else d
+    part = torch.empty((stats["part_rows"], 4), device=device, dtype=torch.float32) if stats["part_rows"] else d
+    return m_c, d, part
 
 
 def _launch_probabilistic(cm, cls, cl, um, ul, scale: float, orthogonal: float):
-    *_, K, C, H, W = cm.shape
     if cm.numel() == 0:
         return torch.empty_like(cm, memory_format=torch.contiguous_format), cls.to(cm.dtype, copy=True), cl.to(cm.dtype, copy=True)
-    m4, l3 = gm_views(cm, cl)
-    u4, ul3 = gm_views(um, ul)
-    R, P = m4.shape[0], m4.shape[-1]
-    out_m = torch.empty((R, K, C, P), device=cm.device, dtype=cm.dtype)
-    out_l = torch.empty((R, K, P), device=cm.device, dtype=cm.dtype)
-    out_ls = torch.empty(cls.shape, device=cm.device, dtype=cm.dtype)
-    points = _is_points(m4)
-    views = pixel_rows(m4, l3, per_row(cls, R, P), u4, ul3, out_m, out_l, out_ls.view(R, -1))
-    m4, l3, ls2, u4, ul3, om, ol, ols = views
-    R, P = m4.shape[0], m4.shape[-1]
-    m_c, d, part, npb_s, bc_s, bp_s, warps_s = _launch_stats(m4, l3, ls2, u4, ul3, True, True, orthogonal <= 0, points)
-    int64 = needs_int64(*views)
+    plan = _probabilistic_plan(_geometry(cm, cls, cl, um, ul), orthogonal > 0)
+    if plan is None:  # a layout whose flattened views would copy: copy once, contiguously
+        cm, cls, cl, um, ul = (t.contiguous() for t in (cm, cls, cl, um, ul))
+        plan = _probabilistic_plan(_geometry(cm, cls, cl, um, ul), orthogonal > 0)
+    dev = cm.device
+    out_m = torch.empty(cm.shape, device=dev, dtype=cm.dtype)
+    out_l = torch.empty(cl.shape, device=dev, dtype=cm.dtype)
+    out_ls = torch.empty(cls.shape, device=dev, dtype=cm.dtype)
+    stats = plan["stats"]
+    m_c, d, part = _scratch(stats, dev)
+    _guidance_stats_kernel[stats["grid"]](cm, cl, cls, um, ul, m_c, d, part, *stats["args"], **stats["kw"])
     if orthogonal > 0:  # <b, b> from the scratch: no <d,d> - 2 proj <d,m_c> + ... cancellation
-        _guidance_bias_power_kernel[(R * npb_s,)](
-            m_c, d, part, C, P, npb_s, 1.0 / (C * H * W), orthogonal,
-            POINTS=points, BLOCK_C=bc_s, BLOCK_P=bp_s, BLOCK_N=_NSUM, INT64=int64, num_warps=warps_s,
-        )  # fmt: skip
-    bk, bc, bp, warps = _apply_layout(K, C, P, R, cm.element_size(), m4.stride(-1) == 1)
-    single_k = K <= bk
-    # unnormalised logits between the two sweeps: float32, with the log-weights' strides
-    lg = ol if single_k or ol.dtype == torch.float32 else torch.empty_strided(ol.shape, ol.stride(), device=ol.device, dtype=torch.float32)
-    npb = cdiv(P, bp)
-    _guidance_apply_kernel[(R * npb,)](
-        m4, l3, ls2, m_c, d, part, om, ol, ols, lg,
-        K, C, P, npb, npb_s, ols.shape[-1],
-        *m4.stride(), *l3.stride(), *ls2.stride(), *om.stride(), *ol.stride(), *ols.stride(),
-        1.0 / (C * H * W), 1.0 / (H * W), scale, orthogonal, 1e-6,
-        POINTS=points, SINGLE_K=single_k, ONE_C=C <= bc, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, BLOCK_N=_NSUM, INT64=int64, num_warps=warps,
-    )  # fmt: skip
-    return out_m.view(cm.shape), out_ls, out_l.view(cl.shape)
+        _guidance_bias_power_kernel[plan["bias_grid"]](m_c, d, part, *plan["bias_args"], orthogonal, **plan["bias_kw"])
+    lg = out_l if plan["logits"] is None else torch.empty_strided(*plan["logits"], device=dev, dtype=torch.float32)
+    _guidance_apply_kernel[plan["apply_grid"]](
+        cm, cl, cls, m_c, d, part, out_m, out_l, out_ls, lg, *plan["apply_args"], scale, orthogonal, 1e-6, **plan["apply_kw"]
+    )
+    return out_m, out_ls, out_l
 
 
-def _launch_weight(lc: torch.Tensor, lu: torch.Tensor, scale: float) -> torch.Tensor:
+@launch_plan
+def _weight_plan(geom: tuple) -> dict | None:
+    """The weight-guidance launch for log-weights ``(lc, lu)`` of this geometry, written to a
+    contiguous output (None when a flattened view would copy)."""
+    lc, lu = _meta(geom)
     *_, K, _, H, W = lc.shape
     HW = H * W
-    out = torch.empty((math.prod(lc.shape[:-4]), K, HW), device=lc.device, dtype=lc.dtype)
-    if out.numel() == 0:
-        return out.view(lc.shape)
+    out = torch.empty((math.prod(lc.shape[:-4]), K, HW), device="meta", dtype=lc.dtype)
     # per pixel only: point data (H = W = 1) runs as one row of B pixels
     c3, u3, o3 = pixel_rows(lc.reshape(-1, K, HW), lu.reshape(-1, K, HW), out)
+    if not (torch._C._is_alias_of(c3, lc) and torch._C._is_alias_of(u3, lu)):
+        return None
     B, P = c3.shape[0], c3.shape[-1]
     elem = min(c3.element_size(), u3.element_size())
     bk, _, bp, warps = _layout(K, 1, P, B, elem, c3.stride(-1) == 1 and u3.stride(-1) == 1, 64)
     npb = cdiv(P, bp)
-    _weight_guidance_kernel[(B * npb,)](
-        c3, u3, o3, K, P, npb, *c3.stride(), *u3.stride(), *o3.stride(), scale - 1.0,
-        SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, o3), num_warps=warps,
-    )  # fmt: skip
-    return out.view(lc.shape)
+    return {
+        "grid": (B * npb,),
+        "args": (K, P, npb, *c3.stride(), *u3.stride(), *o3.stride()),
+        "kw": dict(SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, o3), num_warps=warps),
+    }
+
+
+def _launch_weight(lc: torch.Tensor, lu: torch.Tensor, scale: float) -> torch.Tensor:
+    out = torch.empty(lc.shape, device=lc.device, dtype=lc.dtype)
+    if out.numel() == 0:
+        return out
+    plan = _weight_plan(_geometry(lc, lu))
+    if plan is None:
+        lc, lu = lc.contiguous(), lu.contiguous()
+        plan = _weight_plan(_geometry(lc, lu))
+    _weight_guidance_kernel[plan["grid"]](lc, lu, out, *plan["args"], scale - 1.0, **plan["kw"])
+    return out
+
+
+@launch_plan
+def _mean_cfg_plan(geom: tuple, orthogonal: bool) -> dict | None:
+    """The statistics and apply launches of mean-CFG for inputs ``(cm, cl, um, ul)`` of this
+    geometry (None when a flattened view would copy)."""
+    cm, cl, um, ul = _meta(geom)
+    *_, K, C, H, W = cm.shape
+    cg, ug = _flat(cm, cl), _flat(um, ul)
+    if cg is None or ug is None:
+        return None
+    (m4, l3), (u4, ul3) = cg, ug
+    R, P = m4.shape[0], m4.shape[-1]
+    points = _is_points(m4)
+    m4, l3, u4, ul3, om = pixel_rows(m4, l3, u4, ul3, torch.empty((R, K, C, P), device="meta", dtype=cm.dtype))
+    R, P = m4.shape[0], m4.shape[-1]
+    stats = _stats_plan(m4, l3, l3[:, 0], u4, ul3, False, orthogonal, False, points)
+    bk, bc, bp, warps = _layout(K, C, P, R, cm.element_size(), m4.stride(-1) == 1, 64)
+    npb = cdiv(P, bp)
+    return {
+        "stats": stats,
+        "apply_grid": (R * npb,),
+        "apply_args": (K, C, P, npb, stats["npb"], 1.0 / (C * H * W)),
+        "apply_strides": (*m4.stride(), *om.stride()),
+        "apply_kw": dict(ORTHO=orthogonal, POINTS=points, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, BLOCK_N=_NSUM,
+                         INT64=needs_int64(m4, om), num_warps=warps),  # fmt: skip
+    }
 
 
 def _launch_mean_cfg(cm, cl, um, ul, scale: float, orthogonal: bool) -> torch.Tensor:
-    *_, K, C, H, W = cm.shape
     if cm.numel() == 0:
         return torch.empty_like(cm, memory_format=torch.contiguous_format)
-    m4, l3 = gm_views(cm, cl)
-    u4, ul3 = gm_views(um, ul)
-    R, P = m4.shape[0], m4.shape[-1]
-    out = torch.empty((R, K, C, P), device=cm.device, dtype=cm.dtype)
-    points = _is_points(m4)
-    m4, l3, u4, ul3, om = pixel_rows(m4, l3, u4, ul3, out)
-    R, P = m4.shape[0], m4.shape[-1]
-    # no variance here: a slice of the log-weights stands in for the unused logstds pointer
-    m_c, d, part, npb_s, *_ = _launch_stats(m4, l3, l3[:, 0], u4, ul3, False, orthogonal, False, points)
-    bk, bc, bp, warps = _layout(K, C, P, R, cm.element_size(), m4.stride(-1) == 1, 64)
-    npb = cdiv(P, bp)
-    _mean_cfg_apply_kernel[(R * npb,)](
-        m4, m_c, d, part, om, K, C, P, npb, npb_s, 1.0 / (C * H * W), scale - 1.0, *m4.stride(), *om.stride(),
-        ORTHO=orthogonal, POINTS=points, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, BLOCK_N=_NSUM,
-        INT64=needs_int64(m4, om), num_warps=warps,
-    )  # fmt: skip
-    return out.view(cm.shape)
+    plan = _mean_cfg_plan(_geometry(cm, cl, um, ul), orthogonal)
+    if plan is None:
+        cm, cl, um, ul = (t.contiguous() for t in (cm, cl, um, ul))
+        plan = _mean_cfg_plan(_geometry(cm, cl, um, ul), orthogonal)
+    out = torch.empty(cm.shape, device=cm.device, dtype=cm.dtype)
+    stats = plan["stats"]
+    m_c, d, part = _scratch(stats, cm.device)
+    # no variance: the log-weights stand in for the unused logstds pointer
+    _guidance_stats_kernel[stats["grid"]](cm, cl, cl, um, ul, m_c, d, part, *stats["args"], **stats["kw"])
+    _mean_cfg_apply_kernel[plan["apply_grid"]](
+        cm, m_c, d, part, out, *plan["apply_args"], scale - 1.0, *plan["apply_strides"], **plan["apply_kw"]
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------- torch.library ops
@@ -623,6 +718,11 @@ def _(cond_means, cond_logweights, uncond_means, uncond_logweights, scale, ortho
 # ----------------------------------------------------------------------------- public ops
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is a no-op (host cost)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _check_pair(gm_cond: dict, gm_uncond: dict) -> GMShape:
     s = check_gm(gm_cond, "gm_cond")
     u = check_gm(gm_uncond, "gm_uncond")
@@ -676,7 +776,7 @@ def weight_guidance(gm_cond: dict, gm_uncond: dict, scale: float) -> dict:
     if not kernels_wanted(gm_cond["means"], gm_cond["logweights"], gm_uncond["logweights"]):
         return run_reference(ref.weight_guidance, gm_cond, gm_uncond, scale, out_dtype=s.dtype)
     logweights = call_op(torch.ops.gmkernels.weight_guidance, gm_cond["logweights"], gm_uncond["logweights"], scale)
-    return {"means": gm_cond["means"], "logstds": gm_cond["logstds"].to(s.dtype), "logweights": logweights.to(s.dtype)}
+    return {"means": gm_cond["means"], "logstds": _as(gm_cond["logstds"], s.dtype), "logweights": _as(logweights, s.dtype)}
 
 
 def mean_cfg(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: bool = False) -> dict:
@@ -689,7 +789,7 @@ def mean_cfg(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: bool = Fa
     if not kernels_wanted(*tensors):
         return run_reference(ref.mean_cfg, gm_cond, gm_uncond, scale, bool(orthogonal), out_dtype=s.dtype)
     means = call_op(torch.ops.gmkernels.mean_cfg, *tensors, scale, bool(orthogonal))
-    return {"means": means, "logstds": gm_cond["logstds"].to(s.dtype), "logweights": gm_cond["logweights"].to(s.dtype)}
+    return {"means": means, "logstds": _as(gm_cond["logstds"], s.dtype), "logweights": _as(gm_cond["logweights"], s.dtype)}
 
 
 # ----------------------------------------------------------------------------- AOT cases
