@@ -484,6 +484,8 @@ def _stats_plan(m4, l3, ls2, u4, ul3, with_var: bool, with_mc: bool, with_dd: bo
     elem = min(m4.element_size(), u4.element_size())
     contiguous = m4.stride(-1) == 1 and u4.stride(-1) == 1
     bk, bc, bp, warps = _layout(max(Kc, u4.shape[1]), C, P, R, elem, contiguous, 32)
+    if not contiguous:  # point data: a K tile of one component keeps the log-weights' and the
+        bk = 1  # means' loads in one layout (a wider tile vectorises only the log-weights along K)
     npb = cdiv(P, bp)
     sums = with_var or with_mc or with_dd
     return {
