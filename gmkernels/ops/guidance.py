@@ -17,7 +17,7 @@ Kernels (self-contained: the mixture moments and the GM x Gaussian product are f
   ``m_c``) to float32 scratch (``C * P`` per row, ``1/K`` of the means) and per-sample partial
   sums ``(sum d m_c, sum m_c^2, sum d^2, sum_p v_c)``: one row per program (reduced over the
   program's pixels after the loops) or, ``POINTS``, one row per lane. With ``C`` up to one
-  channel tile (8 channels fp32, 4 bf16) each pixel's softmax is computed once; wider ``C``
+  channel tile (8 channels fp32, 2 bf16) each pixel's softmax is computed once; wider ``C``
   redoes the online softmax per channel tile (registers bound the tile).
 * ``_guidance_bias_power_kernel`` (probabilistic, ``orthogonal > 0``): the power ``<b, b>`` of the
   orthogonalised bias ``b = d - proj m_c``, summed exactly from the scratch (one read of
