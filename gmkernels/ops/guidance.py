@@ -261,7 +261,7 @@ if triton is not None:
         """``part[.., 2] = sum (d - proj m_c)^2`` over this program's pixels (the statistics
         pass's grid and partial rows) with ``proj = orthogonal <d, m_c> / max(<m_c, m_c>, 1e-6)``
         of the sample, from its partials (``<.,.>`` the mean over C, H, W)."""
-        pid, b, p, kr, cr = _program_pixels(NPB, 1, BLOCK_C, BLOCK_P, INT64)
+        pid, b, p, _kr, cr = _program_pixels(NPB, 1, BLOCK_C, BLOCK_P, INT64)
         pmask = p < P
         s_dm, s_mm, _s2, _s3 = _sample_sums(part_ptr, b, p, pmask, NPB, POINTS, BLOCK_N)
         proj = orthogonal * (s_dm * inv_chw) / tl.maximum(s_mm * inv_chw, 1e-6)
@@ -296,7 +296,7 @@ if triton is not None:
         log-stds (``LS_P`` pixels: 1 for per-sample stds) through their strides; ``lg_ptr`` holds
         the unnormalised logits between the two sweeps when ``K > BLOCK_K`` (strides of the
         log-weights output)."""
-        pid, b, p, kr, cr = _program_pixels(NPB, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
+        _pid, b, p, kr, cr = _program_pixels(NPB, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
         pmask = p < P
         s_dm, s_mm, s_pp, s_v = _sample_sums(part_ptr, b, p, pmask, NPB_S, POINTS, BLOCK_N)
         # target (m_c + f (d - proj m_c), V (1 - scale^2)) divided by cond (m_c, V): the
@@ -383,7 +383,7 @@ if triton is not None:
         clamped at ``-1e30``; ``(B, K, HW)`` views of any strides (point data comes as one row of
         ``B`` pixels). One K sweep when
         ``K <= BLOCK_K``, else a second sweep re-reads the (small) log-weights."""
-        pid, b, p, kr, _cr = _program_pixels(NPB, BLOCK_K, 1, BLOCK_P, INT64)
+        _pid, b, p, kr, _cr = _program_pixels(NPB, BLOCK_K, 1, BLOCK_P, INT64)
         pmask = p < HW
         m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
         l_run = tl.zeros([BLOCK_P], tl.float32)
@@ -425,7 +425,7 @@ if triton is not None:
         """``out[b, k, c, p] = mu + a d[b, c, p] (+ b_s m_c[b, c, p] when ORTHO)`` with ``a = scale -
         1`` and ``b_s = -a proj`` of the sample (from the statistics' partials, ``NPB_S`` per row);
         each channel tile's shift is formed once per pixel and added to every component."""
-        pid, b, p, kr, cr = _program_pixels(NPB, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
+        _pid, b, p, kr, cr = _program_pixels(NPB, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
         pmask = p < P
         if ORTHO:
             s_dm, s_mm, _s2, _s3 = _sample_sums(part_ptr, b, p, pmask, NPB_S, POINTS, BLOCK_N)
