@@ -747,8 +747,10 @@ def probabilistic_guidance(gm_cond: dict, gm_uncond: dict, scale: float, orthogo
         scale: in [0, 1); ``scale == 0`` returns ``gm_cond`` itself (the identity).
         orthogonal: amount >= 0 of the projection of the bias onto ``m_c`` that is removed.
     Returns:
-        The guided GM, shapes of ``gm_cond``, dtype of ``gm_cond['means']``. Two kernel passes on
-        CUDA (see the module docstring).
+        The guided GM, shapes of ``gm_cond``, dtype of ``gm_cond['means']``. On CUDA: one pass
+        over both GMs (statistics), one over the conditional GM (the reweighting) and, with
+        ``orthogonal > 0``, one over the ``(*B, C, H, W)`` statistics in between (see the module
+        docstring).
     """
     s = _check_pair(gm_cond, gm_uncond)
     scale = check_power(scale, "scale")
