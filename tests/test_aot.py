@@ -71,11 +71,10 @@ def test_launch_grids_fit_cuda_limits(shape):
     assert not bad, bad
 
 
-# launches that still run one point per program on point data: their kernels reduce per batch
-# row (guidance statistics and the per-row coefficients of its apply pass) or derive the Philox
+# launches that still run one point per program on point data: their kernels derive the Philox
 # offsets and the output address from the row (gm_sde_step), so packing rows needs kernel work
 def _point_data_gap(name: str) -> bool:
-    return name.startswith(("gm_sde_step[", "probabilistic_guidance[")) or (name.startswith("mean_cfg[") and name.endswith("#0"))
+    return name.startswith("gm_sde_step[")
 
 
 def _point_data_programs() -> dict[str, int]:

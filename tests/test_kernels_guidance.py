@@ -130,6 +130,45 @@ def test_weight_guidance_point_data(batch, K, dead, dtype):
 
 
 @pytest.mark.triton
+@settings(max_examples=6)
+@given(
+    batch=st.integers(1, 150).map(lambda n: 2 * n + 1),
+    K=st.sampled_from([1, 3, 16, 40]),
+    Ku=st.sampled_from([1, 5]),
+    dead=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    orthogonal=st.sampled_from([0.0, 1.0]),
+    seed=seeds,
+)
+def test_guidance_point_data(batch, K, Ku, dead, dtype, orthogonal, seed):
+    """Point data (H = W = 1, odd B) packs the samples into the pixel axis: each lane is its own
+    sample, with its own statistics, projection and variance, in all three guidance ops."""
+    gm_c = make_gm(((batch,), K, 3, 1, 1), seed, dtype, dead=dead)
+    gm_u = make_gm(((batch,), Ku, 3, 1, 1), seed + 1, dtype, dead=dead)
+    with gmkernels.use_backend("triton"):
+        out = gmkernels.probabilistic_guidance(gm_c, gm_u, 0.6, orthogonal)
+        cfg = gmkernels.mean_cfg(gm_c, gm_u, 2.5, orthogonal > 0)
+    ref = reference.probabilistic_guidance(to64(gm_c), to64(gm_u), 0.6, orthogonal)
+    for key in ("means", "logstds", "logweights"):
+        close(out[key], ref[key], dtype, key)
+    close(cfg["means"], reference.mean_cfg(to64(gm_c), to64(gm_u), 2.5, orthogonal > 0)["means"], dtype, "mean_cfg")
+
+
+@pytest.mark.triton
+def test_guidance_many_partial_sums_per_sample():
+    """An image with more pixel blocks per sample than one read of the partial sums (32):
+    every program totals its sample's partials in several steps."""
+    gm_c = make_gm(((2,), 2, 2, 64, 65), 5, torch.float32, dead=True, per_pixel_std=True)
+    gm_u = make_gm(((2,), 3, 2, 64, 65), 6, torch.float32, dead=True)
+    with gmkernels.use_backend("triton"):
+        out = gmkernels.probabilistic_guidance(gm_c, gm_u, 0.8, 1.0)
+        cfg = gmkernels.mean_cfg(gm_c, gm_u, 3.0, True)
+    ref = reference.probabilistic_guidance(to64(gm_c), to64(gm_u), 0.8, 1.0)
+    for key in ("means", "logstds", "logweights"):
+        close(out[key], ref[key], torch.float32, key)
+    close(cfg["means"], reference.mean_cfg(to64(gm_c), to64(gm_u), 3.0, True)["means"], torch.float32, "mean_cfg")
+
+@pytest.mark.triton
 @settings(max_examples=10)
 @given(
     data=st.data(),

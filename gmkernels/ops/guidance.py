@@ -1,36 +1,50 @@
 """Guidance on conditional/unconditional x0-GMs (docs/ops.md#guidance): ``probabilistic_guidance``,
 ``weight_guidance``, ``mean_cfg``.
 
-Kernels (all self-contained: the mixture moments and the GM x Gaussian product are fused in):
+Layout (every kernel here): pixel-per-thread, as the mixture kernels (``mixture.pixel_blocks``):
+warps along the pixels, each thread owns ``vec`` contiguous pixels with its whole ``BLOCK_K x
+BLOCK_C`` tile in registers, so the loops over K and C never reduce across threads (no barrier,
+no shuffle). Tensors are seen as ``means (R, K, C, P)``, ``logweights (R, K, P)`` with ``R``
+rows (samples) and ``P = H * W`` pixels; point data (``H = W = 1``) is seen as one row of ``B``
+pixels (``_launch.pixel_rows``), each lane its own sample (``POINTS``), so its per-sample sums
+are the lane's own values and a program packs ``BLOCK_P`` points.
 
-* ``_guidance_stats_kernel`` (pass 1, per batch element and block of pixels): online softmax
-  over K tiles of both GMs gives ``m_c``, the per-pixel conditional variance ``v_c`` (Chan-merged
-  weighted sum of squared deviations, no ``E[x^2] - E[x]^2`` cancellation) and ``m_u``; it writes
-  ``m_c`` and ``d = m_c - m_u`` (float32 scratch, ``C*H*W`` per batch element, i.e. ``1/K`` of the
-  means) and per-program partial sums ``(sum d m_c, sum m_c^2, sum d^2, sum v_c)``.
-* A few torch ops give the per-batch-element scalars, folded into three numbers ``A, B, v``:
-  ``g = A m_c + B d`` is the mean of the Gaussian that reweights the GM and ``v`` its variance.
-  The projection and ``V`` come from the ``(B, programs, 4)`` partials (float64); the bias power
-  ``P = <bias, bias>`` of the orthogonalised bias is evaluated exactly from the scratch
-  (``d - proj m_c``, float32, one read of ``2*C*H*W`` floats per batch element) rather than as
-  ``<d,d> - proj <d,m_c>``, whose cancellation would cost ``1e-7 / sin^2(theta)`` relative
-  accuracy when ``d`` is nearly parallel to ``m_c``.
-* ``_guidance_apply_kernel`` (pass 2, per pixel): ``means' = (v mu + s2 g) / n``,
+Kernels (self-contained: the mixture moments and the GM x Gaussian product are fused in):
+
+* ``_guidance_stats_kernel`` (pass 1): per pixel and channel tile, an online softmax over K tiles
+  of both GMs gives ``m_c``, the conditional variance (Chan-merged weighted sums of squared
+  deviations, no ``E[x^2] - E[x]^2`` cancellation) and ``m_u``; it writes ``d = m_c - m_u`` (and
+  ``m_c``) to float32 scratch (``C * P`` per row, ``1/K`` of the means) and per-sample partial
+  sums ``(sum d m_c, sum m_c^2, sum d^2, sum_p v_c)``: one row per program (reduced over the
+  program's pixels after the loops) or, ``POINTS``, one row per lane. With ``C`` up to one
+  channel tile (8 channels fp32, 2 bf16) each pixel's softmax is computed once; wider ``C``
+  redoes the online softmax per channel tile (registers bound the tile).
+* ``_guidance_bias_power_kernel`` (probabilistic, ``orthogonal > 0``): the power ``<b, b>`` of the
+  orthogonalised bias ``b = d - proj m_c``, summed exactly from the scratch (one read of
+  ``2 * C * P`` floats) into the third partial column, rather than as
+  ``<d,d> - 2 proj <d,m_c> + proj^2 <m_c,m_c>``, whose cancellation would cost
+  ``1e-7 / sin^2(theta)`` relative accuracy when ``d`` is nearly parallel to ``m_c``.
+* ``_guidance_apply_kernel`` (probabilistic, pass 2): each program sums its sample's partials
+  (float64) into ``proj, P, V`` and the reweighting Gaussian ``N(A m_c + B d, v)`` (no host-side
+  tensor math between the launches), then per pixel ``means' = (v mu + s2 g) / n``,
   ``logweights' = log_softmax_k(logweights - 0.5 / n * sum_c (mu - g)^2)``,
-  ``logstds' = logstds + 0.5 log v - 0.5 log n`` with ``n = max(v + s2, eps)``. For
-  ``K <= BLOCK_K`` it reads the conditional GM once; for larger K a second sweep over the K tiles
-  re-reads the means to normalise the log-weights (the log-softmax needs the whole K first).
+  ``logstds' = logstds + 0.5 log v - 0.5 log n`` with ``n = max(v + s2, eps)``. For ``K <=
+  BLOCK_K`` the log-weights are final after one sweep; otherwise the unnormalised logits are
+  stored (in the output when it is float32, else in a float32 scratch) and a second sweep over
+  the log-weights alone (not the means) normalises them, each thread re-reading what it wrote.
 * ``_weight_guidance_kernel``: online log-softmax of ``l_c + (scale - 1)(l_c - l_u)`` (dead
   components clamped to ``-1e30`` as in the reference); means and stds of ``gm_cond`` pass through.
 * ``mean_cfg``: pass 1 (without the variance; ``m_c`` and the sums only when orthogonal), then
-  ``_mean_cfg_apply_kernel``, elementwise ``means' = mu + a d + b m_c``.
+  ``_mean_cfg_apply_kernel``: ``means' = mu + a d + b m_c`` with ``a = scale - 1`` and ``b =
+  -a proj`` from the partials, each channel tile's shift loaded once per pixel for all K.
 
 Conditioning: with ``orthogonal > 0`` and ``d`` nearly parallel to ``m_c`` the bias is a small
 residual that is then scaled up to power ``scale^2 V``; in float32 its relative error is about
 ``1e-7 / sin(theta)`` (theta the angle between ``d`` and ``m_c``). With ``C*H*W == 1`` the
 residual is pure rounding (as in any float32 evaluation of the reference).
 
-Block sizes come from a fixed heuristic (no autotuning: deterministic, CUDA-graph safe).
+Block sizes come from a fixed heuristic (no autotuning: deterministic, CUDA-graph safe),
+memoised per shape.
 """
 
 from __future__ import annotations
@@ -45,9 +59,8 @@ import reference.guidance as ref
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_gm, check_power
-from ._launch import call_op, cdiv, kernels_wanted, launch_plan, needs_int64, pixel_rows
-from .mixture import online_moments_update
-from .transition import flat_gm, flat_logstds, pow2_at_most
+from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, per_row, pixel_rows
+from .mixture import pixel_blocks
 
 try:
     import triton
@@ -55,18 +68,24 @@ try:
 except ImportError:  # the torch path still works
     triton = None
 
-_TILE = 2048  # register-tile elements (BLOCK_K * BLOCK_C * BLOCK_P) per program
-_NEG_BIG = -1e30  # weight_guidance's clamp of dead log-weights (reference.guidance)
+_NSUM = 32  # partial sums read per step when a program totals its sample's partials
 
 
 @launch_plan
-def _blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
-    """``(BLOCK_K, BLOCK_C, BLOCK_P)``: up to 16 components and 8 channels per tile, pixels
-    filling the rest of a 2048-element tile (at least 16, at most the next power of 2 of H*W)."""
-    bk = pow2_at_most(K, 16)
-    bc = pow2_at_most(C, 8)
-    bp = pow2_at_most(HW, max(16, _TILE // (bk * bc)))
-    return bk, bc, bp
+def _layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous: bool, tile: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``, pixel-per-thread (``mixture.pixel_blocks``):
+    ``tile`` 32 for the statistics and the probabilistic apply (they keep two ``[BLOCK_C]``
+    vectors per pixel next to the means tile), 64 for the mean-CFG apply and weight guidance."""
+    return pixel_blocks(K, C, P, R, elem_bytes, tile, False, contiguous)
+
+
+@launch_plan
+def _apply_layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous: bool) -> tuple[int, int, int, int]:
+    """The probabilistic apply's layout: tile 32 when the channels fit one tile (``g`` then
+    stays in registers across the K loop), else 16 (``g`` is re-formed per K tile next to the
+    means tile; at 32 ptxas spilled 16 bytes at sm_90, fp32, C >= 16)."""
+    one = _layout(K, C, P, R, elem_bytes, contiguous, 32)
+    return one if C <= one[1] else _layout(K, C, P, R, elem_bytes, contiguous, 16)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -79,14 +98,16 @@ if triton is not None:
         WITH_VAR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):  # fmt: skip
         """Softmax-weighted mean ``[BC, BP]`` over K of one channel tile and (``WITH_VAR``) the
-        weighted variance per channel ``[BC, BP]``; ``m_ptr``/``l_ptr`` are ``[1, 1, BP]``/``[1, BP]``
-        pointer blocks at component 0, channel 0 of this program's pixels. Online over K tiles:
-        running max, weight sum, mean and Chan-merged M2 (``mixture.online_moments_update``); all-dead
-        tiles or pixels give no NaN."""
+        weighted sum of squared deviations summed over its channels ``[BP]``; ``m_ptr``/``l_ptr``
+        are ``[1, 1, BP]``/``[1, BP]`` pointer blocks at component 0, channel 0 of this program's
+        pixels. Online over K tiles as ``mixture.online_moments_update`` (running max, weight sum,
+        mean, Chan-merged M2, no ``E[x^2] - E[x]^2`` cancellation), but M2 is kept per pixel, not
+        per channel (the statistics only need its channel sum: fewer registers). All-dead tiles or
+        pixels give no NaN."""
         m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        l_run = tl.zeros([BLOCK_P], tl.float32)
+        w_sum = tl.zeros([BLOCK_P], tl.float32)
         mean = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        m2 = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        m2 = tl.zeros([BLOCK_P], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + kr
             kmask = kk < K
@@ -97,29 +118,78 @@ if triton is not None:
                 other=0.0,
             ).to(tl.float32)
             lw2 = lw.to(tl.float32) * 1.4426950408889634  # base-2 logits; -inf stays -inf
-            m_run, l_run, mean, m2 = online_moments_update(lw2, mu, m_run, l_run, mean, m2, WITH_VAR)
-        var = m2 / tl.where(l_run > 0, l_run, 1.0)[None, :]
-        return mean, var
+            m_new = tl.maximum(m_run, tl.max(lw2, axis=0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_run - m_ref)  # 0 while nothing was alive
+            p = tl.exp2(lw2 - m_ref[None, :])  # [BK, BP]
+            w_t = tl.sum(p, axis=0)
+            w_old = w_sum * alpha
+            w_sum = w_old + w_t
+            mean_t = tl.sum(p[:, None, :] * mu, axis=0) / tl.where(w_t > 0, w_t, 1.0)[None, :]
+            frac = w_t / tl.where(w_sum > 0, w_sum, 1.0)
+            delta = mean_t - mean
+            mean = mean + delta * frac[None, :]
+            if WITH_VAR:
+                dev = mu - mean_t[None, :, :]
+                m2_t = tl.sum(p * tl.sum(dev * dev, axis=1), axis=0)
+                m2 = m2 * alpha + m2_t + tl.sum(delta * delta, axis=0) * (w_old * frac)
+            m_run = m_new
+        return mean, m2 / tl.where(w_sum > 0, w_sum, 1.0)
 
     @triton.jit
-    def _guidance_stats_kernel(
-        mc_ptr, lc_ptr, ls_ptr, mu_ptr, lu_ptr, out_mc_ptr, out_d_ptr, part_ptr,
-        Kc, Ku, C, HW, NPB,
-        s_cb, s_ck, s_cc, s_cp,
-        s_lcb, s_lck, s_lcp,
-        s_lsb, s_lsp,
-        s_ub, s_uk, s_uc, s_up,
-        s_lub, s_luk, s_lup,
-        WITH_VAR: tl.constexpr, WITH_MC: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
-        """Pass 1 of guidance for batch element ``b``, pixels ``[pb*BLOCK_P, (pb+1)*BLOCK_P)``:
-        writes ``d = m_c - m_u`` (and ``m_c`` when ``WITH_MC``) to ``(B, C, HW)`` float32 scratch and
-        ``part[b, pb, :] = (sum d m_c, sum m_c^2, sum d^2, sum_p v_c)`` (the last only ``WITH_VAR``)."""
+    def _sample_sums(part_ptr, b, p, pmask, NPB, POINTS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Totals of the partial sums ``part[row, :NPB, 0..3]`` of this program's sample ``b``
+        (scalars, accumulated in float64, returned in float32) or, ``POINTS``, of each lane's
+        sample ``p`` (``[BP]``, one partial each)."""
+        if POINTS:
+            base = part_ptr + p * 4  # lanes past the end read 1s: finite, unused
+            s0 = tl.load(base + 0, mask=pmask, other=1.0)
+            s1 = tl.load(base + 1, mask=pmask, other=1.0)
+            s2 = tl.load(base + 2, mask=pmask, other=1.0)
+            s3 = tl.load(base + 3, mask=pmask, other=1.0)
+        else:
+            ir = tl.arange(0, BLOCK_N)
+            a0 = tl.zeros([BLOCK_N], tl.float64)
+            a1 = tl.zeros([BLOCK_N], tl.float64)
+            a2 = tl.zeros([BLOCK_N], tl.float64)
+            a3 = tl.zeros([BLOCK_N], tl.float64)
+            for i0 in range(0, NPB, BLOCK_N):
+                ii = i0 + ir
+                base = part_ptr + (b * NPB + ii) * 4
+                a0 += tl.load(base + 0, mask=ii < NPB, other=0.0).to(tl.float64)
+                a1 += tl.load(base + 1, mask=ii < NPB, other=0.0).to(tl.float64)
+                a2 += tl.load(base + 2, mask=ii < NPB, other=0.0).to(tl.float64)
+                a3 += tl.load(base + 3, mask=ii < NPB, other=0.0).to(tl.float64)
+            s0 = tl.sum(a0, axis=0).to(tl.float32)
+            s1 = tl.sum(a1, axis=0).to(tl.float32)
+            s2 = tl.sum(a2, axis=0).to(tl.float32)
+            s3 = tl.sum(a3, axis=0).to(tl.float32)
+        return s0, s1, s2, s3
+
+    @triton.jit
+    def _store_sums(part_ptr, pid, p, pmask, s0, s1, s2, s3, POINTS: tl.constexpr):
+        """Write this program's partial sums (``[BP]`` per-pixel values) at ``part[pid, :]``
+        (summed over the pixels) or, ``POINTS``, each lane's own at ``part[p, :]``."""
+        if POINTS:
+            base = part_ptr + p * 4
+            tl.store(base + 0, s0, mask=pmask)
+            tl.store(base + 1, s1, mask=pmask)
+            tl.store(base + 2, s2, mask=pmask)
+            tl.store(base + 3, s3, mask=pmask)
+        else:
+            base = part_ptr + pid * 4
+            tl.store(base + 0, tl.sum(s0, axis=0))
+            tl.store(base + 1, tl.sum(s1, axis=0))
+            tl.store(base + 2, tl.sum(s2, axis=0))
+            tl.store(base + 3, tl.sum(s3, axis=0))
+
+    @triton.jit
+    def _program_pixels(NPB, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
+        """``(pid, row, pixel offsets [BP], k range [BK], c range [BC])`` of a grid of
+        ``R * NPB`` programs, pixel block fastest; int64 offsets when ``INT64``."""
         pid = tl.program_id(0)
         b = pid // NPB
-        pb = pid % NPB
-        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        p = (pid % NPB) * BLOCK_P + tl.arange(0, BLOCK_P)
         kr = tl.arange(0, BLOCK_K)
         cr = tl.arange(0, BLOCK_C)
         if INT64:
@@ -127,14 +197,34 @@ if triton is not None:
             p = p.to(tl.int64)
             kr = kr.to(tl.int64)
             cr = cr.to(tl.int64)
-        pmask = p < HW
+        return pid, b, p, kr, cr
+
+    @triton.jit
+    def _guidance_stats_kernel(
+        mc_ptr, lc_ptr, ls_ptr, mu_ptr, lu_ptr, out_mc_ptr, out_d_ptr, part_ptr,
+        Kc, Ku, C, P, NPB,
+        s_cb, s_ck, s_cc, s_cp,
+        s_lcb, s_lck, s_lcp,
+        s_lsb, s_lsp,
+        s_ub, s_uk, s_uc, s_up,
+        s_lub, s_luk, s_lup,
+        WITH_VAR: tl.constexpr, WITH_MC: tl.constexpr, WITH_DD: tl.constexpr, SUMS: tl.constexpr, POINTS: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+    ):  # fmt: skip
+        """Pass 1 of guidance for row ``b`` and pixels ``[pb*BLOCK_P, (pb+1)*BLOCK_P)``: writes
+        ``d = m_c - m_u`` (and ``m_c`` when ``WITH_MC``) to ``(R, C, P)`` float32 scratch and the
+        partial sums ``(sum d m_c, sum m_c^2, sum d^2, sum_p v_c)``: the first two ``WITH_MC``,
+        the third ``WITH_DD``, the last ``WITH_VAR`` (``v_c`` the per-pixel variance including
+        ``exp(2 logstds)``); columns not asked for hold zeros, none written without any."""
+        pid, b, p, kr, cr = _program_pixels(NPB, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
+        pmask = p < P
         mc_base = mc_ptr + b * s_cb + p[None, None, :] * s_cp
         lc_base = lc_ptr + b * s_lcb + p[None, :] * s_lcp
         mu_base = mu_ptr + b * s_ub + p[None, None, :] * s_up
         lu_base = lu_ptr + b * s_lub + p[None, :] * s_lup
-        acc_dm = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        acc_mm = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        acc_dd = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        s_dm = tl.zeros([BLOCK_P], tl.float32)
+        s_mm = tl.zeros([BLOCK_P], tl.float32)
+        s_dd = tl.zeros([BLOCK_P], tl.float32)
         var_sum = tl.zeros([BLOCK_P], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cr
@@ -145,71 +235,102 @@ if triton is not None:
             m_u, _unused = _moments(mu_base, lu_base, Ku, s_uk, s_uc, s_luk, kr, cc, cmask, pmask,
                                     False, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
             d = tl.where(mask2, m_c - m_u, 0.0)
-            out_off = (b * C + cc[:, None]) * HW + p[None, :]
+            out_off = (b * C + cc[:, None]) * P + p[None, :]
             tl.store(out_d_ptr + out_off, d, mask=mask2)
-            acc_dd += d * d
             if WITH_MC:
                 tl.store(out_mc_ptr + out_off, m_c, mask=mask2)
-                acc_dm += d * m_c
-                acc_mm += m_c * m_c
+                m_z = tl.where(mask2, m_c, 0.0)
+                s_dm += tl.sum(d * m_z, axis=0)
+                s_mm += tl.sum(m_z * m_z, axis=0)
+            if WITH_DD:
+                s_dd += tl.sum(d * d, axis=0)
             if WITH_VAR:
-                var_sum += tl.sum(tl.where(mask2, v_k, 0.0), axis=0)
-        part = part_ptr + pid * 4
-        tl.store(part + 0, tl.sum(tl.sum(acc_dm, axis=1), axis=0))
-        tl.store(part + 1, tl.sum(tl.sum(acc_mm, axis=1), axis=0))
-        tl.store(part + 2, tl.sum(tl.sum(acc_dd, axis=1), axis=0))
-        if WITH_VAR:
-            ls = tl.load(ls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)
-            v_c = var_sum / C + tl.exp(2.0 * ls)
-            tl.store(part + 3, tl.sum(tl.where(pmask, v_c, 0.0), axis=0))
+                var_sum += v_k
+        if SUMS:  # any of the three
+            v_c = tl.zeros([BLOCK_P], tl.float32)
+            if WITH_VAR:
+                ls = tl.load(ls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)
+                v_c = tl.where(pmask, var_sum / C + tl.exp(2.0 * ls), 0.0)
+            _store_sums(part_ptr, pid, p, pmask, s_dm, s_mm, s_dd, v_c, POINTS)
+
+    @triton.jit
+    def _guidance_bias_power_kernel(
+        mc_ptr, d_ptr, part_ptr, C, P, NPB, inv_chw, orthogonal,
+        POINTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
+    ):  # fmt: skip
+        """``part[.., 2] = sum (d - proj m_c)^2`` over this program's pixels (the statistics
+        pass's grid and partial rows) with ``proj = orthogonal <d, m_c> / max(<m_c, m_c>, 1e-6)``
+        of the sample, from its partials (``<.,.>`` the mean over C, H, W)."""
+        pid, b, p, _kr, cr = _program_pixels(NPB, 1, BLOCK_C, BLOCK_P, INT64)
+        pmask = p < P
+        s_dm, s_mm, _s2, _s3 = _sample_sums(part_ptr, b, p, pmask, NPB, POINTS, BLOCK_N)
+        proj = orthogonal * (s_dm * inv_chw) / tl.maximum(s_mm * inv_chw, 1e-6)
+        acc = tl.zeros([BLOCK_P], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + cr
+            mask2 = (cc < C)[:, None] & pmask[None, :]
+            off = (b * C + cc[:, None]) * P + p[None, :]
+            r = tl.load(d_ptr + off, mask=mask2, other=0.0) - proj * tl.load(mc_ptr + off, mask=mask2, other=0.0)
+            acc += tl.sum(r * r, axis=0)
+        if POINTS:
+            tl.store(part_ptr + p * 4 + 2, acc, mask=pmask)
         else:
-            tl.store(part + 3, 0.0)
+            tl.store(part_ptr + pid * 4 + 2, tl.sum(acc, axis=0))
 
     @triton.jit
     def _guidance_apply_kernel(
-        m_ptr, l_ptr, ls_ptr, mc_ptr, d_ptr, coef_ptr, out_m_ptr, out_l_ptr, out_ls_ptr,
-        K, C, HW, NPB, LS_HW,
+        m_ptr, l_ptr, ls_ptr, mc_ptr, d_ptr, part_ptr, out_m_ptr, out_l_ptr, out_ls_ptr, lg_ptr,
+        K, C, P, NPB, NPB_S, LS_P,
         s_mb, s_mk, s_mc, s_mp,
         s_lb, s_lk, s_lp,
         s_lsb, s_lsp,
-        eps,
-        SINGLE_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        INT64: tl.constexpr,
+        s_omb, s_omk, s_omc, s_omp,
+        s_olb, s_olk, s_olp,
+        s_osb, s_osp,
+        inv_chw, inv_hw, scale, orthogonal, eps,
+        POINTS: tl.constexpr, SINGLE_K: tl.constexpr, ONE_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
     ):  # fmt: skip
-        """Pass 2: the conditional GM times ``N(g, v)`` with ``g = A m_c + B d`` and
-        ``(A, B, v) = coef[b, :]``; writes means ``(B, K, C, HW)``, log-weights ``(B, K, HW)`` and
-        log-stds ``(B, LS_HW)`` (contiguous)."""
-        pid = tl.program_id(0)
-        b = pid // NPB
-        pb = pid % NPB
-        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-        kr = tl.arange(0, BLOCK_K)
-        cr = tl.arange(0, BLOCK_C)
-        if INT64:
-            b = b.to(tl.int64)
-            p = p.to(tl.int64)
-            kr = kr.to(tl.int64)
-            cr = cr.to(tl.int64)
-        pmask = p < HW
-        coef_a = tl.load(coef_ptr + b * 3)
-        coef_b = tl.load(coef_ptr + b * 3 + 1)
-        v = tl.load(coef_ptr + b * 3 + 2)
+        """Pass 2: the conditional GM times ``N(g, v)``, ``g = A m_c + B d``; ``A, B, v`` of each
+        sample from the statistics' partials (``NPB_S`` per row). Writes means, log-weights and
+        log-stds (``LS_P`` pixels: 1 for per-sample stds) through their strides; ``lg_ptr`` holds
+        the unnormalised logits between the two sweeps when ``K > BLOCK_K`` (strides of the
+        log-weights output)."""
+        _pid, b, p, kr, cr = _program_pixels(NPB, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
+        pmask = p < P
+        s_dm, s_mm, s_pp, s_v = _sample_sums(part_ptr, b, p, pmask, NPB_S, POINTS, BLOCK_N)
+        # target (m_c + f (d - proj m_c), V (1 - scale^2)) divided by cond (m_c, V): the
+        # quotient's normaliser V - V (1 - scale^2) is formed as V scale^2 (no cancellation).
+        V = s_v * inv_hw
+        proj = orthogonal * (s_dm * inv_chw) / tl.maximum(s_mm * inv_chw, 1e-6)
+        f = scale * tl.sqrt(V / tl.maximum(s_pp * inv_chw, 1e-6))
+        vs2 = V * scale * scale
+        inv_nq = 1.0 / tl.maximum(vs2, 1e-6)
+        coef_a = (vs2 - V * f * proj) * inv_nq
+        coef_b = V * f * inv_nq
+        v = V * (1 - scale * scale) * V * inv_nq
+
         ls = tl.load(ls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)
         s2 = tl.exp(2.0 * ls)
         n = tl.maximum(v + s2, eps)
-        w_v = v / n
-        w_s = s2 / n
-        half_inv_n = 0.5 / n
+        inv_n = 1.0 / n
+        w_v = v * inv_n
+        w_s = s2 * inv_n
+        half_inv_n = 0.5 * inv_n
         ls_out = ls + 0.5 * tl.log(v) - 0.5 * tl.log(n)
-        tl.store(out_ls_ptr + b * LS_HW + p, ls_out.to(out_ls_ptr.dtype.element_ty), mask=p < LS_HW)
+        tl.store(out_ls_ptr + b * s_osb + p * s_osp, ls_out.to(out_ls_ptr.dtype.element_ty), mask=pmask & (p < LS_P))
 
         m_base = m_ptr + b * s_mb + p[None, None, :] * s_mp
         l_base = l_ptr + b * s_lb + p[None, :] * s_lp
-        om_base = out_m_ptr + b * K * C * HW + p[None, None, :]
-        ol_base = out_l_ptr + b * K * HW + p[None, :]
-        g_base = b * C * HW + p[None, :]
+        om_base = out_m_ptr + b * s_omb + p[None, None, :] * s_omp
+        ol_off = b * s_olb + p[None, :] * s_olp
+        g_base = b * C * P + p[None, :]
         m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
         l_run = tl.zeros([BLOCK_P], tl.float32)
+        if ONE_C:  # one channel tile: g once per pixel, kept in registers across the K loop
+            mask2 = (cr < C)[:, None] & pmask[None, :]
+            g_off = g_base + cr[:, None] * P
+            g1 = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(d_ptr + g_off, mask=mask2, other=0.0)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + kr
             kmask = kk < K
@@ -218,14 +339,18 @@ if triton is not None:
                 cc = c0 + cr
                 mask2 = (cc < C)[:, None] & pmask[None, :]
                 mask3 = kmask[:, None, None] & mask2[None, :, :]
-                g_off = g_base + cc[:, None] * HW
-                g = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(d_ptr + g_off, mask=mask2, other=0.0)
+                if ONE_C:
+                    g = g1
+                else:
+                    g_off = g_base + cc[:, None] * P
+                    g = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(d_ptr + g_off, mask=mask2, other=0.0)
                 mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc, mask=mask3, other=0.0).to(tl.float32)
                 out = w_v[None, None, :] * mu + (w_s[None, :] * g)[None, :, :]
-                tl.store(om_base + (kk[:, None, None] * C + cc[None, :, None]) * HW, out.to(out_m_ptr.dtype.element_ty), mask=mask3)
+                tl.store(om_base + kk[:, None, None] * s_omk + cc[None, :, None] * s_omc, out.to(out_m_ptr.dtype.element_ty), mask=mask3)
                 diff = mu - g[None, :, :]
                 dist += tl.sum(diff * diff, axis=1)
-            lw = tl.load(l_base + kk[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
+            kpmask = kmask[:, None] & pmask[None, :]
+            lw = tl.load(l_base + kk[:, None] * s_lk, mask=kpmask, other=float("-inf")).to(tl.float32)
             logit = lw - half_inv_n[None, :] * dist
             m_new = tl.maximum(m_run, tl.max(logit, axis=0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -233,27 +358,16 @@ if triton is not None:
             m_run = m_new
             if SINGLE_K:  # K <= BLOCK_K, one tile: the log-weights are final now
                 lse = m_ref + tl.log(tl.where(l_run > 0, l_run, 1.0))
-                tl.store(ol_base + kk[:, None] * HW, (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty),
-                         mask=kmask[:, None] & pmask[None, :])  # fmt: skip
-        if not SINGLE_K:  # second sweep: recompute the logits tile by tile, normalised
+                tl.store(out_l_ptr + ol_off + kk[:, None] * s_olk, (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty), mask=kpmask)
+            else:  # kept unnormalised (float32) for the second sweep
+                tl.store(lg_ptr + ol_off + kk[:, None] * s_olk, logit, mask=kpmask)
+        if not SINGLE_K:  # second sweep over the logits alone; each thread re-reads what it wrote
             lse = tl.where(m_run == float("-inf"), 0.0, m_run) + tl.log(tl.where(l_run > 0, l_run, 1.0))
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + kr
-                kmask = kk < K
-                dist = tl.zeros([BLOCK_K, BLOCK_P], tl.float32)
-                for c0 in range(0, C, BLOCK_C):
-                    cc = c0 + cr
-                    mask2 = (cc < C)[:, None] & pmask[None, :]
-                    g_off = g_base + cc[:, None] * HW
-                    g = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(d_ptr + g_off, mask=mask2, other=0.0)
-                    mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc,
-                                 mask=kmask[:, None, None] & mask2[None, :, :], other=0.0).to(tl.float32)  # fmt: skip
-                    diff = mu - g[None, :, :]
-                    dist += tl.sum(diff * diff, axis=1)
-                lw = tl.load(l_base + kk[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
-                logit = lw - half_inv_n[None, :] * dist
-                tl.store(ol_base + kk[:, None] * HW, (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty),
-                         mask=kmask[:, None] & pmask[None, :])  # fmt: skip
+                kpmask = (kk < K)[:, None] & pmask[None, :]
+                logit = tl.load(lg_ptr + ol_off + kk[:, None] * s_olk, mask=kpmask, other=0.0)
+                tl.store(out_l_ptr + ol_off + kk[:, None] * s_olk, (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty), mask=kpmask)
 
     @triton.jit
     def _weight_guidance_kernel(
@@ -269,15 +383,7 @@ if triton is not None:
         clamped at ``-1e30``; ``(B, K, HW)`` views of any strides (point data comes as one row of
         ``B`` pixels). One K sweep when
         ``K <= BLOCK_K``, else a second sweep re-reads the (small) log-weights."""
-        pid = tl.program_id(0)
-        b = pid // NPB
-        pb = pid % NPB
-        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-        kr = tl.arange(0, BLOCK_K)
-        if INT64:
-            b = b.to(tl.int64)
-            p = p.to(tl.int64)
-            kr = kr.to(tl.int64)
+        _pid, b, p, kr, _cr = _program_pixels(NPB, BLOCK_K, 1, BLOCK_P, INT64)
         pmask = p < HW
         m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
         l_run = tl.zeros([BLOCK_P], tl.float32)
@@ -306,160 +412,245 @@ if triton is not None:
                 o_off = b * s_ob + kk[:, None] * s_ok + p[None, :] * s_op
                 tl.store(out_ptr + o_off, (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
+
     @triton.jit
     def _mean_cfg_apply_kernel(
-        m_ptr, mc_ptr, d_ptr, coef_ptr, out_ptr,
-        R, K, C, HW,
+        m_ptr, mc_ptr, d_ptr, part_ptr, out_ptr,
+        K, C, P, NPB, NPB_S, inv_chw, scale_m1,
         s_mb, s_mk, s_mc, s_mp,
-        ORTHO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+        s_ob, s_ok, s_oc, s_op,
+        ORTHO: tl.constexpr, POINTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
     ):  # fmt: skip
-        """``out[b,k,c,p] = mu + coef[b,0] * d[b,c,p] (+ coef[b,1] * m_c[b,c,p] when ORTHO)`` over
-        rows ``r = (b, k, c)``; ``out`` is ``(B, K, C, HW)`` contiguous."""
-        pid = tl.program_id(0)
-        n_pb = tl.cdiv(HW, BLOCK_P)
-        r = (pid // n_pb) * BLOCK_R + tl.arange(0, BLOCK_R)
-        p = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-        if INT64:
-            r = r.to(tl.int64)
-            p = p.to(tl.int64)
-        rmask = r < R
-        mask = rmask[:, None] & (p < HW)[None, :]
-        c = r % C
-        k = (r // C) % K
-        b = r // (C * K)
-        mu = tl.load(m_ptr + (b * s_mb + k * s_mk + c * s_mc)[:, None] + p[None, :] * s_mp, mask=mask, other=0.0).to(tl.float32)
-        g_off = (b * C + c)[:, None] * HW + p[None, :]
-        out = mu + tl.load(coef_ptr + b * 2, mask=rmask, other=0.0)[:, None] * tl.load(d_ptr + g_off, mask=mask, other=0.0)
+        """``out[b, k, c, p] = mu + a d[b, c, p] (+ b_s m_c[b, c, p] when ORTHO)`` with ``a = scale -
+        1`` and ``b_s = -a proj`` of the sample (from the statistics' partials, ``NPB_S`` per row);
+        each channel tile's shift is formed once per pixel and added to every component."""
+        _pid, b, p, kr, cr = _program_pixels(NPB, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
+        pmask = p < P
         if ORTHO:
-            out += tl.load(coef_ptr + b * 2 + 1, mask=rmask, other=0.0)[:, None] * tl.load(mc_ptr + g_off, mask=mask, other=0.0)
-        tl.store(out_ptr + r[:, None] * HW + p[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-
+            s_dm, s_mm, _s2, _s3 = _sample_sums(part_ptr, b, p, pmask, NPB_S, POINTS, BLOCK_N)
+            coef_m = -scale_m1 * (s_dm * inv_chw) / tl.maximum(s_mm * inv_chw, 1e-6)
+        m_base = m_ptr + b * s_mb + p[None, None, :] * s_mp
+        o_base = out_ptr + b * s_ob + p[None, None, :] * s_op
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + cr
+            mask2 = (cc < C)[:, None] & pmask[None, :]
+            g_off = (b * C + cc[:, None]) * P + p[None, :]
+            shift = scale_m1 * tl.load(d_ptr + g_off, mask=mask2, other=0.0)
+            if ORTHO:
+                shift += coef_m * tl.load(mc_ptr + g_off, mask=mask2, other=0.0)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + kr
+                mask3 = (kk < K)[:, None, None] & mask2[None, :, :]
+                mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc, mask=mask3, other=0.0).to(tl.float32)
+                tl.store(o_base + kk[:, None, None] * s_ok + cc[None, :, None] * s_oc, (mu + shift[None, :, :]).to(out_ptr.dtype.element_ty), mask=mask3)
 
 # ----------------------------------------------------------------------------- launchers
+#
+# Host cost: everything a launch needs besides the data pointers (views' strides, blocks, grids,
+# flags, scratch sizes) is a memoised plan per input geometry (shapes, strides, dtypes), built
+# once on meta tensors; a repeated call allocates its outputs and scratch and launches.
 
 
-def _launch_stats(cm, cl, cls, um, ul, with_var: bool, with_mc: bool):
-    """Pass 1. Returns ``(m_c, d, sums)``: ``(B, C, HW)`` float32 scratch (``m_c`` only
-    ``with_mc``) and the float64 sums ``(B, 4)`` over C, H, W of ``d m_c, m_c^2, d^2`` and over
-    H, W of ``v_c``."""
-    *_, Kc, C, H, W = cm.shape
-    Ku, HW = um.shape[-4], H * W
-    m4, l3 = flat_gm(cm, cl)
-    u4, ul3 = flat_gm(um, ul)
-    ls, _, s_lsb, s_lsp = flat_logstds(cls, H, W)
-    B = m4.shape[0]
-    bk, bc, bp = _blocks(max(Kc, Ku), C, HW)
-    npb = cdiv(HW, bp)
-    d = torch.empty((B, C, HW), device=cm.device, dtype=torch.float32)
-    m_c = torch.empty_like(d) if with_mc else d
-    part = torch.empty((B, npb, 4), device=cm.device, dtype=torch.float32)
-    _guidance_stats_kernel[(B * npb,)](
-        m4, l3, ls, u4, ul3, m_c, d, part,
-        Kc, Ku, C, HW, npb,
-        *m4.stride(), *l3.stride(), s_lsb, s_lsp, *u4.stride(), *ul3.stride(),
-        WITH_VAR=with_var, WITH_MC=with_mc, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
-        INT64=needs_int64(m4, l3, u4, ul3, d), num_warps=_stats_warps(with_var, with_mc, m4.element_size(), C),
-    )  # fmt: skip
-    return m_c, d, part.sum(dim=1, dtype=torch.float64)
+def _is_points(m4: torch.Tensor) -> bool:
+    """Point data: the ``(R, ..., P)`` views have ``P == 1``, so ``pixel_rows`` turns the rows
+    into the pixel axis and each lane of a program is its own sample."""
+    return m4.shape[0] > 1 and m4.shape[-1] == 1
 
 
-# ptxas of triton < 3.5 and >= 3.5 disagree on the lightest statistics variant (see _stats_warps)
-_OLD_PTXAS = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 5)
+def _meta(geom: tuple) -> list[torch.Tensor]:
+    """Meta tensors of a ``(shape, stride, dtype)`` geometry (what the plans are built from)."""
+    return [torch.empty_strided(s, st, dtype=dt, device="meta") for s, st, dt in geom]
 
 
-def _stats_warps(with_var: bool, with_mc: bool, elem_bytes: int, C: int) -> int:
-    """Warps of the statistics pass: 2 for plain mean-CFG on fp32 with up to 32 channels (the lightest
-    variant: at 4 warps triton 3.6 and 3.9 spilled 8 bytes at sm_90 for K = 8 to 1024, C = 4), else 4
-    (2 warps spilled bf16, and fp32 at C = 64). Keyed to the triton version because the older
-    compiler does the opposite: with triton 3.4, 4 warps compile clean and 2 spill 8-16 bytes."""
-    return 2 if not (with_var or with_mc) and elem_bytes == 4 and C <= 32 and not _OLD_PTXAS else 4
+def _geometry(*tensors: torch.Tensor) -> tuple:
+    return tuple((t.shape, t.stride(), t.dtype) for t in tensors)
 
 
-def _projection(sums: torch.Tensor, CHW: int, orthogonal: float) -> torch.Tensor:
-    """``proj = orthogonal * <d, m_c> / max(<m_c, m_c>, 1e-6)`` (0 when ``orthogonal == 0``),
-    ``<.,.>`` the mean over (C, H, W); float64 ``(B,)``."""
-    if orthogonal <= 0:
-        return torch.zeros_like(sums[:, 0])
-    return orthogonal * (sums[:, 0] / CHW) / (sums[:, 1] / CHW).clamp(min=1e-6)
+def _flat(means: torch.Tensor, logweights: torch.Tensor):
+    """``gm_views`` of a GM, or None when they would copy (H, W not mergeable): a plan passes the
+    inputs' own pointers, so its views must alias them."""
+    m4, l3 = gm_views(means, logweights)
+    return (m4, l3) if torch._C._is_alias_of(m4, means) and torch._C._is_alias_of(l3, logweights) else None
+
+
+def _stats_plan(m4, l3, ls2, u4, ul3, with_var: bool, with_mc: bool, with_dd: bool, points: bool) -> dict:
+    """Pass 1 on ``(R, K, C, P)`` / ``(R, K, P)`` / ``(R, P)`` views (after ``pixel_rows``): its
+    grid, scalar arguments and constexprs, the ``(R, C, P)`` float32 scratch shape (``d``, and
+    ``m_c`` when ``with_mc``), the rows of float32 partial sums (a row per program, or per lane for
+    point data; 0 when no column is asked for) and the layout that the bias-power pass reuses (it
+    writes the same rows)."""
+    R, Kc, C, P = m4.shape
+    elem = min(m4.element_size(), u4.element_size())
+    contiguous = m4.stride(-1) == 1 and u4.stride(-1) == 1
+    bk, bc, bp, warps = _layout(max(Kc, u4.shape[1]), C, P, R, elem, contiguous, 32)
+    if not contiguous:  # point data: a K tile of one component keeps the log-weights' and the
+        bk = 1  # means' loads in one layout (a wider tile vectorises only the log-weights along K)
+    npb = cdiv(P, bp)
+    sums = with_var or with_mc or with_dd
+    return {
+        "grid": (R * npb,),
+        "args": (Kc, u4.shape[1], C, P, npb, *m4.stride(), *l3.stride(), *ls2.stride(), *u4.stride(), *ul3.stride()),
+        "kw": dict(WITH_VAR=with_var, WITH_MC=with_mc, WITH_DD=with_dd, SUMS=sums, POINTS=points, BLOCK_K=bk, BLOCK_C=bc,
+                   BLOCK_P=bp, INT64=needs_int64(m4, l3, ls2, u4, ul3), num_warps=warps),  # fmt: skip
+        "scratch": (R, C, P),
+        "part_rows": (P if points else R * npb) if sums else 0,
+        "npb": npb, "block_c": bc, "block_p": bp, "warps": warps,
+    }  # fmt: skip
+
+
+@launch_plan
+def _probabilistic_plan(geom: tuple, orthogonal: bool) -> dict | None:
+    """The three launches of probabilistic guidance for inputs ``(cm, cls, cl, um, ul)`` of this
+    geometry (None when a flattened view would copy)."""
+    cm, cls, cl, um, ul = _meta(geom)
+    *_, K, C, H, W = cm.shape
+    cg, ug = _flat(cm, cl), _flat(um, ul)
+    if cg is None or ug is None:
+        return None
+    (m4, l3), (u4, ul3) = cg, ug
+    R, P = m4.shape[0], m4.shape[-1]
+    ls2 = per_row(cls, R, P)
+    if not torch._C._is_alias_of(ls2, cls):
+        return None
+    out_ls = torch.empty(cls.shape, device="meta", dtype=cm.dtype)
+    points = _is_points(m4)
+    views = pixel_rows(m4, l3, ls2, u4, ul3, torch.empty((R, K, C, P), device="meta", dtype=cm.dtype),
+                       torch.empty((R, K, P), device="meta", dtype=cm.dtype), out_ls.view(R, -1))  # fmt: skip
+    m4, l3, ls2, u4, ul3, om, ol, ols = views
+    R, P = m4.shape[0], m4.shape[-1]
+    stats = _stats_plan(m4, l3, ls2, u4, ul3, True, True, not orthogonal, points)
+    int64 = needs_int64(*views)
+    bias = dict(POINTS=points, BLOCK_C=stats["block_c"], BLOCK_P=stats["block_p"], BLOCK_N=_NSUM, INT64=int64,
+                num_warps=stats["warps"])  # fmt: skip
+    bk, bc, bp, warps = _apply_layout(K, C, P, R, cm.element_size(), m4.stride(-1) == 1)
+    single_k = K <= bk
+    npb = cdiv(P, bp)
+    return {
+        "stats": stats,
+        "bias_grid": (R * stats["npb"],),
+        "bias_args": (C, P, stats["npb"], 1.0 / (C * H * W)),
+        "bias_kw": bias,
+        "apply_grid": (R * npb,),
+        "apply_args": (K, C, P, npb, stats["npb"], ols.shape[-1], *m4.stride(), *l3.stride(), *ls2.stride(), *om.stride(),
+                       *ol.stride(), *ols.stride(), 1.0 / (C * H * W), 1.0 / (H * W)),  # fmt: skip
+        "apply_kw": dict(POINTS=points, SINGLE_K=single_k, ONE_C=C <= bc, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, BLOCK_N=_NSUM,
+                         INT64=int64, num_warps=warps),  # fmt: skip
+        # unnormalised logits between the apply's two sweeps: float32, with the log-weights' strides
+        "logits": None if single_k or cm.dtype == torch.float32 else (ol.shape, ol.stride()),
+    }  # fmt: skip
+
+
+def _scratch(stats: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m_c, d, part)`` float32 scratch of a statistics plan (``m_c`` is ``d`` without
+    ``WITH_MC``, ``part`` is ``d`` when no partial sums are written)."""
+    d = torch.empty(stats["scratch"], device=device, dtype=torch.float32)
+    m_c = torch.empty(stats["scratch"], device=device, dtype=torch.float32) if stats["kw"]["WITH_MC"] else d
+    part = torch.empty((stats["part_rows"], 4), device=device, dtype=torch.float32) if stats["part_rows"] else d
+    return m_c, d, part
 
 
 def _launch_probabilistic(cm, cls, cl, um, ul, scale: float, orthogonal: float):
-    *batch, K, C, H, W = cm.shape
-    HW = H * W
     if cm.numel() == 0:
         return torch.empty_like(cm, memory_format=torch.contiguous_format), cls.to(cm.dtype, copy=True), cl.to(cm.dtype, copy=True)
-    m_c, d, sums = _launch_stats(cm, cl, cls, um, ul, with_var=True, with_mc=True)
-    proj = _projection(sums, C * HW, orthogonal)
-    if orthogonal > 0:  # P from the scratch: no <d,d> - proj <d,m_c> cancellation
-        bias = torch.addcmul(d, m_c, proj.to(torch.float32).view(-1, 1, 1), value=-1.0)
-        P = torch.linalg.vector_norm(bias.view(bias.shape[0], -1), dim=1, dtype=torch.float64).square() / (C * HW)
-    else:
-        P = sums[:, 2] / (C * HW)
-    V = sums[:, 3] / HW
-    factor = scale * torch.sqrt(V / P.clamp(min=1e-6))
-    # target (m_c + factor (d - proj m_c), V (1 - scale^2)) divided by cond (m_c, V): the
-    # quotient's normaliser V - V (1 - scale^2) is formed as V scale^2 (no cancellation).
-    n_q = (V * scale * scale).clamp(min=1e-6)
-    coef = torch.stack([(V * scale * scale - V * factor * proj) / n_q, V * factor / n_q, V * (1 - scale * scale) * V / n_q], dim=1)
-    coef = coef.to(torch.float32).contiguous()
+    plan = _probabilistic_plan(_geometry(cm, cls, cl, um, ul), orthogonal > 0)
+    if plan is None:  # a layout whose flattened views would copy: copy once, contiguously
+        cm, cls, cl, um, ul = (t.contiguous() for t in (cm, cls, cl, um, ul))
+        plan = _probabilistic_plan(_geometry(cm, cls, cl, um, ul), orthogonal > 0)
+    dev = cm.device
+    out_m = torch.empty(cm.shape, device=dev, dtype=cm.dtype)
+    out_l = torch.empty(cl.shape, device=dev, dtype=cm.dtype)
+    out_ls = torch.empty(cls.shape, device=dev, dtype=cm.dtype)
+    stats = plan["stats"]
+    m_c, d, part = _scratch(stats, dev)
+    _guidance_stats_kernel[stats["grid"]](cm, cl, cls, um, ul, m_c, d, part, *stats["args"], **stats["kw"])
+    if orthogonal > 0:  # <b, b> from the scratch: no <d,d> - 2 proj <d,m_c> + ... cancellation
+        _guidance_bias_power_kernel[plan["bias_grid"]](m_c, d, part, *plan["bias_args"], orthogonal, **plan["bias_kw"])
+    lg = out_l if plan["logits"] is None else torch.empty_strided(*plan["logits"], device=dev, dtype=torch.float32)
+    _guidance_apply_kernel[plan["apply_grid"]](
+        cm, cl, cls, m_c, d, part, out_m, out_l, out_ls, lg, *plan["apply_args"], scale, orthogonal, 1e-6, **plan["apply_kw"]
+    )
+    return out_m, out_ls, out_l
 
-    m4, l3 = flat_gm(cm, cl)
-    ls, ls_hw, s_lsb, s_lsp = flat_logstds(cls, H, W)
-    B = m4.shape[0]
-    out_m = torch.empty((B, K, C, HW), device=cm.device, dtype=cm.dtype)
-    out_l = torch.empty((B, K, HW), device=cm.device, dtype=cm.dtype)
-    out_ls = torch.empty((B, ls_hw), device=cm.device, dtype=cm.dtype)
-    bk, bc, bp = _blocks(K, C, HW)
-    npb = cdiv(HW, bp)
-    _guidance_apply_kernel[(B * npb,)](
-        m4, l3, ls, m_c, d, coef, out_m, out_l, out_ls,
-        K, C, HW, npb, ls_hw,
-        *m4.stride(), *l3.stride(), s_lsb, s_lsp, 1e-6,
-        SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, INT64=needs_int64(m4, l3, out_m), num_warps=4,
-    )  # fmt: skip
-    return out_m.view(cm.shape), out_ls.view(cls.shape), out_l.view(cl.shape)
+
+@launch_plan
+def _weight_plan(geom: tuple) -> dict | None:
+    """The weight-guidance launch for log-weights ``(lc, lu)`` of this geometry, written to a
+    contiguous output (None when a flattened view would copy)."""
+    lc, lu = _meta(geom)
+    *_, K, _, H, W = lc.shape
+    HW = H * W
+    out = torch.empty((math.prod(lc.shape[:-4]), K, HW), device="meta", dtype=lc.dtype)
+    # per pixel only: point data (H = W = 1) runs as one row of B pixels
+    c3, u3, o3 = pixel_rows(lc.reshape(-1, K, HW), lu.reshape(-1, K, HW), out)
+    if not (torch._C._is_alias_of(c3, lc) and torch._C._is_alias_of(u3, lu)):
+        return None
+    B, P = c3.shape[0], c3.shape[-1]
+    elem = min(c3.element_size(), u3.element_size())
+    bk, _, bp, warps = _layout(K, 1, P, B, elem, c3.stride(-1) == 1 and u3.stride(-1) == 1, 64)
+    npb = cdiv(P, bp)
+    return {
+        "grid": (B * npb,),
+        "args": (K, P, npb, *c3.stride(), *u3.stride(), *o3.stride()),
+        "kw": dict(SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, o3), num_warps=warps),
+    }
 
 
 def _launch_weight(lc: torch.Tensor, lu: torch.Tensor, scale: float) -> torch.Tensor:
-    *_, K, _, H, W = lc.shape
-    HW = H * W
-    out = torch.empty((math.prod(lc.shape[:-4]), K, HW), device=lc.device, dtype=lc.dtype)
+    out = torch.empty(lc.shape, device=lc.device, dtype=lc.dtype)
     if out.numel() == 0:
-        return out.view(lc.shape)
-    # per pixel only: point data (H = W = 1) runs as one row of B pixels
-    c3, u3, o3 = pixel_rows(lc.reshape(-1, K, HW), lu.reshape(-1, K, HW), out)
-    B, P = c3.shape[0], c3.shape[-1]
-    bk = pow2_at_most(K, 16)
-    bp = pow2_at_most(P, max(16, _TILE // bk))
+        return out
+    plan = _weight_plan(_geometry(lc, lu))
+    if plan is None:
+        lc, lu = lc.contiguous(), lu.contiguous()
+        plan = _weight_plan(_geometry(lc, lu))
+    _weight_guidance_kernel[plan["grid"]](lc, lu, out, *plan["args"], scale - 1.0, **plan["kw"])
+    return out
+
+
+@launch_plan
+def _mean_cfg_plan(geom: tuple, orthogonal: bool) -> dict | None:
+    """The statistics and apply launches of mean-CFG for inputs ``(cm, cl, um, ul)`` of this
+    geometry (None when a flattened view would copy)."""
+    cm, cl, um, ul = _meta(geom)
+    *_, K, C, H, W = cm.shape
+    cg, ug = _flat(cm, cl), _flat(um, ul)
+    if cg is None or ug is None:
+        return None
+    (m4, l3), (u4, ul3) = cg, ug
+    R, P = m4.shape[0], m4.shape[-1]
+    points = _is_points(m4)
+    m4, l3, u4, ul3, om = pixel_rows(m4, l3, u4, ul3, torch.empty((R, K, C, P), device="meta", dtype=cm.dtype))
+    R, P = m4.shape[0], m4.shape[-1]
+    stats = _stats_plan(m4, l3, l3[:, 0], u4, ul3, False, orthogonal, False, points)
+    bk, bc, bp, warps = _layout(K, C, P, R, cm.element_size(), m4.stride(-1) == 1, 64)
     npb = cdiv(P, bp)
-    _weight_guidance_kernel[(B * npb,)](
-        c3, u3, o3, K, P, npb, *c3.stride(), *u3.stride(), *o3.stride(), scale - 1.0,
-        SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, o3), num_warps=4,
-    )  # fmt: skip
-    return out.view(lc.shape)
+    return {
+        "stats": stats,
+        "apply_grid": (R * npb,),
+        "apply_args": (K, C, P, npb, stats["npb"], 1.0 / (C * H * W)),
+        "apply_strides": (*m4.stride(), *om.stride()),
+        "apply_kw": dict(ORTHO=orthogonal, POINTS=points, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, BLOCK_N=_NSUM,
+                         INT64=needs_int64(m4, om), num_warps=warps),  # fmt: skip
+    }
 
 
 def _launch_mean_cfg(cm, cl, um, ul, scale: float, orthogonal: bool) -> torch.Tensor:
-    *_, K, C, H, W = cm.shape
-    HW = H * W
     if cm.numel() == 0:
         return torch.empty_like(cm, memory_format=torch.contiguous_format)
-    # no variance here: the log-weights stand in for the unused logstds pointer
-    m_c, d, sums = _launch_stats(cm, cl, cl, um, ul, with_var=False, with_mc=orthogonal)
-    proj = _projection(sums, C * HW, 1.0 if orthogonal else 0.0)
-    coef = torch.stack([torch.full_like(proj, scale - 1.0), -(scale - 1.0) * proj], dim=1).to(torch.float32).contiguous()
-    m4 = flat_gm(cm)
-    B = m4.shape[0]
-    out = torch.empty((B, K, C, HW), device=cm.device, dtype=cm.dtype)
-    R = B * K * C
-    block_p = pow2_at_most(HW, 1024)
-    block_r = pow2_at_most(R, max(1, _TILE // block_p))
-    grid = (cdiv(R, block_r) * cdiv(HW, block_p),)
-    _mean_cfg_apply_kernel[grid](
-        m4, m_c, d, coef, out, R, K, C, HW, *m4.stride(),
-        ORTHO=orthogonal, BLOCK_R=block_r, BLOCK_P=block_p, INT64=needs_int64(m4, out), num_warps=4,
-    )  # fmt: skip
-    return out.view(cm.shape)
+    plan = _mean_cfg_plan(_geometry(cm, cl, um, ul), orthogonal)
+    if plan is None:
+        cm, cl, um, ul = (t.contiguous() for t in (cm, cl, um, ul))
+        plan = _mean_cfg_plan(_geometry(cm, cl, um, ul), orthogonal)
+    out = torch.empty(cm.shape, device=cm.device, dtype=cm.dtype)
+    stats = plan["stats"]
+    m_c, d, part = _scratch(stats, cm.device)
+    # no variance: the log-weights stand in for the unused logstds pointer
+    _guidance_stats_kernel[stats["grid"]](cm, cl, cl, um, ul, m_c, d, part, *stats["args"], **stats["kw"])
+    _mean_cfg_apply_kernel[plan["apply_grid"]](
+        cm, m_c, d, part, out, *plan["apply_args"], scale - 1.0, *plan["apply_strides"], **plan["apply_kw"]
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------- torch.library ops
@@ -529,6 +720,11 @@ def _(cond_means, cond_logweights, uncond_means, uncond_logweights, scale, ortho
 # ----------------------------------------------------------------------------- public ops
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is a no-op (host cost)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _check_pair(gm_cond: dict, gm_uncond: dict) -> GMShape:
     s = check_gm(gm_cond, "gm_cond")
     u = check_gm(gm_uncond, "gm_uncond")
@@ -551,8 +747,10 @@ def probabilistic_guidance(gm_cond: dict, gm_uncond: dict, scale: float, orthogo
         scale: in [0, 1); ``scale == 0`` returns ``gm_cond`` itself (the identity).
         orthogonal: amount >= 0 of the projection of the bias onto ``m_c`` that is removed.
     Returns:
-        The guided GM, shapes of ``gm_cond``, dtype of ``gm_cond['means']``. Two kernel passes on
-        CUDA (see the module docstring).
+        The guided GM, shapes of ``gm_cond``, dtype of ``gm_cond['means']``. On CUDA: one pass
+        over both GMs (statistics), one over the conditional GM (the reweighting) and, with
+        ``orthogonal > 0``, one over the ``(*B, C, H, W)`` statistics in between (see the module
+        docstring).
     """
     s = _check_pair(gm_cond, gm_uncond)
     scale = check_power(scale, "scale")
@@ -582,7 +780,7 @@ def weight_guidance(gm_cond: dict, gm_uncond: dict, scale: float) -> dict:
     if not kernels_wanted(gm_cond["means"], gm_cond["logweights"], gm_uncond["logweights"]):
         return run_reference(ref.weight_guidance, gm_cond, gm_uncond, scale, out_dtype=s.dtype)
     logweights = call_op(torch.ops.gmkernels.weight_guidance, gm_cond["logweights"], gm_uncond["logweights"], scale)
-    return {"means": gm_cond["means"], "logstds": gm_cond["logstds"].to(s.dtype), "logweights": logweights.to(s.dtype)}
+    return {"means": gm_cond["means"], "logstds": _as(gm_cond["logstds"], s.dtype), "logweights": _as(logweights, s.dtype)}
 
 
 def mean_cfg(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: bool = False) -> dict:
@@ -595,7 +793,7 @@ def mean_cfg(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: bool = Fa
     if not kernels_wanted(*tensors):
         return run_reference(ref.mean_cfg, gm_cond, gm_uncond, scale, bool(orthogonal), out_dtype=s.dtype)
     means = call_op(torch.ops.gmkernels.mean_cfg, *tensors, scale, bool(orthogonal))
-    return {"means": means, "logstds": gm_cond["logstds"].to(s.dtype), "logweights": gm_cond["logweights"].to(s.dtype)}
+    return {"means": means, "logstds": _as(gm_cond["logstds"], s.dtype), "logweights": _as(gm_cond["logweights"], s.dtype)}
 
 
 # ----------------------------------------------------------------------------- AOT cases
