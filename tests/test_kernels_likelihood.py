@@ -289,7 +289,12 @@ def test_transition_loss_matches_reference(c, dtype, reduction, data):
         assert float((out.double() - ref_out).norm()) <= tol * float(mag.norm())
     else:
         assert abs(float(out) - float(ref_out)) <= tol * float(mag.mean())
-    assert rel_err(grads[0], ref_grads[0]) < tol, "means"
+    # the means' gradient carries the residual x_low - mu_low, a difference of nearly equal
+    # states at tiny sigmas: its float32 rounding is amplified by (|x| + |mu|) / |x - mu| (531
+    # at t_high = 2, t_low = 0, where float32 torch itself misses 1e-5): widened past 100x
+    resid = xl64.unsqueeze(-4) - gm_low64["means"]
+    amplification = float((xl64.unsqueeze(-4).abs() + gm_low64["means"].abs()).norm() / resid.norm())
+    assert rel_err(grads[0], ref_grads[0]) < tol * max(1.0, amplification / 100), "means"
     assert rel_err(grads[2], ref_grads[2]) < tol, "logweights"
     # d logstds_low / d logstds_u lies in [0, 1]: the NLL's log-std bound carries over
     scale = _logstd_grad_scale(gm_low64, xl64, grad, reduction).sum_to_size(gm_u["logstds"].shape)
