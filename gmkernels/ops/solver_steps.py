@@ -48,7 +48,9 @@ _REG_TILE = 64  # GM elements (K x C) of a pixel that the fused step keeps in on
 # Triton before 3.9 (3.6 checked) orders a (K, C, pixels) tile K before C and puts the warps of a
 # channel-split layout along K whenever BLOCK_K > 1: every channel in every thread (C = 64, fp32,
 # triton 3.6: 8 to 1840 bytes of spills in 14 of the 16 step variants). There those layouts
-# stream one component at a time; triton 3.9 keeps the warps on C with K tiles.
+# stream one component at a time (left: 32 bytes at sm_80 in the 2nd-order weight-guided step
+# at C = 64, where that ptxas settles on 128 registers; 16 warps moved 8-24 bytes to three other
+# launches, at 64 registers); triton 3.9 keeps the warps on C with K tiles.
 _SPLIT_K1 = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 
@@ -66,9 +68,10 @@ def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = Fals
     per substep (re-read from L1/L2: the step still reads the GM from DRAM once). ``C > 16``:
     32 pixels per program, channels spread over the warps: 4 warps up to 32 channels, 8 at 64,
     so a thread holds at most 8 channels up to C = 64. At C = 64 on 4 warps (16 channels per
-    thread) the 2nd-order probabilistic step spilled 64-88 bytes even with ``_fs_moments`` (1368
-    at sm_90 before it); 16 warps (4 per thread) cap a thread at 128 registers and spilled more.
-    Above 64 channels (no users shape) the layout stays at 4 warps.
+    thread) the 2nd-order probabilistic step spilled 64-88 bytes even with ``_fs_moments`` (1384
+    at sm_90 before it); 16 warps (4 per thread) cap a thread at 128 registers and spilled 1656
+    bytes there before ``_fs_moments`` (triton 3.9).
+    Above 64 channels (no users shape) the layout stays at 4 warps. Triton < 3.9: see ``_SPLIT_K1``.
     The GM-SDE draw halves the tile: its in-thread ``tl.cumsum`` over 16 components went to local
     memory (32-40 bytes at sm_80/sm_90), over 8 it does not. ``heavy`` launches (guidance or 2nd
     order: a dozen more per-pixel C-vectors live) halve it, stream K in quarter tiles, and spread
