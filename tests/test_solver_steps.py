@@ -325,6 +325,33 @@ def test_plain_ode_step_of_a_wide_gm_matches_eager_reference(per_pixel, dtype):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("k1", [False, True])
+@pytest.mark.parametrize("solver,order,guided", [("gm-ode", 2, GUIDED[1]), ("gm-ode", 1, GUIDED[0]), ("gm-sde", 2, GUIDED[3])])
+def test_fused_step_channel_split_layouts(k1, solver, order, guided, monkeypatch):
+    """C = 20: channels over the warps, K in tiles (5 components, dead ones included; streamed in
+    the heavy steps) or, as on triton < 3.9 (``_SPLIT_K1``), one component at a time; both equal
+    the eager path."""
+    monkeypatch.setattr(ops, "_SPLIT_K1", k1)
+    ops._fused_blocks.cache_clear()
+    try:
+        guidance, scale = guided
+        shape = ((1,), 5, 20, 2, 3)
+        bk = ops._fused_blocks(5, 20, 6, solver == "gm-sde", heavy=order == 2 or scale > 0)[0]
+        assert bk == 1 if k1 else bk > 1
+        gms = _outputs(shape, 7, torch.float32, True, False, scale > 0, K_uncond=4 if scale > 0 else None)
+        x = make_state(shape, 7).float()
+        out = _run_sampler(gms, x, solver, order, guidance, scale, 1.0, True, "triton", seed=3)
+        if solver == "gm-sde":  # the same Philox stream as gm_sde_step
+            expect = _run_sampler(gms, x, solver, order, guidance, scale, 1.0, False, "triton", seed=3)
+        else:
+            g64 = [tuple(f64(g) for g in o) if isinstance(o, tuple) else f64(o) for o in gms]
+            expect = _run_sampler(g64, x.double(), solver, order, guidance, scale, 1.0, False, "torch")
+        assert out.isfinite().all() and rel_err(out, expect) < TOL[torch.float32]
+    finally:
+        ops._fused_blocks.cache_clear()
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("guided", GUIDED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -30,7 +30,6 @@ from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state
 from ._launch import I32_MAX, call_op, cdiv, launch_plan, needs_int64
-from .mixture import online_moments_update
 from .policy import _policy_rollout_kernel, rollout_blocks
 
 try:
@@ -52,6 +51,13 @@ def _np2(n: int) -> int:
 
 _REG_TILE = 64  # GM elements (K x C) of a pixel that the fused step keeps in one thread's registers
 _REG_TILE_WIDE = 128  # the plain GM-ODE step's bound for at most 32 components (see ``_fused_blocks``)
+# Triton before 3.9 (3.6 checked) orders a (K, C, pixels) tile K before C and puts the warps of a
+# channel-split layout along K whenever BLOCK_K > 1: every channel in every thread (C = 64, fp32,
+# triton 3.6: 8 to 1840 bytes of spills in 14 of the 16 step variants). There those layouts
+# stream one component at a time (left: 32 bytes at sm_80 in the 2nd-order weight-guided step
+# at C = 64, where that ptxas settles on 128 registers; 16 warps moved 8-24 bytes to three other
+# launches, at 64 registers); triton 3.9 keeps the warps on C with K tiles.
+_SPLIT_K1 = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 
 @launch_plan
@@ -64,27 +70,36 @@ def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = Fals
     thread gets a vector of pixels: the ``(K, C, pixels)`` tiles lie with K and C inside the
     thread and the warps along the pixels, on triton 3.6 and 3.9 alike: the K and C reductions of the substep loop
     need no shuffle or barrier. The pixel's whole GM stays in registers across the substeps when
-    ``K * C <= _REG_TILE`` (``ONE_TILE``); above, K is streamed in tiles of ``_REG_TILE`` elements
-    per substep (re-read from L1/L2: the step still reads the GM from DRAM once). ``C > 16``:
-    32 pixels per program, channels spread over the 4 warps (per-thread registers stay bounded).
+    ``K * C <= _REG_TILE`` (``ONE_TILE``), or ``_REG_TILE_WIDE`` for the plain GM-ODE step with at
+    most 32 components (K8C16 and K32C4: 224-255 registers, no spill on triton 3.6 or 3.9; K64C2
+    spilled 144 bytes); above, K is streamed in tiles of ``_REG_TILE`` elements per substep
+    (re-read from L1/L2: the step still reads the GM from DRAM once; ``ode_path`` sends the plain
+    step of GMs up to 1024 elements to the rollout kernel instead). ``C > 16``:
+    32 pixels per program, channels spread over the warps: 4 warps up to 32 channels, 8 at 64,
+    so a thread holds at most 8 channels up to C = 64. At C = 64 on 4 warps (16 channels per
+    thread) the 2nd-order probabilistic step spilled 64-88 bytes even with ``_fs_moments`` (1384
+    at sm_90 before it); 16 warps (4 per thread) cap a thread at 128 registers and spilled 1656
+    bytes there before ``_fs_moments`` (triton 3.9).
+    Above 64 channels (no users shape) the layout stays at 4 warps. Triton < 3.9: see ``_SPLIT_K1``.
     The GM-SDE draw halves the tile: its in-thread ``tl.cumsum`` over 16 components went to local
     memory (32-40 bytes at sm_80/sm_90), over 8 it does not. ``heavy`` launches (guidance or 2nd
     order: a dozen more per-pixel C-vectors live) halve it, stream K in quarter tiles, and spread
     16 channels over the warps as well: one pixel per thread spilled there (8 bytes at K >= 32,
-    C = 4, in half tiles; 200+ at C = 16). At C = 64 they still spill (1368 bytes at
-    sm_90 for 2nd-order probabilistic guidance: 16 channels per thread).
+    C = 4, in half tiles; 200+ at C = 16).
     """
     bc = _np2(C)
     split = bc > 16 or (bc == 16 and heavy)
     reg_tile = _REG_TILE // 2 if (sde or heavy) else _REG_TILE
     stream_tile = reg_tile // 2 if heavy and not split else reg_tile
     if split:
-        bp, warps = 32, 4
+        bp, warps = 32, (8 if bc == 64 else 4)
     else:
         bp = min(max(_np2(HW), 32), 128)
         warps = bp // 32
     per_thread_c = bc // warps if split else bc
     bk = _np2(K)
+    if split and _SPLIT_K1:
+        return 1, bc, bp, K == 1, warps
     if bk * per_thread_c <= reg_tile or (not (sde or heavy or split) and bk <= 32 and bk * per_thread_c <= _REG_TILE_WIDE):
         return bk, bc, bp, True, warps
     return max(1, stream_tile // per_thread_c), bc, bp, False, warps
@@ -264,7 +279,32 @@ if triton is not None:
         if Q2:
             d2 = al2[None, None, :] * mu + c2[None, :, :]
             lg = lg - kap2[None, :] * tl.sum(d2 * d2, axis=1)
-        return online_moments_update(lg * 1.4426950408889634, mu, m, w_sum, mean, m2, WITH_VAR)
+        return _fs_moments(lg * 1.4426950408889634, mu, m, w_sum, mean, m2, WITH_VAR)
+
+    @triton.jit
+    def _fs_moments(lw2, mu, m, w_sum, mean, m2, WITH_VAR: tl.constexpr):
+        """``online_moments_update`` with the per-pixel state ``m``, ``w_sum`` kept ``[1, BP]``
+        (K reductions with the channel axis kept): every per-pixel factor then shares the layout
+        of the ``[BC, BP]`` moments. With ``[BP]`` factors the compiler laid the moments (and the
+        ODE state) out as a K-reduced tile, every channel in every thread: 255 registers and 1 KB
+        of spills at C = 64 with the channels split over 8 warps."""
+        l3 = lw2[:, None, :]  # [BK, 1, BP]
+        m_new = tl.maximum(m, tl.max(l3, axis=0))  # [1, BP]
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_ref)  # 0 while nothing was alive
+        p = tl.exp2(l3 - m_ref[None, :, :])  # [BK, 1, BP]
+        w_t = tl.sum(p, axis=0)
+        w_old = w_sum * alpha
+        w_new = w_old + w_t
+        mean_t = tl.sum(p * mu, axis=0) / tl.where(w_t > 0, w_t, 1.0)
+        frac = w_t / tl.where(w_new > 0, w_new, 1.0)
+        delta = mean_t - mean
+        mean = mean + delta * frac
+        if WITH_VAR:
+            dev = mu - mean_t[None, :, :]
+            m2_t = tl.sum(p * dev * dev, axis=0)
+            m2 = m2 * alpha + m2_t + delta * delta * (w_old * frac)
+        return m_new, w_new, mean, m2
 
     @triton.jit
     def _fs_pass(mu_all, l_all, um_base, ul_base, lu_base, K, s_mk, s_lk, s_luk, kr, xmask, pmask, xb, a0, wsc,
@@ -273,8 +313,8 @@ if triton is not None:
                  WITH_VAR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
         """Softmax-weighted mean ``[BC, BP]`` of the (reweighted) means over all K and, with
         ``WITH_VAR``, the weighted squared deviation summed over channels ``[BP]``."""
-        m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        w_sum = tl.zeros([BLOCK_P], tl.float32)
+        m = tl.full([1, BLOCK_P], float("-inf"), tl.float32)
+        w_sum = tl.zeros([1, BLOCK_P], tl.float32)
         mean = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
         m2 = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
         if ONE_TILE:
@@ -283,7 +323,7 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 mu, lg = _fs_load(um_base, ul_base, lu_base, k0, kr, K, s_mk, s_lk, s_luk, xmask, pmask, xb, a0, wsc, WEIGHT)
                 m, w_sum, mean, m2 = _fs_tile(mu, lg, kap1, c1, kap2, al2, c2, m, w_sum, mean, m2, Q1, Q2, WITH_VAR)
-        var = tl.sum(m2, axis=0) / tl.where(w_sum > 0, w_sum, 1.0)
+        var = tl.sum(m2, axis=0) / tl.sum(tl.where(w_sum > 0, w_sum, 1.0), axis=0)
         return mean, var
 
     @triton.jit
