@@ -109,7 +109,7 @@ def test_ode_kernel_matches_reference(shape, seed, sigmas, dtype, dead, per_pixe
 
 @pytest.mark.triton
 @pytest.mark.parametrize("K,C,per_pixel,path", [(8, 4, False, "registers"), (2, 40, False, "registers"), (70, 3, False, "wide"),
-                                                 (5, 40, False, "wide"), (70, 3, True, "wide"), (300, 5, False, "streamed")])
+                                                 (9, 40, False, "wide"), (70, 3, True, "wide"), (300, 5, False, "streamed")])
 def test_ode_kernel_every_register_path_noncontiguous(K, C, per_pixel, path):
     """All K in one thread's registers, the GM spread over a program's threads, and K streamed
     in tiles; strided (non-contiguous) GM and state."""
