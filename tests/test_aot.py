@@ -72,14 +72,10 @@ def test_launch_grids_fit_cuda_limits(shape):
 
 
 # launches that still run one point per program on point data: their kernels reduce per batch
-# row (guidance statistics and the per-row coefficients of its apply pass, the fused step's
-# statistics modes) or derive the Philox offsets, the per-sample coefficients and the output
-# address from the row (gm_sde_step, the fused step of gm_ode_substeps and the sampler), so
-# packing rows needs kernel work
+# row (guidance statistics and the per-row coefficients of its apply pass), so packing rows
+# needs kernel work
 def _point_data_gap(name: str) -> bool:
-    return name.startswith(("gm_sde_step[", "gm_ode_substeps[", "fused_step[", "probabilistic_guidance[")) or (
-        name.startswith("mean_cfg[") and name.endswith("#0")
-    )
+    return name.startswith("probabilistic_guidance[") or (name.startswith("mean_cfg[") and name.endswith("#0"))
 
 
 def _point_data_programs() -> dict[str, int]:
