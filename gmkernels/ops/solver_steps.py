@@ -90,7 +90,8 @@ def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
     K and C tiles stay at 512 elements: larger K tiles made ptxas use local memory for the bf16
     sm_80 build of the CDF walk (``tl.cumsum``) at the benchmark shape, and 16-channel tiles
     (2048 elements) 32 bytes of it for bf16 at sm_80 when C >= 16. At least 2 pixels: a
-    one-pixel block (point data) compiled to a 32-byte stack frame at sm_80."""
+    one-pixel block (a single point: a batch of points packs its rows, ``HW`` is then ``B``)
+    compiled to a 32-byte stack frame at sm_80."""
     bp = min(max(_np2(HW), 2), 128)
     return min(_np2(K), max(1, _SDE_TILE // bp)), min(_np2(C), max(1, _SDE_TILE // bp)), bp
 
