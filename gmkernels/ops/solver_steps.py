@@ -568,6 +568,13 @@ if triton is not None:
                     tl.store(post_ptr + o_off, post, mask=xmask)
 
 
+#: Point data packs its rows into the fused step's lanes only where the compiler keeps the lanes on
+#: them: the packed tiles have no contiguous axis, and triton 3.6's coalescing then puts the lanes
+#: along K (cross-thread reductions, 2-3 KB of spills at sm_80/sm_90 for K = 64, C = 2), where
+#: triton 3.9 keeps one row per thread (0 spills). Below 3.9 the fused step runs one row per program.
+_PACK_FUSED = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+
+
 def _flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor):
     """``(B, K, C, HW)`` means, ``(B, K, HW)`` log-weights, ``(B, 1|HW)`` log-stds (views when
     the strides allow) and the log-std strides (pixel stride 0 for a per-sample std)."""
@@ -588,7 +595,7 @@ def _launch_ode(means, logstds, logweights, x, sigmas, eps):
     xf = x.reshape(B, C, HW)
     out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
     sig = sigmas.to(torch.float32).contiguous()
-    pack = HW == 1 and B > 1  # point data: the batch rows fill the pixel lanes
+    pack = _PACK_FUSED and HW == 1 and B > 1  # point data: the batch rows fill the pixel lanes
     bk, bc, bp, one, warps = _fused_blocks(K, C, B if pack else HW)
     npb = cdiv(HW, bp)
     _fused_step_kernel[(cdiv(B, bp) if pack else B * npb,)](
@@ -830,7 +837,7 @@ def fused_step(
     vm, vl = uncond["means"].reshape(-1, KU, C, HW), uncond["logweights"].reshape(-1, KU, HW)
     B = m.shape[0]
     xf = x.reshape(B, C, HW)
-    pack = HW == 1 and B > 1  # point data: the batch rows fill the pixel lanes, one statistics row each
+    pack = _PACK_FUSED and HW == 1 and B > 1  # point data: the batch rows fill the pixel lanes, one statistics row each
     bk, bc, bp, one, warps = _fused_blocks(K, C, B if pack else HW, sde, heavy=has_uncond or order2)
     npb = 1 if pack else cdiv(HW, bp)  # programs (statistics rows) per batch row
     dev = x.device
