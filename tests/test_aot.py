@@ -11,12 +11,13 @@ import importlib
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 pytest.importorskip("triton")
 
-from gmkernels._aot import FAMILIES, SHAPE_SETS, sass_stats, shape_cases  # noqa: E402
+from gmkernels._aot import FAMILIES, SHAPE_SETS, AotCase, sass_stats, shape_cases  # noqa: E402
 from gmkernels.ops.solver_steps import _PACK_FUSED  # noqa: E402
 
 
@@ -79,6 +80,15 @@ def _point_data_gap(name: str) -> bool:
     if not _PACK_FUSED and name.startswith(("gm_ode_substeps[", "fused_step[")):
         return True
     return name.startswith("probabilistic_guidance[") or (name.startswith("mean_cfg[") and name.endswith("#0"))
+
+
+def test_points_per_program_counts_live_points():
+    """A program covers ``min(BLOCK_P, row pixels)`` points unless its kernel packs rows."""
+    case = AotCase("k", None, {}, {"BLOCK_P": 32}, row_pixels=1)
+    assert case.pixels_per_program == 1
+    assert replace(case, row_pixels=100).pixels_per_program == 32
+    assert replace(case, constexprs={"BLOCK_P": 32, "PACK": True}).pixels_per_program == 32
+    assert replace(case, pixels=7).pixels_per_program == 7
 
 
 def _point_data_programs() -> dict[str, int]:

@@ -1,7 +1,8 @@
 """The solver-step kernels on point data (``H = W = 1``: a batch of single-pixel samples, as for
-2-D toy data), where the launchers pack the batch rows into the pixel lanes of a program: against
-the reference twins, and against the same kernels launched unpacked (one row per program), which
-must give the same random stream."""
+2-D toy data), where the launchers pack the batch rows into the pixel lanes of a program (the
+fused step from triton 3.9, ``solver_steps._PACK_FUSED``): against the reference twins, and
+against the same kernels launched unpacked (one row per program), which must give the same
+random stream."""
 
 import contextlib
 
