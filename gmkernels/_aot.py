@@ -11,6 +11,10 @@ How a family plugs in: its module (``gmkernels.ops.<family>``, listed in ``FAMIL
   report cannot drift from what a launch compiles. Name the cases ``f"{op}[{shape_tag(...)}]"``.
 * ``AOT_CASES``: ``aot_cases`` at the benchmark shapes (the fast subset the test suite compiles).
 
+A kernel names the pixel count of one row of its pixel axis ``P`` or ``HW``, and one that packs
+several rows into that axis says so with a ``PACK`` constexpr: the report's points per program
+(``AotCase.pixels_per_program``) reads them.
+
 ``compile_case`` compiles one case for ``sm_80`` / ``sm_90`` with ``triton.compile`` and reads
 from the cubin (``cuobjdump`` / ``nvdisasm`` ship with the triton wheel): registers, spills
 (local memory), shared memory, the bytes of the static global loads and the share of them
@@ -60,9 +64,10 @@ class AotCase:
     ``divisible`` names the arguments Triton may assume divisible by 16 (pointers and
     strides of contiguous inputs, as its launcher specialises them at run time).
     ``num_stages=None`` compiles with Triton's default, which is what a launch that passes no
-    ``num_stages`` gets. ``pixels`` is the number of pixels one program owns (default: the
-    ``BLOCK_P`` constexpr), for the thread-instructions-per-pixel column; ``grid`` the launch
-    grid when the case was recorded from a launch.
+    ``num_stages`` gets. ``pixels`` is the number of pixels one program owns (default:
+    ``pixels_per_program``), for the thread-instructions-per-pixel column; ``row_pixels`` the
+    pixels of one row of the kernel's pixel axis (its ``P`` or ``HW`` argument) when the case
+    was recorded from a launch; ``grid`` the launch grid then.
     """
 
     name: str
@@ -74,10 +79,19 @@ class AotCase:
     divisible: tuple[str, ...] = field(default_factory=tuple)
     pixels: Optional[int] = None
     grid: tuple[int, ...] = ()
+    row_pixels: Optional[int] = None
 
     @property
     def pixels_per_program(self) -> int:
-        return self.pixels if self.pixels is not None else int(self.constexprs.get("BLOCK_P", 1))
+        """The pixels one program really covers: its ``BLOCK_P`` lanes, of which only the row's
+        ``row_pixels`` are live when that row is shorter, unless the kernel packs rows into
+        its pixel axis (a true ``PACK`` constexpr: every lane may hold another row)."""
+        if self.pixels is not None:
+            return self.pixels
+        block = int(self.constexprs.get("BLOCK_P", 1))
+        if self.row_pixels is None or self.constexprs.get("PACK"):
+            return block
+        return min(block, self.row_pixels)
 
 
 @dataclass(frozen=True)
@@ -211,7 +225,8 @@ def case_from_launch(name: str, kernel: Any, grid: tuple[int, ...], args: tuple,
             sig[p.name] = ty
             if key == "D":
                 divisible.append(p.name)
-    return AotCase(name, kernel, sig, consts, num_warps, num_stages, tuple(divisible), grid=grid)
+    row = next((values[n] for n in ("P", "HW") if isinstance(values.get(n), int)), None)
+    return AotCase(name, kernel, sig, consts, num_warps, num_stages, tuple(divisible), grid=grid, row_pixels=row)
 
 
 def launch_cases(module: Any, name: str, launcher: Callable[..., Any], *args: Any, **kwargs: Any) -> list[AotCase]:

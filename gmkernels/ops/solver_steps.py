@@ -111,7 +111,8 @@ def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
     K and C tiles stay at 512 elements: larger K tiles made ptxas use local memory for the bf16
     sm_80 build of the CDF walk (``tl.cumsum``) at the benchmark shape, and 16-channel tiles
     (2048 elements) 32 bytes of it for bf16 at sm_80 when C >= 16. At least 2 pixels: a
-    one-pixel block (point data) compiled to a 32-byte stack frame at sm_80."""
+    one-pixel block (a single point: a batch of points packs its rows, ``HW`` is then ``B``)
+    compiled to a 32-byte stack frame at sm_80."""
     bp = min(max(_np2(HW), 2), 128)
     return min(_np2(K), max(1, _SDE_TILE // bp)), min(_np2(C), max(1, _SDE_TILE // bp)), bp
 
@@ -154,8 +155,12 @@ if triton is not None:
         c1, c2, c3, power,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
         GIVEN_NOISE: tl.constexpr, INT64: tl.constexpr,
+        PACK: tl.constexpr = False,
     ):
-        """One exact GM-SDE draw for the ``BLOCK_P`` pixels ``p`` of batch element ``b``.
+        """One exact GM-SDE draw for the ``BLOCK_P`` pixels ``p`` of batch element ``b``, or with
+        ``PACK`` (point data, ``HW == 1``) for ``BLOCK_P`` batch elements, one per lane (``b``
+        a per-lane vector, ``p = 0``): the addresses and Philox offsets are the same functions
+        of ``(b, c, p)`` either way, so packing leaves the random stream unchanged.
 
         Pass 1 over K tiles: running max and total of ``exp(power * l)``. The uniform ``u`` of
         the pixel (Philox at offset ``b * HW + p``, or loaded when ``GIVEN_NOISE``) sets the
@@ -166,15 +171,20 @@ if triton is not None:
         ``c1 * x + c2 * mu + std * z``.
         """
         pid = tl.program_id(0)  # 1-D grid, pixel blocks fastest: any batch size fits CUDA's limits
-        n_pblocks = tl.cdiv(HW, BLOCK_P)
-        b = pid // n_pblocks
-        pid_p = pid % n_pblocks
-        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        if PACK:  # lane i holds batch element pid * BLOCK_P + i (NPIX = B elements of one pixel)
+            b = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+            pmask = b < NPIX
+            p = tl.zeros([BLOCK_P], tl.int32)
+        else:
+            n_pblocks = tl.cdiv(HW, BLOCK_P)
+            b = pid // n_pblocks
+            pid_p = pid % n_pblocks
+            p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+            pmask = p < HW
         kr = tl.arange(0, BLOCK_K)
         if INT64:
             b = b.to(tl.int64)
             p = p.to(tl.int64)
-        pmask = p < HW
         l_base = lw_ptr + b * s_lb + p[None, :] * s_lp
 
         m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -364,6 +374,15 @@ if triton is not None:
         v = (st * sb) * (st * sb) / d
         return g, v
 
+    @triton.jit
+    def _stat_store(ptr, v, pmask, PACK: tl.constexpr):
+        """Store a statistic from its per-pixel terms ``v [BP]``: each lane's own (its sample's
+        sum, ``ptr`` a per-lane vector) when ``PACK``, else their sum (the program's partial)."""
+        if PACK:
+            tl.store(ptr, v, mask=pmask)
+        else:
+            tl.store(ptr, tl.sum(v, axis=0))
+
     @triton.jit(do_not_specialize=["HW", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_vb", "s_vk", "s_vc", "s_vlb", "s_vlk", "s_xb", "s_xc"])
     def _fused_step_kernel(
         um_ptr, ul_ptr, uls_ptr, vm_ptr, vl_ptr, x_ptr, prev_ptr, coef_ptr, sig_ptr, seed_ptr,
@@ -377,8 +396,12 @@ if triton is not None:
         PROB: tl.constexpr, ORDER2: tl.constexpr, POST: tl.constexpr, STATS: tl.constexpr,
         ONE_TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
         NEED_MC: tl.constexpr, RW_A: tl.constexpr, MU_IN: tl.constexpr, AFFINE: tl.constexpr, INT64: tl.constexpr,
+        PACK: tl.constexpr = False,
     ):  # fmt: skip
-        """A sampler step for ``BLOCK_P`` pixels of batch row ``b``, all channels (see ``fused_step``).
+        """A sampler step for ``BLOCK_P`` pixels of batch row ``b``, all channels (see ``fused_step``);
+        with ``PACK`` (point data, ``HW == 1``) for ``BLOCK_P`` batch rows, one per lane: ``b`` is
+        a per-lane vector (``p = 0``), so are the per-sample coefficients, and the statistics
+        modes write each lane's values as its sample's sums (``stat_ptr`` rows are samples).
 
         Per pixel: ``R`` is the x0-GM ``x - sigma u_k`` (std times ``sigma``); its moments
         ``m_c``, ``var``; the unconditional mean ``m_u`` (``UNCOND``); ``db = d - proj m_c`` with
@@ -389,15 +412,23 @@ if triton is not None:
         ``F`` at the new state (the next step's 2nd-order input).
         """
         pid = tl.program_id(0)
-        b = pid // NPB
-        pb = pid % NPB
-        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        if PACK:  # lane i holds batch row pid * BLOCK_P + i (NPIX = B rows of one pixel)
+            q = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+            pmask = q < NPIX
+            b = tl.minimum(q, NPIX - 1)  # lanes past the end alias the last row: the unmasked coef loads stay in bounds
+            p = tl.zeros([BLOCK_P], tl.int32)
+            srow = b  # statistics row: the lane's sample
+        else:
+            b = pid // NPB
+            pb = pid % NPB
+            p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+            pmask = p < HW
+            srow = pid  # statistics row: the program's partial sums
         c = tl.arange(0, BLOCK_C)
         kr = tl.arange(0, BLOCK_K)
         if INT64:
             b = b.to(tl.int64)
             p = p.to(tl.int64)
-        pmask = p < HW
         cmask = c < C
         xmask = cmask[:, None] & pmask[None, :]
         x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
@@ -452,12 +483,12 @@ if triton is not None:
                 prev = tl.load(prev_ptr + o_off, mask=xmask, other=0.0)
                 e = tl.where(xmask, m_c + tl.load(cf + 1) * db - prev, 0.0)
             mc0 = tl.where(xmask, m_c, 0.0)
-            sp = stat_ptr + pid * 8
-            tl.store(sp + 0, tl.sum(tl.where(pmask, var, 0.0), axis=0))
-            tl.store(sp + 1, tl.sum(tl.sum(d * mc0, axis=0), axis=0))
-            tl.store(sp + 2, tl.sum(tl.sum(mc0 * mc0, axis=0), axis=0))
-            tl.store(sp + 3, tl.sum(tl.sum(d * d, axis=0), axis=0))
-            tl.store(sp + 4, tl.sum(tl.sum(e * e, axis=0), axis=0))
+            sp = stat_ptr + srow * 8
+            _stat_store(sp + 0, tl.where(pmask, var, 0.0), pmask, PACK)
+            _stat_store(sp + 1, tl.sum(d * mc0, axis=0), pmask, PACK)
+            _stat_store(sp + 2, tl.sum(mc0 * mc0, axis=0), pmask, PACK)
+            _stat_store(sp + 3, tl.sum(d * d, axis=0), pmask, PACK)
+            _stat_store(sp + 4, tl.sum(e * e, axis=0), pmask, PACK)
         else:
             if MEANCFG:
                 o = tl.load(cf + 1) * db
@@ -491,7 +522,7 @@ if triton is not None:
                 e = mean_now - prev
             if STATS == 2:  # exact power of the 2nd-order bias damp * e + cfg
                 bt = tl.where(xmask, tl.load(cf + 9) * e + tl.load(cf + 10) * db, 0.0)
-                tl.store(stat_ptr + pid * 8 + 5, tl.sum(tl.sum(bt * bt, axis=0), axis=0))
+                _stat_store(stat_ptr + srow * 8 + 5, tl.sum(bt * bt, axis=0), pmask, PACK)
             else:
                 # A: the GM that moves the state (RW_A: PROB or ORDER2)
                 gA = g1
@@ -583,6 +614,13 @@ if triton is not None:
                     tl.store(post_ptr + o_off, post, mask=xmask)
 
 
+#: Point data packs its rows into the fused step's lanes only where the compiler keeps the lanes on
+#: them: the packed tiles have no contiguous axis, and triton 3.6's coalescing then puts the lanes
+#: along K (cross-thread reductions, 2-3 KB of spills at sm_80/sm_90 for K = 64, C = 2), where
+#: triton 3.9 keeps one row per thread (0 spills). Below 3.9 the fused step runs one row per program.
+_PACK_FUSED = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+
+
 def _flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor):
     """``(B, K, C, HW)`` means, ``(B, K, HW)`` log-weights, ``(B, 1|HW)`` log-stds (views when
     the strides allow) and the log-std strides (pixel stride 0 for a per-sample std)."""
@@ -620,16 +658,17 @@ def _launch_ode(means, logstds, logweights, x, sigmas, eps):
     sig = sigmas.to(torch.float32).contiguous()
     if ode_path(K, C, HW) == "wide":
         return _launch_ode_wide(m, lw, ls, s_lsp, xf, sig, out, eps, rollout_blocks(K, C, HW)).view(x.shape)
-    bk, bc, bp, one, warps = _fused_blocks(K, C, HW)
+    pack = _PACK_FUSED and HW == 1 and B > 1  # point data: the batch rows fill the pixel lanes
+    bk, bc, bp, one, warps = _fused_blocks(K, C, B if pack else HW)
     npb = cdiv(HW, bp)
-    _fused_step_kernel[(B * npb,)](
+    _fused_step_kernel[(cdiv(B, bp) if pack else B * npb,)](
         m, lw, ls, m, lw, xf, xf, sig, sig, sig, out, out, sig, sig,
         K, K, C, HW, npb, sig.numel() - 1, 0, B * HW,
         *m.stride(), *lw.stride(), s_lsb, s_lsp, *m.stride(), *lw.stride(), *xf.stride(), 1,
         0.0, 0.0, 0.0, 1.0, eps,
         SDE=False, WEIGHT=False, UNCOND=False, MEANCFG=False, PROB=False, ORDER2=False, POST=False, STATS=0,
         ONE_TILE=one, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, NEED_MC=False, RW_A=False, MU_IN=True, AFFINE=False,
-        INT64=needs_int64(m, lw, xf, out), num_warps=warps,
+        INT64=needs_int64(m, lw, xf, out), PACK=pack, num_warps=warps,
     )
     return out.view(x.shape)
 
@@ -667,8 +706,9 @@ def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
     given = u is not None
     uf = u.reshape(B, HW) if given else xf
     zf = z.reshape(B, C, HW) if given else xf
-    bk, bc, bp = _sde_blocks(K, C, HW)
-    grid = (B * cdiv(HW, bp),)
+    pack = HW == 1 and B > 1  # point data: the batch elements fill the pixel lanes
+    bk, bc, bp = _sde_blocks(K, C, B if pack else HW)
+    grid = (cdiv(B, bp) if pack else B * cdiv(HW, bp),)
     # the kernel's float32 scalars, rounded here as a GPU launch rounds them (the interpreter keeps
     # float64, and a c3 far below float32's range then meets bf16 math as a NaN)
     c1, c2, c3 = (torch.tensor(c, dtype=torch.float32).item() for c in (c1, c2, c3))
@@ -679,7 +719,7 @@ def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
         uf.stride(0), uf.stride(-1), zf.stride(0), zf.stride(1), zf.stride(2),
         c1, c2, c3, power,
         BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, GIVEN_NOISE=given,
-        INT64=needs_int64(m, lw, xf, out) or B * HW * (C + 1) >= I32_MAX, num_warps=4,
+        INT64=needs_int64(m, lw, xf, out) or B * HW * (C + 1) >= I32_MAX, PACK=pack, num_warps=4,
     )
     return out.view(x.shape)
 
@@ -886,8 +926,9 @@ def fused_step(
     if not (sde or has_uncond or weight or order2 or post) and ode_path(K, C, HW) == "wide":
         out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
         return _launch_ode_wide(m, lw, ls, s_lsp, xf, sigmas, out, eps, rollout_blocks(K, C, HW), affine=True).view(x.shape), None
-    bk, bc, bp, one, warps = _fused_blocks(K, C, HW, sde, heavy=has_uncond or order2)
-    npb = cdiv(HW, bp)
+    pack = _PACK_FUSED and HW == 1 and B > 1  # point data: the batch rows fill the pixel lanes, one statistics row each
+    bk, bc, bp, one, warps = _fused_blocks(K, C, B if pack else HW, sde, heavy=has_uncond or order2)
+    npb = 1 if pack else cdiv(HW, bp)  # programs (statistics rows) per batch row
     dev = x.device
     coef = torch.zeros((B, _NCOEF), dtype=torch.float32, device=dev)
     stats = torch.empty((B * npb, _NSTAT), dtype=torch.float32, device=dev) if (has_uncond or order2) else coef
@@ -909,14 +950,15 @@ def fused_step(
     bias_pass = order2 and (prob or (meancfg and amount > 0))
 
     def launch(mode: int) -> None:
-        _fused_step_kernel[(B * npb,)](
+        _fused_step_kernel[(cdiv(B, bp) if pack else B * npb,)](
             m, lw, ls, vm, vl, xf, prev, coef, sigmas, seed, out, postbuf, stats, m_u,
             K, vm.shape[1], C, HW, npb, sigmas.numel() - 1, _NCOEF, B * HW,
             *m.stride(), *lw.stride(), s_lsb, s_lsp, *vm.stride(), *vl.stride(), *xf.stride(), 1,
             c1, c2, c3, float(scale), eps,
             SDE=sde, WEIGHT=weight, UNCOND=has_uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2 and not (mode == 1 and bias_pass),
             POST=post and mode == 0, STATS=mode, ONE_TILE=one and (not sde or has_uncond or order2 or prob), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
-            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, AFFINE=True, INT64=int64, num_warps=warps,
+            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, AFFINE=True, INT64=int64,
+            PACK=pack, num_warps=warps,
         )
 
     def mean_over(col: int, n: int) -> torch.Tensor:
