@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from strategies import TOL, make_gm, make_state, rel_err, seeds
-from test_solver_steps import GUIDED, _outputs, _run_sampler, f64, sigma_lists
+from test_solver_steps import GUIDED, _outputs, _run_sampler, assert_fused_ode_matches_eager, f64, sigma_lists
 
 import gmkernels
 import reference.solver_steps as ref
@@ -115,14 +115,7 @@ def test_sampler_ode_on_point_data_matches_eager_reference(B, K, C, seed, dtype,
     statistics passes write one row per sample), against the eager float64 torch composition."""
     guidance, scale = guided
     assume(orthogonal == 0 or scale == 0 or C >= 3)  # else the orthogonal residual is pure rounding
-    shape = _point_shape(B, K, C)
-    gms = _outputs(shape, seed, dtype, dead, False, scale > 0)
-    x = make_state(shape, seed).float()
-    out = _run_sampler(gms, x, "gm-ode", order, guidance, scale, orthogonal, True, "triton")
-    g64 = [tuple(f64(g) for g in o) if isinstance(o, tuple) else f64(o) for o in gms]
-    expect = _run_sampler(g64, x.double(), "gm-ode", order, guidance, scale, orthogonal, False, "torch")
-    assert out.dtype == torch.float32 and out.isfinite().all()
-    assert rel_err(out, expect) < TOL[torch.float32]
+    assert_fused_ode_matches_eager(_point_shape(B, K, C), seed, dtype, dead, False, order, guidance, scale, orthogonal)
 
 
 @pytest.mark.skipif(not ops._PACK_FUSED, reason="this triton runs the fused step unpacked on point data")

@@ -300,6 +300,12 @@ def test_fused_ode_step_matches_eager_reference(shape, seed, dtype, dead, per_pi
     guidance, scale = guided
     _, _, C, H, W = shape
     assume(orthogonal == 0 or scale == 0 or C * H * W >= 3)  # else the orthogonal residual is pure rounding
+    assert_fused_ode_matches_eager(shape, seed, dtype, dead, per_pixel, order, guidance, scale, orthogonal)
+
+
+def assert_fused_ode_matches_eager(shape, seed, dtype, dead, per_pixel, order, guidance, scale, orthogonal):
+    """Two fused GM-ODE sampler steps on ``_outputs(shape, ...)`` equal the eager float64
+    composition on the torch path to float32 accuracy."""
     gms = _outputs(shape, seed, dtype, dead, per_pixel, scale > 0)
     x = make_state(shape, seed).float()
     out = _run_sampler(gms, x, "gm-ode", order, guidance, scale, orthogonal, True, "triton")
