@@ -18,6 +18,8 @@ be bf16), with fp32 arithmetic.
 
 from __future__ import annotations
 
+import math
+import struct
 import sys
 from typing import Sequence, Union
 
@@ -47,6 +49,15 @@ _SDE_TILE = 512  # elements of the SDE kernel's (K, pixels) and (C, pixels) tile
 
 def _np2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _f32(v: float) -> float:
+    """A launch scalar rounded to float32 as a GPU launch rounds it (the interpreter keeps float64;
+    ``struct`` rounds to nearest like ``torch.tensor(v, dtype=float32)``, without a tensor)."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # past float32's range: inf, as the tensor conversion gives
+        return math.copysign(math.inf, v)
 
 
 _REG_TILE = 64  # GM elements (K x C) of a pixel that the fused step keeps in one thread's registers
@@ -711,7 +722,7 @@ def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
     grid = (cdiv(B, bp) if pack else B * cdiv(HW, bp),)
     # the kernel's float32 scalars, rounded here as a GPU launch rounds them (the interpreter keeps
     # float64, and a c3 far below float32's range then meets bf16 math as a NaN)
-    c1, c2, c3 = (torch.tensor(c, dtype=torch.float32).item() for c in (c1, c2, c3))
+    c1, c2, c3 = (_f32(c) for c in (c1, c2, c3))
     _gm_sde_step_kernel[grid](
         m, lw, ls, xf, uf, zf, seed, out,
         K, C, HW, B * HW,
@@ -864,9 +875,6 @@ CA, CB = 0.005, 1.0
 RHO_MIN = 1e-6
 
 
-def _f32(v: float) -> float:
-    """A launch scalar rounded to float32 as a GPU launch rounds it (the interpreter keeps float64)."""
-    return torch.tensor(v, dtype=torch.float32).item()
 
 
 def fused_step(
