@@ -91,6 +91,7 @@ def _apply_layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous: b
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
+    from .mixture import online_moments_update
 
     @triton.jit
     def _moments(
@@ -100,10 +101,10 @@ if triton is not None:
         """Softmax-weighted mean ``[BC, BP]`` over K of one channel tile and (``WITH_VAR``) the
         weighted sum of squared deviations summed over its channels ``[BP]``; ``m_ptr``/``l_ptr``
         are ``[1, 1, BP]``/``[1, BP]`` pointer blocks at component 0, channel 0 of this program's
-        pixels. Online over K tiles as ``mixture.online_moments_update`` (running max, weight sum,
-        mean, Chan-merged M2, no ``E[x^2] - E[x]^2`` cancellation), but M2 is kept per pixel, not
-        per channel (the statistics only need its channel sum: fewer registers). All-dead tiles or
-        pixels give no NaN."""
+        pixels. Online over K tiles by ``mixture.online_moments_update`` (running max, weight sum,
+        mean, Chan-merged M2, no ``E[x^2] - E[x]^2`` cancellation), M2 kept per pixel, not per
+        channel (``PIXEL_M2``: the statistics only need its channel sum, fewer registers).
+        All-dead tiles or pixels give no NaN."""
         m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
         w_sum = tl.zeros([BLOCK_P], tl.float32)
         mean = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
@@ -118,22 +119,7 @@ if triton is not None:
                 other=0.0,
             ).to(tl.float32)
             lw2 = lw.to(tl.float32) * 1.4426950408889634  # base-2 logits; -inf stays -inf
-            m_new = tl.maximum(m_run, tl.max(lw2, axis=0))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_run - m_ref)  # 0 while nothing was alive
-            p = tl.exp2(lw2 - m_ref[None, :])  # [BK, BP]
-            w_t = tl.sum(p, axis=0)
-            w_old = w_sum * alpha
-            w_sum = w_old + w_t
-            mean_t = tl.sum(p[:, None, :] * mu, axis=0) / tl.where(w_t > 0, w_t, 1.0)[None, :]
-            frac = w_t / tl.where(w_sum > 0, w_sum, 1.0)
-            delta = mean_t - mean
-            mean = mean + delta * frac[None, :]
-            if WITH_VAR:
-                dev = mu - mean_t[None, :, :]
-                m2_t = tl.sum(p * tl.sum(dev * dev, axis=1), axis=0)
-                m2 = m2 * alpha + m2_t + tl.sum(delta * delta, axis=0) * (w_old * frac)
-            m_run = m_new
+            m_run, w_sum, mean, m2 = online_moments_update(lw2, mu, m_run, w_sum, mean, m2, WITH_VAR, True)
         return mean, m2 / tl.where(w_sum > 0, w_sum, 1.0)
 
     @triton.jit

@@ -65,14 +65,15 @@ if triton is not None:
         return row, cb, offs_p, ar_k, ar_c
 
     @triton.jit
-    def online_moments_update(lw2, mu, m, w_sum, mean, m2, WITH_VAR: tl.constexpr):
+    def online_moments_update(lw2, mu, m, w_sum, mean, m2, WITH_VAR: tl.constexpr, PIXEL_M2: tl.constexpr = False):
         """Merge one K tile into the running softmax-weighted moments of each pixel.
 
         ``lw2 [BK, BP]``: logits in base 2 (``-inf`` for dead or masked components);
         ``mu [BK, BC, BP]``; state ``m [BP]`` running max, ``w_sum [BP]`` weight sum relative to
         ``2^m``, ``mean [BC, BP]`` running weighted mean, ``m2 [BC, BP]`` running weighted sum of
-        squared deviations (relative to ``2^m``; only updated ``WITH_VAR``). A tile or a running
-        max that is all ``-inf`` gives no NaN.
+        squared deviations (relative to ``2^m``; only updated ``WITH_VAR``), or with ``PIXEL_M2``
+        its sum over the channels ``m2 [BP]`` (fewer registers where only that sum is needed). A
+        tile or a running max that is all ``-inf`` gives no NaN.
         """
         m_new = tl.maximum(m, tl.max(lw2, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -87,8 +88,12 @@ if triton is not None:
         mean = mean + delta * frac[None, :]
         if WITH_VAR:
             dev = mu - mean_t[None, :, :]
-            m2_t = tl.sum(p[:, None, :] * dev * dev, axis=0)
-            m2 = m2 * alpha[None, :] + m2_t + delta * delta * (w_old * frac)[None, :]
+            if PIXEL_M2:
+                m2_t = tl.sum(p * tl.sum(dev * dev, axis=1), axis=0)
+                m2 = m2 * alpha + m2_t + tl.sum(delta * delta, axis=0) * (w_old * frac)
+            else:
+                m2_t = tl.sum(p[:, None, :] * dev * dev, axis=0)
+                m2 = m2 * alpha[None, :] + m2_t + delta * delta * (w_old * frac)[None, :]
         return m_new, w_new, mean, m2
 
     @triton.jit
