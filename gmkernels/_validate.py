@@ -38,10 +38,12 @@ class GMShape(NamedTuple):
     device: torch.device
     dtype: torch.dtype
 
-    @property
-    def pixel_shape(self) -> tuple[int, ...]:
-        """``(*B, C, H, W)``: the shape of a state or a mixture mean."""
-        return (*self.batch, self.C, self.H, self.W)
+
+def pixel_shape(s: GMShape) -> tuple[int, ...]:
+    """``(*B, C, H, W)``: the shape of a state or a mixture mean of a GM of sizes ``s`` (a
+    function, not a property of the named tuple: torch 2.8's dynamo misreads such properties
+    inside ``torch.compile(fullgraph=True)``)."""
+    return (*s.batch, s.C, s.H, s.W)
 
 
 def _shape(t: Any) -> str:
@@ -103,10 +105,10 @@ def check_state(x: Any, name: str, s: GMShape, n_samples: bool = False) -> torch
     ok = (
         x.dim() == len(s.batch) + 4 and tuple(x.shape[: len(s.batch)]) == s.batch and tuple(x.shape[-3:]) == (s.C, s.H, s.W)
         if n_samples
-        else tuple(x.shape) == s.pixel_shape
+        else tuple(x.shape) == pixel_shape(s)
     )
     if not ok:
-        want = f"(*B, N, C, H, W) = {(*s.batch, 'N', s.C, s.H, s.W)}" if n_samples else f"(*B, C, H, W) = {s.pixel_shape}"
+        want = f"(*B, N, C, H, W) = {(*s.batch, 'N', s.C, s.H, s.W)}" if n_samples else f"(*B, C, H, W) = {pixel_shape(s)}"
         raise ValueError(f"{name} must have shape {want} to match the GM (means {(*s.batch, s.K, s.C, s.H, s.W)}), got {_shape(x)}")
     return x
 
@@ -125,9 +127,9 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     var = check_float_tensor(g["var"], f"{name}['var']", mean.device)
     *batch, C, H, W = mean.shape
     gs = GMShape(tuple(batch), 1, C, H, W, mean.device, mean.dtype)
-    if s is not None and mean.shape != s.pixel_shape:
+    if s is not None and mean.shape != pixel_shape(s):
         raise ValueError(
-            f"{name}['mean'] must have shape (*B, C, H, W) = {s.pixel_shape} to match the GM, got {_shape(mean)}"
+            f"{name}['mean'] must have shape (*B, C, H, W) = {pixel_shape(s)} to match the GM, got {_shape(mean)}"
         )
     if tuple(var.shape) not in ((*batch, 1, H, W), (*batch, 1, 1, 1)):
         raise ValueError(

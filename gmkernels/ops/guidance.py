@@ -69,6 +69,9 @@ except ImportError:  # the torch path still works
     triton = None
 
 _NSUM = 32  # partial sums read per step when a program totals its sample's partials
+# The statistics pass's per-thread tile: 32 elements; 16 on triton < 3.5, whose ptxas spilled 8
+# bytes at sm_90 at 32 (plain mean-CFG fp32 and probabilistic bf16 at K8C4 / K256C4, triton 3.4).
+_STATS_TILE = 32 if triton is None or tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 5) else 16
 
 
 @launch_plan
@@ -469,7 +472,7 @@ def _stats_plan(m4, l3, ls2, u4, ul3, with_var: bool, with_mc: bool, with_dd: bo
     R, Kc, C, P = m4.shape
     elem = min(m4.element_size(), u4.element_size())
     contiguous = m4.stride(-1) == 1 and u4.stride(-1) == 1
-    bk, bc, bp, warps = _layout(max(Kc, u4.shape[1]), C, P, R, elem, contiguous, 32)
+    bk, bc, bp, warps = _layout(max(Kc, u4.shape[1]), C, P, R, elem, contiguous, _STATS_TILE)
     if not contiguous:  # point data: a K tile of one component keeps the log-weights' and the
         bk = 1  # means' loads in one layout (a wider tile vectorises only the log-weights along K)
     npb = cdiv(P, bp)

@@ -30,7 +30,7 @@ from reference.transition import transition_coefficients
 
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
-from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state
+from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state, pixel_shape
 from ._launch import I32_MAX, call_op, cdiv, launch_plan, needs_int64
 from .policy import _policy_rollout_kernel, rollout_blocks
 
@@ -861,7 +861,7 @@ def gm_sde_step(
             gm["means"], gm["logstds"], gm["logweights"], x, seed, sigma, sigma_next, power, float(eps)
         )
     u = torch.rand((*s.batch, 1, s.H, s.W), generator=generator, device=s.device)
-    z = torch.randn(s.pixel_shape, generator=generator, device=s.device)
+    z = torch.randn(pixel_shape(s), generator=generator, device=s.device)
     return run_reference(ref.gm_sde_step, gm, x, sigma, sigma_next, u, z, power, eps, out_dtype=x.dtype)
 
 
