@@ -68,6 +68,9 @@ _REG_TILE_WIDE = 128  # the plain GM-ODE step's bound for at most 32 components 
 # stream one component at a time (left: 32 bytes at sm_80 in the 2nd-order weight-guided step
 # at C = 64, where that ptxas settles on 128 registers; 16 warps moved 8-24 bytes to three other
 # launches, at 64 registers); triton 3.9 keeps the warps on C with K tiles.
+# On those versions the heavy steps also stream quarter tiles, not halves, at <= 16 channels in
+# one thread, and split 16 channels over 8 warps (3.6 spilled 8 bytes at sm_90 in the guided
+# first-order step at K >= 32, C = 4 and C = 16; at C = 16 the 8 bytes move to sm_80).
 _SPLIT_K1 = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 
@@ -101,9 +104,9 @@ def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = Fals
     bc = _np2(C)
     split = bc > 16 or (bc == 16 and heavy)
     reg_tile = _REG_TILE // 2 if (sde or heavy) else _REG_TILE
-    stream_tile = reg_tile // 2 if heavy and not split else reg_tile
+    stream_tile = reg_tile // (4 if _SPLIT_K1 else 2) if heavy and not split else reg_tile
     if split:
-        bp, warps = 32, (8 if bc == 64 else 4)
+        bp, warps = 32, (8 if bc == 64 or (_SPLIT_K1 and bc == 16) else 4)
     else:
         bp = min(max(_np2(HW), 32), 128)
         warps = bp // 32
