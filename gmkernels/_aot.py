@@ -130,13 +130,6 @@ class AotResult:
         return self.loop.instructions * self.threads / self.pixels if self.loop else None
 
 
-def launch_rows(B: int, H: int, W: int) -> tuple[int, int]:
-    """``(rows, pixels)`` of the ``(R, ..., P)`` view the launchers give the kernels for ``B``
-    batch rows of ``H x W`` pixels: point data (``H = W = 1``) becomes one row of ``B`` pixels
-    (``_launch.pixel_rows``)."""
-    return (1, B) if H * W == 1 and B > 1 else (B, H * W)
-
-
 def shape_tag(B: int, K: int, C: int, H: int, W: int, dtype: str) -> str:
     return f"B{B},K{K},C{C},{H}x{W},{dtype}"
 
