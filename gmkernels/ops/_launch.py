@@ -30,6 +30,15 @@ except ImportError:  # CPU-only installs: the torch path still works
 LOG2E = 1.4426950408889634
 I32_MAX = 2**31 - 1
 
+#: ``(major, minor)`` of the installed triton (``None`` without it): the layout choices that
+#: differ between compiler versions key on it.
+TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2]) if triton is not None else None
+#: Triton before 3.9 (3.6 checked) lays a ``(K, C, pixels)`` tile with the threads along K when
+#: the tile has no contiguous axis (packed 2-D points) or its channels span several tiles or warps,
+#: where 3.9 keeps one pixel per thread: cross-thread reductions and spills. The launchers that
+#: meet such tiles stream one component at a time or do not pack there.
+THREADS_ALONG_K = TRITON_VERSION is not None and TRITON_VERSION < (3, 9)
+
 
 def kernels_wanted(*tensors: torch.Tensor) -> bool:
     """True when the Triton path should run for these inputs: ``select_backend`` says

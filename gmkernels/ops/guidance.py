@@ -59,7 +59,7 @@ import reference.guidance as ref
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_gm, check_power
-from ._launch import call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, per_row, pixel_rows
+from ._launch import TRITON_VERSION, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, per_row, pixel_rows
 from .mixture import pixel_blocks
 
 try:
@@ -71,7 +71,7 @@ except ImportError:  # the torch path still works
 _NSUM = 32  # partial sums read per step when a program totals its sample's partials
 # The statistics pass's per-thread tile: 32 elements; 16 on triton < 3.5, whose ptxas spilled 8
 # bytes at sm_90 at 32 (plain mean-CFG fp32 and probabilistic bf16 at K8C4 / K256C4, triton 3.4).
-_STATS_TILE = 32 if triton is None or tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 5) else 16
+_STATS_TILE = 16 if TRITON_VERSION is not None and TRITON_VERSION < (3, 5) else 32
 
 
 @launch_plan

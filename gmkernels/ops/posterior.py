@@ -31,7 +31,7 @@ from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape
 from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
 from ._launch import (
-    PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+    THREADS_ALONG_K, PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
 )
 from .mixture import online_moments_update, program_tile
 from .product import _check_real
@@ -169,11 +169,6 @@ if triton is not None:
 
 
 _REG_TILE = 64  # GM elements (BLOCK_K x BLOCK_C) of a pixel per thread and K tile
-# Triton before 3.9 (3.6 checked) puts the threads along K in the tiles of several channel tiles
-# (C > 16) and of packed 2-D points (no contiguous axis): 448-2976 bytes of spills at sm_80/sm_90
-# in the users' C = 32 / 64 and point shapes. There those launches take one component per K
-# step, as the fused step's channel splits do (``solver_steps._SPLIT_K1``).
-_K1_OLD_TRITON = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 
 @launch_plan
@@ -210,7 +205,10 @@ def _posterior_args(
     m4, l3, s2, xs, xt, ss, st, o3 = views
     R, P = m4.shape[0], m4.shape[-1]
     block_k, block_c, block_p, warps = blocks_fn(K, C, P, R)
-    if _K1_OLD_TRITON and (block_c < C or m4.stride(-1) != 1):
+    # ``THREADS_ALONG_K`` (triton < 3.9) with several channel tiles (C > 16) or packed 2-D points:
+    # 448-2976 bytes of spills at sm_80/sm_90 at the users' C = 32 / 64 and point shapes on 3.6;
+    # one component per K step and 8-channel tiles there, as the fused step's channel splits
+    if THREADS_ALONG_K and (block_c < C or m4.stride(-1) != 1):
         block_k, block_c = 1, min(block_c, 8)
     n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
     ints = (K, C, P, n_pblocks, n_ctiles, *m4.stride(), *l3.stride(), *s2.stride(), *xs.stride(), *xt.stride(),

@@ -31,7 +31,7 @@ from reference.transition import transition_coefficients
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state, pixel_shape
-from ._launch import I32_MAX, call_op, cdiv, launch_plan, needs_int64
+from ._launch import I32_MAX, THREADS_ALONG_K, call_op, cdiv, launch_plan, needs_int64
 from .policy import _policy_rollout_kernel, rollout_blocks
 
 try:
@@ -71,7 +71,7 @@ _REG_TILE_WIDE = 128  # the plain GM-ODE step's bound for at most 32 components 
 # On those versions the heavy steps also stream quarter tiles, not halves, at <= 16 channels in
 # one thread, and split 16 channels over 8 warps (3.6 spilled 8 bytes at sm_90 in the guided
 # first-order step at K >= 32, C = 4 and C = 16; at C = 16 the 8 bytes move to sm_80).
-_SPLIT_K1 = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
+_SPLIT_K1 = THREADS_ALONG_K
 
 
 @launch_plan
@@ -632,7 +632,7 @@ if triton is not None:
 #: them: the packed tiles have no contiguous axis, and triton 3.6's coalescing then puts the lanes
 #: along K (cross-thread reductions, 2-3 KB of spills at sm_80/sm_90 for K = 64, C = 2), where
 #: triton 3.9 keeps one row per thread (0 spills). Below 3.9 the fused step runs one row per program.
-_PACK_FUSED = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+_PACK_FUSED = triton is not None and not THREADS_ALONG_K
 
 
 def _flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor):
