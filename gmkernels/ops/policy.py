@@ -96,6 +96,7 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
+    from .mixture import program_tile
 
     @triton.jit
     def _consts(s_raw, ss, s2, eps):
@@ -174,6 +175,20 @@ if triton is not None:
         return acc * tl.fdiv(1.0, s_run)[None, :]  # s_run >= 1
 
     @triton.jit
+    def _program_states(xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp,
+                        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):  # fmt: skip
+        """This program's batch row ``b``, pixels ``p [BP]``, channel and component ranges, masks and
+        float32 states ``x_src``, ``x`` ``[BC, BP]``, on a 1-D grid of ``B * NPB`` programs, pixel
+        blocks fastest (``mixture.program_tile`` with one channel tile: any batch fits CUDA's limits)."""
+        b, _, p, kr, c = program_tile(NPB, 1, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
+        pmask = p < P
+        cmask = c < C
+        xmask = cmask[:, None] & pmask[None, :]
+        xs = tl.load(xs_ptr + b * s_sb + c[:, None] * s_sc + p[None, :] * s_sp, mask=xmask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
+        return b, p, c, kr, pmask, cmask, xmask, xs, x
+
+    @triton.jit
     def _policy_pi_kernel(
         means_ptr, lw_ptr, xs_ptr, x_ptr, var_ptr, ssrc_ptr, sig_ptr, out_ptr,
         K, C, P, NPB,
@@ -182,20 +197,8 @@ if triton is not None:
     ):
         """``u = pi(x, sigma)`` for the ``BLOCK_P`` pixels ``p`` of batch element ``b``, all
         channels, K streamed in ``BLOCK_K`` tiles. Writes only ``u``."""
-        pid = tl.program_id(0)  # 1-D grid, pixel blocks fastest: any batch fits CUDA's limits
-        b = pid // NPB
-        pid_p = pid % NPB
-        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = tl.arange(0, BLOCK_C)
-        kr = tl.arange(0, BLOCK_K)
-        if INT64:
-            b = b.to(tl.int64)
-            p = p.to(tl.int64)
-        pmask = p < P
-        cmask = c < C
-        xmask = cmask[:, None] & pmask[None, :]
-        xs = tl.load(xs_ptr + b * s_sb + c[:, None] * s_sc + p[None, :] * s_sp, mask=xmask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
+        b, p, c, kr, pmask, cmask, xmask, xs, x = _program_states(
+            xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
         s2 = tl.load(var_ptr + b)
         ssrc = tl.load(ssrc_ptr + b)
         inv_s, zeta, cx, cs, dd, inv_d = _consts(tl.load(sig_ptr + b), tl.maximum(ssrc, eps), s2, eps)
@@ -225,20 +228,8 @@ if triton is not None:
         A 1-D grid of ``B * NPB`` programs, pixel blocks fastest (any batch fits CUDA's limits);
         ``s_vb``, ``s_ssb`` and ``s_tb`` the batch strides of the per-sample variance, sigma_src and
         sigma table (0: shared by the batch)."""
-        pid = tl.program_id(0)
-        b = pid // NPB
-        pid_p = pid % NPB
-        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = tl.arange(0, BLOCK_C)
-        kr = tl.arange(0, BLOCK_K)
-        if INT64:
-            b = b.to(tl.int64)
-            p = p.to(tl.int64)
-        pmask = p < P
-        cmask = c < C
-        xmask = cmask[:, None] & pmask[None, :]
-        xs = tl.load(xs_ptr + b * s_sb + c[:, None] * s_sc + p[None, :] * s_sp, mask=xmask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
+        b, p, c, kr, pmask, cmask, xmask, xs, x = _program_states(
+            xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
         if PIXEL_VAR:
             s2 = tl.load(var_ptr + b * s_vb + p, mask=pmask, other=1.0)
         else:
