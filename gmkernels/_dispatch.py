@@ -30,9 +30,21 @@ def triton_available() -> bool:
     return _TRITON
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when gmkernels' op modules are
+# imported (right after this one): the kernels run in the interpreter or not from then on.
+_INTERPRETED = _interpret_env()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter: ``TRITON_INTERPRET=1`` was set when
+    gmkernels was imported (Triton decides it when the kernels are defined; setting or clearing
+    the variable later changes nothing for them). Read once (the environment lookup costs
+    ~0.3 µs, and every op call on the forced-Triton CPU path asks)."""
+    return _INTERPRETED
 
 
 @contextlib.contextmanager
@@ -68,7 +80,7 @@ def select_backend(tensor: torch.Tensor) -> str:
     choice = _state["backend"]
     if choice == "torch":
         return "torch"
-    on_cuda = tensor.device.type == "cuda"
+    on_cuda = tensor.is_cuda
     if choice == "auto":
         return "triton" if on_cuda and triton_available() else "torch"
     if not triton_available():
