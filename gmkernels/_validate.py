@@ -61,6 +61,15 @@ def check_float_tensor(t: Any, name: str, device: torch.device | None = None) ->
     return t
 
 
+def _gm_tensor(gm: Mapping, key: str, name: str, device: torch.device | None) -> torch.Tensor:
+    """``gm[key]``, a floating-point tensor on ``device`` (the checks of
+    :func:`check_float_tensor`; the argument's name is formatted only for an error)."""
+    t = gm[key]
+    if type(t) is torch.Tensor and t.is_floating_point() and (device is None or t.device == device):
+        return t
+    return check_float_tensor(t, f"{name}[{key!r}]", device)
+
+
 def check_gm(gm: Any, name: str = "gm") -> GMShape:
     """Validate a GM dict and return its sizes."""
     if type(gm) is not dict and not isinstance(gm, Mapping):
@@ -68,12 +77,12 @@ def check_gm(gm: Any, name: str = "gm") -> GMShape:
     if "means" not in gm or "logstds" not in gm or "logweights" not in gm:
         missing = [k for k in ("means", "logstds", "logweights") if k not in gm]
         raise ValueError(f"{name} is missing keys {missing}; a GM needs means, logstds, logweights")
-    means = check_float_tensor(gm["means"], f"{name}['means']")
+    means = _gm_tensor(gm, "means", name, None)
     if means.dim() < 4:
         raise ValueError(f"{name}['means'] must have shape (*B, K, C, H, W), got {_shape(means)}")
     dev = means.device
-    logstds = check_float_tensor(gm["logstds"], f"{name}['logstds']", dev)
-    logweights = check_float_tensor(gm["logweights"], f"{name}['logweights']", dev)
+    logstds = _gm_tensor(gm, "logstds", name, dev)
+    logweights = _gm_tensor(gm, "logweights", name, dev)
     if logweights.dim() != means.dim() and logweights.dim() >= 4:
         # one of the two lacks (or has an extra) axis; means carries K, C, H, W and is the one
         # users get wrong (a (B, C, H, W) state passed as means), so it is named first
@@ -82,8 +91,9 @@ def check_gm(gm: Any, name: str = "gm") -> GMShape:
             f"(*B, K, 1, H, W): got means {_shape(means)} ({means.dim()} dims) and logweights "
             f"{_shape(logweights)} ({logweights.dim()} dims)"
         )
-    *batch, K, C, H, W = means.shape
-    batch = tuple(batch)
+    shape = tuple(means.shape)  # tuples: slicing a torch.Size costs ~0.2 µs
+    batch = shape[:-4]
+    K, C, H, W = shape[-4:]
     if K < 1 or C < 1:
         raise ValueError(f"{name}['means'] needs K >= 1 and C >= 1, got shape {_shape(means)}")
     if tuple(logweights.shape) != (*batch, K, 1, H, W):
@@ -91,7 +101,8 @@ def check_gm(gm: Any, name: str = "gm") -> GMShape:
             f"{name}['logweights'] must have shape (*B, K, 1, H, W) = {(*batch, K, 1, H, W)} to match "
             f"{name}['means'] {_shape(means)}, got {_shape(logweights)}"
         )
-    if tuple(logstds.shape) not in ((*batch, 1, 1, 1, 1), (*batch, 1, 1, H, W)):
+    ls = tuple(logstds.shape)
+    if ls != (*batch, 1, 1, 1, 1) and ls != (*batch, 1, 1, H, W):
         raise ValueError(
             f"{name}['logstds'] must have shape (*B, 1, 1, 1, 1) = {(*batch, 1, 1, 1, 1)} (or per pixel "
             f"(*B, 1, 1, H, W)) to match {name}['means'] {_shape(means)}, got {_shape(logstds)}"
