@@ -31,7 +31,7 @@ from reference.transition import transition_coefficients
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state, pixel_shape
-from ._launch import I32_MAX, THREADS_ALONG_K, call_op, cdiv, launch_plan, needs_int64
+from ._launch import I32_MAX, THREADS_ALONG_K, PlanCache, call_op, cdiv, launch_plan, needs_int64, planned_args
 from .policy import _policy_rollout_kernel, rollout_blocks
 
 try:
@@ -660,31 +660,46 @@ def ode_path(K: int, C: int, HW: int) -> str:
     return "streamed"
 
 
-def _launch_ode(means, logstds, logweights, x, sigmas, eps):
-    """``gm_ode_substeps`` on an x0-GM: ``_fused_step_kernel`` with the means taken as loaded
-    (``AFFINE=False``), no guidance, first order."""
+def _ode_args(means, logweights, logstds, x, sig, out):
+    """``_fused_step_kernel``'s arguments for ``gm_ode_substeps`` (plain first-order GM-ODE on an
+    x0-GM): the views ``(means, logweights, logstds, x, sigmas, out)`` (the launcher places
+    them in the kernel's tensor slots), grid, integer arguments and options (``planned_args``)."""
     *_, K, C, H, W = means.shape
     HW = H * W
     m, lw, ls, s_lsb, s_lsp = _flat_gm(means, logstds, logweights)
     B = m.shape[0]
-    xf = x.reshape(B, C, HW)
-    out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
-    sig = sigmas.to(torch.float32).contiguous()
-    if ode_path(K, C, HW) == "wide":
-        return _launch_ode_wide(m, lw, ls, s_lsp, xf, sig, out, eps, rollout_blocks(K, C, HW)).view(x.shape)
+    xf, of = x.reshape(B, C, HW), out.view(B, C, HW)
     pack = _PACK_FUSED and HW == 1 and B > 1  # point data: the batch rows fill the pixel lanes
     bk, bc, bp, one, warps = _fused_blocks(K, C, B if pack else HW)
     npb = cdiv(HW, bp)
-    _fused_step_kernel[(cdiv(B, bp) if pack else B * npb,)](
-        m, lw, ls, m, lw, xf, xf, sig, sig, sig, out, out, sig, sig,
-        K, K, C, HW, npb, sig.numel() - 1, 0, B * HW,
-        *m.stride(), *lw.stride(), s_lsb, s_lsp, *m.stride(), *lw.stride(), *xf.stride(), 1,
-        0.0, 0.0, 0.0, 1.0, eps,
-        SDE=False, WEIGHT=False, UNCOND=False, MEANCFG=False, PROB=False, ORDER2=False, POST=False, STATS=0,
-        ONE_TILE=one, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, NEED_MC=False, RW_A=False, MU_IN=True, AFFINE=False,
-        INT64=needs_int64(m, lw, xf, out), PACK=pack, num_warps=warps,
-    )
-    return out.view(x.shape)
+    ints = (K, K, C, HW, npb, sig.numel() - 1, 0, B * HW,
+            *m.stride(), *lw.stride(), s_lsb, s_lsp, *m.stride(), *lw.stride(), *xf.stride(), 1)  # fmt: skip
+    options = dict(SDE=False, WEIGHT=False, UNCOND=False, MEANCFG=False, PROB=False, ORDER2=False, POST=False, STATS=0,
+                   ONE_TILE=one, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, NEED_MC=False, RW_A=False, MU_IN=True,
+                   AFFINE=False, INT64=needs_int64(m, lw, xf, of), PACK=pack, num_warps=warps)  # fmt: skip
+    return (m, lw, ls, xf, sig, of), (cdiv(B, bp) if pack else B * npb,), ints, options
+
+
+_ODE_PLANS = PlanCache()
+_SDE_PLANS = PlanCache()
+
+
+def _launch_ode(means, logstds, logweights, x, sigmas, eps):
+    """``gm_ode_substeps`` on an x0-GM: ``_fused_step_kernel`` with the means taken as loaded
+    (``AFFINE=False``), no guidance, first order; GMs past one thread's registers but within
+    ``rollout_blocks`` take ``_launch_ode_wide``. The fused kernel's launch plan is stored per
+    shape (``planned_args``)."""
+    *_, K, C, H, W = means.shape
+    out = torch.empty(*x.shape, device=x.device, dtype=x.dtype)
+    sig = sigmas.to(torch.float32).contiguous()
+    if ode_path(K, C, H * W) == "wide":
+        m, lw, ls, _, s_lsp = _flat_gm(means, logstds, logweights)
+        xf = x.reshape(m.shape[0], C, H * W)
+        return _launch_ode_wide(m, lw, ls, s_lsp, xf, sig, out.view(xf.shape), eps, rollout_blocks(K, C, H * W)).view(x.shape)
+    tensors, grid, ints, options = planned_args(_ODE_PLANS, _ode_args, (means, logweights, logstds, x, sig, out), n_key=5)
+    m, lw, ls, xf, sig, of = tensors
+    _fused_step_kernel[grid](m, lw, ls, m, lw, xf, xf, sig, sig, sig, of, of, sig, sig, *ints, 0.0, 0.0, 0.0, 1.0, eps, **options)
+    return out
 
 
 def _launch_ode_wide(m, lw, ls, s_lsp, xf, sig, out, eps, blocks, affine=False):
@@ -710,32 +725,37 @@ def _launch_ode_wide(m, lw, ls, s_lsp, xf, sig, out, eps, blocks, affine=False):
     return out
 
 
-def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
+def _sde_args(means, logweights, logstds, x, u, z, seed, out, given: bool):
+    """``_gm_sde_step_kernel``'s views (in its order; ``u`` and ``z`` stand for ``x`` when the
+    kernel draws its own noise), grid, integer arguments and options (``planned_args``)."""
     *_, K, C, H, W = means.shape
     HW = H * W
     m, lw, ls, s_lsb, s_lsp = _flat_gm(means, logstds, logweights)
     B = m.shape[0]
-    xf = x.reshape(B, C, HW)
-    out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
-    given = u is not None
+    xf, of = x.reshape(B, C, HW), out.view(B, C, HW)
     uf = u.reshape(B, HW) if given else xf
     zf = z.reshape(B, C, HW) if given else xf
     pack = HW == 1 and B > 1  # point data: the batch elements fill the pixel lanes
     bk, bc, bp = _sde_blocks(K, C, B if pack else HW)
     grid = (cdiv(B, bp) if pack else B * cdiv(HW, bp),)
+    ints = (K, C, HW, B * HW, *m.stride(), *lw.stride(), s_lsb, s_lsp, *xf.stride(),
+            uf.stride(0), uf.stride(-1), zf.stride(0), zf.stride(1), zf.stride(2))  # fmt: skip
+    options = dict(BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, GIVEN_NOISE=given,
+                   INT64=needs_int64(m, lw, xf, of) or B * HW * (C + 1) >= I32_MAX, PACK=pack, num_warps=4)  # fmt: skip
+    return (m, lw, ls, xf, uf, zf, seed, of), grid, ints, options
+
+
+def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
+    """Run ``_gm_sde_step_kernel`` (noise ``u (*B, 1, H, W)``, ``z`` like ``x`` when given, else
+    Philox from ``seed``); the launch plan is stored per shape (``planned_args``)."""
+    out = torch.empty(*x.shape, device=x.device, dtype=x.dtype)
+    given = u is not None
+    tensors = (means, logweights, logstds, x, u if given else x, z if given else x, seed if seed is not None else x, out)
+    tensors, grid, ints, options = planned_args(_SDE_PLANS, _sde_args, tensors, given, n_key=7)
     # the kernel's float32 scalars, rounded here as a GPU launch rounds them (the interpreter keeps
     # float64, and a c3 far below float32's range then meets bf16 math as a NaN)
-    c1, c2, c3 = (_f32(c) for c in (c1, c2, c3))
-    _gm_sde_step_kernel[grid](
-        m, lw, ls, xf, uf, zf, seed, out,
-        K, C, HW, B * HW,
-        *m.stride(), *lw.stride(), s_lsb, s_lsp, *xf.stride(),
-        uf.stride(0), uf.stride(-1), zf.stride(0), zf.stride(1), zf.stride(2),
-        c1, c2, c3, power,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, GIVEN_NOISE=given,
-        INT64=needs_int64(m, lw, xf, out) or B * HW * (C + 1) >= I32_MAX, PACK=pack, num_warps=4,
-    )
-    return out.view(x.shape)
+    _gm_sde_step_kernel[grid](*tensors, *ints, _f32(c1), _f32(c2), _f32(c3), power, **options)
+    return out
 
 
 # ----------------------------------------------------------------------------- torch.library ops
