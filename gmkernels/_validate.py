@@ -263,6 +263,29 @@ def check_sigma_order(low: Sigma, low_name: str, high: Sigma, high_name: str) ->
     require(ok, message, lambda: f"; {low_name} exceeds {high_name} at {int((~ok).sum())} of {ok.numel()} entries")
 
 
+def check_sigma_pair(sigma: Any, name: str, sigma_to: Any, to_name: str, s: GMShape) -> tuple[Sigma, Sigma]:
+    """The two noise levels of a transition, ``0 <= sigma_to <= sigma <= 1``: :func:`check_sigma`
+    of each and :func:`check_sigma_order`, with one host read of each small CPU tensor for all
+    three (three otherwise) and, on CUDA, one device-side assert for both tensors (three
+    comparisons, ``0 <= sigma_to``, ``sigma_to <= sigma``, ``sigma <= 1``, imply the rest).
+    Errors, on CPU and for floats, are the two functions' own."""
+    if isinstance(sigma, torch.Tensor) and isinstance(sigma_to, torch.Tensor) and not torch.compiler.is_compiling():
+        sigma = check_sigma(sigma, name, s, check_values=False)
+        sigma_to = check_sigma(sigma_to, to_name, s, check_values=False)
+        if not host_checks_values(sigma):
+            ok = (sigma_to >= 0.0) & (sigma_to <= sigma) & (sigma <= 1.0)
+            torch._assert_async(ok.all(), f"{to_name} and {name} must satisfy 0 <= {to_name} <= {name} <= 1")
+            return sigma, sigma_to
+        if sigma.shape == sigma_to.shape and sigma.numel() <= _HOST_LIST_MAX:
+            pairs = zip(sigma.reshape(-1).tolist(), sigma_to.reshape(-1).tolist())
+            if all(0.0 <= b <= a <= 1.0 for a, b in pairs):  # NaN fails
+                return sigma, sigma_to
+    sigma = check_sigma(sigma, name, s)  # the checks one by one, with their errors
+    sigma_to = check_sigma(sigma_to, to_name, s)
+    check_sigma_order(sigma_to, to_name, sigma, name)
+    return sigma, sigma_to
+
+
 def check_generator(generator: Any, name: str = "generator") -> torch.Generator | None:
     """``None`` or a ``torch.Generator`` (an int seed is not accepted: seed one with
     ``torch.Generator(device).manual_seed(seed)``)."""

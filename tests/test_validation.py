@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gmkernels as G
 from strategies import make_gm, make_state
@@ -167,6 +169,44 @@ def test_documented_sigma_orders_are_checked():
         G.gm_posterior_mean(gm(), X, 0.5, X, lo)
     G.reverse_transition(gm(), X, 0.5, 0.5)
     G.gm_posterior_mean(gm(), X, hi, X, 0.5)
+
+
+_LEVELS = st.sampled_from([0.0, 0.3, 0.5, 1.0, -0.1, 1.2, float("nan")])
+
+
+@settings(max_examples=60)
+@given(hi=st.lists(_LEVELS, min_size=2, max_size=2), lo=st.lists(_LEVELS, min_size=2, max_size=2),
+       hi_tensor=st.booleans(), lo_tensor=st.booleans())  # fmt: skip
+def test_sigma_pair_check_equals_the_three_checks(hi, lo, hi_tensor, lo_tensor):
+    """``check_sigma_pair`` (one read of each per-sample tensor) accepts exactly what the range
+    checks of both sigmas and the order check accept, and raises their error when not."""
+    from gmkernels._validate import check_gm, check_sigma, check_sigma_order, check_sigma_pair
+
+    s = check_gm(gm())
+    sig = torch.tensor(hi).view(2, 1, 1, 1) if hi_tensor else hi[0]
+    sig_to = torch.tensor(lo).view(2, 1, 1, 1) if lo_tensor else lo[0]
+
+    def one_by_one():  # in the ops' order: sigma, sigma_to, then the order
+        checked = check_sigma(sig, "sigma", s)
+        check_sigma_order(check_sigma(sig_to, "sigma_to", s), "sigma_to", checked, "sigma")
+
+    try:
+        one_by_one()
+    except ValueError as e:
+        with pytest.raises(ValueError) as caught:
+            check_sigma_pair(sig, "sigma", sig_to, "sigma_to", s)
+        assert str(caught.value) == str(e)
+    else:
+        assert check_sigma_pair(sig, "sigma", sig_to, "sigma_to", s) == (sig, sig_to)
+
+
+def test_sigma_pair_on_a_device_asserts_without_reading():
+    """Tensors off the CPU take one device-side assert (here meta tensors: no values, no read)."""
+    from gmkernels._validate import check_gm, check_sigma_pair
+
+    s = check_gm({k: v.to("meta") for k, v in gm().items()})
+    hi, lo = torch.empty(2, 1, 1, 1, device="meta"), torch.empty(2, 1, 1, 1, device="meta")
+    assert check_sigma_pair(hi, "sigma", lo, "sigma_to", s) == (hi, lo)
 
 
 @pytest.mark.parametrize("var", [-1.0, 0.0, float("nan")])

@@ -29,7 +29,7 @@ import reference.posterior as ref
 
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
-from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
+from .._validate import Sigma, check_gm, check_sigma_pair, check_state
 from ._launch import (
     THREADS_ALONG_K, PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
 )
@@ -270,9 +270,7 @@ def gm_posterior_mean(
     s = check_gm(gm)
     check_state(x_src, "x_src", s)
     check_state(x_tgt, "x_tgt", s)
-    sigma_src = check_sigma(sigma_src, "sigma_src", s)
-    sigma_tgt = check_sigma(sigma_tgt, "sigma_tgt", s)
-    check_sigma_order(sigma_tgt, "sigma_tgt", sigma_src, "sigma_src")
+    sigma_src, sigma_tgt = check_sigma_pair(sigma_src, "sigma_src", sigma_tgt, "sigma_tgt", s)
     eps = _check_real(eps, "eps")
     tensors = [gm["means"], gm["logstds"], gm["logweights"], x_src, x_tgt]
     tensors += [t for t in (sigma_src, sigma_tgt) if isinstance(t, torch.Tensor)]

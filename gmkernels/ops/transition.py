@@ -24,7 +24,7 @@ import reference.transition as ref
 
 from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
-from .._validate import Sigma, check_gm, check_sigma, check_sigma_order, check_state
+from .._validate import Sigma, check_gm, check_sigma, check_sigma_pair, check_state
 from ._launch import PlanCache, call_op, cdiv, kernels_wanted, needs_int64, next_pow2, planned_args
 
 try:
@@ -316,9 +316,7 @@ def reverse_transition(gm_x0: dict, x_t: torch.Tensor, sigma: Sigma, sigma_to: S
     """
     s = check_gm(gm_x0, "gm_x0")
     check_state(x_t, "x_t", s)
-    sigma = check_sigma(sigma, "sigma", s)
-    sigma_to = check_sigma(sigma_to, "sigma_to", s)
-    check_sigma_order(sigma_to, "sigma_to", sigma, "sigma")
+    sigma, sigma_to = check_sigma_pair(sigma, "sigma", sigma_to, "sigma_to", s)
     if not kernels_wanted(*_tensors(gm_x0["means"], gm_x0["logstds"], x_t, sigma, sigma_to)):
         return run_reference(ref.reverse_transition, gm_x0, x_t, sigma, sigma_to, eps, out_dtype=s.dtype)
     means, logstds = call_op(torch.ops.gmkernels.reverse_transition,
