@@ -250,8 +250,8 @@ def _launch_moments(
     (``planned_args``)."""
     *batch, K, C, H, W = means.shape
     with_var = logstds is not None
-    mean = torch.empty((*batch, C, H, W), dtype=means.dtype, device=means.device)
-    var = torch.empty((*batch, 1, H, W), dtype=means.dtype, device=means.device) if with_var else None
+    mean = torch.empty(*batch, C, H, W, dtype=means.dtype, device=means.device)
+    var = torch.empty(*batch, 1, H, W, dtype=means.dtype, device=means.device) if with_var else None
     if mean.numel() == 0:
         return mean, var
     tensors = (means, logweights, logstds, mean, var) if with_var else (means, logweights, mean, mean, mean)

@@ -227,7 +227,7 @@ def _launch_posterior(
 ) -> torch.Tensor:  # fmt: skip
     """Run ``_gm_posterior_mean_kernel``; sigmas are tensors broadcastable to ``(*B, 1, 1, 1)``.
     The launch plan is stored per shape (``planned_args``)."""
-    out = torch.empty((*means.shape[:-4], *means.shape[-3:]), dtype=means.dtype, device=means.device)
+    out = torch.empty(*x_src.shape, dtype=means.dtype, device=means.device)
     if out.numel() == 0:
         return out
     tensors = (means, logweights, logstds, x_src, x_tgt, sigma_src, sigma_tgt, out)

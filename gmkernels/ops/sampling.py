@@ -171,7 +171,7 @@ def _launch_sample(
     """Run ``_gm_sample_kernel``: ``(*B, N, C, H, W)`` in the dtype of ``means``. The launch
     plan is stored per shape (``planned_args``)."""
     *batch, K, C, H, W = means.shape
-    out = torch.empty((*batch, n_samples, C, H, W), dtype=means.dtype, device=means.device)
+    out = torch.empty(*batch, n_samples, C, H, W, dtype=means.dtype, device=means.device)
     if out.numel() == 0:
         return out
     tensors, grid, ints, options = planned_args(_PLANS, _sample_args, (means, logweights, logstds, seeds, out))

@@ -201,8 +201,8 @@ _PLANS = PlanCache()
 
 def _launch(mode: int, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_to_f, eps):
     """Run ``_transition_kernel``; the launch plan is stored per shape (``planned_args``)."""
-    out_m = torch.empty(means.shape, device=means.device, dtype=means.dtype)
-    out_ls = torch.empty(logstds.shape, device=means.device, dtype=means.dtype)
+    out_m = torch.empty(*means.shape, device=means.device, dtype=means.dtype)
+    out_ls = torch.empty(*logstds.shape, device=means.device, dtype=means.dtype)
     if out_m.numel() == 0:
         return out_m, out_ls
     sig_t, sigto_t = sigma_t is not None, sigma_to_t is not None
