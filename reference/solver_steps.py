@@ -105,3 +105,47 @@ def gm_sde_step(
     c1, c2, c3 = transition_coefficients(sigma, sigma_next, eps)
     std = sde_noise_std(gm["logstds"], c2, c3).squeeze(-4)  # (*B, 1, 1|H, 1|W)
     return c1 * x + c2 * mu + std * z
+
+
+def step_coefficients(
+    stats: torch.Tensor, coef: torch.Tensor, npb: int, HW: int, C: int, mode: int, *, uncond: bool, meancfg: bool,
+    prob: bool, order2: bool, bias_pass: bool, amount: float, scale: float, h: float, h_prev: float,
+    ca: float = 0.005, cb: float = 1.0, rho_min: float = 1e-6,
+) -> torch.Tensor:  # fmt: skip
+    """The fused sampler step's per-sample coefficients from its statistics passes (the twin of
+    ``gmkernels.ops.solver_steps._step_coef_kernel``; docs/solvers.md#fused-steps).
+
+    ``stats (B * npb, 8)`` holds each program's partial sums (``npb`` programs a row) of the
+    per-pixel variance (column 0, a mean over ``HW``), ``<d, m_c>``, ``<m_c, m_c>``, ``<d, d>``
+    (1-3), the unscaled 2nd-order bias power ``<e, e>`` (4) and, after the bias-power pass, the
+    exact one (5), each a mean over ``C * HW``. Returns a copy of ``coef (B, 11)`` with the
+    entries that ``mode`` 1 (after the first pass) or 2 (after the bias-power pass) writes:
+    0 ``proj``, 1 ``scale - 1`` (mean-CFG), 6-8 the probabilistic-guidance reweighting, 9-10 the
+    bias pass's ``damp`` and ``alpha``, 3-5 the 2nd-order reweighting. Float64 arithmetic."""
+    B = coef.shape[0]
+    mean = stats.double().view(B, npb, 8).sum(1)
+    V, dm, mm, dd = mean[:, 0] / HW, mean[:, 1] / (C * HW), mean[:, 2] / (C * HW), mean[:, 3] / (C * HW)
+    out = coef.clone()
+    proj = amount * dm / mm.clamp(min=1e-6)
+    pg = (dd - 2 * proj * dm + proj * proj * mm).clamp(min=0)  # <db, db>, db = d - proj m_c
+    alpha = scale * torch.sqrt(V / pg.clamp(min=1e-6)) if prob else torch.zeros_like(V)
+    if mode == 1:
+        if uncond:
+            out[:, 0] = proj.float()
+        if meancfg:
+            out[:, 1] = scale - 1
+        if prob:
+            vt = V * (1 - scale * scale)  # op 4: target / cond
+            n4 = (V - vt).clamp(min=1e-6)
+            out[:, 6], out[:, 7], out[:, 8] = ((V - vt) / n4).float(), (V * alpha / n4).float(), (vt * V / n4).float()
+    if order2:
+        E = V * ((scale * scale * cb * cb if prob else 0.0) + ca)
+        damp = torch.sqrt((1 - E / (h_prev * h_prev)).clamp(min=0)) * (0.5 * h / h_prev)
+        if mode == 1 and bias_pass:
+            out[:, 9], out[:, 10] = damp.float(), alpha.float()
+        else:
+            P = mean[:, 5] / (C * HW) if mode == 2 else damp * damp * mean[:, 4] / (C * HW)
+            cap = torch.sqrt((V / P.clamp(min=1e-6)).clamp(max=1))
+            rho = (P / V.clamp(min=1e-6)).clamp(min=rho_min, max=1 - rho_min)
+            out[:, 3], out[:, 4], out[:, 5] = (cap * alpha / rho).float(), (cap * damp / rho).float(), (V * (1 - rho) / rho).float()
+    return out

@@ -184,6 +184,36 @@ def test_sde_kernel_philox_same_seed_same_samples_and_moments():
 
 
 @pytest.mark.triton
+@settings(max_examples=30)
+@given(B=st.integers(1, 5), npb=st.sampled_from([1, 2, 3, 40]), HW=st.integers(1, 300), C=st.integers(1, 16),
+       guidance=st.sampled_from(["none", "probabilistic", "weight", "mean-cfg"]), order2=st.booleans(), mode2=st.booleans(),
+       amount=st.sampled_from([0.0, 1.0, 0.3]), scale=st.floats(0.05, 0.95), h=st.floats(0.01, 0.2), h_prev=st.floats(0.01, 0.2),
+       seed=seeds)  # fmt: skip
+def test_step_coefficient_kernel_matches_its_twin(B, npb, HW, C, guidance, order2, mode2, amount, scale, h, h_prev, seed):
+    """The fused step's per-sample coefficients (float64 sums of the statistics partials, then the
+    guidance and 2nd-order formulas) equal their torch twin, every entry it writes, and leave the
+    others as they were."""
+    prob, meancfg = guidance == "probabilistic", guidance == "mean-cfg"
+    bias_pass = order2 and (prob or (meancfg and amount > 0))
+    assume(prob or meancfg or order2)  # the step launches no statistics pass otherwise
+    mode = 2 if mode2 and bias_pass else 1
+    g = torch.Generator().manual_seed(seed)
+    stats = torch.rand(B * npb, 8, generator=g) * torch.tensor([3.0, 1.0, 2.0, 1.5, 0.2, 0.3, 0, 0])
+    stats[:, 1] -= 0.5  # <d, m_c> of either sign
+    coef = torch.randn(B, ops._NCOEF, generator=g)
+    kw = dict(uncond=prob or meancfg, meancfg=meancfg, prob=prob, order2=order2, bias_pass=bias_pass,
+              amount=amount if (prob or meancfg) else 0.0, scale=scale, h=h, h_prev=h_prev)  # fmt: skip
+    want = ref.step_coefficients(stats, coef, npb, HW, C, mode, **kw, ca=ops.CA, cb=ops.CB, rho_min=ops.RHO_MIN)
+    got = coef.clone()
+    with gmkernels.use_backend("triton"):
+        ops._launch_step_coefficients(stats, got, npb, HW, C, mode, **kw)
+    changed = (want != coef).any(0)
+    for col in changed.nonzero().flatten().tolist():  # each entry on its own scale
+        assert rel_err(got[:, col], want[:, col]) < TOL[torch.float32], col
+    assert torch.equal(got[:, ~changed], coef[:, ~changed])
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("seed", [0, 12345, 2**61 + 7])
 def test_philox_randn_is_tl_randn_to_an_ulp(seed):
     """The kernels' normal draw (its own cosine, no local memory) is ``tl.randn`` of the same

@@ -31,7 +31,7 @@ from reference.transition import transition_coefficients
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_float_tensor, check_generator, check_gm, check_power, check_sigma, check_state, pixel_shape
-from ._launch import I32_MAX, THREADS_ALONG_K, PlanCache, call_op, cdiv, launch_plan, needs_int64, planned_args
+from ._launch import I32_MAX, THREADS_ALONG_K, PlanCache, call_op, cdiv, launch_plan, needs_int64, next_pow2, planned_args
 from .policy import _policy_rollout_kernel, rollout_blocks
 
 try:
@@ -628,6 +628,85 @@ if triton is not None:
                     tl.store(post_ptr + o_off, post, mask=xmask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _step_coef_kernel(
+        stat_ptr, coef_ptr, B, NPB, HW, CHW,
+        amount, scale, e_coef, inv_hp2, h_ratio, rho_min,
+        MODE: tl.constexpr, UNCOND: tl.constexpr, MEANCFG: tl.constexpr, PROB: tl.constexpr, ORDER2: tl.constexpr,
+        BIAS_PASS: tl.constexpr, NCOEF: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """The fused step's per-sample coefficients from its statistics passes, in float64, for
+        rows ``b < B``: the ``(B * NPB, 8)`` float32 partial sums of ``_fused_step_kernel``
+        (``NPB`` programs a row) are summed and turned into the ``coef (B, NCOEF)`` entries that
+        the next launch reads (``reference.solver_steps.step_coefficients`` is the twin; the
+        formulas are those of ``fused_step``). ``MODE`` 1 follows the first statistics pass,
+        ``MODE`` 2 the 2nd-order bias-power pass (``BIAS_PASS``). Host scalars: ``e_coef =
+        scale^2 cb^2 (probabilistic) + ca``, ``inv_hp2 = 1 / h_prev^2``, ``h_ratio = 0.5 h / h_prev``."""
+        b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        bmask = b < B
+        n = tl.arange(0, BLOCK_N)
+        zero = tl.zeros([BLOCK_B], tl.float64)
+        s_var = zero
+        s_dm = zero
+        s_mm = zero
+        s_dd = zero
+        s_p = zero
+        p_col: tl.constexpr = 5 if MODE == 2 else 4
+        for j0 in tl.range(0, NPB, BLOCK_N):
+            j = j0 + n
+            mask = bmask[:, None] & (j < NPB)[None, :]
+            row = stat_ptr + (b[:, None] * NPB + j[None, :]) * 8
+            s_var += tl.sum(tl.load(row + 0, mask=mask, other=0.0).to(tl.float64), axis=1)
+            s_dm += tl.sum(tl.load(row + 1, mask=mask, other=0.0).to(tl.float64), axis=1)
+            s_mm += tl.sum(tl.load(row + 2, mask=mask, other=0.0).to(tl.float64), axis=1)
+            s_dd += tl.sum(tl.load(row + 3, mask=mask, other=0.0).to(tl.float64), axis=1)
+            if ORDER2:
+                s_p += tl.sum(tl.load(row + p_col, mask=mask, other=0.0).to(tl.float64), axis=1)
+        one = zero + 1.0
+        floor = zero + 1e-6  # float64 constants: a literal would be float32
+        V = s_var / (zero + HW)  # scalars widened by a float64 tensor (an int argument of 1 is a constexpr)
+        chw = zero + CHW
+        dm = s_dm / chw
+        mm = s_mm / chw
+        dd = s_dd / chw
+        sc = zero + scale
+        proj = (zero + amount) * dm / tl.maximum(mm, floor)
+        pg = tl.maximum(dd - 2.0 * proj * dm + proj * proj * mm, zero)  # <db, db>, db = d - proj m_c
+        alpha = zero
+        cf = coef_ptr + b * NCOEF
+        if PROB:
+            alpha = sc * tl.sqrt(V / tl.maximum(pg, floor))
+        if MODE == 1:
+            if UNCOND:
+                tl.store(cf + 0, proj.to(tl.float32), mask=bmask)
+            if MEANCFG:
+                tl.store(cf + 1, (sc - one).to(tl.float32), mask=bmask)
+            if PROB:
+                vt = V * (one - sc * sc)  # op 4: target / cond
+                n4 = tl.maximum(V - vt, floor)
+                tl.store(cf + 6, ((V - vt) / n4).to(tl.float32), mask=bmask)
+                tl.store(cf + 7, (V * alpha / n4).to(tl.float32), mask=bmask)
+                tl.store(cf + 8, (vt * V / n4).to(tl.float32), mask=bmask)
+        if ORDER2:
+            E = V * (zero + e_coef)
+            damp = tl.sqrt(tl.maximum(one - E * (zero + inv_hp2), zero)) * (zero + h_ratio)
+            if MODE == 1 and BIAS_PASS:  # the bias power needs these first: its own pass, then MODE 2
+                tl.store(cf + 9, damp.to(tl.float32), mask=bmask)
+                tl.store(cf + 10, alpha.to(tl.float32), mask=bmask)
+            else:
+                P = s_p / chw
+                if MODE == 1:
+                    P = damp * damp * P
+                cap = tl.sqrt(tl.minimum(V / tl.maximum(P, floor), one))
+                rmin = zero + rho_min
+                rho = tl.minimum(tl.maximum(P / tl.maximum(V, floor), rmin), one - rmin)
+                tl.store(cf + 3, (cap * alpha / rho).to(tl.float32), mask=bmask)
+                tl.store(cf + 4, (cap * damp / rho).to(tl.float32), mask=bmask)
+                tl.store(cf + 5, (V * (one - rho) / rho).to(tl.float32), mask=bmask)
+
+
 #: Point data packs its rows into the fused step's lanes only where the compiler keeps the lanes on
 #: them: the packed tiles have no contiguous axis, and triton 3.6's coalescing then puts the lanes
 #: along K (cross-thread reductions, 2-3 KB of spills at sm_80/sm_90 for K = 64, C = 2), where
@@ -900,6 +979,23 @@ RHO_MIN = 1e-6
 
 
 
+def _launch_step_coefficients(
+    stats: torch.Tensor, coef: torch.Tensor, npb: int, HW: int, C: int, mode: int, *, uncond: bool, meancfg: bool,
+    prob: bool, order2: bool, bias_pass: bool, amount: float, scale: float, h: float, h_prev: float,
+) -> None:  # fmt: skip
+    """Run ``_step_coef_kernel``: ``coef (B, _NCOEF)`` from the statistics partials ``stats
+    (B * npb, _NSTAT)`` after pass ``mode`` (arguments as ``reference.solver_steps.step_coefficients``)."""
+    B = coef.shape[0]
+    block_b = min(next_pow2(B), 64)
+    block_n = min(next_pow2(npb), max(1, 1024 // block_b))
+    _step_coef_kernel[(cdiv(B, block_b),)](
+        stats, coef, B, npb, HW, C * HW, amount, scale, ((scale * scale * CB * CB) if prob else 0.0) + CA,
+        1.0 / (h_prev * h_prev) if order2 else 0.0, 0.5 * h / h_prev if order2 else 0.0, RHO_MIN,
+        MODE=mode, UNCOND=uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2, BIAS_PASS=bias_pass,
+        NCOEF=_NCOEF, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=4,
+    )
+
+
 def fused_step(
     gm_u, x: torch.Tensor, sigmas: torch.Tensor, levels: tuple[float, float], *, sde: bool, guidance: str = "none", scale: float = 0.0,
     orthogonal: float = 0.0, prev_mean: torch.Tensor | None = None, h: float = 0.0, h_prev: float = 0.0,
@@ -992,44 +1088,16 @@ def fused_step(
             PACK=pack, num_warps=warps,
         )
 
-    def mean_over(col: int, n: int) -> torch.Tensor:
-        return stats[:, col].view(B, npb).sum(1, dtype=torch.float64) / n
-
     if has_uncond or order2:
-        CHW = C * HW
         if meancfg and amount == 0:
             coef[:, 1] = scale - 1
+        kw = dict(uncond=has_uncond, meancfg=meancfg, prob=prob, order2=order2, bias_pass=bias_pass, amount=amount,
+                  scale=float(scale), h=h, h_prev=h_prev)  # fmt: skip
         launch(1)
-        V, dm, mm, dd = mean_over(0, HW), mean_over(1, CHW), mean_over(2, CHW), mean_over(3, CHW)
-        proj = amount * dm / mm.clamp(min=1e-6)
-        pg = (dd - 2 * proj * dm + proj * proj * mm).clamp(min=0)  # <db, db>, db = d - proj m_c
-        alpha = torch.zeros_like(V)
-        if has_uncond:
-            coef[:, 0] = proj.float()
-        if meancfg:
-            coef[:, 1] = scale - 1
-        if prob:
-            alpha = scale * torch.sqrt(V / pg.clamp(min=1e-6))
-            vt = V * (1 - scale * scale)  # op 4: target / cond
-            n4 = (V - vt).clamp(min=1e-6)
-            coef[:, 6] = ((V - vt) / n4).float()
-            coef[:, 7] = (V * alpha / n4).float()
-            coef[:, 8] = (vt * V / n4).float()
-        if order2:
-            E = V * ((scale * scale * CB * CB if prob else 0.0) + CA)
-            damp = torch.sqrt((1 - E / (h_prev * h_prev)).clamp(min=0)) * (0.5 * h / h_prev)
-            if bias_pass:  # the bias needs the first pass's scalars
-                coef[:, 9] = damp.float()
-                coef[:, 10] = alpha.float()
-                launch(2)
-                P = mean_over(5, CHW)
-            else:
-                P = damp * damp * mean_over(4, CHW)
-            cap = torch.sqrt((V / P.clamp(min=1e-6)).clamp(max=1))
-            rho = (P / V.clamp(min=1e-6)).clamp(min=RHO_MIN, max=1 - RHO_MIN)
-            coef[:, 3] = (cap * alpha / rho).float()
-            coef[:, 4] = (cap * damp / rho).float()
-            coef[:, 5] = (V * (1 - rho) / rho).float()
+        _launch_step_coefficients(stats, coef, npb, HW, C, 1, **kw)  # one launch, no torch op between the passes
+        if bias_pass:
+            launch(2)
+            _launch_step_coefficients(stats, coef, npb, HW, C, 2, **kw)
     launch(0)
     return out.view(x.shape), (postbuf.view(x.shape) if post else None)
 
