@@ -647,23 +647,30 @@ if triton is not None:
         b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         bmask = b < B
         n = tl.arange(0, BLOCK_N)
-        zero = tl.zeros([BLOCK_B], tl.float64)
-        s_var = zero
-        s_dm = zero
-        s_mm = zero
-        s_dd = zero
-        s_p = zero
+        acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float64)
+        a_var = acc
+        a_dm = acc
+        a_mm = acc
+        a_dd = acc
+        a_p = acc
         p_col: tl.constexpr = 5 if MODE == 2 else 4
-        for j0 in tl.range(0, NPB, BLOCK_N):
+        USE_P: tl.constexpr = ORDER2 and not (MODE == 1 and BIAS_PASS)
+        for j0 in tl.range(0, NPB, BLOCK_N):  # elementwise sums: one reduction after the loop
             j = j0 + n
             mask = bmask[:, None] & (j < NPB)[None, :]
             row = stat_ptr + (b[:, None] * NPB + j[None, :]) * 8
-            s_var += tl.sum(tl.load(row + 0, mask=mask, other=0.0).to(tl.float64), axis=1)
-            s_dm += tl.sum(tl.load(row + 1, mask=mask, other=0.0).to(tl.float64), axis=1)
-            s_mm += tl.sum(tl.load(row + 2, mask=mask, other=0.0).to(tl.float64), axis=1)
-            s_dd += tl.sum(tl.load(row + 3, mask=mask, other=0.0).to(tl.float64), axis=1)
-            if ORDER2:
-                s_p += tl.sum(tl.load(row + p_col, mask=mask, other=0.0).to(tl.float64), axis=1)
+            a_var += tl.load(row + 0, mask=mask, other=0.0).to(tl.float64)
+            a_dm += tl.load(row + 1, mask=mask, other=0.0).to(tl.float64)
+            a_mm += tl.load(row + 2, mask=mask, other=0.0).to(tl.float64)
+            a_dd += tl.load(row + 3, mask=mask, other=0.0).to(tl.float64)
+            if USE_P:
+                a_p += tl.load(row + p_col, mask=mask, other=0.0).to(tl.float64)
+        s_var = tl.sum(a_var, axis=1)
+        s_dm = tl.sum(a_dm, axis=1)
+        s_mm = tl.sum(a_mm, axis=1)
+        s_dd = tl.sum(a_dd, axis=1)
+        s_p = tl.sum(a_p, axis=1)
+        zero = s_var * 0.0
         one = zero + 1.0
         floor = zero + 1e-6  # float64 constants: a literal would be float32
         V = s_var / (zero + HW)  # scalars widened by a float64 tensor (an int argument of 1 is a constexpr)
@@ -987,7 +994,7 @@ def _launch_step_coefficients(
     (B * npb, _NSTAT)`` after pass ``mode`` (arguments as ``reference.solver_steps.step_coefficients``)."""
     B = coef.shape[0]
     block_b = min(next_pow2(B), 64)
-    block_n = min(next_pow2(npb), max(1, 1024 // block_b))
+    block_n = min(next_pow2(npb), max(1, 256 // block_b))  # float64 sums of 5 columns: 2 per thread
     _step_coef_kernel[(cdiv(B, block_b),)](
         stats, coef, B, npb, HW, C * HW, amount, scale, ((scale * scale * CB * CB) if prob else 0.0) + CA,
         1.0 / (h_prev * h_prev) if order2 else 0.0, 0.5 * h / h_prev if order2 else 0.0, RHO_MIN,
