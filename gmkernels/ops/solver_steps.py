@@ -635,7 +635,7 @@ if triton is not None:
         stat_ptr, coef_ptr, B, NPB, HW, CHW,
         amount, scale, e_coef, inv_hp2, h_ratio, rho_min,
         MODE: tl.constexpr, UNCOND: tl.constexpr, MEANCFG: tl.constexpr, PROB: tl.constexpr, ORDER2: tl.constexpr,
-        BIAS_PASS: tl.constexpr, NCOEF: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+        BIAS_PASS: tl.constexpr, NCOEF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """The fused step's per-sample coefficients from its statistics passes, in float64, for
         rows ``b < B``: the ``(B * NPB, 8)`` float32 partial sums of ``_fused_step_kernel``
@@ -644,10 +644,10 @@ if triton is not None:
         formulas are those of ``fused_step``). ``MODE`` 1 follows the first statistics pass,
         ``MODE`` 2 the 2nd-order bias-power pass (``BIAS_PASS``). Host scalars: ``e_coef =
         scale^2 cb^2 (probabilistic) + ca``, ``inv_hp2 = 1 / h_prev^2``, ``h_ratio = 0.5 h / h_prev``."""
-        b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        b = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         bmask = b < B
         n = tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float64)
+        acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float64)
         a_var = acc
         a_dm = acc
         a_mm = acc
@@ -986,6 +986,31 @@ RHO_MIN = 1e-6
 
 
 
+def _step_args(means, logweights, logstds, u_means, u_logweights, x, sde: bool, heavy: bool, one_ok: bool, n_sigmas: int):
+    """``_fused_step_kernel``'s views of the conditional GM, the unconditional one (the same GM
+    when there is none) and the state, grid, integer arguments (``B * HW`` and ``npb`` at
+    positions 7 and 4) and the options that follow from the shapes (``planned_args``): blocks,
+    one-tile mode (``one_ok``: the variant may keep the GM in one thread), packing, int64."""
+    *_, K, C, H, W = means.shape
+    HW = H * W
+    m, lw, ls, s_lsb, s_lsp = _flat_gm(means, logstds, logweights)
+    KU = u_means.shape[-4]
+    vm, vl = u_means.reshape(-1, KU, C, HW), u_logweights.reshape(-1, KU, HW)
+    B = m.shape[0]
+    xf = x.reshape(B, C, HW)
+    pack = _PACK_FUSED and HW == 1 and B > 1  # point data: the batch rows fill the pixel lanes, one statistics row each
+    bk, bc, bp, one, warps = _fused_blocks(K, C, B if pack else HW, sde, heavy=heavy)
+    npb = 1 if pack else cdiv(HW, bp)
+    ints = (K, KU, C, HW, npb, n_sigmas - 1, _NCOEF, B * HW,
+            *m.stride(), *lw.stride(), s_lsb, s_lsp, *vm.stride(), *vl.stride(), *xf.stride(), 1)  # fmt: skip
+    int64 = needs_int64(m, lw, vm, vl, xf) or B * HW * (C + 1) >= I32_MAX
+    options = dict(ONE_TILE=one and one_ok, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, INT64=int64, PACK=pack, num_warps=warps)
+    return (m, lw, ls, vm, vl, xf), (cdiv(B, bp) if pack else B * npb,), ints, options
+
+
+_STEP_PLANS = PlanCache()
+
+
 def _launch_step_coefficients(
     stats: torch.Tensor, coef: torch.Tensor, npb: int, HW: int, C: int, mode: int, *, uncond: bool, meancfg: bool,
     prob: bool, order2: bool, bias_pass: bool, amount: float, scale: float, h: float, h_prev: float,
@@ -993,13 +1018,13 @@ def _launch_step_coefficients(
     """Run ``_step_coef_kernel``: ``coef (B, _NCOEF)`` from the statistics partials ``stats
     (B * npb, _NSTAT)`` after pass ``mode`` (arguments as ``reference.solver_steps.step_coefficients``)."""
     B = coef.shape[0]
-    block_b = min(next_pow2(B), 64)
-    block_n = min(next_pow2(npb), max(1, 256 // block_b))  # float64 sums of 5 columns: 2 per thread
-    _step_coef_kernel[(cdiv(B, block_b),)](
+    block_r = min(next_pow2(B), 64)
+    block_n = min(next_pow2(npb), max(1, 256 // block_r))  # float64 sums of 5 columns: 2 per thread
+    _step_coef_kernel[(cdiv(B, block_r),)](
         stats, coef, B, npb, HW, C * HW, amount, scale, ((scale * scale * CB * CB) if prob else 0.0) + CA,
         1.0 / (h_prev * h_prev) if order2 else 0.0, 0.5 * h / h_prev if order2 else 0.0, RHO_MIN,
         MODE=mode, UNCOND=uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2, BIAS_PASS=bias_pass,
-        NCOEF=_NCOEF, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=4,
+        NCOEF=_NCOEF, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4,
     )
 
 
@@ -1050,49 +1075,46 @@ def fused_step(
     order2 = prev_mean is not None
     *_, K, C, H, W = cond["means"].shape
     HW = H * W
-    m, lw, ls, s_lsb, s_lsp = _flat_gm(cond["means"], cond["logstds"], cond["logweights"])
     KU = uncond["means"].shape[-4]
     if weight and KU != K:
         raise ValueError(f"weight guidance needs matching K: gm_cond has K={K}, gm_uncond has K={KU}")
-    vm, vl = uncond["means"].reshape(-1, KU, C, HW), uncond["logweights"].reshape(-1, KU, HW)
-    B = m.shape[0]
-    xf = x.reshape(B, C, HW)
     if not (sde or has_uncond or weight or order2 or post) and ode_path(K, C, HW) == "wide":
-        out = torch.empty((B, C, HW), device=x.device, dtype=x.dtype)
+        m, lw, ls, _, s_lsp = _flat_gm(cond["means"], cond["logstds"], cond["logweights"])
+        xf = x.reshape(m.shape[0], C, HW)
+        out = torch.empty(*xf.shape, device=x.device, dtype=x.dtype)
         return _launch_ode_wide(m, lw, ls, s_lsp, xf, sigmas, out, eps, rollout_blocks(K, C, HW), affine=True).view(x.shape), None
-    pack = _PACK_FUSED and HW == 1 and B > 1  # point data: the batch rows fill the pixel lanes, one statistics row each
-    bk, bc, bp, one, warps = _fused_blocks(K, C, B if pack else HW, sde, heavy=has_uncond or order2)
-    npb = 1 if pack else cdiv(HW, bp)  # programs (statistics rows) per batch row
+    heavy = has_uncond or order2
+    tensors = (cond["means"], cond["logweights"], cond["logstds"], uncond["means"], uncond["logweights"], x)
+    (m, lw, ls, vm, vl, xf), grid, ints, options = planned_args(
+        _STEP_PLANS, _step_args, tensors, sde, heavy, not sde or heavy or prob, sigmas.numel()
+    )
+    B, npb = ints[7] // HW, ints[4]  # B * HW pixels, npb programs (statistics rows) per batch row
     dev = x.device
-    coef = torch.zeros((B, _NCOEF), dtype=torch.float32, device=dev)
-    stats = torch.empty((B * npb, _NSTAT), dtype=torch.float32, device=dev) if (has_uncond or order2) else coef
-    m_u = torch.empty((B, C, HW), dtype=torch.float32, device=dev) if has_uncond else coef
-    prev = prev_mean.reshape(B, C, HW) if order2 else xf
-    out = torch.empty((B, C, HW), device=dev, dtype=x.dtype)
+    coef = torch.zeros(B, _NCOEF, dtype=torch.float32, device=dev)
+    stats = torch.empty(B * npb, _NSTAT, dtype=torch.float32, device=dev) if heavy else coef
+    m_u = torch.empty(*x.shape, dtype=torch.float32, device=dev) if has_uncond else coef
+    # the kernel addresses the memory, the outputs and m_u as contiguous (B, C, HW)
+    prev = (prev_mean if prev_mean.is_contiguous() else prev_mean.contiguous()) if order2 else x
+    out = torch.empty(*x.shape, device=dev, dtype=x.dtype)
     # the new posterior mean overwrites the previous one in place (see the kernel's POST store)
-    postbuf = (prev if order2 else torch.empty((B, C, HW), device=dev, dtype=torch.float32)) if post else out
+    postbuf = (prev if order2 else torch.empty(*x.shape, device=dev, dtype=torch.float32)) if post else out
     seed = coef
     c1 = c2 = c3 = 0.0
     if sde:
         gen_device = dev if generator is None else generator.device
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).to(dev)
         c1, c2, c3 = (_f32(v) for v in transition_coefficients(levels[0], levels[1], eps))
-    int64 = needs_int64(m, lw, vm, vl, xf, out) or B * HW * (C + 1) >= I32_MAX
     amount = (orthogonal if prob else (1.0 if orthogonal > 0 else 0.0)) if has_uncond else 0.0
     # the 2nd-order bias power from its own pass (it depends on the first pass's scalars): the
     # first pass then needs no 2nd-order memory
     bias_pass = order2 and (prob or (meancfg and amount > 0))
 
     def launch(mode: int) -> None:
-        _fused_step_kernel[(cdiv(B, bp) if pack else B * npb,)](
-            m, lw, ls, vm, vl, xf, prev, coef, sigmas, seed, out, postbuf, stats, m_u,
-            K, vm.shape[1], C, HW, npb, sigmas.numel() - 1, _NCOEF, B * HW,
-            *m.stride(), *lw.stride(), s_lsb, s_lsp, *vm.stride(), *vl.stride(), *xf.stride(), 1,
-            c1, c2, c3, float(scale), eps,
+        _fused_step_kernel[grid](
+            m, lw, ls, vm, vl, xf, prev, coef, sigmas, seed, out, postbuf, stats, m_u, *ints, c1, c2, c3, float(scale), eps,
             SDE=sde, WEIGHT=weight, UNCOND=has_uncond, MEANCFG=meancfg, PROB=prob, ORDER2=order2 and not (mode == 1 and bias_pass),
-            POST=post and mode == 0, STATS=mode, ONE_TILE=one and (not sde or has_uncond or order2 or prob), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp,
-            NEED_MC=has_uncond or order2 or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, AFFINE=True, INT64=int64,
-            PACK=pack, num_warps=warps,
+            POST=post and mode == 0, STATS=mode, NEED_MC=heavy or mode > 0, RW_A=prob or order2, MU_IN=mode != 1, AFFINE=True,
+            **options,
         )
 
     if has_uncond or order2:
@@ -1106,7 +1128,7 @@ def fused_step(
             launch(2)
             _launch_step_coefficients(stats, coef, npb, HW, C, 2, **kw)
     launch(0)
-    return out.view(x.shape), (postbuf.view(x.shape) if post else None)
+    return out, (postbuf if post else None)
 
 
 # ----------------------------------------------------------------------------- AOT cases
