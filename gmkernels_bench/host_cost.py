@@ -30,6 +30,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU
 import torch  # noqa: E402
 
 import gmkernels as G  # noqa: E402
+from gmkernels.schedulers import GMFlowODEScheduler, GMFlowSDEScheduler  # noqa: E402
 
 # a small shape: the host cost does not depend on the sizes (nothing here loops over elements)
 SHAPE = (2, 8, 4, 8, 8)
@@ -70,7 +71,8 @@ def _inputs(seed: int = 0):
 
 
 def cases() -> dict[str, Callable[[], object]]:
-    """``name -> call``: one call of each public op (and the training loss forward+backward)."""
+    """``name -> call``: one call of each public op (and the training loss forward+backward),
+    and one sampler step of each scheduler (plain, 2nd order, probabilistic guidance)."""
     gm, x, gauss, gm1d = _inputs()
     gm2, _, _, _ = _inputs(1)
     B = SHAPE[0]
@@ -85,6 +87,21 @@ def cases() -> dict[str, Callable[[], object]]:
 
     def transition_fwd_bwd():
         G.transition_loss(gm_train, x, t_hi, x, t_lo).backward()
+
+    def step(cls, order: int = 1, guided: bool = False) -> Callable[[], object]:
+        """One ``scheduler.step`` of a long schedule (rescheduled when it ends: once per 4096
+        calls), the network output given: its second and later steps are 2nd order at ``order=2``."""
+        sched = cls(order=order, guidance_scale=0.5 if guided else 0.0)
+        out = (gm, gm2) if guided else gm
+        ts: list = []
+
+        def call():
+            if sched.timesteps is None or sched.step_index >= sched.num_steps:
+                sched.set_timesteps(4096)
+                ts[:] = list(sched.timesteps)
+            return sched.step(out, ts[sched.step_index], x)
+
+        return call
 
     return {
         "gm_to_mean": lambda: G.gm_to_mean(gm),
@@ -109,6 +126,11 @@ def cases() -> dict[str, Callable[[], object]]:
         "gm1d_inverse_cdf": lambda: G.gm1d_inverse_cdf(gm1d, u),
         "gm_ode_substeps (tensor sigmas)": lambda: G.gm_ode_substeps(gm, x, sigmas),
         "gm_sde_step": lambda: G.gm_sde_step(gm, x, 0.7, 0.5),
+        "GMFlowODEScheduler.step": step(GMFlowODEScheduler),
+        "GMFlowSDEScheduler.step": step(GMFlowSDEScheduler),
+        "GMFlowODEScheduler.step (order 2)": step(GMFlowODEScheduler, order=2),
+        "GMFlowSDEScheduler.step (probabilistic)": step(GMFlowSDEScheduler, guided=True),
+        "GMFlowODEScheduler.step (order 2, probabilistic)": step(GMFlowODEScheduler, order=2, guided=True),
     }
 
 
