@@ -1045,7 +1045,8 @@ def fused_step(
     ``d = m_c - m_u``, and ``mean_now - prev_mean``. Statistics launches of the same kernel
     (``STATS=1``: variance, ``<d, m_c>``, ``<m_c, m_c>``, ``<d, d>``, ``<e, e>``; ``STATS=2``: the
     exact power of the 2nd-order bias when it depends on the first pass) give the per-sample
-    scalars as ``(B, programs, 8)`` partials summed in float64 by torch (no host read). The first
+    scalars as ``(B, programs, 8)`` partials, which ``_step_coef_kernel`` sums in float64 and turns
+    into the next launch's coefficients (one launch, no host read, no torch op in between). The first
     launch also keeps ``m_u`` (``(*B, C, H, W)`` float32), so the unconditional GM is read once.
 
     Args:
