@@ -142,6 +142,13 @@ def test_nll_many_channels():
     _check_nll(((2,), 3, 64, 3, 2), 12, torch.float32, True, False, "sum")
 
 
+def test_nll_more_pixels_than_a_block():
+    """H * W = 132 > BLOCK_P = 128: two programs per row, the shared log-std's gradient summed
+    from their partials; point data with 130 rows: two programs across the batch."""
+    _check_nll(((2,), 3, 2, 12, 11), 13, torch.float32, True, False, "mean")
+    _check_nll(((130,), 3, 2, 1, 1), 14, torch.float32, False, False, "sum")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nll_tiny_stds_hit_the_clamp(dtype):
     """``exp(-logstds) > 1/eps``: istd is clamped (no gradient through it), nothing overflows."""
@@ -378,6 +385,32 @@ def test_transition_map_equals_its_torch_twin(batch, dtypes, data):
     assert torch.isfinite(got).all()
     # both round float64 values to float32 (float64 logs and exps may differ in the last bit)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("shape", [((2,), 3, 2, 12, 11), ((130,), 3, 2, 1, 1)])
+def test_transition_loss_more_pixels_than_a_block(shape):
+    """Two programs per row (132 pixels) or across the batch (130 points): the per-sample
+    constants and the log-std gradient through the map, summed from the programs' partials."""
+    batch = shape[0]
+    gm_u = make_gm(shape, 15, dtype=torch.float32)
+    t_high = torch.linspace(900.0, 300.0, batch[0], dtype=torch.float64)
+    t_low = t_high * 0.9
+    s_high, s_low = t_high.view(-1, 1, 1, 1) / 1000, t_low.view(-1, 1, 1, 1) / 1000
+    x_low = make_state(shape, 15)
+    ratio = (1 - s_high) / (1 - s_low)
+    x_high = ratio * x_low + (s_high**2 - (ratio * s_low) ** 2).sqrt() * make_state(shape, 16)
+
+    def run(fn, gm, *args):
+        gm = {k: v.detach().clone().requires_grad_() for k, v in gm.items()}
+        out = fn(gm, *args)
+        return out.detach(), torch.autograd.grad(out, [gm[k] for k in ("means", "logstds", "logweights")])
+
+    want, want_grads = run(R.transition_loss, _cast(gm_u, torch.float64), x_high, 1000 * s_high, x_low, 1000 * s_low)
+    with G.use_backend("triton"):
+        got, grads = run(G.transition_loss, gm_u, x_high.float(), t_high, x_low.float(), t_low)
+    assert rel_err(got, want) < TOL[torch.float32]
+    for g, w, name in zip(grads, want_grads, ("means", "logstds", "logweights")):
+        assert rel_err(g, w) < TOL[torch.float32], name
 
 
 def test_transition_loss_states_with_grad_take_the_torch_path():

@@ -396,7 +396,10 @@ def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, 
     out = torch.empty(out_shape, device=means.device, dtype=out_dtype)
     x, t_high, t_low = transition if transition is not None else (means, logstds, logstds)
     tensors = (means, logstds, logweights, y, out, t_high, t_low, x)
-    key = tensor_key(*tensors) if transition is not None else tensor_key(*tensors[:5])
+    # the key leaves out `out` (allocated here contiguous, its shape follows from means and y;
+    # its dtype enters no planned value)
+    key = tensor_key(means, logstds, logweights, y, t_high, t_low, x) if transition is not None else \
+        tensor_key(means, logstds, logweights, y)  # fmt: skip
     pure, grid, ints, options = _FWD_PLANS.get(key, lambda: _fwd_plan(tensors, transition))
     if not pure:  # a flattening copied: the views of this call
         tensors = _loglik_args(means, logstds, logweights, y, out, transition)[0]
@@ -407,7 +410,9 @@ def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, 
 
 def _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights, transition):
     """The backward kernel's tensor arguments (views, but for ``g_std``), grid, integer
-    arguments, options and the shape of ``g_std``."""
+    arguments, options and the shape of ``g_std``: that of ``logstds`` when the kernel writes
+    one value per log-std (a per-pixel std, or one program per row), else ``(R, n_programs)``
+    partial sums."""
     K, C = means.shape[-4], means.shape[-3]
     mf, sf, thf, tlf, xf, wf, yf, lf, gf, gmf, gwf = _views(
         means, logstds, logweights, transition, target, loss, grad_loss, g_means, g_logweights.select(-3, 0)
@@ -421,7 +426,7 @@ def _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, 
     options = dict(TRANSITION=transition is not None, STD_PER_PIXEL=per_pixel, BLOCK_K=block_k, BLOCK_P=block_p,
                    I64=_needs_i64(mf, wf, yf, gmf, xf), num_warps=NUM_WARPS)  # fmt: skip
     views = (mf, sf, wf, yf, lf, gf, thf, tlf, xf, gmf, gwf)
-    return views, (n_pb * R,), ints, options, (R, P if per_pixel else n_pb)
+    return views, (n_pb * R,), ints, options, tuple(logstds.shape) if per_pixel or n_pb == 1 else (R, n_pb)
 
 
 def _bwd_plan(tensors, transition):
@@ -433,12 +438,13 @@ def _bwd_plan(tensors, transition):
 def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, transition, eps: float):
     """Gradients of the per-pixel NLL for means, logstds, logweights, in their dtypes (with
     ``transition``, as in :func:`_launch_loglik`, those of the u-GM)."""
-    g_means = torch.empty(means.shape, device=means.device, dtype=means.dtype)
-    g_logweights = torch.empty(logweights.shape, device=means.device, dtype=logweights.dtype)
+    g_means = torch.empty_like(means, memory_format=torch.contiguous_format)
+    g_logweights = torch.empty_like(logweights, memory_format=torch.contiguous_format)
     x, t_high, t_low = transition if transition is not None else (means, logstds, logstds)
-    # in the kernel's argument order; g_logweights stands for its (R, K, P) view
+    # in the kernel's argument order; g_logweights stands for its (R, K, P) view; the plan's
+    # key leaves out the gradients (contiguous, shapes and dtypes those of means, logweights)
     tensors = (means, logstds, logweights, target, loss, grad_loss, t_high, t_low, x, g_means, g_logweights)
-    key = tensor_key(*tensors) if transition is not None else tensor_key(*tensors[:6])
+    key = tensor_key(*tensors[:9]) if transition is not None else tensor_key(*tensors[:6])
     pure, grid, ints, options, g_std_shape = _BWD_PLANS.get(key, lambda: _bwd_plan(tensors, transition))
     if not pure:  # a flattening copied: the views of this call
         tensors = _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights,
@@ -446,9 +452,8 @@ def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, transit
     g_std = torch.empty(g_std_shape, device=means.device, dtype=torch.float32)
     if grid[0] > 0:
         _gm_nll_bwd_kernel[grid](*tensors, g_std, *ints, 1.0 / eps, **options)
-    if g_std_shape[1] != 1 and not options["STD_PER_PIXEL"]:
-        g_std = g_std.sum(dim=1)  # the per-program partials of each row (one program per row: its sum)
-    g_std = g_std.view(logstds.shape)
+    if len(g_std_shape) == 2:  # (R, n_programs) partials (a log-std has >= 4 dims)
+        g_std = g_std.sum(dim=1).view(logstds.shape)
     return g_means, g_std if g_std.dtype == logstds.dtype else g_std.to(logstds.dtype), g_logweights
 
 
@@ -634,7 +639,10 @@ def _reduce(loss: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Ten
     Cast to ``dtype`` (no op when it is the loss's)."""
     if reduction == "mean":
         n = max(loss.numel(), 1)
-        loss = loss.sum() / (n if torch.compiler.is_compiling() else _count(n, loss.dtype))
+        if torch.compiler.is_compiling():
+            loss = loss.sum() / n
+        else:  # in place on the fresh sum (its backward does not need it)
+            loss = loss.sum().div_(_count(n, loss.dtype))
     elif reduction == "sum":
         loss = loss.sum()
     return loss if loss.dtype == dtype else loss.to(dtype)
@@ -753,8 +761,11 @@ def _check_timestep_values(t_high: Sigma, t_low: Sigma, s: GMShape) -> None:
         _check_nondecreasing(t_low, t_high)
         return
     if _validate.host_checks_values(t_high if high_t else t_low):  # CPU, not traced
-        R = math.prod(s.batch)
-        hi, lo = _host_values(t_high, R), _host_values(t_low, R)
+        if high_t and low_t and t_high.dim() == 1 and t_low.shape == t_high.shape and t_high.numel() <= _HOST_LIST_MAX:
+            hi, lo = t_high.tolist(), t_low.tolist()  # per-sample (B,): the usual case
+        else:
+            R = math.prod(s.batch)
+            hi, lo = _host_values(t_high, R), _host_values(t_low, R)
         if hi is not None and lo is not None:
             if len(hi) == 1:
                 hi = hi * len(lo)
