@@ -410,9 +410,9 @@ def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, 
 
 def _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights, transition):
     """The backward kernel's tensor arguments (views, but for ``g_std``), grid, integer
-    arguments, options and the shape of ``g_std``: that of ``logstds`` when the kernel writes
-    one value per log-std (a per-pixel std, or one program per row), else ``(R, n_programs)``
-    partial sums."""
+    arguments, options and the shape ``(R, n_programs)`` of ``g_std`` when the kernel writes
+    partial sums of a shared log-std's gradient (None when it writes one value per log-std: a
+    per-pixel std, or one program per row)."""
     K, C = means.shape[-4], means.shape[-3]
     mf, sf, thf, tlf, xf, wf, yf, lf, gf, gmf, gwf = _views(
         means, logstds, logweights, transition, target, loss, grad_loss, g_means, g_logweights.select(-3, 0)
@@ -426,13 +426,13 @@ def _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, 
     options = dict(TRANSITION=transition is not None, STD_PER_PIXEL=per_pixel, BLOCK_K=block_k, BLOCK_P=block_p,
                    I64=_needs_i64(mf, wf, yf, gmf, xf), num_warps=NUM_WARPS)  # fmt: skip
     views = (mf, sf, wf, yf, lf, gf, thf, tlf, xf, gmf, gwf)
-    return views, (n_pb * R,), ints, options, tuple(logstds.shape) if per_pixel or n_pb == 1 else (R, n_pb)
+    return views, (n_pb * R,), ints, options, None if per_pixel or n_pb == 1 else (R, n_pb)
 
 
 def _bwd_plan(tensors, transition):
-    views, grid, ints, options, g_std_shape = _nll_bwd_args(*tensors[:4], tensors[4], tensors[5], tensors[9],
-                                                            tensors[10], transition)  # fmt: skip
-    return same_data(views, tensors), grid, ints, options, g_std_shape
+    views, grid, ints, options, partials = _nll_bwd_args(*tensors[:4], tensors[4], tensors[5], tensors[9],
+                                                         tensors[10], transition)  # fmt: skip
+    return same_data(views, tensors), grid, ints, options, partials
 
 
 def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, transition, eps: float):
@@ -445,14 +445,17 @@ def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, transit
     # key leaves out the gradients (contiguous, shapes and dtypes those of means, logweights)
     tensors = (means, logstds, logweights, target, loss, grad_loss, t_high, t_low, x, g_means, g_logweights)
     key = tensor_key(*tensors[:9]) if transition is not None else tensor_key(*tensors[:6])
-    pure, grid, ints, options, g_std_shape = _BWD_PLANS.get(key, lambda: _bwd_plan(tensors, transition))
+    pure, grid, ints, options, partials = _BWD_PLANS.get(key, lambda: _bwd_plan(tensors, transition))
     if not pure:  # a flattening copied: the views of this call
         tensors = _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights,
                                 transition)[0]  # fmt: skip
-    g_std = torch.empty(g_std_shape, device=means.device, dtype=torch.float32)
+    if partials is not None:
+        g_std = torch.empty(partials, device=means.device, dtype=torch.float32)
+    else:  # one float32 value per log-std, contiguous
+        g_std = torch.empty_like(logstds, dtype=torch.float32, memory_format=torch.contiguous_format)
     if grid[0] > 0:
         _gm_nll_bwd_kernel[grid](*tensors, g_std, *ints, 1.0 / eps, **options)
-    if len(g_std_shape) == 2:  # (R, n_programs) partials (a log-std has >= 4 dims)
+    if partials is not None:  # the per-program partials of each row
         g_std = g_std.sum(dim=1).view(logstds.shape)
     return g_means, g_std if g_std.dtype == logstds.dtype else g_std.to(logstds.dtype), g_logweights
 
