@@ -45,9 +45,9 @@ import torch
 import reference.likelihood as ref
 import reference.transition as ref_transition
 
-from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
-from .._dispatch import compute_dtype, run_reference, select_backend
 from .. import _validate
+from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
+from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, Sigma, check_gm, check_sigma, check_sigma_order, check_state, require_range
 from ._launch import PlanCache, call_op, cdiv, launch_plan, next_pow2, same_data, tensor_key
 
