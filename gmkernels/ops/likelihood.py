@@ -878,7 +878,8 @@ def _check_nondecreasing(t_low: Sigma, t_high: Sigma) -> None:
 
 def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
     """The NLL forward and backward for a ``(B, K, C, H, W)`` GM and one target per pixel, plain
-    and with the transition loss's map (per-sample float32 timesteps), fp32 and bf16."""
+    and with the transition loss's map (per-sample float32 timesteps), fp32 and bf16; for fp32
+    also with the 0-d float64 timesteps that Python floats become."""
     mod = sys.modules[__name__]
     cases = []
     for dt in AOT_DTYPES:
@@ -887,7 +888,11 @@ def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
         y = m.new_empty((B, C, H, W))
         loss = torch.empty((B, H, W), device="meta")
         t = torch.empty((B,), device="meta")
-        for tr, suffix in ((None, ""), ((y, t, t), ",transition")):
+        variants = [(None, ""), ((y, t, t), ",transition")]
+        if dt == "fp32":
+            t64 = torch.empty((), device="meta", dtype=torch.float64)
+            variants.append(((y, t64, t64), ",transition,t64"))
+        for tr, suffix in variants:
             tag = shape_tag(B, K, C, H, W, dt) + suffix
             cases += launch_cases(mod, f"likelihood.nll_fwd[{tag}]", _launch_loglik, m, s, lw, y, 1e4, -1.0, 0.0,
                                   torch.float32, tr)  # fmt: skip
