@@ -774,8 +774,12 @@ def _check_timestep_values(t_high: Sigma, t_low: Sigma, s: GMShape) -> None:
                 hi = hi * len(lo)
             elif len(lo) == 1:
                 lo = lo * len(hi)
-            if len(lo) == len(hi) and all(0.0 <= a <= b <= 1000.0 for a, b in zip(lo, hi)):  # NaN fails
-                return
+            if len(lo) == len(hi):
+                for a, b in zip(lo, hi):
+                    if not 0.0 <= a <= b <= 1000.0:  # NaN fails
+                        break
+                else:
+                    return
         # a failure, or values not read as lists: the separate checks word the error
         t_high, t_low = _as_sigma(t_high, s), _as_sigma(t_low, s)
         for t, name in ((t_high, "t_high"), (t_low, "t_low")):
