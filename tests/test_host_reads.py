@@ -177,7 +177,7 @@ def test_training_steps_have_no_host_reads(cuda_like, backend, dtype):
         assert gm["means"].grad is not None
 
     mode = _run(backend, transition)
-    assert mode.asserts == 3  # t_high, t_low in [0, 1000]; t_low <= t_high
+    assert mode.asserts == 1  # 0 <= t_low <= t_high <= 1000: one device-side assert
     _run(backend, nll)
 
 

@@ -142,6 +142,13 @@ def test_nll_many_channels():
     _check_nll(((2,), 3, 64, 3, 2), 12, torch.float32, True, False, "sum")
 
 
+def test_nll_more_pixels_than_a_block():
+    """H * W = 132 > BLOCK_P = 128: two programs per row, the shared log-std's gradient summed
+    from their partials; point data with 130 rows: two programs across the batch."""
+    _check_nll(((2,), 3, 2, 12, 11), 13, torch.float32, True, False, "mean")
+    _check_nll(((130,), 3, 2, 1, 1), 14, torch.float32, False, False, "sum")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nll_tiny_stds_hit_the_clamp(dtype):
     """``exp(-logstds) > 1/eps``: istd is clamped (no gradient through it), nothing overflows."""
@@ -224,15 +231,22 @@ def test_logprob_huge_k_point_data():
 
 @st.composite
 def timestep_pairs(draw, batch):
-    """``(t_high, t_low)``: floats or per-sample ``(*B,)`` tensors, including t_low = t_high and 0."""
+    """``(t_high, t_low)`` as floats, 0-d tensors, per-sample ``(*B,)`` tensors or ``(*B, 1, 1, 1)``
+    tensors (float64), including t_low = t_high, t_low = 0 and close timesteps (where
+    ``1 - c1 - c2`` cancels)."""
     def one():
         t_high = draw(st.floats(1.0, 999.0))
-        t_low = draw(st.sampled_from([0.0, t_high, None]))
+        t_low = draw(st.sampled_from([0.0, t_high, "close", None]))
+        if t_low == "close":
+            return t_high, t_high - draw(st.floats(1e-3, 1.0))
         return t_high, draw(st.floats(0.0, t_high)) if t_low is None else t_low
-    if not batch or draw(st.booleans()):
-        return one()
+    form = draw(st.sampled_from(["float", "0-d", "(*B,)", "(*B, 1, 1, 1)"] if batch else ["float", "0-d"]))
+    if form in ("float", "0-d"):
+        pair = one()
+        return pair if form == "float" else tuple(torch.tensor(v, dtype=torch.float64) for v in pair)
     pairs = [one() for _ in range(int(torch.Size(batch).numel()))]
-    return tuple(torch.tensor(v, dtype=torch.float64).view(batch) for v in zip(*pairs))
+    shape = batch if form == "(*B,)" else (*batch, 1, 1, 1)
+    return tuple(torch.tensor(v, dtype=torch.float64).view(shape) for v in zip(*pairs))
 
 
 @settings(max_examples=6)
@@ -254,7 +268,12 @@ def test_transition_loss_matches_reference(c, dtype, reduction, data):
     batch, _, _, H, W = shape
     t_high, t_low = data.draw(timestep_pairs(batch))
     gm_u = _cast(make_gm(shape, seed, dead=dead, per_pixel_std=per_pixel_std), dtype)
-    as_sigma = (lambda t: t.view(*batch, 1, 1, 1) / 1000) if isinstance(t_high, torch.Tensor) else (lambda t: t / 1000)
+
+    def as_sigma(t):  # (*B, 1, 1, 1) or a float
+        if not isinstance(t, torch.Tensor):
+            return t / 1000
+        return (t.view(*batch, 1, 1, 1) if batch and t.shape == batch else t.expand(*batch, 1, 1, 1)) / 1000
+
     s_high, s_low = as_sigma(t_high), as_sigma(t_low)
     x_low = make_state(shape, seed)
     ratio = (1 - s_high) / (1 - s_low)
@@ -301,6 +320,99 @@ def test_transition_loss_matches_reference(c, dtype, reduction, data):
     assert float((grads[1].double() - ref_grads[1]).norm()) <= tol * float(scale.norm()), "logstds"
 
 
+if lik.triton is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _transition_map_probe(th_ptr, tlow_ptr, ls_ptr, out_ptr, R, s_th, s_tl, BLOCK: tl.constexpr):
+        """``out (4, R)``: ``_transition_map``'s ``mscale, xres``, mapped log-std and its derivative
+        for ``R`` rows held in one block's lanes (timesteps by strides, as the NLL kernels load them
+        for point data)."""
+        r = tl.arange(0, BLOCK)
+        mask = r < R
+        ls = tl.load(ls_ptr + r, mask=mask, other=0.0)
+        msc, xres, ls_low, dls = lik._transition_map(th_ptr, tlow_ptr, 0, r, 0, s_th, 0, s_tl, mask, ls, BLOCK)
+        tl.store(out_ptr + r, msc, mask=mask)
+        tl.store(out_ptr + R + r, xres, mask=mask)
+        tl.store(out_ptr + 2 * R + r, ls_low, mask=mask)
+        tl.store(out_ptr + 3 * R + r, dls, mask=mask)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.sampled_from([(), (1,), (3,), (2, 3)]),
+    dtypes=st.tuples(*[st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64, None])] * 2),
+    data=st.data(),
+)
+def test_transition_map_equals_its_torch_twin(batch, dtypes, data):
+    """The transition loss's per-row map, computed in float64 inside the NLL kernels, against its
+    float64 torch twin rounded to float32: ``mscale, xres`` (the means' map), the mapped log-std
+    ``0.5 * logaddexp(2 * logstds + A, L)`` and its derivative, for per-sample or broadcast
+    timesteps of any float dtype (None: a Python float, passed as a 0-d float64 tensor),
+    including t_low = t_high (A = -inf), t_low = 0, t_high = 1000, close timesteps (``xres``
+    cancels) and a t_high below 1e-3 (the eps floors)."""
+    n = int(torch.Size(batch).numel())
+    edge = st.sampled_from([0.0, 1e-4, 0.5, 1.0, 999.0, 1000.0])
+    highs = data.draw(st.lists(st.one_of(edge, st.floats(0.0, 1000.0)), min_size=n, max_size=n))
+    lows = [data.draw(st.one_of(st.sampled_from([0.0, h, h * (1 - 1e-5)]), st.floats(0.0, h))) for h in highs]
+    logstds = torch.tensor(data.draw(st.lists(st.floats(-20.0, 5.0), min_size=n, max_size=n)), dtype=torch.float32)
+
+    def timestep(values, dt):  # (*B, 1, 1, 1) or 0-d
+        if dt is None or not batch:
+            return torch.tensor(values[0] if values else 0.0, dtype=dt or torch.float64)
+        return torch.tensor(values, dtype=dt).view(*batch, 1, 1, 1)
+
+    def form(t):
+        if not batch or t.dim() == 0:
+            return t
+        kind = data.draw(st.sampled_from(["per-sample", "(*B,)", "broadcast"]))
+        return {"per-sample": t, "(*B,)": t.view(batch), "broadcast": t[..., :1, :1, :1].expand(*batch, 1, 1, 1)}[kind]
+
+    t_high, t_low = timestep(highs, dtypes[0]), timestep(lows, dtypes[1])
+    t_high = form(t_high)
+    th = t_high.view(*batch, 1, 1, 1) if batch and t_high.shape == batch else t_high
+    cap = th.min() if t_low.dim() == 0 else th  # rounding may have swapped them
+    t_low = form(torch.minimum(t_low.to(th.dtype), cap).to(t_low.dtype))
+    rows = [(t if t.shape == batch else t.expand(*batch, 1, 1, 1)).reshape(-1) for t in (t_high, t_low)]
+    got = torch.empty((4, n), dtype=torch.float32)
+    if n:
+        _transition_map_probe[(1,)](*rows, logstds, got, n, rows[0].stride(0), rows[1].stride(0),
+                                    BLOCK=lik.next_pow2(n))  # fmt: skip
+    mscale, xres, A, L = (v.reshape(-1) for v in lik._transition_terms(t_high, t_low, batch))
+    v = 2 * logstds.double() + A
+    want = torch.stack([mscale, xres, 0.5 * torch.logaddexp(v, L), torch.sigmoid(v - L)]).float()
+    assert torch.isfinite(got).all()
+    # both round float64 values to float32 (float64 logs and exps may differ in the last bit)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("shape", [((2,), 3, 2, 12, 11), ((130,), 3, 2, 1, 1)])
+def test_transition_loss_more_pixels_than_a_block(shape):
+    """Two programs per row (132 pixels) or across the batch (130 points): the per-sample
+    constants and the log-std gradient through the map, summed from the programs' partials."""
+    batch = shape[0]
+    gm_u = make_gm(shape, 15, dtype=torch.float32)
+    t_high = torch.linspace(900.0, 300.0, batch[0], dtype=torch.float64)
+    t_low = t_high * 0.9
+    s_high, s_low = t_high.view(-1, 1, 1, 1) / 1000, t_low.view(-1, 1, 1, 1) / 1000
+    x_low = make_state(shape, 15)
+    ratio = (1 - s_high) / (1 - s_low)
+    x_high = ratio * x_low + (s_high**2 - (ratio * s_low) ** 2).sqrt() * make_state(shape, 16)
+
+    def run(fn, gm, *args):
+        gm = {k: v.detach().clone().requires_grad_() for k, v in gm.items()}
+        out = fn(gm, *args)
+        return out.detach(), torch.autograd.grad(out, [gm[k] for k in ("means", "logstds", "logweights")])
+
+    want, want_grads = run(R.transition_loss, _cast(gm_u, torch.float64), x_high, 1000 * s_high, x_low, 1000 * s_low)
+    with G.use_backend("triton"):
+        got, grads = run(G.transition_loss, gm_u, x_high.float(), t_high, x_low.float(), t_low)
+    assert rel_err(got, want) < TOL[torch.float32]
+    for g, w, name in zip(grads, want_grads, ("means", "logstds", "logweights")):
+        assert rel_err(g, w) < TOL[torch.float32], name
+
+
 def test_transition_loss_states_with_grad_take_the_torch_path():
     shape = ((2,), 3, 2, 2, 3)
     gm_u = _cast(make_gm(shape, 3), torch.float32)
@@ -320,11 +432,12 @@ def test_nll_custom_ops_opcheck():
     gm = make_gm(shape, 1, dtype=torch.float32, dead=True)
     y = make_state(shape, 1).float()
     gm_args = (gm["means"].requires_grad_(), gm["logstds"].requires_grad_(), gm["logweights"].requires_grad_())
-    affine = (torch.tensor([0.5, -2.0]).view(2, 1, 1, 1, 1), torch.tensor([1.0, 0.3]).view(2, 1, 1, 1, 1), y.flip(-1))
+    transitions = ((y.flip(-1), torch.tensor([700.0, 300.0]), torch.tensor([650.0, 0.0])),
+                   (y.flip(-1), torch.tensor(500.0, dtype=torch.float64), torch.tensor([[[[20.0]]], [[[499.0]]]])))  # fmt: skip
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     with G.use_backend("triton"):
-        for aff in ((None, None, None), affine):
-            torch.library.opcheck(torch.ops.gmkernels.gm_nll_loss_pixels, (*gm_args, y, *aff, 1e-4), test_utils=utils)
+        for tr in ((None, None, None), *transitions):
+            torch.library.opcheck(torch.ops.gmkernels.gm_nll_loss_pixels, (*gm_args, y, *tr, 1e-4), test_utils=utils)
         torch.library.opcheck(torch.ops.gmkernels.gm_logprob, (*gm_args, y.unsqueeze(-4)), test_utils=utils[:2])
 
 

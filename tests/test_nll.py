@@ -145,6 +145,57 @@ def test_transition_loss_rejects_bad_timesteps():
         G.transition_loss(gm_u, x, 500.0, x, 100.0, reduction="avg")
 
 
+_ORDER = r"t_low must be <= t_high \(the transition runs from t_high down to t_low\)"
+
+
+@pytest.mark.parametrize("t_high, t_low, match", [
+    ([700.0, 1500.0], 10.0, r"t_high must lie in \[0, 1000\]; got values from 700.0 to 1500.0"),
+    ([700.0, float("nan")], 1.0, r"t_high must lie in \[0, 1000\]; got values from nan to nan"),
+    ([700.0, 500.0], [-1.0, 3.0], r"t_low must lie in \[0, 1000\]; got values from -1.0 to 3.0"),
+    ([700.0, 500.0], [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+    ("(B, 1, 1, 1)", [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+    ("0-d", [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+    (300.0, [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+    ([700.0, 500.0], 600.0, _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+])
+def test_transition_loss_timestep_values_on_the_host(t_high, t_low, match):
+    """Per-sample timestep tensors on CPU: the values are read once, and each failing check
+    raises its own ``ValueError`` (range of t_high, range of t_low, then the order)."""
+    shape = ((2,), 3, 2, 2, 2)
+    gm_u, x = make_gm(shape, 0), make_state(shape, 0)
+    as_t = lambda v: torch.tensor(v) if isinstance(v, list) else v  # noqa: E731
+    if t_high == "(B, 1, 1, 1)":
+        t_high = torch.tensor([700.0, 500.0]).view(2, 1, 1, 1)
+    elif t_high == "0-d":
+        t_high = torch.tensor(500.0)
+    with pytest.raises(ValueError, match=match):
+        G.transition_loss(gm_u, x, as_t(t_high), x, as_t(t_low))
+    ok_low = torch.tensor([100.0, 0.0])  # the same timesteps in order pass
+    G.transition_loss(gm_u, x, torch.tensor([700.0, 500.0]), x, ok_low)
+
+
+def test_transition_loss_timestep_values_on_a_device(monkeypatch):
+    """Where values are not read on the host (CUDA), one device-side assert checks
+    ``0 <= t_low <= t_high <= 1000`` for tensors of any accepted shape (CPU tensors stand in:
+    the assert fails synchronously there, with the same message)."""
+    from gmkernels import _validate
+
+    monkeypatch.setattr(_validate, "host_checks_values", lambda t: False)
+    shape = ((2,), 3, 2, 2, 2)
+    gm_u, x = make_gm(shape, 0), make_state(shape, 0)
+    good = [(torch.tensor([700.0, 500.0]), torch.tensor([100.0, 0.0]).view(2, 1, 1, 1)),
+            (torch.tensor(500.0), torch.tensor([100.0, 500.0])), (800.0, torch.tensor([0.0, 800.0])),
+            (torch.tensor([1000.0, 1.0]), 1.0)]  # fmt: skip
+    for t_high, t_low in good:
+        G.transition_loss(gm_u, x, t_high, x, t_low)
+    bad = [(torch.tensor([700.0, 1500.0]), 10.0), (500.0, torch.tensor([-1.0, 3.0])),
+           (torch.tensor([700.0, 500.0]), torch.tensor([100.0, 600.0]).view(2, 1, 1, 1)),
+           (torch.tensor([700.0, float("nan")]), torch.tensor([1.0, 1.0])), (300.0, torch.tensor([100.0, 600.0]))]  # fmt: skip
+    for t_high, t_low in bad:
+        with pytest.raises(RuntimeError, match=r"t_high and t_low must satisfy 0 <= t_low <= t_high <= 1000"):
+            G.transition_loss(gm_u, x, t_high, x, t_low)
+
+
 @pytest.mark.parametrize("eps", [0.0, -1.0, float("inf")])
 def test_nll_rejects_bad_eps(eps):
     shape = ((2,), 3, 2, 2, 2)

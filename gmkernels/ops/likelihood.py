@@ -19,12 +19,15 @@ in registers over the program's pixels and written as one partial per program,
 ``(R, n_programs)``, then summed by ``torch`` (no atomics); a per-pixel log-std gets its
 gradient per pixel. ``reference.likelihood.gm_nll_loss_backward`` is the same math in torch.
 
-Both kernels optionally map the component means affinely (``AFFINE``): the means become
-``mscale * mu_k + (1 - xres) * x`` with per-row factors and a state ``x (R, C, P)``; the
-residual is formed as ``(y - x) + xres * x - mscale * mu_k``, exact when ``y`` is close to ``x``
-(a target state close to the input state, as at small sigmas). The reverse
-transition of ``transition_loss`` is such a map of the u-GM's means, so the transition loss is
-one fused NLL, with no K*C*H*W GM formed.
+Both kernels optionally evaluate the transition loss (``TRANSITION``): the GM is then the
+reverse transition of a u-GM from ``(x, t_high)`` to ``t_low``, whose per-row constants each
+program computes in float64 from the timesteps (``_transition_map``, one per row, given by
+strides: stride 0 for one shared timestep). The means become ``mscale * mu_k + (1 - xres) * x``
+with a state ``x (R, C, P)``, the residual formed as ``(y - x) + xres * x - mscale * mu_k``,
+exact when ``y`` is close to ``x`` (a target state close to the input state, as at small
+sigmas); the log-std becomes ``0.5 * logaddexp(2 * logstds + A, L)``, and the backward
+multiplies the log-std gradient by its derivative before the partial sums. So the transition
+loss is one fused NLL, forward and backward, with no K*C*H*W GM formed and no per-row tensor.
 
 Point data (``H = W = 1``) swaps rows and pixels so the batch fills the pixel block. Precision:
 ``l_k`` is assembled in float32, so when a target lies thousands of stds from every component
@@ -42,8 +45,9 @@ import torch
 import reference.likelihood as ref
 import reference.transition as ref_transition
 
-from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
-from .._dispatch import compute_dtype, run_reference, select_backend
+from .. import _validate
+from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
+from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, Sigma, check_gm, check_sigma, check_sigma_order, check_state, require_range
 from ._launch import PlanCache, call_op, cdiv, launch_plan, next_pow2, same_data, tensor_key
 
@@ -92,21 +96,69 @@ if triton is not None:
         return q
 
     @triton.jit
+    def _timestep_sigma(t, T_TY: tl.constexpr):
+        """``sigma = t / 1000`` in float64 for float64 timesteps, else in float32 as the torch
+        path computes it (the float64 quotient rounded to float32 is the correctly rounded
+        float32 quotient), widened to float64."""
+        s = t.to(tl.float64) / 1000.0
+        if T_TY != tl.float64:
+            s = s.to(tl.float32).to(tl.float64)
+        return s
+
+    @triton.jit
+    def _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls, BLOCK_P: tl.constexpr):
+        """The reverse transition of the transition loss, per lane ``[BP]``, computed in float64
+        from the timesteps ``t_high``, ``t_low`` (one per row, given by strides; ``sigma`` of
+        ``_timestep_sigma``) and the u-GM's log-std ``ls``. With ``c1, c2, c3`` of the reverse
+        transition, returns float32 ``mscale = -c2 * sigma_high`` and ``xres = 1 - c1 - c2``
+        (formed in float64: it cancels at close timesteps), so that the reverse-transition GM has
+        means ``mscale * means_u + (1 - xres) * x_t_high``; its log-std
+        ``0.5 * logaddexp(2 * ls + A, L)`` with ``A = 2 log(|c2| max(sigma_high, 1e-6))``,
+        ``L = log(max(c3, 1e-12))``; and that log-std's derivative in ``ls``,
+        ``sigmoid(2 * ls + A - L)`` (``A = -inf`` at ``t_low = t_high`` gives ``L / 2`` and 0)."""
+        th = tl.load(th_ptr + r * sth_r + offs_p * sth_p, mask=mask_p, other=1000.0)
+        tlow = tl.load(tlow_ptr + r * stl_r + offs_p * stl_p, mask=mask_p, other=0.0)
+        sh = _timestep_sigma(th, th_ptr.dtype.element_ty)
+        sl = _timestep_sigma(tlow, tlow_ptr.dtype.element_ty)
+        eps = tl.full([BLOCK_P], 1e-6, tl.float64)  # float64 constants: a literal would be float32
+        one = tl.full([BLOCK_P], 1.0, tl.float64)
+        a = one - sh
+        a_to = one - sl
+        q = sl / tl.maximum(sh, eps)
+        p = a / tl.maximum(a_to, eps)
+        qp = q * p
+        beta = one - qp * qp
+        c1 = q * q * p  # the reference's association (1 - c1 - c2 cancels at close timesteps)
+        c2 = beta * a_to
+        c3 = beta * sl * sl
+        A = 2.0 * tl.log(tl.abs(c2) * tl.maximum(sh, eps))
+        L = tl.log(tl.maximum(c3, eps * eps))
+        v = 2.0 * ls.to(tl.float64) + A
+        d = v - L
+        e = tl.exp(-tl.abs(d))  # in [0, 1]
+        u = one + e
+        log1p_e = tl.where(u == one, e, tl.log(u) * (e / tl.where(u == one, one, u - one)))  # log1p, exact for tiny e
+        logstd = 0.5 * (tl.maximum(v, L) + log1p_e)
+        dlogstd = tl.where(d >= 0, one, e) / u
+        return ((-c2 * sh).to(tl.float32), (one - c1 - c2).to(tl.float32), logstd.to(tl.float32),
+                dlogstd.to(tl.float32))  # fmt: skip
+
+    @triton.jit
     def _gm_loglik_fwd_kernel(
-        means_ptr, logstds_ptr, logweights_ptr, y_ptr, out_ptr, mscale_ptr, xres_ptr, x_ptr,
+        means_ptr, logstds_ptr, logweights_ptr, y_ptr, out_ptr, th_ptr, tlow_ptr, x_ptr,
         N, K, C, P, n_pb,
         sm_r, sm_k, sm_c, sm_p,
         ss_r, ss_p,
         sw_r, sw_k, sw_p,
         sy_r, sy_n, sy_c, sy_p,
         so_r, so_n, so_p,
-        smc_r, smc_p, sxr_r, sxr_p, sx_r, sx_c, sx_p,
+        sth_r, sth_p, stl_r, stl_p, sx_r, sx_c, sx_p,
         istd_max, sign, shift,
-        AFFINE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, I64: tl.constexpr,
+        TRANSITION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, I64: tl.constexpr,
     ):
         """``out[r, n, p] = sign * logsumexp_k(l_k) + shift`` for samples ``y (R, N, C, P)``;
-        with ``AFFINE`` the component means are ``mscale * mu + (1 - xres) * x`` (``mscale``,
-        ``xres (R, P)``, ``x (R, C, P)``)."""
+        with ``TRANSITION`` the GM is the reverse transition of the u-GM from ``x (R, C, P)`` at
+        the timesteps ``t_high``, ``t_low (R, P)`` (``_transition_map``)."""
         pid = tl.program_id(0)
         pb = pid % n_pb
         rn = pid // n_pb
@@ -119,14 +171,14 @@ if triton is not None:
             offs_p = offs_p.to(tl.int64)
         mask_p = offs_p < P
         ls = tl.load(logstds_ptr + r * ss_r + offs_p * ss_p, mask=mask_p, other=0.0).to(tl.float32)
+        if TRANSITION:
+            msc, xres, ls, _ = _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls,
+                                               BLOCK_P)  # fmt: skip
+        else:  # unused without the transition map
+            msc = ls
+            xres = ls
         istd = tl.minimum(tl.exp(-ls), istd_max)
         base = -ls * C
-        if AFFINE:
-            msc = tl.load(mscale_ptr + r * smc_r + offs_p * smc_p, mask=mask_p, other=0.0).to(tl.float32)
-            xres = tl.load(xres_ptr + r * sxr_r + offs_p * sxr_p, mask=mask_p, other=0.0).to(tl.float32)
-        else:  # unused without the affine map
-            msc = istd
-            xres = istd
         x_base = x_ptr + r * sx_r + offs_p * sx_p
         y_base = y_ptr + r * sy_r + n * sy_n + offs_p * sy_p
         m = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -142,7 +194,7 @@ if triton is not None:
             ).to(tl.float32)
             mu_ptrs = means_ptr + r * sm_r + offs_k[:, None] * sm_k + offs_p[None, :] * sm_p
             q = _component_q(mu_ptrs, y_base, x_base, C, sm_c, sy_c, sx_c, mask, mask_p, istd, msc, xres,
-                             AFFINE, BLOCK_K, BLOCK_P)  # fmt: skip
+                             TRANSITION, BLOCK_K, BLOCK_P)  # fmt: skip
             l = lw - 0.5 * q + base[None, :]
             m_new = tl.maximum(m, tl.max(l, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a dead tile gives no NaN
@@ -153,7 +205,7 @@ if triton is not None:
 
     @triton.jit
     def _gm_nll_bwd_kernel(
-        means_ptr, logstds_ptr, logweights_ptr, y_ptr, loss_ptr, gloss_ptr, mscale_ptr, xres_ptr, x_ptr,
+        means_ptr, logstds_ptr, logweights_ptr, y_ptr, loss_ptr, gloss_ptr, th_ptr, tlow_ptr, x_ptr,
         gmeans_ptr, glogweights_ptr, glogstds_ptr,
         K, C, P, n_pb,
         sm_r, sm_k, sm_c, sm_p,
@@ -164,15 +216,17 @@ if triton is not None:
         sg_r, sg_p,
         sgm_r, sgm_k, sgm_c, sgm_p,
         sgw_r, sgw_k, sgw_p,
-        smc_r, smc_p, sxr_r, sxr_p, sx_r, sx_c, sx_p,
+        sth_r, sth_p, stl_r, stl_p, sx_r, sx_c, sx_p,
         istd_max,
-        AFFINE: tl.constexpr, STD_PER_PIXEL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, I64: tl.constexpr,
+        TRANSITION: tl.constexpr, STD_PER_PIXEL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        I64: tl.constexpr,
     ):
         """Gradients of the per-pixel NLL ``loss (R, P)`` for the upstream gradient
         ``gloss (R, P)``: ``gmeans (R, K, C, P)``, ``glogweights (R, K, P)``, and ``glogstds``:
         ``(R, P)`` contiguous with ``STD_PER_PIXEL``, else one float32 partial sum per program,
-        ``(R, n_pb)`` contiguous. With ``AFFINE`` the component means are
-        ``mscale * mu + (1 - xres) * x`` and ``gmeans`` is the gradient for ``mu``."""
+        ``(R, n_pb)`` contiguous. With ``TRANSITION`` (the GM is the reverse transition of the
+        u-GM, ``_transition_map``) ``gmeans`` and ``glogstds`` are the gradients for the u-GM's
+        means and log-stds."""
         pid = tl.program_id(0)
         pb = pid % n_pb
         r = pid // n_pb
@@ -182,16 +236,16 @@ if triton is not None:
             offs_p = offs_p.to(tl.int64)
         mask_p = offs_p < P
         ls = tl.load(logstds_ptr + r * ss_r + offs_p * ss_p, mask=mask_p, other=0.0).to(tl.float32)
+        if TRANSITION:
+            msc, xres, ls, _ = _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls,
+                                               BLOCK_P)  # fmt: skip
+        else:  # unused without the transition map
+            msc = ls
+            xres = ls
         e = tl.exp(-ls)
         istd = tl.minimum(e, istd_max)
         active = (e <= istd_max).to(tl.float32)  # the clamp passes no gradient where it bites
         base = -ls * C
-        if AFFINE:
-            msc = tl.load(mscale_ptr + r * smc_r + offs_p * smc_p, mask=mask_p, other=0.0).to(tl.float32)
-            xres = tl.load(xres_ptr + r * sxr_r + offs_p * sxr_p, mask=mask_p, other=0.0).to(tl.float32)
-        else:  # unused without the affine map
-            msc = istd
-            xres = istd
         x_base = x_ptr + r * sx_r + offs_p * sx_p
         lse = -tl.load(loss_ptr + r * sl_r + offs_p * sl_p, mask=mask_p, other=0.0).to(tl.float32)
         g = -tl.load(gloss_ptr + r * sg_r + offs_p * sg_p, mask=mask_p, other=0.0).to(tl.float32)  # d/d lse
@@ -208,7 +262,7 @@ if triton is not None:
             ).to(tl.float32)
             mu_ptrs = means_ptr + r * sm_r + offs_k[:, None] * sm_k + offs_p[None, :] * sm_p
             q = _component_q(mu_ptrs, y_base, x_base, C, sm_c, sy_c, sx_c, mask, mask_p, istd, msc, xres,
-                             AFFINE, BLOCK_K, BLOCK_P)  # fmt: skip
+                             TRANSITION, BLOCK_K, BLOCK_P)  # fmt: skip
             gr = g[None, :] * tl.exp(lw - 0.5 * q + base[None, :] - lse[None, :])  # g * r_k, 0 if dead
             tl.store(
                 glogweights_ptr + r * sgw_r + offs_k[:, None] * sgw_k + offs_p[None, :] * sgw_p,
@@ -218,60 +272,23 @@ if triton is not None:
             coef = gr * istd[None, :]
             gm_ptrs = gmeans_ptr + r * sgm_r + offs_k[:, None] * sgm_k + offs_p[None, :] * sgm_p
             for c in range(C):
-                y = _target(y_base, x_base, c, sy_c, sx_c, xres, mask_p, AFFINE)
+                y = _target(y_base, x_base, c, sy_c, sx_c, xres, mask_p, TRANSITION)
                 mu = tl.load(mu_ptrs + c * sm_c, mask=mask, other=0.0).to(tl.float32)
-                if AFFINE:
+                if TRANSITION:
                     gmu = coef * ((y[None, :] - mu * msc[None, :]) * istd[None, :]) * msc[None, :]
                 else:
                     gmu = coef * ((y[None, :] - mu) * istd[None, :])
                 tl.store(gm_ptrs + c * sgm_c, gmu.to(gmeans_ptr.dtype.element_ty), mask=mask)
+        if TRANSITION:  # through the reverse transition's log-std; its derivative recomputed here, from
+            # reloaded inputs, so that it is not held in a register across the K loop
+            ls_u = tl.load(logstds_ptr + r * ss_r + offs_p * ss_p, mask=mask_p, other=0.0).to(tl.float32)
+            _, _, _, dls = _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls_u,
+                                           BLOCK_P)  # fmt: skip
+            acc_ls = acc_ls * dls
         if STD_PER_PIXEL:
             tl.store(glogstds_ptr + r * P + offs_p, acc_ls, mask=mask_p)
         else:
             tl.store(glogstds_ptr + pid, tl.sum(acc_ls, axis=0))
-
-
-    @triton.jit
-    def _timestep_sigma(t, T_TY: tl.constexpr):
-        """``sigma = t / 1000`` in float64 for float64 timesteps, else in float32 as the torch
-        path computes it (the float64 quotient rounded to float32 is the correctly rounded
-        float32 quotient), widened to float64."""
-        s = t.to(tl.float64) / 1000.0
-        if T_TY != tl.float64:
-            s = s.to(tl.float32).to(tl.float64)
-        return s
-
-    @triton.jit
-    def _transition_rows_kernel(th_ptr, tlow_ptr, out_ptr, R, s_th, s_tl, BLOCK_R: tl.constexpr):
-        """The transition loss's per-row constants, in float64, from the timesteps ``t_high``,
-        ``t_low`` (one per row ``r < R``, given by strides; ``sigma`` of ``_timestep_sigma``):
-        ``out (4, R)`` (float32 or float64) holds ``mscale = -c2 *
-        sigma_high``, ``xres = 1 - c1 - c2``, ``A = 2 log(|c2| max(sigma_high, 1e-6))`` and
-        ``L = log(max(c3, 1e-12))`` (``c1, c2, c3`` of the reverse transition), so that the
-        reverse-transition GM has means ``mscale * means_u + (1 - xres) * x_t_high`` and
-        log-stds ``0.5 * logaddexp(2 logstds_u + A, L)``."""
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask = r < R
-        th = tl.load(th_ptr + r * s_th, mask=mask, other=1000.0)
-        tlow = tl.load(tlow_ptr + r * s_tl, mask=mask, other=0.0)
-        sh = _timestep_sigma(th, th_ptr.dtype.element_ty)
-        sl = _timestep_sigma(tlow, tlow_ptr.dtype.element_ty)
-        eps = tl.full([BLOCK_R], 1e-6, tl.float64)  # float64 constants: a literal would be float32
-        one = tl.full([BLOCK_R], 1.0, tl.float64)
-        a = one - sh
-        a_to = one - sl
-        q = sl / tl.maximum(sh, eps)
-        p = a / tl.maximum(a_to, eps)
-        qp = q * p
-        beta = one - qp * qp
-        c1 = q * q * p  # the reference's association (1 - c1 - c2 cancels at close timesteps)
-        c2 = beta * a_to
-        c3 = beta * sl * sl
-        ty = out_ptr.dtype.element_ty
-        tl.store(out_ptr + r, (-c2 * sh).to(ty), mask=mask)
-        tl.store(out_ptr + R + r, (one - c1 - c2).to(ty), mask=mask)
-        tl.store(out_ptr + 2 * R + r, (2.0 * tl.log(tl.abs(c2) * tl.maximum(sh, eps))).to(ty), mask=mask)
-        tl.store(out_ptr + 3 * R + r, tl.log(tl.maximum(c3, eps * eps)).to(ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,40 +297,49 @@ if triton is not None:
 
 
 @launch_plan
-def _blocks(K: int, P: int, affine: bool = False, backward: bool = False) -> tuple[int, int]:
+def _blocks(K: int, P: int, transition: bool = False, backward: bool = False) -> tuple[int, int]:
     """``(BLOCK_K, BLOCK_P)``: 128 pixels per program (128-bit loads; for grids of few programs
     a smaller block would give more of them, but at 32 and 64 pixels ptxas spilled a register in
     some sm_80 / sm_90 builds at the users shapes of the compile report, and at 128 none), and as
     many components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``TILE`` elements (8 fp32
-    per thread at 4 warps). The affine map holds more per pixel: its backward takes half that
+    per thread at 4 warps). The transition map holds more per pixel: its backward takes half that
     (at a quarter the fp32 point-data backward spilled at sm_80), its forward a quarter (at half,
     triton 3.6, not 3.9, spilled 8 bytes in the bf16 point-data forward at sm_90)."""
     block_p = min(next_pow2(P), 128)
-    tile = (TILE // 2 if backward else TILE // 4) if affine else TILE
+    tile = (TILE // 2 if backward else TILE // 4) if transition else TILE
     block_k = max(1, min(next_pow2(K), tile // block_p))
     return block_k, block_p
 
 
-def _views(means, logstds, logweights, affine, *pixel_tensors):
+def _views(means, logstds, logweights, transition, *pixel_tensors):
     """Kernel views: ``means (R, K, C, P)``, ``logstds (R, P)`` (stride 0 along P when shared),
-    the affine map's ``mscale, xres (R, P)`` and ``x (R, C, P)`` (stand-ins when ``affine`` is
-    None), ``logweights (R, K, P)`` and each of ``pixel_tensors (*B, ..., H, W) -> (R, ..., P)``,
-    with ``R = prod(*B)`` and ``P = H * W``: views when the strides allow. For point data
-    (``P == 1 < R``) rows and pixels are swapped, so the batch fills the pixel block."""
+    the transition map's timesteps ``t_high, t_low (R, P)`` (stride 0 along P) and state
+    ``x (R, C, P)`` (stand-ins when ``transition`` is None), ``logweights (R, K, P)`` and each of
+    ``pixel_tensors (*B, ..., H, W) -> (R, ..., P)``, with ``R = prod(*B)`` and ``P = H * W``:
+    views when the strides allow. For point data (``P == 1 < R``) rows and pixels are swapped,
+    so the batch fills the pixel block."""
     *batch, K, C, H, W = means.shape
     R, P = math.prod(batch), H * W
 
     def per_row(t):
         return t.reshape(R, -1).expand(R, P)
 
+    def timestep(t):  # (*B,) or broadcastable to (*B, 1, 1, 1)
+        return (t if t.shape == tuple(batch) else t.expand(*batch, 1, 1, 1)).reshape(R, 1).expand(R, P)
+
     mf = means.reshape(R, K, C, P)
-    mscale, xres, x = affine if affine is not None else (logstds, logstds, None)
+    if transition is None:
+        th = tlow = per_row(logstds)
+        xf = mf[:, 0]
+    else:
+        x, t_high, t_low = transition
+        th, tlow, xf = timestep(t_high), timestep(t_low), x.reshape(R, C, P)
     views = [
         mf,
         per_row(logstds),
-        per_row(mscale),
-        per_row(xres),
-        mf[:, 0] if x is None else x.reshape(R, C, P),
+        th,
+        tlow,
+        xf,
         logweights.reshape(R, K, P),
         *(t.reshape(R, *t.shape[len(batch):-2], P) for t in pixel_tensors),
     ]
@@ -327,24 +353,29 @@ def _needs_i64(*tensors: torch.Tensor) -> bool:
     return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 for t in tensors)
 
 
-def _loglik_args(means, logstds, logweights, y, out, affine):
-    """The forward kernel's tensor arguments (views), grid, integer arguments and options."""
+def _loglik_args(means, logstds, logweights, y, out, transition):
+    """The forward kernel's tensor arguments (views), grid, integer arguments and options. ``y``
+    is ``(*B, N, C, H, W)`` with ``out (*B, N, H, W)``, or one target per pixel ``(*B, C, H, W)``
+    with ``out (*B, H, W)``."""
     K, C = means.shape[-4], means.shape[-3]
-    N = y.shape[-4]
-    mf, sf, mcf, xcf, xf, wf, yf, of = _views(means, logstds, logweights, affine, y, out)
+    per_sample = y.dim() == means.dim()
+    N = y.shape[-4] if per_sample else 1
+    mf, sf, thf, tlf, xf, wf, yf, of = _views(means, logstds, logweights, transition, y, out)
+    if not per_sample:  # the N axis of the kernel's layout, of size 1
+        yf, of = yf.unsqueeze(1), of.unsqueeze(1)
     R, P = mf.shape[0], mf.shape[-1]
-    block_k, block_p = _blocks(K, P, affine is not None)
+    block_k, block_p = _blocks(K, P, transition is not None)
     n_pb = cdiv(P, block_p)
     ints = (N, K, C, P, n_pb, *mf.stride(), *sf.stride(), *wf.stride(), *yf.stride(), *of.stride(),
-            *mcf.stride(), *xcf.stride(), *xf.stride())  # fmt: skip
-    options = dict(AFFINE=affine is not None, BLOCK_K=block_k, BLOCK_P=block_p, I64=_needs_i64(mf, wf, yf, of, xf),
-                   num_warps=NUM_WARPS)  # fmt: skip
-    return (mf, sf, wf, yf, of, mcf, xcf, xf), (n_pb * R * N,), ints, options
+            *thf.stride(), *tlf.stride(), *xf.stride())  # fmt: skip
+    options = dict(TRANSITION=transition is not None, BLOCK_K=block_k, BLOCK_P=block_p,
+                   I64=_needs_i64(mf, wf, yf, of, xf), num_warps=NUM_WARPS)  # fmt: skip
+    return (mf, sf, wf, yf, of, thf, tlf, xf), (n_pb * R * N,), ints, options
 
 
-def _fwd_plan(tensors, affine):
+def _fwd_plan(tensors, transition):
     """``(views are the tensors themselves, grid, ints, options)`` for the forward launch."""
-    views, grid, ints, options = _loglik_args(*tensors[:5], affine)
+    views, grid, ints, options = _loglik_args(*tensors[:5], transition)
     return same_data(views, tensors), grid, ints, options
 
 
@@ -352,77 +383,81 @@ _FWD_PLANS = PlanCache()
 _BWD_PLANS = PlanCache()
 
 
-def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, shift: float, out_dtype, affine=None):
-    """``sign * logsumexp_k l_k + shift`` for ``y (*B, N, C, H, W)`` -> ``(*B, N, H, W)``; with
-    ``affine = (mscale, xres, x)`` (``(*B, 1, 1, 1, 1)``, ``(*B, 1, 1, 1, 1)``, ``(*B, C, H, W)``)
-    the component means are ``mscale * means + (1 - xres) * x``. The launch plan (views' strides
-    included) is stored per shape (:class:`PlanCache`)."""
+def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, shift: float, out_dtype,
+                   transition=None):  # fmt: skip
+    """``sign * logsumexp_k l_k + shift`` for ``y (*B, N, C, H, W)`` -> ``(*B, N, H, W)``, or
+    for one target per pixel ``y (*B, C, H, W)`` -> ``(*B, H, W)``; with
+    ``transition = (x, t_high, t_low)`` (``x (*B, C, H, W)``, timesteps ``(*B,)`` or
+    broadcastable to ``(*B, 1, 1, 1)``) the GM is the reverse transition of the u-GM
+    ``(means, logstds, logweights)`` from ``(x, t_high)`` to ``t_low``. The launch plan (views'
+    strides included) is stored per shape (:class:`PlanCache`)."""
     *batch, K, C, H, W = means.shape
-    out = torch.empty((*batch, y.shape[-4], H, W), device=means.device, dtype=out_dtype)
-    mscale, xres, x = affine if affine is not None else (logstds, logstds, means)
-    tensors = (means, logstds, logweights, y, out, mscale, xres, x)
-    key = tensor_key(*tensors) if affine is not None else tensor_key(*tensors[:5])
-    pure, grid, ints, options = _FWD_PLANS.get(key, lambda: _fwd_plan(tensors, affine))
+    out_shape = (*batch, y.shape[-4], H, W) if y.dim() == means.dim() else (*batch, H, W)
+    out = torch.empty(out_shape, device=means.device, dtype=out_dtype)
+    x, t_high, t_low = transition if transition is not None else (means, logstds, logstds)
+    tensors = (means, logstds, logweights, y, out, t_high, t_low, x)
+    # the key leaves out `out` (allocated here contiguous, its shape follows from means and y;
+    # its dtype enters no planned value)
+    key = tensor_key(means, logstds, logweights, y, t_high, t_low, x) if transition is not None else \
+        tensor_key(means, logstds, logweights, y)  # fmt: skip
+    pure, grid, ints, options = _FWD_PLANS.get(key, lambda: _fwd_plan(tensors, transition))
     if not pure:  # a flattening copied: the views of this call
-        tensors = _loglik_args(means, logstds, logweights, y, out, affine)[0]
+        tensors = _loglik_args(means, logstds, logweights, y, out, transition)[0]
     if grid[0] > 0:
         _gm_loglik_fwd_kernel[grid](*tensors, *ints, istd_max, sign, shift, **options)
     return out
 
 
-def _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights, affine):
+def _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights, transition):
     """The backward kernel's tensor arguments (views, but for ``g_std``), grid, integer
-    arguments, options and the shape of ``g_std``."""
+    arguments, options and the shape ``(R, n_programs)`` of ``g_std`` when the kernel writes
+    partial sums of a shared log-std's gradient (None when it writes one value per log-std: a
+    per-pixel std, or one program per row)."""
     K, C = means.shape[-4], means.shape[-3]
-    mf, sf, mcf, xcf, xf, wf, yf, lf, gf, gmf, gwf = _views(
-        means, logstds, logweights, affine, target, loss, grad_loss, g_means, g_logweights.select(-3, 0)
+    mf, sf, thf, tlf, xf, wf, yf, lf, gf, gmf, gwf = _views(
+        means, logstds, logweights, transition, target, loss, grad_loss, g_means, g_logweights.select(-3, 0)
     )
     R, P = mf.shape[0], mf.shape[-1]
-    block_k, block_p = _blocks(K, P, affine is not None, backward=True)
+    block_k, block_p = _blocks(K, P, transition is not None, backward=True)
     n_pb = cdiv(P, block_p)
     per_pixel = sf.stride(-1) != 0  # after the point-data swap a per-row std is per pixel
     ints = (K, C, P, n_pb, *mf.stride(), *sf.stride(), *wf.stride(), *yf.stride(), *lf.stride(), *gf.stride(),
-            *gmf.stride(), *gwf.stride(), *mcf.stride(), *xcf.stride(), *xf.stride())  # fmt: skip
-    options = dict(AFFINE=affine is not None, STD_PER_PIXEL=per_pixel, BLOCK_K=block_k, BLOCK_P=block_p,
+            *gmf.stride(), *gwf.stride(), *thf.stride(), *tlf.stride(), *xf.stride())  # fmt: skip
+    options = dict(TRANSITION=transition is not None, STD_PER_PIXEL=per_pixel, BLOCK_K=block_k, BLOCK_P=block_p,
                    I64=_needs_i64(mf, wf, yf, gmf, xf), num_warps=NUM_WARPS)  # fmt: skip
-    views = (mf, sf, wf, yf, lf, gf, mcf, xcf, xf, gmf, gwf)
-    return views, (n_pb * R,), ints, options, (R, P if per_pixel else n_pb)
+    views = (mf, sf, wf, yf, lf, gf, thf, tlf, xf, gmf, gwf)
+    return views, (n_pb * R,), ints, options, None if per_pixel or n_pb == 1 else (R, n_pb)
 
 
-def _bwd_plan(tensors, affine):
-    views, grid, ints, options, g_std_shape = _nll_bwd_args(*tensors[:4], tensors[4], tensors[5], tensors[9], tensors[10], affine)
-    return same_data(views, tensors), grid, ints, options, g_std_shape
+def _bwd_plan(tensors, transition):
+    views, grid, ints, options, partials = _nll_bwd_args(*tensors[:4], tensors[4], tensors[5], tensors[9],
+                                                         tensors[10], transition)  # fmt: skip
+    return same_data(views, tensors), grid, ints, options, partials
 
 
-def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, affine, eps: float):
-    """Gradients of the per-pixel NLL for means, logstds, logweights, in their dtypes."""
-    g_means = torch.empty(means.shape, device=means.device, dtype=means.dtype)
-    g_logweights = torch.empty(logweights.shape, device=means.device, dtype=logweights.dtype)
-    mscale, xres, x = affine if affine is not None else (logstds, logstds, means)
-    # in the kernel's argument order; g_logweights stands for its (R, K, P) view
-    tensors = (means, logstds, logweights, target, loss, grad_loss, mscale, xres, x, g_means, g_logweights)
-    key = tensor_key(*tensors) if affine is not None else tensor_key(*tensors[:6])
-    pure, grid, ints, options, g_std_shape = _BWD_PLANS.get(key, lambda: _bwd_plan(tensors, affine))
+def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, transition, eps: float):
+    """Gradients of the per-pixel NLL for means, logstds, logweights, in their dtypes (with
+    ``transition``, as in :func:`_launch_loglik`, those of the u-GM)."""
+    g_means = torch.empty_like(means, memory_format=torch.contiguous_format)
+    g_logweights = torch.empty_like(logweights, memory_format=torch.contiguous_format)
+    x, t_high, t_low = transition if transition is not None else (means, logstds, logstds)
+    # in the kernel's argument order; g_logweights stands for its (R, K, P) view; the plan's
+    # key leaves out the gradients (contiguous, shapes and dtypes those of means, logweights)
+    tensors = (means, logstds, logweights, target, loss, grad_loss, t_high, t_low, x, g_means, g_logweights)
+    key = tensor_key(*tensors[:9]) if transition is not None else tensor_key(*tensors[:6])
+    pure, grid, ints, options, partials = _BWD_PLANS.get(key, lambda: _bwd_plan(tensors, transition))
     if not pure:  # a flattening copied: the views of this call
-        tensors = _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights, affine)[0]
-    g_std = torch.empty(g_std_shape, device=means.device, dtype=torch.float32)
+        tensors = _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights,
+                                transition)[0]  # fmt: skip
+    if partials is not None:
+        g_std = torch.empty(partials, device=means.device, dtype=torch.float32)
+    else:  # one float32 value per log-std, contiguous
+        g_std = torch.empty_like(logstds, dtype=torch.float32, memory_format=torch.contiguous_format)
     if grid[0] > 0:
         _gm_nll_bwd_kernel[grid](*tensors, g_std, *ints, 1.0 / eps, **options)
-    if not options["STD_PER_PIXEL"]:
-        g_std = g_std.sum(dim=1)  # the per-program partials of each row
-    return g_means, g_std.view(logstds.shape).to(logstds.dtype), g_logweights
-
-
-def _launch_transition_rows(t_high: torch.Tensor, t_low: torch.Tensor, out: torch.Tensor) -> None:
-    """Run ``_transition_rows_kernel`` into ``out (4, R)`` for timesteps ``(R,)`` (any stride,
-    0 included)."""
-    R = out.shape[1]
-    if R == 0:
-        return
-    block = min(next_pow2(R), 1024)
-    _transition_rows_kernel[(cdiv(R, block),)](
-        t_high, t_low, out, R, t_high.stride(0), t_low.stride(0), BLOCK_R=block, num_warps=4
-    )
+    if partials is not None:  # the per-program partials of each row
+        g_std = g_std.sum(dim=1).view(logstds.shape)
+    return g_means, g_std if g_std.dtype == logstds.dtype else g_std.to(logstds.dtype), g_logweights
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,68 +470,68 @@ def _gm(means, logstds, logweights) -> dict:
 
 
 def _stat_dtype(*ts: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    return torch.float64 if torch.float64 in [t.dtype for t in ts] else torch.float32
 
 
-def _affine(mscale, xres, x) -> Optional[tuple]:
-    if mscale is None and xres is None and x is None:
+def _transition(x_t_high, t_high, t_low) -> Optional[tuple]:
+    if x_t_high is None and t_high is None and t_low is None:
         return None
-    if mscale is None or xres is None or x is None:
-        raise ValueError("gmkernels::gm_nll_loss_pixels: mscale, xres and x go together (all or none)")
-    return mscale, xres, x
+    if x_t_high is None or t_high is None or t_low is None:
+        raise ValueError("gmkernels::gm_nll_loss_pixels: x_t_high, t_high and t_low go together (all or none)")
+    return x_t_high, t_high, t_low
 
 
-def _mapped_means(means: torch.Tensor, affine: Optional[tuple]) -> torch.Tensor:
-    """``mscale * means + (1 - xres) * x`` (``means`` when ``affine`` is None)."""
-    if affine is None:
-        return means
-    mscale, xres, x = affine
-    return mscale * means + (1 - xres) * x.unsqueeze(-4)
+def _transition_terms(t_high: torch.Tensor, t_low: torch.Tensor, batch: tuple) -> tuple:
+    """The torch twin of the kernels' ``_transition_map`` constants, in float64, each
+    ``(*batch, 1, 1, 1, 1)``: ``mscale = -c2 * sigma_high``, ``xres = 1 - c1 - c2``,
+    ``A = 2 log(|c2| max(sigma_high, 1e-6))`` and ``L = log(max(c3, 1e-12))`` for timesteps of
+    shape ``batch`` or broadcastable to ``(*batch, 1, 1, 1)`` (``sigma = t / 1000`` in float32,
+    in float64 for float64 timesteps). The reverse-transition GM of a u-GM then has means
+    ``mscale * means_u + (1 - xres) * x_t_high`` and log-stds
+    ``0.5 * logaddexp(2 * logstds_u + A, L)``."""
+    def sigma(t):
+        t = t.reshape(*batch, 1, 1, 1, 1) if t.shape == tuple(batch) else t.expand(*batch, 1, 1, 1).unsqueeze(-4)
+        return (t / 1000 if t.dtype == torch.float64 else t.float() / 1000).double()
 
-
-@torch.library.custom_op("gmkernels::transition_loss_rows", mutates_args=())
-def _transition_rows(t_high: torch.Tensor, t_low: torch.Tensor, batch: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """``(4, *batch)`` in ``dtype`` (float32 or float64, the compute dtype): the per-row
-    ``mscale, xres, A, L`` of ``_transition_rows_kernel`` for timesteps broadcastable to
-    ``(*batch, 1, 1, 1)``; the torch branch is the kernel's twin."""
-    out = torch.empty((4, *batch), dtype=dtype, device=t_high.device)
-    # (R,) views when strides allow; a per-sample (*batch, 1, 1, 1) needs no expand
-    full = (*batch, 1, 1, 1)
-    th, tlow = (t.reshape(-1) if t.shape == full else t.expand(full).reshape(-1) for t in (t_high, t_low))
-    if select_backend(t_high) == "triton":
-        _launch_transition_rows(th, tlow, out.view(4, -1))
-        return out
-    sh, sl = ((t / 1000 if t.dtype == torch.float64 else t.float() / 1000).double() for t in (th, tlow))
+    sh, sl = sigma(t_high), sigma(t_low)
     c1, c2, c3 = ref_transition.transition_coefficients(sh, sl)
-    rows = (-c2 * sh, 1 - c1 - c2, 2 * (c2.abs() * sh.clamp(min=1e-6)).log(), c3.clamp(min=1e-12).log())
-    out.view(4, -1).copy_(torch.stack(rows))
-    return out
+    return -c2 * sh, 1 - c1 - c2, 2 * (c2.abs() * sh.clamp(min=1e-6)).log(), c3.clamp(min=1e-12).log()
 
 
-@_transition_rows.register_fake
-def _(t_high, t_low, batch, dtype):
-    return t_high.new_empty((4, *batch), dtype=dtype)
+def _kernel_gm(means, logstds, logweights, transition, dt) -> tuple[dict, Any, Any]:
+    """The GM whose NLL the kernels evaluate, in ``dt`` (the torch twin of their loads), with
+    the transition map's ``mscale`` and the derivative of the mapped log-std in ``logstds``
+    (both None without the map)."""
+    if transition is None:
+        return _gm(means.to(dt), logstds.to(dt), logweights.to(dt)), None, None
+    x, t_high, t_low = transition
+    mscale, xres, A, L = _transition_terms(t_high, t_low, tuple(means.shape[:-4]))
+    v = 2 * logstds.double() + A
+    mscale, xres = mscale.to(dt), xres.to(dt)  # rounded as the kernels round them
+    means_low = mscale * means.to(dt) + (1 - xres) * x.to(dt).unsqueeze(-4)
+    logstds_low = (0.5 * torch.logaddexp(v, L)).to(dt)
+    return _gm(means_low, logstds_low, logweights.to(dt)), mscale, torch.sigmoid(v - L).to(dt)
 
 
 @torch.library.custom_op("gmkernels::gm_nll_loss_pixels", mutates_args=())
 def _nll_pixels(
     means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, target: torch.Tensor,
-    mscale: Optional[torch.Tensor], xres: Optional[torch.Tensor], x: Optional[torch.Tensor], eps: float,
+    x_t_high: Optional[torch.Tensor], t_high: Optional[torch.Tensor], t_low: Optional[torch.Tensor], eps: float,
 ) -> torch.Tensor:
-    """Per-pixel NLL ``(*B, H, W)`` in float32 (float64 for float64 inputs) of ``target`` under the
-    GM with component means ``mscale * means + (1 - xres) * x`` (``mscale``, ``xres``
-    ``(*B, 1, 1, 1, 1)``, ``x (*B, C, H, W)``; all None: plain ``means``)."""
-    affine = _affine(mscale, xres, x)
+    """Per-pixel NLL ``(*B, H, W)`` in float32 (float64 for float64 inputs) of ``target`` under
+    the GM, or, with ``x_t_high (*B, C, H, W)`` and the timesteps (``(*B,)`` or broadcastable
+    to ``(*B, 1, 1, 1)``) given, under the reverse transition of the u-GM from
+    ``(x_t_high, t_high)`` to ``t_low`` (the transition loss; all None: the plain NLL)."""
+    transition = _transition(x_t_high, t_high, t_low)
     dt = _stat_dtype(means, logstds, logweights, target)
     if select_backend(means) == "triton":
-        y = target.unsqueeze(-4)
-        return _launch_loglik(means, logstds, logweights, y, 1.0 / eps, -1.0, 0.0, dt, affine).squeeze(-3)
-    gm = _gm(_mapped_means(means.to(dt), affine), logstds.to(dt), logweights.to(dt))
+        return _launch_loglik(means, logstds, logweights, target, 1.0 / eps, -1.0, 0.0, dt, transition)
+    gm = _kernel_gm(means, logstds, logweights, transition, dt)[0]
     return ref.gm_nll_loss(gm, target.to(dt), eps, "none")
 
 
 @_nll_pixels.register_fake
-def _(means, logstds, logweights, target, mscale, xres, x, eps):
+def _(means, logstds, logweights, target, x_t_high, t_high, t_low, eps):
     *batch, _, _, H, W = means.shape
     return means.new_empty((*batch, H, W), dtype=_stat_dtype(means, logstds, logweights, target))
 
@@ -504,40 +539,42 @@ def _(means, logstds, logweights, target, mscale, xres, x, eps):
 @torch.library.custom_op("gmkernels::gm_nll_loss_pixels_backward", mutates_args=())
 def _nll_pixels_backward(
     grad_loss: torch.Tensor, loss: torch.Tensor, means: torch.Tensor, logstds: torch.Tensor,
-    logweights: torch.Tensor, target: torch.Tensor, mscale: Optional[torch.Tensor],
-    xres: Optional[torch.Tensor], x: Optional[torch.Tensor], eps: float,
+    logweights: torch.Tensor, target: torch.Tensor, x_t_high: Optional[torch.Tensor],
+    t_high: Optional[torch.Tensor], t_low: Optional[torch.Tensor], eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_nll_pixels` for means, logstds, logweights (their dtypes)."""
-    affine = _affine(mscale, xres, x)
+    transition = _transition(x_t_high, t_high, t_low)
     if select_backend(means) == "triton":
-        return _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, affine, eps)
+        return _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, transition, eps)
     dt = _stat_dtype(means, logstds, logweights, target)
-    gm = _gm(_mapped_means(means.to(dt), affine), logstds.to(dt), logweights.to(dt))
+    gm, mscale, dls = _kernel_gm(means, logstds, logweights, transition, dt)
     gr = ref.gm_nll_loss_backward(gm, target.to(dt), grad_loss.to(dt), eps)
-    g_means = gr["means"] if affine is None else affine[0] * gr["means"]
-    return g_means.to(means.dtype), gr["logstds"].to(logstds.dtype), gr["logweights"].to(logweights.dtype)
+    g_means, g_logstds = gr["means"], gr["logstds"]
+    if transition is not None:  # through the map: means scaled by mscale, the log-std's derivative
+        g_means, g_logstds = mscale * g_means, dls * g_logstds
+    return g_means.to(means.dtype), g_logstds.to(logstds.dtype), gr["logweights"].to(logweights.dtype)
 
 
 @_nll_pixels_backward.register_fake
-def _(grad_loss, loss, means, logstds, logweights, target, mscale, xres, x, eps):
+def _(grad_loss, loss, means, logstds, logweights, target, x_t_high, t_high, t_low, eps):
     return torch.empty_like(means), torch.empty_like(logstds), torch.empty_like(logweights)
 
 
 def _nll_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    means, logstds, logweights, target, mscale, xres, x, eps = inputs
-    ctx.save_for_backward(output, means, logstds, logweights, target, mscale, xres, x)
+    means, logstds, logweights, target, x_t_high, t_high, t_low, eps = inputs
+    ctx.save_for_backward(output, means, logstds, logweights, target, x_t_high, t_high, t_low)
     ctx.eps = eps
 
 
 def _nll_backward(ctx: Any, grad_loss: torch.Tensor):
-    loss, means, logstds, logweights, target, mscale, xres, x = ctx.saved_tensors
-    if mscale is not None and any(ctx.needs_input_grad[3:7]):
+    loss, means, logstds, logweights, target, x_t_high, t_high, t_low = ctx.saved_tensors
+    if x_t_high is not None and any(ctx.needs_input_grad[3:7]):
         raise NotImplementedError(
-            "gmkernels::gm_nll_loss_pixels with an affine map differentiates the GM only; "
+            "gmkernels::gm_nll_loss_pixels with the transition map differentiates the u-GM only; "
             "transition_loss takes the torch path when x_t_high or x_t_low require grad"
         )
     g_means, g_logstds, g_logweights = call_op(torch.ops.gmkernels.gm_nll_loss_pixels_backward,
-        grad_loss, loss, means, logstds, logweights, target, mscale, xres, x, ctx.eps
+        grad_loss, loss, means, logstds, logweights, target, x_t_high, t_high, t_low, ctx.eps
     )
     # dL/dy = -sum_k dL/dmu_k: only when the target itself is being trained
     g_target = -g_means.sum(dim=-4, dtype=torch.float32).to(target.dtype) if ctx.needs_input_grad[3] else None
@@ -583,20 +620,41 @@ def _check_reduction(reduction: Any) -> str:
     return reduction
 
 
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+#: ``(n, dtype) -> 0-d CPU tensor n`` for ``_reduce``'s mean (bounded: cleared when full)
+_COUNTS: dict = {}
+
+
+def _count(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` as a 0-d CPU tensor of ``dtype``: dividing by it costs half of dividing by a Python
+    number (which torch wraps into a tensor per call) and rounds the same (a CPU scalar either
+    way, cast to ``dtype``)."""
+    t = _COUNTS.get((n, dtype))
+    if t is None:
+        if len(_COUNTS) >= 256:
+            _COUNTS.clear()
+        t = _COUNTS[(n, dtype)] = torch.tensor(n, dtype=dtype)
+    return t
+
+
+def _reduce(loss: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
     """Mean as ``sum / n``: the backward of ``sum`` is a stride-0 expand of the scalar gradient,
-    so no per-pixel gradient tensor is allocated (``mean``'s backward would divide into one)."""
+    so no per-pixel gradient tensor is allocated (``mean``'s backward would divide into one).
+    Cast to ``dtype`` (no op when it is the loss's)."""
     if reduction == "mean":
-        return loss.sum() / max(loss.numel(), 1)
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+        n = max(loss.numel(), 1)
+        if torch.compiler.is_compiling():
+            loss = loss.sum() / n
+        else:  # in place on the fresh sum (its backward does not need it)
+            loss = loss.sum().div_(_count(n, loss.dtype))
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def _exact_torch_path(*tensors: torch.Tensor) -> bool:
     """The torch path runs when ``select_backend`` says so or an input is float64 (the kernels
     compute in float32; float64 stays exact)."""
-    return select_backend(tensors[0]) == "torch" or any(t.dtype == torch.float64 for t in tensors)
+    return select_backend(tensors[0]) == "torch" or torch.float64 in [t.dtype for t in tensors]
 
 
 def gm_logprob(gm: dict, samples: torch.Tensor) -> torch.Tensor:
@@ -649,14 +707,29 @@ def gm_nll_loss(gm: dict, target: torch.Tensor, eps: float = 1e-4, reduction: st
     loss = call_op(torch.ops.gmkernels.gm_nll_loss_pixels,
         gm["means"], gm["logstds"], gm["logweights"], target, None, None, None, eps
     )
-    return _reduce(loss, reduction).to(s.dtype)
+    return _reduce(loss, reduction, s.dtype)
+
+
+#: per-sample timesteps of at most this many elements are value-checked on the host as lists
+_HOST_LIST_MAX = 64
+_TIMESTEPS_MESSAGE = ("t_high and t_low must satisfy 0 <= t_low <= t_high <= 1000 (timesteps in [0, 1000]; "
+                      "the transition runs from t_high down to t_low)")  # fmt: skip
+
+
+def _as_sigma(t: Sigma, s: GMShape) -> Sigma:
+    """A per-sample timestep ``(*B,)`` viewed as ``(*B, 1, 1, 1)``; anything else as given."""
+    if isinstance(t, torch.Tensor) and s.batch and t.shape == s.batch:
+        return t.view(*s.batch, 1, 1, 1)
+    return t
 
 
 def _check_timestep(t: Any, name: str, s: GMShape) -> Sigma:
-    """A timestep in [0, 1000]: a float or a tensor broadcastable to ``(*B, 1, 1, 1)``; a tensor
-    of shape ``(*B,)`` (one timestep per sample) is viewed as ``(*B, 1, 1, 1)``."""
-    if isinstance(t, torch.Tensor) and s.batch and tuple(t.shape) == s.batch:
-        t = t.view(*s.batch, 1, 1, 1)
+    """A timestep's type, device and shape: a float in [0, 1000], or a float tensor of shape
+    ``(*B,)`` (one per sample) or broadcastable to ``(*B, 1, 1, 1)``, returned as given (the
+    values of tensors: :func:`_check_timestep_values`)."""
+    if (type(t) is torch.Tensor and t.is_floating_point() and t.device == s.device
+            and (t.dim() == 0 or t.shape == s.batch or t.shape == (*s.batch, 1, 1, 1))):  # fmt: skip
+        return t  # the usual shapes, accepted without the general check
     if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a float tensor, got {type(t).__name__}")
     if not isinstance(t, torch.Tensor):
@@ -664,9 +737,75 @@ def _check_timestep(t: Any, name: str, s: GMShape) -> Sigma:
         if not 0.0 <= t <= 1000.0:
             raise ValueError(f"{name} must lie in [0, 1000], got {t}")
         return t
-    check_sigma(t, name, s, check_values=False)  # type, device, shape
-    require_range(t, 0.0, 1000.0, f"{name} must lie in [0, 1000]")
+    check_sigma(_as_sigma(t, s), name, s, check_values=False)  # type, device, shape
     return t
+
+
+def _host_values(t: Sigma, R: int) -> Optional[list]:
+    """The values of a float, or of a CPU tensor of one or ``R <= _HOST_LIST_MAX`` elements (one
+    per row); None otherwise."""
+    if not isinstance(t, torch.Tensor):
+        return [t]
+    n = t.numel()
+    if n != 1 and (n != R or n > _HOST_LIST_MAX):
+        return None
+    if t.dim() == 1:  # a per-sample (B,), or (1,)
+        return t.tolist()
+    return t.reshape(-1).tolist() if t.dim() else [t.tolist()]
+
+
+def _check_timestep_values(t_high: Sigma, t_low: Sigma, s: GMShape) -> None:
+    """``0 <= t_low <= t_high <= 1000`` elementwise (floats are already in range). CPU tensors
+    are read once each (per-sample values as lists) and a failure raises the ``ValueError`` of
+    the range or order check that fails; on CUDA one device-side assert checks all three (no host
+    synchronisation in a training step); skipped while ``torch.compile`` traces."""
+    high_t, low_t = isinstance(t_high, torch.Tensor), isinstance(t_low, torch.Tensor)
+    if not high_t and not low_t:
+        _check_nondecreasing(t_low, t_high)
+        return
+    if _validate.host_checks_values(t_high if high_t else t_low):  # CPU, not traced
+        if high_t and low_t and t_high.dim() == 1 and t_low.shape == t_high.shape and t_high.numel() <= _HOST_LIST_MAX:
+            hi, lo = t_high.tolist(), t_low.tolist()  # per-sample (B,): the usual case
+        else:
+            R = math.prod(s.batch)
+            hi, lo = _host_values(t_high, R), _host_values(t_low, R)
+        if hi is not None and lo is not None:
+            if len(hi) == 1:
+                hi = hi * len(lo)
+            elif len(lo) == 1:
+                lo = lo * len(hi)
+            if len(lo) == len(hi):
+                for a, b in zip(lo, hi):
+                    if not 0.0 <= a <= b <= 1000.0:  # NaN fails
+                        break
+                else:
+                    return
+        # a failure, or values not read as lists: the separate checks word the error
+        t_high, t_low = _as_sigma(t_high, s), _as_sigma(t_low, s)
+        for t, name in ((t_high, "t_high"), (t_low, "t_low")):
+            if isinstance(t, torch.Tensor):
+                require_range(t, 0.0, 1000.0, f"{name} must lie in [0, 1000]")
+        _check_nondecreasing(t_low, t_high)
+        return
+    if torch.compiler.is_compiling():
+        return
+    if high_t and low_t:
+        if t_high.shape != t_low.shape:  # a per-sample (*B,) against (*B, 1, 1, 1)-broadcastable
+            t_high, t_low = _as_sigma(t_high, s), _as_sigma(t_low, s)
+        ok = (t_low >= 0.0) & (t_low <= t_high) & (t_high <= 1000.0)
+    elif high_t:
+        ok = (t_high >= t_low) & (t_high <= 1000.0)
+    else:
+        ok = (t_low >= 0.0) & (t_low <= t_high)
+    torch._assert_async(ok.all(), _TIMESTEPS_MESSAGE)
+
+
+def _kernel_timestep(t: Sigma, device: torch.device) -> torch.Tensor:
+    """A timestep for the kernels: a tensor without autograd history (timesteps get no
+    gradient there), a Python float as a 0-d float64 tensor."""
+    if isinstance(t, torch.Tensor):
+        return t.detach() if t.requires_grad else t
+    return torch.full((), t, dtype=torch.float64, device=device)
 
 
 def transition_loss(
@@ -699,43 +838,35 @@ def transition_loss(
     Returns:
         A scalar, or ``(*B, H, W)`` for ``"none"``, in the dtype of ``gm_u["means"]``.
         Differentiable in ``gm_u`` on both backends; timesteps get no gradient on the Triton
-        backend. On the Triton
-        backend the two affine maps are folded into the fused NLL kernels (the GM means become
-        ``(c1 + c2) * x_t_high - c2 * sigma_high * means_u`` on the fly, the residual
-        ``x_t_low - x_t_high`` formed first), so, as for
+        backend. On the Triton backend the two changes of variable are folded into the fused
+        NLL kernels: each program computes the reverse transition's constants of its samples
+        in float64 from the timesteps, and the GM means become
+        ``(c1 + c2) * x_t_high - c2 * sigma_high * means_u`` on the fly (the residual
+        ``x_t_low - x_t_high`` formed first) and its log-std
+        ``0.5 * log(c2^2 sigma_high^2 exp(2 logstds_u) + c3)``; so, as for
         :func:`gm_nll_loss`, only the per-pixel loss is saved and nothing of size ``K*C*H*W``
         is allocated besides the gradients; states that require grad take the torch path.
+        Timestep tensors on CUDA are range- and order-checked by a device-side assert (no
+        host synchronisation), on CPU with a ``ValueError``.
     """
     s = check_gm(gm_u, "gm_u")
     check_state(x_t_high, "x_t_high", s)
     check_state(x_t_low, "x_t_low", s)
     t_high = _check_timestep(t_high, "t_high", s)
     t_low = _check_timestep(t_low, "t_low", s)
-    _check_nondecreasing(t_low, t_high)
+    _check_timestep_values(t_high, t_low, s)
     eps = _check_eps(eps)
     _check_reduction(reduction)
-    gm_tensors = (gm_u["means"], gm_u["logstds"], gm_u["logweights"])
+    means, logstds, logweights = gm_u["means"], gm_u["logstds"], gm_u["logweights"]
     states_need_grad = torch.is_grad_enabled() and (x_t_high.requires_grad or x_t_low.requires_grad)
-    if _exact_torch_path(*gm_tensors, x_t_high, x_t_low) or states_need_grad:
-        return run_reference(ref.transition_loss, gm_u, x_t_high, t_high, x_t_low, t_low, eps, reduction,
-                             out_dtype=s.dtype)
-    # The reverse-transition means are affine in the u-GM's: c1 x + c2 (x - sigma_high mu_k) =
-    # (1 - xres) x - (c2 sigma_high) mu_k with xres = 1 - c1 - c2 (formed in float64: x_t_low - x
-    # is O(sigma) while x is O(1)), which the fused NLL kernels apply on the fly. The new
-    # log-std depends on logstds and the sigmas only: 0.5 * logaddexp(2 log|c2| + 2 (logstds +
-    # log max(sigma_high, 1e-6)), log max(c3, 1e-12)) (u_to_x0 then reverse_transition), three
-    # differentiable ops on the (*B, 1, 1, 1, 1) log-stds once one small kernel has written the
-    # per-row constants (a Python float timestep is a 0-d float64 tensor there).
-    dt = compute_dtype(*(t.dtype for t in (*gm_tensors, x_t_high, x_t_low)))
-    t_high, t_low = (t.detach() if isinstance(t, torch.Tensor) else torch.full((), t, dtype=torch.float64, device=s.device)
-                     for t in (t_high, t_low))  # fmt: skip
-    mscale, xres, a, log_c3 = call_op(torch.ops.gmkernels.transition_loss_rows, t_high, t_low, list(s.batch), dt).view(
-        4, *s.batch, 1, 1, 1, 1).unbind(0)  # fmt: skip
-    logstds_low = torch.logaddexp(torch.add(a, gm_u["logstds"].to(dt), alpha=2), log_c3) * 0.5
-    loss = call_op(torch.ops.gmkernels.gm_nll_loss_pixels,
-        gm_u["means"], logstds_low, gm_u["logweights"], x_t_low, mscale, xres, x_t_high, eps,
-    )
-    return _reduce(loss, reduction).to(s.dtype)
+    if _exact_torch_path(means, logstds, logweights, x_t_high, x_t_low) or states_need_grad:
+        return run_reference(ref.transition_loss, gm_u, x_t_high, _as_sigma(t_high, s), x_t_low, _as_sigma(t_low, s),
+                             eps, reduction, out_dtype=s.dtype)  # fmt: skip
+    # one fused NLL of the reverse-transition GM, whose per-sample constants the kernels
+    # compute from the timesteps (no small torch ops, no autograd node besides the NLL's)
+    loss = call_op(torch.ops.gmkernels.gm_nll_loss_pixels, means, logstds, logweights, x_t_low, x_t_high,
+                   _kernel_timestep(t_high, s.device), _kernel_timestep(t_low, s.device), eps)  # fmt: skip
+    return _reduce(loss, reduction, s.dtype)
 
 
 def _check_nondecreasing(t_low: Sigma, t_high: Sigma) -> None:
@@ -751,8 +882,8 @@ def _check_nondecreasing(t_low: Sigma, t_high: Sigma) -> None:
 
 def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
     """The NLL forward and backward for a ``(B, K, C, H, W)`` GM and one target per pixel, plain
-    and with the transition loss's affine map (scaled means), fp32 and bf16; the transition
-    loss's per-row constants for ``B`` rows."""
+    and with the transition loss's map (per-sample float32 timesteps), fp32 and bf16; for fp32
+    also with the 0-d float64 timesteps that Python floats become."""
     mod = sys.modules[__name__]
     cases = []
     for dt in AOT_DTYPES:
@@ -760,15 +891,16 @@ def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
         m, s, lw = gm["means"], gm["logstds"], gm["logweights"]
         y = m.new_empty((B, C, H, W))
         loss = torch.empty((B, H, W), device="meta")
-        affine = (s.new_empty(s.shape), s.new_empty(s.shape), y)
-        for aff, suffix in ((None, ""), (affine, ",transition")):
+        t = torch.empty((B,), device="meta")
+        variants = [(None, ""), ((y, t, t), ",transition")]
+        if dt == "fp32":
+            t64 = torch.empty((), device="meta", dtype=torch.float64)
+            variants.append(((y, t64, t64), ",transition,t64"))
+        for tr, suffix in variants:
             tag = shape_tag(B, K, C, H, W, dt) + suffix
-            cases += launch_cases(mod, f"likelihood.nll_fwd[{tag}]", _launch_loglik, m, s, lw, y.unsqueeze(-4), 1e4, -1.0, 0.0,
-                                  torch.float32, aff)  # fmt: skip
-            cases += launch_cases(mod, f"likelihood.nll_bwd[{tag}]", _launch_nll_bwd, loss, loss, m, s, lw, y, aff, 1e-4)
-    t = torch.empty((B,), device="meta")  # the transition loss's per-row constants (float32 timesteps)
-    rows = torch.empty((4, B), device="meta")
-    cases += launch_cases(mod, f"likelihood.transition_rows[B={B}]", _launch_transition_rows, t, t, rows)
+            cases += launch_cases(mod, f"likelihood.nll_fwd[{tag}]", _launch_loglik, m, s, lw, y, 1e4, -1.0, 0.0,
+                                  torch.float32, tr)  # fmt: skip
+            cases += launch_cases(mod, f"likelihood.nll_bwd[{tag}]", _launch_nll_bwd, loss, loss, m, s, lw, y, tr, 1e-4)
     return cases
 
 
