@@ -104,7 +104,11 @@ def test_kernel_transports_match_reference(shape, seed, bf16, aligned):
     batch, K, C, H, W = shape
     dtype = torch.bfloat16 if bf16 else torch.float32
     gm = make_gm(shape, seed, dtype=dtype, dead=True, logstd_range=(-1.0, 0.5), per_pixel_std=seed % 2 == 1)
-    z = _normal((*batch, 2, C, H, W), seed, dtype)
+    # |z| <= 3: further out the float32 target u = erf(z / sqrt 2) (and, back, the float32 CDF
+    # near +-1) is rounded by its ulp near 1, 6e-8, against a tail mass 1 - |u| below 3e-3,
+    # which moves x by about ulp / pdf: past the float32 tolerance against the float64
+    # reference at seed 557 (z = 4.18: 1e-4), with any correct float32 kernel
+    z = _normal((*batch, 2, C, H, W), seed, dtype).clamp(-3.0, 3.0)
     with gmkernels.use_backend("triton"):
         x = gmkernels.gaussian_samples_to_gm_samples(gm, z, n_steps=8, axis_aligned=aligned)
         back = gmkernels.gm_samples_to_gaussian_samples(gm, x, axis_aligned=aligned)
