@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import gmkernels
 import reference
+from gmkernels.ops import guidance
 from strategies import TOL, gm_shapes, make_gm, rel_err, seeds
 
 pytest.importorskip("triton")
@@ -206,6 +207,28 @@ def test_bad_input_names_the_argument():
     gm_bad = make_gm(((2,), 3, 3, 3, 2), 1, torch.float32)
     with pytest.raises(ValueError, match="gm_uncond"):
         gmkernels.mean_cfg(gm_c, gm_bad, 2.0)
+
+
+def test_pair_check_is_stored_per_metadata_only_when_valid():
+    """The pair check runs once per metadata (types, shapes, dtypes, devices of the six tensors):
+    a valid pair is stored, while a pair differing in any of them is checked again and still
+    fails with its message; a failing pair is never stored."""
+    gm_c = make_gm(((2,), 3, 2, 3, 2), 0, torch.float32)
+    gm_u = make_gm(((2,), 4, 2, 3, 2), 1, torch.float32)
+    before = guidance._CHECKED_PAIRS.cache_info()
+    assert guidance._check_pair(gm_c, gm_u) == guidance._check_pair(gm_c, gm_u)
+    after = guidance._CHECKED_PAIRS.cache_info()
+    assert after.hits >= before.hits + 1 and after.misses <= before.misses + 1
+    for bad, match in [
+        ({**gm_u, "means": gm_u["means"][..., :1]}, "gm_uncond"),
+        ({**gm_u, "logstds": gm_u["logstds"].to("meta")}, "gm_uncond"),
+        ({**gm_u, "logweights": gm_u["logweights"].long()}, "gm_uncond"),
+        ({**gm_u, "logstds": gm_u["logstds"].view(2, 1, 1, 1)}, "gm_uncond"),
+    ]:
+        for _ in range(2):
+            with pytest.raises((ValueError, TypeError), match=match):
+                gmkernels.mean_cfg(gm_c, bad, 2.0)
+    assert guidance._CHECKED_PAIRS.cache_info().currsize == after.currsize
 
 
 @pytest.mark.triton
