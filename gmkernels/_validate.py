@@ -62,7 +62,7 @@ def check_float_tensor(t: Any, name: str, device: torch.device | None = None) ->
 
 
 def _gm_tensor(gm: Mapping, key: str, name: str, device: torch.device | None) -> torch.Tensor:
-    """``gm[key]``, a floating-point tensor on ``device`` (the checks of
+    """``gm[key]`` of a GM or Gaussian dict, a floating-point tensor on ``device`` (the checks of
     :func:`check_float_tensor`; the argument's name is formatted only for an error)."""
     t = gm[key]
     if type(t) is torch.Tensor and t.is_floating_point() and (device is None or t.device == device):
@@ -132,17 +132,20 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     """
     if (type(g) is not dict and not isinstance(g, Mapping)) or "mean" not in g or "var" not in g:
         raise TypeError(f"{name} must be a dict with keys mean and var, got {type(g).__name__}")
-    mean = check_float_tensor(g["mean"], f"{name}['mean']", None if s is None else s.device)
+    mean = _gm_tensor(g, "mean", name, None if s is None else s.device)
     if mean.dim() < 3:
         raise ValueError(f"{name}['mean'] must have shape (*B, C, H, W), got {_shape(mean)}")
-    var = check_float_tensor(g["var"], f"{name}['var']", mean.device)
-    *batch, C, H, W = mean.shape
-    gs = GMShape(tuple(batch), 1, C, H, W, mean.device, mean.dtype)
-    if s is not None and mean.shape != pixel_shape(s):
+    var = _gm_tensor(g, "var", name, mean.device)
+    shape = tuple(mean.shape)
+    batch = shape[:-3]
+    C, H, W = shape[-3:]
+    if s is not None and shape != pixel_shape(s):
         raise ValueError(
             f"{name}['mean'] must have shape (*B, C, H, W) = {pixel_shape(s)} to match the GM, got {_shape(mean)}"
         )
-    if tuple(var.shape) not in ((*batch, 1, H, W), (*batch, 1, 1, 1)):
+    gs = GMShape(batch, 1, C, H, W, mean.device, mean.dtype)
+    vs = tuple(var.shape)
+    if vs != (*batch, 1, H, W) and vs != (*batch, 1, 1, 1):
         raise ValueError(
             f"{name}['var'] must have shape (*B, 1, H, W) = {(*batch, 1, H, W)} or (*B, 1, 1, 1) = "
             f"{(*batch, 1, 1, 1)} to match {name}['mean'] {_shape(mean)}, got {_shape(var)}"
