@@ -1091,7 +1091,9 @@ def fused_step(
     )
     B, npb = ints[7] // HW, ints[4]  # B * HW pixels, npb programs (statistics rows) per batch row
     dev = x.device
-    coef = torch.zeros(B, _NCOEF, dtype=torch.float32, device=dev)
+    # per-sample coefficients and statistics only for the steps that read them (a plain step's
+    # kernel reads neither: the float32 schedule stands in for the unused pointers)
+    coef = torch.zeros(B, _NCOEF, dtype=torch.float32, device=dev) if heavy else sigmas
     stats = torch.empty(B * npb, _NSTAT, dtype=torch.float32, device=dev) if heavy else coef
     m_u = torch.empty(*x.shape, dtype=torch.float32, device=dev) if has_uncond else coef
     # the kernel addresses the memory, the outputs and m_u as contiguous (B, C, HW)
