@@ -144,6 +144,21 @@ if triton is not None:
                 dlogstd.to(tl.float32))  # fmt: skip
 
     @triton.jit
+    def _row_logstds(logstds_ptr, ss_r, ss_p, th_ptr, tlow_ptr, sth_r, sth_p, stl_r, stl_p, r, offs_p, mask_p,
+                     TRANSITION: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+        """The NLL kernels' per-lane log-std ``[BP]`` of row ``r`` (float32) and, with
+        ``TRANSITION``, the reverse transition's ``mscale``, ``xres`` and mapped log-std
+        (``_transition_map``); without it ``mscale`` and ``xres`` are unused placeholders."""
+        ls = tl.load(logstds_ptr + r * ss_r + offs_p * ss_p, mask=mask_p, other=0.0).to(tl.float32)
+        if TRANSITION:
+            msc, xres, ls, _ = _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls,
+                                               BLOCK_P)  # fmt: skip
+        else:
+            msc = ls
+            xres = ls
+        return msc, xres, ls
+
+    @triton.jit
     def _gm_loglik_fwd_kernel(
         means_ptr, logstds_ptr, logweights_ptr, y_ptr, out_ptr, th_ptr, tlow_ptr, x_ptr,
         N, K, C, P, n_pb,
@@ -170,13 +185,8 @@ if triton is not None:
             n = n.to(tl.int64)
             offs_p = offs_p.to(tl.int64)
         mask_p = offs_p < P
-        ls = tl.load(logstds_ptr + r * ss_r + offs_p * ss_p, mask=mask_p, other=0.0).to(tl.float32)
-        if TRANSITION:
-            msc, xres, ls, _ = _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls,
-                                               BLOCK_P)  # fmt: skip
-        else:  # unused without the transition map
-            msc = ls
-            xres = ls
+        msc, xres, ls = _row_logstds(logstds_ptr, ss_r, ss_p, th_ptr, tlow_ptr, sth_r, sth_p, stl_r, stl_p, r, offs_p, mask_p,
+                                     TRANSITION, BLOCK_P)  # fmt: skip
         istd = tl.minimum(tl.exp(-ls), istd_max)
         base = -ls * C
         x_base = x_ptr + r * sx_r + offs_p * sx_p
@@ -235,13 +245,8 @@ if triton is not None:
             r = r.to(tl.int64)
             offs_p = offs_p.to(tl.int64)
         mask_p = offs_p < P
-        ls = tl.load(logstds_ptr + r * ss_r + offs_p * ss_p, mask=mask_p, other=0.0).to(tl.float32)
-        if TRANSITION:
-            msc, xres, ls, _ = _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls,
-                                               BLOCK_P)  # fmt: skip
-        else:  # unused without the transition map
-            msc = ls
-            xres = ls
+        msc, xres, ls = _row_logstds(logstds_ptr, ss_r, ss_p, th_ptr, tlow_ptr, sth_r, sth_p, stl_r, stl_p, r, offs_p, mask_p,
+                                     TRANSITION, BLOCK_P)  # fmt: skip
         e = tl.exp(-ls)
         istd = tl.minimum(e, istd_max)
         active = (e <= istd_max).to(tl.float32)  # the clamp passes no gradient where it bites
