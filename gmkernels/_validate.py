@@ -157,7 +157,7 @@ def host_checks_values(t: torch.Tensor) -> bool:
     """True when the values of ``t`` are checked by reading them on the host: a CPU tensor
     (reading it costs no synchronisation) outside ``torch.compile`` tracing. Tensors on CUDA
     (or meta, or any other device) are checked by a device-side assert instead."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return t.is_cpu and not torch.compiler.is_compiling()
 
 
 def require(ok: torch.Tensor, message: str, detail: Callable[[], str] | None = None) -> None:
@@ -184,11 +184,11 @@ _HOST_LIST_MAX = 64
 
 
 def _host_values(t: torch.Tensor) -> list:
-    """The values of a small CPU tensor as a flat list; a per-sample ``(B, 1, 1, 1)`` one without
-    the reshape (~0.3 µs of a ~1 µs read)."""
+    """The values of a small CPU tensor as a flat list; a per-sample ``(B,)`` or ``(B, 1, 1, 1)``
+    one without the reshape (~0.3 µs of a ~1 µs read)."""
     if t.dim() == 4 and t.numel() == t.shape[0]:
         return [v[0][0][0] for v in t.tolist()]
-    return t.reshape(-1).tolist()
+    return t.tolist() if t.dim() == 1 else t.reshape(-1).tolist()
 
 
 def require_range(t: torch.Tensor, low: float, high: float, message: str, low_open: bool = False) -> None:
@@ -220,35 +220,40 @@ def value_range(t: torch.Tensor) -> str:
     return f"from {t.min().item()} to {t.max().item()}"
 
 
-def check_sigma(sigma: Any, name: str, s: GMShape, check_values: bool = True) -> Sigma:
-    """A noise level: a Python float in [0, 1] or a float tensor broadcastable to ``(*B, 1, 1, 1)``.
+def check_sigma(sigma: Any, name: str, s: GMShape, check_values: bool = True, top: float = 1.0,
+                per_sample: bool = False) -> Sigma:
+    """A noise level: a Python float in [0, 1] or a float tensor broadcastable to ``(*B, 1, 1, 1)``
+    (with ``top``, in [0, top]: timesteps take ``top = 1000``; ``per_sample`` also accepts a
+    tensor of shape ``(*B,)``, one value per sample, returned as given).
 
     Tensors are returned viewed as ``(*B, 1, 1, 1)``-broadcastable without a copy. Their values
-    are checked against [0, 1] by :func:`require` (a ``ValueError`` on CPU, a device-side
-    assert on CUDA: no host synchronisation).
+    are checked against [0, top] by :func:`require_range` (a ``ValueError`` on CPU, a
+    device-side assert on CUDA: no host synchronisation).
     """
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a float tensor, got {type(sigma).__name__}")
-    if not isinstance(sigma, torch.Tensor):
-        sigma = float(sigma)
-        if not 0.0 <= sigma <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {sigma}")
-        return sigma
-    check_float_tensor(sigma, name, s.device)
-    target = (*s.batch, 1, 1, 1)
-    shape = tuple(sigma.shape)
-    # broadcastable to target with target's shape as the result: aligned from the right, every
-    # size is 1 or the target's (torch.broadcast_shapes costs ~10 µs per call)
-    ok = shape == target or (
-        len(shape) <= len(target) and all(n == 1 or n == m for n, m in zip(reversed(shape), reversed(target)))
-    )
-    if not ok:
-        raise ValueError(
-            f"{name} must be broadcastable to (*B, 1, 1, 1) = {target}, got shape {_shape(sigma)}; "
-            f"a per-sample sigma of shape (B,) is passed as sigma.view(-1, 1, 1, 1)"
-        )
+    usual = (  # a float tensor on the GM's device of the usual shapes: accepted without the walk below
+        type(sigma) is torch.Tensor and sigma.is_floating_point() and sigma.device == s.device
+        and ((shape := tuple(sigma.shape)) == (*s.batch, 1, 1, 1) or (per_sample and shape == s.batch))
+    )  # fmt: skip
+    if not usual:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
+            raise TypeError(f"{name} must be a float or a float tensor, got {type(sigma).__name__}")
+        if not isinstance(sigma, torch.Tensor):
+            sigma = float(sigma)
+            if not 0.0 <= sigma <= top:
+                raise ValueError(f"{name} must lie in [0, {top:g}], got {sigma}")
+            return sigma
+        check_float_tensor(sigma, name, s.device)
+        target = (*s.batch, 1, 1, 1)
+        shape = tuple(sigma.shape)
+        # broadcastable to target with target's shape as the result: aligned from the right, every
+        # size is 1 or the target's (torch.broadcast_shapes costs ~10 µs per call)
+        if not (len(shape) <= len(target) and all(n == 1 or n == m for n, m in zip(reversed(shape), reversed(target)))):
+            raise ValueError(
+                f"{name} must be broadcastable to (*B, 1, 1, 1) = {target}, got shape {_shape(sigma)}; "
+                f"a per-sample sigma of shape (B,) is passed as sigma.view(-1, 1, 1, 1)"
+            )
     if check_values:
-        require_range(sigma, 0.0, 1.0, f"{name} must lie in [0, 1]")
+        require_range(sigma, 0.0, top, f"{name} must lie in [0, {top:g}]")
     return sigma
 
 
@@ -276,27 +281,74 @@ def check_sigma_order(low: Sigma, low_name: str, high: Sigma, high_name: str) ->
     require(ok, message, lambda: f"; {low_name} exceeds {high_name} at {int((~ok).sum())} of {ok.numel()} entries")
 
 
-def check_sigma_pair(sigma: Any, name: str, sigma_to: Any, to_name: str, s: GMShape) -> tuple[Sigma, Sigma]:
-    """The two noise levels of a transition, ``0 <= sigma_to <= sigma <= 1``: :func:`check_sigma`
+def per_sample_view(t: Sigma, s: GMShape) -> Sigma:
+    """A per-sample ``(*B,)`` tensor viewed as ``(*B, 1, 1, 1)``; anything else as given."""
+    if isinstance(t, torch.Tensor) and s.batch and tuple(t.shape) == s.batch:
+        return t.view(*s.batch, 1, 1, 1)
+    return t
+
+
+def check_sigma_pair(sigma: Any, name: str, sigma_to: Any, to_name: str, s: GMShape, top: float = 1.0,
+                     per_sample: bool = False) -> tuple[Sigma, Sigma]:  # fmt: skip
+    """The two levels of a transition, ``0 <= sigma_to <= sigma <= top`` (noise levels, or
+    timesteps with ``top = 1000``; ``per_sample`` as in :func:`check_sigma`): :func:`check_sigma`
     of each and :func:`check_sigma_order`, with one host read of each small CPU tensor for all
-    three (three otherwise) and, on CUDA, one device-side assert for both tensors (three
-    comparisons, ``0 <= sigma_to``, ``sigma_to <= sigma``, ``sigma <= 1``, imply the rest).
-    Errors, on CPU and for floats, are the two functions' own."""
-    if isinstance(sigma, torch.Tensor) and isinstance(sigma_to, torch.Tensor) and not torch.compiler.is_compiling():
-        sigma = check_sigma(sigma, name, s, check_values=False)
-        sigma_to = check_sigma(sigma_to, to_name, s, check_values=False)
-        if not host_checks_values(sigma):
-            ok = (sigma_to >= 0.0) & (sigma_to <= sigma) & (sigma <= 1.0)
-            torch._assert_async(ok.all(), f"{to_name} and {name} must satisfy 0 <= {to_name} <= {name} <= 1")
-            return sigma, sigma_to
-        if sigma.shape == sigma_to.shape and sigma.numel() <= _HOST_LIST_MAX:
-            pairs = zip(_host_values(sigma), _host_values(sigma_to))
-            if all(0.0 <= b <= a <= 1.0 for a, b in pairs):  # NaN fails
-                return sigma, sigma_to
-    sigma = check_sigma(sigma, name, s)  # the checks one by one, with their errors
-    sigma_to = check_sigma(sigma_to, to_name, s)
+    three (three otherwise) and, on CUDA, one device-side assert (three comparisons,
+    ``0 <= sigma_to``, ``sigma_to <= sigma``, ``sigma <= top``, imply the rest). Errors, on CPU
+    and for floats, are the two functions' own. Returns the two as given (a per-sample ``(*B,)``
+    one viewed as ``(*B, 1, 1, 1)`` when the other's shape differs, so that they compare
+    elementwise)."""
+    high_t, low_t = isinstance(sigma, torch.Tensor), isinstance(sigma_to, torch.Tensor)
+    if (high_t or low_t) and not torch.compiler.is_compiling():
+        checked = _checked_pair(sigma, name, sigma_to, to_name, s, top, per_sample)
+        if checked is not None:
+            return checked
+    sigma = check_sigma(sigma, name, s, top=top, per_sample=per_sample)  # one by one, with their errors
+    sigma_to = check_sigma(sigma_to, to_name, s, top=top, per_sample=per_sample)
+    if high_t and low_t and sigma.shape != sigma_to.shape:
+        sigma, sigma_to = per_sample_view(sigma, s), per_sample_view(sigma_to, s)
     check_sigma_order(sigma_to, to_name, sigma, name)
     return sigma, sigma_to
+
+
+def _pair_message(name: str, to_name: str, top: float) -> str:
+    return f"{name} and {to_name} must satisfy 0 <= {to_name} <= {name} <= {top:g}"
+
+
+def _checked_pair(sigma: Sigma, name: str, sigma_to: Sigma, to_name: str, s: GMShape, top: float,
+                  per_sample: bool) -> tuple[Sigma, Sigma] | None:  # fmt: skip
+    """:func:`check_sigma_pair` for at least one tensor: the pair when every check passes (or,
+    on a device, is asserted there), None when a value fails or is not read as a list (the
+    caller then runs the checks one by one, raising their errors in order). Type, device and
+    shape errors of tensors raise here, as the one-by-one checks would."""
+    if isinstance(sigma, torch.Tensor) and isinstance(sigma_to, torch.Tensor):  # the usual case
+        hi = check_sigma(sigma, name, s, check_values=False, top=top, per_sample=per_sample)
+        lo = check_sigma(sigma_to, to_name, s, check_values=False, top=top, per_sample=per_sample)
+        if hi.shape != lo.shape:
+            hi, lo = per_sample_view(hi, s), per_sample_view(lo, s)
+        if not host_checks_values(hi):
+            torch._assert_async(((lo >= 0.0) & (lo <= hi) & (hi <= top)).all(), _pair_message(name, to_name, top))
+            return hi, lo
+        if hi.shape != lo.shape or hi.numel() > _HOST_LIST_MAX:
+            return None
+        pairs = zip(_host_values(hi), _host_values(lo))
+    else:  # a tensor and a float
+        t, n, f = (sigma, name, sigma_to) if isinstance(sigma, torch.Tensor) else (sigma_to, to_name, sigma)
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= top:
+            return None
+        t, f = check_sigma(t, n, s, check_values=False, top=top, per_sample=per_sample), float(f)
+        hi, lo = (t, f) if t is sigma else (f, t)
+        if not host_checks_values(t):
+            ok = (hi >= lo) & (hi <= top) if t is sigma else (lo >= 0.0) & (lo <= hi)
+            torch._assert_async(ok.all(), _pair_message(name, to_name, top))
+            return hi, lo
+        if t.numel() > _HOST_LIST_MAX:
+            return None
+        pairs = ((v, f) for v in _host_values(t)) if t is sigma else ((f, v) for v in _host_values(t))
+    for a, b in pairs:
+        if not 0.0 <= b <= a <= top:  # NaN fails
+            return None
+    return hi, lo
 
 
 def check_generator(generator: Any, name: str = "generator") -> torch.Generator | None:

@@ -45,10 +45,9 @@ import torch
 import reference.likelihood as ref
 import reference.transition as ref_transition
 
-from .. import _validate
 from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
-from .._validate import GMShape, Sigma, check_gm, check_sigma, check_sigma_order, check_state, require_range
+from .._validate import Sigma, check_gm, check_sigma_pair, check_state, per_sample_view
 from ._launch import PlanCache, call_op, cdiv, launch_plan, next_pow2, same_data, tensor_key
 
 try:
@@ -715,96 +714,6 @@ def gm_nll_loss(gm: dict, target: torch.Tensor, eps: float = 1e-4, reduction: st
     return _reduce(loss, reduction, s.dtype)
 
 
-#: per-sample timesteps of at most this many elements are value-checked on the host as lists
-_HOST_LIST_MAX = 64
-_TIMESTEPS_MESSAGE = ("t_high and t_low must satisfy 0 <= t_low <= t_high <= 1000 (timesteps in [0, 1000]; "
-                      "the transition runs from t_high down to t_low)")  # fmt: skip
-
-
-def _as_sigma(t: Sigma, s: GMShape) -> Sigma:
-    """A per-sample timestep ``(*B,)`` viewed as ``(*B, 1, 1, 1)``; anything else as given."""
-    if isinstance(t, torch.Tensor) and s.batch and t.shape == s.batch:
-        return t.view(*s.batch, 1, 1, 1)
-    return t
-
-
-def _check_timestep(t: Any, name: str, s: GMShape) -> Sigma:
-    """A timestep's type, device and shape: a float in [0, 1000], or a float tensor of shape
-    ``(*B,)`` (one per sample) or broadcastable to ``(*B, 1, 1, 1)``, returned as given (the
-    values of tensors: :func:`_check_timestep_values`)."""
-    if (type(t) is torch.Tensor and t.is_floating_point() and t.device == s.device
-            and (t.dim() == 0 or t.shape == s.batch or t.shape == (*s.batch, 1, 1, 1))):  # fmt: skip
-        return t  # the usual shapes, accepted without the general check
-    if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a float tensor, got {type(t).__name__}")
-    if not isinstance(t, torch.Tensor):
-        t = float(t)
-        if not 0.0 <= t <= 1000.0:
-            raise ValueError(f"{name} must lie in [0, 1000], got {t}")
-        return t
-    check_sigma(_as_sigma(t, s), name, s, check_values=False)  # type, device, shape
-    return t
-
-
-def _host_values(t: Sigma, R: int) -> Optional[list]:
-    """The values of a float, or of a CPU tensor of one or ``R <= _HOST_LIST_MAX`` elements (one
-    per row); None otherwise."""
-    if not isinstance(t, torch.Tensor):
-        return [t]
-    n = t.numel()
-    if n != 1 and (n != R or n > _HOST_LIST_MAX):
-        return None
-    if t.dim() == 1:  # a per-sample (B,), or (1,)
-        return t.tolist()
-    return t.reshape(-1).tolist() if t.dim() else [t.tolist()]
-
-
-def _check_timestep_values(t_high: Sigma, t_low: Sigma, s: GMShape) -> None:
-    """``0 <= t_low <= t_high <= 1000`` elementwise (floats are already in range). CPU tensors
-    are read once each (per-sample values as lists) and a failure raises the ``ValueError`` of
-    the range or order check that fails; on CUDA one device-side assert checks all three (no host
-    synchronisation in a training step); skipped while ``torch.compile`` traces."""
-    high_t, low_t = isinstance(t_high, torch.Tensor), isinstance(t_low, torch.Tensor)
-    if not high_t and not low_t:
-        _check_nondecreasing(t_low, t_high)
-        return
-    if _validate.host_checks_values(t_high if high_t else t_low):  # CPU, not traced
-        if high_t and low_t and t_high.dim() == 1 and t_low.shape == t_high.shape and t_high.numel() <= _HOST_LIST_MAX:
-            hi, lo = t_high.tolist(), t_low.tolist()  # per-sample (B,): the usual case
-        else:
-            R = math.prod(s.batch)
-            hi, lo = _host_values(t_high, R), _host_values(t_low, R)
-        if hi is not None and lo is not None:
-            if len(hi) == 1:
-                hi = hi * len(lo)
-            elif len(lo) == 1:
-                lo = lo * len(hi)
-            if len(lo) == len(hi):
-                for a, b in zip(lo, hi):
-                    if not 0.0 <= a <= b <= 1000.0:  # NaN fails
-                        break
-                else:
-                    return
-        # a failure, or values not read as lists: the separate checks word the error
-        t_high, t_low = _as_sigma(t_high, s), _as_sigma(t_low, s)
-        for t, name in ((t_high, "t_high"), (t_low, "t_low")):
-            if isinstance(t, torch.Tensor):
-                require_range(t, 0.0, 1000.0, f"{name} must lie in [0, 1000]")
-        _check_nondecreasing(t_low, t_high)
-        return
-    if torch.compiler.is_compiling():
-        return
-    if high_t and low_t:
-        if t_high.shape != t_low.shape:  # a per-sample (*B,) against (*B, 1, 1, 1)-broadcastable
-            t_high, t_low = _as_sigma(t_high, s), _as_sigma(t_low, s)
-        ok = (t_low >= 0.0) & (t_low <= t_high) & (t_high <= 1000.0)
-    elif high_t:
-        ok = (t_high >= t_low) & (t_high <= 1000.0)
-    else:
-        ok = (t_low >= 0.0) & (t_low <= t_high)
-    torch._assert_async(ok.all(), _TIMESTEPS_MESSAGE)
-
-
 def _kernel_timestep(t: Sigma, device: torch.device) -> torch.Tensor:
     """A timestep for the kernels: a tensor without autograd history (timesteps get no
     gradient there), a Python float as a 0-d float64 tensor."""
@@ -857,27 +766,21 @@ def transition_loss(
     s = check_gm(gm_u, "gm_u")
     check_state(x_t_high, "x_t_high", s)
     check_state(x_t_low, "x_t_low", s)
-    t_high = _check_timestep(t_high, "t_high", s)
-    t_low = _check_timestep(t_low, "t_low", s)
-    _check_timestep_values(t_high, t_low, s)
+    # timesteps in [0, 1000], a per-sample (*B,) tensor allowed; values read once on CPU, one
+    # device-side assert on CUDA
+    t_high, t_low = check_sigma_pair(t_high, "t_high", t_low, "t_low", s, top=1000.0, per_sample=True)
     eps = _check_eps(eps)
     _check_reduction(reduction)
     means, logstds, logweights = gm_u["means"], gm_u["logstds"], gm_u["logweights"]
     states_need_grad = torch.is_grad_enabled() and (x_t_high.requires_grad or x_t_low.requires_grad)
     if _exact_torch_path(means, logstds, logweights, x_t_high, x_t_low) or states_need_grad:
-        return run_reference(ref.transition_loss, gm_u, x_t_high, _as_sigma(t_high, s), x_t_low, _as_sigma(t_low, s),
+        return run_reference(ref.transition_loss, gm_u, x_t_high, per_sample_view(t_high, s), x_t_low, per_sample_view(t_low, s),
                              eps, reduction, out_dtype=s.dtype)  # fmt: skip
     # one fused NLL of the reverse-transition GM, whose per-sample constants the kernels
     # compute from the timesteps (no small torch ops, no autograd node besides the NLL's)
     loss = call_op(torch.ops.gmkernels.gm_nll_loss_pixels, means, logstds, logweights, x_t_low, x_t_high,
                    _kernel_timestep(t_high, s.device), _kernel_timestep(t_low, s.device), eps)  # fmt: skip
     return _reduce(loss, reduction, s.dtype)
-
-
-def _check_nondecreasing(t_low: Sigma, t_high: Sigma) -> None:
-    """``t_low <= t_high``: a ``ValueError`` for floats and CPU tensors, a device-side assert
-    on CUDA (no host synchronisation in a training step)."""
-    check_sigma_order(t_low, "t_low", t_high, "t_high")
 
 
 # --------------------------------------------------------------------------------------------
