@@ -64,6 +64,7 @@ from ._launch import (
     PlanCache,
     call_op,
     cdiv,
+    geometry,
     gm_views,
     kernels_wanted,
     launch_plan,
@@ -463,10 +464,6 @@ def _meta(geom: tuple) -> list[torch.Tensor]:
     return [torch.empty_strided(s, st, dtype=dt, device="meta") for s, st, dt in geom]
 
 
-def _geometry(*tensors: torch.Tensor) -> tuple:
-    return tuple([(t.shape, t.stride(), t.dtype) for t in tensors])  # a list first: faster than a generator
-
-
 def _flat(means: torch.Tensor, logweights: torch.Tensor):
     """``gm_views`` of a GM, or None when they would copy (H, W not mergeable): a plan passes the
     inputs' own pointers, so its views must alias them."""
@@ -554,10 +551,10 @@ def _scratch(stats: dict, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 def _launch_probabilistic(cm, cls, cl, um, ul, scale: float, orthogonal: float):
     if cm.numel() == 0:
         return torch.empty_like(cm, memory_format=torch.contiguous_format), cls.to(cm.dtype, copy=True), cl.to(cm.dtype, copy=True)
-    plan = _probabilistic_plan(_geometry(cm, cls, cl, um, ul), orthogonal > 0)
+    plan = _probabilistic_plan(geometry(cm, cls, cl, um, ul), orthogonal > 0)
     if plan is None:  # a layout whose flattened views would copy: copy once, contiguously
         cm, cls, cl, um, ul = (t.contiguous() for t in (cm, cls, cl, um, ul))
-        plan = _probabilistic_plan(_geometry(cm, cls, cl, um, ul), orthogonal > 0)
+        plan = _probabilistic_plan(geometry(cm, cls, cl, um, ul), orthogonal > 0)
     dev = cm.device
     out_m = torch.empty_like(cm, memory_format=torch.contiguous_format)
     out_l = torch.empty_like(cl, dtype=cm.dtype, memory_format=torch.contiguous_format)
@@ -601,10 +598,10 @@ def _launch_weight(lc: torch.Tensor, lu: torch.Tensor, scale: float) -> torch.Te
     out = torch.empty_like(lc, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
-    plan = _weight_plan(_geometry(lc, lu))
+    plan = _weight_plan(geometry(lc, lu))
     if plan is None:
         lc, lu = lc.contiguous(), lu.contiguous()
-        plan = _weight_plan(_geometry(lc, lu))
+        plan = _weight_plan(geometry(lc, lu))
     _weight_guidance_kernel[plan["grid"]](lc, lu, out, *plan["args"], scale - 1.0, **plan["kw"])
     return out
 
@@ -639,10 +636,10 @@ def _mean_cfg_plan(geom: tuple, orthogonal: bool) -> dict | None:
 def _launch_mean_cfg(cm, cl, um, ul, scale: float, orthogonal: bool) -> torch.Tensor:
     if cm.numel() == 0:
         return torch.empty_like(cm, memory_format=torch.contiguous_format)
-    plan = _mean_cfg_plan(_geometry(cm, cl, um, ul), orthogonal)
+    plan = _mean_cfg_plan(geometry(cm, cl, um, ul), orthogonal)
     if plan is None:
         cm, cl, um, ul = (t.contiguous() for t in (cm, cl, um, ul))
-        plan = _mean_cfg_plan(_geometry(cm, cl, um, ul), orthogonal)
+        plan = _mean_cfg_plan(geometry(cm, cl, um, ul), orthogonal)
     out = torch.empty_like(cm, memory_format=torch.contiguous_format)
     stats = plan["stats"]
     m_c, d, part = _scratch(stats, cm.device)
