@@ -47,10 +47,6 @@ Sigmas = Union[Sequence[float], torch.Tensor]
 _SDE_TILE = 512  # elements of the SDE kernel's (K, pixels) and (C, pixels) tiles
 
 
-def _np2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def _f32(v: float) -> float:
     """A launch scalar rounded to float32 as a GPU launch rounds it (the interpreter keeps float64;
     ``struct`` rounds to nearest like ``torch.tensor(v, dtype=float32)``, without a tensor)."""
@@ -101,17 +97,17 @@ def _fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = Fals
     16 channels over the warps as well: one pixel per thread spilled there (8 bytes at K >= 32,
     C = 4, in half tiles; 200+ at C = 16).
     """
-    bc = _np2(C)
+    bc = next_pow2(C)
     split = bc > 16 or (bc == 16 and heavy)
     reg_tile = _REG_TILE // 2 if (sde or heavy) else _REG_TILE
     stream_tile = reg_tile // (4 if _SPLIT_K1 else 2) if heavy and not split else reg_tile
     if split:
         bp, warps = 32, (8 if bc == 64 or (_SPLIT_K1 and bc == 16) else 4)
     else:
-        bp = min(max(_np2(HW), 32), 128)
+        bp = min(max(next_pow2(HW), 32), 128)
         warps = bp // 32
     per_thread_c = bc // warps if split else bc
-    bk = _np2(K)
+    bk = next_pow2(K)
     if split and _SPLIT_K1:
         return 1, bc, bp, K == 1, warps
     if bk * per_thread_c <= reg_tile or (not (sde or heavy or split) and bk <= 32 and bk * per_thread_c <= _REG_TILE_WIDE):
@@ -127,8 +123,8 @@ def _sde_blocks(K: int, C: int, HW: int) -> tuple[int, int, int]:
     (2048 elements) 32 bytes of it for bf16 at sm_80 when C >= 16. At least 2 pixels: a
     one-pixel block (a single point: a batch of points packs its rows, ``HW`` is then ``B``)
     compiled to a 32-byte stack frame at sm_80."""
-    bp = min(max(_np2(HW), 2), 128)
-    return min(_np2(K), max(1, _SDE_TILE // bp)), min(_np2(C), max(1, _SDE_TILE // bp)), bp
+    bp = min(max(next_pow2(HW), 2), 128)
+    return min(next_pow2(K), max(1, _SDE_TILE // bp)), min(next_pow2(C), max(1, _SDE_TILE // bp)), bp
 
 
 if triton is not None:
