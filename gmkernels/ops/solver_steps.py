@@ -984,9 +984,9 @@ RHO_MIN = 1e-6
 
 def _step_args(means, logweights, logstds, u_means, u_logweights, x, sde: bool, heavy: bool, one_ok: bool, n_sigmas: int):
     """``_fused_step_kernel``'s views of the conditional GM, the unconditional one (the same GM
-    when there is none) and the state, grid, integer arguments (``B * HW`` and ``npb`` at
-    positions 7 and 4) and the options that follow from the shapes (``planned_args``): blocks,
-    one-tile mode (``one_ok``: the variant may keep the GM in one thread), packing, int64."""
+    when there is none) and the state, grid, integer arguments and the options that follow from
+    the shapes (``planned_args``): blocks, one-tile mode (``one_ok``: the variant may keep the GM
+    in one thread), packing, int64."""
     *_, K, C, H, W = means.shape
     HW = H * W
     m, lw, ls, s_lsb, s_lsp = _flat_gm(means, logstds, logweights)
@@ -1085,7 +1085,8 @@ def fused_step(
     (m, lw, ls, vm, vl, xf), grid, ints, options = planned_args(
         _STEP_PLANS, _step_args, tensors, sde, heavy, not sde or heavy or prob, sigmas.numel()
     )
-    B, npb = ints[7] // HW, ints[4]  # B * HW pixels, npb programs (statistics rows) per batch row
+    B = math.prod(x.shape[:-3])
+    npb = 1 if options["PACK"] else cdiv(HW, options["BLOCK_P"])  # programs (statistics rows) per batch row
     dev = x.device
     # per-sample coefficients and statistics only for the steps that read them (a plain step's
     # kernel reads neither: the float32 schedule stands in for the unused pointers)
