@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import gmkernels
 import reference
-from gmkernels.ops import guidance
+from gmkernels.ops import _launch, guidance
 from strategies import TOL, gm_shapes, make_gm, rel_err, seeds
 
 pytest.importorskip("triton")
@@ -215,9 +215,9 @@ def test_pair_check_is_stored_per_metadata_only_when_valid():
     fails with its message; a failing pair is never stored."""
     gm_c = make_gm(((2,), 3, 2, 3, 2), 0, torch.float32)
     gm_u = make_gm(((2,), 4, 2, 3, 2), 1, torch.float32)
-    before = guidance._CHECKED_PAIRS.cache_info()
+    before = _launch.CHECKED.cache_info()
     assert guidance._check_pair(gm_c, gm_u) == guidance._check_pair(gm_c, gm_u)
-    after = guidance._CHECKED_PAIRS.cache_info()
+    after = _launch.CHECKED.cache_info()
     assert after.hits >= before.hits + 1 and after.misses <= before.misses + 1
     for bad, match in [
         ({**gm_u, "means": gm_u["means"][..., :1]}, "gm_uncond"),
@@ -228,7 +228,7 @@ def test_pair_check_is_stored_per_metadata_only_when_valid():
         for _ in range(2):
             with pytest.raises((ValueError, TypeError), match=match):
                 gmkernels.mean_cfg(gm_c, bad, 2.0)
-    assert guidance._CHECKED_PAIRS.cache_info().currsize == after.currsize
+    assert _launch.CHECKED.cache_info().currsize == after.currsize
 
 
 @pytest.mark.triton

@@ -151,6 +151,23 @@ def tensor_key(*tensors: torch.Tensor) -> tuple:
     return (tensors[0].device, *geometry(*tensors))
 
 
+#: results of validations that depend only on metadata (:func:`checked_once`)
+CHECKED = PlanCache()
+
+
+def checked_once(tag: str, check: Callable[[], Any], *tensors: Any) -> Any:
+    """``check()``, a validation whose outcome depends only on the types, shapes, dtypes and
+    devices of ``tensors`` (``tag`` names it), run once per such metadata with its result
+    stored in :data:`CHECKED` when every one is a plain tensor; anything else (a subclass, a
+    missing entry) is checked on every call. A failing check raises and stores nothing."""
+    key = [tag]
+    for t in tensors:
+        if type(t) is not torch.Tensor:
+            return check()
+        key.append((t.shape, t.dtype, t.device))
+    return CHECKED.get(tuple(key), check)
+
+
 def same_data(views: tuple, tensors: tuple) -> bool:
     """True when every view starts at its tensor's first element, i.e. the flattening made no
     copy: the kernel may then be handed the original tensor (Triton reads a tensor argument's
