@@ -30,13 +30,9 @@ def triton_available() -> bool:
     return _TRITON
 
 
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when gmkernels' op modules are
 # imported (right after this one): the kernels run in the interpreter or not from then on.
-_INTERPRETED = _interpret_env()
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def interpreting() -> bool:
