@@ -38,8 +38,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter: ``TRITON_INTERPRET=1`` was set when
     gmkernels was imported (Triton decides it when the kernels are defined; setting or clearing
-    the variable later changes nothing for them). Read once (the environment lookup costs
-    ~0.3 µs, and every op call on the forced-Triton CPU path asks)."""
+    the variable later changes nothing for them)."""
     return _INTERPRETED
 
 
@@ -78,10 +77,10 @@ def select_backend(tensor: torch.Tensor) -> str:
         return "torch"
     on_cuda = tensor.is_cuda
     if choice == "auto":
-        return "triton" if on_cuda and triton_available() else "torch"
-    if not triton_available():
+        return "triton" if on_cuda and _TRITON else "torch"
+    if not _TRITON:
         raise RuntimeError("use_backend('triton'): the triton package is not installed")
-    if not on_cuda and not interpreting():
+    if not on_cuda and not _INTERPRETED:
         raise RuntimeError(
             f"use_backend('triton'): tensors are on {tensor.device}, and Triton kernels run there "
             "only under the interpreter; set TRITON_INTERPRET=1 before importing triton, or use "

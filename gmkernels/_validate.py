@@ -61,15 +61,6 @@ def check_float_tensor(t: Any, name: str, device: torch.device | None = None) ->
     return t
 
 
-def _gm_tensor(gm: Mapping, key: str, name: str, device: torch.device | None) -> torch.Tensor:
-    """``gm[key]`` of a GM or Gaussian dict, a floating-point tensor on ``device`` (the checks of
-    :func:`check_float_tensor`; the argument's name is formatted only for an error)."""
-    t = gm[key]
-    if type(t) is torch.Tensor and t.is_floating_point() and (device is None or t.device == device):
-        return t
-    return check_float_tensor(t, f"{name}[{key!r}]", device)
-
-
 def check_gm(gm: Any, name: str = "gm") -> GMShape:
     """Validate a GM dict and return its sizes."""
     if type(gm) is not dict and not isinstance(gm, Mapping):
@@ -77,12 +68,16 @@ def check_gm(gm: Any, name: str = "gm") -> GMShape:
     if "means" not in gm or "logstds" not in gm or "logweights" not in gm:
         missing = [k for k in ("means", "logstds", "logweights") if k not in gm]
         raise ValueError(f"{name} is missing keys {missing}; a GM needs means, logstds, logweights")
-    means = _gm_tensor(gm, "means", name, None)
+    means, logstds, logweights = gm["means"], gm["logstds"], gm["logweights"]
+    if not (type(means) is torch.Tensor and means.is_floating_point()):
+        means = check_float_tensor(means, f"{name}['means']")
     if means.dim() < 4:
         raise ValueError(f"{name}['means'] must have shape (*B, K, C, H, W), got {_shape(means)}")
     dev = means.device
-    logstds = _gm_tensor(gm, "logstds", name, dev)
-    logweights = _gm_tensor(gm, "logweights", name, dev)
+    if not (type(logstds) is torch.Tensor and logstds.is_floating_point() and logstds.device == dev):
+        check_float_tensor(logstds, f"{name}['logstds']", dev)
+    if not (type(logweights) is torch.Tensor and logweights.is_floating_point() and logweights.device == dev):
+        check_float_tensor(logweights, f"{name}['logweights']", dev)
     if logweights.dim() != means.dim() and logweights.dim() >= 4:
         # one of the two lacks (or has an extra) axis; means carries K, C, H, W and is the one
         # users get wrong (a (B, C, H, W) state passed as means), so it is named first
@@ -132,10 +127,13 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     """
     if (type(g) is not dict and not isinstance(g, Mapping)) or "mean" not in g or "var" not in g:
         raise TypeError(f"{name} must be a dict with keys mean and var, got {type(g).__name__}")
-    mean = _gm_tensor(g, "mean", name, None if s is None else s.device)
+    mean, var = g["mean"], g["var"]
+    if not (type(mean) is torch.Tensor and mean.is_floating_point() and (s is None or mean.device == s.device)):
+        check_float_tensor(mean, f"{name}['mean']", None if s is None else s.device)
     if mean.dim() < 3:
         raise ValueError(f"{name}['mean'] must have shape (*B, C, H, W), got {_shape(mean)}")
-    var = _gm_tensor(g, "var", name, mean.device)
+    if not (type(var) is torch.Tensor and var.is_floating_point() and var.device == mean.device):
+        check_float_tensor(var, f"{name}['var']", mean.device)
     shape = tuple(mean.shape)
     batch = shape[:-3]
     C, H, W = shape[-3:]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import statistics
@@ -134,6 +135,47 @@ def cases() -> dict[str, Callable[[], object]]:
     }
 
 
+_PACKAGE = os.path.dirname(G.__file__) + os.sep
+
+
+def call_path(call: Callable[[], object]) -> tuple[int, int]:
+    """``(calls, frames)`` of one warm call: the Python function calls made inside the
+    ``gmkernels`` package from the call's start to its last kernel launch, and the most
+    ``gmkernels`` frames on the stack at a launch (how deep the path from a public function to
+    its kernel is). Launches stubbed, Triton path, after a warm-up so plans are cached."""
+    calls = 0
+    at_launch: list[tuple[int, int]] = []
+
+    def profile(frame, event, arg):
+        nonlocal calls
+        if event == "call" and frame.f_code.co_filename.startswith(_PACKAGE):
+            calls += 1
+
+    def launched() -> None:
+        frame, depth = inspect.currentframe(), 0
+        while frame is not None:
+            depth += frame.f_code.co_filename.startswith(_PACKAGE)
+            frame = frame.f_back
+        at_launch.append((calls, depth))
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    with G.use_backend("triton"), stubbed_launches():
+        for _ in range(3):
+            call()
+        original = InterpretedFunction.run
+        InterpretedFunction.run = lambda self, *args, grid, warmup, **kwargs: launched()
+        sys.setprofile(profile)
+        try:
+            call()
+        finally:
+            sys.setprofile(None)
+            InterpretedFunction.run = original
+    if not at_launch:
+        return calls, 0
+    return at_launch[-1][0], max(d for _, d in at_launch)
+
+
 def measure(call: Callable[[], object], calls: int, repeat: int, warmup: int = 20) -> tuple[float, float, int]:
     """The CPU time of one call in µs -- the fastest and the median of ``repeat`` rounds of
     ``calls`` calls each -- and the number of kernel launches one call makes.
@@ -165,14 +207,18 @@ def run(calls: int = 200, repeat: int = 5, filter_: str = "") -> list[dict]:
         if filter_ and filter_ not in name:
             continue
         best, median, n = measure(call, calls, repeat)
-        out.append({"op": name, "host_us": round(best, 1), "host_us_median": round(median, 1), "launches": n})
+        py_calls, frames = call_path(call)
+        out.append({"op": name, "host_us": round(best, 1), "host_us_median": round(median, 1), "launches": n,
+                    "py_calls": py_calls, "frames": frames})
     return out
 
 
 def table(records: list[dict]) -> str:
     w = max(len(r["op"]) for r in records)
-    lines = [f"{'op':<{w}}  {'host µs':>8}  {'median':>8}  launches", f"{'-' * w}  {'-' * 8}  {'-' * 8}  --------"]
-    lines += [f"{r['op']:<{w}}  {r['host_us']:>8.1f}  {r['host_us_median']:>8.1f}  {r['launches']:>8}" for r in records]
+    lines = [f"{'op':<{w}}  {'host µs':>8}  {'median':>8}  launches  py calls  frames",
+             f"{'-' * w}  {'-' * 8}  {'-' * 8}  --------  --------  ------"]
+    lines += [f"{r['op']:<{w}}  {r['host_us']:>8.1f}  {r['host_us_median']:>8.1f}  {r['launches']:>8}  {r['py_calls']:>8}  {r['frames']:>6}"
+              for r in records]
     return "\n".join(lines)
 
 

@@ -2,12 +2,14 @@
 compile report reads SASS correctly; every recorded launch fits CUDA's grid limits.
 
 The compile check runs the compile report in a subprocess: it needs the real compiler, not the
-interpreter that the rest of the suite uses on CPU. It compiles each family's ``AOT_CASES`` (the
+interpreter that the rest of the suite uses on CPU. It compiles each family's ``bench_cases()`` (the
 benchmark shapes); ``python -m gmkernels_bench.compile_report --shapes users --check`` is the full
 check at the shapes users run.
 """
 
 import importlib
+import inspect
+import pkgutil
 import os
 import subprocess
 import sys
@@ -17,7 +19,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from gmkernels._aot import FAMILIES, SHAPE_SETS, AotCase, sass_stats, shape_cases  # noqa: E402
+import gmkernels_bench.aot as aot  # noqa: E402
+from gmkernels_bench.aot import FAMILIES, SHAPE_SETS, AotCase, sass_stats, shape_cases  # noqa: E402
 from gmkernels.ops.solver_steps import _PACK_FUSED  # noqa: E402
 
 
@@ -29,10 +32,28 @@ def test_all_kernels_compile_without_spills():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _kernels(module) -> set[str]:
+    """Names of the Triton kernels (not the ``@triton.jit`` helpers) ``module`` launches."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    jitted = {n for n, v in vars(module).items() if isinstance(v, (JITFunction, InterpretedFunction))}
+    source = inspect.getsource(module)
+    return {n for n in jitted if f"{n}[" in source}
+
+
 def test_every_kernel_family_lists_aot_cases():
-    """A family that gains kernels must also gain a place in the compile check."""
-    missing = [f for f in FAMILIES if not getattr(importlib.import_module(f"gmkernels.ops.{f}"), "AOT_CASES", None)]
-    assert not missing, f"op families without AOT_CASES: {missing}"
+    """A family that gains kernels must also gain a place in the compile check: every op module
+    that launches a Triton kernel has its cases module, and every kernel it launches is among
+    the benchmark cases."""
+    ops = importlib.import_module("gmkernels.ops")
+    modules = {m.name: importlib.import_module(f"gmkernels.ops.{m.name}") for m in pkgutil.iter_modules(ops.__path__)}
+    launching = {name for name, mod in modules.items() if _kernels(mod)}
+    assert launching == set(FAMILIES)
+    compiled = {c.kernel.fn.__name__ for c in aot.all_cases()}
+    for fam in FAMILIES:
+        missing = _kernels(modules[fam]) - compiled
+        assert not missing, f"{fam}: kernels without a compiled case: {missing}"
 
 
 _SASS = """
@@ -67,7 +88,7 @@ def test_sass_stats_reads_bytes_and_the_innermost_loop():
 @pytest.mark.parametrize("shape", [(1_000_000, 8, 4, 32, 32), (1_000_000, 64, 2, 1, 1), (1, 8, 16, 134, 240)])
 def test_launch_grids_fit_cuda_limits(shape):
     """x < 2^31, y and z <= 65535 for every launch a family records, up to a million batch rows."""
-    cases, _ = shape_cases(*shape)
+    cases = shape_cases(*shape)
     assert cases
     bad = [(c.name, c.grid) for c in cases if not c.grid or c.grid[0] >= 2**31 or any(g > 65535 for g in c.grid[1:])]
     assert not bad, bad
@@ -92,7 +113,7 @@ def _point_data_programs() -> dict[str, int]:
     """Points per program of every recorded launch at the users' 2-D point shape."""
     B, K, C, H, W = SHAPE_SETS["users"][-1]
     assert H * W == 1
-    cases, _ = shape_cases(B, K, C, H, W)
+    cases = shape_cases(B, K, C, H, W)
     return {c.name: c.pixels_per_program * int(c.constexprs.get("BLOCK_R", 1)) for c in cases}
 
 

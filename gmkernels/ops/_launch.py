@@ -1,14 +1,20 @@
 """Launcher helpers shared by the op families: when to run the kernels, flattened views of
-``(*B, K, C, H, W)`` tensors, 64-bit offset detection, the block-size heuristic, and the
-host-cost side of a launch.
+``(*B, K, C, H, W)`` tensors, 64-bit offset detection, and the one per-shape cache of launch
+plans (:func:`planned_args`).
 
-Host cost (``python -m gmkernels_bench.host_cost`` measures it per public op with the kernel
-launch stubbed): a repeated call with the same shapes recomputes no launch plan. Block-size
-heuristics are memoised per argument tuple (:func:`launch_plan`, a bounded LRU cache: they
-are pure functions of sizes and flags), ``cdiv``/``next_pow2`` are plain integer arithmetic
-(``triton.cdiv`` is a ``constexpr_function`` costing 6-11 µs per call from Python), the int64
-test is free for contiguous tensors, and :func:`call_op` calls a custom op's implementation
-directly in plain eager mode (the dispatcher's custom-op layers cost ~50 µs per call).
+The path of a public op, the same in every family::
+
+    public function      validates once, picks the backend once (kernels_wanted)
+      -> reference       torch path: reference/<family>.py through run_reference
+      -> the op          Triton path: a torch.library.custom_op "gmkernels::<op>" (the name the
+                         profiler shows; a fake for torch.compile, which sees one opaque node;
+                         register_autograd where the op trains)
+         -> launcher     planned_args: views, grid, integer arguments, constexprs
+            -> kernel[grid](...)
+
+The ops are opaque to torch.compile rather than ``triton_op`` + ``wrap_triton`` or dynamo's
+tracing of user kernels: both of those trace the launcher itself, which the Triton interpreter
+cannot serve (the CPU test suite compiles every op), and the plain custom op dispatches faster.
 """
 
 from __future__ import annotations
@@ -181,7 +187,8 @@ def _planned(args_fn: Callable, tensors: tuple, extra: tuple) -> tuple:
 
 
 def planned_args(cache: PlanCache, args_fn: Callable, tensors: tuple, *extra: Any, n_key: int | None = None) -> tuple:
-    """``(tensors, grid, ints, options)`` for ``kernel[grid](*tensors, *ints, ..., **options)``.
+    """``(tensors, grid, ints, options)`` for ``kernel[grid](*tensors, *ints, ..., **options)``:
+    the one way a launcher gets its launch plan.
 
     ``args_fn(*tensors, *extra)`` computes them from scratch: the kernel's tensor arguments
     (views of ``tensors``, one each, in order), grid, integer arguments and options
@@ -190,8 +197,14 @@ def planned_args(cache: PlanCache, args_fn: Callable, tensors: tuple, *extra: An
     outputs the launcher allocated contiguous, with shapes and dtypes that follow from the
     keyed ones and ``extra``) and the hashable ``extra``; a repeated call then hands the kernel
     the ``tensors`` themselves (when the views made no copy, :func:`same_data`) with the stored
-    rest, so it costs the key and one lookup. When a view copied, ``args_fn`` runs again."""
-    key = (*tensor_key(*(tensors if n_key is None else tensors[:n_key])), *extra)
+    rest. When a view copied, ``args_fn`` runs again. Tensors that are not plain
+    ``torch.Tensor`` (the fake and functional tensors of a torch.compile trace) are planned
+    from scratch and never stored."""
+    for t in tensors:
+        if type(t) is not torch.Tensor:
+            return args_fn(*tensors, *extra)
+    keyed = tensors if n_key is None else tensors[:n_key]
+    key = (tensors[0].device, *[(t.shape, t.stride(), t.dtype) for t in keyed], *extra)
     pure, grid, ints, options = cache.get(key, lambda: _planned(args_fn, tensors, extra))
     if pure:
         return tensors, grid, ints, options

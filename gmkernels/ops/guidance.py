@@ -56,7 +56,6 @@ import torch
 
 import reference.guidance as ref
 
-from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_gm, check_power
 from ._launch import (
@@ -73,6 +72,7 @@ from ._launch import (
     pixel_rows,
 )
 from .mixture import pixel_blocks
+
 
 try:
     import triton
@@ -803,26 +803,3 @@ def mean_cfg(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: bool = Fa
         return run_reference(ref.mean_cfg, gm_cond, gm_uncond, scale, bool(orthogonal), out_dtype=s.dtype)
     means = call_op(torch.ops.gmkernels.mean_cfg, *tensors, scale, bool(orthogonal))
     return {"means": means, "logstds": _as(gm_cond["logstds"], s.dtype), "logweights": _as(gm_cond["logweights"], s.dtype)}
-
-
-# ----------------------------------------------------------------------------- AOT cases
-
-
-def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
-    """The launches of the three guidance ops for a pair of ``(B, K, C, H, W)`` GMs with
-    per-sample stds, fp32 and bf16: probabilistic guidance (statistics ``#0``, apply ``#1``),
-    weight guidance, mean-CFG plain and orthogonal (statistics ``#0``, apply ``#1``)."""
-    cases = []
-    mod = sys.modules[__name__]
-    for dt in AOT_DTYPES:
-        g = meta_gm(B, K, C, H, W, dt)
-        m, ls, lw = g["means"], g["logstds"], g["logweights"]
-        tag = shape_tag(B, K, C, H, W, dt)
-        cases += launch_cases(mod, f"probabilistic_guidance[{tag}]", _launch_probabilistic, m, ls, lw, m, lw, 2.0, 1.0)
-        cases += launch_cases(mod, f"weight_guidance[{tag}]", _launch_weight, lw, lw, 2.0)
-        for ortho in (False, True):
-            cases += launch_cases(mod, f"mean_cfg[ortho={ortho},{tag}]", _launch_mean_cfg, m, lw, m, lw, 2.0, ortho)
-    return cases
-
-
-AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

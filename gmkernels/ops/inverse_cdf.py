@@ -39,7 +39,6 @@ import torch
 
 import reference.inverse_cdf as ref
 
-from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import GMShape, check_count, check_gm, check_gm1d, check_positive, check_state
 from ._launch import (
@@ -56,6 +55,7 @@ from ._launch import (
     planned_args,
 )
 from .mixture import online_moments_update
+
 
 try:
     import triton
@@ -537,29 +537,3 @@ def gm_samples_to_gaussian_samples(gm: dict, gm_samples: torch.Tensor, eps: floa
     u = call_op(torch.ops.gmkernels.kr_scaled_cdfs, means_rot, gm["logstds"], gm["logweights"], ref.to_basis(gm_samples.float(), basis))
     z = torch.erfinv(u.clamp(-1 + eps, 1 - eps)) * _SQRT2
     return (z if axis_aligned else ref.from_basis(z, basis)).to(s.dtype)
-
-
-# --------------------------------------------------------------------------- AOT cases
-
-
-def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
-    """For a ``(B, K, C, H, W)`` GM and one sample per pixel, fp32 and bf16: the KR transport
-    both ways (``gaussian_samples_to_gm_samples``, ``gm_samples_to_gaussian_samples``) and the
-    1-D inverse CDF (``gm1d_inverse_cdf``, the same GM with one channel)."""
-    mod = sys.modules[__name__]
-    cases = []
-    for dt in AOT_DTYPES:
-        gm = meta_gm(B, K, C, H, W, dt)
-        tag = shape_tag(B, K, C, H, W, dt)
-        z = gm["means"].new_empty((B, 1, C, H, W))
-        cases += launch_cases(mod, f"kr_inverse[{tag}]", _launch_kr_inverse, gm["means"], gm["logstds"], gm["logweights"], z,
-                              None, 2, 1e-6, 1.0)  # fmt: skip
-        cases += launch_cases(mod, f"kr_cdf[{tag}]", _launch_kr_cdf, gm["means"], gm["logstds"], gm["logweights"], z)
-        gm1 = {k: v.squeeze(-3) for k, v in meta_gm(B, K, 1, H, W, dt).items()}
-        u1 = z[:, :, 0].contiguous()
-        cases += launch_cases(mod, f"kr_inverse_1d[{shape_tag(B, K, 1, H, W, dt)}]", _launch_gm1d_inverse, gm1["means"],
-                              gm1["logstds"], gm1["logweights"], u1, u1, 2, 1e-6, 1.0)  # fmt: skip
-    return cases
-
-
-AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

@@ -45,10 +45,10 @@ import torch
 import reference.likelihood as ref
 import reference.transition as ref_transition
 
-from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma_pair, check_state, per_sample_view
 from ._launch import PlanCache, call_op, cdiv, launch_plan, next_pow2, same_data, tensor_key
+
 
 try:
     import triton
@@ -786,30 +786,3 @@ def transition_loss(
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time compile cases
 # --------------------------------------------------------------------------------------------
-
-
-def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
-    """The NLL forward and backward for a ``(B, K, C, H, W)`` GM and one target per pixel, plain
-    and with the transition loss's map (per-sample float32 timesteps), fp32 and bf16; for fp32
-    also with the 0-d float64 timesteps that Python floats become."""
-    mod = sys.modules[__name__]
-    cases = []
-    for dt in AOT_DTYPES:
-        gm = meta_gm(B, K, C, H, W, dt)
-        m, s, lw = gm["means"], gm["logstds"], gm["logweights"]
-        y = m.new_empty((B, C, H, W))
-        loss = torch.empty((B, H, W), device="meta")
-        t = torch.empty((B,), device="meta")
-        variants = [(None, ""), ((y, t, t), ",transition")]
-        if dt == "fp32":
-            t64 = torch.empty((), device="meta", dtype=torch.float64)
-            variants.append(((y, t64, t64), ",transition,t64"))
-        for tr, suffix in variants:
-            tag = shape_tag(B, K, C, H, W, dt) + suffix
-            cases += launch_cases(mod, f"likelihood.nll_fwd[{tag}]", _launch_loglik, m, s, lw, y, 1e4, -1.0, 0.0,
-                                  torch.float32, tr)  # fmt: skip
-            cases += launch_cases(mod, f"likelihood.nll_bwd[{tag}]", _launch_nll_bwd, loss, loss, m, s, lw, y, tr, 1e-4)
-    return cases
-
-
-AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

@@ -19,19 +19,16 @@ Launcher helpers shared with the other families live in ``_launch``.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 
 import reference.mixture as ref
 
-from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
-from .._dispatch import run_reference, select_backend
+from .._dispatch import run_reference
 from .._validate import check_gm, check_power
 from ._launch import (
-    LOG2E, PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows,
-    planned_args,
+    LOG2E, PlanCache, cdiv, gm_views, kernels_wanted, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
 )
 
 try:
@@ -162,7 +159,6 @@ def single_row_views(*views: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(v.as_strided(v.shape, (0, *v.stride()[1:]), v.storage_offset()) for v in views)
 
 
-@launch_plan
 def pixel_blocks(K: int, C: int, P: int, programs_per_pblock: int, elem_bytes: int, tile: int,
                  c_tiles_in_grid: bool, contiguous_pixels: bool = True) -> tuple[int, int, int, int]:  # fmt: skip
     """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)`` for a pixel-per-thread layout: every warp lies
@@ -198,14 +194,12 @@ def pixel_blocks(K: int, C: int, P: int, programs_per_pblock: int, elem_bytes: i
     return block_k, block_c, block_p, warps
 
 
-@launch_plan
 def _moments_layout(K: int, C: int, P: int, R: int, with_var: bool, elem_bytes: int,
                     contiguous_pixels: bool) -> tuple[int, int, int, int]:  # fmt: skip
     # the variance path keeps a second [BLOCK_C, BLOCK_P] accumulator and the deviations
     return pixel_blocks(K, C, P, R, elem_bytes, 32 if with_var else 64, not with_var, contiguous_pixels)
 
 
-@launch_plan
 def _moments_blocks(K: int, C: int, P: int, R: int, with_var: bool) -> tuple[int, int, int, int]:
     """Blocks for 4-byte elements along contiguous pixels (the common case, and the hook the
     tests replace to force multi-tile paths)."""
@@ -262,34 +256,26 @@ def _launch_moments(
 
 # --------------------------------------------------------------------------- torch.library ops
 
+if triton is not None:
 
-@torch.library.custom_op("gmkernels::gm_to_mean", mutates_args=())
-def _gm_to_mean_op(means: torch.Tensor, logweights: torch.Tensor, power: float) -> torch.Tensor:
-    if select_backend(means) == "triton":
+    @torch.library.custom_op("gmkernels::gm_to_mean", mutates_args=())
+    def _gm_to_mean_op(means: torch.Tensor, logweights: torch.Tensor, power: float) -> torch.Tensor:
         return _launch_moments(means, logweights, None, power)[0]
-    return run_reference(ref.gm_to_mean, {"means": means, "logweights": logweights}, power, out_dtype=means.dtype)
 
+    @_gm_to_mean_op.register_fake
+    def _(means: torch.Tensor, logweights: torch.Tensor, power: float) -> torch.Tensor:
+        return means.new_empty((*means.shape[:-4], *means.shape[-3:]))
 
-@_gm_to_mean_op.register_fake
-def _(means: torch.Tensor, logweights: torch.Tensor, power: float) -> torch.Tensor:
-    return means.new_empty((*means.shape[:-4], *means.shape[-3:]))
-
-
-@torch.library.custom_op("gmkernels::gm_to_iso_gaussian", mutates_args=())
-def _gm_to_iso_gaussian_op(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if select_backend(means) == "triton":
+    @torch.library.custom_op("gmkernels::gm_to_iso_gaussian", mutates_args=())
+    def _gm_to_iso_gaussian_op(
+        means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch_moments(means, logweights, logstds, 1.0)
-    gm = {"means": means, "logstds": logstds, "logweights": logweights}
-    g = run_reference(ref.gm_to_iso_gaussian, gm, out_dtype=means.dtype)
-    return g["mean"], g["var"]
 
-
-@_gm_to_iso_gaussian_op.register_fake
-def _(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    *batch, _, C, H, W = means.shape
-    return means.new_empty((*batch, C, H, W)), means.new_empty((*batch, 1, H, W))
+    @_gm_to_iso_gaussian_op.register_fake
+    def _(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        *batch, _, C, H, W = means.shape
+        return means.new_empty((*batch, C, H, W)), means.new_empty((*batch, 1, H, W))
 
 
 # --------------------------------------------------------------------------- public functions
@@ -309,7 +295,7 @@ def gm_to_mean(gm: dict, power: float = 1.0) -> torch.Tensor:
     power = check_power(power, "power")
     if not kernels_wanted(gm["means"], gm["logweights"]):
         return run_reference(ref.gm_to_mean, gm, power, out_dtype=s.dtype)
-    return call_op(torch.ops.gmkernels.gm_to_mean, gm["means"], gm["logweights"], power)
+    return _gm_to_mean_op(gm["means"], gm["logweights"], power)
 
 
 def gm_to_iso_gaussian(gm: dict) -> dict:
@@ -322,23 +308,5 @@ def gm_to_iso_gaussian(gm: dict) -> dict:
     s = check_gm(gm)
     if not kernels_wanted(gm["means"], gm["logstds"], gm["logweights"]):
         return run_reference(ref.gm_to_iso_gaussian, gm, out_dtype=s.dtype)
-    mean, var = call_op(torch.ops.gmkernels.gm_to_iso_gaussian, gm["means"], gm["logstds"], gm["logweights"])
+    mean, var = _gm_to_iso_gaussian_op(gm["means"], gm["logstds"], gm["logweights"])
     return {"mean": mean, "var": var}
-
-
-# --------------------------------------------------------------------------- AOT cases
-
-
-def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
-    """Both launches (mean; mean and variance) for a ``(B, K, C, H, W)`` GM, fp32 and bf16."""
-    cases = []
-    for dt in AOT_DTYPES:
-        gm = meta_gm(B, K, C, H, W, dt)
-        tag = shape_tag(B, K, C, H, W, dt)
-        cases += launch_cases(sys.modules[__name__], f"gm_to_mean[{tag}]", _launch_moments, gm["means"], gm["logweights"], None, 1.0)
-        cases += launch_cases(sys.modules[__name__], f"gm_to_iso_gaussian[{tag}]", _launch_moments, gm["means"], gm["logweights"],
-                              gm["logstds"], 1.0)  # fmt: skip
-    return cases
-
-
-AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

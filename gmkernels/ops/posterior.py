@@ -27,7 +27,6 @@ import torch
 
 import reference.posterior as ref
 
-from .._aot import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma_pair, check_state
 from ._launch import (
@@ -35,6 +34,7 @@ from ._launch import (
 )
 from .mixture import online_moments_update, program_tile
 from .product import _check_real
+
 
 try:
     import triton
@@ -285,22 +285,3 @@ def gm_posterior_mean(
     return call_op(torch.ops.gmkernels.gm_posterior_mean,
         gm["means"], gm["logstds"], gm["logweights"], x_src, as_tensor(sigma_src), x_tgt, as_tensor(sigma_tgt), eps
     )
-
-
-# --------------------------------------------------------------------------- AOT cases
-
-
-def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
-    """The launch of ``gm_posterior_mean`` for a ``(B, K, C, H, W)`` GM with per-sample sigmas,
-    fp32 and bf16."""
-    cases = []
-    for dt in AOT_DTYPES:
-        gm = meta_gm(B, K, C, H, W, dt)
-        x = gm["means"].new_empty((B, C, H, W))
-        sig = torch.empty((B, 1, 1, 1), device="meta")
-        cases += launch_cases(sys.modules[__name__], f"gm_posterior_mean[{shape_tag(B, K, C, H, W, dt)}]", _launch_posterior,
-                              gm["means"], gm["logstds"], gm["logweights"], x, sig, x, sig, 1e-6)  # fmt: skip
-    return cases
-
-
-AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

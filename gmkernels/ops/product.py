@@ -28,13 +28,13 @@ import torch
 
 import reference.product as ref
 
-from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_gaussian, check_gm, require_range
 from ._launch import (
     PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
 )
 from .mixture import pixel_blocks, single_row_views
+
 
 try:
     import triton
@@ -439,25 +439,3 @@ def iso_gaussian_mul_iso_gaussian(
         return run_reference(ref.iso_gaussian_mul_iso_gaussian, g1, g2, power1, power2, eps, out_dtype=s.dtype)
     mean, var = call_op(torch.ops.gmkernels.iso_gaussian_mul_iso_gaussian, *tensors, power1, power2, eps)
     return {"mean": mean, "var": var}
-
-
-# --------------------------------------------------------------------------- AOT cases
-
-
-def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
-    """Both products for a ``(B, K, C, H, W)`` GM and a Gaussian with a per-pixel variance, fp32
-    and bf16."""
-    mod = sys.modules[__name__]
-    cases = []
-    for dt in AOT_DTYPES:
-        gm = meta_gm(B, K, C, H, W, dt)
-        tag = shape_tag(B, K, C, H, W, dt)
-        mean = gm["means"].new_empty((B, C, H, W))
-        var = gm["means"].new_empty((B, 1, H, W))
-        cases += launch_cases(mod, f"gm_mul_iso_gaussian[{tag}]", _launch_gm_mul, gm["means"], gm["logstds"], gm["logweights"],
-                              mean, var, 1.0, 1e-6)  # fmt: skip
-        cases += launch_cases(mod, f"iso_gaussian_mul_iso_gaussian[{tag}]", _launch_gauss_mul, mean, var, mean, var, 1.0, 1.0, 1e-6)
-    return cases
-
-
-AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

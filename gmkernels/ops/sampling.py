@@ -20,12 +20,12 @@ import torch
 
 import reference.sampling as ref
 
-from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import check_count, check_generator, check_gm, check_power
 from ._launch import (
     LOG2E, PlanCache, call_op, cdiv, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
 )
+
 
 try:
     import triton
@@ -218,20 +218,3 @@ def gm_sample(gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch
     gen_device = generator.device if generator is not None else s.device
     seeds = torch.randint(0, 2**62, (2,), generator=generator, device=gen_device).to(s.device)
     return call_op(torch.ops.gmkernels.gm_sample, gm["means"], gm["logstds"], gm["logweights"], seeds, n_samples, power)
-
-
-# --------------------------------------------------------------------------- AOT cases
-
-
-def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
-    """One sample per pixel of a ``(B, K, C, H, W)`` GM, fp32 and bf16."""
-    cases = []
-    for dt in AOT_DTYPES:
-        gm = meta_gm(B, K, C, H, W, dt)
-        seeds = torch.empty(2, dtype=torch.int64, device="meta")
-        cases += launch_cases(sys.modules[__name__], f"gm_sample[{shape_tag(B, K, C, H, W, dt)}]", _launch_sample,
-                              gm["means"], gm["logstds"], gm["logweights"], seeds, 1, 1.0)  # fmt: skip
-    return cases
-
-
-AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

@@ -22,10 +22,10 @@ import torch
 
 import reference.transition as ref
 
-from .._aot import AOT_DTYPES, SHAPE_SETS, launch_cases, meta_gm, shape_tag
 from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma, check_sigma_pair, check_state
 from ._launch import PlanCache, call_op, cdiv, kernels_wanted, needs_int64, next_pow2, planned_args
+
 
 try:
     import triton
@@ -323,26 +323,3 @@ def reverse_transition(gm_x0: dict, x_t: torch.Tensor, sigma: Sigma, sigma_to: S
         gm_x0["means"], gm_x0["logstds"], x_t, *_sigma_args(sigma), *_sigma_args(sigma_to), float(eps)
     )
     return {"means": means, "logstds": logstds, "logweights": gm_x0["logweights"].to(s.dtype)}
-
-
-# ----------------------------------------------------------------------------- AOT cases
-
-
-def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
-    """The three transitions of a ``(B, K, C, H, W)`` GM with per-sample sigma tensors, fp32
-    and bf16."""
-    mod = sys.modules[__name__]
-    cases = []
-    for dt in AOT_DTYPES:
-        gm = meta_gm(B, K, C, H, W, dt)
-        tag = shape_tag(B, K, C, H, W, dt)
-        x = gm["means"].new_empty((B, C, H, W))
-        sig = torch.empty((B, 1, 1, 1), device="meta")
-        for mode, name in ((U_TO_X0, "u_to_x0"), (X0_TO_U, "x0_to_u"), (REVERSE, "reverse_transition")):
-            sig_to = sig if mode == REVERSE else None
-            cases += launch_cases(mod, f"transition.{name}[{tag}]", _launch, mode, gm["means"], gm["logstds"], x, sig, 0.0,
-                                  sig_to, 0.0, 1e-6)  # fmt: skip
-    return cases
-
-
-AOT_CASES = [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)] if triton is not None else []

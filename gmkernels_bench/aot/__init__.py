@@ -1,15 +1,18 @@
 """Ahead-of-time compilation of the Triton kernels for NVIDIA targets, without a GPU.
 
-How a family plugs in: its module (``gmkernels.ops.<family>``, listed in ``FAMILIES``) defines
+Nothing here runs when ``gmkernels`` is imported: the cases are collected when asked
+(``compile_report``, ``tests/test_aot.py``). Each op family has a module here,
+``gmkernels_bench.aot.<family>`` (listed in ``FAMILIES``), that defines
 
 * ``aot_cases(B, K, C, H, W) -> list[AotCase]``: every kernel its launchers run for a GM of
   shape ``(B, K, C, H, W)`` (one sample per pixel, contiguous inputs), fp32 and bf16. Build them
   with ``launch_cases``: it runs the family's real launcher on ``meta`` tensors (``meta_gm``)
-  with the kernels swapped for recorders, and turns every recorded launch into a case exactly as
-  Triton's launcher would specialise it (constexprs, ``num_warps``, ``num_stages``, integers of 1
-  as constants, divisibility by 16, the grid). Nothing is copied from the launcher, so the
-  report cannot drift from what a launch compiles. Name the cases ``f"{op}[{shape_tag(...)}]"``.
-* ``AOT_CASES``: ``aot_cases`` at the benchmark shapes (the fast subset the test suite compiles).
+  with every Triton launch recorded instead of run, and turns each recorded launch into a case
+  exactly as Triton's launcher would specialise it (constexprs, ``num_warps``, ``num_stages``,
+  integers of 1 as constants, divisibility by 16, the grid). Nothing is copied from the
+  launcher, so the report cannot drift from what a launch compiles. Name the cases
+  ``f"{op}[{shape_tag(...)}]"``.
+* ``bench_cases()``: the cases at the benchmark shapes (the fast subset the test suite compiles).
 
 A kernel names the pixel count of one row of its pixel axis ``P`` or ``HW``, and one that packs
 several rows into that axis says so with a ``PACK`` constexpr: the report's points per program
@@ -150,36 +153,26 @@ def meta_gm(B: int, K: int, C: int, H: int, W: int, dtype: str) -> dict:
     }
 
 
-class _Recorder:
-    """Stands in for a ``JITFunction``: ``kernel[grid](*args, **kwargs)`` records the launch."""
-
-    def __init__(self, kernel: Any, launches: list):
-        self.kernel = kernel
-        self.launches = launches
-
-    def __getitem__(self, grid: Any) -> Callable[..., None]:
-        def launch(*args: Any, **kwargs: Any) -> None:
-            self.launches.append((self.kernel, tuple(grid), args, kwargs))
-
-        return launch
-
-
 @contextlib.contextmanager
-def recording(module: Any) -> Iterator[list]:
-    """Within the block, every Triton kernel of ``module`` records its launches as
-    ``(kernel, grid, args, kwargs)`` in the yielded list instead of running."""
+def recording() -> Iterator[list]:
+    """Within the block, every Triton launch (``kernel[grid](...)``, compiled or interpreted)
+    records ``(kernel, grid, args, kwargs)`` in the yielded list instead of running."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     launches: list = []
-    kernels = {n: k for n, k in vars(module).items() if isinstance(k, (JITFunction, InterpretedFunction))}
+
+    def run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
+        launches.append((self, tuple(grid), args, kwargs))
+
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
     try:
-        for n, k in kernels.items():
-            setattr(module, n, _Recorder(k, launches))
+        for cls in originals:
+            cls.run = run
         yield launches
     finally:
-        for n, k in kernels.items():
-            setattr(module, n, k)
+        for cls, fn in originals.items():
+            cls.run = fn
 
 
 def case_from_launch(name: str, kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> AotCase:
@@ -222,42 +215,39 @@ def case_from_launch(name: str, kernel: Any, grid: tuple[int, ...], args: tuple,
     return AotCase(name, kernel, sig, consts, num_warps, num_stages, tuple(divisible), grid=grid, row_pixels=row)
 
 
-def launch_cases(module: Any, name: str, launcher: Callable[..., Any], *args: Any, **kwargs: Any) -> list[AotCase]:
-    """Run ``launcher(*args, **kwargs)`` (on ``meta`` tensors) with ``module``'s kernels recorded;
-    one case per launch, named ``name`` (``name#i`` when it launches more than once)."""
-    with recording(module) as launches:
+def launch_cases(name: str, launcher: Callable[..., Any], *args: Any, **kwargs: Any) -> list[AotCase]:
+    """Run ``launcher(*args, **kwargs)`` (on ``meta`` tensors) with every launch recorded; one
+    case per launch, named ``name`` (``name#i`` when it launches more than once)."""
+    with recording() as launches:
         launcher(*args, **kwargs)
     tags = [name] if len(launches) == 1 else [f"{name}#{i}" for i in range(len(launches))]
     return [case_from_launch(t, *launch) for t, launch in zip(tags, launches)]
 
 
-def _family_modules():
+def _family_modules() -> Iterator[tuple[str, Any]]:
     for fam in FAMILIES:
-        try:
-            yield fam, importlib.import_module(f"gmkernels.ops.{fam}")
-        except ImportError:
-            continue
+        yield fam, importlib.import_module(f"{__name__}.{fam}")
 
 
 def all_cases() -> list[AotCase]:
-    """The ``AOT_CASES`` (benchmark shapes) of every op family module that defines them."""
+    """Every family's ``bench_cases()`` (the benchmark shapes)."""
     cases: list[AotCase] = []
     for _, mod in _family_modules():
-        cases.extend(getattr(mod, "AOT_CASES", ()))
+        cases.extend(mod.bench_cases())
     return cases
 
 
-def shape_cases(B: int, K: int, C: int, H: int, W: int) -> tuple[list[AotCase], list[str]]:
-    """Every family's ``aot_cases`` at ``(B, K, C, H, W)``, and the families without one."""
+def shape_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
+    """Every family's ``aot_cases`` at ``(B, K, C, H, W)``."""
     cases: list[AotCase] = []
-    missing: list[str] = []
-    for fam, mod in _family_modules():
-        build = getattr(mod, "aot_cases", None)
-        if build is None:
-            missing.append(fam)
-        else:
-            cases.extend(build(B, K, C, H, W))
-    return cases, missing
+    for _, mod in _family_modules():
+        cases.extend(mod.aot_cases(B, K, C, H, W))
+    return cases
+
+
+def bench_shape_cases(aot_cases: Callable[..., list[AotCase]]) -> list[AotCase]:
+    """``aot_cases`` at each benchmark shape (``SHAPE_SETS["bench"]``)."""
+    return [c for shape in SHAPE_SETS["bench"] for c in aot_cases(*shape)]
 
 
 def _tool(name: str) -> str:
