@@ -22,7 +22,8 @@ several rows into that axis says so with a ``PACK`` constexpr: the report's poin
 from the cubin (``cuobjdump`` / ``nvdisasm`` ship with the triton wheel): registers, spills
 (local memory), shared memory, the bytes of the static global loads and the share of them
 made by 128-bit loads, and for the hottest loop (the largest innermost loop of the SASS)
-its instructions, barriers, shuffles and shared-memory accesses. ``python -m
+its instructions, barriers, shuffles and shared-memory accesses, and keeps the SASS with its
+line table (``AotResult.sass``) for the performance model. ``python -m
 gmkernels_bench.compile_report`` prints the table; the test suite fails on a spill.
 """
 
@@ -120,6 +121,9 @@ class AotResult:
     loop: Optional[LoopStats]
     threads: int
     pixels: int
+    #: ``nvdisasm -c -gi`` of the cubin (with the source line of every instruction, inlining
+    #: included), for ``gmkernels_bench.perfmodel.sass_profile``
+    sass: str = field(default="", repr=False, compare=False)
 
     @property
     def share_128(self) -> float:
@@ -215,12 +219,32 @@ def case_from_launch(name: str, kernel: Any, grid: tuple[int, ...], args: tuple,
     return AotCase(name, kernel, sig, consts, num_warps, num_stages, tuple(divisible), grid=grid, row_pixels=row)
 
 
+#: callbacks ``(name, kernel, grid, args, kwargs)`` that ``launch_cases`` hands every recorded
+#: launch to (``observe_launches``)
+_OBSERVERS: list[Callable[..., None]] = []
+
+
+@contextlib.contextmanager
+def observe_launches(fn: Callable[..., None]) -> Iterator[None]:
+    """Within the block, ``launch_cases`` also calls ``fn(case_name, kernel, grid, args,
+    kwargs)`` for every launch it records, with the launch's own (``meta``) arguments: how
+    ``gmkernels_bench.traffic`` replays the launches of a family's ``aot_cases``."""
+    _OBSERVERS.append(fn)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(fn)
+
+
 def launch_cases(name: str, launcher: Callable[..., Any], *args: Any, **kwargs: Any) -> list[AotCase]:
     """Run ``launcher(*args, **kwargs)`` (on ``meta`` tensors) with every launch recorded; one
     case per launch, named ``name`` (``name#i`` when it launches more than once)."""
     with recording() as launches:
         launcher(*args, **kwargs)
     tags = [name] if len(launches) == 1 else [f"{name}#{i}" for i in range(len(launches))]
+    for tag, launch in zip(tags, launches):
+        for fn in list(_OBSERVERS):
+            fn(tag, *launch)
     return [case_from_launch(t, *launch) for t, launch in zip(tags, launches)]
 
 
@@ -323,7 +347,7 @@ def compile_case(case: AotCase, arch: int) -> AotResult:
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", "-gi", path], capture_output=True, text=True, check=True).stdout
 
     def field_of(key: str) -> int:
         m = re.search(rf"\b{key}:(\d+)", usage)
@@ -341,4 +365,5 @@ def compile_case(case: AotCase, arch: int) -> AotResult:
         loop=loop,
         threads=32 * case.num_warps,
         pixels=case.pixels_per_program,
+        sass=sass,
     )
