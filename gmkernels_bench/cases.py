@@ -14,7 +14,8 @@ log-stds ``S = B``, a state ``X = B*C*P``, a per-pixel variance ``V = B*P``. Out
 contract lets an op return unchanged (the log-weights of ``u_to_x0``, the means of
 ``weight_guidance``) cost nothing; scalars are not counted. The 1-D GM of ``gm1d_inverse_cdf`` is
 the ``C = 1`` case (its means count as ``L``). ``gm_sample`` reads the means of the one component it
-draws per pixel, ``X`` elements, not the whole ``G``.
+draws per pixel, ``X`` elements, not the whole ``G``. ``python -m gmkernels_bench.byte_check``
+compares this model with the bytes the kernels really move (counted by the interpreter).
 
 Sampler-step traffic (``step_traffic``, ``traffic_table``): bytes per network call of the fused
 Triton sampler step, launch by launch, next to that minimum (a model, not a measurement).
@@ -241,14 +242,15 @@ def has_triton_kernels(family: str) -> bool:
 _OPS: dict[str, tuple[str, Callable[[Inputs], tuple], str, str]] = {
     "gm_to_mean": ("mixture", lambda r: (r.gm(),), "G+L", "X"),
     "gm_to_iso_gaussian": ("mixture", lambda r: (r.gm(),), "G+L+S", "X+V"),
-    "gm_mul_iso_gaussian": ("product", lambda r: (r.gm(), r.gaussian()), "G+L+S+X+V", "G+L+S"),
+    # the product's log-stds are per pixel when the Gaussian's variance is (as here): V written, not S
+    "gm_mul_iso_gaussian": ("product", lambda r: (r.gm(), r.gaussian()), "G+L+S+X+V", "G+L+V"),
     "iso_gaussian_mul_iso_gaussian": ("product", lambda r: (r.gaussian(), r.gaussian()), "X+V+X+V", "X+V"),
     "u_to_x0": ("transition", lambda r: (r.gm(), r.state(), 0.6), "G+S+X", "G+S"),
     "x0_to_u": ("transition", lambda r: (r.gm(), r.state(), 0.6), "G+S+X", "G+S"),
     "gm_posterior_mean": ("posterior", lambda r: (r.gm(), r.state(), 0.7, r.state(), 0.5), "G+L+S+X+X", "X"),
     "reverse_transition": ("transition", lambda r: (r.gm(), r.state(), 0.6, 0.4), "G+S+X", "G+S"),
     "gm_logprob": ("likelihood", lambda r: (r.gm(), r.state(1)), "G+L+S+X", "V"),
-    "gm_nll_loss": ("likelihood", lambda r: (r.gm(), r.state()), "G+L+S+X", ""),
+    "gm_nll_loss": ("likelihood", lambda r: (r.gm(), r.state()), "G+L+S+X", "V"),  # per-pixel losses, then torch's mean
     "gm_sample": ("sampling", lambda r: (r.gm(),), "X+L+S", "X"),  # only the drawn component's means: X
     "probabilistic_guidance": ("guidance", lambda r: (r.gm(), r.gm(), 0.5), "G+L+S+G+L", "G+L+S"),
     "weight_guidance": ("guidance", lambda r: (r.gm(), r.gm(), 2.0), "L+L", "L"),
@@ -294,10 +296,12 @@ def _nll_grads(loss_fn: Callable) -> Callable[[Any], tuple]:
 
 def train_cases(shape: Shape, dtype: torch.dtype, device: torch.device, compile_ops: tuple[str, ...] | None = None) -> list[Case]:
     """``gm_nll_loss`` forward + backward (gradients of means, log-stds, log-weights; no
-    accumulation). Minimal traffic: read the GM and the target once, write the three gradients.
-    ``compile_ops`` without ``"gm_nll_loss fwd+bwd"`` drops the ``compile`` backend."""
+    accumulation). Minimal traffic: read the GM and the target once, write the three gradients,
+    and the per-pixel losses the forward writes and the backward reads back (its softmax
+    normaliser, as flash attention keeps its log-sum-exp). ``compile_ops`` without
+    ``"gm_nll_loss fwd+bwd"`` drops the ``compile`` backend."""
     c = counts(shape)
-    nbytes = (_elements("G+L+S+X", c) + _elements("G+L+S", c)) * dtype.itemsize
+    nbytes = (_elements("G+L+S+X+V", c) + _elements("G+L+S+V", c)) * dtype.itemsize
 
     def make() -> tuple:
         r = Inputs(shape, dtype, device, seed=101)
@@ -465,15 +469,15 @@ def policy_cases(dtype: torch.dtype, device: torch.device, quick: bool, compile_
     selects the NLL training case): fused backward vs the reference
     with one activation checkpoint per substep (``measure_memory``: peak memory on CUDA).
 
-    Minimal traffic: the GM, ``x_src`` and ``x_start`` read once and ``x_end`` written (training:
-    plus the three gradients written)."""
+    Minimal traffic: the GM and ``x_src`` read once (the rollout starts at ``x_src``: ``x_start``
+    is the same tensor) and ``x_end`` written (training: plus the three gradients written)."""
     out = []
     small = quick and device.type == "cpu"
     n = POLICY_SUBSTEPS_QUICK_CPU if small else POLICY_SUBSTEPS
     for name, dims in POLICY_SHAPES.items():
         shape = Shape(name, *(POLICY_QUICK_CPU[name] if small else dims))
         c = counts(shape)
-        fwd_bytes = (_elements("G+L+S+X+X+X", c)) * dtype.itemsize
+        fwd_bytes = (_elements("G+L+S+X+X", c)) * dtype.itemsize
         runs = {"triton": _policy_rollout, "torch": _policy_rollout_torch}
         if compile_ok:
             runs["compile"] = _policy_rollout_compiled_pi
