@@ -58,6 +58,99 @@ def _case_key(case) -> tuple:
             tuple(sorted(case.constexprs.items())), case.num_warps, case.num_stages, tuple(sorted(case.divisible)))  # fmt: skip
 
 
+def cache_dir() -> str:
+    """Where compile rows and counted traffic are cached: ``$GMKERNELS_BENCH_CACHE`` or
+    ``~/.cache/gmkernels_bench``."""
+    return os.environ.get("GMKERNELS_BENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gmkernels_bench")
+
+
+def _source_hash(case) -> str:
+    import hashlib
+    import inspect
+
+    fn = getattr(case.kernel, "fn", case.kernel)
+    return hashlib.sha256(inspect.getsource(sys.modules[fn.__module__]).encode()).hexdigest()[:16]
+
+
+def _row(case, r) -> dict:
+    lp = r.loop
+    return {"kernel": case.name, "arch": f"sm_{r.arch}", "registers": r.registers, "local_bytes": r.local_bytes,
+            "shared_bytes": r.shared_bytes, "global_load_bytes": r.global_load_bytes,
+            "share_128bit_load_bytes": r.share_128, "num_warps": case.num_warps,
+            "num_stages": case.num_stages, "pixels_per_program": r.pixels,
+            "constexprs": {k: v for k, v in case.constexprs.items() if k.isupper()},
+            "loop_instructions": lp.instructions if lp else None, "loop_barriers": lp.barriers if lp else None,
+            "loop_shuffles": lp.shuffles if lp else None, "loop_smem_ops": lp.smem_ops if lp else None,
+            "thread_instructions_per_pixel": r.thread_instructions_per_pixel}  # fmt: skip
+
+
+def compile_rows(cases, archs=(80, 90), cache: bool = True, profile: bool = False, on_row=None):
+    """Compile every case for every ``sm_<arch>`` (each distinct specialisation once) and return
+    ``(rows, failures)``: one row per case and arch (the ``--json`` rows, plus ``grid`` and, with
+    ``profile``, ``profile``: ``gmkernels_bench.perfmodel.sass_profile`` of its SASS). With
+    ``cache`` a row is kept on disk (``cache_dir()``) under its specialisation, the source of
+    its kernel's module, the triton version and the checkout, so a later call compiles only what
+    changed. ``on_row(case, arch, row, error)`` is called as rows come."""
+    import hashlib
+
+    import triton
+
+    from gmkernels_bench.aot import compile_case
+
+    folder = os.path.join(cache_dir(), "compile")
+    rows, failures = [], []
+    done: dict[tuple, dict] = {}
+    sources: dict[object, str] = {}
+    for case in cases:
+        for arch in archs:
+            key = (_case_key(case), arch)
+            if key not in done:
+                fn = getattr(case.kernel, "fn", case.kernel)
+                if fn not in sources:
+                    sources[fn] = _source_hash(case)
+                digest = hashlib.sha256(repr((key, sources[fn], triton.__version__, os.path.dirname(os.path.abspath(__file__)))).encode()).hexdigest()[:24]
+                path = os.path.join(folder, f"{digest}.json")
+                entry = None
+                if cache and os.path.exists(path):
+                    try:
+                        with open(path) as f:
+                            entry = json.load(f)
+                    except (OSError, ValueError):
+                        entry = None
+                if entry is None or (profile and "profile" not in entry):
+                    try:
+                        r = compile_case(case, arch)
+                    except Exception as e:  # report every kernel, then fail
+                        failures.append(f"{case.name} sm_{arch}: compile error: {e}")
+                        traceback.print_exc(file=sys.stderr)
+                        if on_row:
+                            on_row(case, arch, None, e)
+                        continue
+                    entry = {"row": _row(case, r)}
+                    if profile or cache:
+                        from gmkernels_bench.perfmodel import sass_profile
+                        from gmkernels_bench.traffic import statement_line
+
+                        entry["profile"] = sass_profile(r.sass, statement_line)
+                    if cache:
+                        os.makedirs(folder, exist_ok=True)
+                        tmp = f"{path}.{os.getpid()}.tmp"
+                        with open(tmp, "w") as f:
+                            json.dump(entry, f)
+                        os.replace(tmp, path)
+                done[key] = entry
+            entry = done[key]
+            row = dict(entry["row"], kernel=case.name, grid=list(case.grid))
+            if profile:
+                row["profile"] = entry["profile"]
+            rows.append(row)
+            if row["local_bytes"] > 0:
+                failures.append(f"{case.name} sm_{arch}: {row['local_bytes']} bytes of local memory (register spills)")
+            if on_row:
+                on_row(case, arch, row, None)
+    return rows, failures
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gmkernels_bench.compile_report", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", metavar="B,K,C,H,W",
@@ -67,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 on a compile error or register spills")
     p.add_argument("--filter", default="", help="only cases whose name contains this")
     p.add_argument("--json", metavar="PATH", help="also write the rows (and failures) as JSON to PATH")
+    p.add_argument("--no-cache", action="store_true", help="compile everything again (default: rows are cached on disk "
+                   "per specialisation and kernel source, see cache_dir())")
     args = p.parse_args(argv)
 
-    from gmkernels_bench.aot import all_cases, compile_case, shape_cases
+    from gmkernels_bench.aot import all_cases, shape_cases
 
     if args.shapes:
         cases = [c for shape in _parse_shapes(args.shapes) for c in shape_cases(*shape)]
@@ -82,34 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     print(LEGEND)
     print(header)
     print("-" * len(header))
-    failures = []
-    rows = []
-    done: dict[tuple, object] = {}
-    for case in cases:
-        for arch in args.arch:
-            key = (_case_key(case), arch)
-            try:
-                r = done[key] if key in done else compile_case(case, arch)
-            except Exception as e:  # report every kernel, then fail
-                failures.append(f"{case.name} sm_{arch}: compile error: {e}")
-                traceback.print_exc(file=sys.stderr)
-                print(f"{case.name:<{width}} {arch:>3}  COMPILE ERROR")
-                continue
-            done[key] = r
-            lp = r.loop
-            rows.append({"kernel": case.name, "arch": f"sm_{arch}", "registers": r.registers, "local_bytes": r.local_bytes,
-                         "shared_bytes": r.shared_bytes, "global_load_bytes": r.global_load_bytes,
-                         "share_128bit_load_bytes": r.share_128, "num_warps": case.num_warps,
-                         "num_stages": case.num_stages, "pixels_per_program": r.pixels,
-                         "constexprs": {k: v for k, v in case.constexprs.items() if k.isupper()},
-                         "loop_instructions": lp.instructions if lp else None, "loop_barriers": lp.barriers if lp else None,
-                         "loop_shuffles": lp.shuffles if lp else None, "loop_smem_ops": lp.smem_ops if lp else None,
-                         "thread_instructions_per_pixel": r.thread_instructions_per_pixel})  # fmt: skip
-            loop = f"{lp.instructions:>5} {lp.barriers:>3} {lp.shuffles:>4} {lp.smem_ops:>7} {r.thread_instructions_per_pixel:>10.1f}" if lp else f"{'-':>5} {'-':>3} {'-':>4} {'-':>7} {'-':>10}"
-            print(f"{case.name:<{width}} {arch:>3} {r.registers:>4} {r.local_bytes:>7} {r.shared_bytes:>6} "
-                  f"{r.global_load_bytes:>6} {100 * r.share_128:>3.0f}% {loop}")  # fmt: skip
-            if r.local_bytes > 0:
-                failures.append(f"{case.name} sm_{arch}: {r.local_bytes} bytes of local memory (register spills)")
+
+    def show(case, arch, r, error):
+        if r is None:
+            print(f"{case.name:<{width}} {arch:>3}  COMPILE ERROR")
+            return
+        if r["loop_instructions"] is not None:
+            loop = (f"{r['loop_instructions']:>5} {r['loop_barriers']:>3} {r['loop_shuffles']:>4} {r['loop_smem_ops']:>7} "
+                    f"{r['thread_instructions_per_pixel']:>10.1f}")  # fmt: skip
+        else:
+            loop = f"{'-':>5} {'-':>3} {'-':>4} {'-':>7} {'-':>10}"
+        print(f"{case.name:<{width}} {arch:>3} {r['registers']:>4} {r['local_bytes']:>7} {r['shared_bytes']:>6} "
+              f"{r['global_load_bytes']:>6} {100 * r['share_128bit_load_bytes']:>3.0f}% {loop}")  # fmt: skip
+
+    rows, failures = compile_rows(cases, args.arch, cache=not args.no_cache, on_row=show)
+    done = {(_case_key(c), a) for c in cases for a in args.arch}
     print(f"{len(cases)} kernels x {len(args.arch)} targets ({len(done)} distinct compiles)")
     for f in failures:
         print("FAIL:", f)
