@@ -2,13 +2,20 @@
 
     PYTHONPATH=. python -m gmkernels_bench.gpu_check --budget-s 480 --out DIR
     PYTHONPATH=. python -m gmkernels_bench.gpu_check --dry-run        # the plan, on any machine
+    PYTHONPATH=. python -m gmkernels_bench.gpu_check --parts calibrate --budget-s 90 --calibrate calibration.json
 
 For a CUDA machine that has torch, triton, pytest and hypothesis but no network: run it from a
 checkout, nothing to install (tqdm, matplotlib and scikit-learn are used when present). The parts
 run in this order, each in its own process (a CUDA error in one cannot poison the next), each
 until its point of a cumulative schedule (a part that ends early leaves its time to the later
-ones), all within ``--budget-s``:
+ones), all within ``--budget-s``. A budget too small for every part drops the later ones (the
+plan says which and why) rather than squeezing work that takes what it takes (``plan``):
 
+0. ``calibrate`` (``gmkernels_bench.calibrate``, ~45 s): copy bandwidth, DRAM latency (a pointer
+   chase), the launch cost and 10 representative launches timed by the profiler, written next
+   to the stored estimates of ``gmkernels_bench.estimate``; the refitted device constants go to
+   ``--calibrate FILE`` (default ``DIR/calibration.json``), which ``estimate --calibration FILE``
+   reads.
 1. ``tests``: the Triton kernel test files (``KERNEL_TESTS``) with the kernels compiled for and
    run on the GPU: the tests build their inputs on the CPU as always, and this module's pytest
    plugin mirrors each launch's CPU tensors byte for byte (same storage, offsets and strides) onto
@@ -72,16 +79,33 @@ REFERENCE_BUDGET_S = 480.0
 @dataclass(frozen=True)
 class Part:
     name: str
-    estimate_s: float  # at a 480 s budget; scaled with the budget
+    estimate_s: float  # what it needs at --budget-s 480
     what: str
+    #: 0: fixed work (training steps, a benchmark's cases, the calibration), which needs
+    #: ``estimate_s`` or is dropped; else the least it is useful with (the tests: fewer
+    #: hypothesis examples, stopped at their deadline)
+    min_s: float = 0.0
+
+    @property
+    def need_s(self) -> float:
+        return self.min_s or self.estimate_s
 
 
-# Estimates for an H100/H200-class GPU at --budget-s 480. Nothing has been timed on a GPU yet:
-# they are budgets from the work each part does (Triton compiles of ~1 s per kernel
-# specialisation dominate the tests and the first benchmark calls), refined once a run's
-# summary.json gives the real seconds.
+@dataclass(frozen=True)
+class PlanEntry:
+    part: Part
+    share: float  # seconds of the budget; 0: dropped
+    reason: str = ""  # why it is dropped
+
+
+# Estimates for an H100/H200-class GPU. Nothing has been timed on a GPU yet: they are budgets
+# from the work each part does (Triton compiles of ~1 s per kernel specialisation dominate the
+# tests and the first benchmark calls), refined once a run's summary.json gives the real seconds.
+# Run order is priority: when the budget cannot hold every part, the later ones are dropped.
 PARTS = (
-    Part("tests", 190, f"{len(KERNEL_TESTS)} kernel test files on CUDA, fixed seeds"),
+    Part("calibrate", 45, "copy bandwidth, DRAM latency (pointer chase), launch cost, 10 representative launches: "
+         "estimated vs measured, device constants refitted (--calibrate FILE)"),
+    Part("tests", 145, f"{len(KERNEL_TESTS)} kernel test files on CUDA, fixed seeds", min_s=30),
     Part("graph", 25, "CUDA-graph capture + replay of guided GM-ODE and GM-SDE sampling vs eager"),
     Part("train", 35, f"{TRAIN_STEPS} steps of the digits GM-DiT, bf16 autocast, Triton transition loss"),
     Part("bench-ops-imagenet", 60, "benchmark, ops suite, imagenet shape, fp32+bf16"),
@@ -90,18 +114,49 @@ PARTS = (
     Part("bench-solvers", 55, "benchmark, solvers suite (quick configurations), both shapes, fp32+bf16"),
 )
 RESERVE_S = 30  # process start-ups and the summary, outside every part's share
+TESTS_REFERENCE_S = 145.0  # the tests' share at which they draw 8 examples per property
 
 
-def plan(budget_s: float) -> list[tuple[Part, float]]:
-    """Each part with its share of ``budget_s``: the estimates scaled so that they and
-    ``RESERVE_S`` fill the budget (at 480 s, the estimates themselves)."""
-    scale = (budget_s - RESERVE_S) / sum(p.estimate_s for p in PARTS)
-    return [(p, p.estimate_s * scale) for p in PARTS]
+def plan(budget_s: float, wanted: list[str] | None = None) -> list[PlanEntry]:
+    """Each part (of ``wanted``, default all) with its share of ``budget_s``. Parts are kept in
+    run order while what they need fits (``Part.need_s``); a part that does not fit is dropped
+    (share 0, with the reason), never squeezed below its fixed work. The kept parts get their
+    estimates; what is left goes to the parts that scale (the tests), or to every kept part
+    when none does (a part that ends early leaves its time to the later ones), so the shares
+    and ``RESERVE_S`` fill the budget."""
+    parts = [p for p in PARTS if not wanted or p.name in wanted]
+    avail = budget_s - RESERVE_S
+    kept: list[Part] = []
+    entries: dict[str, PlanEntry] = {}
+    need = 0.0
+    for p in parts:
+        if need + p.need_s <= avail + 1e-9:
+            kept.append(p)
+            need += p.need_s
+        else:
+            entries[p.name] = PlanEntry(p, 0.0, f"dropped: needs {p.need_s:.0f} s, {max(avail - need, 0):.0f} s of the budget left")
+    shares = {p.name: p.need_s for p in kept}
+    left = avail - sum(shares.values())
+    scalable = [p for p in kept if p.min_s]
+    # scalable parts first up to their estimate, then everything left in proportion
+    for p in scalable:
+        add = min(left, p.estimate_s - shares[p.name])
+        shares[p.name] += add
+        left -= add
+    grow = scalable or kept
+    total = sum(p.estimate_s for p in grow)
+    for p in grow:
+        shares[p.name] += left * p.estimate_s / total if total else 0.0
+    for p in kept:
+        entries[p.name] = PlanEntry(p, shares[p.name])
+    return [entries[p.name] for p in parts]
 
 
 def default_examples(budget_s: float) -> int:
-    """Hypothesis examples per property for the tests part: 8 at 480 s, in proportion, 2 to 50."""
-    return int(min(50, max(2, round(8 * budget_s / REFERENCE_BUDGET_S))))
+    """Hypothesis examples per property for the tests part: 8 at its 480 s share, in proportion
+    to its share, 2 to 50."""
+    share = next((e.share for e in plan(budget_s) if e.part.name == "tests"), 0.0)
+    return int(min(50, max(2, round(8 * share / TESTS_REFERENCE_S))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +182,7 @@ def _environment() -> dict:
     return env
 
 
-def _child_cmd(part: str, out: Path, deadline: float, examples: int, plot: bool) -> list[str]:
+def _child_cmd(part: str, out: Path, deadline: float, examples: int, plot: bool, calibration: Path | None = None) -> list[str]:
     if part.startswith("bench-"):
         suite, _, shape = part[len("bench-"):].partition("-")
         shapes = [shape] if shape else list(BENCH_SHAPES)
@@ -139,7 +194,7 @@ def _child_cmd(part: str, out: Path, deadline: float, examples: int, plot: bool)
             cmd.append("--plot")
         return cmd
     return [sys.executable, "-m", "gmkernels_bench.gpu_check", "--part", part, "--out", str(out), "--deadline",
-            f"{deadline:.3f}", "--examples", str(examples)]
+            f"{deadline:.3f}", "--examples", str(examples)] + (["--calibrate", str(calibration)] if calibration else [])
 
 
 def _bench_details(folder: Path) -> dict:
@@ -151,10 +206,10 @@ def _bench_details(folder: Path) -> dict:
     return {"records": len(records), "errors": len(errors), "error_lines": errors[:20]}
 
 
-def _run_part(part: Part, out: Path, deadline: float, examples: int, plot: bool) -> dict:
+def _run_part(part: Part, out: Path, deadline: float, examples: int, plot: bool, calibration: Path | None = None) -> dict:
     """Run one part in a child process until ``deadline`` (epoch seconds); its summary entry."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = _child_cmd(part.name, out, deadline, examples, plot)
+    cmd = _child_cmd(part.name, out, deadline, examples, plot, calibration)
     log = out / f"{part.name}.log"
     t0 = time.time()
     with open(log, "w") as f:
@@ -194,14 +249,25 @@ def _write_summary(out: Path, summary: dict) -> None:
     os.replace(tmp, out / "summary.json")
 
 
-def _print_plan(budget_s: float, examples: int) -> None:
+def _print_plan(budget_s: float, examples: int, wanted: list[str] | None = None) -> None:
     print(f"gpu_check plan for --budget-s {budget_s:g} (hypothesis: {examples} examples per property, fixed seed):")
     total = 0.0
-    for part, share in plan(budget_s):
-        total += share
-        print(f"  {part.name:<20} {share:6.0f} s   {part.what}")
+    for e in plan(budget_s, wanted):
+        total += e.share
+        if e.share:
+            print(f"  {e.part.name:<20} {e.share:6.0f} s   {e.part.what}")
+        else:
+            print(f"  {e.part.name:<20} {'-':>6}     {e.reason} ({e.part.what})")
     print(f"  {'(start-ups, summary)':<20} {RESERVE_S:6.0f} s")
     print(f"  {'total':<20} {total + RESERVE_S:6.0f} s   (estimates: no part has been timed on a GPU yet)")
+
+
+def _print_calibration_plan() -> None:
+    """What the calibrate part measures, and the stored estimates it compares with."""
+    from . import calibrate
+
+    print()
+    print(calibrate.describe())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan with an estimate per part; run nothing")
     p.add_argument("--parts", default="", help="comma list of parts to run (default: all): " + ",".join(x.name for x in PARTS))
     p.add_argument("--examples", type=int, default=None, help="hypothesis examples per property (default: sized to the budget)")
+    p.add_argument("--calibrate", metavar="FILE", type=Path, default=None,
+                   help="the calibrate part writes the measured device constants here (default DIR/calibration.json); "
+                        "python -m gmkernels_bench.estimate --calibration FILE then uses them")
     p.add_argument("--part", help=argparse.SUPPRESS)  # a child process: run one part
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -220,15 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.examples is not None and args.examples < 1:
         p.error(f"--examples must be positive, got {args.examples}")
     examples = args.examples or default_examples(args.budget_s)
+    calibration = args.calibrate or args.out / "calibration.json"
     if args.part:
-        return _child(args.part, args.out, args.deadline, examples)
+        return _child(args.part, args.out, args.deadline, examples, calibration)
     wanted = [s for s in args.parts.split(",") if s]
     unknown = sorted(set(wanted) - {x.name for x in PARTS})
     if unknown:
         p.error(f"--parts: unknown {unknown}; known: {[x.name for x in PARTS]}")
+    if args.examples is None:
+        share = next((e.share for e in plan(args.budget_s, wanted) if e.part.name == "tests"), 0.0)
+        examples = int(min(50, max(2, round(8 * share / TESTS_REFERENCE_S))))
 
     if args.dry_run:
-        _print_plan(args.budget_s, examples)
+        _print_plan(args.budget_s, examples, wanted)
+        if any(e.part.name == "calibrate" and e.share for e in plan(args.budget_s, wanted)):
+            _print_calibration_plan()
         return 0
     import torch
 
@@ -242,13 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)), "budget_s": args.budget_s,
                "hypothesis_examples": examples, "environment": _environment(), "parts": [], "ok": False}
-    _print_plan(args.budget_s, examples)
+    _print_plan(args.budget_s, examples, wanted)
     schedule = t_start
     end = t_start + args.budget_s - RESERVE_S / 2
     try:
-        for part, share in plan(args.budget_s):
+        for e in plan(args.budget_s, wanted):
+            part, share = e.part, e.share
             schedule += share
-            if wanted and part.name not in wanted:
+            if not share:
+                entry = {"part": part.name, "what": part.what, "status": "skipped", "seconds": 0.0,
+                         "details": {"reason": e.reason}}
+                summary["parts"].append(entry)
                 continue
             deadline = min(schedule, end)
             if deadline - time.time() < 5:
@@ -256,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                          "details": {"reason": "budget spent by the earlier parts"}}
             else:
                 print(f"[gpu_check] {part.name} (until +{deadline - t_start:.0f} s) ...", flush=True)
-                entry = _run_part(part, args.out, deadline, examples, plot=_has("matplotlib"))
+                entry = _run_part(part, args.out, deadline, examples, plot=_has("matplotlib"), calibration=calibration)
             summary["parts"].append(entry)
             summary["seconds"] = round(time.time() - t_start, 1)
             _write_summary(args.out, summary)
@@ -264,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         summary["interrupted"] = True
     summary["seconds"] = round(time.time() - t_start, 1)
-    summary["ok"] = bool(summary["parts"]) and all(e["status"] == "pass" for e in summary["parts"]) and not summary.get("interrupted")
+    ran = [e for e in summary["parts"] if e["status"] != "skipped" or e["details"].get("reason", "").startswith("budget spent")]
+    summary["ok"] = bool(ran) and all(e["status"] == "pass" for e in ran) and not summary.get("interrupted")
     _write_summary(args.out, summary)
     print(f"[gpu_check] {'PASS' if summary['ok'] else 'FAIL'} in {summary['seconds']:.0f} s; wrote {args.out / 'summary.json'}")
     return 0 if summary["ok"] else 1
@@ -280,14 +360,24 @@ def _has(module: str) -> bool:
 # children: one part each, writing DIR/<part>.json with "ok"
 
 
-def _child(part: str, out: Path, deadline: float | None, examples: int) -> int:
-    fn = {"tests": _part_tests, "graph": _part_graph, "train": _part_train}.get(part)
+def _child(part: str, out: Path, deadline: float | None, examples: int, calibration: Path | None = None) -> int:
+    fn = {"tests": _part_tests, "graph": _part_graph, "train": _part_train, "calibrate": _part_calibrate}.get(part)
     if fn is None:
         raise SystemExit(f"unknown part {part!r}")
-    result = fn(out, deadline or time.time() + 3600, examples)
+    if part == "calibrate":
+        result = fn(out, deadline or time.time() + 3600, examples, calibration)
+    else:
+        result = fn(out, deadline or time.time() + 3600, examples)
     (out / f"{part}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "failing"}))
     return 0 if result["ok"] else 1
+
+
+def _part_calibrate(out: Path, deadline: float, examples: int, calibration: Path | None = None) -> dict:
+    """Measure the device constants and the representative launches (``calibrate.run``)."""
+    from . import calibrate
+
+    return calibrate.run(out, deadline, calibration or out / "calibration.json")
 
 
 def _part_tests(out: Path, deadline: float, examples: int) -> dict:

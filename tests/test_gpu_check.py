@@ -34,10 +34,12 @@ def test_dry_run_plans_every_part_within_the_budget(capsys):
 
 @pytest.mark.parametrize("budget", [60, 200, 480, 1200])
 def test_plan_fills_the_budget_exactly(budget):
-    shares = [s for _, s in gpu_check.plan(budget)]
-    assert all(s > 0 for s in shares)
+    shares = [e.share for e in gpu_check.plan(budget) if e.share > 0]
+    assert shares
     assert sum(shares) + gpu_check.RESERVE_S == pytest.approx(budget)
     assert 2 <= gpu_check.default_examples(budget) <= 50
+    if budget >= 480:  # every part fits
+        assert len(shares) == len(gpu_check.PARTS)
 
 
 def test_without_cuda_it_says_so_and_runs_nothing(tmp_path, monkeypatch, capsys):
@@ -116,3 +118,24 @@ def test_pytest_plugin_sets_the_examples_and_stops_at_the_deadline(tmp_path):
     proc = run(deadline=0)  # already past: the first test runs, then the session stops
     assert [json.loads(line)["nodeid"].split("::")[1] for line in events.read_text().splitlines()] == ["test_count"]
     assert (tmp_path / "tests.stopped").exists()
+
+
+@pytest.mark.parametrize("budget", [60, 120, 200])
+def test_a_small_budget_drops_parts_instead_of_shrinking_fixed_work(budget, capsys):
+    """Issue 27 item 13: 20 training steps take what they take; a budget too small for a part
+    drops it, and the plan says so (it used to plan the train part at 2 s of a 60 s budget)."""
+    kept = {e.part.name: e for e in gpu_check.plan(budget) if e.share > 0}
+    dropped = [e for e in gpu_check.plan(budget) if e.share == 0]
+    for e in kept.values():
+        assert e.share >= e.part.min_s, (e.part.name, e.share, e.part.min_s)
+    assert sum(e.share for e in kept.values()) + gpu_check.RESERVE_S == pytest.approx(budget)
+    assert dropped and all(e.reason for e in dropped)
+    assert gpu_check.main(["--budget-s", str(budget), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for e in dropped:
+        assert any(line.split()[:1] == [e.part.name] and "dropped" in line for line in out.splitlines()), out
+
+
+def test_the_plan_covers_only_the_parts_asked_for(capsys):
+    entries = gpu_check.plan(120, ["calibrate"])
+    assert [e.part.name for e in entries] == ["calibrate"] and entries[0].share == pytest.approx(120 - gpu_check.RESERVE_S)
