@@ -134,9 +134,10 @@ def _storage_map(kernel: Any, args: tuple, kwargs: dict, per_arg: bool = False) 
 
 
 def coverage_key(case) -> tuple:
-    """What a launch's traffic and loop trips depend on besides sizes: the kernel, its boolean
-    constexprs (modes) and the element types of its arguments."""
-    modes = tuple(sorted((k, v) for k, v in case.constexprs.items() if isinstance(v, bool)))
+    """What a launch's traffic and loop trips depend on besides sizes: the kernel, its
+    constexprs but the block sizes (its modes: ``STATS``, ``ORDER2``, ``ONE_TILE``, ...) and the
+    element types of its arguments."""
+    modes = tuple(sorted((k, v) for k, v in case.constexprs.items() if k.isupper() and not k.startswith("BLOCK")))
     return (case.kernel.fn.__name__, modes, tuple(v for v in case.signature.values() if v.startswith("*")))
 
 

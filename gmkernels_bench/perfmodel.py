@@ -480,7 +480,9 @@ def _distinct_bytes(t) -> int:
 class TorchOps:
     """A ``TorchDispatchMode`` that records every aten op that launches a kernel: name, bytes
     read (the distinct elements of each tensor input), bytes written (each tensor output),
-    storages ``{key: (read, written)}``. Works on ``meta`` tensors (sizes only)."""
+    storages ``{key: (read, written)}``. Works on ``meta`` tensors (sizes only); the
+    ``gmkernels::`` custom ops run their Python implementation (on ``meta`` tensors their
+    fake kernel would run instead, and their Triton launches would not be seen)."""
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -494,6 +496,15 @@ class TorchOps:
                 from torch.utils._pytree import tree_flatten
 
                 kwargs = kwargs or {}
+                if getattr(func, "namespace", "") == "gmkernels":
+                    # the project's own custom ops: run their implementation (its launches are
+                    # recorded as Triton launches, its torch ops here), not their meta kernel
+                    from torch._library.custom_ops import OPDEFS
+
+                    opdef = OPDEFS.get(func._schema.name)
+                    if opdef is not None:
+                        with self:
+                            return opdef._init_fn(*args, **kwargs)
                 out = func(*args, **kwargs)
                 name = func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
                 base = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else name
