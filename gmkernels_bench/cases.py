@@ -250,7 +250,7 @@ _OPS: dict[str, tuple[str, Callable[[Inputs], tuple], str, str]] = {
     "gm_posterior_mean": ("posterior", lambda r: (r.gm(), r.state(), 0.7, r.state(), 0.5), "G+L+S+X+X", "X"),
     "reverse_transition": ("transition", lambda r: (r.gm(), r.state(), 0.6, 0.4), "G+S+X", "G+S"),
     "gm_logprob": ("likelihood", lambda r: (r.gm(), r.state(1)), "G+L+S+X", "V"),
-    "gm_nll_loss": ("likelihood", lambda r: (r.gm(), r.state()), "G+L+S+X", "V"),  # per-pixel losses, then torch's mean
+    "gm_nll_loss": ("likelihood", lambda r: (r.gm(), r.state()), "G+L+S+X", "Vf"),  # float32 per-pixel losses, then torch's mean
     "gm_sample": ("sampling", lambda r: (r.gm(),), "X+L+S", "X"),  # only the drawn component's means: X
     "probabilistic_guidance": ("guidance", lambda r: (r.gm(), r.gm(), 0.5), "G+L+S+G+L", "G+L+S"),
     "weight_guidance": ("guidance", lambda r: (r.gm(), r.gm(), 2.0), "L+L", "L"),
@@ -260,6 +260,12 @@ _OPS: dict[str, tuple[str, Callable[[Inputs], tuple], str, str]] = {
     "gm_samples_to_gaussian_samples": ("inverse_cdf", lambda r: (r.gm(), r.state(1)), "G+L+S+X", "X"),
 }
 OP_NAMES = tuple(_OPS)
+
+
+def model_bytes(expr: str, c: dict[str, int], itemsize: int) -> int:
+    """Bytes of a sum of ``counts()`` terms in the benchmark dtype (``itemsize``); a term ending
+    in ``f`` (``Vf``) is float32 whatever the dtype (the NLL's per-pixel losses)."""
+    return sum(c[t[:-1]] * 4 if t.endswith("f") else c[t] * itemsize for t in expr.split("+") if t)
 
 
 def _elements(expr: str, c: dict[str, int]) -> int:
@@ -278,7 +284,7 @@ def op_cases(shape: Shape, dtype: torch.dtype, device: torch.device, compile_ops
         if device.type == "cuda" and shape.B <= SMALL_BATCH:  # where launch and host costs show
             runs["graph"] = runs["triton"]  # the runner captures it in CUDA graphs and times their replay
             runs["reduce-overhead"] = lambda a, f=ref_fn: compiled(f, "reduce-overhead")(*a)
-        nbytes = (_elements(reads, c) + _elements(writes, c)) * dtype.itemsize
+        nbytes = model_bytes(reads, c, dtype.itemsize) + model_bytes(writes, c, dtype.itemsize)
         out.append(
             Case("ops", name, family, shape, dtype, nbytes, lambda a=args, s=i: a(Inputs(shape, dtype, device, seed=s)), runs)
         )
@@ -301,7 +307,7 @@ def train_cases(shape: Shape, dtype: torch.dtype, device: torch.device, compile_
     normaliser, as flash attention keeps its log-sum-exp). ``compile_ops`` without
     ``"gm_nll_loss fwd+bwd"`` drops the ``compile`` backend."""
     c = counts(shape)
-    nbytes = (_elements("G+L+S+X+V", c) + _elements("G+L+S+V", c)) * dtype.itemsize
+    nbytes = model_bytes("G+L+S+X+Vf", c, dtype.itemsize) + model_bytes("G+L+S+Vf", c, dtype.itemsize)
 
     def make() -> tuple:
         r = Inputs(shape, dtype, device, seed=101)

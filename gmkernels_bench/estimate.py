@@ -810,6 +810,85 @@ def shape_tag_policy(dims: tuple, dtype: str) -> str:
     return f"B{B},K{K},C{C},{H}x{W},N{128},{dtype}"
 
 
+#: why a launch below ``BELOW`` of copy bandwidth stays there, by kernel (the first matching
+#: prefix of the launch name); the limiting term and its numbers come from the estimate
+WHY = {
+    "_step_coef_kernel": "per-sample coefficients between the statistics and the step launches (B rows): a launch "
+                         "of a few KiB, the launch cost is its time; removing it means computing the coefficients "
+                         "redundantly in every program of the next launch (a grid-wide reduction is not available)",
+    "_guidance_bias_power_kernel": "per-sample sums (B rows): the launch cost is its time, as _step_coef_kernel",
+    "_fused_step_kernel": "GM-ODE: every substep evaluates the posterior over the K components of each pixel (N x K "
+                          "exponentials and C-wide dot products per pixel); the GM is read once, the work is "
+                          "N-fold: issue-bound by design, lifted only by fewer instructions per substep (exp2 on "
+                          "prescaled logits, the affine map folded into the loaded means once instead of per substep)",
+    "_gm_sde_step_kernel": "the Philox draw (integer multiply-heavy) and the inverse-CDF selection over K per pixel",
+    "_kr_inverse_kernel": "Newton iterations on the 1-D mixture CDF per channel (n_steps x K erf/exp per pixel): "
+                          "compute-bound by the algorithm",
+    "_kr_cdf_kernel": "the mixture CDF per channel (K erf per pixel and channel)",
+    "_policy_rollout_kernel": "128 substeps per launch, each a posterior over K per pixel: compute-bound by design "
+                              "(the GM is read once for all substeps)",
+    "_policy_pi_kernel": "one posterior over K per pixel with the affine map applied in registers",
+}
+BELOW = 0.70
+
+
+def why(row: dict) -> str:
+    """The reason a launch stays below ``BELOW`` of copy bandwidth: the kernel's (``WHY``), else
+    what its limiting term says."""
+    name = row["kernel"]
+    kernel = next((k for k in WHY if k in name or name.split(":")[-1].startswith(k)), None)
+    limit = row["limit"]
+    base = WHY.get(kernel, "") if kernel else ""
+    if limit == "launch":
+        detail = f"{_fmt_bytes(row['dram_bytes'])} MB moved: the launch cost is the floor"
+    elif limit.startswith("issue"):
+        detail = f"issue-bound ({limit.split(':')[1]}), {row.get('waits', 0):.0f} waits per program"
+    elif limit == "latency":
+        detail = (f"{row['waits']:.0f} dependent waits per program, {row['programs_per_sm']} programs resident "
+                  f"({row['residency_limit']}): more resident warps or loads issued ahead would lift it")
+    else:
+        detail = limit
+    return f"{detail}; {base}" if base else detail
+
+
+def markdown_report(result: dict, device: str) -> str:
+    """The note's tables for ``device``: per shape the launches (µs, limit, share of copy,
+    residency), the launches below ``BELOW`` of copy bandwidth with their reason, the ops and
+    the sampler steps next to the reference."""
+    out = []
+    for shape in result["shapes"]:
+        rows = [r for r in result["rows"] if r["device"] == device and r["shape"] == shape and not r.get("torch_op")]
+        if not rows:
+            continue
+        out.append(f"#### {tuple(shape)} on {device}: every launch (estimate)\n")
+        out.append("| launch | µs | limit | copy | regs | warps | programs/SM (limit) | waves | waits |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r["us"] != r["us"]:
+                out.append(f"| {r['kernel']} | - | {r['limit']} | | | | | | |")
+                continue
+            out.append(f"| {r['kernel']} | {r['us']:.1f} | {r['limit']} | {100 * r['copy_share']:.0f}% | {r['registers']} | "
+                       f"{r['warps']} | {r['programs_per_sm']} ({r['residency_limit']}) | {r['waves']:.2f} | {r['waits']:.0f} |")  # fmt: skip
+        low = [r for r in rows if r["us"] == r["us"] and r["copy_share"] < BELOW]
+        out.append(f"\nBelow {100 * BELOW:.0f} % of copy bandwidth ({len(low)} of {len(rows)} launches):\n")
+        out.append("| launch | copy | limit | why it stays / what would lift it |")
+        out.append("|---|---|---|---|")
+        for r in low:
+            out.append(f"| {r['kernel']} | {100 * r['copy_share']:.0f}% | {r['limit']} | {why(r)} |")
+        for key, title in (("ops", "ops"), ("steps", "sampler step, one network call (a middle step of 3)")):
+            ents = [e for e in result[key] if e["device"] == device and e["shape"] == shape]
+            if not ents:
+                continue
+            out.append(f"\n{title}, gmkernels vs the reference composition (estimate):\n")
+            out.append("| case | dtype | gmkernels µs | launches | reference µs | launches | speedup |")
+            out.append("|---|---|---|---|---|---|---|")
+            for e in ents:
+                out.append(f"| {e['op']} | {e['dtype']} | {e['us']:.1f} | {e['launches']} | {e['reference_us']:.1f} | "
+                           f"{e['reference_launches']} | {e['speedup']:.1f}x |")  # fmt: skip
+        out.append("")
+    return "\n".join(out)
+
+
 def op_table(entries: list[dict], title: str) -> str:
     w = max([len(e["op"]) for e in entries] + [4])
     lines = [title, f"{'op':<{w}} {'dtype':<5} {'gmkernels µs':>12} {'launches':>8} {'reference µs':>12} {'launches':>8} {'speedup':>8}  limits"]
@@ -827,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="GM shapes or named sets ('bench', 'users', 'targets': ImageNet, FLUX, pi-Flow); default bench")
     p.add_argument("--device", default=",".join(DEFAULT_DEVICES), help=f"comma list of {','.join(pm.DEVICES)} (default h100)")
     p.add_argument("--json", metavar="PATH", help="write every row as JSON to PATH")
+    p.add_argument("--markdown", metavar="PATH", help="write the note's tables (per device) as markdown to PATH")
     p.add_argument("--reference", action="store_true", help="also each op and sampler step next to the reference composition")
     p.add_argument("--calibration", metavar="FILE", help="device constants measured by gpu_check --calibrate FILE")
     p.add_argument("--filter", default="", help="only launches whose name contains this")
@@ -873,6 +953,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
             f.write("\n")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            for dev in devices:
+                f.write(markdown_report(result, dev.name) + "\n")
     return 0
 
 
