@@ -65,11 +65,18 @@ def cache_dir() -> str:
 
 
 def _source_hash(case) -> str:
+    """The source a kernel's compile depends on: every module of its package and of the parent
+    package (its jit helpers may come from a sibling module, e.g. ``gmkernels.ops.policy``)."""
     import hashlib
-    import inspect
+    from pathlib import Path
 
     fn = getattr(case.kernel, "fn", case.kernel)
-    return hashlib.sha256(inspect.getsource(sys.modules[fn.__module__]).encode()).hexdigest()[:16]
+    folder = Path(sys.modules[fn.__module__].__file__).resolve().parent
+    h = hashlib.sha256()
+    for d in (folder, folder.parent):
+        for p in sorted(d.glob("*.py")):
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _row(case, r) -> dict:
@@ -89,8 +96,8 @@ def compile_rows(cases, archs=(80, 90), cache: bool = True, profile: bool = Fals
     ``(rows, failures)``: one row per case and arch (the ``--json`` rows, plus ``grid`` and, with
     ``profile``, ``profile``: ``gmkernels_bench.perfmodel.sass_profile`` of its SASS). With
     ``cache`` a row is kept on disk (``cache_dir()``) under its specialisation, the source of
-    its kernel's module, the triton version and the checkout, so a later call compiles only what
-    changed. ``on_row(case, arch, row, error)`` is called as rows come."""
+    its kernel's package (``_source_hash``), the triton version and the checkout, so a later call
+    compiles only what changed. ``on_row(case, arch, row, error)`` is called as rows come."""
     import hashlib
 
     import triton

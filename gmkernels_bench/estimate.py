@@ -545,8 +545,8 @@ def estimate_items(items: list[Item], counted: list[Counted], rows: dict, dev: p
         row = rows.get((it.case.name, dev.arch))
         programs = math.prod(it.case.grid) if it.case.grid else 0
         dram = sum(r + w for r, w in step.storages.values()) if c is not None else float("nan")
-        base = {"kernel": it.name, "step": it.step, "dtype": it.dtype, "programs": programs, "warps": it.case.num_warps,
-                "counted": c is not None}  # fmt: skip
+        base = {"kernel": it.name, "triton_kernel": it.case.kernel.fn.__name__, "step": it.step, "dtype": it.dtype,
+                "programs": programs, "warps": it.case.num_warps, "counted": c is not None}  # fmt: skip
         if row is None or c is None:
             out.append({**base, "us": float("nan"), "limit": "not estimated" if row else "not compiled", "dram_bytes": dram,
                         "copy_share": float("nan"), "programs_per_sm": None, "waves": None})  # fmt: skip
@@ -810,45 +810,82 @@ def shape_tag_policy(dims: tuple, dtype: str) -> str:
     return f"B{B},K{K},C{C},{H}x{W},N{128},{dtype}"
 
 
-#: why a launch below ``BELOW`` of copy bandwidth stays there, by kernel (the first matching
-#: prefix of the launch name); the limiting term and its numbers come from the estimate
+#: why a launch below ``BELOW`` of copy bandwidth stays there and what would lift it, by Triton
+#: kernel (and, for the fused step, its solver); the limiting term and its numbers come from the
+#: estimate. These are the kernel owners' to act on: this module only reports them.
 WHY = {
-    "_step_coef_kernel": "per-sample coefficients between the statistics and the step launches (B rows): a launch "
-                         "of a few KiB, the launch cost is its time; removing it means computing the coefficients "
-                         "redundantly in every program of the next launch (a grid-wide reduction is not available)",
-    "_guidance_bias_power_kernel": "per-sample sums (B rows): the launch cost is its time, as _step_coef_kernel",
-    "_fused_step_kernel": "GM-ODE: every substep evaluates the posterior over the K components of each pixel (N x K "
-                          "exponentials and C-wide dot products per pixel); the GM is read once, the work is "
-                          "N-fold: issue-bound by design, lifted only by fewer instructions per substep (exp2 on "
-                          "prescaled logits, the affine map folded into the loaded means once instead of per substep)",
-    "_gm_sde_step_kernel": "the Philox draw (integer multiply-heavy) and the inverse-CDF selection over K per pixel",
-    "_kr_inverse_kernel": "Newton iterations on the 1-D mixture CDF per channel (n_steps x K erf/exp per pixel): "
-                          "compute-bound by the algorithm",
-    "_kr_cdf_kernel": "the mixture CDF per channel (K erf per pixel and channel)",
-    "_policy_rollout_kernel": "128 substeps per launch, each a posterior over K per pixel: compute-bound by design "
-                              "(the GM is read once for all substeps)",
-    "_policy_pi_kernel": "one posterior over K per pixel with the affine map applied in registers",
+    "_step_coef_kernel": "per-sample coefficients between a statistics launch and the step (B rows, KiB): the "
+                         "launch cost is its time; only computing them in every program of the next launch "
+                         "(redundantly) would remove it",
+    "_guidance_bias_power_kernel": "per-sample sums between the guidance passes (B rows): the launch cost is its time",
+    "_fused_step_kernel gm-ode": "GM-ODE: each of the N substeps evaluates the posterior over the K components of "
+                                 "every pixel (N x K exponentials and C-wide dot products per pixel) on a GM read "
+                                 "once: issue-bound by design; fewer instructions per component and substep (exp2 "
+                                 "on prescaled logits, the affine map of op 5 applied once to the loaded means, "
+                                 "not per substep) would lift it",
+    "_fused_step_kernel gm-sde": "GM-SDE: the Philox draw (integer multiply-heavy) and the inverse-CDF pick over K "
+                                 "per pixel, plus the per-component reweighting math of the 2nd-order and guided "
+                                 "variants: bf16 halves the bytes, not the instructions; a cheaper counter-based "
+                                 "RNG (one Philox round per 4 normals is already the floor) or packing two bf16 "
+                                 "conversions per instruction would lift it",
+    "_fused_step_kernel": "the fused sampler step (see its solver)",
+    "_gm_sde_step_kernel": "the Philox draw and the inverse-CDF pick over K per pixel (as the fused GM-SDE step)",
+    "_kr_inverse_kernel": "Newton iterations on the 1-D mixture CDF, channel after channel (n_steps x K erf and exp "
+                          "per pixel and channel): compute-bound by the algorithm",
+    "_kr_cdf_kernel": "the mixture CDF per channel (K erf per pixel and channel): compute-bound by the algorithm",
+    "_policy_rollout_kernel": "128 Euler substeps in one launch, each a posterior over K per pixel, on a GM read "
+                              "once: compute-bound by design (the share of copy bandwidth is not its measure)",
+    "_policy_pi_kernel": "one posterior over K per pixel with op 5 applied to every loaded mean",
+    "_gm_posterior_mean_kernel": "the posterior per pixel (an exponential and a C-wide dot product per component): "
+                                 "in bf16 the bytes halve and the instructions stay",
+    "_transition_kernel": "the per-sample coefficients (divisions, logarithms of sigma and sigma_to) are computed "
+                          "for every row of the program's tile, not once per sample: hoisting them (one row of "
+                          "coefficients per program, or computed on the host) would make it DRAM-bound",
+    "_gm_sample_kernel": "the Philox draw and the inverse-CDF pick over K per pixel: bf16 halves the bytes only",
+    "_gm_moments_kernel": "two dependent load rounds per K tile (the log-weights' registers are reused for the "
+                          "means, so the means are loaded after the first wait) with K / BLOCK_K tiles per "
+                          "program: issuing the next tile's loads before the current tile's math (software "
+                          "pipelining, or num_stages > 1 with tl.range) would lift it",
+    "_gauss_mul_kernel": "a few KiB per sample at this shape: the launch cost is its time",
+    "_weight_guidance_kernel": "a small launch at this shape: the launch cost is its time",
+    "_guidance_stats_kernel": "a small launch at this shape",
 }
 BELOW = 0.70
 
 
 def why(row: dict) -> str:
-    """The reason a launch stays below ``BELOW`` of copy bandwidth: the kernel's (``WHY``), else
-    what its limiting term says."""
-    name = row["kernel"]
-    kernel = next((k for k in WHY if k in name or name.split(":")[-1].startswith(k)), None)
+    """The reason a launch stays below ``BELOW`` of copy bandwidth (``WHY`` by its Triton kernel,
+    else what its limiting term says) with the term's numbers."""
+    kernel = row.get("triton_kernel", "")
+    solver = "gm-ode" if ("gm-ode" in row["kernel"] or "gm_ode" in row["kernel"]) else ("gm-sde" if "sde" in row["kernel"] else "")
+    base = WHY.get(f"{kernel} {solver}") or WHY.get(kernel, "")
     limit = row["limit"]
-    base = WHY.get(kernel, "") if kernel else ""
     if limit == "launch":
-        detail = f"{_fmt_bytes(row['dram_bytes'])} MB moved: the launch cost is the floor"
+        detail = f"{_fmt_bytes(row['dram_bytes'])} MB moved, the launch cost is the floor"
     elif limit.startswith("issue"):
-        detail = f"issue-bound ({limit.split(':')[1]}), {row.get('waits', 0):.0f} waits per program"
+        detail = f"issue-bound ({limit.split(':')[1]})"
     elif limit == "latency":
-        detail = (f"{row['waits']:.0f} dependent waits per program, {row['programs_per_sm']} programs resident "
-                  f"({row['residency_limit']}): more resident warps or loads issued ahead would lift it")
+        detail = (f"latency-bound: {row['waits']:.0f} dependent waits per program, {row['programs_per_sm']} programs "
+                  f"resident ({row['residency_limit']})")  # fmt: skip
     else:
-        detail = limit
-    return f"{detail}; {base}" if base else detail
+        detail = f"{limit}-bound"
+    return f"{detail}: {base}" if base else detail
+
+
+def below_groups(rows: list[dict]) -> list[dict]:
+    """The launches below ``BELOW`` of copy bandwidth grouped by Triton kernel, solver and limit."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        if r["us"] == r["us"] and r["copy_share"] < BELOW:
+            solver = "gm-ode" if "gm-ode" in r["kernel"] or "gm_ode" in r["kernel"] else ("gm-sde" if "sde" in r["kernel"] else "")
+            groups.setdefault((r.get("triton_kernel", r["kernel"]), solver if "fused" in r.get("triton_kernel", "") else "", r["limit"]), []).append(r)
+    out = []
+    for (kernel, solver, limit), rs in groups.items():
+        cs = [r["copy_share"] for r in rs]
+        out.append({"kernel": kernel + (f" ({solver})" if solver else ""), "limit": limit, "launches": len(rs),
+                    "copy_min": min(cs), "copy_max": max(cs), "us_min": min(r["us"] for r in rs), "us_max": max(r["us"] for r in rs),
+                    "dtypes": sorted({r.get("dtype", "") for r in rs}), "why": why(rs[0]), "names": [r["kernel"] for r in rs]})  # fmt: skip
+    return sorted(out, key=lambda g: g["copy_min"])
 
 
 def markdown_report(result: dict, device: str) -> str:
@@ -870,11 +907,13 @@ def markdown_report(result: dict, device: str) -> str:
             out.append(f"| {r['kernel']} | {r['us']:.1f} | {r['limit']} | {100 * r['copy_share']:.0f}% | {r['registers']} | "
                        f"{r['warps']} | {r['programs_per_sm']} ({r['residency_limit']}) | {r['waves']:.2f} | {r['waits']:.0f} |")  # fmt: skip
         low = [r for r in rows if r["us"] == r["us"] and r["copy_share"] < BELOW]
-        out.append(f"\nBelow {100 * BELOW:.0f} % of copy bandwidth ({len(low)} of {len(rows)} launches):\n")
-        out.append("| launch | copy | limit | why it stays / what would lift it |")
-        out.append("|---|---|---|---|")
-        for r in low:
-            out.append(f"| {r['kernel']} | {100 * r['copy_share']:.0f}% | {r['limit']} | {why(r)} |")
+        out.append(f"\nBelow {100 * BELOW:.0f} % of copy bandwidth: {len(low)} of {len(rows)} launches, by kernel and limit "
+                   "(every launch is in the table above and in the JSON):\n")
+        out.append("| kernel | limit | launches | dtypes | copy | µs | why it stays / what would lift it |")
+        out.append("|---|---|---|---|---|---|---|")
+        for g in below_groups(rows):
+            out.append(f"| {g['kernel']} | {g['limit']} | {g['launches']} | {','.join(g['dtypes'])} | "
+                       f"{100 * g['copy_min']:.0f}–{100 * g['copy_max']:.0f}% | {g['us_min']:.1f}–{g['us_max']:.1f} | {g['why']} |")  # fmt: skip
         for key, title in (("ops", "ops"), ("steps", "sampler step, one network call (a middle step of 3)")):
             ents = [e for e in result[key] if e["device"] == device and e["shape"] == shape]
             if not ents:

@@ -28,7 +28,8 @@ slower), which ``estimate`` matches to the SASS line table to count each loop's 
 
 ``launch_cases_traffic`` counts the launches that ``gmkernels_bench.aot`` records for a
 family's ``aot_cases`` (meta tensors): each recorded launch is replayed in the interpreter on
-CPU tensors of the same sizes, strides and aliasing, filled with values in (0.1, 0.9).
+CPU tensors of the same sizes and strides, one storage per argument, filled with values in
+(0.1, 0.9).
 """
 
 from __future__ import annotations
@@ -372,22 +373,26 @@ def union_bytes(launches: list[LaunchTraffic], kind: str) -> int:
 # replaying the launches that gmkernels_bench.aot records on meta tensors
 
 
-def materialise(args: tuple, kwargs: dict, seed: int = 0) -> tuple[tuple, dict]:
+def materialise(args: tuple, kwargs: dict, seed: int = 0, alias: bool = False) -> tuple[tuple, dict]:
     """``args`` / ``kwargs`` with every ``meta`` tensor replaced by a CPU tensor of the same
-    dtype, sizes, strides and storage offset over a CPU storage as long as its meta storage
-    (tensors that share a meta storage share the CPU one). Floats are uniform in (0.1, 0.9),
-    integers in [1, 1000): values a kernel can run on without ``inf`` / ``NaN`` control flow
-    or out-of-range gathers."""
+    dtype, sizes, strides and storage offset over a CPU storage as long as its meta storage.
+    Each argument gets its own storage unless ``alias`` (then tensors that share a meta storage
+    share the CPU one): the AOT cases pass one meta GM for what are two GMs at run time (both
+    GMs of guidance), so the traffic of each argument is counted apart. Floats are uniform in
+    (0.1, 0.9), integers in [1, 1000): values a kernel can run on without ``inf`` / ``NaN``
+    control flow or out-of-range gathers."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    storages: dict[int, Any] = {}
+    storages: dict[Any, Any] = {}
+    position = [0]
 
     def move(t: Any) -> Any:
+        position[0] += 1
         if not isinstance(t, torch.Tensor) or t.device.type != "meta":
             return t
         st = t.untyped_storage()
-        key = st._cdata
+        key = st._cdata if alias else position[0]
         if key not in storages:
             n = max(st.nbytes() // t.element_size(), 1)
             if t.dtype.is_floating_point:
@@ -408,7 +413,7 @@ def replay(kernel: Any, grid: tuple, args: tuple, kwargs: dict, lines: bool = Fa
 
     if not isinstance(kernel, InterpretedFunction):
         raise RuntimeError("replaying a launch needs TRITON_INTERPRET=1 before triton is imported")
-    cargs, ckwargs = materialise(args, kwargs)
+    cargs, ckwargs = materialise(args, kwargs)  # one storage per argument: storages are arguments
     with count_traffic(lines=lines) as launches:
         kernel[grid](*cargs, **ckwargs)
     (rec,) = launches

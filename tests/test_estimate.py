@@ -168,3 +168,22 @@ def test_the_dry_run_shows_the_calibration():
                           cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "calibrate part" in proc.stdout and "pointer chase" in proc.stdout and "calibrate " in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_estimate_command_line_end_to_end(tmp_path):
+    """Records, counts, compiles (child process) and estimates one op family at a tiny shape."""
+    import json
+
+    out = tmp_path / "est.json"
+    env = {**os.environ, "PYTHONPATH": REPO, "GMKERNELS_BENCH_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "gmkernels_bench.estimate", "--shapes", "2,3,3,5,7", "--filter", "gm_to_mean",
+                           "--device", "a100,h100", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1800)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["device"], r["dtype"]) for r in rows} == {(d, t) for d in ("A100-SXM4-80GB", "H100-SXM5-80GB") for t in ("fp32", "bf16")}
+    for r in rows:
+        assert r["us"] >= 2.5 and r["limit"] and r["programs_per_sm"] >= 1 and r["dram_bytes"] > 0
+        assert set(r) >= {"kernel", "shape", "dtype", "device", "us", "limit", "dram_bytes", "copy_share", "programs_per_sm", "waves"}
+    assert "uncalibrated estimate" in proc.stdout
