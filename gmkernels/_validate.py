@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import torch
 
+from .ops._launch import checked_once
+
 Sigma = Union[float, torch.Tensor]
 
 
@@ -372,6 +374,49 @@ def check_model_output(out: Any, name: str = "gm_u") -> None:
                 f"(or the pair (gm_cond, gm_uncond) when guidance_scale > 0), got {got}"
                 + (" inside a sequence" if item is not out else "")
             )
+
+
+def check_step_output(cond: Any, uncond: Any, x: Any, generator: Any, step: int, t: float) -> None:
+    """What a sampler step consumes, on every backend alike: the denoiser's output at ``step``
+    (timestep ``t``), ``cond`` (and ``uncond`` under guidance, else None) u-GMs that match the
+    state ``x (*B, C, H, W)`` in ``*B, C, H, W`` and device, and ``generator`` None or a
+    ``torch.Generator``. The errors name the output and the step. The checks run once per
+    metadata of the tensors (``checked_once``)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        check_generator(generator)
+    if type(cond) is dict and (uncond is None or type(uncond) is dict):
+        tensors = [cond.get("means"), cond.get("logstds"), cond.get("logweights"), x]
+        if uncond is not None:
+            tensors += [uncond.get("means"), uncond.get("logstds"), uncond.get("logweights")]
+        checked_once("step output", lambda: _check_step_output(cond, uncond, x, step, t), *tensors)
+    else:
+        _check_step_output(cond, uncond, x, step, t)
+
+
+def _check_step_output(cond: Any, uncond: Any, x: Any, step: int, t: float) -> GMShape:
+    check_model_output(cond if uncond is None else (cond, uncond))
+    check_float_tensor(x, "x")
+    name = "gm_u" if uncond is None else "gm_cond"
+    try:
+        s = check_gm(cond, name)
+        if uncond is not None:
+            u = check_gm(uncond, "gm_uncond")
+            if (u.batch, u.C, u.H, u.W) != (s.batch, s.C, s.H, s.W) or u.device != s.device:
+                raise ValueError(
+                    f"gm_uncond['means'] {(*u.batch, u.K, u.C, u.H, u.W)} on {u.device} must match "
+                    f"gm_cond['means'] {(*s.batch, s.K, s.C, s.H, s.W)} on {s.device} in *B, C, H, W and device"
+                )
+        if x.device != s.device:
+            raise ValueError(f"{name} is on {s.device} but the state x_t is on {x.device}")
+        if tuple(x.shape) != pixel_shape(s):
+            B, C, H, W = x.shape[:-3], *x.shape[-3:]
+            raise ValueError(
+                f"{name}['means'] {_shape(cond['means'])} does not match the state x_t {_shape(x)}: a u-GM for it has "
+                f"means (*B, K, C, H, W) = {(*B, 'K', C, H, W)}"
+            )
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"the denoiser's output at step {step} (t={t:g}): {e}") from None
+    return s
 
 
 def check_power(power: Any, name: str) -> float:

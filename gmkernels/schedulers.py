@@ -15,10 +15,10 @@ Schedule (docs/solvers.md): for ``S`` steps of ``N`` substeps, ``s_i = 1 - i / (
 ``sigma_i = shift * s_i / (1 + (shift - 1) * s_i)`` for ``i < S*N``, then ``sigma = 0``;
 ``t = 1000 * sigma``. ``timesteps`` holds the ``S`` main-step timesteps.
 
-Triton path: ``step`` runs ``gmkernels.ops.solver_steps.fused_step``, one kernel on the
+Triton path: ``step`` runs ``gmkernels.ops.solver.fused_step``, one kernel on the
 network's GM in its own dtype (plus statistics launches of it under guidance and at 2nd order):
 no x0-GM, guided GM or float32 copy of the network output is formed. The torch path composes the
-ops eagerly (``_x0_gm``); the two agree to fp32 accuracy (``tests/test_solver_steps.py``).
+ops eagerly (``_x0_gm``); the two agree to fp32 accuracy (``tests/test_solver.py``).
 
 No host synchronisation: ``step`` advances an internal step index (``t`` is not looked up in
 the table, which would read a device value), all sigmas are Python floats or a device table
@@ -34,13 +34,13 @@ import math
 import torch
 
 from ._dispatch import select_backend
-from ._validate import check_gm, check_model_output, check_positive, check_power, check_state
+from ._validate import check_positive, check_power, check_step_output
 from .ops._launch import kernels_wanted
-from .ops.guidance import _check_pair, mean_cfg, probabilistic_guidance, weight_guidance
+from .ops.guidance import mean_cfg, probabilistic_guidance, weight_guidance
 from .ops.mixture import gm_to_iso_gaussian, gm_to_mean
 from .ops.posterior import gm_posterior_mean
 from .ops.product import gm_mul_iso_gaussian
-from .ops.solver_steps import CA, CB, RHO_MIN, fused_step, gm_ode_substeps, gm_sde_step
+from .ops.solver import CA, CB, RHO_MIN, fused_step, gm_ode_substeps, gm_sde_step
 from .ops.transition import u_to_x0
 
 T = 1000.0
@@ -247,7 +247,6 @@ class _GMSchedulerBase(abc.ABC):
         """
         if self.timesteps is None:
             raise RuntimeError("call set_timesteps(num_steps, substeps, shift) before step()")
-        check_model_output(gm_u)
         i = self.step_index
         if i >= self.num_steps:
             raise RuntimeError(f"all {self.num_steps} steps are done; call set_timesteps again")
@@ -256,6 +255,7 @@ class _GMSchedulerBase(abc.ABC):
         if isinstance(t, (int, float)) and not math.isclose(float(t), T * sigma, rel_tol=1e-5, abs_tol=1e-3):
             raise ValueError(f"t={t} does not match step {i} of the schedule (t={T * sigma})")
         cond, uncond = self._split(gm_u)
+        check_step_output(cond, uncond, x, generator, i, T * sigma)
         if self.fused and kernels_wanted(cond["means"], x):
             x = self._fused_step(cond, uncond, x, i, generator)
         else:
@@ -269,8 +269,6 @@ class _GMSchedulerBase(abc.ABC):
         (plus statistics launches of it under guidance or at 2nd order), no x0-GM formed. At 2nd
         order the memory is the previous first-order GM's posterior mean at this state
         (``(*B, C, H, W)`` float32, written by the previous step's kernel) and its step size."""
-        s = check_gm(cond, "gm_cond") if uncond is None else _check_pair(cond, uncond)
-        check_state(x, "x", s)
         N = self.substeps
         levels = (self.sigmas[i * N], self.sigmas[(i + 1) * N])
         prev = self._prev if self.order == 2 else None

@@ -494,8 +494,9 @@ def policy_cases(dtype: torch.dtype, device: torch.device, quick: bool, compile_
 
 
 def step_launches(solver: str, order: int, guidance: str, orthogonal: float = 1.0) -> list[int]:
-    """The launches of ``_fused_step_kernel`` in one sampler step of the Triton path, as its
-    ``STATS`` mode: 1 and 2 are statistics passes, 0 the step itself (``solver_steps.fused_step``).
+    """The statistics and step launches of one sampler step of the Triton path, as their mode: 1
+    and 2 are ``_step_stats_kernel``'s passes, 0 ``_step_kernel``, the step itself
+    (``gmkernels.ops.solver.step``).
     ``guidance`` is ``"none"`` or a guidance mode with a scale > 0; ``order`` 2 means a step with
     a previous one (the first step of a loop is first order)."""
     del solver  # GM-ODE and GM-SDE launch alike
@@ -529,7 +530,7 @@ def step_traffic(shape: Shape, gm_dtype: torch.dtype, state_dtype: torch.dtype, 
     log-weights under weight guidance (the first launch keeps ``m_u``, ``X`` float32, which the
     later ones read instead), the state, the 2nd-order memory (``X`` in float32, ``launch_reads_memory``) and the
     outputs: the new state and, at 2nd order except after the last step, the posterior mean for
-    the next step (``X`` float32). Per-sample scalars (``B * 8`` partial sums per program) are
+    the next step (``X`` float32). Per-sample scalars (a few partial sums per program) are
     left out. ``tests/test_sampler.py`` checks the launch list against the kernel launches.
 
     Returns:

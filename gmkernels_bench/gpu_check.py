@@ -59,7 +59,7 @@ KERNEL_TESTS = (
     "tests/test_kernels_likelihood.py",
     "tests/test_kernels_sampling.py",
     "tests/test_inverse_cdf.py",
-    "tests/test_solver_steps.py",
+    "tests/test_solver.py",
     "tests/test_nll.py",
 )
 BENCH_SHAPES = ("imagenet", "large-k")

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 import gmkernels_bench.aot as aot  # noqa: E402
 from gmkernels_bench.aot import FAMILIES, SHAPE_SETS, AotCase, sass_stats, shape_cases  # noqa: E402
-from gmkernels.ops.solver_steps import _PACK_FUSED  # noqa: E402
+from gmkernels.ops.solver.common import PACK_FUSED as _PACK_FUSED  # noqa: E402
 
 
 def test_all_kernels_compile_without_spills():
@@ -95,7 +95,7 @@ def test_launch_grids_fit_cuda_limits(shape):
 
 
 # launches that still run one point per program on point data: the fused solver step packs rows
-# only from triton 3.9 (solver_steps._PACK_FUSED: triton 3.6 spread the packed tiles' threads along K)
+# only from triton 3.9 (solver.common.PACK_FUSED: triton 3.6 spread the packed tiles' threads along K)
 def _point_data_gap(name: str) -> bool:
     return not _PACK_FUSED and name.startswith(("gm_ode_substeps[", "fused_step["))
 

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import gmkernels
-from gmkernels.ops import solver_steps
+from gmkernels.ops.solver import step as solver_step
 from gmkernels.schedulers import SCHEDULERS, FlowEulerScheduler, GMFlowODEScheduler, GMFlowSDEScheduler, schedule_sigmas
 from gmkernels_bench.cases import Shape, launch_reads_memory, step_launches, step_traffic
 
@@ -228,13 +228,19 @@ def test_triton_path_matches_torch_path():
 
 class _Allocations(TorchDispatchMode):
     """Records ``(numel, bytes)`` of every tensor an aten op returns in fresh storage (kernel
-    outputs are allocated by ``torch.empty`` and so appear here too; views do not)."""
+    outputs are allocated by ``torch.empty`` and so appear here too; views do not). The Python
+    body of a ``gmkernels::`` custom op runs under the mode, so its allocations count."""
 
     def __init__(self):
         super().__init__()
         self.new = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "gmkernels":
+            from torch._library.custom_ops import _maybe_get_opdef
+
+            with self:
+                return _maybe_get_opdef(func)._init_fn(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
@@ -267,16 +273,19 @@ def test_step_allocation_audit(solver, order, guidance, scale, dtype, monkeypatc
     sched.set_timesteps(3, 3 if solver == "gm-ode" else 1)
     x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(0))
     launches = []
-    kernel = solver_steps._fused_step_kernel
 
     class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                launches.append((kw["STATS"], kw["ORDER2"]))
-                return kernel[grid](*args, **kw)
+                launches.append((kw.get("MODE", 0), kw["ORDER2"]))
+                return self.kernel[grid](*args, **kw)
             return launch
 
-    monkeypatch.setattr(solver_steps, "_fused_step_kernel", Recorder())
+    for name in ("_step_stats_kernel", "_step_kernel"):
+        monkeypatch.setattr(solver_step, name, Recorder(getattr(solver_step, name)))
     with gmkernels.use_backend("triton"):
         x = sched.step(out, sched.timesteps[0], x, generator=torch.Generator().manual_seed(0))
         launches.clear()
