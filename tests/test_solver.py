@@ -306,10 +306,9 @@ def test_ops_pass_opcheck_on_cpu():
     sig, seed, prev = torch.tensor([0.9, 0.7, 0.6]), torch.tensor([5]), make_state(shape, 3, torch.float32)
     m, ls, lw = gm["means"], gm["logstds"], gm["logweights"]
     for step_args in [
-        (m, ls, lw, None, None, x, sig, None, None, False, "none", False, 0.0, 0.0, 0.3, 0.0, 0.9, 0.6, 1e-6),
-        (m, ls, lw, u["means"], u["logweights"], x, sig, prev, None, False, "probabilistic", True, 0.5, 1.0, 0.3, 0.2, 0.9, 0.6,
-         1e-6),
-        (m, ls, lw, u["means"], u["logweights"], x, sig[:2], prev, seed, True, "weight", False, 2.0, 0.0, 0.3, 0.2, 0.9, 0.7, 1e-6),
+        (m, ls, lw, None, None, x, sig, None, None, "none", False, 0.0, 0.0, 0.3, 0.0, 0.9, 0.6, 1e-6),
+        (m, ls, lw, u["means"], u["logweights"], x, sig, prev, None, "probabilistic", True, 0.5, 1.0, 0.3, 0.2, 0.9, 0.6, 1e-6),
+        (m, ls, lw, u["means"], u["logweights"], x, sig[:2], prev, seed, "weight", False, 2.0, 0.0, 0.3, 0.2, 0.9, 0.7, 1e-6),
     ]:  # fmt: skip
         torch.library.opcheck(torch.ops.gmkernels.fused_step, step_args)
 

@@ -94,13 +94,18 @@ def flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def program_pixels(NPIX, HW, NPB, BLOCK_P: tl.constexpr, INT64: tl.constexpr, PACK: tl.constexpr):
-        """This program's batch row ``b``, pixels ``p [BP]``, their mask and its statistics row:
-        a grid of ``B * NPB`` programs, pixel blocks fastest (any batch size fits CUDA's
-        limits); with ``PACK`` (``HW == 1``, ``NPIX = B`` rows of one pixel) lane ``i`` holds
-        row ``pid * BLOCK_P + i``: ``b`` is then a per-lane vector (lanes past the end alias the
-        last row, so unmasked per-row loads stay in bounds), ``p = 0`` and the statistics row is
-        the lane's sample. Offsets in int64 when ``INT64``."""
+    def program_state(x_ptr, ls_ptr, sig_ptr, NPIX, HW, NPB, C, s_xb, s_xc, s_xp, s_lsb, s_lsp,
+                      BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+                      PACK: tl.constexpr):  # fmt: skip
+        """What a GM-ODE or fused-step program owns and loads first: its batch row ``b``, pixels
+        ``p [BP]`` and their mask, its statistics row, the channel and K ranges, the mask of its
+        ``[BC, BP]`` tile, the state ``x`` there (float32), ``sigmas[0]`` and the log-stds ``[BP]``.
+
+        A grid of ``B * NPB`` programs, pixel blocks fastest (any batch size fits CUDA's limits);
+        with ``PACK`` (``HW == 1``, ``NPIX = B`` rows of one pixel) lane ``i`` holds row
+        ``pid * BLOCK_P + i``: ``b`` is then a per-lane vector (lanes past the end alias the last
+        row, so unmasked per-row loads stay in bounds), ``p = 0`` and the statistics row is the
+        lane's sample. Offsets in int64 when ``INT64``."""
         pid = tl.program_id(0)
         if PACK:
             q = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -114,10 +119,17 @@ if triton is not None:
             p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
             pmask = p < HW
             srow = pid
+        c = tl.arange(0, BLOCK_C)
+        kr = tl.arange(0, BLOCK_K)
         if INT64:
             b = b.to(tl.int64)
             p = p.to(tl.int64)
-        return b, p, pmask, srow
+        cmask = c < C
+        xmask = cmask[:, None] & pmask[None, :]
+        x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
+        sb = tl.load(sig_ptr).to(tl.float32)
+        ls = tl.load(ls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)
+        return b, p, pmask, srow, c, kr, xmask, x, sb, ls
 
     @triton.jit
     def philox_randn(seed, offset):

@@ -35,7 +35,7 @@ except ImportError:  # the torch path still works
 Sigmas = Union[Sequence[float], torch.Tensor]
 
 if triton is not None:
-    from .common import fs_load, ode_substeps, program_pixels
+    from .common import fs_load, ode_substeps, program_state
 
     @triton.jit(do_not_specialize=["HW", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_xb", "s_xc"])
     def _gm_ode_kernel(
@@ -47,16 +47,10 @@ if triton is not None:
         INT64: tl.constexpr, PACK: tl.constexpr = False,
     ):  # fmt: skip
         """``N`` GM-ODE substeps (``ode_substeps``) of the x0-GM ``(m, lw, ls)`` for the pixels of
-        ``program_pixels``, all channels: the state ``x (B, C, HW)`` from ``sig[0]`` to ``sig[N]``,
+        ``program_state``, all channels: the state ``x (B, C, HW)`` from ``sig[0]`` to ``sig[N]``,
         written to ``out`` (contiguous). The means are taken as loaded (``0 + 1 * mu``)."""
-        b, p, pmask, _ = program_pixels(NPIX, HW, NPB, BLOCK_P, INT64, PACK)
-        c = tl.arange(0, BLOCK_C)
-        kr = tl.arange(0, BLOCK_K)
-        cmask = c < C
-        xmask = cmask[:, None] & pmask[None, :]
-        x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
-        sb = tl.load(sig_ptr).to(tl.float32)
-        ls = tl.load(ls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)
+        b, p, pmask, _, c, kr, xmask, x, sb, ls = program_state(x_ptr, ls_ptr, sig_ptr, NPIX, HW, NPB, C, s_xb, s_xc, s_xp, s_lsb,
+                                                                s_lsp, BLOCK_K, BLOCK_C, BLOCK_P, INT64, PACK)  # fmt: skip
         s2 = tl.exp(tl.minimum(2.0 * ls, 80.0))
         # the GM as stored (no unconditional log-weights: 0)
         src = (m_ptr + b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp, lw_ptr + b * s_lb + p[None, :] * s_lp,

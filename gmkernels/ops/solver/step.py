@@ -50,7 +50,7 @@ except ImportError:  # the torch path still works
     triton = None
 
 if triton is not None:
-    from .common import fs_load, fs_pass, fs_transfer, ode_substeps, philox_randn, program_pixels
+    from .common import fs_load, fs_pass, fs_transfer, ode_substeps, philox_randn, program_state
 
     @triton.jit
     def _stat_store(ptr, v, pmask, PACK: tl.constexpr):
@@ -74,15 +74,9 @@ if triton is not None:
         unconditional mean ``m_u`` (loaded from ``mu_ptr`` with ``MU_IN``; else the caller
         computes it), ``d = m_c - m_u`` and ``db = d - proj m_c``."""
         UNCOND: tl.constexpr = GUIDANCE == "probabilistic" or GUIDANCE == "mean-cfg"
-        b, p, pmask, srow = program_pixels(NPIX, HW, NPB, BLOCK_P, INT64, PACK)
-        c = tl.arange(0, BLOCK_C)
-        kr = tl.arange(0, BLOCK_K)
-        cmask = c < C
-        xmask = cmask[:, None] & pmask[None, :]
-        x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
-        sb = tl.load(sig_ptr).to(tl.float32)
+        b, p, pmask, srow, c, kr, xmask, x, sb, ls = program_state(x_ptr, uls_ptr, sig_ptr, NPIX, HW, NPB, C, s_xb, s_xc, s_xp,
+                                                                   s_lsb, s_lsp, BLOCK_K, BLOCK_C, BLOCK_P, INT64, PACK)  # fmt: skip
         a0 = -sb
-        ls = tl.load(uls_ptr + b * s_lsb + p * s_lsp, mask=pmask, other=0.0).to(tl.float32)
         ls = ls + tl.log(tl.maximum(sb, eps))  # x0 log-std, op 5
         s2 = tl.exp(tl.minimum(2.0 * ls, 80.0))
         lu_base = 0  # only weight guidance reads unconditional log-weights (0, not None: a tuple entry needs a type)
@@ -166,7 +160,7 @@ if triton is not None:
         MODE: tl.constexpr, GUIDANCE: tl.constexpr, ORDER2: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr, PACK: tl.constexpr = False,
     ):  # fmt: skip
-        """A statistics pass of the step for the pixels of ``program_pixels``: per-program partial
+        """A statistics pass of the step for the pixels of ``program_state``: per-program partial
         sums (with ``PACK`` per-lane sums, the rows of ``stat_ptr`` then being samples).
 
         ``MODE=1``: the ``STAT_VAR``, ``STAT_D_MC``, ``STAT_MC_MC``, ``STAT_D_D`` and, at 2nd order
@@ -216,7 +210,7 @@ if triton is not None:
         SDE: tl.constexpr, GUIDANCE: tl.constexpr, ORDER2: tl.constexpr, POST: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr, PACK: tl.constexpr = False,
     ):  # fmt: skip
-        """The step for the pixels of ``program_pixels``, all channels (module docstring): ``A``,
+        """The step for the pixels of ``program_state``, all channels (module docstring): ``A``,
         the GM that moves the state, is ``F`` (``_guided``) at first order and ``R'`` reweighted
         by ``N(gA, vA)`` at 2nd order; ``SDE`` draws from ``A`` (constants ``c1t, c2t, c3t``),
         else ``N`` GM-ODE substeps on it. ``POST`` also writes the posterior mean of ``F`` at the
@@ -485,14 +479,15 @@ _PLANS = PlanCache()
 def _step_launches(
     means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, u_means: Optional[torch.Tensor],
     u_logweights: Optional[torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor, prev_mean: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor], sde: bool, guidance: str, post: bool, scale: float, amount: float, h: float, h_prev: float,
+    seed: Optional[torch.Tensor], guidance: str, post: bool, scale: float, amount: float, h: float, h_prev: float,
     sigma: float, sigma_next: float, eps: float,
 ) -> list[torch.Tensor]:  # fmt: skip
     """The body of ``gmkernels::fused_step`` (arguments as ``fused_step``'s; ``u_means``,
     ``u_logweights`` the unconditional GM's under guidance that reads it, ``seed`` the int64
-    Philox seed of a GM-SDE step, ``amount`` the orthogonalisation): every launch of the step.
+    Philox seed of a GM-SDE step, None for GM-ODE, ``amount`` the orthogonalisation): every
+    launch of the step.
     Returns ``[x_next]`` or, with ``post``, ``[x_next, post_mean]``."""
-    order2 = prev_mean is not None
+    order2, sde = prev_mean is not None, seed is not None
     prob, weight, meancfg = guidance == "probabilistic", guidance == "weight", guidance == "mean-cfg"
     has_uncond = prob or meancfg
     tensors = (means, logweights, logstds, means if u_means is None else u_means, logweights if u_logweights is None else u_logweights, x)
@@ -545,7 +540,7 @@ if triton is not None:
     _fused_step_op = torch.library.custom_op("gmkernels::fused_step", _step_launches, mutates_args=())
 
     @_fused_step_op.register_fake
-    def _(means, logstds, logweights, u_means, u_logweights, x, sigmas, prev_mean, seed, sde, guidance, post, *args):
+    def _(means, logstds, logweights, u_means, u_logweights, x, sigmas, prev_mean, seed, guidance, post, *args):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         return [out, torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)] if post else [out]
 
@@ -595,5 +590,5 @@ def fused_step(
         gen_device = x.device if generator is None else generator.device
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).to(x.device)
     outs = _fused_step_op(cond["means"], cond["logstds"], cond["logweights"], u_means, u_logweights, x, sigmas, prev_mean, seed,
-                          sde, guidance, post, float(scale), amount, h, h_prev, levels[0], levels[1], eps)  # fmt: skip
+                          guidance, post, float(scale), amount, h, h_prev, levels[0], levels[1], eps)  # fmt: skip
     return outs[0], (outs[1] if post else None)
