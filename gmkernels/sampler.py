@@ -27,7 +27,6 @@ The model itself must be capturable (static shapes, no host synchronisation), an
 
 from __future__ import annotations
 
-
 from ._validate import check_float_tensor, check_generator
 from .schedulers import SCHEDULERS
 

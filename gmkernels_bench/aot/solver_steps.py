@@ -8,7 +8,7 @@ from gmkernels.ops.solver.ode import _launch_ode
 from gmkernels.ops.solver.sde import _sde_step_launch
 from gmkernels.ops.solver.step import _step_launches
 
-from . import AOT_DTYPES, SHAPE_SETS, AotCase, bench_shape_cases, launch_cases, meta_gm, shape_tag
+from . import AOT_DTYPES, SHAPE_SETS, AotCase, launch_cases, meta_gm, shape_tag
 
 #: the sampler's step variants (``schedulers``' launches, ``gmkernels_bench.cases.step_launches``):
 #: solver x order x guidance mode (orthogonal 1.0 where the mode has it)
