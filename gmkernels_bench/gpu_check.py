@@ -56,11 +56,11 @@ KERNEL_TESTS = (
     "tests/test_kernels_posterior.py",
     "tests/test_kernels_transition.py",
     "tests/test_kernels_guidance.py",
-    "tests/test_kernels_likelihood.py",
+    "tests/test_likelihood.py",
     "tests/test_kernels_sampling.py",
     "tests/test_inverse_cdf.py",
     "tests/test_solver_steps.py",
-    "tests/test_nll.py",
+    "tests/test_policy.py",
 )
 BENCH_SHAPES = ("imagenet", "large-k")
 BENCH_DTYPES = "fp32,bf16"

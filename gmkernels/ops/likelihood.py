@@ -306,13 +306,12 @@ if triton is not None:
 
 
 def _blocks(K: int, P: int, transition: bool = False, backward: bool = False, tile: int = TILE) -> tuple[int, int]:
-    """``(BLOCK_K, BLOCK_P)``: 128 pixels per program (128-bit loads; for grids of few programs
-    a smaller block would give more of them, but at 32 and 64 pixels ptxas spilled a register in
-    some sm_80 / sm_90 builds at the users shapes of the compile report, and at 128 none), and as
-    many components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``tile`` elements (8 fp32
-    per thread at 4 warps). The transition map holds more per pixel: its backward takes half that
-    (a quarter spilled in the fp32 point-data backward at sm_80), its forward a quarter (half
-    spilled 8 bytes in the bf16 point-data forward at sm_90 with triton 3.6)."""
+    """``(BLOCK_K, BLOCK_P)``: 128 pixels per program (128-bit loads; smaller blocks, which would
+    give grids of few programs more of them, spill a register in some sm_80 / sm_90 builds at the
+    compile report's users shapes), and as many components per tile as keep the
+    ``BLOCK_K x BLOCK_P`` tile at ``tile`` elements (8 fp32 per thread at 4 warps). The
+    transition map holds more per pixel: its backward takes half that tile, its forward a quarter
+    (larger ones spill in the point-data builds)."""
     block_p = min(next_pow2(P), 128)
     if transition:
         tile = tile // 2 if backward else tile // 4
