@@ -26,7 +26,10 @@ import gmkernels as G
 import gmkernels.ops.likelihood as lik
 import reference.likelihood as R
 import reference.transition as RT
-from strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
+from strategies import (
+    TOL, assert_compiled_training_matches_eager, assert_int64_offsets_change_nothing, gm_shapes, make_gm, make_state,
+    rel_err, seeds, sigmas,
+)
 
 LOWP = (torch.bfloat16, torch.float16)
 INF = math.inf
@@ -688,11 +691,7 @@ def test_nll_int64_offsets():
         return nll, trans, *grads, G.gm_logprob(gm, y.unsqueeze(-4))
 
     with G.use_backend("triton"):
-        want = run()
-        with mock.patch.object(lik, "needs_int64", lambda *t: True):
-            got = run()
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
+        assert_int64_offsets_change_nothing(run, lik)
 
 
 # --------------------------------------------------------------------------------------------
@@ -843,10 +842,4 @@ def test_losses_compile_with_fullgraph_forward_and_backward():
         return loss.detach(), *torch.autograd.grad(loss, leaves)
 
     with G.use_backend("triton"):
-        for fn in (nll, transition):
-            eager = loss_and_grads(fn)
-            with mock.patch.object(lik, "_launch_nll_bwd", wraps=lik._launch_nll_bwd) as bwd:
-                compiled = loss_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True))
-            assert bwd.call_count == 1
-            for a, b in zip(compiled, eager):
-                assert rel_err(a, b) < 1e-6
+        assert_compiled_training_matches_eager((nll, transition), loss_and_grads, lik, "_launch_nll_bwd")

@@ -21,7 +21,9 @@ import reference.policy as ref
 from gmkernels.ops import policy as ops
 from gmkernels.policy import GMFlowPolicy
 from reference.solver_steps import gm_ode_substeps
-from tests.strategies import TOL, make_gm, make_state, rel_err, seeds
+from tests.strategies import (
+    TOL, assert_compiled_training_matches_eager, assert_int64_offsets_change_nothing, make_gm, make_state, rel_err, seeds,
+)
 
 
 def warp_fn(shift):
@@ -506,11 +508,7 @@ def test_int64_offsets():
         return out, u, *torch.autograd.grad((out.square().sum(), u.sum()), list(g.values()))
 
     with gmkernels.use_backend("triton"):
-        want = run()
-        with mock.patch.object(ops, "needs_int64", lambda *t: True):
-            got = run()
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
+        assert_int64_offsets_change_nothing(run, ops)
 
 
 def _policy_args(shape, seed, grad: bool):
@@ -569,10 +567,4 @@ def test_policy_compiles_with_fullgraph_forward_and_backward():
         return out.detach(), *torch.autograd.grad(out.square().sum(), leaves)
 
     with gmkernels.use_backend("triton"):
-        for fn in (pi, rollout):
-            eager = value_and_grads(fn)
-            with mock.patch.object(ops, "_launch_backward", wraps=ops._launch_backward) as bwd:
-                compiled = value_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True))
-            assert bwd.call_count == 1
-            for a, b in zip(compiled, eager):
-                assert rel_err(a, b) < 1e-6
+        assert_compiled_training_matches_eager((pi, rollout), value_and_grads, ops, "_launch_backward")

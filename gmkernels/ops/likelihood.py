@@ -378,7 +378,7 @@ def _launch_loglik(means, logstds, logweights, y, x, t_high, t_low, istd_max: fl
     reverse transition of the u-GM ``(means, logstds, logweights)`` from ``(x, t_high)`` to
     ``t_low`` (all three None: the GM itself). The plan is stored per shape (``planned_args``;
     its key leaves out ``out``, allocated here contiguous, and the stand-ins of ``_views``)."""
-    *batch, K, C, H, W = means.shape
+    *batch, _, _, H, W = means.shape
     out_shape = (*batch, y.shape[-4], H, W) if y.dim() == means.dim() else (*batch, H, W)
     out = torch.empty(out_shape, device=means.device, dtype=out_dtype)
     transition = x is not None
