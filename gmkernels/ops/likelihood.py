@@ -186,11 +186,12 @@ if triton is not None:
         msc, xres, ls = _row_logstds(logstds_ptr, ss_r, ss_p, th_ptr, tlow_ptr, sth_r, sth_p, stl_r, stl_p, r, offs_p, mask_p,
                                      TRANSITION, BLOCK_P)  # fmt: skip
         istd = tl.minimum(tl.exp(-ls), istd_max)
-        # a zero std under the NLL's floor on 1/std: q stays finite and -C * logstds is +inf for
-        # every live component, so the logsumexp is +inf (set after the loop) unless all are dead;
-        # the log-density (no floor) keeps the reference's NaN there
-        point = (ls == float("-inf")) & (istd_max < float("inf"))
-        base = tl.where(point, 0.0, -ls * C)
+        # under the NLL's floor on 1/std a zero std keeps q finite while -C * logstds is +inf for
+        # every live component: capped at the largest float in the loop (no inf - inf of a dead
+        # component), the logsumexp is set to +inf after it unless every component is dead; the
+        # log-density (no floor) keeps the reference's NaN there
+        big = tl.where(istd_max < float("inf"), 3.4028234663852886e38, float("inf"))  # the largest float32
+        base = tl.minimum(-ls * C, big, propagate_nan=tl.PropagateNan.ALL)  # a NaN log-std stays NaN
         x_base = x_ptr + r * sx_r + offs_p * sx_p
         y_base = y_ptr + r * sy_r + n * sy_n + offs_p * sy_p
         m = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -213,7 +214,7 @@ if triton is not None:
             s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(l - m_safe[None, :]), axis=0)
             m = m_new
         lse = m + tl.log(tl.where(mask_p, s, 1.0))
-        lse = tl.where(point & (m > float("-inf")), float("inf"), lse)
+        lse = tl.where((base == 3.4028234663852886e38) & (m > float("-inf")), float("inf"), lse)
         tl.store(out_ptr + r * so_r + n * so_n + offs_p * so_p, sign * lse + shift, mask=mask_p)
 
     @triton.jit
