@@ -680,6 +680,7 @@ def transition_loss(
     # one fused NLL of the reverse-transition GM, whose per-sample constants the kernels compute
     # from the timesteps (no small torch ops, no autograd node besides the NLL's); a timestep
     # gets no gradient there, a Python float becomes a 0-d float64 tensor
-    t_high, t_low = [((t.detach() if t.requires_grad else t) if isinstance(t, torch.Tensor)
-                      else torch.full((), t, dtype=torch.float64, device=s.device)) for t in (t_high, t_low)]  # fmt: skip
+    f64 = {"dtype": torch.float64, "device": s.device}
+    t_high = t_high.detach() if isinstance(t_high, torch.Tensor) else torch.full((), t_high, **f64)
+    t_low = t_low.detach() if isinstance(t_low, torch.Tensor) else torch.full((), t_low, **f64)
     return _reduce(_nll_pixels(means, logstds, logweights, x_t_low, x_t_high, t_high, t_low, eps), reduction, s.dtype)
