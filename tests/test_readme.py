@@ -39,6 +39,7 @@ SMALL = [
     (r"^python -m model\.evaluate ", "--set eval.n=64 'eval.nfe=[1]' eval.projections=8"),
     (r"^python -m model\.sample ", "--n 4 --steps 2"),
     (r"^python -m gmkernels_bench(\s|$)", "--quick --backends torch --no-progress"),
+    (r"^python -m gmkernels_bench\.host_cost\b", "--calls 5 --repeat 1 --filter gm_to_mean"),
 ]
 
 
