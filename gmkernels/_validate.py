@@ -126,7 +126,7 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     sizes as a ``GMShape`` with ``K = 1``.
     """
     if (type(g) is not dict and not isinstance(g, Mapping)) or "mean" not in g or "var" not in g:
-        raise TypeError(f"{name} must be a dict with keys mean and var, got {type(g).__name__}")
+        _gaussian_keys_error(g, name)
     mean, var = g["mean"], g["var"]
     if not (type(mean) is torch.Tensor and mean.is_floating_point() and (s is None or mean.device == s.device)):
         check_float_tensor(mean, f"{name}['mean']", None if s is None else s.device)
@@ -149,6 +149,24 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
             f"{(*batch, 1, 1, 1)} to match {name}['mean'] {_shape(mean)}, got {_shape(var)}"
         )
     return gs
+
+
+def _gaussian_keys_error(g: Any, name: str) -> None:
+    """Raise the error for ``g``, which is not a dict with keys ``mean`` and ``var``: a
+    ``TypeError`` naming its type, or a ``ValueError`` naming the missing key, or saying that
+    it is a GM."""
+    if type(g) is not dict and not isinstance(g, Mapping):
+        got = f"{type(g).__name__} of shape {_shape(g)}" if isinstance(g, torch.Tensor) else type(g).__name__
+        raise TypeError(f"{name} must be a dict {{mean, var}} (an isotropic Gaussian), got {got}")
+    keys = [str(k) for k in g]
+    if "mean" not in g and ("means" in g or "logweights" in g):
+        raise ValueError(
+            f"{name} looks like a GM (keys {', '.join(keys)}); pass a Gaussian {{mean, var}} "
+            f"(gm_to_iso_gaussian gives the moment-matched one)"
+        )
+    missing = [k for k in ("mean", "var") if k not in g]
+    key = f"key {missing[0]!r}" if len(missing) == 1 else f"keys {missing}"
+    raise ValueError(f"{name} is missing {key} (got keys {keys}); a Gaussian is {{mean, var}}")
 
 
 def host_checks_values(t: torch.Tensor) -> bool:

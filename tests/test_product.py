@@ -1,5 +1,6 @@
-"""Triton kernels of the product family (``gm_mul_iso_gaussian``, ``iso_gaussian_mul_iso_gaussian``)
-against the float64 reference, under ``TRITON_INTERPRET=1`` on CPU; and their ``torch.library`` ops."""
+"""The product family (``gm_mul_iso_gaussian``, ``iso_gaussian_mul_iso_gaussian``): Triton kernels
+against the float64 reference, under ``TRITON_INTERPRET=1`` on CPU; their ``torch.library`` ops;
+degenerate inputs (infinite variances, dead pixels) and bad Gaussians on both backends."""
 
 import contextlib
 from unittest import mock
@@ -141,6 +142,7 @@ def test_int64_offsets():
     assert rel_err(iso["mean"], ref_iso["mean"]) < TOL[torch.float32]
 
 
+@pytest.mark.triton
 def test_custom_ops_pass_opcheck():
     gm = make_gm(((2,), 3, 2, 3, 2), 4, dead=True)
     gauss = cast_gm(make_gaussian(gm, 5, 1.0, per_pixel=True), torch.float32)
@@ -152,6 +154,24 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.gmkernels.iso_gaussian_mul_iso_gaussian.default, args)
 
 
+@pytest.mark.triton
+def test_torch_compile_fullgraph_gives_the_eager_values():
+    """The public functions traced by ``torch.compile(fullgraph=True)`` on the Triton path: one
+    opaque node per op, no graph break, the eager values."""
+    gm = cast_gm(make_gm(((2,), 3, 2, 3, 2), 7, dead=True), torch.float32)
+    gauss = cast_gm(make_gaussian(gm, 8, 1.0, per_pixel=True), torch.float32)
+
+    def step(gm, gauss):
+        out = gmkernels.gm_mul_iso_gaussian(gm, gmkernels.iso_gaussian_mul_iso_gaussian(gauss, gauss, 1.0, 0.5), 1.0, 0.7)
+        return out["means"], out["logstds"], out["logweights"]
+
+    with gmkernels.use_backend("triton"):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(gm, gauss)
+        eager = step(gm, gauss)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+
+
 def test_bad_powers_name_the_argument():
     gm = make_gm(((1,), 2, 1, 1, 1), 0)
     gauss = make_gaussian(gm, 1, 1.0, per_pixel=False)
@@ -159,3 +179,123 @@ def test_bad_powers_name_the_argument():
         gmkernels.gm_mul_iso_gaussian(gm, gauss, 0.0)
     with pytest.raises(TypeError, match="power2"):
         gmkernels.iso_gaussian_mul_iso_gaussian(gauss, gauss, 1.0, "1")
+
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tiny", [False, True])
+@pytest.mark.parametrize("gaussian_power", [1.0, -0.5])
+def test_infinite_variance_leaves_the_gm_unchanged(backend, tiny, gaussian_power):
+    """``var = inf`` is no information: means and log-stds come back exactly, log-weights
+    renormalised (equal to the input's up to rounding); pixels of finite variance next to it
+    are reweighted as usual."""
+    gm = cast_gm(make_gm(((2,), 5, 3, 2, 3), 51, dead=True), torch.float32)
+    gauss = cast_gm(make_gaussian(gm, 52, 1.0, per_pixel=True), torch.float32)
+    inf = torch.zeros_like(gauss["var"], dtype=torch.bool)
+    inf[0] = True
+    inf[1, ..., 0, :] = True
+    gauss["var"] = gauss["var"].masked_fill(inf, float("inf"))
+    with gmkernels.use_backend(backend), small_blocks(tiny and backend == "triton"):
+        out = gmkernels.gm_mul_iso_gaussian(gm, gauss, 1.0, gaussian_power)
+    at = inf.unsqueeze(-4).expand_as(gm["means"])  # (*B, K, C, H, W)
+    assert torch.equal(out["means"][at], gm["means"][at])
+    logstds = gm["logstds"].expand_as(out["logstds"])
+    assert torch.equal(out["logstds"][inf.unsqueeze(-4)], logstds[inf.unsqueeze(-4)])
+    lw_at = inf.unsqueeze(-4).expand_as(gm["logweights"])
+    lw_in = torch.log_softmax(gm["logweights"].double(), dim=-4)
+    assert_logweights_close(out["logweights"][lw_at], lw_in[lw_at], 1e-6)
+    ref = reference.gm_mul_iso_gaussian(as_f64(gm), as_f64(gauss), 1.0, gaussian_power)
+    assert rel_err(out["means"], ref["means"]) < TOL[torch.float32]
+    assert_logweights_close(out["logweights"], ref["logweights"], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("powers", [(1.0, 1.0), (0.5, 2.0)])
+def test_infinite_variance_gives_the_other_gaussian(backend, powers):
+    """One infinite variance: the product is the other factor, ``N(m, v / power)`` (exactly the
+    other Gaussian at power 1); both infinite: ``var = inf`` and the power-weighted mean."""
+    p1, p2 = powers
+    gm = make_gm(((2,), 1, 3, 2, 3), 61)
+    g1 = cast_gm(make_gaussian(gm, 62, 1.0, per_pixel=True), torch.float32)
+    g2 = cast_gm(make_gaussian(gm, 63, 1.0, per_pixel=False), torch.float32)
+    inf1 = torch.zeros_like(g1["var"], dtype=torch.bool)
+    inf1[0] = True
+    inf1[1, ..., 0, :] = True
+    g1["var"] = g1["var"].masked_fill(inf1, float("inf"))
+    with gmkernels.use_backend(backend):
+        one = gmkernels.iso_gaussian_mul_iso_gaussian(g1, g2, p1, p2)
+        other = gmkernels.iso_gaussian_mul_iso_gaussian(g2, g1, p2, p1)
+        both = gmkernels.iso_gaussian_mul_iso_gaussian({**g1, "var": torch.full_like(g2["var"], float("inf"))},
+                                                       {**g2, "var": torch.full_like(g2["var"], float("inf"))}, p1, p2)  # fmt: skip
+    at = inf1.expand_as(g1["mean"])
+    v2 = g2["var"].expand_as(g1["var"])
+    for out in (one, other):
+        assert torch.isfinite(out["mean"]).all() and torch.isfinite(out["var"]).all()
+        if p2 == 1.0:
+            assert torch.equal(out["mean"][at], g2["mean"][at]) and torch.equal(out["var"][inf1], v2[inf1])
+        assert rel_err(out["mean"][at], g2["mean"][at]) < TOL[torch.float32]
+        assert rel_err(out["var"][inf1], v2[inf1] / p2) < TOL[torch.float32]
+        ref = reference.iso_gaussian_mul_iso_gaussian(as_f64(g1), as_f64(g2), p1, p2)
+        assert rel_err(out["mean"], ref["mean"]) < TOL[torch.float32]
+        assert rel_err(out["var"], ref["var"]) < TOL[torch.float32]
+    assert torch.equal(both["var"], torch.full_like(both["var"], float("inf")))
+    expected = (p1 * g1["mean"].double() + p2 * g2["mean"].double()) / (p1 + p2)
+    assert rel_err(both["mean"], expected) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("var", [-1.0, 0.0, float("nan")])
+def test_gaussian_product_rejects_nonpositive_variances(backend, var):
+    """Each variance of ``iso_gaussian_mul_iso_gaussian`` is checked, as ``gm_mul_iso_gaussian``
+    checks its Gaussian's, and the error names the argument."""
+    ok = {"mean": torch.zeros(2, 3, 1, 2), "var": torch.full((2, 1, 1, 1), 0.5)}
+    bad = {"mean": torch.ones(2, 3, 1, 2), "var": torch.full((2, 1, 1, 2), 0.5)}
+    bad["var"][1, ..., 1] = var
+    with gmkernels.use_backend(backend):
+        with pytest.raises(ValueError, match=r"^g1\['var'\] must be > 0"):
+            gmkernels.iso_gaussian_mul_iso_gaussian(bad, ok)
+        with pytest.raises(ValueError, match=r"^g2\['var'\] must be > 0"):
+            gmkernels.iso_gaussian_mul_iso_gaussian(ok, bad, 1.0, -1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tiny", [False, True])
+def test_all_dead_pixel_gives_nan_logweights(backend, tiny):
+    """A pixel whose components are all dead is not a GM: NaN log-weights there (means and
+    log-stds finite), on both backends; the other pixels, partly dead ones included, are finite."""
+    gm = cast_gm(make_gm(((2,), 5, 3, 2, 3), 71, dead=True), torch.float32)
+    gm["logweights"][1, :, :, 0, 1] = float("-inf")
+    gm["logweights"][0, 1:, :, 1, 2] = float("-inf")  # one live component
+    gm["logweights"][0, 0, :, 1, 2] = -0.5
+    gauss = cast_gm(make_gaussian(gm, 72, 1.0, per_pixel=False), torch.float32)
+    with gmkernels.use_backend(backend), small_blocks(tiny and backend == "triton"):
+        out = gmkernels.gm_mul_iso_gaussian(gm, gauss)
+    dead = torch.zeros_like(gm["logweights"], dtype=torch.bool)
+    dead[1, :, :, 0, 1] = True
+    assert out["logweights"][dead].isnan().all()
+    assert not out["logweights"][~dead].isnan().any()
+    assert torch.isfinite(out["means"]).all() and torch.isfinite(out["logstds"]).all()
+    ref = reference.gm_mul_iso_gaussian(as_f64(gm), as_f64(gauss))
+    assert_logweights_close(out["logweights"][~dead], ref["logweights"][~dead], TOL[torch.float32])
+
+
+@pytest.mark.parametrize(
+    "gaussian, exc, pattern",
+    [
+        ({"mean": torch.zeros(2, 3, 1, 2)}, ValueError,
+         r"^gaussian is missing key 'var' \(got keys \['mean'\]\); a Gaussian is \{mean, var\}$"),
+        ({"var": torch.ones(2, 1, 1, 1), "logstd": torch.zeros(2, 1, 1, 1)}, ValueError,
+         r"^gaussian is missing key 'mean' \(got keys \['var', 'logstd'\]\)"),
+        (make_gm(((2,), 3, 3, 1, 2), 0), ValueError,
+         r"^gaussian looks like a GM \(keys means, logstds, logweights\); pass a Gaussian \{mean, var\}"),
+        (torch.zeros(2, 3, 1, 2), TypeError, r"^gaussian must be a dict \{mean, var\}.*got Tensor of shape \(2, 3, 1, 2\)"),
+    ],
+)  # fmt: skip
+def test_bad_gaussian_names_what_it_got(gaussian, exc, pattern):
+    gm = make_gm(((2,), 3, 3, 1, 2), 0)
+    with pytest.raises(exc, match=pattern):
+        gmkernels.gm_mul_iso_gaussian(gm, gaussian)
+    with pytest.raises(exc, match=pattern.replace("gaussian", "g2", 1)):
+        gmkernels.iso_gaussian_mul_iso_gaussian({"mean": torch.zeros(2, 3, 1, 2), "var": torch.ones(2, 1, 1, 1)}, gaussian)
