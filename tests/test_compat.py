@@ -22,6 +22,7 @@ import reference
 from gmkernels.compat import gmflow as M
 from gmkernels.compat import gmflow_ops as G
 from gmkernels.compat import schedulers as S
+from gmkernels.schedulers import GMTensorStepScheduler
 
 F64 = torch.float64
 TOL64 = TOL[F64]
@@ -755,10 +756,12 @@ def _stub_net(x, t, offset):
     return {"means": means, "logstds": logstds, "logweights": torch.log_softmax(logits, dim=-4)}
 
 
-@pytest.mark.parametrize("guidance_scale", [0.0, 0.4])
-def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(guidance_scale):
-    """The sampling loop of the original GMDiTPipeline (GM-ODE 2 with substeps and probabilistic
-    guidance), written against the compat modules, gives gmkernels.sample's result."""
+@pytest.mark.parametrize("output_mode,guidance_scale", [("ode", 0.0), ("ode", 0.4), ("mean", 0.4)])
+def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(output_mode, guidance_scale):
+    """The sampling loop of the original GMDiTPipeline (2nd order with substeps and probabilistic
+    guidance on the GM's mean), written against the compat modules: with FlowEulerODEScheduler
+    (GM-ODE) it gives gmkernels.sample's result, with GMFlowSDEScheduler(output_mode=...) that
+    of GMTensorStepScheduler, the loop GMDiTPipeline runs for that pairing."""
     S_, N_, B = 3, 2, 2
     noise = torch.randn(B, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     use_guidance = guidance_scale > 0
@@ -766,7 +769,8 @@ def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(guidance_scale
     def net(x, t):  # the batch is [cond, uncond] like the pipeline's class labels
         return {k: torch.cat([a, b]) for (k, a), b in zip(_stub_net(x[:B], t[:B], 0.3).items(), _stub_net(x[B:], t[B:], -0.2).values())}
 
-    scheduler = S.FlowEulerODEScheduler(shift=2.0)
+    scheduler = S.FlowEulerODEScheduler(shift=2.0) if output_mode == "ode" else S.GMFlowSDEScheduler(shift=2.0, output_mode=output_mode)
+    g = torch.Generator().manual_seed(3)
     model = Model()
     scheduler.set_timesteps(S_ * N_)
     model.init_gm_cache()
@@ -799,15 +803,23 @@ def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(guidance_scale
             else:
                 t = scheduler.timesteps[i * N_ + j]
                 model_output = model.denoising_gm_convert_to_mean(gm_output, x_t, x_t_base, t, t_base, prediction_type="x0")
-            x_t = scheduler.step(model_output, t, x_t, return_dict=False, prediction_type="x0")[0]
+            x_t = scheduler.step(model_output, t, x_t, generator=g, return_dict=False, prediction_type="x0")[0]
 
     def denoiser(x, t):
         if not use_guidance:
             return _stub_net(x, t, 0.3)
         return _stub_net(x, t, 0.3), _stub_net(x, t, -0.2)
 
-    want = gmkernels.sample(denoiser, noise, S_, solver="gm-ode", substeps=N_, order=2, shift=2.0,
-                            guidance_scale=guidance_scale, orthogonal=1.0)  # fmt: skip
+    if output_mode == "ode":
+        want = gmkernels.sample(denoiser, noise, S_, solver="gm-ode", substeps=N_, order=2, shift=2.0,
+                                guidance_scale=guidance_scale, orthogonal=1.0)  # fmt: skip
+    else:
+        sched = GMTensorStepScheduler(S.GMFlowSDEScheduler(shift=2.0, output_mode=output_mode), output_mode, order=2,
+                                      guidance_scale=guidance_scale)
+        sched.set_timesteps(S_, N_)
+        want, g = noise, torch.Generator().manual_seed(3)
+        for t in sched.timesteps:
+            want = sched.step(denoiser(want, t.expand(B)), t, want, generator=g)
     close(x_t, want, 1e-4)
 
 

@@ -284,7 +284,7 @@ def test_generator_list_one_per_sample(pipe, scheduler, output_mode, substeps):
 def test_scheduler_swaps_as_with_the_official_pipeline(pipe):
     """pipe.scheduler = GMFlowSDEScheduler.from_config(..., output_mode="mean"): the official
     pipeline's pairing, SDE steps on the GM's mean with the large variance, run by
-    GMTensorStepScheduler on the pipeline's scheduler (tests/test_schedulers.py checks that loop
+    GMTensorStepScheduler on the pipeline's scheduler (tests/test_compat.py checks that loop
     against the official loop body)."""
     p = with_scheduler(pipe, FlowEulerODEScheduler(shift=2.0))
     p.scheduler = GMFlowSDEScheduler.from_config(p.scheduler.config, output_mode="mean")

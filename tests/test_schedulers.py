@@ -278,47 +278,6 @@ def test_tensor_steps_on_the_mean_with_the_euler_scheduler_are_gm_ode():
     assert rel_err(_loop(tensor, noise), _loop(fused, noise)) < 1e-5
 
 
-def test_tensor_steps_equal_the_official_loop_body():
-    """GMFlowSDEScheduler(output_mode='mean') stepping on the GM's mean, as the official pipeline
-    runs it (written against gmkernels.compat, the official helpers)."""
-    from gmkernels.compat import gmflow as M
-    from gmkernels.compat import gmflow_ops as G
-
-    class Helpers(M.GMFlowMixin):
-        num_timesteps = 1000
-
-    noise = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
-    S_, N_, scale = 3, 2, 0.3
-    sched = GMTensorStepScheduler(OS.GMFlowSDEScheduler(shift=2.0, output_mode="mean"), "mean", order=2,
-                                  guidance_scale=scale)
-    sched.set_timesteps(S_, N_)
-    got = _loop(sched, noise, generator=torch.Generator().manual_seed(3))
-
-    official, helpers, g = OS.GMFlowSDEScheduler(shift=2.0, output_mode="mean"), Helpers(), torch.Generator().manual_seed(3)
-    official.set_timesteps(S_ * N_)
-    helpers.init_gm_cache()
-    x = noise
-    for i in range(S_):
-        t = official.timesteps[i * N_]
-        cond, uncond = (helpers.u_to_x_0(gm, x, t) for gm in _toy_guided(x, t.expand(2)))
-        gaussian_cond = G.gm_to_iso_gaussian(cond)[0]
-        gaussian_cond["var"] = gaussian_cond["var"].mean(dim=(-1, -2), keepdim=True)
-        target, cfg_bias, avg_var = M.probabilistic_guidance_jit(gaussian_cond["mean"], gaussian_cond["var"],
-                                                                 G.gm_to_mean(uncond), scale)
-        gm = G.gm_mul_iso_gaussian(cond, G.iso_gaussian_mul_iso_gaussian(target, gaussian_cond, 1, -1), 1, 1)[0]
-        h = t - official.timesteps[(i + 1) * N_] if i < S_ - 1 else t
-        gm, _ = helpers.gm_2nd_order(gm, target, x, t, h, scale, cond, gaussian_cond, avg_var, cfg_bias)
-        x_base, t_base = x, t
-        for j in range(N_):
-            if j == 0:
-                x0 = G.gm_to_mean(gm)
-            else:
-                t = official.timesteps[i * N_ + j]
-                x0 = helpers.denoising_gm_convert_to_mean(gm, x, x_base, t, t_base)
-            x = official.step(x0, t, x, generator=g, prediction_type="x0").prev_sample
-    assert rel_err(got, x) < 1e-5
-
-
 def test_tensor_steps_with_spectral_draws():
     """Spectrally correlated draws (a spectrum network fed the step's target Gaussian): finite,
     reproducible with a generator, different from per-pixel draws."""
