@@ -31,7 +31,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU
 import torch  # noqa: E402
 
 import gmkernels as G  # noqa: E402
-from gmkernels.schedulers import GMFlowODEScheduler, GMFlowSDEScheduler  # noqa: E402
+from gmkernels.schedulers import GMODEScheduler, GMSDEScheduler  # noqa: E402
 
 # a small shape: the host cost does not depend on the sizes (nothing here loops over elements)
 SHAPE = (2, 8, 4, 8, 8)
@@ -127,11 +127,11 @@ def cases() -> dict[str, Callable[[], object]]:
         "gm1d_inverse_cdf": lambda: G.gm1d_inverse_cdf(gm1d, u),
         "gm_ode_substeps (tensor sigmas)": lambda: G.gm_ode_substeps(gm, x, sigmas),
         "gm_sde_step": lambda: G.gm_sde_step(gm, x, 0.7, 0.5),
-        "GMFlowODEScheduler.step": step(GMFlowODEScheduler),
-        "GMFlowSDEScheduler.step": step(GMFlowSDEScheduler),
-        "GMFlowODEScheduler.step (order 2)": step(GMFlowODEScheduler, order=2),
-        "GMFlowSDEScheduler.step (probabilistic)": step(GMFlowSDEScheduler, guided=True),
-        "GMFlowODEScheduler.step (order 2, probabilistic)": step(GMFlowODEScheduler, order=2, guided=True),
+        "GMODEScheduler.step": step(GMODEScheduler),
+        "GMSDEScheduler.step": step(GMSDEScheduler),
+        "GMODEScheduler.step (order 2)": step(GMODEScheduler, order=2),
+        "GMSDEScheduler.step (probabilistic)": step(GMSDEScheduler, guided=True),
+        "GMODEScheduler.step (order 2, probabilistic)": step(GMODEScheduler, order=2, guided=True),
     }
 
 

@@ -39,8 +39,8 @@ def _plan_stats():
     "gm_to_mean", "gm_to_iso_gaussian", "gm_mul_iso_gaussian", "iso_gaussian_mul_iso_gaussian", "u_to_x0 (tensor sigma)",
     "reverse_transition", "gm_posterior_mean (float sigmas)", "gm_logprob", "gm_nll_loss", "gm_nll_loss fwd+bwd",
     "transition_loss fwd+bwd", "gm_sample", "probabilistic_guidance", "weight_guidance", "mean_cfg", "gm1d_inverse_cdf",
-    "gm_ode_substeps (tensor sigmas)", "gm_sde_step", "GMFlowSDEScheduler.step (probabilistic)",
-    "GMFlowODEScheduler.step (order 2, probabilistic)",
+    "gm_ode_substeps (tensor sigmas)", "gm_sde_step", "GMSDEScheduler.step (probabilistic)",
+    "GMODEScheduler.step (order 2, probabilistic)",
 ])  # fmt: skip
 def test_repeated_shape_recomputes_no_launch_plan(op):
     call = host_cost.cases()[op]

@@ -26,6 +26,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(.*?)\s*-->", re.S)
 
 SKIP = [
+    (r"^python -m venv\b|^\. \S+/bin/activate$", "makes a virtualenv for the install below (.ci/run runs both lines)"),
     (r"^pip install\b", "installs into the running environment; tests/test_packaging.py installs the checkout into a fresh venv"),
     (r"^torchrun\b", "starts one process per GPU"),
     (r"--preset imagenet", "needs GPUs and a latent cache of ImageNet"),
