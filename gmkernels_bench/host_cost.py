@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import gmkernels as G  # noqa: E402
 from gmkernels.policy import GMFlowPolicy  # noqa: E402
-from gmkernels.schedulers import GMFlowODEScheduler, GMFlowSDEScheduler  # noqa: E402
+from gmkernels.schedulers import GMODEScheduler, GMSDEScheduler  # noqa: E402
 
 # a small shape: the host cost does not depend on the sizes (nothing here loops over elements)
 SHAPE = (2, 8, 4, 8, 8)
@@ -137,11 +137,11 @@ def cases() -> dict[str, Callable[[], object]]:
         "GMFlowPolicy.pi": lambda: policy.pi(x, 0.5),
         "GMFlowPolicy.integrate": lambda: policy.integrate(x, 0.9, 0.9, 0.5, total_substeps=4),
         "GMFlowPolicy.integrate fwd+bwd": policy_rollout_fwd_bwd,
-        "GMFlowODEScheduler.step": step(GMFlowODEScheduler),
-        "GMFlowSDEScheduler.step": step(GMFlowSDEScheduler),
-        "GMFlowODEScheduler.step (order 2)": step(GMFlowODEScheduler, order=2),
-        "GMFlowSDEScheduler.step (probabilistic)": step(GMFlowSDEScheduler, guided=True),
-        "GMFlowODEScheduler.step (order 2, probabilistic)": step(GMFlowODEScheduler, order=2, guided=True),
+        "GMODEScheduler.step": step(GMODEScheduler),
+        "GMSDEScheduler.step": step(GMSDEScheduler),
+        "GMODEScheduler.step (order 2)": step(GMODEScheduler, order=2),
+        "GMSDEScheduler.step (probabilistic)": step(GMSDEScheduler, guided=True),
+        "GMODEScheduler.step (order 2, probabilistic)": step(GMODEScheduler, order=2, guided=True),
     }
 
 

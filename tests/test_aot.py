@@ -23,6 +23,8 @@ import gmkernels_bench.aot as aot  # noqa: E402
 from gmkernels_bench.aot import FAMILIES, SHAPE_SETS, AotCase, sass_stats, shape_cases  # noqa: E402
 from gmkernels.ops.solver_steps import _PACK_FUSED  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles every kernel for sm_80 and sm_90
+
 
 def test_all_kernels_compile_without_spills():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
