@@ -21,15 +21,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import (
+    TOL,
+    assert_compiled_training_matches_eager,
+    assert_int64_offsets_change_nothing,
+    gm_shapes,
+    make_gm,
+    make_state,
+    rel_err,
+    seeds,
+    sigmas,
+)
 
 import gmkernels as G
 import gmkernels.ops.likelihood as lik
 import reference.likelihood as R
 import reference.transition as RT
-from strategies import (
-    TOL, assert_compiled_training_matches_eager, assert_int64_offsets_change_nothing, gm_shapes, make_gm, make_state,
-    rel_err, seeds, sigmas,
-)
 
 LOWP = (torch.bfloat16, torch.float16)
 INF = math.inf

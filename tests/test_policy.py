@@ -22,7 +22,13 @@ from gmkernels.ops import policy as ops
 from gmkernels.policy import GMFlowPolicy
 from reference.solver_steps import gm_ode_substeps
 from tests.strategies import (
-    TOL, assert_compiled_training_matches_eager, assert_int64_offsets_change_nothing, make_gm, make_state, rel_err, seeds,
+    TOL,
+    assert_compiled_training_matches_eager,
+    assert_int64_offsets_change_nothing,
+    make_gm,
+    make_state,
+    rel_err,
+    seeds,
 )
 
 

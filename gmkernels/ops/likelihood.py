@@ -47,7 +47,6 @@ from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma_pair, check_state, per_sample_view
 from ._launch import PlanCache, cdiv, kernels_wanted, needs_int64, next_pow2, planned_args
 
-
 try:
     import triton
     import triton.language as tl
@@ -208,10 +207,10 @@ if triton is not None:
             mu_ptrs = means_ptr + r * sm_r + offs_k[:, None] * sm_k + offs_p[None, :] * sm_p
             q = _component_q(mu_ptrs, y_base, x_base, C, sm_c, sy_c, sx_c, mask, mask_p, istd, msc, xres,
                              TRANSITION, BLOCK_K, BLOCK_P)  # fmt: skip
-            l = lw - 0.5 * q + base[None, :]
-            m_new = tl.maximum(m, tl.max(l, axis=0))
+            logit = lw - 0.5 * q + base[None, :]
+            m_new = tl.maximum(m, tl.max(logit, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a dead tile gives no NaN
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(l - m_safe[None, :]), axis=0)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logit - m_safe[None, :]), axis=0)
             m = m_new
         lse = m + tl.log(tl.where(mask_p, s, 1.0))
         lse = tl.where((base == 3.4028234663852886e38) & (m > float("-inf")), float("inf"), lse)

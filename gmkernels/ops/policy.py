@@ -44,7 +44,6 @@ import reference.policy as ref
 from .._dispatch import compute_dtype, select_backend
 from ._launch import PlanCache, cdiv, needs_int64, next_pow2, planned_args
 
-
 try:
     import triton
     import triton.language as tl
