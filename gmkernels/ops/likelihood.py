@@ -559,18 +559,6 @@ def _reduce(loss: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Ten
     return loss if loss.dtype == dtype else loss.to(dtype)
 
 
-def _exact_torch_path(tensors: tuple) -> bool:
-    """The torch path runs when ``select_backend`` says so or an input is float64 (the kernels
-    compute in float32; float64 stays exact). The NLL kernels train: a gradient does not
-    change the path."""
-    if select_backend(tensors[0]) == "torch":
-        return True
-    for t in tensors:
-        if t.dtype is torch.float64:
-            return True
-    return False
-
-
 def gm_logprob(gm: dict, samples: torch.Tensor) -> torch.Tensor:
     """Log-density of ``N`` samples per pixel under the per-pixel GM.
 
@@ -617,7 +605,10 @@ def gm_nll_loss(gm: dict, target: torch.Tensor, eps: float = 1e-4, reduction: st
     check_state(target, "target", s)
     eps = _check_eps_reduction(eps, reduction)
     means, logstds, logweights = gm["means"], gm["logstds"], gm["logweights"]
-    if _exact_torch_path((means, logstds, logweights, target)):
+    # the torch path where select_backend says so or an input is float64 (the kernels compute in
+    # float32); a gradient does not change the path (the NLL kernels train)
+    dtypes = (means.dtype, logstds.dtype, logweights.dtype, target.dtype)
+    if select_backend(means) == "torch" or torch.float64 in dtypes:
         return run_reference(ref.gm_nll_loss, gm, target, eps, reduction, out_dtype=s.dtype)
     return _reduce(_nll_pixels(means, logstds, logweights, target, None, None, None, eps), reduction, s.dtype)
 
@@ -672,8 +663,10 @@ def transition_loss(
     t_high, t_low = check_sigma_pair(t_high, "t_high", t_low, "t_low", s, top=1000.0, per_sample=True)
     eps = _check_eps_reduction(eps, reduction)
     means, logstds, logweights = gm_u["means"], gm_u["logstds"], gm_u["logweights"]
-    if _exact_torch_path((means, logstds, logweights, x_t_high, x_t_low)) or (
-            torch.is_grad_enabled() and (x_t_high.requires_grad or x_t_low.requires_grad)):  # fmt: skip
+    # the torch path as in gm_nll_loss, and where a state needs a gradient (the kernels give none)
+    dtypes = (means.dtype, logstds.dtype, logweights.dtype, x_t_high.dtype, x_t_low.dtype)
+    if (select_backend(means) == "torch" or torch.float64 in dtypes
+            or (torch.is_grad_enabled() and (x_t_high.requires_grad or x_t_low.requires_grad))):  # fmt: skip
         return run_reference(ref.transition_loss, gm_u, x_t_high, per_sample_view(t_high, s), x_t_low, per_sample_view(t_low, s),
                              eps, reduction, out_dtype=s.dtype)  # fmt: skip
     # one fused NLL of the reverse-transition GM, whose per-sample constants the kernels compute
