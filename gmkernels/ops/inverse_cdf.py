@@ -45,8 +45,7 @@ from .._validate import (
     check_gm1d,
     check_positive,
     check_state,
-    require,
-    value_range,
+    require_range,
 )
 from ._launch import (
     PlanCache,
@@ -70,18 +69,19 @@ except ImportError:  # CPU-only installs: the torch path still works
 _SQRT2 = math.sqrt(2.0)
 
 
-def kr_blocks(K: int, P: int, tile: int = 1024) -> tuple[int, int, int]:
-    """``(BLOCK_K, BLOCK_P, num_warps)``: 128 pixels per program (for grids of few programs a
-    smaller block would give more of them, but at 32 and 64 pixels ptxas spilled a register in
-    some sm_80 builds at the users shapes of the compile report, and at 128 none), and
-    ``BLOCK_K * BLOCK_P <= tile`` over 8 warps, so the three tiles loaded per pass (log-weights,
-    scratch, means) stay in registers (at 4 warps the bf16 variants reach 190 registers and
-    spill at sm_80). The KR inverse over several axes of point data (a strided pixel axis) uses
-    a tile of 512: at 1024 its fp32 build spilled (and the other point-data builds spill a
-    register at 512)."""
+def kr_blocks(K: int, P: int, tile: int = 1024, partial_warps: int = 4) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_P, num_warps)``: up to 128 pixels per program and ``BLOCK_K * BLOCK_P
+    <= tile`` over 8 warps, so the three tiles loaded per pass (log-weights, scratch, means)
+    stay in registers (at 4 warps the full bf16 tile spills at sm_80). A tile that K or P leave
+    partly empty (small images, K < 8) runs on ``partial_warps``: at 8 warps such tiles keep
+    8-16 bytes of stack at sm_80/sm_90 (a barrier subroutine of the cross-warp reductions),
+    at 4 none, except for the 1-D inverse at 64 pixels, which passes 8. Fewer than 128 pixels
+    take a smaller block rather than masked lanes (a masked 128-pixel block of the 1-D inverse
+    keeps stack as well). The KR inverse over several axes of point data (a strided pixel
+    axis) uses a tile of 512 (at 1024 its fp32 build spills)."""
     block_p = min(next_pow2(P), 128)
     block_k = max(1, min(next_pow2(K), tile // block_p))
-    return block_k, block_p, 8
+    return block_k, block_p, 8 if block_k * block_p >= tile else partial_warps
 
 
 # --------------------------------------------------------------------------- kernels
@@ -313,7 +313,7 @@ def _gm1d_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Ten
                        z.reshape(R, N, 1, P), u.reshape(R, N, 1, P), out.view(R, N, 1, P))  # fmt: skip
     m4, l3, s2, z4, u4, o4 = views
     R, P = m4.shape[0], m4.shape[-1]
-    block_k, block_p, warps = kr_blocks(K, P, 1024)
+    block_k, block_p, warps = kr_blocks(K, P, 1024, 8)
     n_pblocks = cdiv(P, block_p)
     ints = (K, 1, P, N, n_pblocks, *m4.stride(), *l3.stride(), *s2.stride(), *z4.stride(), *u4.stride(), *o4.stride())
     options = dict(HAS_U=True, BLOCK_K=block_k, BLOCK_P=block_p, INT64=needs_int64(m4, l3, z4, u4, o4), num_warps=warps)
@@ -460,8 +460,7 @@ def gm1d_inverse_cdf(
                 f"gaussian_samples must have the shape of scaled_cdfs {tuple(scaled_cdfs.shape)}, "
                 f"got {tuple(gaussian_samples.shape)}"
             )
-    # one elementwise test (NaN fails it) instead of one per bound: fewer kernels on CUDA
-    require(scaled_cdfs.abs() <= 1.0, "scaled_cdfs must lie in [-1, 1]", lambda: f"; got values {value_range(scaled_cdfs)}")
+    require_range(scaled_cdfs, -1.0, 1.0, "scaled_cdfs must lie in [-1, 1]")
     means, logstds, logweights = gm1d["means"], gm1d["logstds"], gm1d["logweights"]
     wanted = (
         kernels_wanted(means, logstds, logweights, scaled_cdfs)
