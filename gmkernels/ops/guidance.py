@@ -57,16 +57,7 @@ import reference.guidance as ref
 from .._dispatch import run_reference
 from .._validate import GMShape, check_gm, check_power
 from ._launch import (
-    TRITON_VERSION,
-    PlanCache,
-    cdiv,
-    checked_once,
-    gm_views,
-    kernels_wanted,
-    needs_int64,
-    per_row,
-    pixel_rows,
-    planned_args,
+    TRITON_VERSION, PlanCache, cdiv, checked_once, gm_views, kernels_wanted, needs_int64, per_row, pixel_rows, planned_args,
 )
 from .mixture import pixel_blocks
 

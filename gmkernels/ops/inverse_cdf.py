@@ -39,25 +39,8 @@ import torch
 import reference.inverse_cdf as ref
 
 from .._dispatch import run_reference
-from .._validate import (
-    check_count,
-    check_gm,
-    check_gm1d,
-    check_positive,
-    check_state,
-    require_range,
-)
-from ._launch import (
-    PlanCache,
-    cdiv,
-    checked_once,
-    kernels_wanted,
-    needs_int64,
-    next_pow2,
-    per_row,
-    pixel_rows,
-    planned_args,
-)
+from .._validate import check_count, check_gm, check_gm1d, check_positive, check_state, require_range
+from ._launch import PlanCache, cdiv, checked_once, kernels_wanted, needs_int64, next_pow2, per_row, pixel_rows, planned_args
 from .mixture import online_moments_update
 
 try:
@@ -72,13 +55,14 @@ _SQRT2 = math.sqrt(2.0)
 def kr_blocks(K: int, P: int, tile: int = 1024, partial_warps: int = 4) -> tuple[int, int, int]:
     """``(BLOCK_K, BLOCK_P, num_warps)``: up to 128 pixels per program and ``BLOCK_K * BLOCK_P
     <= tile`` over 8 warps, so the three tiles loaded per pass (log-weights, scratch, means)
-    stay in registers (at 4 warps the full bf16 tile spills at sm_80). A tile that K or P leave
-    partly empty (small images, K < 8) runs on ``partial_warps``: at 8 warps such tiles keep
-    8-16 bytes of stack at sm_80/sm_90 (a barrier subroutine of the cross-warp reductions),
-    at 4 none, except for the 1-D inverse at 64 pixels, which passes 8. Fewer than 128 pixels
-    take a smaller block rather than masked lanes (a masked 128-pixel block of the 1-D inverse
-    keeps stack as well). The KR inverse over several axes of point data (a strided pixel
-    axis) uses a tile of 512 (at 1024 its fp32 build spills)."""
+    stay in registers (at 4 warps a full bf16 tile spills at sm_80). A tile that K or P leave
+    partly empty (K < 8, fewer than 128 pixels) runs on ``partial_warps``: 4 for several axes
+    (at 8 such tiles keep 8-16 bytes of stack at sm_80/sm_90, where ptxas wraps the barrier of
+    a cross-warp reduction in a subroutine), 8 for one axis (at 4 its 64-pixel fp32 build keeps
+    8 bytes at sm_80). Fewer than 128 pixels take a smaller block rather than masked lanes (a
+    masked 128-pixel block of the 1-D inverse keeps stack too). The KR inverse over several
+    axes of point data (a strided pixel axis) uses a tile of 512 (at 1024 its fp32 build
+    spills)."""
     block_p = min(next_pow2(P), 128)
     block_k = max(1, min(next_pow2(K), tile // block_p))
     return block_k, block_p, 8 if block_k * block_p >= tile else partial_warps
@@ -275,7 +259,7 @@ def _kr_inverse_args(means: torch.Tensor, logweights: torch.Tensor, logstds: tor
     m4, l3, s2, z4, u4, o4 = _kr_views(means, logweights, logstds, z, u, out)
     R, K, C, P = m4.shape
     N = z4.shape[1]
-    block_k, block_p, warps = kr_blocks(K, P, 1024 if C == 1 or m4.stride(-1) == 1 else 512)
+    block_k, block_p, warps = kr_blocks(K, P, 1024 if C == 1 or m4.stride(-1) == 1 else 512, 8 if C == 1 else 4)
     n_pblocks = cdiv(P, block_p)
     ints = (K, C, P, N, n_pblocks, *m4.stride(), *l3.stride(), *s2.stride(), *z4.stride(), *u4.stride(), *o4.stride())
     options = dict(HAS_U=has_u, BLOCK_K=block_k, BLOCK_P=block_p, INT64=needs_int64(m4, l3, z4, u4, o4, acc), num_warps=warps)

@@ -22,15 +22,7 @@ import reference.sampling as ref
 from .._dispatch import run_reference
 from .._validate import check_count, check_generator, check_gm, check_power
 from ._launch import (
-    LOG2E,
-    PlanCache,
-    cdiv,
-    kernels_wanted,
-    needs_int64,
-    next_pow2,
-    per_row,
-    pixel_rows,
-    planned_args,
+    LOG2E, PlanCache, cdiv, kernels_wanted, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
 )
 
 try:
