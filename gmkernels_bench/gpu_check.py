@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The test files that run Triton kernels (also what tools/matrix.py runs per torch x triton pair).
 KERNEL_TESTS = (
-    "tests/test_kernels_mixture.py",
+    "tests/test_mixture.py",
     "tests/test_product.py",
     "tests/test_posterior.py",
     "tests/test_transition.py",
