@@ -218,7 +218,11 @@ def require_range(t: torch.Tensor, low: float, high: float, message: str, low_op
             else:
                 return
         else:  # NaN anywhere gives NaN in the minimum and the maximum, which then fail
-            lo, hi = (t.min().item(), high) if high == float("inf") else (v.item() for v in torch.aminmax(t))
+            if high == float("inf"):
+                lo, hi = t.min().item(), high
+            else:  # unpacked, not through a generator (three Python calls more)
+                lo, hi = torch.aminmax(t)
+                lo, hi = lo.item(), hi.item()
             if (lo > low if low_open else lo >= low) and hi <= high:
                 return
         raise ValueError(f"{message}; got values {value_range(t)}")

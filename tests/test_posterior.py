@@ -15,8 +15,8 @@ import reference
 from gmkernels.ops import posterior
 from tests.strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
 from reference.posterior import transfer_gaussian
-from tests.test_kernels_mixture import as_f64, cast_gm, relayout
-from tests.test_kernels_mixture import small_blocks as moments_small_blocks
+from tests.test_mixture import as_f64, cast_gm, relayout
+from tests.test_mixture import small_blocks as moments_small_blocks
 
 pytest.importorskip("triton")
 

@@ -14,7 +14,7 @@ import gmkernels
 import reference
 from gmkernels.ops import product
 from tests.strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds
-from tests.test_kernels_mixture import as_f64, cast_gm, relayout
+from tests.test_mixture import as_f64, cast_gm, relayout
 
 pytest.importorskip("triton")
 
