@@ -21,7 +21,7 @@ from .ops.sampling import gm_sample
 from .ops.transition import reverse_transition, u_to_x0, x0_to_u
 from .ops.solver import gm_ode_substeps, gm_sde_step
 from .sampler import sample
-from .schedulers import FlowEulerScheduler, GMFlowODEScheduler, GMFlowSDEScheduler
+from .schedulers import GMEulerScheduler, GMODEScheduler, GMSDEScheduler
 
 __version__ = "0.1.0"
 
@@ -50,7 +50,7 @@ __all__ = [
     "CapturedSampler",
     "gm_ode_substeps",
     "gm_sde_step",
-    "GMFlowODEScheduler",
-    "GMFlowSDEScheduler",
-    "FlowEulerScheduler",
+    "GMSDEScheduler",
+    "GMODEScheduler",
+    "GMEulerScheduler",
 ]

@@ -109,11 +109,12 @@ def check_gm(gm: Any, name: str = "gm") -> GMShape:
 
 def check_state(x: Any, name: str, s: GMShape, n_samples: bool = False) -> torch.Tensor:
     """A state or sample tensor of shape ``(*B, C, H, W)`` (``(*B, N, C, H, W)`` if ``n_samples``)."""
-    x = check_float_tensor(x, name, s.device)
+    if not (type(x) is torch.Tensor and x.is_floating_point() and x.device == s.device):  # the common case without a call
+        x = check_float_tensor(x, name, s.device)
     ok = (
         x.dim() == len(s.batch) + 4 and tuple(x.shape[: len(s.batch)]) == s.batch and tuple(x.shape[-3:]) == (s.C, s.H, s.W)
         if n_samples
-        else tuple(x.shape) == pixel_shape(s)
+        else tuple(x.shape) == (*s.batch, s.C, s.H, s.W)
     )
     if not ok:
         want = f"(*B, N, C, H, W) = {(*s.batch, 'N', s.C, s.H, s.W)}" if n_samples else f"(*B, C, H, W) = {pixel_shape(s)}"
@@ -128,7 +129,7 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     sizes as a ``GMShape`` with ``K = 1``.
     """
     if (type(g) is not dict and not isinstance(g, Mapping)) or "mean" not in g or "var" not in g:
-        raise TypeError(f"{name} must be a dict with keys mean and var, got {type(g).__name__}")
+        _gaussian_keys_error(g, name)
     mean, var = g["mean"], g["var"]
     if not (type(mean) is torch.Tensor and mean.is_floating_point() and (s is None or mean.device == s.device)):
         check_float_tensor(mean, f"{name}['mean']", None if s is None else s.device)
@@ -139,7 +140,7 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     shape = tuple(mean.shape)
     batch = shape[:-3]
     C, H, W = shape[-3:]
-    if s is not None and shape != pixel_shape(s):
+    if s is not None and shape != (*s.batch, s.C, s.H, s.W):
         raise ValueError(
             f"{name}['mean'] must have shape (*B, C, H, W) = {pixel_shape(s)} to match the GM, got {_shape(mean)}"
         )
@@ -151,6 +152,24 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
             f"{(*batch, 1, 1, 1)} to match {name}['mean'] {_shape(mean)}, got {_shape(var)}"
         )
     return gs
+
+
+def _gaussian_keys_error(g: Any, name: str) -> None:
+    """Raise the error for ``g``, which is not a dict with keys ``mean`` and ``var``: a
+    ``TypeError`` naming its type, or a ``ValueError`` naming the missing key, or saying that
+    it is a GM."""
+    if type(g) is not dict and not isinstance(g, Mapping):
+        got = f"{type(g).__name__} of shape {_shape(g)}" if isinstance(g, torch.Tensor) else type(g).__name__
+        raise TypeError(f"{name} must be a dict {{mean, var}} (an isotropic Gaussian), got {got}")
+    keys = [str(k) for k in g]
+    if "mean" not in g and ("means" in g or "logweights" in g):
+        raise ValueError(
+            f"{name} looks like a GM (keys {', '.join(keys)}); pass a Gaussian {{mean, var}} "
+            f"(gm_to_iso_gaussian gives the moment-matched one)"
+        )
+    missing = [k for k in ("mean", "var") if k not in g]
+    key = f"key {missing[0]!r}" if len(missing) == 1 else f"keys {missing}"
+    raise ValueError(f"{name} is missing {key} (got keys {keys}); a Gaussian is {{mean, var}}")
 
 
 def host_checks_values(t: torch.Tensor) -> bool:
@@ -183,14 +202,6 @@ def require(ok: torch.Tensor, message: str, detail: Callable[[], str] | None = N
 _HOST_LIST_MAX = 64
 
 
-def _host_values(t: torch.Tensor) -> list:
-    """The values of a small CPU tensor as a flat list; a per-sample ``(B,)`` or ``(B, 1, 1, 1)``
-    one without the reshape (~0.3 µs of a ~1 µs read)."""
-    if t.dim() == 4 and t.numel() == t.shape[0]:
-        return [v[0][0][0] for v in t.tolist()]
-    return t.tolist() if t.dim() == 1 else t.reshape(-1).tolist()
-
-
 def require_range(t: torch.Tensor, low: float, high: float, message: str, low_open: bool = False) -> None:
     """Require ``low <= t <= high`` (``low < t`` when ``low_open``; ``high`` may be ``inf``)
     elementwise, NaN failing, as :func:`require` does: on the host (a CPU tensor) from the
@@ -202,12 +213,18 @@ def require_range(t: torch.Tensor, low: float, high: float, message: str, low_op
         n = t.numel()
         if n == 0:
             return
-        if n <= _HOST_LIST_MAX:  # a per-sample sigma or timestep: read as a list, ~1 µs
-            values = _host_values(t)
-            if all((low < v if low_open else low <= v) and v <= high for v in values):  # NaN fails
+        if n <= _HOST_LIST_MAX:  # a per-sample sigma or timestep: read as a list (a loop: no generator calls)
+            for v in t.reshape(-1).tolist():
+                if not ((low < v if low_open else low <= v) and v <= high):  # NaN fails
+                    break
+            else:
                 return
         else:  # NaN anywhere gives NaN in the minimum and the maximum, which then fail
-            lo, hi = (t.min().item(), high) if high == float("inf") else (v.item() for v in torch.aminmax(t))
+            if high == float("inf"):
+                lo, hi = t.min().item(), high
+            else:  # unpacked, not through a generator (three Python calls more)
+                lo, hi = torch.aminmax(t)
+                lo, hi = lo.item(), hi.item()
             if (lo > low if low_open else lo >= low) and hi <= high:
                 return
         raise ValueError(f"{message}; got values {value_range(t)}")
@@ -275,7 +292,7 @@ def check_sigma_order(low: Sigma, low_name: str, high: Sigma, high_name: str) ->
             if tensor.numel() == 0 or (low.max().item() <= high if tensor is low else low <= high.min().item()):
                 return
         elif low.shape == high.shape and low.numel() <= _HOST_LIST_MAX:  # per-sample values: as lists
-            if all(a <= b for a, b in zip(_host_values(low), _host_values(high))):
+            if all(a <= b for a, b in zip(low.reshape(-1).tolist(), high.reshape(-1).tolist())):
                 return
     ok = torch.as_tensor(low <= high)
     require(ok, message, lambda: f"; {low_name} exceeds {high_name} at {int((~ok).sum())} of {ok.numel()} entries")
@@ -331,7 +348,7 @@ def _checked_pair(sigma: Sigma, name: str, sigma_to: Sigma, to_name: str, s: GMS
             return hi, lo
         if hi.shape != lo.shape or hi.numel() > _HOST_LIST_MAX:
             return None
-        pairs = zip(_host_values(hi), _host_values(lo))
+        pairs = zip(hi.reshape(-1).tolist(), lo.reshape(-1).tolist())
     else:  # a tensor and a float
         t, n, f = (sigma, name, sigma_to) if isinstance(sigma, torch.Tensor) else (sigma_to, to_name, sigma)
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= top:
@@ -344,7 +361,8 @@ def _checked_pair(sigma: Sigma, name: str, sigma_to: Sigma, to_name: str, s: GMS
             return hi, lo
         if t.numel() > _HOST_LIST_MAX:
             return None
-        pairs = ((v, f) for v in _host_values(t)) if t is sigma else ((f, v) for v in _host_values(t))
+        values = t.reshape(-1).tolist()
+        pairs = ((v, f) for v in values) if t is sigma else ((f, v) for v in values)
     for a, b in pairs:
         if not 0.0 <= b <= a <= top:  # NaN fails
             return None

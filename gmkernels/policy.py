@@ -89,7 +89,9 @@ class GMFlowPolicy:
 
     @staticmethod
     def _check_state(x: Any, name: str, means: torch.Tensor) -> torch.Tensor:
-        x = check_float_tensor(x, name, means.device)
+        # a plain float tensor on the GM's device, the common case, without a call
+        if not (type(x) is torch.Tensor and x.is_floating_point() and x.device == means.device):
+            x = check_float_tensor(x, name, means.device)
         B, K, C, *spatial = means.shape
         if tuple(x.shape) != (B, C, *spatial):
             raise ValueError(f"{name} must have shape {(B, C, *spatial)} to match the GM means {_shape(means)}, got {_shape(x)}")

@@ -51,16 +51,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The test files that run Triton kernels (also what tools/matrix.py runs per torch x triton pair).
 KERNEL_TESTS = (
-    "tests/test_kernels_mixture.py",
-    "tests/test_kernels_product.py",
-    "tests/test_kernels_posterior.py",
-    "tests/test_kernels_transition.py",
-    "tests/test_kernels_guidance.py",
-    "tests/test_kernels_likelihood.py",
-    "tests/test_kernels_sampling.py",
+    "tests/test_mixture.py",
+    "tests/test_product.py",
+    "tests/test_posterior.py",
+    "tests/test_transition.py",
+    "tests/test_guidance.py",
+    "tests/test_likelihood.py",
+    "tests/test_sampling.py",
     "tests/test_inverse_cdf.py",
     "tests/test_solver.py",
-    "tests/test_nll.py",
+    "tests/test_policy.py",
 )
 BENCH_SHAPES = ("imagenet", "large-k")
 BENCH_DTYPES = "fp32,bf16"

@@ -31,7 +31,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU
 import torch  # noqa: E402
 
 import gmkernels as G  # noqa: E402
-from gmkernels.schedulers import GMFlowODEScheduler, GMFlowSDEScheduler  # noqa: E402
+from gmkernels.policy import GMFlowPolicy  # noqa: E402
+from gmkernels.schedulers import GMODEScheduler, GMSDEScheduler  # noqa: E402
 
 # a small shape: the host cost does not depend on the sizes (nothing here loops over elements)
 SHAPE = (2, 8, 4, 8, 8)
@@ -89,6 +90,12 @@ def cases() -> dict[str, Callable[[], object]]:
     def transition_fwd_bwd():
         G.transition_loss(gm_train, x, t_hi, x, t_lo).backward()
 
+    policy = GMFlowPolicy(gm, x, 0.9)
+    policy_train = GMFlowPolicy(gm_train, x, 0.9)
+
+    def policy_rollout_fwd_bwd():
+        policy_train.integrate(x, 0.9, 0.9, 0.5, total_substeps=4)[0].sum().backward()
+
     def step(cls, order: int = 1, guided: bool = False) -> Callable[[], object]:
         """One ``scheduler.step`` of a long schedule (rescheduled when it ends: once per 4096
         calls), the network output given: its second and later steps are 2nd order at ``order=2``."""
@@ -127,11 +134,14 @@ def cases() -> dict[str, Callable[[], object]]:
         "gm1d_inverse_cdf": lambda: G.gm1d_inverse_cdf(gm1d, u),
         "gm_ode_substeps (tensor sigmas)": lambda: G.gm_ode_substeps(gm, x, sigmas),
         "gm_sde_step": lambda: G.gm_sde_step(gm, x, 0.7, 0.5),
-        "GMFlowODEScheduler.step": step(GMFlowODEScheduler),
-        "GMFlowSDEScheduler.step": step(GMFlowSDEScheduler),
-        "GMFlowODEScheduler.step (order 2)": step(GMFlowODEScheduler, order=2),
-        "GMFlowSDEScheduler.step (probabilistic)": step(GMFlowSDEScheduler, guided=True),
-        "GMFlowODEScheduler.step (order 2, probabilistic)": step(GMFlowODEScheduler, order=2, guided=True),
+        "GMFlowPolicy.pi": lambda: policy.pi(x, 0.5),
+        "GMFlowPolicy.integrate": lambda: policy.integrate(x, 0.9, 0.9, 0.5, total_substeps=4),
+        "GMFlowPolicy.integrate fwd+bwd": policy_rollout_fwd_bwd,
+        "GMODEScheduler.step": step(GMODEScheduler),
+        "GMSDEScheduler.step": step(GMSDEScheduler),
+        "GMODEScheduler.step (order 2)": step(GMODEScheduler, order=2),
+        "GMSDEScheduler.step (probabilistic)": step(GMSDEScheduler, guided=True),
+        "GMODEScheduler.step (order 2, probabilistic)": step(GMODEScheduler, order=2, guided=True),
     }
 
 

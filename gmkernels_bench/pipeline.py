@@ -85,12 +85,16 @@ def pipeline_records(device: torch.device, dtypes: list[torch.dtype], model: str
                      batch: int, repeats: int) -> list[dict]:
     """One record per (output mode, dtype): the median over ``repeats`` timed calls (after one
     warm-up call on CUDA) of the total, network and sampler times."""
+    from gmkernels.pipelines import FlowEulerODEScheduler, GMFlowSDEScheduler
+
     records = []
     for dtype in dtypes:
         pipe = build_pipeline(model, device, dtype)
         cfg = pipe.transformer.config
         for mode, n_override in MODES:
             n = n_override or substeps
+            # the official pairing: GM-ODE steps on the mean, GM-SDE steps on a (spectral) draw
+            pipe.scheduler = FlowEulerODEScheduler() if mode == "mean" else GMFlowSDEScheduler()
             kw = dict(guidance_scale=GUIDANCE_SCALE, num_inference_steps=steps, num_inference_substeps=n,
                       output_mode=mode, order=2, output_type="latent", progress=False)
             labels = list(range(batch))

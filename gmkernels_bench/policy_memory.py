@@ -13,7 +13,7 @@ linearly in ``n`` (one saved state per substep plus a fixed set of K x C x H x W
 recomputed substep), so two substep counts give the line, extrapolated to 128.
 
 Fused path (analytic, from the saved tensors of ``gmkernels.ops.policy``; the interpreter is too
-slow for these shapes, and ``tests/test_policy_kernels.py`` checks the saved-tensor count at a
+slow for these shapes, and ``tests/test_policy.py`` checks the saved-tensor count at a
 small shape): the forward saves ``ceil(N / S)`` states per pixel in fp32 (``S = ceil(sqrt(N))``)
 and the ``(B, N + 1)`` sigma table; the backward adds a ``(B, H*W)`` fp32 partial of the variance
 gradient. Everything else it holds is the inputs and the gradients themselves.

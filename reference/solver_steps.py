@@ -182,3 +182,33 @@ def step_coefficients(
             rho = (P / V.clamp(min=1e-6)).clamp(min=rho_min, max=1 - rho_min)
             out[:, COEF_GA_DB], out[:, COEF_GA_E], out[:, COEF_VA] = (cap * alpha / rho).float(), (cap * damp / rho).float(), (V * (1 - rho) / rho).float()
     return out
+
+
+def second_order_bias(
+    mean_now: torch.Tensor, mean_prev: torch.Tensor, V: torch.Tensor, h: Sigma, h_prev: Sigma,
+    scale: float = 0.0, cfg_bias: torch.Tensor | None = None, ca: float = 0.005, cb: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The 2nd-order rule of docs/solvers.md#2nd-order on whole tensors: the host-side form that the
+    scheduler objects and ``gmkernels.compat`` apply (the fused kernel keeps its own in-kernel copy,
+    ``step_coefficients`` above is its twin).
+
+    Args:
+        mean_now: ``(*B, C, H, W)`` mean of this step's (guided) x0-GM.
+        mean_prev: ``(*B, C, H, W)`` the previous step's x0-GM carried to this state (op 6).
+        V: ``(*B, 1, 1, 1)`` the base GM's variance averaged over the pixels.
+        h, h_prev: this and the previous step's length in sigma units (``t / T``).
+        scale: the probabilistic-guidance scale (0 without it). cfg_bias: its bias
+            ``(*B, C, H, W)``, added to the 2nd-order one, or None.
+        ca, cb: the error-power coefficients of ``E = V * (scale^2 * cb^2 + ca)``.
+    Returns:
+        ``(bias, P, mean_diff)``: the total bias with its power capped at ``V``, the power
+        ``P (*B, 1, 1, 1)`` of the uncapped total (the base variance shrinks by ``1 - P / V``), and
+        the damped mean difference ``(mean_now - mean_prev) * 0.5 * h / h_prev * sqrt(max(0, 1 -
+        E / h_prev^2))``.
+    """
+    E = V * (scale * scale * cb * cb + ca)
+    damp = torch.sqrt((1 - E / (h_prev * h_prev)).clamp(min=0)) * (0.5 * h / h_prev)
+    mean_diff = (mean_now - mean_prev) * damp
+    bias = mean_diff if cfg_bias is None else mean_diff + cfg_bias
+    P = bias.square().mean(dim=(-3, -2, -1), keepdim=True)
+    return bias * torch.sqrt((V / P.clamp(min=1e-6)).clamp(max=1)), P, mean_diff

@@ -23,6 +23,8 @@ import gmkernels_bench.aot as aot  # noqa: E402
 from gmkernels_bench.aot import FAMILIES, SHAPE_SETS, AotCase, sass_stats, shape_cases  # noqa: E402
 from gmkernels.ops.solver.common import PACK_FUSED as _PACK_FUSED  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles every kernel for sm_80 and sm_90
+
 
 def test_all_kernels_compile_without_spills():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -129,3 +131,19 @@ def test_point_data_gaps_fill_programs():
     """The known gaps, kept visible: this passes (and so fails as strict XPASS) once they pack rows."""
     elems = {k: n for k, n in _point_data_programs().items() if _point_data_gap(k)}
     assert elems and all(n >= 32 for n in elems.values()), {k: v for k, v in elems.items() if v < 32}
+
+
+SMALL_USER_SHAPES = ((2, 8, 4, 8, 8), (1, 4, 4, 16, 16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["guidance", "mean_cfg", "kr_", "gm_sample"])
+def test_small_user_shapes_compile_without_spills(kernels):
+    """The small images users try first are in the ``users`` set and compile without spills
+    (guidance, inverse-CDF and sampling kernels; ``kernels`` filters the case names)."""
+    assert set(SMALL_USER_SHAPES) <= set(SHAPE_SETS["users"])
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    shapes = [",".join(map(str, s)) for s in SMALL_USER_SHAPES]
+    proc = subprocess.run([sys.executable, "-m", "gmkernels_bench.compile_report", "--check", "--shapes", *shapes,
+                           "--filter", kernels], capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr

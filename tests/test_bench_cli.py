@@ -56,6 +56,7 @@ def test_ops_cli_writes_every_field(tmp_path, capsys):
     assert mean["bytes"] == 2 * (c["G"] + c["L"] + c["X"])  # means + log-weights read, the mean written
 
 
+@pytest.mark.slow  # torch.compile of the reference
 def test_train_and_solvers_with_compile(tmp_path, capsys):
     data, _ = _run(tmp_path, capsys, "--suite", "all", "--backends", "torch,compile", "--filter", "fwd+bwd")
     recs = data["records"]
@@ -106,6 +107,7 @@ def test_pytest_benchmark_file_skips_without_benchmark_only():
     assert "passed" not in r.stdout.splitlines()[-1] and "skipped" in r.stdout.splitlines()[-1], r.stdout
 
 
+@pytest.mark.slow  # starts torchrun processes
 def test_torchrun_data_parallel_solvers(tmp_path):
     """Two gloo ranks sample together; rank 0 reports samples/s per rank and in total."""
     out = tmp_path / "dp"

@@ -1,4 +1,5 @@
-"""gmkernels.compat: the GMFlow-compatible ops, helpers and schedulers.
+"""gmkernels.compat: the GMFlow-compatible ops, helpers and schedulers (the schedulers' official
+contract itself: tests/test_schedulers.py).
 
 Every function is checked with the original module's calling conventions (tuple returns, dict
 keys added as side effects, leading batch dims, the ``covs`` dict form) against the library's
@@ -8,8 +9,6 @@ product: ``log out(x) - sum_i p_i log f_i(x)`` does not depend on ``x``).
 """
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import reference
 from gmkernels.compat import gmflow as M
 from gmkernels.compat import gmflow_ops as G
 from gmkernels.compat import schedulers as S
+from gmkernels.schedulers import GMTensorStepScheduler
 
 F64 = torch.float64
 TOL64 = TOL[F64]
@@ -697,40 +697,6 @@ def test_mixin_takes_T_from_the_pipeline_scheduler():
 # ------------------------------------------------------------------------------------ schedulers
 
 
-@pytest.mark.parametrize("cls", [S.FlowEulerODEScheduler, S.GMFlowSDEScheduler])
-def test_scheduler_schedule_and_step(cls):
-    sched = cls(shift=3.0)
-    sched.set_timesteps(4)
-    s = 1 - torch.arange(4, dtype=F64) / 4
-    close(sched.sigmas[:-1], 3 * s / (1 + 2 * s), 1e-7)
-    assert sched.sigmas[-1] == 0 and torch.allclose(sched.timesteps, sched.sigmas[:-1] * 1000)
-    x = torch.randn(2, 3, 4, 4)
-    x0 = torch.randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match="integer"):
-        sched.step(x0, 1, x)
-    for i, t in enumerate(sched.timesteps):
-        sigma, sigma_to = sched.sigmas[i], sched.sigmas[i + 1]
-        gen = torch.Generator().manual_seed(i)
-        out = sched.step(x0, t, x, generator=gen, prediction_type="x0")
-        assert sched.step_index == i + 1
-        if cls is S.FlowEulerODEScheduler:
-            want = x + (x - x0) / sigma * (sigma_to - sigma)
-        else:
-            c1, c2, c3 = reference.transition.transition_coefficients(sigma, sigma_to)
-            want = c1 * x + c2 * x0 + c3.clamp(min=0).sqrt() * torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
-        close(out.prev_sample, want, TOL[torch.float32])
-        x = out[0]
-    close(x, x0, TOL[torch.float32])  # the last step lands on x0 for both
-
-
-def test_euler_u_prediction_and_tuple_return():
-    sched = S.FlowEulerODEScheduler()
-    sched.set_timesteps(2)
-    x, u = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
-    (out,) = sched.step(u, sched.timesteps[0], x, return_dict=False)
-    close(out, x - 0.5 * u, TOL[torch.float32])
-
-
 def test_gmflow_sde_scheduler_samples_the_data_distribution():
     """Data N(mu, s0^2) per pixel: the exact x0-posterior at every state is one Gaussian; GM-SDE
     steps drawing from it reproduce the data distribution at any number of steps."""
@@ -749,61 +715,6 @@ def test_gmflow_sde_scheduler_samples_the_data_distribution():
         x0 = G.gm_to_sample(post).squeeze(-4)
         x = sched.step(x0, t, x, generator=gen, prediction_type="x0").prev_sample
     assert abs(x.mean().item() - mu) < 0.03 and abs(x.std().item() / s0 - 1) < 0.05
-
-
-def test_from_config_with_diffusers():
-    pytest.importorskip("diffusers")
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
-    ode = S.FlowEulerODEScheduler(shift=3.0, num_train_timesteps=500)
-    sde = S.GMFlowSDEScheduler.from_config(ode.config)
-    assert isinstance(sde, SchedulerMixin) and sde.config.shift == 3.0 and sde.config.num_train_timesteps == 500
-
-
-@pytest.mark.parametrize("cls", [S.FlowEulerODEScheduler, S.GMFlowSDEScheduler])
-def test_from_config_warns_about_options_it_does_not_implement(cls):
-    """The original GMFlowSDEScheduler's output_mode and variance_mode are not implemented: a
-    config carrying them (or any other key the constructor does not take) warns, never silently."""
-    config = dict(S.FlowEulerODEScheduler(shift=2.0).config, output_mode="sample", variance_mode="exact")
-    with pytest.warns(UserWarning, match=r"output_mode.*variance_mode"):
-        sched = cls.from_config(config)
-    assert sched.config.shift == 2.0 and "output_mode" not in sched.config
-    with pytest.warns(UserWarning, match="variance_mode"):
-        cls.from_config({"shift": 2.0}, variance_mode="exact")
-
-
-@pytest.mark.parametrize("cls", [S.FlowEulerODEScheduler, S.GMFlowSDEScheduler])
-def test_set_timesteps_takes_the_original_positional_arguments(cls):
-    """set_timesteps(num_inference_steps, seq_len=None, device=None), as both originals."""
-    plain, positional = cls(shift=2.0), cls(shift=2.0)
-    plain.set_timesteps(4)
-    positional.set_timesteps(4, None, "cpu")
-    assert torch.equal(positional.timesteps, plain.timesteps) and torch.equal(positional.sigmas, plain.sigmas)
-    dynamic = cls(use_dynamic_shifting=True)
-    dynamic.set_timesteps(4, 1024)
-    shift = float(dynamic.get_shift(1024))
-    s = 1 - torch.arange(4, dtype=F64) / 4
-    close(dynamic.sigmas[:-1].double(), shift * s / (1 + (shift - 1) * s), 1e-6)
-    assert shift > 1.0
-
-
-def test_from_config_without_diffusers():
-    code = (
-        "import sys; sys.modules['diffusers'] = None\n"
-        "from gmkernels.compat import schedulers as S\n"
-        "assert not S.HAS_DIFFUSERS\n"
-        "ode = S.FlowEulerODEScheduler(shift=3.0)\n"
-        "import warnings\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    sde = S.GMFlowSDEScheduler.from_config(dict(ode.config, unknown=1), num_train_timesteps=500)\n"
-        "assert any('unknown' in str(w.message) for w in caught)\n"
-        "assert sde.config.shift == 3.0 and sde.config['num_train_timesteps'] == 500\n"
-        "sde.set_timesteps(2)\n"
-        "import torch; x = torch.zeros(1, 1, 2, 2)\n"
-        "assert sde.step(x, sde.timesteps[0], x, prediction_type='x0')[0].shape == x.shape\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 
 # ------------------------------------------------------------------------------------ Triton
@@ -845,10 +756,12 @@ def _stub_net(x, t, offset):
     return {"means": means, "logstds": logstds, "logweights": torch.log_softmax(logits, dim=-4)}
 
 
-@pytest.mark.parametrize("guidance_scale", [0.0, 0.4])
-def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(guidance_scale):
-    """The sampling loop of the original GMDiTPipeline (GM-ODE 2 with substeps and probabilistic
-    guidance), written against the compat modules, gives gmkernels.sample's result."""
+@pytest.mark.parametrize("output_mode,guidance_scale", [("ode", 0.0), ("ode", 0.4), ("mean", 0.4)])
+def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(output_mode, guidance_scale):
+    """The sampling loop of the original GMDiTPipeline (2nd order with substeps and probabilistic
+    guidance on the GM's mean), written against the compat modules: with FlowEulerODEScheduler
+    (GM-ODE) it gives gmkernels.sample's result, with GMFlowSDEScheduler(output_mode=...) that
+    of GMTensorStepScheduler, the loop GMDiTPipeline runs for that pairing."""
     S_, N_, B = 3, 2, 2
     noise = torch.randn(B, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     use_guidance = guidance_scale > 0
@@ -856,7 +769,8 @@ def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(guidance_scale
     def net(x, t):  # the batch is [cond, uncond] like the pipeline's class labels
         return {k: torch.cat([a, b]) for (k, a), b in zip(_stub_net(x[:B], t[:B], 0.3).items(), _stub_net(x[B:], t[B:], -0.2).values())}
 
-    scheduler = S.FlowEulerODEScheduler(shift=2.0)
+    scheduler = S.FlowEulerODEScheduler(shift=2.0) if output_mode == "ode" else S.GMFlowSDEScheduler(shift=2.0, output_mode=output_mode)
+    g = torch.Generator().manual_seed(3)
     model = Model()
     scheduler.set_timesteps(S_ * N_)
     model.init_gm_cache()
@@ -889,15 +803,23 @@ def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(guidance_scale
             else:
                 t = scheduler.timesteps[i * N_ + j]
                 model_output = model.denoising_gm_convert_to_mean(gm_output, x_t, x_t_base, t, t_base, prediction_type="x0")
-            x_t = scheduler.step(model_output, t, x_t, return_dict=False, prediction_type="x0")[0]
+            x_t = scheduler.step(model_output, t, x_t, generator=g, return_dict=False, prediction_type="x0")[0]
 
     def denoiser(x, t):
         if not use_guidance:
             return _stub_net(x, t, 0.3)
         return _stub_net(x, t, 0.3), _stub_net(x, t, -0.2)
 
-    want = gmkernels.sample(denoiser, noise, S_, solver="gm-ode", substeps=N_, order=2, shift=2.0,
-                            guidance_scale=guidance_scale, orthogonal=1.0)  # fmt: skip
+    if output_mode == "ode":
+        want = gmkernels.sample(denoiser, noise, S_, solver="gm-ode", substeps=N_, order=2, shift=2.0,
+                                guidance_scale=guidance_scale, orthogonal=1.0)  # fmt: skip
+    else:
+        sched = GMTensorStepScheduler(S.GMFlowSDEScheduler(shift=2.0, output_mode=output_mode), output_mode, order=2,
+                                      guidance_scale=guidance_scale)
+        sched.set_timesteps(S_, N_)
+        want, g = noise, torch.Generator().manual_seed(3)
+        for t in sched.timesteps:
+            want = sched.step(denoiser(want, t.expand(B)), t, want, generator=g)
     close(x_t, want, 1e-4)
 
 

@@ -25,6 +25,8 @@ import torch
 
 import gmkernels
 
+pytestmark = pytest.mark.slow  # statistical: thousands of samples per solver and problem
+
 N_SAMPLES = 3000
 
 

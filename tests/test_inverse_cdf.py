@@ -235,6 +235,24 @@ def test_bad_inputs_name_the_argument():
         gmkernels.gm_samples_to_gaussian_samples(gm, torch.zeros(1, 2, 2, 2, 2))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("bad", [1.5, -1.01, float("nan")])
+def test_targets_outside_the_scaled_cdf_range_raise(backend, bad):
+    """Targets ``u`` outside ``[-1, 1]`` (or NaN) have no inverse: a ValueError naming
+    ``scaled_cdfs`` and the range, on either backend, for a small and a large tensor (host read
+    of a list and of the minimum and maximum); the edges themselves are valid."""
+    for shape in ((2, 2, 2), (3, 8, 9)):
+        gm1d = _gm1d(((2,), 3, *shape[1:]), seed=0, dtype=torch.float32)
+        u = _uniform((2,), *shape, seed=0, dtype=torch.float32)
+        u[1, 0, 1, 1] = bad
+        with gmkernels.use_backend(backend), pytest.raises(ValueError, match=r"scaled_cdfs must lie in \[-1, 1\]"):
+            gmkernels.gm1d_inverse_cdf(gm1d, u, n_steps=2)
+        u[1, 0, 1, 1] = 1.0
+        u[0, 0, 0, 0] = -1.0
+        with gmkernels.use_backend(backend):
+            assert gmkernels.gm1d_inverse_cdf(gm1d, u, n_steps=2).isfinite().all()
+
+
 def test_custom_ops_opcheck():
     gm = make_gm(((2,), 3, 2, 2, 3), seed=0, dtype=torch.float32)
     z = _normal((2, 2, 2, 2, 3), seed=0, dtype=torch.float32)

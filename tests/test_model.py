@@ -78,6 +78,7 @@ def _tiny_cfg(name: str, out, **kw) -> dict:
     return cfg
 
 
+@pytest.mark.slow  # trains a network for 300 steps
 def test_training_reduces_loss(tmp_path):
     cfg = _tiny_cfg("checkerboard", tmp_path, steps=300, batch=256, lr=3e-3,
                     net_cfg=dict(K=8, hidden=64, depth=2, pos_freqs=4))

@@ -1,5 +1,6 @@
 """gmkernels.pipelines: the GM-DiT pipeline on a tiny random checkpoint in the public GMFlow layout
-(written by tests/gmflow_checkpoint.py without our model classes), and the diffusers schedulers."""
+(written by tests/gmflow_checkpoint.py without our model classes), with the official schedulers
+(their contract itself: tests/test_schedulers.py)."""
 
 import json
 import logging
@@ -14,6 +15,7 @@ pytest.importorskip("diffusers")
 import gmkernels  # noqa: E402
 from gmkernels.models import GMDiTTransformer2DModel, SpectrumMLP  # noqa: E402
 from gmkernels.pipelines import FlowEulerODEScheduler, GMDiTPipeline, GMFlowSDEScheduler  # noqa: E402
+from gmkernels.schedulers import GMTensorStepScheduler  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from tests.gmflow_checkpoint import (  # noqa: E402
@@ -31,6 +33,11 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(ckpt):
     return GMDiTPipeline.from_pretrained(ckpt[0])
+
+
+def with_scheduler(pipe, scheduler):
+    """The pipeline's components with another scheduler (the module's pipeline stays as loaded)."""
+    return GMDiTPipeline(pipe.transformer, pipe.spectrum_net, pipe.vae, scheduler, pipe.config.id2label)
 
 
 class _Records(logging.Handler):
@@ -127,9 +134,10 @@ def test_same_seed_same_images(pipe, output_mode, substeps):
 
 
 def test_pipeline_runs_the_gmkernels_sampler(pipe):
-    """"mean" mode is gmkernels.sample(solver="gm-ode") on the transformer, guided by the null class."""
+    """FlowEulerODEScheduler with "mean" is gmkernels.sample(solver="gm-ode") on the transformer,
+    guided by the null class."""
     B, labels = 2, torch.tensor([3, 5])
-    out = pipe(labels.tolist(), guidance_scale=0.4, generator=torch.manual_seed(2), num_inference_steps=2,
+    out = with_scheduler(pipe, FlowEulerODEScheduler.from_config(pipe.scheduler.config))(labels.tolist(), guidance_scale=0.4, generator=torch.manual_seed(2), num_inference_steps=2,
                num_inference_substeps=3, output_type="latent", progress=False).images
     noise = torch.randn(B, 4, 8, 8, generator=torch.manual_seed(2))
     null = torch.full_like(labels, 10)
@@ -161,9 +169,10 @@ def test_sample_mode_without_spectrum_net_is_gm_sde(ckpt):
 def test_pipeline_on_the_triton_path(pipe):
     """The same call with the Triton kernels (interpreted on CPU) gives the torch path's latents."""
     kw = dict(num_inference_steps=2, num_inference_substeps=2, output_type="latent", progress=False, guidance_scale=0.3)
-    ref = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
+    ode = with_scheduler(pipe, FlowEulerODEScheduler())  # fused GM-ODE steps
+    ref = ode([1, 4], generator=torch.manual_seed(5), **kw).images
     with gmkernels.use_backend("triton"):
-        out = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
+        out = ode([1, 4], generator=torch.manual_seed(5), **kw).images
     assert rel_err(out, ref) < 1e-5
 
 
@@ -202,7 +211,8 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     assert again.labels == pipe.labels
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, again.transformer.state_dict()[k])
-    assert dict(again.scheduler.config) == dict(pipe.scheduler.config)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert type(again.scheduler) is type(pipe.scheduler) and public(again.scheduler.config) == public(pipe.scheduler.config)
 
 
 def test_bad_arguments(pipe, ckpt, tmp_path):
@@ -229,92 +239,74 @@ def test_bad_arguments(pipe, ckpt, tmp_path):
         GMDiTPipeline.from_pretrained(path)
 
 
-# ------------------------------------------------------------------------------------- schedulers
-
-
-def _toy_gm(x, t, K=3, seed=0):
-    """A u-GM that depends smoothly on ``x`` and ``t`` (stands in for a network)."""
-    g = torch.Generator().manual_seed(seed)
-    offs = torch.randn(K, *x.shape[1:], generator=g)
-    s = (t / 1000).reshape(-1, 1, 1, 1, 1)
-    means = 0.5 * x.unsqueeze(1) + offs * (1 + s)
-    logweights = torch.log_softmax((x.unsqueeze(1) * offs).sum(2, keepdim=True), dim=1)
-    return {"means": means, "logstds": torch.log(0.3 + 0.2 * s), "logweights": logweights}
-
-
-def _toy_guided(x, t):
-    return _toy_gm(x, t, seed=0), _toy_gm(x, t, seed=1)
-
-
-@pytest.mark.parametrize("cls,solver,substeps", [(FlowEulerODEScheduler, "gm-ode", 3), (GMFlowSDEScheduler, "gm-sde", 1)])
-def test_scheduler_loop_equals_sample(cls, solver, substeps):
-    noise = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
-    sched = cls(shift=2.0)
-    sched.set_timesteps(4, substeps, order=2, guidance_scale=0.3, orthogonal_guidance=0.5)
-    assert sched.timesteps.shape == (4,) and sched.sigmas.shape == (4 * substeps + 1,)
-    assert sched.sigmas[0] == 1 and sched.sigmas[-1] == 0 and sched.step_index == 0
-    x, g = noise, torch.Generator().manual_seed(3)
-    for i, t in enumerate(sched.timesteps):
-        assert sched.step_index == i
-        out = sched.step(_toy_guided(x, t.expand(2)), t, x, generator=g)
-        x = out.prev_sample
-    ref = gmkernels.sample(_toy_guided, noise, 4, solver=solver, substeps=substeps, order=2, shift=2.0,
-                           guidance_scale=0.3, orthogonal=0.5, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(x, ref, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="steps are done"):
-        sched.step(_toy_guided(x, sched.timesteps[:1]), 0.0, x)
-
-
-def test_spectral_sde_steps():
-    """The spectral GM-SDE path: finite, reproducible with a generator, and different from the
-    per-pixel draws."""
-    spectrum = SpectrumMLP(base_size=(3, 8, 8), layers=[8])
-    noise = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-
-    def run(spectrum_net, seed):
-        sched = GMFlowSDEScheduler()
-        sched.set_timesteps(3, order=2, guidance_scale=0.3)
-        x, g = noise, torch.Generator().manual_seed(seed)
-        for t in sched.timesteps:
-            x = sched.step(_toy_guided(x, t.expand(2)), t, x, generator=g, spectrum_net=spectrum_net).prev_sample
-        return x
-
-    with torch.no_grad():
-        a, b, c = run(spectrum, 1), run(spectrum, 1), run(None, 1)
-    assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.allclose(a, c)
-    sched = GMFlowSDEScheduler()
-    sched.set_timesteps(2)
-    x = sched.step(_toy_gm(noise, sched.timesteps[:1].expand(2)), sched.timesteps[0], noise,
-                   spectrum_net=spectrum).prev_sample
-    with pytest.raises(RuntimeError, match="spectrum_net"):
-        sched.step(_toy_gm(x, sched.timesteps[1:].expand(2)), sched.timesteps[1], x)
-
-
-def test_scheduler_config_round_trip(tmp_path):
-    sched = GMFlowSDEScheduler(shift=3.0, use_dynamic_shifting=True, base_seq_len=64, max_seq_len=1024)
-    sched.save_pretrained(str(tmp_path))
-    with open(tmp_path / "scheduler_config.json") as f:
-        saved = json.load(f)
-    assert saved["_class_name"] == "GMFlowSDEScheduler" and saved["shift"] == 3.0
-    again = GMFlowSDEScheduler.from_pretrained(str(tmp_path))
-    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    assert public(again.config) == public(sched.config)
-    ode = FlowEulerODEScheduler.from_config(again.config)
-    assert isinstance(ode, FlowEulerODEScheduler) and ode.config.shift == 3.0
-    # dynamic shifting: exp of the log-shift interpolated in the token count
-    assert again.get_shift(64) == pytest.approx(np.exp(0.5)) and again.get_shift(1024) == pytest.approx(np.exp(1.15))
-    assert again.get_shift(None) == 3.0
-
-
-def test_scheduler_rejects_unsupported_config():
+def test_bad_arguments_name_what_to_pass(pipe, tmp_path):
+    with pytest.raises(TypeError, match=r"get_label_ids\(\['jay'\]\)"):
+        pipe(["jay"])
+    with pytest.raises(TypeError, match=r"get_label_ids\('jay'\)"):
+        pipe("jay")
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
+        pipe([1], num_inference_steps=0)
+    with pytest.raises(ValueError, match="num_inference_substeps must be an int >= 1"):
+        pipe([1], num_inference_substeps=0)
+    with pytest.raises(ValueError, match="orthogonal_guidance must be a number >= 0, got -1"):
+        pipe([1], orthogonal_guidance=-1)
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        pipe([1], order=3)
+    with pytest.raises(ValueError, match="a list of 1 generators for 2 class labels"):
+        pipe([1, 2], generator=[torch.Generator()])
+    with pytest.raises(TypeError, match="generator"):
+        pipe([1], generator=0)
     with pytest.raises(ValueError, match="terminal_sigma"):
-        FlowEulerODEScheduler(terminal_sigma=0.01)
-    with pytest.raises(ValueError, match="num_train_timesteps"):
-        GMFlowSDEScheduler(num_train_timesteps=100)
-    with pytest.raises(RuntimeError, match="set_timesteps"):
-        GMFlowSDEScheduler().step({}, 1000.0, torch.zeros(1, 1, 1, 1))
-    with pytest.raises(ValueError, match="substeps"):
-        GMFlowSDEScheduler().set_timesteps(4, 2)
+        with_scheduler(pipe, FlowEulerODEScheduler(terminal_sigma=0.01))([1])
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        GMDiTPipeline.from_pretrained(str(tmp_path / "missing" / "ckpt"))
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        GMDiTPipeline.from_pretrained("./missing")
+
+
+@pytest.mark.parametrize("scheduler,output_mode,substeps", [
+    (FlowEulerODEScheduler(), "mean", 2), (GMFlowSDEScheduler(), "sample", 1), (GMFlowSDEScheduler(), "mean", 2),
+])
+def test_generator_list_one_per_sample(pipe, scheduler, output_mode, substeps):
+    """As in diffusers: with one generator per sample, sample i of a batched call is the image a
+    call with [generator i] alone gives (up to the network's batched arithmetic)."""
+    p = with_scheduler(pipe, scheduler)
+    kw = dict(num_inference_steps=2, num_inference_substeps=substeps, output_mode=output_mode, output_type="latent",
+              progress=False, guidance_scale=0.3)
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    both = p([1, 4], generator=[gen(1), gen(2)], **kw).images
+    alone = [p([label], generator=[gen(seed)], **kw).images for label, seed in ((1, 1), (4, 2))]
+    for i in range(2):
+        assert rel_err(both[i : i + 1], alone[i]) < 1e-4
+    assert rel_err(both[0], both[1]) > 0.1
+
+
+def test_scheduler_swaps_as_with_the_official_pipeline(pipe):
+    """pipe.scheduler = GMFlowSDEScheduler.from_config(..., output_mode="mean"): the official
+    pipeline's pairing, SDE steps on the GM's mean with the large variance, run by
+    GMTensorStepScheduler on the pipeline's scheduler (tests/test_compat.py checks that loop
+    against the official loop body)."""
+    p = with_scheduler(pipe, FlowEulerODEScheduler(shift=2.0))
+    p.scheduler = GMFlowSDEScheduler.from_config(p.scheduler.config, output_mode="mean")
+    assert isinstance(p.scheduler, GMFlowSDEScheduler) and p.scheduler.config.output_mode == "mean"
+    assert p.scheduler.config.shift == 2.0
+    labels = torch.tensor([3, 5])
+    out = p(labels.tolist(), guidance_scale=0.4, generator=torch.manual_seed(2), num_inference_steps=2,
+            num_inference_substeps=3, output_type="latent", progress=False).images
+    g = torch.manual_seed(2)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    sched = GMTensorStepScheduler(GMFlowSDEScheduler(shift=2.0, output_mode="mean"), "mean", order=2,
+                                  guidance_scale=0.4)
+    sched.set_timesteps(2, 3)
+    null = torch.full_like(labels, 10)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            gm = pipe.transformer(torch.cat([x, x]), timestep=t.expand(4), class_labels=torch.cat([labels, null]))
+            x = sched.step(({k: v[:2] for k, v in gm.items()}, {k: v[2:] for k, v in gm.items()}), t, x, generator=g)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+    p.scheduler = FlowEulerODEScheduler.from_config(p.scheduler.config)  # back to GM-ODE: other latents
+    assert not torch.allclose(out, p([3, 5], guidance_scale=0.4, generator=torch.manual_seed(2), num_inference_steps=2,
+                                     num_inference_substeps=3, output_type="latent", progress=False).images)
 
 
 def test_spectrum_mlp_crops_to_small_latents():

@@ -26,6 +26,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(.*?)\s*-->", re.S)
 
 SKIP = [
+    (r"^python -m venv\b|^\. \S+/bin/activate$", "makes a virtualenv for the install below (.ci/run runs both lines)"),
     (r"^pip install\b", "installs into the running environment; tests/test_packaging.py installs the checkout into a fresh venv"),
     (r"^torchrun\b", "starts one process per GPU"),
     (r"--preset imagenet", "needs GPUs and a latent cache of ImageNet"),
@@ -39,6 +40,7 @@ SMALL = [
     (r"^python -m model\.evaluate ", "--set eval.n=64 'eval.nfe=[1]' eval.projections=8"),
     (r"^python -m model\.sample ", "--n 4 --steps 2"),
     (r"^python -m gmkernels_bench(\s|$)", "--quick --backends torch --no-progress"),
+    (r"^python -m gmkernels_bench\.host_cost\b", "--calls 5 --repeat 1 --filter gm_to_mean"),
 ]
 
 

@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten
 
 import gmkernels
 from gmkernels.ops.solver import step as solver_step
-from gmkernels.schedulers import SCHEDULERS, FlowEulerScheduler, GMFlowODEScheduler, GMFlowSDEScheduler, schedule_sigmas
+from gmkernels.schedulers import SCHEDULERS, GMEulerScheduler, GMODEScheduler, GMSDEScheduler, schedule_sigmas
 from gmkernels_bench.cases import Shape, launch_reads_memory, step_launches, step_traffic
 
 DATA = GMData([[-1.0, 0.5], [1.0, 1.0], [0.5, -1.5]], [0.0, 0.3, -0.2], 0.3)
@@ -34,7 +34,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize("S,N,shift", [(3, 2, 2.5), (4, 1, 1.0), (1, 5, 0.5)])
 def test_schedule_matches_spec(S, N, shift):
-    sched = GMFlowODEScheduler()
+    sched = GMODEScheduler()
     sched.set_timesteps(S, N, shift)
     n = S * N
     expect = []
@@ -177,7 +177,7 @@ def test_loop_never_reads_a_device_value(solver, substeps, order, guidance, scal
 
 
 @pytest.mark.parametrize("cls,solver,substeps,order", [
-    (GMFlowSDEScheduler, "gm-sde", 1, 2), (GMFlowODEScheduler, "gm-ode", 3, 2), (FlowEulerScheduler, "euler", 1, 1),
+    (GMSDEScheduler, "gm-sde", 1, 2), (GMODEScheduler, "gm-ode", 3, 2), (GMEulerScheduler, "euler", 1, 1),
 ])
 def test_scheduler_loop_equals_sample(cls, solver, substeps, order):
     x = noise(32, seed=10)
@@ -195,7 +195,7 @@ def test_scheduler_loop_equals_sample(cls, solver, substeps, order):
 
 
 def test_scheduler_misuse():
-    sched = GMFlowODEScheduler()
+    sched = GMODEScheduler()
     x = noise(4)
     with pytest.raises(RuntimeError, match="set_timesteps"):
         sched.step(DATA.denoiser(x, torch.full((4,), 1000.0)), 1000.0, x)

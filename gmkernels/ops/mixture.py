@@ -139,10 +139,11 @@ if triton is not None:
                     other=0.0,
                 ).to(tl.float32)
                 m, w_sum, mean, m2 = online_moments_update(lw2, mu, m, w_sum, mean, m2, WITH_VAR)
+            mean = tl.where((w_sum > 0)[None, :], mean, float("nan"))  # every component dead: not a GM, NaN
             out_offs = row * s_or + offs_c[:, None] * s_oc + offs_p[None, :] * s_op
             tl.store(mean_ptr + out_offs, mean.to(mean_ptr.dtype.element_ty), mask=mask_cp)
             if WITH_VAR:
-                var_acc += tl.sum(m2, axis=0) / tl.where(w_sum > 0, w_sum, 1.0)
+                var_acc += tl.sum(m2, axis=0) / w_sum  # 0 / 0, NaN, where every component is dead
         if WITH_VAR:
             logstd = tl.load(logstds_ptr + row * s_sr + offs_p * s_sp, mask=mask_p, other=0.0).to(tl.float32)
             var = var_acc / C + tl.exp(2.0 * logstd)
@@ -303,7 +304,8 @@ def gm_to_iso_gaussian(gm: dict) -> dict:
     ``var = mean_c(sum_k w_k (mu_k - mean)^2) + exp(2 * logstds)``.
 
     Returns:
-        ``{mean (*B, C, H, W), var (*B, 1, H, W)}`` in the dtype of ``means``.
+        ``{mean (*B, C, H, W), var (*B, 1, H, W)}`` in the dtype of ``means``. A pixel whose
+        components are all dead is not a GM and gives NaN in both, as the reference does.
     """
     s = check_gm(gm)
     if not kernels_wanted(gm["means"], gm["logstds"], gm["logweights"]):

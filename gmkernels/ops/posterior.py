@@ -20,21 +20,20 @@ find in L2).
 
 from __future__ import annotations
 
-import sys
+import math
 from typing import Any
 
 import torch
 
 import reference.posterior as ref
 
-from .._dispatch import run_reference, select_backend
+from .._dispatch import run_reference
 from .._validate import Sigma, check_gm, check_sigma_pair, check_state
 from ._launch import (
-    THREADS_ALONG_K, PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+    THREADS_ALONG_K, PlanCache, cdiv, gm_views, kernels_wanted, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
 )
 from .mixture import online_moments_update, program_tile
 from .product import _check_real
-
 
 try:
     import triton
@@ -164,6 +163,7 @@ if triton is not None:
             logit2 = tl.where(dead, float("-inf"), tl.where(dead, 0.0, lw.to(tl.float32)) * 1.4426950408889634)
             logit2 = logit2 + coef2[None, :] * dist
             m, w_sum, mean, _ = online_moments_update(logit2, mu, m, w_sum, mean, mean, False)
+        mean = tl.where((w_sum > 0)[None, :], mean, float("nan"))  # every component dead: not a GM, NaN
         out = (v / n)[None, :] * mean + (s2 / n)[None, :] * g
         tl.store(out_ptr + row * s_or + offs_c[:, None] * s_oc + offs_p[None, :] * s_op, out.to(out_ptr.dtype.element_ty), mask=mask_cp)
 
@@ -171,7 +171,6 @@ if triton is not None:
 _REG_TILE = 64  # GM elements (BLOCK_K x BLOCK_C) of a pixel per thread and K tile
 
 
-@launch_plan
 def _posterior_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``: one pixel per thread. The pixel stride 1 is
     specialised (tiles ordered pixels-fastest) but the row, component and channel strides and
@@ -205,9 +204,9 @@ def _posterior_args(
     m4, l3, s2, xs, xt, ss, st, o3 = views
     R, P = m4.shape[0], m4.shape[-1]
     block_k, block_c, block_p, warps = blocks_fn(K, C, P, R)
-    # ``THREADS_ALONG_K`` (triton < 3.9) with several channel tiles (C > 16) or packed 2-D points:
-    # 448-2976 bytes of spills at sm_80/sm_90 at the users' C = 32 / 64 and point shapes on 3.6;
-    # one component per K step and 8-channel tiles there, as the fused step's channel splits
+    # ``THREADS_ALONG_K`` (triton < 3.9) with several channel tiles (C > 16) or packed 2-D points
+    # spills at the users' C = 32 / 64 and point shapes: one component per K step and 8-channel
+    # tiles there, as the fused step's channel splits
     if THREADS_ALONG_K and (block_c < C or m4.stride(-1) != 1):
         block_k, block_c = 1, min(block_c, 8)
     n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
@@ -236,20 +235,18 @@ def _launch_posterior(
     return out
 
 
-@torch.library.custom_op("gmkernels::gm_posterior_mean", mutates_args=())
-def _gm_posterior_mean_op(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor,
-    sigma_src: torch.Tensor, x_tgt: torch.Tensor, sigma_tgt: torch.Tensor, eps: float,
-) -> torch.Tensor:  # fmt: skip
-    if select_backend(means) == "triton":
+if triton is not None:
+
+    @torch.library.custom_op("gmkernels::gm_posterior_mean", mutates_args=())
+    def _gm_posterior_mean_op(
+        means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor,
+        sigma_src: torch.Tensor, x_tgt: torch.Tensor, sigma_tgt: torch.Tensor, eps: float,
+    ) -> torch.Tensor:  # fmt: skip
         return _launch_posterior(means, logstds, logweights, x_src, sigma_src, x_tgt, sigma_tgt, eps)
-    gm = {"means": means, "logstds": logstds, "logweights": logweights}
-    return run_reference(ref.gm_posterior_mean, gm, x_src, sigma_src, x_tgt, sigma_tgt, eps, out_dtype=means.dtype)
 
-
-@_gm_posterior_mean_op.register_fake
-def _(means, logstds, logweights, x_src, sigma_src, x_tgt, sigma_tgt, eps):
-    return means.new_empty((*means.shape[:-4], *means.shape[-3:]))
+    @_gm_posterior_mean_op.register_fake
+    def _(means, logstds, logweights, x_src, sigma_src, x_tgt, sigma_tgt, eps):
+        return means.new_empty((*means.shape[:-4], *means.shape[-3:]))
 
 
 def gm_posterior_mean(
@@ -265,23 +262,27 @@ def gm_posterior_mean(
         eps: floor of the transfer Gaussian's denominator and of the product's.
     Returns:
         ``(*B, C, H, W)`` in the dtype of ``means``. On the Triton path nothing else is
-        written: no ``K x C x H x W`` temporary.
+        written: no ``K x C x H x W`` temporary. A pixel whose components are all dead is not
+        a GM and gives NaN, as the reference does.
     """
     s = check_gm(gm)
     check_state(x_src, "x_src", s)
     check_state(x_tgt, "x_tgt", s)
     sigma_src, sigma_tgt = check_sigma_pair(sigma_src, "sigma_src", sigma_tgt, "sigma_tgt", s)
-    eps = _check_real(eps, "eps")
-    tensors = [gm["means"], gm["logstds"], gm["logweights"], x_src, x_tgt]
-    tensors += [t for t in (sigma_src, sigma_tgt) if isinstance(t, torch.Tensor)]
+    if type(eps) is not float or not math.isfinite(eps):  # the common case inline, without a call
+        eps = _check_real(eps, "eps")
+    means, logstds, logweights = gm["means"], gm["logstds"], gm["logweights"]
+    src_t, tgt_t = isinstance(sigma_src, torch.Tensor), isinstance(sigma_tgt, torch.Tensor)
+    tensors = [means, logstds, logweights, x_src, x_tgt]
+    if src_t:
+        tensors.append(sigma_src)
+    if tgt_t:
+        tensors.append(sigma_tgt)
     if not kernels_wanted(*tensors):
         return run_reference(ref.gm_posterior_mean, gm, x_src, sigma_src, x_tgt, sigma_tgt, eps, out_dtype=s.dtype)
-
-    def as_tensor(sigma: Sigma) -> torch.Tensor:
-        if isinstance(sigma, torch.Tensor):
-            return sigma
-        return torch.full((), sigma, dtype=torch.float32, device=s.device)  # a fill, safe in graph capture
-
-    return call_op(torch.ops.gmkernels.gm_posterior_mean,
-        gm["means"], gm["logstds"], gm["logweights"], x_src, as_tensor(sigma_src), x_tgt, as_tensor(sigma_tgt), eps
-    )
+    # float sigmas as 0-dim tensors on the GM's device (a fill: safe in CUDA-graph capture)
+    if not src_t:
+        sigma_src = torch.full((), sigma_src, dtype=torch.float32, device=s.device)
+    if not tgt_t:
+        sigma_tgt = torch.full((), sigma_tgt, dtype=torch.float32, device=s.device)
+    return _gm_posterior_mean_op(means, logstds, logweights, x_src, sigma_src, x_tgt, sigma_tgt, eps)

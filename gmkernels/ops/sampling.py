@@ -14,18 +14,16 @@ Triton and torch backends draw different (equally distributed) numbers.
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
 import reference.sampling as ref
 
-from .._dispatch import run_reference, select_backend
+from .._dispatch import run_reference
 from .._validate import check_count, check_generator, check_gm, check_power
 from ._launch import (
-    LOG2E, PlanCache, call_op, cdiv, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+    LOG2E, PlanCache, cdiv, kernels_wanted, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
 )
-
 
 try:
     import triton
@@ -34,11 +32,11 @@ except ImportError:  # CPU-only installs: the torch path still works
     triton = None
 
 
-@launch_plan
 def sample_blocks(K: int, C: int, P: int, programs_per_pblock: int) -> tuple[int, int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``: up to 128 pixels per program, halved down to
     32 while the grid has fewer than 1024 programs; ``BLOCK_K * BLOCK_P <= 1024`` (one
-    log-weight tile and its cumulative weights in registers; triton 3.6 spilled at 2048) and up to 16 channels per store tile."""
+    log-weight tile and its cumulative weights in registers; 2048 spills) and up to 16 channels
+    per store tile."""
     block_p = min(next_pow2(P), 128)
     while block_p > 32 and programs_per_pblock * cdiv(P, block_p) < 1024:
         block_p //= 2
@@ -179,21 +177,18 @@ def _launch_sample(
     return out
 
 
-@torch.library.custom_op("gmkernels::gm_sample", mutates_args=())
-def _gm_sample_op(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, seeds: torch.Tensor, n_samples: int, power: float
-) -> torch.Tensor:
-    """``seeds``: int64 ``(2,)`` Philox seeds on the device of ``means``."""
-    if select_backend(means) == "triton":
+if triton is not None:
+
+    @torch.library.custom_op("gmkernels::gm_sample", mutates_args=())
+    def _gm_sample_op(
+        means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, seeds: torch.Tensor, n_samples: int, power: float
+    ) -> torch.Tensor:
+        """``seeds``: int64 ``(2,)`` Philox seeds on the device of ``means``."""
         return _launch_sample(means, logstds, logweights, seeds, n_samples, power)
-    gen = torch.Generator(means.device).manual_seed(int(seeds[0]))
-    gm = {"means": means, "logstds": logstds, "logweights": logweights}
-    return run_reference(ref.gm_sample, gm, n_samples, power, gen, out_dtype=means.dtype)
 
-
-@_gm_sample_op.register_fake
-def _(means, logstds, logweights, seeds, n_samples, power):
-    return means.new_empty((*means.shape[:-4], n_samples, *means.shape[-3:]))
+    @_gm_sample_op.register_fake
+    def _(means, logstds, logweights, seeds, n_samples, power):
+        return means.new_empty((*means.shape[:-4], n_samples, *means.shape[-3:]))
 
 
 def gm_sample(gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -217,4 +212,4 @@ def gm_sample(gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch
         return run_reference(ref.gm_sample, gm, n_samples, power, generator, out_dtype=s.dtype)
     gen_device = generator.device if generator is not None else s.device
     seeds = torch.randint(0, 2**62, (2,), generator=generator, device=gen_device).to(s.device)
-    return call_op(torch.ops.gmkernels.gm_sample, gm["means"], gm["logstds"], gm["logweights"], seeds, n_samples, power)
+    return _gm_sample_op(gm["means"], gm["logstds"], gm["logweights"], seeds, n_samples, power)

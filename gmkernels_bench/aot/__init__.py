@@ -46,6 +46,8 @@ SHAPE_SETS = {
         (256, 8, 4, 32, 32),  # ImageNet latents
         (1, 8, 4, 32, 32),  # small batches
         (8, 8, 4, 32, 32),
+        (2, 8, 4, 8, 8),  # small images: the shapes users try first
+        (1, 4, 4, 16, 16),
         (32, 256, 4, 32, 32),  # large K
         (8, 1024, 4, 16, 16),
         (64, 32, 4, 32, 32),  # pi-Flow policies

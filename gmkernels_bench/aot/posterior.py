@@ -6,7 +6,8 @@ import torch
 
 from gmkernels.ops.posterior import _launch_posterior
 
-from . import AOT_DTYPES, SHAPE_SETS, AotCase, bench_shape_cases, launch_cases, meta_gm, shape_tag
+from . import AOT_DTYPES, AotCase, bench_shape_cases, launch_cases, meta_gm, shape_tag
+
 
 def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
     """The launch of ``gm_posterior_mean`` for a ``(B, K, C, H, W)`` GM with per-sample sigmas,
@@ -19,7 +20,6 @@ def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
         cases += launch_cases(f"gm_posterior_mean[{shape_tag(B, K, C, H, W, dt)}]", _launch_posterior,
                               gm["means"], gm["logstds"], gm["logweights"], x, sig, x, sig, 1e-6)  # fmt: skip
     return cases
-
 
 
 def bench_cases() -> list[AotCase]:

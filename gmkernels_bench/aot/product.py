@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from gmkernels.ops.product import _launch_gm_mul, _launch_gauss_mul
 
-from . import AOT_DTYPES, SHAPE_SETS, AotCase, bench_shape_cases, launch_cases, meta_gm, shape_tag
+from . import AOT_DTYPES, AotCase, bench_shape_cases, launch_cases, meta_gm, shape_tag
+
 
 def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
     """Both products for a ``(B, K, C, H, W)`` GM and a Gaussian with a per-pixel variance, fp32
@@ -19,7 +20,6 @@ def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
                               mean, var, 1.0, 1e-6)  # fmt: skip
         cases += launch_cases(f"iso_gaussian_mul_iso_gaussian[{tag}]", _launch_gauss_mul, mean, var, mean, var, 1.0, 1.0, 1e-6)
     return cases
-
 
 
 def bench_cases() -> list[AotCase]:

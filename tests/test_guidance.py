@@ -209,6 +209,22 @@ def test_bad_input_names_the_argument():
         gmkernels.mean_cfg(gm_c, gm_bad, 2.0)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_mean_cfg_orthogonal_is_a_bool(backend):
+    """``orthogonal`` of mean_cfg is a flag (docs/ops.md#mean_cfg): a number such as 0.5, which
+    would read as probabilistic_guidance's fraction, raises a TypeError naming the argument
+    instead of acting as ``True``; the bools give the reference's results."""
+    gm_c = make_gm(((2,), 3, 2, 3, 2), 0, torch.float32)
+    gm_u = make_gm(((2,), 4, 2, 3, 2), 1, torch.float32)
+    with gmkernels.use_backend(backend):
+        for bad in (0.5, 1, 0.0, torch.tensor(True)):
+            with pytest.raises(TypeError, match="orthogonal"):
+                gmkernels.mean_cfg(gm_c, gm_u, 2.0, bad)
+        for orthogonal in (False, True):
+            out = gmkernels.mean_cfg(gm_c, gm_u, 2.0, orthogonal)
+            close(out["means"], reference.mean_cfg(to64(gm_c), to64(gm_u), 2.0, orthogonal)["means"], torch.float32, "means")
+
+
 def test_pair_check_is_stored_per_metadata_only_when_valid():
     """The pair check runs once per metadata (types, shapes, dtypes, devices of the six tensors):
     a valid pair is stored, while a pair differing in any of them is checked again and still

@@ -1,30 +1,45 @@
-"""Triton likelihood kernels (NLL forward + backward, log-density) against the reference.
+"""GM log-density, NLL loss and transition loss: the reference against float64 finite
+differences and its closed-form backward (the math of the fused kernel), then the Triton kernels
+(NLL forward + backward, log-density, the transition map) against the reference, degenerate
+inputs on both backends, the custom ops and torch.compile.
 
-Runs under ``TRITON_INTERPRET=1`` on CPU (tests/conftest.py). Values and gradients are compared
-with the float64 reference evaluated on the same (dtype-rounded) inputs. The gradient of a shared
-log-std is a sum over pixels of ``g * sum_k r_k * (q_k - C)``, which can cancel; its error is
-measured against that sum's magnitude ``sum |g| * sum_k r_k * (q_k + C)`` (its condition), the
-bound any float32 evaluation of the formula meets.
+Kernels run under ``TRITON_INTERPRET=1`` on CPU (tests/conftest.py). Values and gradients are
+compared with the float64 reference evaluated on the same (dtype-rounded) inputs. The gradient
+of a shared log-std is a sum over pixels of ``g * sum_k r_k * (q_k - C)``, which can cancel; its
+error is measured against that sum's magnitude ``sum |g| * sum_k r_k * (q_k + C)`` (its
+condition), the bound any float32 evaluation of the formula meets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import (
+    TOL,
+    assert_compiled_training_matches_eager,
+    assert_int64_offsets_change_nothing,
+    gm_shapes,
+    make_gm,
+    make_state,
+    rel_err,
+    seeds,
+    sigmas,
+)
 
 import gmkernels as G
 import gmkernels.ops.likelihood as lik
 import reference.likelihood as R
 import reference.transition as RT
-from strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds
-
-pytestmark = pytest.mark.triton
 
 LOWP = (torch.bfloat16, torch.float16)
+INF = math.inf
 
 
 tiles = st.sampled_from([16, 64, lik.TILE])
@@ -32,12 +47,20 @@ tiles = st.sampled_from([16, 64, lik.TILE])
 
 @contextlib.contextmanager
 def _tile(n: int):
-    """Small register tiles make K larger than BLOCK_K (BLOCK_K = 1 at 16) at test shapes."""
-    old, lik.TILE = lik.TILE, n
-    try:
+    """Small register tiles make K larger than BLOCK_K (BLOCK_K = 1 at 16) at test shapes (the
+    block function is a key of the stored launch plans, so the patched one plans anew)."""
+    with mock.patch.object(lik, "_blocks", functools.partial(lik._blocks, tile=n)):
         yield
-    finally:
-        lik.TILE = old
+
+
+@pytest.fixture
+def torch_backend():
+    with G.use_backend("torch"):
+        yield
+
+
+def _leaves(gm: dict) -> dict:
+    return {k: v.detach().clone().requires_grad_() for k, v in gm.items()}
 
 
 def _cast(d: dict, dtype) -> dict:
@@ -110,6 +133,207 @@ def _check_nll(shape, seed, dtype, dead, per_pixel_std, reduction, target_grad=F
         assert rel_err(*pairs[3]) < bound[3], "target"
 
 
+# --------------------------------------------------------------------------------------------
+# The reference (torch path)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("torch_backend")
+@pytest.mark.parametrize("per_pixel_std", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_nll_gradcheck_float64(per_pixel_std, reduction):
+    """torch.autograd.gradcheck (finite differences) on the float64 reference, dead components
+    included; logstds kept away from the clamp's kink."""
+    shape = ((2,), 4, 3, 2, 3)
+    gm = make_gm(shape, 5, dead=True, per_pixel_std=per_pixel_std, logstd_range=(-1.0, 0.5))
+    y = make_state(shape, 5).requires_grad_()
+    alive = torch.isfinite(gm["logweights"])
+
+    def f(means, logstds, lw_alive, y):
+        lw = torch.full_like(gm["logweights"], float("-inf")).masked_scatter(alive, lw_alive)
+        return R.gm_nll_loss({"means": means, "logstds": logstds, "logweights": lw}, y, reduction=reduction)
+
+    args = (gm["means"].requires_grad_(), gm["logstds"].requires_grad_(), gm["logweights"][alive].requires_grad_(), y)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("torch_backend")
+@settings(max_examples=10)
+@given(c=st.tuples(gm_shapes(max_k=10, max_c=5, max_hw=5), seeds, st.booleans(), st.booleans()),
+       clamp=st.booleans())
+def test_closed_form_backward_matches_autograd(c, clamp):
+    """``reference.gm_nll_loss_backward`` (what the fused backward kernel computes) equals autograd
+    of ``reference.gm_nll_loss`` in float64, with and without the istd clamp active."""
+    shape, seed, dead, per_pixel_std = c
+    gm = make_gm(shape, seed, dead=dead, per_pixel_std=per_pixel_std, logstd_range=(-12.0, -6.0) if clamp else (-3.0, 1.0))
+    y = make_state(shape, seed)
+    leaves = _leaves(gm)
+    loss = R.gm_nll_loss(leaves, y, reduction="none")
+    g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    auto = torch.autograd.grad(loss, [leaves[k] for k in ("means", "logstds", "logweights")], g)
+    closed = R.gm_nll_loss_backward(gm, y, g)
+    for a, k in zip(auto, ("means", "logstds", "logweights")):
+        assert closed[k].shape == gm[k].shape
+        assert rel_err(closed[k], a) < 1e-10, k
+
+
+@pytest.mark.usefixtures("torch_backend")
+def test_clamp_has_no_gradient_through_istd():
+    """Below ``logstds = log(eps)`` the quadratic term is frozen: d loss / d logstds = C per pixel."""
+    shape = ((2,), 3, 4, 2, 2)
+    gm = _leaves(make_gm(shape, 3, logstd_range=(-12.0, -11.0)))
+    loss = R.gm_nll_loss(gm, make_state(shape, 3), eps=1e-4, reduction="sum")
+    loss.backward()
+    assert torch.allclose(gm["logstds"].grad, torch.full_like(gm["logstds"], 4.0 * 2 * 2))
+
+
+@pytest.mark.usefixtures("torch_backend")
+@given(c=st.tuples(gm_shapes(max_k=1, max_c=6), seeds))
+def test_k1_nll_is_l2_with_gradients(c):
+    """K = 1: NLL = ``0.5 * ||y - mu||^2 / s^2 + C * logstd``, so dNLL/dmu = (mu - y) / s^2:
+    plain flow matching's L2 up to the std; the (unnormalised) log-weight gets -1 per pixel."""
+    shape, seed = c
+    gm = _leaves(make_gm(shape, seed))
+    y = make_state(shape, seed)
+    G.gm_nll_loss(gm, y, reduction="sum").backward()
+    s2 = torch.exp(2 * gm["logstds"].detach())
+    assert rel_err(gm["means"].grad, (gm["means"].detach() - y.unsqueeze(-4)) / s2) < 1e-12
+    assert (gm["logweights"].grad == -1).all()
+
+
+@pytest.mark.usefixtures("torch_backend")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reductions(reduction):
+    shape = ((2, 3), 5, 2, 3, 4)
+    gm, y = make_gm(shape, 1, dead=True), make_state(shape, 1)
+    per_pixel = G.gm_nll_loss(gm, y, reduction="none")
+    assert per_pixel.shape == (2, 3, 3, 4)
+    want = per_pixel.mean() if reduction == "mean" else per_pixel.sum()
+    assert rel_err(G.gm_nll_loss(gm, y, reduction=reduction), want) < 1e-12
+
+
+@pytest.mark.usefixtures("torch_backend")
+@settings(max_examples=8)
+@given(c=st.tuples(gm_shapes(max_k=6, max_c=4, max_hw=4, max_batch_dims=1), seeds), s=st.tuples(sigmas, sigmas))
+def test_transition_loss_definition(c, s):
+    """transition_loss = NLL of x_t_low under reverse_transition(u_to_x0(gm_u)), t = 1000 sigma."""
+    shape, seed = c
+    s_high, s_low = max(s), min(s)
+    gm_u, x_high, x_low = make_gm(shape, seed, dead=True), make_state(shape, seed), make_state(shape, seed + 1)
+    gm_low = RT.reverse_transition(RT.u_to_x0(gm_u, x_high, s_high), x_high, s_high, s_low)
+    want = R.gm_nll_loss(gm_low, x_low, reduction="none")
+    out = G.transition_loss(gm_u, x_high, 1000 * s_high, x_low, 1000 * s_low, reduction="none")
+    assert rel_err(out, want) < 1e-10
+
+
+@pytest.mark.usefixtures("torch_backend")
+def test_transition_loss_per_sample_timesteps_and_edges():
+    """``t`` as a ``(B,)`` tensor equals per-sample floats; ``t_low = t_high`` and ``t_low = 0``
+    stay finite and differentiable."""
+    shape = ((3,), 4, 2, 2, 3)
+    gm_u, x_high, x_low = make_gm(shape, 2, dead=True), make_state(shape, 2), make_state(shape, 3)
+    t_high = torch.tensor([900.0, 500.0, 1000.0], dtype=torch.float64)
+    t_low = torch.tensor([900.0, 0.0, 10.0], dtype=torch.float64)
+    gm = _leaves(gm_u)
+    loss = G.transition_loss(gm, x_high, t_high, x_low, t_low, reduction="none")
+    loss.sum().backward()
+    for b in range(3):
+        one = {k: v[b] for k, v in gm_u.items()}
+        want = G.transition_loss(one, x_high[b], float(t_high[b]), x_low[b], float(t_low[b]), reduction="none")
+        assert rel_err(loss[b].detach(), want) < 1e-12
+    assert torch.isfinite(loss).all()
+    for v in gm.values():
+        assert torch.isfinite(v.grad).all()
+
+
+@pytest.mark.usefixtures("torch_backend")
+def test_transition_loss_rejects_bad_timesteps():
+    shape = ((2,), 3, 2, 2, 2)
+    gm_u, x = make_gm(shape, 0), make_state(shape, 0)
+    with pytest.raises(ValueError, match="t_high"):
+        G.transition_loss(gm_u, x, 1500.0, x, 10.0)
+    with pytest.raises(ValueError, match="t_low"):
+        G.transition_loss(gm_u, x, 500.0, x, torch.tensor([-1.0, 3.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="t_low must be <= t_high"):
+        G.transition_loss(gm_u, x, 400.0, x, 500.0)
+    with pytest.raises(ValueError, match="t_high"):
+        G.transition_loss(gm_u, x, torch.ones(3, dtype=torch.float64), x, 1.0)
+    with pytest.raises(TypeError, match="t_low"):
+        G.transition_loss(gm_u, x, 500.0, x, "1")
+    with pytest.raises(ValueError, match="x_t_low"):
+        G.transition_loss(gm_u, x, 500.0, x[:1], 100.0)
+    with pytest.raises(ValueError, match="reduction"):
+        G.transition_loss(gm_u, x, 500.0, x, 100.0, reduction="avg")
+
+
+_ORDER = r"t_low must be <= t_high \(the transition runs from t_high down to t_low\)"
+
+
+@pytest.mark.usefixtures("torch_backend")
+@pytest.mark.parametrize("t_high, t_low, match", [
+    ([700.0, 1500.0], 10.0, r"t_high must lie in \[0, 1000\]; got values from 700.0 to 1500.0"),
+    ([700.0, float("nan")], 1.0, r"t_high must lie in \[0, 1000\]; got values from nan to nan"),
+    ([700.0, 500.0], [-1.0, 3.0], r"t_low must lie in \[0, 1000\]; got values from -1.0 to 3.0"),
+    ([700.0, 500.0], [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+    ("(B, 1, 1, 1)", [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+    ("0-d", [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+    (300.0, [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+    ([700.0, 500.0], 600.0, _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+])
+@pytest.mark.usefixtures("torch_backend")
+def test_transition_loss_timestep_values_on_the_host(t_high, t_low, match):
+    """Per-sample timestep tensors on CPU: the values are read once, and each failing check
+    raises its own ``ValueError`` (range of t_high, range of t_low, then the order)."""
+    shape = ((2,), 3, 2, 2, 2)
+    gm_u, x = make_gm(shape, 0), make_state(shape, 0)
+    as_t = lambda v: torch.tensor(v) if isinstance(v, list) else v  # noqa: E731
+    if t_high == "(B, 1, 1, 1)":
+        t_high = torch.tensor([700.0, 500.0]).view(2, 1, 1, 1)
+    elif t_high == "0-d":
+        t_high = torch.tensor(500.0)
+    with pytest.raises(ValueError, match=match):
+        G.transition_loss(gm_u, x, as_t(t_high), x, as_t(t_low))
+    ok_low = torch.tensor([100.0, 0.0])  # the same timesteps in order pass
+    G.transition_loss(gm_u, x, torch.tensor([700.0, 500.0]), x, ok_low)
+
+
+@pytest.mark.usefixtures("torch_backend")
+def test_transition_loss_timestep_values_on_a_device(monkeypatch):
+    """Where values are not read on the host (CUDA), one device-side assert checks
+    ``0 <= t_low <= t_high <= 1000`` for tensors of any accepted shape (CPU tensors stand in:
+    the assert fails synchronously there, with the same message)."""
+    from gmkernels import _validate
+
+    monkeypatch.setattr(_validate, "host_checks_values", lambda t: False)
+    shape = ((2,), 3, 2, 2, 2)
+    gm_u, x = make_gm(shape, 0), make_state(shape, 0)
+    good = [(torch.tensor([700.0, 500.0]), torch.tensor([100.0, 0.0]).view(2, 1, 1, 1)),
+            (torch.tensor(500.0), torch.tensor([100.0, 500.0])), (800.0, torch.tensor([0.0, 800.0])),
+            (torch.tensor([1000.0, 1.0]), 1.0)]  # fmt: skip
+    for t_high, t_low in good:
+        G.transition_loss(gm_u, x, t_high, x, t_low)
+    bad = [(torch.tensor([700.0, 1500.0]), 10.0), (500.0, torch.tensor([-1.0, 3.0])),
+           (torch.tensor([700.0, 500.0]), torch.tensor([100.0, 600.0]).view(2, 1, 1, 1)),
+           (torch.tensor([700.0, float("nan")]), torch.tensor([1.0, 1.0])), (300.0, torch.tensor([100.0, 600.0]))]  # fmt: skip
+    for t_high, t_low in bad:
+        with pytest.raises(RuntimeError, match=r"t_high and t_low must satisfy 0 <= t_low <= t_high <= 1000"):
+            G.transition_loss(gm_u, x, t_high, x, t_low)
+
+
+@pytest.mark.usefixtures("torch_backend")
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("inf")])
+def test_nll_rejects_bad_eps(eps):
+    shape = ((2,), 3, 2, 2, 2)
+    with pytest.raises(ValueError, match="eps"):
+        G.gm_nll_loss(make_gm(shape, 0), make_state(shape, 0), eps=eps)
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton kernels against the reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.triton
 @settings(max_examples=8)
 @given(
     c=st.tuples(gm_shapes(max_k=20, max_c=5, max_hw=6), seeds, st.booleans(), st.booleans()),
@@ -124,6 +348,7 @@ def test_nll_forward_backward_matches_reference(c, dtype, reduction, target_grad
         _check_nll(shape, seed, dtype, dead, per_pixel_std, reduction, target_grad)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_pixel_std", [False, True])
 def test_nll_point_data(dtype, per_pixel_std):
@@ -132,16 +357,19 @@ def test_nll_point_data(dtype, per_pixel_std):
     _check_nll(((3, 4), 3, 2, 1, 1), 4, dtype, False, per_pixel_std, "none", target_grad=True)
 
 
+@pytest.mark.triton
 def test_nll_huge_k():
     """K = 1030 (many tiles of the online logsumexp) with dead components, at a tiny image."""
     _check_nll(((2,), 1030, 2, 2, 3), 11, torch.float32, True, False, "none")
 
 
+@pytest.mark.triton
 def test_nll_many_channels():
     """C = 64 (the loop over channels) and K = 3."""
     _check_nll(((2,), 3, 64, 3, 2), 12, torch.float32, True, False, "sum")
 
 
+@pytest.mark.triton
 def test_nll_more_pixels_than_a_block():
     """H * W = 132 > BLOCK_P = 128: two programs per row, the shared log-std's gradient summed
     from their partials; point data with 130 rows: two programs across the batch."""
@@ -149,6 +377,7 @@ def test_nll_more_pixels_than_a_block():
     _check_nll(((130,), 3, 2, 1, 1), 14, torch.float32, False, False, "sum")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nll_tiny_stds_hit_the_clamp(dtype):
     """``exp(-logstds) > 1/eps``: istd is clamped (no gradient through it), nothing overflows."""
@@ -156,6 +385,7 @@ def test_nll_tiny_stds_hit_the_clamp(dtype):
     _check_nll(((3,), 4, 3, 2, 3), 6, dtype, False, True, "mean", logstd_range=(-14.0, -8.0))
 
 
+@pytest.mark.triton
 def test_nll_dead_components_get_zero_gradient():
     shape = ((2,), 9, 3, 3, 3)
     gm = make_gm(shape, 21, dtype=torch.float32, dead=True)
@@ -171,6 +401,7 @@ def test_nll_dead_components_get_zero_gradient():
     assert (gm["means"].grad[dead.expand_as(gm["means"])] == 0).all()
 
 
+@pytest.mark.triton
 def test_nll_non_contiguous_inputs():
     """Strided views (a K slice, transposed H/W, an expanded target) give the same result."""
     shape = ((2,), 6, 3, 4, 5)
@@ -187,6 +418,7 @@ def test_nll_non_contiguous_inputs():
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.triton
 def test_k1_nll_is_l2_up_to_constants():
     """K = 1: ``0.5 * ||y - mu||^2 / s^2 + C * logstd`` per pixel, on the kernel path."""
     shape = ((3,), 1, 4, 3, 5)
@@ -199,6 +431,7 @@ def test_k1_nll_is_l2_up_to_constants():
     assert rel_err(nll, l2 + 4 * ls) < TOL[torch.float32]
 
 
+@pytest.mark.triton
 @settings(max_examples=6)
 @given(
     c=st.tuples(gm_shapes(max_k=20, max_c=5, max_hw=5), seeds, st.booleans(), st.booleans()),
@@ -220,6 +453,7 @@ def test_logprob_matches_reference(c, n, dtype, tile):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.triton
 def test_logprob_huge_k_point_data():
     shape = ((17,), 1030, 2, 1, 1)
     gm = make_gm(shape, 4, dtype=torch.float32, dead=True)
@@ -249,6 +483,7 @@ def timestep_pairs(draw, batch):
     return tuple(torch.tensor(v, dtype=torch.float64).view(shape) for v in zip(*pairs))
 
 
+@pytest.mark.triton
 @settings(max_examples=6)
 @given(
     c=st.tuples(gm_shapes(max_k=12, max_c=4, max_hw=5), seeds, st.booleans(), st.booleans()),
@@ -339,6 +574,24 @@ if lik.triton is not None:
         tl.store(out_ptr + 3 * R + r, dls, mask=mask)
 
 
+def _transition_terms(t_high: torch.Tensor, t_low: torch.Tensor, batch: tuple) -> tuple:
+    """The torch twin of the kernels' ``_transition_map`` constants, in float64, each
+    ``(*batch, 1, 1, 1, 1)``: ``mscale = -c2 * sigma_high``, ``xres = 1 - c1 - c2``,
+    ``A = 2 log(|c2| max(sigma_high, 1e-6))`` and ``L = log(max(c3, 1e-12))`` for timesteps of
+    shape ``batch`` or broadcastable to ``(*batch, 1, 1, 1)`` (``sigma = t / 1000`` in float32,
+    in float64 for float64 timesteps). The reverse-transition GM of a u-GM then has means
+    ``mscale * means_u + (1 - xres) * x_t_high`` and log-stds
+    ``0.5 * logaddexp(2 * logstds_u + A, L)``."""
+    def sigma(t):
+        t = t.reshape(*batch, 1, 1, 1, 1) if t.shape == tuple(batch) else t.expand(*batch, 1, 1, 1).unsqueeze(-4)
+        return (t / 1000 if t.dtype == torch.float64 else t.float() / 1000).double()
+
+    sh, sl = sigma(t_high), sigma(t_low)
+    c1, c2, c3 = RT.transition_coefficients(sh, sl)
+    return -c2 * sh, 1 - c1 - c2, 2 * (c2.abs() * sh.clamp(min=1e-6)).log(), c3.clamp(min=1e-12).log()
+
+
+@pytest.mark.triton
 @settings(max_examples=30, deadline=None)
 @given(
     batch=st.sampled_from([(), (1,), (3,), (2, 3)]),
@@ -379,7 +632,7 @@ def test_transition_map_equals_its_torch_twin(batch, dtypes, data):
     if n:
         _transition_map_probe[(1,)](*rows, logstds, got, n, rows[0].stride(0), rows[1].stride(0),
                                     BLOCK=lik.next_pow2(n))  # fmt: skip
-    mscale, xres, A, L = (v.reshape(-1) for v in lik._transition_terms(t_high, t_low, batch))
+    mscale, xres, A, L = (v.reshape(-1) for v in _transition_terms(t_high, t_low, batch))
     v = 2 * logstds.double() + A
     want = torch.stack([mscale, xres, 0.5 * torch.logaddexp(v, L), torch.sigmoid(v - L)]).float()
     assert torch.isfinite(got).all()
@@ -387,6 +640,7 @@ def test_transition_map_equals_its_torch_twin(batch, dtypes, data):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("shape", [((2,), 3, 2, 12, 11), ((130,), 3, 2, 1, 1)])
 def test_transition_loss_more_pixels_than_a_block(shape):
     """Two programs per row (132 pixels) or across the batch (130 points): the per-sample
@@ -413,6 +667,7 @@ def test_transition_loss_more_pixels_than_a_block(shape):
         assert rel_err(g, w) < TOL[torch.float32], name
 
 
+@pytest.mark.triton
 def test_transition_loss_states_with_grad_take_the_torch_path():
     shape = ((2,), 3, 2, 2, 3)
     gm_u = _cast(make_gm(shape, 3), torch.float32)
@@ -426,6 +681,137 @@ def test_transition_loss_states_with_grad_take_the_torch_path():
     assert rel_err(x_low.grad, ref_x[1].grad) < TOL[torch.float32]
 
 
+@pytest.mark.triton
+def test_nll_int64_offsets():
+    """The 64-bit offset path (forced: the int64 predicate is a key of the stored plans) gives the
+    32-bit path's values and gradients, plain and with the transition map."""
+    shape = ((2,), 5, 3, 3, 4)
+    gm = make_gm(shape, 9, dtype=torch.float32, dead=True)
+    y = make_state(shape, 9).float()
+    t_high, t_low = torch.tensor([700.0, 300.0]), torch.tensor([650.0, 0.0])
+
+    def run():
+        leaves = _leaves(gm)
+        nll = G.gm_nll_loss(leaves, y, reduction="none")
+        trans = G.transition_loss(leaves, y, t_high, y.flip(-1), t_low, reduction="none")
+        grads = torch.autograd.grad((nll.sum(), trans.sum()), list(leaves.values()))
+        return nll, trans, *grads, G.gm_logprob(gm, y.unsqueeze(-4))
+
+    with G.use_backend("triton"):
+        assert_int64_offsets_change_nothing(run, lik)
+
+
+# --------------------------------------------------------------------------------------------
+# Degenerate inputs (docs/numerics.md#likelihood), on both backends
+# --------------------------------------------------------------------------------------------
+
+
+def _degenerate_gm(per_pixel_std: bool) -> dict:
+    """A float32 GM ``((3,), 4, 2, 2, 3)`` with dead components, an all-dead pixel ``[0, :, 1, 2]``,
+    sample 0's log-std 0.3 and sample 1's ``-inf`` (a zero std), sample 2's ``+inf``; per pixel
+    (``per_pixel_std``) the same values over each sample's pixels."""
+    shape = ((3,), 4, 2, 2, 3)
+    gm = make_gm(shape, 31, dtype=torch.float32, dead=True, per_pixel_std=per_pixel_std)
+    gm["logweights"][0, :, :, 1, 2] = -INF
+    gm["logstds"][0] = 0.3
+    gm["logstds"][1] = -INF
+    gm["logstds"][2] = INF
+    return gm
+
+
+def _nll_on(backend: str, fn, gm: dict, *args) -> tuple:
+    """``fn(gm, *args, reduction="none")`` and its gradients for an upstream gradient of ones."""
+    leaves = _leaves(gm)
+    with G.use_backend(backend):
+        out = fn(leaves, *args, reduction="none")
+    return out.detach(), *torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("per_pixel_std", [False, True])
+def test_zero_and_infinite_stds_and_dead_pixels_in_the_nll(per_pixel_std):
+    """A zero std (``logstds = -inf``): the NLL is ``-inf`` where a component lives, whatever the
+    target (the floor on ``1 / std`` keeps the quadratic term finite), a pixel of no live
+    component is ``+inf`` (also under the finite std), an infinite std ``+inf``. Gradients: 0
+    from dead components and from an all-dead pixel; NaN from the live components of an
+    infinite loss. Both backends give exactly these values, the finite ones within fp32."""
+    gm = _degenerate_gm(per_pixel_std)
+    y = make_state(((3,), 4, 2, 2, 3), 31).float()
+    y[1, :, 0, 0] = gm["means"][1, 0, :, 0, 0]  # a target on a live mean: still -inf
+    got = _nll_on("triton", G.gm_nll_loss, gm, y)
+    want = _nll_on("torch", G.gm_nll_loss, gm, y)
+    loss = want[0]
+    assert (loss[1] == -INF).all() and (loss[2] == INF).all()
+    assert loss[0, 1, 2] == INF and torch.isfinite(loss[0]).sum() == 5
+    dead = gm["logweights"] == -INF
+    for a, b, name in zip(got, want, ("loss", "means", "logstds", "logweights")):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.equal(a[torch.isinf(b)], b[torch.isinf(b)]), name
+        finite = torch.isfinite(b)
+        assert rel_err(a[finite], b[finite]) < TOL[torch.float32], name
+    g_means, g_logstds, g_logweights = want[1:]
+    assert (g_logweights[dead] == 0).all() and (g_means[dead.expand_as(g_means)] == 0).all()
+    assert torch.isfinite(g_means[0]).all() and torch.isfinite(g_logstds[0]).all()  # the all-dead pixel passes 0
+    assert torch.isnan(g_logweights[1:][~dead[1:]]).all()
+
+
+@pytest.mark.triton
+def test_degenerate_inputs_in_the_transition_loss_and_the_log_density():
+    """transition_loss: a zero u-std is finite (the reverse transition adds its own variance),
+    values and gradients; an infinite one ``+inf``; an all-dead pixel ``+inf`` with 0 gradients,
+    also at ``t_low = t_high``, where an infinite u-std is NaN on both backends (the map scales
+    it by 0). gm_logprob: ``-inf`` at an all-dead pixel and an infinite std, NaN at a zero std.
+    Both backends give the same values and NaN pattern."""
+    gm = _degenerate_gm(False)
+    x_high = make_state(((3,), 4, 2, 2, 3), 32).float()
+    x_low = 0.9 * x_high + 0.1 * make_state(((3,), 4, 2, 2, 3), 33).float()
+    for t_low in (torch.tensor([600.0, 0.0, 300.0]), torch.tensor([700.0, 500.0, 900.0])):
+        t_high = torch.tensor([700.0, 500.0, 900.0])
+        got = _nll_on("triton", G.transition_loss, gm, x_high, t_high, x_low, t_low)
+        want = _nll_on("torch", G.transition_loss, gm, x_high, t_high, x_low, t_low)
+        loss = want[0]
+        assert torch.isfinite(loss[1]).all() and loss[0, 1, 2] == INF
+        assert (loss[2] == INF).all() if t_low[2] < t_high[2] else torch.isnan(loss[2]).all()
+        assert all(torch.isfinite(g[:2]).all() for g in want[1:])
+        n = 3 if t_low[2] < t_high[2] else 2  # a NaN log-std: the backends' NaN patterns may differ
+        for i, (a, b, name) in enumerate(zip(got, want, ("loss", "means", "logstds", "logweights"))):
+            a, b = (a, b) if i == 0 else (a[:n], b[:n])
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+            assert torch.equal(a[torch.isinf(b)], b[torch.isinf(b)]), name
+            finite = torch.isfinite(b)
+            assert rel_err(a[finite], b[finite]) < TOL[torch.float32], name
+    samples = torch.stack([x_high, x_low], dim=-4)
+    with G.use_backend("triton"):
+        got = G.gm_logprob(gm, samples)
+    with G.use_backend("torch"):
+        want = G.gm_logprob(gm, samples)
+    assert (want[0, :, 1, 2] == -INF).all() and torch.isnan(want[1]).all() and (want[2] == -INF).all()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(got[torch.isinf(want)], want[torch.isinf(want)])
+    finite = torch.isfinite(want)
+    assert rel_err(got[finite], want[finite]) < TOL[torch.float32]
+
+
+@pytest.mark.triton
+def test_reductions_of_infinite_pixels():
+    """``"sum"`` and ``"mean"`` add the per-pixel losses: ``+inf`` with an all-dead pixel, ``-inf``
+    with a zero std, NaN where both meet; the same on both backends."""
+    gm = _degenerate_gm(False)
+    y = make_state(((3,), 4, 2, 2, 3), 34).float()
+    for rows, want in (([0], INF), ([1], -INF), ([0, 1], None)):
+        part = {k: v[rows] for k, v in gm.items()}
+        for backend in ("triton", "torch"):
+            with G.use_backend(backend):
+                for reduction in ("sum", "mean"):
+                    got = float(G.gm_nll_loss(part, y[rows], reduction=reduction))
+                    assert math.isnan(got) if want is None else got == want
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops and torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.triton
 def test_nll_custom_ops_opcheck():
     """Schema, fake tensors and autograd registration of the torch.library ops (kernel path)."""
     shape = ((2,), 3, 2, 2, 3)
@@ -441,25 +827,26 @@ def test_nll_custom_ops_opcheck():
         torch.library.opcheck(torch.ops.gmkernels.gm_logprob, (*gm_args, y.unsqueeze(-4)), test_utils=utils[:2])
 
 
-def test_nll_traces_under_torch_compile():
-    """The loss and its backward trace into one graph (fake tensors + the registered autograd)."""
+@pytest.mark.triton
+def test_losses_compile_with_fullgraph_forward_and_backward():
+    """``torch.compile(fullgraph=True, backend="aot_eager")`` of gm_nll_loss and transition_loss
+    on the Triton path: no graph break, the backward graph runs the fused backward op, and the
+    values and gradients are the eager ones."""
     shape = ((2,), 3, 2, 2, 3)
     gm = make_gm(shape, 1, dtype=torch.float32)
     y = make_state(shape, 1).float()
 
-    def step(means, logstds, logweights, y):
-        loss = G.gm_nll_loss({"means": means, "logstds": logstds, "logweights": logweights}, y)
-        return torch.autograd.grad(loss, (means, logstds, logweights))
+    def nll(means, logstds, logweights, y):
+        return G.gm_nll_loss({"means": means, "logstds": logstds, "logweights": logweights}, y)
 
-    def transition_step(means, logstds, logweights, y):
+    def transition(means, logstds, logweights, y):
         gm_u = {"means": means, "logstds": logstds, "logweights": logweights}
-        loss = G.transition_loss(gm_u, y, torch.tensor([700.0, 300.0]), y.flip(-1), torch.tensor([650.0, 0.0]))
-        return torch.autograd.grad(loss, (means, logstds, logweights))
+        return G.transition_loss(gm_u, y, torch.tensor([700.0, 300.0]), y.flip(-1), torch.tensor([650.0, 0.0]))
 
-    leaves = [gm[k].clone().requires_grad_() for k in ("means", "logstds", "logweights")]
+    def loss_and_grads(fn):
+        leaves = [gm[k].clone().requires_grad_() for k in ("means", "logstds", "logweights")]
+        loss = fn(*leaves, y)
+        return loss.detach(), *torch.autograd.grad(loss, leaves)
+
     with G.use_backend("triton"):
-        for fn in (step, transition_step):
-            eager = fn(*leaves, y)
-            compiled = torch.compile(fn, backend="aot_eager", fullgraph=False)(*leaves, y)
-            for a, b in zip(compiled, eager):
-                assert rel_err(a, b) < 1e-6
+        assert_compiled_training_matches_eager((nll, transition), loss_and_grads, lik, "_launch_nll_bwd")
