@@ -18,8 +18,8 @@ from .ops.mixture import gm_to_iso_gaussian, gm_to_mean
 from .ops.posterior import gm_posterior_mean
 from .ops.product import gm_mul_iso_gaussian, iso_gaussian_mul_iso_gaussian
 from .ops.sampling import gm_sample
-from .ops.transition import reverse_transition, u_to_x0, x0_to_u
 from .ops.solver import gm_ode_substeps, gm_sde_step
+from .ops.transition import reverse_transition, u_to_x0, x0_to_u
 from .sampler import sample
 from .schedulers import GMEulerScheduler, GMODEScheduler, GMSDEScheduler
 

@@ -45,8 +45,8 @@ import reference.solver_steps as _ref_steps
 
 from ._dispatch import select_backend
 from ._validate import check_positive, check_power, check_step_output
-from .ops._launch import kernels_wanted
 from .gmflow_schedulers import FlowEulerODEScheduler, GMFlowSDEScheduler
+from .ops._launch import kernels_wanted
 from .ops.guidance import mean_cfg, probabilistic_guidance, weight_guidance
 from .ops.inverse_cdf import gaussian_samples_to_gm_samples
 from .ops.mixture import gm_to_iso_gaussian, gm_to_mean

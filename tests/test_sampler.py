@@ -4,7 +4,6 @@ solver identities, guidance, seeding, no host synchronisation, the Triton path, 
 import pytest
 import torch
 from test_exactness import GMData
-
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
