@@ -88,7 +88,7 @@ def check_gm(gm: Any, name: str = "gm") -> GMShape:
             f"(*B, K, 1, H, W): got means {_shape(means)} ({means.dim()} dims) and logweights "
             f"{_shape(logweights)} ({logweights.dim()} dims)"
         )
-    shape = tuple(means.shape)  # tuples: slicing a torch.Size costs ~0.2 µs
+    shape = tuple(means.shape)
     batch = shape[:-4]
     K, C, H, W = shape[-4:]
     if K < 1 or C < 1:
@@ -109,16 +109,24 @@ def check_gm(gm: Any, name: str = "gm") -> GMShape:
 
 def check_state(x: Any, name: str, s: GMShape, n_samples: bool = False) -> torch.Tensor:
     """A state or sample tensor of shape ``(*B, C, H, W)`` (``(*B, N, C, H, W)`` if ``n_samples``)."""
-    if not (type(x) is torch.Tensor and x.is_floating_point() and x.device == s.device):  # the common case without a call
+    if not (
+        type(x) is torch.Tensor and x.is_floating_point() and x.device == s.device
+    ):  # the common case without a call
         x = check_float_tensor(x, name, s.device)
     ok = (
-        x.dim() == len(s.batch) + 4 and tuple(x.shape[: len(s.batch)]) == s.batch and tuple(x.shape[-3:]) == (s.C, s.H, s.W)
+        x.dim() == len(s.batch) + 4
+        and tuple(x.shape[: len(s.batch)]) == s.batch
+        and tuple(x.shape[-3:]) == (s.C, s.H, s.W)
         if n_samples
         else tuple(x.shape) == (*s.batch, s.C, s.H, s.W)
     )
     if not ok:
-        want = f"(*B, N, C, H, W) = {(*s.batch, 'N', s.C, s.H, s.W)}" if n_samples else f"(*B, C, H, W) = {pixel_shape(s)}"
-        raise ValueError(f"{name} must have shape {want} to match the GM (means {(*s.batch, s.K, s.C, s.H, s.W)}), got {_shape(x)}")
+        want = (
+            f"(*B, N, C, H, W) = {(*s.batch, 'N', s.C, s.H, s.W)}" if n_samples else f"(*B, C, H, W) = {pixel_shape(s)}"
+        )
+        raise ValueError(
+            f"{name} must have shape {want} to match the GM (means {(*s.batch, s.K, s.C, s.H, s.W)}), got {_shape(x)}"
+        )
     return x
 
 
@@ -237,8 +245,9 @@ def value_range(t: torch.Tensor) -> str:
     return f"from {t.min().item()} to {t.max().item()}"
 
 
-def check_sigma(sigma: Any, name: str, s: GMShape, check_values: bool = True, top: float = 1.0,
-                per_sample: bool = False) -> Sigma:
+def check_sigma(
+    sigma: Any, name: str, s: GMShape, check_values: bool = True, top: float = 1.0, per_sample: bool = False
+) -> Sigma:
     """A noise level: a Python float in [0, 1] or a float tensor broadcastable to ``(*B, 1, 1, 1)``
     (with ``top``, in [0, top]: timesteps take ``top = 1000``; ``per_sample`` also accepts a
     tensor of shape ``(*B,)``, one value per sample, returned as given).
@@ -248,9 +257,11 @@ def check_sigma(sigma: Any, name: str, s: GMShape, check_values: bool = True, to
     device-side assert on CUDA: no host synchronisation).
     """
     usual = (  # a float tensor on the GM's device of the usual shapes: accepted without the walk below
-        type(sigma) is torch.Tensor and sigma.is_floating_point() and sigma.device == s.device
+        type(sigma) is torch.Tensor
+        and sigma.is_floating_point()
+        and sigma.device == s.device
         and ((shape := tuple(sigma.shape)) == (*s.batch, 1, 1, 1) or (per_sample and shape == s.batch))
-    )  # fmt: skip
+    )
     if not usual:
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
             raise TypeError(f"{name} must be a float or a float tensor, got {type(sigma).__name__}")
@@ -263,7 +274,7 @@ def check_sigma(sigma: Any, name: str, s: GMShape, check_values: bool = True, to
         target = (*s.batch, 1, 1, 1)
         shape = tuple(sigma.shape)
         # broadcastable to target with target's shape as the result: aligned from the right, every
-        # size is 1 or the target's (torch.broadcast_shapes costs ~10 µs per call)
+        # size is 1 or the target's
         if not (len(shape) <= len(target) and all(n == 1 or n == m for n, m in zip(reversed(shape), reversed(target)))):
             raise ValueError(
                 f"{name} must be broadcastable to (*B, 1, 1, 1) = {target}, got shape {_shape(sigma)}; "
@@ -305,8 +316,9 @@ def per_sample_view(t: Sigma, s: GMShape) -> Sigma:
     return t
 
 
-def check_sigma_pair(sigma: Any, name: str, sigma_to: Any, to_name: str, s: GMShape, top: float = 1.0,
-                     per_sample: bool = False) -> tuple[Sigma, Sigma]:  # fmt: skip
+def check_sigma_pair(
+    sigma: Any, name: str, sigma_to: Any, to_name: str, s: GMShape, top: float = 1.0, per_sample: bool = False
+) -> tuple[Sigma, Sigma]:
     """The two levels of a transition, ``0 <= sigma_to <= sigma <= top`` (noise levels, or
     timesteps with ``top = 1000``; ``per_sample`` as in :func:`check_sigma`): :func:`check_sigma`
     of each and :func:`check_sigma_order`, with one host read of each small CPU tensor for all
@@ -332,8 +344,9 @@ def _pair_message(name: str, to_name: str, top: float) -> str:
     return f"{name} and {to_name} must satisfy 0 <= {to_name} <= {name} <= {top:g}"
 
 
-def _checked_pair(sigma: Sigma, name: str, sigma_to: Sigma, to_name: str, s: GMShape, top: float,
-                  per_sample: bool) -> tuple[Sigma, Sigma] | None:  # fmt: skip
+def _checked_pair(
+    sigma: Sigma, name: str, sigma_to: Sigma, to_name: str, s: GMShape, top: float, per_sample: bool
+) -> tuple[Sigma, Sigma] | None:
     """:func:`check_sigma_pair` for at least one tensor: the pair when every check passes (or,
     on a device, is asserted there), None when a value fails or is not read as a list (the
     caller then runs the checks one by one, raising their errors in order). Type, device and
@@ -386,7 +399,11 @@ def check_model_output(out: Any, name: str = "gm_u") -> None:
     items = out if isinstance(out, (tuple, list)) else (out,)
     for item in items:
         if not isinstance(item, Mapping):
-            got = f"{type(item).__name__} of shape {_shape(item)}" if isinstance(item, torch.Tensor) else type(item).__name__
+            got = (
+                f"{type(item).__name__} of shape {_shape(item)}"
+                if isinstance(item, torch.Tensor)
+                else type(item).__name__
+            )
             raise TypeError(
                 f"{name}, the model output, must be a u-GM dict with keys means, logstds, logweights "
                 f"(or the pair (gm_cond, gm_uncond) when guidance_scale > 0), got {got}"
@@ -461,7 +478,9 @@ def check_gm1d(gm1d: Any, samples: Any, samples_name: str, name: str = "gm1d") -
     samples = check_float_tensor(samples, samples_name, dev)
     *batch, K, H, W = means.shape
     if tuple(logweights.shape) != tuple(means.shape):
-        raise ValueError(f"{name}['logweights'] must have the shape of {name}['means'] {_shape(means)}, got {_shape(logweights)}")
+        raise ValueError(
+            f"{name}['logweights'] must have the shape of {name}['means'] {_shape(means)}, got {_shape(logweights)}"
+        )
     if tuple(logstds.shape) not in ((*batch, 1, 1, 1), (*batch, 1, H, W)):
         raise ValueError(
             f"{name}['logstds'] must have shape (*B, 1, 1, 1) = {(*batch, 1, 1, 1)} or (*B, 1, H, W) to match "

@@ -83,8 +83,11 @@ except ImportError:
             merged = {**dict(config or {}), **kwargs}
             unknown = sorted(k for k in merged if k not in params and not k.startswith("_"))
             if unknown:
-                warnings.warn(f"{cls.__name__}.from_config ignores {unknown}: the constructor does not take them",
-                              UserWarning, stacklevel=2)
+                warnings.warn(
+                    f"{cls.__name__}.from_config ignores {unknown}: the constructor does not take them",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return cls(**{k: v for k, v in merged.items() if k in params})
 
     class SchedulerMixin:
@@ -135,15 +138,25 @@ class _FlowScheduler(SchedulerMixin, ConfigMixin):
 
     order = 1
 
-    def _init_schedule(self, num_train_timesteps, shift, use_dynamic_shifting, dynamic_shifting_type, base_seq_len,
-                       max_seq_len, terminal_sigma) -> None:
+    def _init_schedule(
+        self,
+        num_train_timesteps,
+        shift,
+        use_dynamic_shifting,
+        dynamic_shifting_type,
+        base_seq_len,
+        max_seq_len,
+        terminal_sigma,
+    ) -> None:
         name = type(self).__name__
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"{name}: num_train_timesteps must be an int >= 1, got {num_train_timesteps!r}")
         if not (isinstance(shift, (int, float)) and shift > 0):
             raise ValueError(f"{name}: shift must be a number > 0, got {shift!r}")
         if dynamic_shifting_type not in _SHIFT_TYPES:
-            raise ValueError(f"{name}: dynamic_shifting_type must be one of {_SHIFT_TYPES}, got {dynamic_shifting_type!r}")
+            raise ValueError(
+                f"{name}: dynamic_shifting_type must be one of {_SHIFT_TYPES}, got {dynamic_shifting_type!r}"
+            )
         if use_dynamic_shifting and max_seq_len == base_seq_len:
             raise ValueError(f"{name}: max_seq_len must differ from base_seq_len with use_dynamic_shifting")
         if terminal_sigma is not None and not 0 <= terminal_sigma < 1:
@@ -214,8 +227,10 @@ class _FlowScheduler(SchedulerMixin, ConfigMixin):
         schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
         indices = (schedule_timesteps == timestep).nonzero()
         if len(indices) == 0:
-            raise ValueError(f"timestep {float(timestep)} is not one of the scheduler's timesteps "
-                             f"(pass one of scheduler.timesteps after set_timesteps)")
+            raise ValueError(
+                f"timestep {float(timestep)} is not one of the scheduler's timesteps "
+                f"(pass one of scheduler.timesteps after set_timesteps)"
+            )
         return int(indices[1 if len(indices) > 1 else 0])
 
     def _init_step_index(self, timestep) -> None:
@@ -226,8 +241,16 @@ class _FlowScheduler(SchedulerMixin, ConfigMixin):
         else:
             self._step_index = self._begin_index
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True,
-             prediction_type: str = "u", eps: float = 1e-6):
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator=None,
+        return_dict: bool = True,
+        prediction_type: str = "u",
+        eps: float = 1e-6,
+    ):
         """Move ``sample`` from ``sigmas[step_index]`` to the next noise level.
 
         Args:
@@ -246,13 +269,17 @@ class _FlowScheduler(SchedulerMixin, ConfigMixin):
         if prediction_type not in ("u", "x0"):
             raise ValueError(f"prediction_type must be 'u' or 'x0', got {prediction_type!r}")
         if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `step()` is not "
-                             "supported; pass one of `scheduler.timesteps`.")
+            raise ValueError(
+                "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `step()` is not "
+                "supported; pass one of `scheduler.timesteps`."
+            )
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
         if i + 1 >= len(self.sigmas):
-            raise ValueError(f"{type(self).__name__}: all {len(self.sigmas) - 1} steps are done; call set_timesteps again")
+            raise ValueError(
+                f"{type(self).__name__}: all {len(self.sigmas) - 1} steps are done; call set_timesteps again"
+            )
         x = sample.to(torch.float32)
         out = model_output.to(torch.float32)
         sigma = self.sigmas[i].to(x.device)
@@ -274,11 +301,28 @@ class FlowEulerODEScheduler(_FlowScheduler):
     _output_cls = FlowEulerODESchedulerOutput
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, *, use_dynamic_shifting: bool = False,
-                 dynamic_shifting_type: str = "exp", base_seq_len: int = 256, max_seq_len: int = 4096,
-                 base_logshift: float = 0.5, max_logshift: float = 1.15, terminal_sigma: float | None = None):
-        self._init_schedule(num_train_timesteps, shift, use_dynamic_shifting, dynamic_shifting_type, base_seq_len,
-                            max_seq_len, terminal_sigma)
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        *,
+        use_dynamic_shifting: bool = False,
+        dynamic_shifting_type: str = "exp",
+        base_seq_len: int = 256,
+        max_seq_len: int = 4096,
+        base_logshift: float = 0.5,
+        max_logshift: float = 1.15,
+        terminal_sigma: float | None = None,
+    ):
+        self._init_schedule(
+            num_train_timesteps,
+            shift,
+            use_dynamic_shifting,
+            dynamic_shifting_type,
+            base_seq_len,
+            max_seq_len,
+            terminal_sigma,
+        )
 
     @staticmethod
     def _step(model_output, sample, sigma, sigma_to, prediction_type, eps, generator):
@@ -296,16 +340,34 @@ class GMFlowSDEScheduler(_FlowScheduler):
     _output_cls = GMFlowSDESchedulerOutput
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, output_mode: str = "sample",
-                 variance_mode: str = "large", *, use_dynamic_shifting: bool = False, dynamic_shifting_type: str = "exp",
-                 base_seq_len: int = 256, max_seq_len: int = 4096, base_logshift: float = 0.5,
-                 max_logshift: float = 1.15, terminal_sigma: float | None = None):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        output_mode: str = "sample",
+        variance_mode: str = "large",
+        *,
+        use_dynamic_shifting: bool = False,
+        dynamic_shifting_type: str = "exp",
+        base_seq_len: int = 256,
+        max_seq_len: int = 4096,
+        base_logshift: float = 0.5,
+        max_logshift: float = 1.15,
+        terminal_sigma: float | None = None,
+    ):
         if output_mode not in ("sample", "mean"):
             raise ValueError(f"GMFlowSDEScheduler: output_mode must be 'sample' or 'mean', got {output_mode!r}")
         if variance_mode not in ("large", "small"):
             raise ValueError(f"GMFlowSDEScheduler: variance_mode must be 'large' or 'small', got {variance_mode!r}")
-        self._init_schedule(num_train_timesteps, shift, use_dynamic_shifting, dynamic_shifting_type, base_seq_len,
-                            max_seq_len, terminal_sigma)
+        self._init_schedule(
+            num_train_timesteps,
+            shift,
+            use_dynamic_shifting,
+            dynamic_shifting_type,
+            base_seq_len,
+            max_seq_len,
+            terminal_sigma,
+        )
 
     @property
     def exact_transition(self) -> bool:
@@ -321,7 +383,10 @@ class GMFlowSDEScheduler(_FlowScheduler):
         if self.exact_transition:
             spread = sigma_to
         else:
-            spread = sigma * ((alpha_to.square() + sigma_to.square()) / (alpha.square() + sigma.square()).clamp(min=eps)).sqrt()
+            spread = (
+                sigma
+                * ((alpha_to.square() + sigma_to.square()) / (alpha.square() + sigma.square()).clamp(min=eps)).sqrt()
+            )
         z = _standard_normal(tuple(model_output.shape), generator, sample.device)
         # beta < 0 only by rounding (sigma' <= sigma): no noise rather than NaN
         return r * r * q * sample + beta * alpha_to * x0 + beta.clamp(min=0).sqrt() * spread * z

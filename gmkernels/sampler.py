@@ -31,8 +31,21 @@ from ._validate import check_float_tensor, check_generator
 from .schedulers import SCHEDULERS
 
 
-def sample(denoiser, noise, num_steps, *, solver="gm-sde", substeps=1, order=1, shift=1.0,
-           guidance="probabilistic", guidance_scale=0.0, orthogonal=1.0, generator=None, progress=False):
+def sample(
+    denoiser,
+    noise,
+    num_steps,
+    *,
+    solver="gm-sde",
+    substeps=1,
+    order=1,
+    shift=1.0,
+    guidance="probabilistic",
+    guidance_scale=0.0,
+    orthogonal=1.0,
+    generator=None,
+    progress=False,
+):
     """Sample with a GMFlow model in ``num_steps`` network calls (docs/solvers.md).
 
     Args:
@@ -69,8 +82,9 @@ def sample(denoiser, noise, num_steps, *, solver="gm-sde", substeps=1, order=1, 
     if solver not in SCHEDULERS:
         raise ValueError(f"solver must be one of {tuple(SCHEDULERS)}, got {solver!r}")
     check_generator(generator)  # before the first network call
-    sched = SCHEDULERS[solver](shift=shift, order=order, guidance=guidance, guidance_scale=guidance_scale,
-                               orthogonal=orthogonal)
+    sched = SCHEDULERS[solver](
+        shift=shift, order=order, guidance=guidance, guidance_scale=guidance_scale, orthogonal=orthogonal
+    )
     sched.set_timesteps(num_steps, substeps, device=noise.device)
     batch = noise.shape[:-3]
     steps = range(num_steps)

@@ -88,7 +88,9 @@ def _fp32(gm: dict) -> dict:
     return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in gm.items()}
 
 
-def _reweight(base_gm: dict, base_mean: torch.Tensor, base_var: torch.Tensor, bias: torch.Tensor, rho: torch.Tensor) -> dict:
+def _reweight(
+    base_gm: dict, base_mean: torch.Tensor, base_var: torch.Tensor, bias: torch.Tensor, rho: torch.Tensor
+) -> dict:
     """Reweight ``base_gm`` (moment match ``(base_mean, base_var)``) by the Gaussian quotient
     ``N(base_mean + bias, base_var * (1 - rho)) / N(base_mean, base_var)``.
 
@@ -128,8 +130,14 @@ class _GMSchedulerBase(abc.ABC):
     #: ``_advance`` reads the Gaussian the x0-GM aims at (``_x0_gm(..., with_target=True)``)
     _wants_target = False
 
-    def __init__(self, shift: float = 1.0, order: int = 1, guidance: str = "probabilistic",
-                 guidance_scale: float = 0.0, orthogonal: float = 1.0):
+    def __init__(
+        self,
+        shift: float = 1.0,
+        order: int = 1,
+        guidance: str = "probabilistic",
+        guidance_scale: float = 0.0,
+        orthogonal: float = 1.0,
+    ):
         self.shift = self._check_shift(shift)
         if order not in self._orders:
             raise ValueError(f"order must be one of {self._orders} for solver {self.solver!r}, got {order!r}")
@@ -158,7 +166,9 @@ class _GMSchedulerBase(abc.ABC):
         self.num_steps = _check_int(num_steps, "num_steps")
         self.substeps = _check_int(substeps, "substeps")
         if substeps != 1 and not self._substeps_allowed:
-            raise ValueError(f"substeps must be 1 for solver {self.solver!r} (only gm-ode has substeps), got {substeps}")
+            raise ValueError(
+                f"substeps must be 1 for solver {self.solver!r} (only gm-ode has substeps), got {substeps}"
+            )
         if shift is not None:
             self.shift = self._check_shift(shift)
         n = num_steps * substeps
@@ -181,12 +191,16 @@ class _GMSchedulerBase(abc.ABC):
         if paired and len(gm_u) != 2:
             raise TypeError(f"a guided model output must be (gm_cond, gm_uncond), got a sequence of {len(gm_u)}")
         if scale > 0 and not paired:
-            raise TypeError(f"guidance_scale={scale} > 0: the model output must be a pair (gm_cond, gm_uncond), got {type(gm_u).__name__}")
+            raise TypeError(
+                f"guidance_scale={scale} > 0: the model output must be a pair (gm_cond, gm_uncond), got {type(gm_u).__name__}"
+            )
         if scale == 0:  # no guidance; a pair's conditional GM is used as is
             return (gm_u[0] if paired else gm_u), None
         return gm_u[0], gm_u[1]
 
-    def _x0_gm(self, gm_u, x: torch.Tensor, sigma: float, h: float, with_target: bool = False) -> tuple[dict, dict | None]:
+    def _x0_gm(
+        self, gm_u, x: torch.Tensor, sigma: float, h: float, with_target: bool = False
+    ) -> tuple[dict, dict | None]:
         """The x0-GM the state moves with: u -> x0 (op 5), guidance (op 11), 2nd order (docs/solvers.md),
         composed eagerly (the torch path; the Triton path fuses it, see ``_fused_step``).
 
@@ -221,7 +235,9 @@ class _GMSchedulerBase(abc.ABC):
         gm, reweighted = self._second_order(gm, cond, uncond, x, sigma, h)
         return gm, target if reweighted is None else reweighted
 
-    def _second_order(self, gm: dict, cond, uncond, x: torch.Tensor, sigma: float, h: float) -> tuple[dict, dict | None]:
+    def _second_order(
+        self, gm: dict, cond, uncond, x: torch.Tensor, sigma: float, h: float
+    ) -> tuple[dict, dict | None]:
         """the 2nd-order rule of docs/solvers.md#2nd-order (``reference.solver_steps.second_order_bias``)
         on the first-order (guided) x0-GM ``gm``. Returns ``(gm, target)``: the reweighted GM and
         the Gaussian it aims at, or ``(gm, None)`` on the first step (no previous GM).
@@ -298,10 +314,19 @@ class _GMSchedulerBase(abc.ABC):
         prev = self._prev if self.order == 2 else None
         post = self.order == 2 and i + 1 < self.num_steps
         x, post_mean = fused_step(
-            cond if uncond is None else (cond, uncond), x, self._sigma_table(x.device)[i * N : (i + 1) * N + 1], levels,
-            sde=self.solver == "gm-sde", guidance=self.guidance if uncond is not None else "none",
-            scale=self.guidance_scale, orthogonal=self.orthogonal, prev_mean=None if prev is None else prev[0],
-            h=levels[0] - levels[1], h_prev=0.0 if prev is None else prev[1], post=post, generator=generator,
+            cond if uncond is None else (cond, uncond),
+            x,
+            self._sigma_table(x.device)[i * N : (i + 1) * N + 1],
+            levels,
+            sde=self.solver == "gm-sde",
+            guidance=self.guidance if uncond is not None else "none",
+            scale=self.guidance_scale,
+            orthogonal=self.orthogonal,
+            prev_mean=None if prev is None else prev[0],
+            h=levels[0] - levels[1],
+            h_prev=0.0 if prev is None else prev[1],
+            post=post,
+            generator=generator,
         )
         self._prev = (post_mean, levels[0] - levels[1]) if post else None
         return x
@@ -345,8 +370,9 @@ class GMEulerScheduler(GMODEScheduler):
     _substeps_allowed = False
 
 
-def spectral_gm_sample(gm: dict, log_power_spectrum: torch.Tensor, n_samples: int = 1,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def spectral_gm_sample(
+    gm: dict, log_power_spectrum: torch.Tensor, n_samples: int = 1, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Spatially correlated draws of a per-pixel GM (GMFlow's ``output_mode="sample"`` with a spectrum
     network): Fourier-domain standard normals scaled by ``exp(log_power_spectrum / 2)``, made
     Hermitian and inverse-FFT'd (orthonormal), then carried to the GM by the Knothe-Rosenblatt
@@ -364,7 +390,9 @@ def spectral_gm_sample(gm: dict, log_power_spectrum: torch.Tensor, n_samples: in
     shape = list(gm["means"].shape)
     shape[-4] = n_samples
     half = shape[-1] // 2 + 1
-    noise = torch.randn(shape, dtype=torch.float32, device=gm["means"].device, generator=generator) * (spectrum / 2).exp()
+    noise = (
+        torch.randn(shape, dtype=torch.float32, device=gm["means"].device, generator=generator) * (spectrum / 2).exp()
+    )
     z_1 = noise.roll((-1, -1), dims=(-2, -1)).flip((-2, -1))[..., :half]
     z_0 = noise[..., :half]
     gaussian = torch.fft.irfft2(torch.complex(z_0 + z_1, z_0 - z_1) / 2, s=shape[-2:], norm="ortho")
@@ -398,18 +426,35 @@ class GMTensorStepScheduler(_GMSchedulerBase):
     solver = "tensor-step"
     fused = False
 
-    def __init__(self, tensor_scheduler, x0_mode: str = "mean", spectrum_net=None, order: int = 1,
-                 guidance: str = "probabilistic", guidance_scale: float = 0.0, orthogonal: float = 1.0):
+    def __init__(
+        self,
+        tensor_scheduler,
+        x0_mode: str = "mean",
+        spectrum_net=None,
+        order: int = 1,
+        guidance: str = "probabilistic",
+        guidance_scale: float = 0.0,
+        orthogonal: float = 1.0,
+    ):
         if not isinstance(tensor_scheduler, (FlowEulerODEScheduler, GMFlowSDEScheduler)):
-            raise TypeError("tensor_scheduler must be a FlowEulerODEScheduler or GMFlowSDEScheduler, "
-                            f"got {type(tensor_scheduler).__name__}")
+            raise TypeError(
+                "tensor_scheduler must be a FlowEulerODEScheduler or GMFlowSDEScheduler, "
+                f"got {type(tensor_scheduler).__name__}"
+            )
         if x0_mode not in ("mean", "sample"):
             raise ValueError(f"x0_mode must be 'mean' or 'sample', got {x0_mode!r}")
         if spectrum_net is not None and (x0_mode != "sample" or not callable(spectrum_net)):
-            raise ValueError("spectrum_net must be a callable and is used with x0_mode='sample' only, got "
-                             f"{type(spectrum_net).__name__} with x0_mode={x0_mode!r}")
-        super().__init__(shift=float(tensor_scheduler.config.shift), order=order, guidance=guidance,
-                         guidance_scale=guidance_scale, orthogonal=orthogonal)
+            raise ValueError(
+                "spectrum_net must be a callable and is used with x0_mode='sample' only, got "
+                f"{type(spectrum_net).__name__} with x0_mode={x0_mode!r}"
+            )
+        super().__init__(
+            shift=float(tensor_scheduler.config.shift),
+            order=order,
+            guidance=guidance,
+            guidance_scale=guidance_scale,
+            orthogonal=orthogonal,
+        )
         self.tensor_scheduler = tensor_scheduler
         self.x0_mode = x0_mode
         self.spectrum_net = spectrum_net
@@ -421,11 +466,15 @@ class GMTensorStepScheduler(_GMSchedulerBase):
         ``tensor_scheduler`` alike; the shift is ``tensor_scheduler.get_shift(seq_len)``."""
         config = self.tensor_scheduler.config
         if config.num_train_timesteps != int(T):
-            raise ValueError(f"tensor_scheduler: num_train_timesteps must be {int(T)} (timesteps are 1000 * sigma), "
-                             f"got {config.num_train_timesteps}")
+            raise ValueError(
+                f"tensor_scheduler: num_train_timesteps must be {int(T)} (timesteps are 1000 * sigma), "
+                f"got {config.num_train_timesteps}"
+            )
         if config.terminal_sigma is not None:
-            raise ValueError(f"tensor_scheduler: terminal_sigma={config.terminal_sigma} is not supported "
-                             f"(the schedule ends at sigma = 0)")
+            raise ValueError(
+                f"tensor_scheduler: terminal_sigma={config.terminal_sigma} is not supported "
+                f"(the schedule ends at sigma = 0)"
+            )
         super().set_timesteps(num_steps, substeps, shift=float(self.tensor_scheduler.get_shift(seq_len)), device=device)
         self.tensor_scheduler.set_timesteps(num_steps * substeps, device=device, seq_len=seq_len)
 
@@ -441,8 +490,9 @@ class GMTensorStepScheduler(_GMSchedulerBase):
                 x0 = spectral_gm_sample(gm, self.spectrum_net(target), generator=generator)[0].squeeze(-4)
             else:
                 x0 = gm_sample(gm, generator=generator).squeeze(-4)
-            x = steps.step(x0, steps.timesteps[i * N + j], x, generator=generator, return_dict=False,
-                           prediction_type="x0")[0]
+            x = steps.step(
+                x0, steps.timesteps[i * N + j], x, generator=generator, return_dict=False, prediction_type="x0"
+            )[0]
         return x.to(x_in.dtype)
 
 

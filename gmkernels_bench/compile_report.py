@@ -47,22 +47,34 @@ def _parse_shapes(items: list[str]) -> list[tuple[int, ...]]:
         except ValueError:
             shape = ()
         if len(shape) != 5 or min(shape) < 1:
-            raise SystemExit(f"--shapes: {item!r} is neither B,K,C,H,W (five positive integers) nor one of {sorted(SHAPE_SETS)}")
+            raise SystemExit(
+                f"--shapes: {item!r} is neither B,K,C,H,W (five positive integers) nor one of {sorted(SHAPE_SETS)}"
+            )
         shapes.append(shape)
     return shapes
 
 
 def _case_key(case) -> tuple:
     """What the compiled code depends on (not the case name)."""
-    return (case.kernel.fn.__qualname__ if hasattr(case.kernel, "fn") else case.kernel.__name__, tuple(case.signature.items()),
-            tuple(sorted(case.constexprs.items())), case.num_warps, case.num_stages, tuple(sorted(case.divisible)))  # fmt: skip
+    return (
+        case.kernel.fn.__qualname__ if hasattr(case.kernel, "fn") else case.kernel.__name__,
+        tuple(case.signature.items()),
+        tuple(sorted(case.constexprs.items())),
+        case.num_warps,
+        case.num_stages,
+        tuple(sorted(case.divisible)),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gmkernels_bench.compile_report", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", metavar="B,K,C,H,W",
-                   help="GM shapes to compile every kernel family at, or a named set ('users', 'bench'); "
-                        "default: each family's benchmark cases")  # fmt: skip
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="B,K,C,H,W",
+        help="GM shapes to compile every kernel family at, or a named set ('users', 'bench'); "
+        "default: each family's benchmark cases",
+    )
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default: 80 90)")
     p.add_argument("--check", action="store_true", help="exit 1 on a compile error or register spills")
     p.add_argument("--filter", default="", help="only cases whose name contains this")
@@ -77,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         cases = all_cases()
     cases = [c for c in cases if args.filter in c.name]
     width = max([len(c.name) for c in cases] + [6])
-    header = (f"{'kernel':<{width}} {'sm':>3} {'regs':>4} {'spill B':>7} {'smem B':>6} {'LDG B':>6} {'128b':>4} "
-              f"{'loop':>5} {'BAR':>3} {'SHFL':>4} {'LDS/STS':>7} {'thr-ins/px':>10}")  # fmt: skip
+    header = (
+        f"{'kernel':<{width}} {'sm':>3} {'regs':>4} {'spill B':>7} {'smem B':>6} {'LDG B':>6} {'128b':>4} "
+        f"{'loop':>5} {'BAR':>3} {'SHFL':>4} {'LDS/STS':>7} {'thr-ins/px':>10}"
+    )
     print(LEGEND)
     print(header)
     print("-" * len(header))
@@ -97,17 +111,35 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             done[key] = r
             lp = r.loop
-            rows.append({"kernel": case.name, "arch": f"sm_{arch}", "registers": r.registers, "local_bytes": r.local_bytes,
-                         "shared_bytes": r.shared_bytes, "global_load_bytes": r.global_load_bytes,
-                         "share_128bit_load_bytes": r.share_128, "num_warps": case.num_warps,
-                         "num_stages": case.num_stages, "pixels_per_program": r.pixels,
-                         "constexprs": {k: v for k, v in case.constexprs.items() if k.isupper()},
-                         "loop_instructions": lp.instructions if lp else None, "loop_barriers": lp.barriers if lp else None,
-                         "loop_shuffles": lp.shuffles if lp else None, "loop_smem_ops": lp.smem_ops if lp else None,
-                         "thread_instructions_per_pixel": r.thread_instructions_per_pixel})  # fmt: skip
-            loop = f"{lp.instructions:>5} {lp.barriers:>3} {lp.shuffles:>4} {lp.smem_ops:>7} {r.thread_instructions_per_pixel:>10.1f}" if lp else f"{'-':>5} {'-':>3} {'-':>4} {'-':>7} {'-':>10}"
-            print(f"{case.name:<{width}} {arch:>3} {r.registers:>4} {r.local_bytes:>7} {r.shared_bytes:>6} "
-                  f"{r.global_load_bytes:>6} {100 * r.share_128:>3.0f}% {loop}")  # fmt: skip
+            rows.append(
+                {
+                    "kernel": case.name,
+                    "arch": f"sm_{arch}",
+                    "registers": r.registers,
+                    "local_bytes": r.local_bytes,
+                    "shared_bytes": r.shared_bytes,
+                    "global_load_bytes": r.global_load_bytes,
+                    "share_128bit_load_bytes": r.share_128,
+                    "num_warps": case.num_warps,
+                    "num_stages": case.num_stages,
+                    "pixels_per_program": r.pixels,
+                    "constexprs": {k: v for k, v in case.constexprs.items() if k.isupper()},
+                    "loop_instructions": lp.instructions if lp else None,
+                    "loop_barriers": lp.barriers if lp else None,
+                    "loop_shuffles": lp.shuffles if lp else None,
+                    "loop_smem_ops": lp.smem_ops if lp else None,
+                    "thread_instructions_per_pixel": r.thread_instructions_per_pixel,
+                }
+            )
+            loop = (
+                f"{lp.instructions:>5} {lp.barriers:>3} {lp.shuffles:>4} {lp.smem_ops:>7} {r.thread_instructions_per_pixel:>10.1f}"
+                if lp
+                else f"{'-':>5} {'-':>3} {'-':>4} {'-':>7} {'-':>10}"
+            )
+            print(
+                f"{case.name:<{width}} {arch:>3} {r.registers:>4} {r.local_bytes:>7} {r.shared_bytes:>6} "
+                f"{r.global_load_bytes:>6} {100 * r.share_128:>3.0f}% {loop}"
+            )
             if r.local_bytes > 0:
                 failures.append(f"{case.name} sm_{arch}: {r.local_bytes} bytes of local memory (register spills)")
     print(f"{len(cases)} kernels x {len(args.arch)} targets ({len(done)} distinct compiles)")

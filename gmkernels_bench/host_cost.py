@@ -67,8 +67,11 @@ def _inputs(seed: int = 0):
     }
     x = torch.randn(B, C, H, W, generator=g)
     gauss = {"mean": torch.randn(B, C, H, W, generator=g), "var": torch.rand(B, 1, H, W, generator=g) + 0.1}
-    gm1d = {"means": torch.randn(B, K, H, W, generator=g), "logstds": torch.full((B, 1, 1, 1), -1.0),
-            "logweights": torch.log_softmax(torch.randn(B, K, H, W, generator=g), dim=1)}
+    gm1d = {
+        "means": torch.randn(B, K, H, W, generator=g),
+        "logstds": torch.full((B, 1, 1, 1), -1.0),
+        "logweights": torch.log_softmax(torch.randn(B, K, H, W, generator=g), dim=1),
+    }
     return gm, x, gauss, gm1d
 
 
@@ -218,17 +221,29 @@ def run(calls: int = 200, repeat: int = 5, filter_: str = "") -> list[dict]:
             continue
         best, median, n = measure(call, calls, repeat)
         py_calls, frames = call_path(call)
-        out.append({"op": name, "host_us": round(best, 1), "host_us_median": round(median, 1), "launches": n,
-                    "py_calls": py_calls, "frames": frames})
+        out.append(
+            {
+                "op": name,
+                "host_us": round(best, 1),
+                "host_us_median": round(median, 1),
+                "launches": n,
+                "py_calls": py_calls,
+                "frames": frames,
+            }
+        )
     return out
 
 
 def table(records: list[dict]) -> str:
     w = max(len(r["op"]) for r in records)
-    lines = [f"{'op':<{w}}  {'host µs':>8}  {'median':>8}  launches  py calls  frames",
-             f"{'-' * w}  {'-' * 8}  {'-' * 8}  --------  --------  ------"]
-    lines += [f"{r['op']:<{w}}  {r['host_us']:>8.1f}  {r['host_us_median']:>8.1f}  {r['launches']:>8}  {r['py_calls']:>8}  {r['frames']:>6}"
-              for r in records]
+    lines = [
+        f"{'op':<{w}}  {'host µs':>8}  {'median':>8}  launches  py calls  frames",
+        f"{'-' * w}  {'-' * 8}  {'-' * 8}  --------  --------  ------",
+    ]
+    lines += [
+        f"{r['op']:<{w}}  {r['host_us']:>8.1f}  {r['host_us_median']:>8.1f}  {r['launches']:>8}  {r['py_calls']:>8}  {r['frames']:>6}"
+        for r in records
+    ]
     return "\n".join(lines)
 
 
@@ -242,11 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     from gmkernels._dispatch import interpreting
 
     if not interpreting():
-        print("host_cost: set TRITON_INTERPRET=1 before Python starts (Triton was imported without it)", file=sys.stderr)
+        print(
+            "host_cost: set TRITON_INTERPRET=1 before Python starts (Triton was imported without it)", file=sys.stderr
+        )
         return 2
     records = run(args.calls, args.repeat, args.filter)
-    print(f"host cost per call, kernel launches stubbed: CPU µs of the fastest / median of {args.repeat} rounds of "
-          f"{args.calls} calls (torch {torch.__version__}, 1 thread, shape {SHAPE})")
+    print(
+        f"host cost per call, kernel launches stubbed: CPU µs of the fastest / median of {args.repeat} rounds of "
+        f"{args.calls} calls (torch {torch.__version__}, 1 thread, shape {SHAPE})"
+    )
     print(table(records))
     if args.json:
         with open(args.json, "w") as f:

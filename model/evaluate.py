@@ -48,16 +48,27 @@ def make_denoiser(net, labels: torch.Tensor | None = None, guided: bool = False)
         null = torch.full_like(labels, net.null_class)
         gm = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
         cond = {k: v[: x.shape[0]] for k, v in gm.items()}
-        uncond = {k: v[x.shape[0]:] for k, v in gm.items()}
+        uncond = {k: v[x.shape[0] :] for k, v in gm.items()}
         return cond, uncond
 
     return denoiser
 
 
-def run_sampler(denoiser, noise: torch.Tensor, nfe: int, solver: str, order: int, ecfg: dict, seed: int, **guidance) -> torch.Tensor:
+def run_sampler(
+    denoiser, noise: torch.Tensor, nfe: int, solver: str, order: int, ecfg: dict, seed: int, **guidance
+) -> torch.Tensor:
     substeps = max(1, ecfg.get("ode_substeps", 64) // nfe) if solver == "gm-ode" else 1
-    return gmkernels.sample(denoiser, noise, nfe, solver=solver, substeps=substeps, order=order, shift=ecfg.get("shift", 1.0),
-                            generator=torch.Generator().manual_seed(seed), **guidance)
+    return gmkernels.sample(
+        denoiser,
+        noise,
+        nfe,
+        solver=solver,
+        substeps=substeps,
+        order=order,
+        shift=ecfg.get("shift", 1.0),
+        generator=torch.Generator().manual_seed(seed),
+        **guidance,
+    )
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -79,8 +90,12 @@ def evaluate_2d(net, cfg: dict, out: str, name: str) -> tuple[str, dict]:
     data = build_data(cfg["data"], **cfg["data_cfg"])
     held_out = data.sample(n, torch.Generator().manual_seed(10_000 + seed))[0].view(n, -1)
     noise = torch.randn(n, 2, 1, 1, generator=torch.Generator().manual_seed(seed))
-    floor = sliced_w1(held_out, data.sample(n, torch.Generator().manual_seed(20_000 + seed))[0].view(n, -1),
-                      ecfg["projections"], torch.Generator().manual_seed(7))
+    floor = sliced_w1(
+        held_out,
+        data.sample(n, torch.Generator().manual_seed(20_000 + seed))[0].view(n, -1),
+        ecfg["projections"],
+        torch.Generator().manual_seed(7),
+    )
     res, rows = {}, []
     nfes = ecfg["nfe"]
     fig, axes = plt.subplots(len(SOLVERS), len(nfes), figsize=(2 * len(nfes), 2 * len(SOLVERS)), squeeze=False)
@@ -99,8 +114,9 @@ def evaluate_2d(net, cfg: dict, out: str, name: str) -> tuple[str, dict]:
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"{name}_samples.png"), dpi=80)
     plt.close(fig)
-    md = (f"### {name}: sliced W1 to held-out data (n={n}; floor between two data draws: {floor:.4f})\n\n"
-          + _table(["checkpoint", "solver", "order", "NFE", "sliced W1"], rows))
+    md = f"### {name}: sliced W1 to held-out data (n={n}; floor between two data draws: {floor:.4f})\n\n" + _table(
+        ["checkpoint", "solver", "order", "NFE", "sliced W1"], rows
+    )
     return md, res
 
 
@@ -182,25 +198,35 @@ def evaluate_digits(net, cfg: dict, out: str, name: str) -> tuple[str, dict]:
             (m, sd), x = sweep(make_denoiser(net, labels), nfe, solver, order)
             res[("nfe", solver, order, nfe)] = (m, sd)
             rows.append([solver, order, nfe, "none", 0.0, *_cells(m, sd, n_seeds)])
-            if nfe in (2, 8, 32) or not {2, 8, 32} & set(ecfg["nfe"]):  # the grid shows these NFEs (all, if none is run)
+            if nfe in (2, 8, 32) or not {2, 8, 32} & set(
+                ecfg["nfe"]
+            ):  # the grid shows these NFEs (all, if none is run)
                 grid.append((f"{solver} order {order}, NFE {nfe}", x))
     _digits_grid(grid, os.path.join(out, f"{name}_nfe.png"))
     g_rows, g_grid = [], []
     gs, go, gn = ecfg["guidance_solver"], ecfg["guidance_order"], ecfg["guidance_nfe"]
     for mode, scales in ecfg["guidance"].items():
         for scale in scales:
-            (m, sd), x = sweep(make_denoiser(net, labels, guided=True), gn, gs, go, guidance=mode, guidance_scale=float(scale))
+            (m, sd), x = sweep(
+                make_denoiser(net, labels, guided=True), gn, gs, go, guidance=mode, guidance_scale=float(scale)
+            )
             res[("guidance", mode, float(scale))] = (m, sd)
             g_rows.append([gs, go, gn, mode, float(scale), *_cells(m, sd, n_seeds)])
             g_grid.append((f"{mode} scale {scale} ({gs} order {go}, NFE {gn})", x))
     if g_grid:  # eval.guidance={} skips the sweep
         _digits_grid(g_grid, os.path.join(out, f"{name}_guidance.png"))
     header = ["solver", "order", "NFE", "guidance", "scale", *METRICS]
-    spread = f"mean ± std over {n_seeds} noise seeds ({', '.join(map(str, seeds))})" if n_seeds > 1 else f"noise seed {seed}"
-    md = (f"### {name}: digits, {labels.shape[0]} class-conditional samples, {spread}; precision/recall (k={k}) and "
-          f"FD vs the {real_x.shape[0]}-image train split in classifier features (classifier test accuracy {clf_acc:.3f}; "
-          f"FD of the {test_x.shape[0]}-image test split to the train split: {floor:.2f})\n\n"
-          + _table(header, rows) + "\n\n#### guidance sweep\n\n" + _table(header, g_rows))
+    spread = (
+        f"mean ± std over {n_seeds} noise seeds ({', '.join(map(str, seeds))})" if n_seeds > 1 else f"noise seed {seed}"
+    )
+    md = (
+        f"### {name}: digits, {labels.shape[0]} class-conditional samples, {spread}; precision/recall (k={k}) and "
+        f"FD vs the {real_x.shape[0]}-image train split in classifier features (classifier test accuracy {clf_acc:.3f}; "
+        f"FD of the {test_x.shape[0]}-image test split to the train split: {floor:.2f})\n\n"
+        + _table(header, rows)
+        + "\n\n#### guidance sweep\n\n"
+        + _table(header, g_rows)
+    )
     return md, res
 
 
@@ -218,13 +244,17 @@ def digits_targets(res: dict) -> str:
     for solver in ("gm-sde", "gm-ode"):
         a, b = get(("nfe", solver, 2, 8)), get(("nfe", solver, 2, 32))
         if a and b:
-            lines.append(f"- {solver} order 2: FD at 8 NFE {a[FD]:.2f} vs 32 NFE {b[FD]:.2f} (ratio {a[FD] / max(b[FD], 1e-9):.2f}, "
-                         f"target <= 1.25) -> {'MET' if a[FD] <= 1.25 * b[FD] else 'NOT MET'}; precision {a[P]:.3f} vs "
-                         f"{b[P]:.3f} (ratio {a[P] / max(b[P], 1e-9):.3f}, target >= 0.9) -> {'MET' if a[P] >= 0.9 * b[P] else 'NOT MET'}")
+            lines.append(
+                f"- {solver} order 2: FD at 8 NFE {a[FD]:.2f} vs 32 NFE {b[FD]:.2f} (ratio {a[FD] / max(b[FD], 1e-9):.2f}, "
+                f"target <= 1.25) -> {'MET' if a[FD] <= 1.25 * b[FD] else 'NOT MET'}; precision {a[P]:.3f} vs "
+                f"{b[P]:.3f} (ratio {a[P] / max(b[P], 1e-9):.3f}, target >= 0.9) -> {'MET' if a[P] >= 0.9 * b[P] else 'NOT MET'}"
+            )
     a, e = get(("nfe", "gm-sde", 2, 8)), get(("nfe", "euler", 1, 8))
     if a and e:
-        lines.append(f"- 8 NFE: GM-SDE order 2 FD {a[FD]:.2f} (precision {a[P]:.3f}, recall {a[R]:.3f}) vs Euler FD {e[FD]:.2f} "
-                     f"(precision {e[P]:.3f}, recall {e[R]:.3f}) -> {'MET' if a[FD] < e[FD] else 'NOT MET'}")
+        lines.append(
+            f"- 8 NFE: GM-SDE order 2 FD {a[FD]:.2f} (precision {a[P]:.3f}, recall {a[R]:.3f}) vs Euler FD {e[FD]:.2f} "
+            f"(precision {e[P]:.3f}, recall {e[R]:.3f}) -> {'MET' if a[FD] < e[FD] else 'NOT MET'}"
+        )
 
     def best(mode):
         """(FD, scale, metrics) of the lowest-FD scale of one guidance mode."""
@@ -233,10 +263,14 @@ def digits_targets(res: dict) -> str:
 
     pg, cfg = best("probabilistic"), best("mean-cfg")
     if pg and cfg:
-        desc = lambda b: (f"FD {b[0]:.2f} at scale {b[1]} (precision {b[2][P]:.3f}, recall {b[2][R]:.3f}, "  # noqa: E731
-                          f"saturated {b[2][SAT]:.4f})")
-        lines.append(f"- lowest-FD probabilistic guidance: {desc(pg)}; lowest-FD CFG: {desc(cfg)} -> "
-                     f"{'MET' if pg[0] <= cfg[0] else 'NOT MET'}")
+
+        def desc(b):
+            return f"FD {b[0]:.2f} at scale {b[1]} (precision {b[2][P]:.3f}, recall {b[2][R]:.3f}, saturated {b[2][SAT]:.4f})"
+
+        lines.append(
+            f"- lowest-FD probabilistic guidance: {desc(pg)}; lowest-FD CFG: {desc(cfg)} -> "
+            f"{'MET' if pg[0] <= cfg[0] else 'NOT MET'}"
+        )
     return "\n".join(lines)
 
 
@@ -244,8 +278,10 @@ def checkerboard_targets(gm: dict, base: dict) -> str:
     a, b = gm.get(("gm-sde", 2, 4)), base.get(("euler", 1, 32))
     if a is None or b is None:
         return ""
-    return (f"### targets (checkerboard)\n\n- GM-SDE order 2 at 4 NFE (K=64): sliced W1 {a:.4f} vs K=1 Euler at 32 NFE: "
-            f"{b:.4f} -> {'MET' if a < b else 'NOT MET'}")
+    return (
+        f"### targets (checkerboard)\n\n- GM-SDE order 2 at 4 NFE (K=64): sliced W1 {a:.4f} vs K=1 Euler at 32 NFE: "
+        f"{b:.4f} -> {'MET' if a < b else 'NOT MET'}"
+    )
 
 
 def _is_override(text: str) -> bool:
@@ -260,8 +296,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     ap.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT")
     ap.add_argument("--out", default=None, help="output folder (default: the first checkpoint's folder)")
     ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override the stored config, e.g. eval.n=2000 'eval.nfe=[4,32]'")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the stored config, e.g. eval.n=2000 'eval.nfe=[4,32]'",
+    )
     args = ap.parse_args(argv)
     # `--set k=v CKPT` (options first) leaves the checkpoint in --set's list: move it back
     args.checkpoints = [s for s in args.set if not _is_override(s)] + args.checkpoints

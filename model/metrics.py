@@ -10,11 +10,15 @@ from torch import nn
 from .data import load_digits_split
 
 
-def sliced_w1(a: torch.Tensor, b: torch.Tensor, projections: int = 256, generator: torch.Generator | None = None) -> float:
+def sliced_w1(
+    a: torch.Tensor, b: torch.Tensor, projections: int = 256, generator: torch.Generator | None = None
+) -> float:
     """Sliced Wasserstein-1 between point sets ``a (N, D)`` and ``b (N, D)`` (equal N): the mean
     over random unit directions of the 1-D W1 of the projections (sorted differences)."""
     if a.dim() != 2 or a.shape != b.shape:
-        raise ValueError(f"sliced_w1: a and b must both be (N, D) of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"sliced_w1: a and b must both be (N, D) of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     d = torch.randn(a.shape[1], projections, generator=generator, dtype=torch.float64)
     d = d / d.norm(dim=0, keepdim=True)
     pa = (a.double() @ d).sort(dim=0).values
@@ -44,7 +48,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     any feature space): ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``, float64,
     eigenvalues clamped at 0. Unlike precision alone it grows when samples lose diversity."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
-        raise ValueError(f"frechet_distance: a and b must be (N, F) and (M, F) with N, M >= 2, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"frechet_distance: a and b must be (N, F) and (M, F) with N, M >= 2, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = torch.cov(a.t()), torch.cov(b.t())
@@ -90,7 +96,9 @@ def train_digits_classifier(seed: int = 0, steps: int = 600) -> tuple[DigitsClas
     return clf, acc
 
 
-def saturation(samples: torch.Tensor, data: torch.Tensor, lo: float = -1.0, hi: float = 1.0, tol: float = 0.125) -> tuple[float, float]:
+def saturation(
+    samples: torch.Tensor, data: torch.Tensor, lo: float = -1.0, hi: float = 1.0, tol: float = 0.125
+) -> tuple[float, float]:
     """``(share of pixels at or beyond the data range by more than tol (one grey level of the
     17-level digits), mean per-image contrast of samples / that of data)``; contrast is the
     per-image pixel std. CFG's over-saturation shows as both going up."""

@@ -111,8 +111,14 @@ def sde_noise_std(logstds: torch.Tensor, c2: Sigma, c3: Sigma) -> torch.Tensor:
 
 
 def gm_sde_step(
-    gm: dict, x: torch.Tensor, sigma: Sigma, sigma_next: Sigma, u: torch.Tensor, z: torch.Tensor,
-    power: float = 1.0, eps: float = 1e-6,
+    gm: dict,
+    x: torch.Tensor,
+    sigma: Sigma,
+    sigma_next: Sigma,
+    u: torch.Tensor,
+    z: torch.Tensor,
+    power: float = 1.0,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """One GM-SDE step: an exact draw of ``x_{sigma_next}`` from the GM reverse transition (op 7).
 
@@ -139,10 +145,26 @@ def gm_sde_step(
 
 
 def step_coefficients(
-    stats: torch.Tensor, coef: torch.Tensor, npb: int, HW: int, C: int, mode: int, *, uncond: bool, meancfg: bool,
-    prob: bool, order2: bool, bias_pass: bool, amount: float, scale: float, h: float, h_prev: float,
-    ca: float = CA, cb: float = CB, rho_min: float = RHO_MIN,
-) -> torch.Tensor:  # fmt: skip
+    stats: torch.Tensor,
+    coef: torch.Tensor,
+    npb: int,
+    HW: int,
+    C: int,
+    mode: int,
+    *,
+    uncond: bool,
+    meancfg: bool,
+    prob: bool,
+    order2: bool,
+    bias_pass: bool,
+    amount: float,
+    scale: float,
+    h: float,
+    h_prev: float,
+    ca: float = CA,
+    cb: float = CB,
+    rho_min: float = RHO_MIN,
+) -> torch.Tensor:
     """The fused sampler step's per-sample coefficients from its statistics passes (the twin of
     the coefficient kernel of ``gmkernels.ops.solver.step``; docs/solvers.md#fused-steps).
 
@@ -170,7 +192,11 @@ def step_coefficients(
         if prob:
             vt = V * (1 - scale * scale)  # op 4: target / cond
             n4 = (V - vt).clamp(min=1e-6)
-            out[:, COEF_G1_MC], out[:, COEF_G1_DB], out[:, COEF_V1] = ((V - vt) / n4).float(), (V * alpha / n4).float(), (vt * V / n4).float()
+            out[:, COEF_G1_MC], out[:, COEF_G1_DB], out[:, COEF_V1] = (
+                ((V - vt) / n4).float(),
+                (V * alpha / n4).float(),
+                (vt * V / n4).float(),
+            )
     if order2:
         E = V * ((scale * scale * cb * cb if prob else 0.0) + ca)
         damp = torch.sqrt((1 - E / (h_prev * h_prev)).clamp(min=0)) * (0.5 * h / h_prev)
@@ -180,14 +206,25 @@ def step_coefficients(
             P = mean[:, STAT_BIAS] / (C * HW) if mode == 2 else damp * damp * mean[:, STAT_E_E] / (C * HW)
             cap = torch.sqrt((V / P.clamp(min=1e-6)).clamp(max=1))
             rho = (P / V.clamp(min=1e-6)).clamp(min=rho_min, max=1 - rho_min)
-            out[:, COEF_GA_DB], out[:, COEF_GA_E], out[:, COEF_VA] = (cap * alpha / rho).float(), (cap * damp / rho).float(), (V * (1 - rho) / rho).float()
+            out[:, COEF_GA_DB], out[:, COEF_GA_E], out[:, COEF_VA] = (
+                (cap * alpha / rho).float(),
+                (cap * damp / rho).float(),
+                (V * (1 - rho) / rho).float(),
+            )
     return out
 
 
 def second_order_bias(
-    mean_now: torch.Tensor, mean_prev: torch.Tensor, V: torch.Tensor, h: Sigma, h_prev: Sigma,
-    scale: float = 0.0, cfg_bias: torch.Tensor | None = None, ca: float = 0.005, cb: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    mean_now: torch.Tensor,
+    mean_prev: torch.Tensor,
+    V: torch.Tensor,
+    h: Sigma,
+    h_prev: Sigma,
+    scale: float = 0.0,
+    cfg_bias: torch.Tensor | None = None,
+    ca: float = 0.005,
+    cb: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 2nd-order rule of docs/solvers.md#2nd-order on whole tensors: the host-side form that the
     scheduler objects and ``gmkernels.compat`` apply (the fused kernel keeps its own in-kernel copy,
     ``step_coefficients`` above is its twin).

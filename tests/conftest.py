@@ -5,7 +5,6 @@ is present, hypothesis profiles: ``ci`` (bounded, the default) and ``dev`` (more
 
 import os
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():

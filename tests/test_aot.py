@@ -9,8 +9,8 @@ check at the shapes users run.
 
 import importlib
 import inspect
-import pkgutil
 import os
+import pkgutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,8 +20,8 @@ import pytest
 pytest.importorskip("triton")
 
 import gmkernels_bench.aot as aot  # noqa: E402
-from gmkernels_bench.aot import FAMILIES, SHAPE_SETS, AotCase, sass_stats, shape_cases  # noqa: E402
 from gmkernels.ops.solver.common import PACK_FUSED as _PACK_FUSED  # noqa: E402
+from gmkernels_bench.aot import FAMILIES, SHAPE_SETS, AotCase, sass_stats, shape_cases  # noqa: E402
 
 pytestmark = pytest.mark.slow  # compiles every kernel for sm_80 and sm_90
 
@@ -144,6 +144,10 @@ def test_small_user_shapes_compile_without_spills(kernels):
     assert set(SMALL_USER_SHAPES) <= set(SHAPE_SETS["users"])
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     shapes = [",".join(map(str, s)) for s in SMALL_USER_SHAPES]
-    proc = subprocess.run([sys.executable, "-m", "gmkernels_bench.compile_report", "--check", "--shapes", *shapes,
-                           "--filter", kernels], capture_output=True, text=True, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "gmkernels_bench.compile_report", "--check", "--shapes", *shapes, "--filter", kernels],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

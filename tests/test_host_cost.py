@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch
+from strategies import make_gm, rel_err
 
 import gmkernels as G
 from gmkernels.ops import _launch, mixture
 from gmkernels_bench import host_cost
-from strategies import make_gm, make_state, rel_err
 
 SHAPE = ((2,), 3, 4, 5, 6)
 
@@ -24,13 +24,31 @@ def _plan_stats():
     return sum(i.misses for i in infos), sum(i.hits for i in infos)
 
 
-@pytest.mark.parametrize("op", [
-    "gm_to_mean", "gm_to_iso_gaussian", "gm_mul_iso_gaussian", "iso_gaussian_mul_iso_gaussian", "u_to_x0 (tensor sigma)",
-    "reverse_transition", "gm_posterior_mean (float sigmas)", "gm_logprob", "gm_nll_loss", "gm_nll_loss fwd+bwd",
-    "transition_loss fwd+bwd", "gm_sample", "probabilistic_guidance", "weight_guidance", "mean_cfg", "gm1d_inverse_cdf",
-    "gm_ode_substeps (tensor sigmas)", "gm_sde_step", "GMSDEScheduler.step (probabilistic)",
-    "GMODEScheduler.step (order 2, probabilistic)",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "op",
+    [
+        "gm_to_mean",
+        "gm_to_iso_gaussian",
+        "gm_mul_iso_gaussian",
+        "iso_gaussian_mul_iso_gaussian",
+        "u_to_x0 (tensor sigma)",
+        "reverse_transition",
+        "gm_posterior_mean (float sigmas)",
+        "gm_logprob",
+        "gm_nll_loss",
+        "gm_nll_loss fwd+bwd",
+        "transition_loss fwd+bwd",
+        "gm_sample",
+        "probabilistic_guidance",
+        "weight_guidance",
+        "mean_cfg",
+        "gm1d_inverse_cdf",
+        "gm_ode_substeps (tensor sigmas)",
+        "gm_sde_step",
+        "GMSDEScheduler.step (probabilistic)",
+        "GMODEScheduler.step (order 2, probabilistic)",
+    ],
+)
 def test_repeated_shape_recomputes_no_launch_plan(op):
     call = host_cost.cases()[op]
     with G.use_backend("triton"), host_cost.stubbed_launches():

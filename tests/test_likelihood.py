@@ -96,7 +96,11 @@ def _check_nll(shape, seed, dtype, dead, per_pixel_std, reduction, target_grad=F
     gm64, y64 = _cast(gm, torch.float64), y.double()  # the reference sees the rounded inputs
     batch, _, _, H, W = shape
     g = torch.Generator().manual_seed(seed)
-    grad = torch.randn((*batch, H, W), generator=g, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    grad = (
+        torch.randn((*batch, H, W), generator=g, dtype=torch.float64)
+        if reduction == "none"
+        else torch.tensor(1.7, dtype=torch.float64)
+    )
 
     ref_loss, ref_grads = _nll_and_grads(R.gm_nll_loss, gm64, y64, grad, reduction, target_grad)
     # the float32 evaluation of the same formula: responsibilities are exp(-q / 2) of sums q that
@@ -159,13 +163,14 @@ def test_nll_gradcheck_float64(per_pixel_std, reduction):
 
 @pytest.mark.usefixtures("torch_backend")
 @settings(max_examples=10)
-@given(c=st.tuples(gm_shapes(max_k=10, max_c=5, max_hw=5), seeds, st.booleans(), st.booleans()),
-       clamp=st.booleans())
+@given(c=st.tuples(gm_shapes(max_k=10, max_c=5, max_hw=5), seeds, st.booleans(), st.booleans()), clamp=st.booleans())
 def test_closed_form_backward_matches_autograd(c, clamp):
     """``reference.gm_nll_loss_backward`` (what the fused backward kernel computes) equals autograd
     of ``reference.gm_nll_loss`` in float64, with and without the istd clamp active."""
     shape, seed, dead, per_pixel_std = c
-    gm = make_gm(shape, seed, dead=dead, per_pixel_std=per_pixel_std, logstd_range=(-12.0, -6.0) if clamp else (-3.0, 1.0))
+    gm = make_gm(
+        shape, seed, dead=dead, per_pixel_std=per_pixel_std, logstd_range=(-12.0, -6.0) if clamp else (-3.0, 1.0)
+    )
     y = make_state(shape, seed)
     leaves = _leaves(gm)
     loss = R.gm_nll_loss(leaves, y, reduction="none")
@@ -270,16 +275,19 @@ _ORDER = r"t_low must be <= t_high \(the transition runs from t_high down to t_l
 
 
 @pytest.mark.usefixtures("torch_backend")
-@pytest.mark.parametrize("t_high, t_low, match", [
-    ([700.0, 1500.0], 10.0, r"t_high must lie in \[0, 1000\]; got values from 700.0 to 1500.0"),
-    ([700.0, float("nan")], 1.0, r"t_high must lie in \[0, 1000\]; got values from nan to nan"),
-    ([700.0, 500.0], [-1.0, 3.0], r"t_low must lie in \[0, 1000\]; got values from -1.0 to 3.0"),
-    ([700.0, 500.0], [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
-    ("(B, 1, 1, 1)", [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
-    ("0-d", [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
-    (300.0, [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
-    ([700.0, 500.0], 600.0, _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
-])
+@pytest.mark.parametrize(
+    "t_high, t_low, match",
+    [
+        ([700.0, 1500.0], 10.0, r"t_high must lie in \[0, 1000\]; got values from 700.0 to 1500.0"),
+        ([700.0, float("nan")], 1.0, r"t_high must lie in \[0, 1000\]; got values from nan to nan"),
+        ([700.0, 500.0], [-1.0, 3.0], r"t_low must lie in \[0, 1000\]; got values from -1.0 to 3.0"),
+        ([700.0, 500.0], [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+        ("(B, 1, 1, 1)", [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+        ("0-d", [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+        (300.0, [100.0, 600.0], _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+        ([700.0, 500.0], 600.0, _ORDER + "; t_low exceeds t_high at 1 of 2 entries"),
+    ],
+)
 @pytest.mark.usefixtures("torch_backend")
 def test_transition_loss_timestep_values_on_the_host(t_high, t_low, match):
     """Per-sample timestep tensors on CPU: the values are read once, and each failing check
@@ -307,14 +315,21 @@ def test_transition_loss_timestep_values_on_a_device(monkeypatch):
     monkeypatch.setattr(_validate, "host_checks_values", lambda t: False)
     shape = ((2,), 3, 2, 2, 2)
     gm_u, x = make_gm(shape, 0), make_state(shape, 0)
-    good = [(torch.tensor([700.0, 500.0]), torch.tensor([100.0, 0.0]).view(2, 1, 1, 1)),
-            (torch.tensor(500.0), torch.tensor([100.0, 500.0])), (800.0, torch.tensor([0.0, 800.0])),
-            (torch.tensor([1000.0, 1.0]), 1.0)]  # fmt: skip
+    good = [
+        (torch.tensor([700.0, 500.0]), torch.tensor([100.0, 0.0]).view(2, 1, 1, 1)),
+        (torch.tensor(500.0), torch.tensor([100.0, 500.0])),
+        (800.0, torch.tensor([0.0, 800.0])),
+        (torch.tensor([1000.0, 1.0]), 1.0),
+    ]
     for t_high, t_low in good:
         G.transition_loss(gm_u, x, t_high, x, t_low)
-    bad = [(torch.tensor([700.0, 1500.0]), 10.0), (500.0, torch.tensor([-1.0, 3.0])),
-           (torch.tensor([700.0, 500.0]), torch.tensor([100.0, 600.0]).view(2, 1, 1, 1)),
-           (torch.tensor([700.0, float("nan")]), torch.tensor([1.0, 1.0])), (300.0, torch.tensor([100.0, 600.0]))]  # fmt: skip
+    bad = [
+        (torch.tensor([700.0, 1500.0]), 10.0),
+        (500.0, torch.tensor([-1.0, 3.0])),
+        (torch.tensor([700.0, 500.0]), torch.tensor([100.0, 600.0]).view(2, 1, 1, 1)),
+        (torch.tensor([700.0, float("nan")]), torch.tensor([1.0, 1.0])),
+        (300.0, torch.tensor([100.0, 600.0])),
+    ]
     for t_high, t_low in bad:
         with pytest.raises(RuntimeError, match=r"t_high and t_low must satisfy 0 <= t_low <= t_high <= 1000"):
             G.transition_loss(gm_u, x, t_high, x, t_low)
@@ -468,12 +483,14 @@ def timestep_pairs(draw, batch):
     """``(t_high, t_low)`` as floats, 0-d tensors, per-sample ``(*B,)`` tensors or ``(*B, 1, 1, 1)``
     tensors (float64), including t_low = t_high, t_low = 0 and close timesteps (where
     ``1 - c1 - c2`` cancels)."""
+
     def one():
         t_high = draw(st.floats(1.0, 999.0))
         t_low = draw(st.sampled_from([0.0, t_high, "close", None]))
         if t_low == "close":
             return t_high, t_high - draw(st.floats(1e-3, 1.0))
         return t_high, draw(st.floats(0.0, t_high)) if t_low is None else t_low
+
     form = draw(st.sampled_from(["float", "0-d", "(*B,)", "(*B, 1, 1, 1)"] if batch else ["float", "0-d"]))
     if form in ("float", "0-d"):
         pair = one()
@@ -525,7 +542,9 @@ def test_transition_loss_matches_reference(c, dtype, reduction, data):
     def run(fn, gm, *args):
         gm = {k: v.detach().clone().requires_grad_() for k, v in gm.items()}
         out = fn(gm, *args, reduction=reduction)
-        return out.detach(), torch.autograd.grad(out, [gm[k] for k in ("means", "logstds", "logweights")], grad.to(out.dtype))
+        return out.detach(), torch.autograd.grad(
+            out, [gm[k] for k in ("means", "logstds", "logweights")], grad.to(out.dtype)
+        )
 
     ref_out, ref_grads = run(R.transition_loss, gm64, xh64, 1000 * s_high, xl64, 1000 * s_low)
     with G.use_backend("triton"):
@@ -582,6 +601,7 @@ def _transition_terms(t_high: torch.Tensor, t_low: torch.Tensor, batch: tuple) -
     in float64 for float64 timesteps). The reverse-transition GM of a u-GM then has means
     ``mscale * means_u + (1 - xres) * x_t_high`` and log-stds
     ``0.5 * logaddexp(2 * logstds_u + A, L)``."""
+
     def sigma(t):
         t = t.reshape(*batch, 1, 1, 1, 1) if t.shape == tuple(batch) else t.expand(*batch, 1, 1, 1).unsqueeze(-4)
         return (t / 1000 if t.dtype == torch.float64 else t.float() / 1000).double()
@@ -630,8 +650,9 @@ def test_transition_map_equals_its_torch_twin(batch, dtypes, data):
     rows = [(t if t.shape == batch else t.expand(*batch, 1, 1, 1)).reshape(-1) for t in (t_high, t_low)]
     got = torch.empty((4, n), dtype=torch.float32)
     if n:
-        _transition_map_probe[(1,)](*rows, logstds, got, n, rows[0].stride(0), rows[1].stride(0),
-                                    BLOCK=lik.next_pow2(n))  # fmt: skip
+        _transition_map_probe[(1,)](
+            *rows, logstds, got, n, rows[0].stride(0), rows[1].stride(0), BLOCK=lik.next_pow2(n)
+        )
     mscale, xres, A, L = (v.reshape(-1) for v in _transition_terms(t_high, t_low, batch))
     v = 2 * logstds.double() + A
     want = torch.stack([mscale, xres, 0.5 * torch.logaddexp(v, L), torch.sigmoid(v - L)]).float()
@@ -786,7 +807,9 @@ def test_degenerate_inputs_in_the_transition_loss_and_the_log_density():
     with G.use_backend("torch"):
         want = G.gm_logprob(gm, samples)
     assert (want[0, :, 1, 2] == -INF).all() and torch.isnan(want[1]).all() and (want[2] == -INF).all()
-    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(got[torch.isinf(want)], want[torch.isinf(want)])
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(
+        got[torch.isinf(want)], want[torch.isinf(want)]
+    )
     finite = torch.isfinite(want)
     assert rel_err(got[finite], want[finite]) < TOL[torch.float32]
 
@@ -818,8 +841,10 @@ def test_nll_custom_ops_opcheck():
     gm = make_gm(shape, 1, dtype=torch.float32, dead=True)
     y = make_state(shape, 1).float()
     gm_args = (gm["means"].requires_grad_(), gm["logstds"].requires_grad_(), gm["logweights"].requires_grad_())
-    transitions = ((y.flip(-1), torch.tensor([700.0, 300.0]), torch.tensor([650.0, 0.0])),
-                   (y.flip(-1), torch.tensor(500.0, dtype=torch.float64), torch.tensor([[[[20.0]]], [[[499.0]]]])))  # fmt: skip
+    transitions = (
+        (y.flip(-1), torch.tensor([700.0, 300.0]), torch.tensor([650.0, 0.0])),
+        (y.flip(-1), torch.tensor(500.0, dtype=torch.float64), torch.tensor([[[[20.0]]], [[[499.0]]]])),
+    )
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     with G.use_backend("triton"):
         for tr in ((None, None, None), *transitions):

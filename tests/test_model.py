@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import gmkernels
-from model.data import Checkerboard, Digits
 from model import evaluate as evaluate_cli
 from model import sample as sample_cli
+from model.data import Checkerboard, Digits
 from model.evaluate import make_denoiser
 from model.metrics import frechet_distance, precision_recall, sliced_w1
-from model.networks import DiTConfig, GMDiT, GMMLP2D, MLP2DConfig, build_network
+from model.networks import GMMLP2D, DiTConfig, GMDiT, MLP2DConfig, build_network
 from model.presets import get_preset
 from model.train import draw_training_pair, load_network, train, training_loss
 
@@ -27,8 +27,18 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-TINY_DIT = dict(K=3, in_channels=1, image_size=8, patch_size=2, hidden=32, depth=1, heads=2, num_classes=10,
-                class_dropout=0.2, logstd_hidden=16)
+TINY_DIT = dict(
+    K=3,
+    in_channels=1,
+    image_size=8,
+    patch_size=2,
+    hidden=32,
+    depth=1,
+    heads=2,
+    num_classes=10,
+    class_dropout=0.2,
+    logstd_hidden=16,
+)
 
 
 def _check_gm(gm: dict, B: int, K: int, C: int, H: int, W: int) -> None:
@@ -80,8 +90,9 @@ def _tiny_cfg(name: str, out, **kw) -> dict:
 
 @pytest.mark.slow  # trains a network for 300 steps
 def test_training_reduces_loss(tmp_path):
-    cfg = _tiny_cfg("checkerboard", tmp_path, steps=300, batch=256, lr=3e-3,
-                    net_cfg=dict(K=8, hidden=64, depth=2, pos_freqs=4))
+    cfg = _tiny_cfg(
+        "checkerboard", tmp_path, steps=300, batch=256, lr=3e-3, net_cfg=dict(K=8, hidden=64, depth=2, pos_freqs=4)
+    )
     x0, y = Checkerboard().sample(2048, torch.Generator().manual_seed(123))
 
     def held_out_loss(net):
@@ -127,11 +138,15 @@ def test_presets_and_overrides():
 
 def test_overrides_reject_typos_and_bad_types():
     """A typo at any depth lists the valid keys; a value of the wrong type names the key."""
-    with pytest.raises(ValueError, match=r"eval of preset 'digits' has no key 'nn'; valid keys: \[.*'k'.*'n_per_class'"):
+    with pytest.raises(
+        ValueError, match=r"eval of preset 'digits' has no key 'nn'; valid keys: \[.*'k'.*'n_per_class'"
+    ):
         get_preset("digits", ["eval.nn=3"])
     with pytest.raises(ValueError, match=r"eval.guidance of preset 'digits' has no key 'prob'"):
         get_preset("digits", ["eval.guidance.prob=[0.1]"])
-    with pytest.raises(ValueError, match=r"net_cfg of preset 'checkerboard' has no key 'KK'; valid keys: \['K', 'depth'"):
+    with pytest.raises(
+        ValueError, match=r"net_cfg of preset 'checkerboard' has no key 'KK'; valid keys: \['K', 'depth'"
+    ):
         get_preset("checkerboard", ["net_cfg.KK=3"])
     with pytest.raises(ValueError, match="'steps' is not a nested config"):
         get_preset("digits", ["steps.x=1"])
@@ -144,7 +159,9 @@ def test_overrides_reject_typos_and_bad_types():
     with pytest.raises(ValueError, match="must look like key=value"):
         get_preset("digits", ["steps"])
     # every field of the network config is settable (not only those the preset lists); ints widen to float
-    cfg = get_preset("digits", ["net_cfg.grad_checkpointing=True", "lr=1", "betas=[0.8,0.9]", "eval.guidance.weight=[2.0]"])
+    cfg = get_preset(
+        "digits", ["net_cfg.grad_checkpointing=True", "lr=1", "betas=[0.8,0.9]", "eval.guidance.weight=[2.0]"]
+    )
     assert cfg["net_cfg"]["grad_checkpointing"] is True and cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
     assert cfg["eval"]["guidance"]["weight"] == [2.0]
 
@@ -152,13 +169,22 @@ def test_overrides_reject_typos_and_bad_types():
 def test_resume_into_another_network_is_rejected(tmp_path):
     kw = dict(steps=1, batch=4, net_cfg=dict(TINY_DIT))
     train(_tiny_cfg("digits", tmp_path, **kw), progress=False)
-    with pytest.raises(ValueError, match=r"holds a run of another network \(net_cfg.K: 3 there, 2 asked\).*another out="):
+    with pytest.raises(
+        ValueError, match=r"holds a run of another network \(net_cfg.K: 3 there, 2 asked\).*another out="
+    ):
         train(_tiny_cfg("digits", tmp_path, steps=2, batch=4, net_cfg=dict(TINY_DIT, K=2)), progress=False)
-    assert train(_tiny_cfg("digits", tmp_path, steps=2, **{k: v for k, v in kw.items() if k != "steps"}), progress=False)["step"] == 2
+    assert (
+        train(_tiny_cfg("digits", tmp_path, steps=2, **{k: v for k, v in kw.items() if k != "steps"}), progress=False)[
+            "step"
+        ]
+        == 2
+    )
 
 
 def test_evaluate_command_line_takes_overrides_before_or_after_checkpoints(tmp_path, capsys):
-    _, args = evaluate_cli.parse_args(["--set", "eval.k=5", "eval.guidance.mean-cfg=[2.0]", "runs/a/ckpt.pt", "--out", "o"])
+    _, args = evaluate_cli.parse_args(
+        ["--set", "eval.k=5", "eval.guidance.mean-cfg=[2.0]", "runs/a/ckpt.pt", "--out", "o"]
+    )
     assert args.checkpoints == ["runs/a/ckpt.pt"] and args.set == ["eval.k=5", "eval.guidance.mean-cfg=[2.0]"]
     _, args = evaluate_cli.parse_args(["a.pt", "b.pt", "--set", "eval.k=5"])
     assert args.checkpoints == ["a.pt", "b.pt"] and args.set == ["eval.k=5"]
@@ -207,7 +233,9 @@ def _sampler_ready() -> bool:
 
 
 @pytest.mark.skipif(not _sampler_ready(), reason="gmkernels.sample still raises NotImplementedError (docs/solvers.md)")
-@pytest.mark.parametrize("guidance,scale", [("probabilistic", 0.0), ("probabilistic", 0.5), ("weight", 2.0), ("mean-cfg", 2.0)])
+@pytest.mark.parametrize(
+    "guidance,scale", [("probabilistic", 0.0), ("probabilistic", 0.5), ("weight", 2.0), ("mean-cfg", 2.0)]
+)
 @pytest.mark.parametrize("solver,order", [("gm-sde", 2), ("gm-ode", 1), ("euler", 1)])
 def test_dit_samples_with_each_guidance_mode(guidance, scale, solver, order):
     torch.manual_seed(0)
@@ -224,8 +252,17 @@ def test_dit_samples_with_each_guidance_mode(guidance, scale, solver, order):
         return out
 
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    x = gmkernels.sample(denoiser, noise, 3, solver=solver, order=order, substeps=2 if solver == "gm-ode" else 1, guidance=guidance,
-                         guidance_scale=scale, generator=torch.Generator().manual_seed(2))
+    x = gmkernels.sample(
+        denoiser,
+        noise,
+        3,
+        solver=solver,
+        order=order,
+        substeps=2 if solver == "gm-ode" else 1,
+        guidance=guidance,
+        guidance_scale=scale,
+        generator=torch.Generator().manual_seed(2),
+    )
     assert x.shape == noise.shape and x.isfinite().all()
     assert len(calls) == 3
     assert float(calls[0].max()) == pytest.approx(1000.0)
@@ -268,8 +305,19 @@ def test_digits_evaluation_end_to_end(tmp_path):
     """The digits evaluation on a tiny checkpoint with small settings: FD and mean ± std over seeds
     reach the tables, and an NFE list without 2, 8 or 32 still draws its grid."""
     ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
-    evaluate_cli.main([ckpt, "--out", str(tmp_path / "ev"), "--set", "eval.n_per_class=3", "eval.n_seeds=2", "eval.nfe=[1]",
-                       "eval.ode_substeps=2", 'eval.guidance={"probabilistic": [0.3], "mean-cfg": [1.5]}'])
+    evaluate_cli.main(
+        [
+            ckpt,
+            "--out",
+            str(tmp_path / "ev"),
+            "--set",
+            "eval.n_per_class=3",
+            "eval.n_seeds=2",
+            "eval.nfe=[1]",
+            "eval.ode_substeps=2",
+            'eval.guidance={"probabilistic": [0.3], "mean-cfg": [1.5]}',
+        ]
+    )
     md = (tmp_path / "ev" / "results.md").read_text()
     assert "| FD |" in md and "mean ± std over 2 noise seeds (1, 2)" in md and " ± " in md.split("#### guidance")[1]
     assert "lowest-FD probabilistic guidance" in md

@@ -25,8 +25,22 @@ def _running_packages() -> list[str]:
 @pytest.mark.slow
 def test_editable_install_imports_from_the_checkouts_parent(tmp_path):
     checkout = tmp_path / "gmkernels"
-    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "runs", "bench-out", "build", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache", "*.pt"))
+    shutil.copytree(
+        ROOT,
+        checkout,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "runs",
+            "bench-out",
+            "build",
+            "*.egg-info",
+            "__pycache__",
+            ".hypothesis",
+            ".pytest_cache",
+            "*.pt",
+        ),
+    )
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -34,12 +48,21 @@ def test_editable_install_imports_from_the_checkouts_parent(tmp_path):
     # downloaded: its package folders as plain path lines (their own .pth files, e.g. this
     # checkout's editable install, are not processed). `venv --system-site-packages` would give
     # the base interpreter's packages, not a running virtualenv's.
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(site, "zz_running_interpreter.pth").write_text("\n".join(_running_packages()) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    res = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(checkout)],
-                         cwd=checkout, env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(checkout)],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     code = "import gmkernels; print(gmkernels.__file__); gmkernels.sample"
     for cwd in (tmp_path, checkout, tmp_path / "venv"):

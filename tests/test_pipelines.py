@@ -12,14 +12,21 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
 import gmkernels  # noqa: E402
 from gmkernels.models import GMDiTTransformer2DModel, SpectrumMLP  # noqa: E402
 from gmkernels.pipelines import FlowEulerODEScheduler, GMDiTPipeline, GMFlowSDEScheduler  # noqa: E402
 from gmkernels.schedulers import GMTensorStepScheduler  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 from tests.gmflow_checkpoint import (  # noqa: E402
-    SPECTRUM, official_forward, random_state, transformer_config, transformer_shapes, write_checkpoint)
+    SPECTRUM,
+    official_forward,
+    random_state,
+    transformer_config,
+    transformer_shapes,
+    write_checkpoint,
+)
 from tests.strategies import rel_err, seeds  # noqa: E402
 
 
@@ -86,14 +93,34 @@ def test_transformer_matches_independent_forward(ckpt, pipe):
 
 
 @settings(max_examples=10)
-@given(K=st.integers(1, 5), patch=st.sampled_from([1, 2]), grid=st.integers(1, 4), heads=st.integers(1, 3),
-       head_dim=st.sampled_from([4, 8, 12]), layers=st.integers(1, 2), C=st.integers(1, 4), B=st.integers(1, 3),
-       logstd=st.sampled_from([None, -1.5]), logstd_layers=st.integers(1, 3), seed=seeds)
-def test_transformer_matches_independent_forward_on_drawn_configs(K, patch, grid, heads, head_dim, layers, C, B, logstd,
-                                                                   logstd_layers, seed):
-    cfg = transformer_config(num_gaussians=K, patch_size=patch, sample_size=grid * patch, num_attention_heads=heads,
-                             attention_head_dim=head_dim, num_layers=layers, in_channels=C, constant_logstd=logstd,
-                             gm_num_logstd_layers=logstd_layers, logstd_inner_dim=5)
+@given(
+    K=st.integers(1, 5),
+    patch=st.sampled_from([1, 2]),
+    grid=st.integers(1, 4),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([4, 8, 12]),
+    layers=st.integers(1, 2),
+    C=st.integers(1, 4),
+    B=st.integers(1, 3),
+    logstd=st.sampled_from([None, -1.5]),
+    logstd_layers=st.integers(1, 3),
+    seed=seeds,
+)
+def test_transformer_matches_independent_forward_on_drawn_configs(
+    K, patch, grid, heads, head_dim, layers, C, B, logstd, logstd_layers, seed
+):
+    cfg = transformer_config(
+        num_gaussians=K,
+        patch_size=patch,
+        sample_size=grid * patch,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        num_layers=layers,
+        in_channels=C,
+        constant_logstd=logstd,
+        gm_num_logstd_layers=logstd_layers,
+        logstd_inner_dim=5,
+    )
     g = torch.Generator().manual_seed(seed)
     state = random_state(transformer_shapes(cfg), g)
     model = GMDiTTransformer2DModel.from_config(cfg).eval()
@@ -124,8 +151,14 @@ def test_pipeline_images_and_latents(pipe, output_mode, substeps):
 
 @pytest.mark.parametrize("output_mode,substeps", [("mean", 2), ("sample", 1)])
 def test_same_seed_same_images(pipe, output_mode, substeps):
-    kw = dict(num_inference_steps=2, num_inference_substeps=substeps, output_mode=output_mode, output_type="pt",
-              progress=False, guidance_scale=0.3)
+    kw = dict(
+        num_inference_steps=2,
+        num_inference_substeps=substeps,
+        output_mode=output_mode,
+        output_type="pt",
+        progress=False,
+        guidance_scale=0.3,
+    )
     a = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
     b = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
     c = pipe([1, 4], generator=torch.manual_seed(6), **kw).images
@@ -137,8 +170,15 @@ def test_pipeline_runs_the_gmkernels_sampler(pipe):
     """FlowEulerODEScheduler with "mean" is gmkernels.sample(solver="gm-ode") on the transformer,
     guided by the null class."""
     B, labels = 2, torch.tensor([3, 5])
-    out = with_scheduler(pipe, FlowEulerODEScheduler.from_config(pipe.scheduler.config))(labels.tolist(), guidance_scale=0.4, generator=torch.manual_seed(2), num_inference_steps=2,
-               num_inference_substeps=3, output_type="latent", progress=False).images
+    out = with_scheduler(pipe, FlowEulerODEScheduler.from_config(pipe.scheduler.config))(
+        labels.tolist(),
+        guidance_scale=0.4,
+        generator=torch.manual_seed(2),
+        num_inference_steps=2,
+        num_inference_substeps=3,
+        output_type="latent",
+        progress=False,
+    ).images
     noise = torch.randn(B, 4, 8, 8, generator=torch.manual_seed(2))
     null = torch.full_like(labels, 10)
 
@@ -155,13 +195,27 @@ def test_sample_mode_without_spectrum_net_is_gm_sde(ckpt):
     """Without a spectrum network "sample" mode is gmkernels.sample(solver="gm-sde"), the generator
     drawing the noise and then every step."""
     pipe = GMDiTPipeline.from_pretrained(ckpt[0], spectrum_net=None)
-    out = pipe([6], guidance_scale=0.0, generator=torch.manual_seed(4), num_inference_steps=3, num_inference_substeps=1,
-               output_mode="sample", output_type="latent", progress=False).images
+    out = pipe(
+        [6],
+        guidance_scale=0.0,
+        generator=torch.manual_seed(4),
+        num_inference_steps=3,
+        num_inference_substeps=1,
+        output_mode="sample",
+        output_type="latent",
+        progress=False,
+    ).images
     g = torch.manual_seed(4)
     noise = torch.randn(1, 4, 8, 8, generator=g)
     with torch.no_grad():
-        ref = gmkernels.sample(lambda x, t: pipe.transformer(x, timestep=t, class_labels=torch.tensor([6])), noise, 3,
-                               solver="gm-sde", order=2, generator=g)
+        ref = gmkernels.sample(
+            lambda x, t: pipe.transformer(x, timestep=t, class_labels=torch.tensor([6])),
+            noise,
+            3,
+            solver="gm-sde",
+            order=2,
+            generator=g,
+        )
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
@@ -182,8 +236,15 @@ def test_bf16_variant(ckpt):
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, ckpt[1]["transformer"][k].to(torch.bfloat16)), k
     for mode, n in (("mean", 2), ("sample", 1)):
-        images = pipe([0, 9], generator=torch.manual_seed(0), num_inference_steps=2, num_inference_substeps=n,
-                      output_mode=mode, output_type="pt", progress=False).images
+        images = pipe(
+            [0, 9],
+            generator=torch.manual_seed(0),
+            num_inference_steps=2,
+            num_inference_substeps=n,
+            output_mode=mode,
+            output_type="pt",
+            progress=False,
+        ).images
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
@@ -212,7 +273,9 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, again.transformer.state_dict()[k])
     public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    assert type(again.scheduler) is type(pipe.scheduler) and public(again.scheduler.config) == public(pipe.scheduler.config)
+    assert type(again.scheduler) is type(pipe.scheduler) and public(again.scheduler.config) == public(
+        pipe.scheduler.config
+    )
 
 
 def test_bad_arguments(pipe, ckpt, tmp_path):
@@ -264,15 +327,26 @@ def test_bad_arguments_name_what_to_pass(pipe, tmp_path):
         GMDiTPipeline.from_pretrained("./missing")
 
 
-@pytest.mark.parametrize("scheduler,output_mode,substeps", [
-    (FlowEulerODEScheduler(), "mean", 2), (GMFlowSDEScheduler(), "sample", 1), (GMFlowSDEScheduler(), "mean", 2),
-])
+@pytest.mark.parametrize(
+    "scheduler,output_mode,substeps",
+    [
+        (FlowEulerODEScheduler(), "mean", 2),
+        (GMFlowSDEScheduler(), "sample", 1),
+        (GMFlowSDEScheduler(), "mean", 2),
+    ],
+)
 def test_generator_list_one_per_sample(pipe, scheduler, output_mode, substeps):
     """As in diffusers: with one generator per sample, sample i of a batched call is the image a
     call with [generator i] alone gives (up to the network's batched arithmetic)."""
     p = with_scheduler(pipe, scheduler)
-    kw = dict(num_inference_steps=2, num_inference_substeps=substeps, output_mode=output_mode, output_type="latent",
-              progress=False, guidance_scale=0.3)
+    kw = dict(
+        num_inference_steps=2,
+        num_inference_substeps=substeps,
+        output_mode=output_mode,
+        output_type="latent",
+        progress=False,
+        guidance_scale=0.3,
+    )
     gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
     both = p([1, 4], generator=[gen(1), gen(2)], **kw).images
     alone = [p([label], generator=[gen(seed)], **kw).images for label, seed in ((1, 1), (4, 2))]
@@ -291,12 +365,20 @@ def test_scheduler_swaps_as_with_the_official_pipeline(pipe):
     assert isinstance(p.scheduler, GMFlowSDEScheduler) and p.scheduler.config.output_mode == "mean"
     assert p.scheduler.config.shift == 2.0
     labels = torch.tensor([3, 5])
-    out = p(labels.tolist(), guidance_scale=0.4, generator=torch.manual_seed(2), num_inference_steps=2,
-            num_inference_substeps=3, output_type="latent", progress=False).images
+    out = p(
+        labels.tolist(),
+        guidance_scale=0.4,
+        generator=torch.manual_seed(2),
+        num_inference_steps=2,
+        num_inference_substeps=3,
+        output_type="latent",
+        progress=False,
+    ).images
     g = torch.manual_seed(2)
     x = torch.randn(2, 4, 8, 8, generator=g)
-    sched = GMTensorStepScheduler(GMFlowSDEScheduler(shift=2.0, output_mode="mean"), "mean", order=2,
-                                  guidance_scale=0.4)
+    sched = GMTensorStepScheduler(
+        GMFlowSDEScheduler(shift=2.0, output_mode="mean"), "mean", order=2, guidance_scale=0.4
+    )
     sched.set_timesteps(2, 3)
     null = torch.full_like(labels, 10)
     with torch.no_grad():
@@ -305,8 +387,18 @@ def test_scheduler_swaps_as_with_the_official_pipeline(pipe):
             x = sched.step(({k: v[:2] for k, v in gm.items()}, {k: v[2:] for k, v in gm.items()}), t, x, generator=g)
     torch.testing.assert_close(out, x, rtol=0, atol=0)
     p.scheduler = FlowEulerODEScheduler.from_config(p.scheduler.config)  # back to GM-ODE: other latents
-    assert not torch.allclose(out, p([3, 5], guidance_scale=0.4, generator=torch.manual_seed(2), num_inference_steps=2,
-                                     num_inference_substeps=3, output_type="latent", progress=False).images)
+    assert not torch.allclose(
+        out,
+        p(
+            [3, 5],
+            guidance_scale=0.4,
+            generator=torch.manual_seed(2),
+            num_inference_steps=2,
+            num_inference_substeps=3,
+            output_type="latent",
+            progress=False,
+        ).images,
+    )
 
 
 def test_spectrum_mlp_crops_to_small_latents():
@@ -327,8 +419,22 @@ def test_bench_pipeline_suite(tmp_path, capsys):
     from gmkernels_bench.__main__ import main
 
     out = tmp_path / "out"
-    argv = ["--suite", "pipeline", "--pipeline-model", "tiny", "--pipeline-steps", "1,2", "--pipeline-batch", "2",
-            "--quick", "--no-progress", "--threads", "1", "--out", str(out)]
+    argv = [
+        "--suite",
+        "pipeline",
+        "--pipeline-model",
+        "tiny",
+        "--pipeline-steps",
+        "1,2",
+        "--pipeline-batch",
+        "2",
+        "--quick",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     with open(out / "results.json") as f:
         recs = json.load(f)["records"]
@@ -351,8 +457,16 @@ def test_model_trains_the_pipeline_network(tmp_path):
     from model.presets import get_preset
     from model.train import call_net
 
-    cfg = get_preset("imagenet-xl2", ["net_cfg.num_layers=2", "net_cfg.num_attention_heads=2",
-                                      "net_cfg.attention_head_dim=8", "net_cfg.sample_size=8", "net_cfg.logstd_inner_dim=16"])
+    cfg = get_preset(
+        "imagenet-xl2",
+        [
+            "net_cfg.num_layers=2",
+            "net_cfg.num_attention_heads=2",
+            "net_cfg.attention_head_dim=8",
+            "net_cfg.sample_size=8",
+            "net_cfg.logstd_inner_dim=16",
+        ],
+    )
     net = build_network(cfg["net"], cfg["net_cfg"]).train()
     assert isinstance(net, GMDiTOfficial) and isinstance(net.transformer, GMDiTTransformer2DModel)
     assert net.transformer.gradient_checkpointing

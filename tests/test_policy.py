@@ -60,8 +60,11 @@ def exact_posterior(means, var, lw, x, sigma):
 def u_gm_of(gm_x0, x, sigma):
     """Op 5 inverted: the u-GM whose x0-GM at ``(x, sigma)`` is ``gm_x0``."""
     s = sigma.view(-1, 1, 1, 1, 1)
-    return {"means": (x.unsqueeze(1) - gm_x0["means"]) / s, "logstds": gm_x0["logstds"] - torch.log(s),
-            "logweights": gm_x0["logweights"]}
+    return {
+        "means": (x.unsqueeze(1) - gm_x0["means"]) / s,
+        "logstds": gm_x0["logstds"] - torch.log(s),
+        "logweights": gm_x0["logweights"],
+    }
 
 
 @pytest.fixture
@@ -71,7 +74,9 @@ def oracle():
     g = torch.Generator().manual_seed(1)
     sigma_src = torch.tensor([0.9, 0.6, 0.35], dtype=torch.float64)
     x0 = means[:, 0] + var.sqrt().view(-1, 1, 1, 1) * torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
-    x_src = (1 - sigma_src).view(-1, 1, 1, 1) * x0 + sigma_src.view(-1, 1, 1, 1) * torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    x_src = (1 - sigma_src).view(-1, 1, 1, 1) * x0 + sigma_src.view(-1, 1, 1, 1) * torch.randn(
+        B, C, H, W, generator=g, dtype=torch.float64
+    )
     gm_x0 = exact_posterior(means, var, lw, x_src, sigma_src)
     return means, var, lw, x_src, sigma_src, gm_x0
 
@@ -142,7 +147,9 @@ def test_per_sample_substep_counts():
     assert rel_err(x_end, x_ll) < 1e-12 and torch.allclose(sigma_end, s_ll)
     for b in range(3):
         one = GMFlowPolicy({k: v[b : b + 1] for k, v in gm.items()}, x[b : b + 1], sigma_src[b : b + 1])
-        xb, _, _ = one.integrate(x[b : b + 1], sig0[b : b + 1], r0[b : b + 1], r1[b : b + 1], shift=2.0, total_substeps=16)
+        xb, _, _ = one.integrate(
+            x[b : b + 1], sig0[b : b + 1], r0[b : b + 1], r1[b : b + 1], shift=2.0, total_substeps=16
+        )
         assert rel_err(x_end[b : b + 1], xb) < 1e-12
 
 
@@ -165,8 +172,15 @@ def test_temperature_semantics():
     assert torch.allclose(hot.gm_vars, policy.gm_vars * 0.5)
     assert hot.temperature(1.0).logweights is hot.logweights  # T >= 1: unchanged
     sig = torch.tensor([0.5, 0.3], dtype=torch.float64)
-    want = ref.policy_pi(gm["means"], policy.gm_vars * 0.5, torch.log_softmax(gm["logweights"] / 0.5, 1), x,
-                         policy.sigma_src, x * 0.9, sig)
+    want = ref.policy_pi(
+        gm["means"],
+        policy.gm_vars * 0.5,
+        torch.log_softmax(gm["logweights"] / 0.5, 1),
+        x,
+        policy.sigma_src,
+        x * 0.9,
+        sig,
+    )
     assert rel_err(hot.pi(x * 0.9, sig), want) < 1e-12
     with pytest.raises(ValueError, match="temperature"):
         policy.temperature(0.0)
@@ -209,7 +223,11 @@ def test_copy_and_detach():
 class NoHostReads(TorchDispatchMode):
     """Fails on any op that reads a tensor value on the host."""
 
-    FORBIDDEN = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default, torch.ops.aten.is_nonzero.default)
+    FORBIDDEN = (
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.item.default,
+        torch.ops.aten.is_nonzero.default,
+    )
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in self.FORBIDDEN:
@@ -235,8 +253,11 @@ def test_no_host_reads_in_integrate():
 def test_video_shapes_equal_flattened_frames():
     B, K, C, T, H, W = 2, 3, 2, 3, 2, 2
     gm5 = make_gm(((B,), K, C, T * H, W), 9)
-    gm6 = {"means": gm5["means"].reshape(B, K, C, T, H, W), "logstds": gm5["logstds"].reshape(B, 1, 1, 1, 1, 1),
-           "logweights": gm5["logweights"].reshape(B, K, 1, T, H, W)}
+    gm6 = {
+        "means": gm5["means"].reshape(B, K, C, T, H, W),
+        "logstds": gm5["logstds"].reshape(B, 1, 1, 1, 1, 1),
+        "logweights": gm5["logweights"].reshape(B, K, 1, T, H, W),
+    }
     x5 = make_state(((B,), K, C, T * H, W), 9)
     x6 = x5.reshape(B, C, T, H, W)
     r0, r1 = torch.tensor([0.8, 0.6], dtype=torch.float64), torch.tensor([0.1, 0.2], dtype=torch.float64)
@@ -266,7 +287,11 @@ def test_gradcheck_torch_path():
         (lambda gm, x: GMFlowPolicy({"means": gm["means"]}, x, 0.5), TypeError, "gm_u"),
         (lambda gm, x: GMFlowPolicy({**gm, "means": gm["means"][0]}, x, 0.5), ValueError, "gm_u\\['means'\\]"),
         (lambda gm, x: GMFlowPolicy({**gm, "logweights": gm["logweights"][:, :2]}, x, 0.5), ValueError, "logweights"),
-        (lambda gm, x: GMFlowPolicy({**gm, "logstds": gm["logstds"].expand(2, 1, 1, 3, 2)}, x, 0.5), ValueError, "logstds"),
+        (
+            lambda gm, x: GMFlowPolicy({**gm, "logstds": gm["logstds"].expand(2, 1, 1, 3, 2)}, x, 0.5),
+            ValueError,
+            "logstds",
+        ),
         (lambda gm, x: GMFlowPolicy(gm, x[:, :1], 0.5), ValueError, "x_src"),
         (lambda gm, x: GMFlowPolicy(gm, x.long(), 0.5), TypeError, "x_src"),
         (lambda gm, x: GMFlowPolicy(gm, x, 1.5), ValueError, "sigma_src"),
@@ -274,7 +299,11 @@ def test_gradcheck_torch_path():
         (lambda gm, x: GMFlowPolicy(gm, x, torch.tensor([0.5, 1.5], dtype=torch.float64)), RuntimeError, "sigma_src"),
         (lambda gm, x: GMFlowPolicy(gm, x, 0.5).pi(x[..., :1], 0.5), ValueError, "x must have shape"),
         (lambda gm, x: GMFlowPolicy(gm, x, 0.5).integrate(x, 0.5, 0.2, 0.4), RuntimeError, "raw_t_end must not exceed"),
-        (lambda gm, x: GMFlowPolicy(gm, x, 0.5).integrate(x, 0.5, 0.5, 0.0, total_substeps=0), ValueError, "total_substeps"),
+        (
+            lambda gm, x: GMFlowPolicy(gm, x, 0.5).integrate(x, 0.5, 0.5, 0.0, total_substeps=0),
+            ValueError,
+            "total_substeps",
+        ),
         (lambda gm, x: GMFlowPolicy(gm, x, 0.5).integrate(x, 0.5, 0.5, 0.0, shift=0.0), ValueError, "shift"),
         (lambda gm, x: GMFlowPolicy(gm, x, 0.5).integrate(x, 0.5, 0.5, -0.1), ValueError, "raw_t_end"),
     ],
@@ -352,7 +381,12 @@ def cases(draw, max_k=12, max_c=5, max_hw=4):
 def build(shape, seed, dtype, dead, sig_src):
     gm = make_gm(shape, seed, dtype=dtype, dead=dead, logstd_range=(-2.0, 0.5))
     x = make_state(shape, seed, dtype=dtype)
-    return gm, x, GMFlowPolicy(gm, x, sig_src), GMFlowPolicy({k: v.double() for k, v in gm.items()}, x.double(), sig_src.double())
+    return (
+        gm,
+        x,
+        GMFlowPolicy(gm, x, sig_src),
+        GMFlowPolicy({k: v.double() for k, v in gm.items()}, x.double(), sig_src.double()),
+    )
 
 
 def streamed(enabled: bool):
@@ -365,8 +399,14 @@ def streamed(enabled: bool):
 
 @pytest.mark.triton
 @settings(max_examples=25)
-@given(shape=cases(), seed=seeds, dtype=st.sampled_from([torch.float32, torch.bfloat16]), dead=st.booleans(),
-       frac=st.floats(0.05, 1.0), big_k=st.booleans())
+@given(
+    shape=cases(),
+    seed=seeds,
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dead=st.booleans(),
+    frac=st.floats(0.05, 1.0),
+    big_k=st.booleans(),
+)
 def test_pi_kernel_matches_reference(shape, seed, dtype, dead, frac, big_k):
     """``sigma`` from 5% of ``sigma_src`` up: ``u = (x - x0_hat) / sigma`` amplifies the rounding of
     ``x0_hat`` by ``|x| / (sigma |u|)``, so near ``sigma = 0`` no float32 evaluation can keep a
@@ -394,8 +434,16 @@ def test_pi_kernel_matches_reference(shape, seed, dtype, dead, frac, big_k):
 
 @pytest.mark.triton
 @settings(max_examples=25)
-@given(shape=cases(), seed=seeds, dtype=st.sampled_from([torch.float32, torch.bfloat16]), dead=st.booleans(),
-       n=st.integers(1, 10), shift=st.sampled_from([1.0, 3.0]), stream=st.booleans(), temp=st.sampled_from([1.0, 0.7]))
+@given(
+    shape=cases(),
+    seed=seeds,
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dead=st.booleans(),
+    n=st.integers(1, 10),
+    shift=st.sampled_from([1.0, 3.0]),
+    stream=st.booleans(),
+    temp=st.sampled_from([1.0, 0.7]),
+)
 def test_rollout_kernel_matches_reference(shape, seed, dtype, dead, n, shift, stream, temp):
     B = shape[0][0]
     g = torch.Generator().manual_seed(seed)
@@ -404,7 +452,9 @@ def test_rollout_kernel_matches_reference(shape, seed, dtype, dead, n, shift, st
     sig0 = shift * r0 / (1 + (shift - 1) * r0)
     gm, x, pol, pol64 = build(shape, seed, dtype, dead, sig0)
     pol, pol64 = pol.temperature(temp), pol64.temperature(temp)
-    want, s_want, _ = pol64.integrate(x.double(), sig0.double(), r0.double(), r1.double(), shift=shift, total_substeps=n)
+    want, s_want, _ = pol64.integrate(
+        x.double(), sig0.double(), r0.double(), r1.double(), shift=shift, total_substeps=n
+    )
     with gmkernels.use_backend("triton"), streamed(stream):
         got, s_got, t_got = pol.integrate(x, sig0, r0, r1, shift=shift, total_substeps=n)
     assert got.dtype == dtype and torch.isfinite(got).all()
@@ -545,8 +595,9 @@ def test_policy_custom_ops_opcheck():
         g = torch.randn_like(x)
         torch.library.opcheck(torch.ops.gmkernels.policy_pi_backward, (g, *plain, sigma, 1e-6), test_utils=utils[:2])
         _, ck = ops._launch_rollout(*plain, sigmas, 1e-6, True)
-        torch.library.opcheck(torch.ops.gmkernels.policy_rollout_backward, (g, *plain, sigmas, ck, 1e-6),
-                              test_utils=utils[:2])  # fmt: skip
+        torch.library.opcheck(
+            torch.ops.gmkernels.policy_rollout_backward, (g, *plain, sigmas, ck, 1e-6), test_utils=utils[:2]
+        )
 
 
 @pytest.mark.triton
@@ -568,7 +619,9 @@ def test_policy_compiles_with_fullgraph_forward_and_backward():
         return pol.integrate(x, sigma_src, sigma_src, sigma_src * 0.3, shift=2.0, total_substeps=6)[0]
 
     def value_and_grads(fn):
-        leaves = [gm[k].clone().requires_grad_() for k in ("means", "logstds", "logweights")] + [x.clone().requires_grad_()]
+        leaves = [gm[k].clone().requires_grad_() for k in ("means", "logstds", "logweights")] + [
+            x.clone().requires_grad_()
+        ]
         out = fn(*leaves)
         return out.detach(), *torch.autograd.grad(out.square().sum(), leaves)
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 import gmkernels
 import reference
 from gmkernels.ops import posterior
-from tests.strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
 from reference.posterior import transfer_gaussian
+from tests.strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
 from tests.test_mixture import as_f64, cast_gm, relayout
 from tests.test_mixture import small_blocks as moments_small_blocks
 

@@ -132,7 +132,11 @@ def test_int64_offsets():
     gm = make_gm(((2,), 5, 3, 2, 3), 17, dead=True)
     gauss = cast_gm(make_gaussian(gm, 18, 1.0, per_pixel=True), torch.float32)
     gm = cast_gm(gm, torch.float32, "sliced")
-    with gmkernels.use_backend("triton"), small_blocks(True), mock.patch.object(product, "needs_int64", lambda *t: True):
+    with (
+        gmkernels.use_backend("triton"),
+        small_blocks(True),
+        mock.patch.object(product, "needs_int64", lambda *t: True),
+    ):
         out = gmkernels.gm_mul_iso_gaussian(gm, gauss)
         iso = gmkernels.iso_gaussian_mul_iso_gaussian(gauss, gauss, 1.0, 0.5)
     ref = reference.gm_mul_iso_gaussian(as_f64(gm), as_f64(gauss))
@@ -162,7 +166,9 @@ def test_torch_compile_fullgraph_gives_the_eager_values():
     gauss = cast_gm(make_gaussian(gm, 8, 1.0, per_pixel=True), torch.float32)
 
     def step(gm, gauss):
-        out = gmkernels.gm_mul_iso_gaussian(gm, gmkernels.iso_gaussian_mul_iso_gaussian(gauss, gauss, 1.0, 0.5), 1.0, 0.7)
+        out = gmkernels.gm_mul_iso_gaussian(
+            gm, gmkernels.iso_gaussian_mul_iso_gaussian(gauss, gauss, 1.0, 0.5), 1.0, 0.7
+        )
         return out["means"], out["logstds"], out["logweights"]
 
     with gmkernels.use_backend("triton"):
@@ -227,8 +233,12 @@ def test_infinite_variance_gives_the_other_gaussian(backend, powers):
     with gmkernels.use_backend(backend):
         one = gmkernels.iso_gaussian_mul_iso_gaussian(g1, g2, p1, p2)
         other = gmkernels.iso_gaussian_mul_iso_gaussian(g2, g1, p2, p1)
-        both = gmkernels.iso_gaussian_mul_iso_gaussian({**g1, "var": torch.full_like(g2["var"], float("inf"))},
-                                                       {**g2, "var": torch.full_like(g2["var"], float("inf"))}, p1, p2)  # fmt: skip
+        both = gmkernels.iso_gaussian_mul_iso_gaussian(
+            {**g1, "var": torch.full_like(g2["var"], float("inf"))},
+            {**g2, "var": torch.full_like(g2["var"], float("inf"))},
+            p1,
+            p2,
+        )
     at = inf1.expand_as(g1["mean"])
     v2 = g2["var"].expand_as(g1["var"])
     for out in (one, other):
@@ -284,18 +294,33 @@ def test_all_dead_pixel_gives_nan_logweights(backend, tiny):
 @pytest.mark.parametrize(
     "gaussian, exc, pattern",
     [
-        ({"mean": torch.zeros(2, 3, 1, 2)}, ValueError,
-         r"^gaussian is missing key 'var' \(got keys \['mean'\]\); a Gaussian is \{mean, var\}$"),
-        ({"var": torch.ones(2, 1, 1, 1), "logstd": torch.zeros(2, 1, 1, 1)}, ValueError,
-         r"^gaussian is missing key 'mean' \(got keys \['var', 'logstd'\]\)"),
-        (make_gm(((2,), 3, 3, 1, 2), 0), ValueError,
-         r"^gaussian looks like a GM \(keys means, logstds, logweights\); pass a Gaussian \{mean, var\}"),
-        (torch.zeros(2, 3, 1, 2), TypeError, r"^gaussian must be a dict \{mean, var\}.*got Tensor of shape \(2, 3, 1, 2\)"),
+        (
+            {"mean": torch.zeros(2, 3, 1, 2)},
+            ValueError,
+            r"^gaussian is missing key 'var' \(got keys \['mean'\]\); a Gaussian is \{mean, var\}$",
+        ),
+        (
+            {"var": torch.ones(2, 1, 1, 1), "logstd": torch.zeros(2, 1, 1, 1)},
+            ValueError,
+            r"^gaussian is missing key 'mean' \(got keys \['var', 'logstd'\]\)",
+        ),
+        (
+            make_gm(((2,), 3, 3, 1, 2), 0),
+            ValueError,
+            r"^gaussian looks like a GM \(keys means, logstds, logweights\); pass a Gaussian \{mean, var\}",
+        ),
+        (
+            torch.zeros(2, 3, 1, 2),
+            TypeError,
+            r"^gaussian must be a dict \{mean, var\}.*got Tensor of shape \(2, 3, 1, 2\)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_gaussian_names_what_it_got(gaussian, exc, pattern):
     gm = make_gm(((2,), 3, 3, 1, 2), 0)
     with pytest.raises(exc, match=pattern):
         gmkernels.gm_mul_iso_gaussian(gm, gaussian)
     with pytest.raises(exc, match=pattern.replace("gaussian", "g2", 1)):
-        gmkernels.iso_gaussian_mul_iso_gaussian({"mean": torch.zeros(2, 3, 1, 2), "var": torch.ones(2, 1, 1, 1)}, gaussian)
+        gmkernels.iso_gaussian_mul_iso_gaussian(
+            {"mean": torch.zeros(2, 3, 1, 2), "var": torch.ones(2, 1, 1, 1)}, gaussian
+        )

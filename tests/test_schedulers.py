@@ -86,7 +86,10 @@ def run_contract(cls, shift: float, n: int, prediction: str, **modes) -> float:
 
 CONFIGS = [(OS.FlowEulerODEScheduler, {}, shift, n, p) for shift in SHIFTS for n in STEPS for p in PREDICTIONS] + [
     (OS.GMFlowSDEScheduler, {"output_mode": o, "variance_mode": v}, shift, n, p)
-    for o, v in SDE_MODES for shift in SHIFTS for n in STEPS for p in PREDICTIONS
+    for o, v in SDE_MODES
+    for shift in SHIFTS
+    for n in STEPS
+    for p in PREDICTIONS
 ]
 
 
@@ -106,16 +109,29 @@ def test_numbers_equal_the_official_formulas(cls, modes, shift, n, prediction):
 
 def test_signatures_are_the_official_ones():
     def positional(f):
-        return [(p.name, p.default) for p in inspect.signature(f).parameters.values()
-                if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"]
+        return [
+            (p.name, p.default)
+            for p in inspect.signature(f).parameters.values()
+            if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"
+        ]
 
     ode, sde = OS.FlowEulerODEScheduler, OS.GMFlowSDEScheduler
     assert positional(ode.__init__) == [("num_train_timesteps", 1000), ("shift", 1.0)]
-    assert positional(sde.__init__) == [("num_train_timesteps", 1000), ("shift", 1.0), ("output_mode", "sample"),
-                                        ("variance_mode", "large")]
-    step = [("model_output", inspect.Parameter.empty), ("timestep", inspect.Parameter.empty),
-            ("sample", inspect.Parameter.empty), ("generator", None), ("return_dict", True), ("prediction_type", "u"),
-            ("eps", 1e-6)]
+    assert positional(sde.__init__) == [
+        ("num_train_timesteps", 1000),
+        ("shift", 1.0),
+        ("output_mode", "sample"),
+        ("variance_mode", "large"),
+    ]
+    step = [
+        ("model_output", inspect.Parameter.empty),
+        ("timestep", inspect.Parameter.empty),
+        ("sample", inspect.Parameter.empty),
+        ("generator", None),
+        ("return_dict", True),
+        ("prediction_type", "u"),
+        ("eps", 1e-6),
+    ]
     for cls in (ode, sde):
         assert positional(cls.step) == step
         assert positional(cls.set_timesteps) == [("num_inference_steps", inspect.Parameter.empty), ("device", None)]
@@ -129,7 +145,9 @@ def test_config_keys_and_the_official_calls():
     sde = OS.GMFlowSDEScheduler(1000, 3.0, "mean", "small")
     assert (sde.config.shift, sde.config.output_mode, sde.config.variance_mode) == (3.0, "mean", "small")
     swapped = OS.GMFlowSDEScheduler.from_config(OS.FlowEulerODEScheduler(shift=2.0).config, output_mode="mean")
-    assert swapped.config.shift == 2.0 and swapped.config.output_mode == "mean" and swapped.config.variance_mode == "large"
+    assert (
+        swapped.config.shift == 2.0 and swapped.config.output_mode == "mean" and swapped.config.variance_mode == "large"
+    )
     sde.set_timesteps(4, "cpu")
     x, out = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
     with pytest.raises(ValueError, match="integer"):
@@ -152,8 +170,11 @@ def test_dynamic_shifting_by_keyword():
         sched = OS.FlowEulerODEScheduler(use_dynamic_shifting=True, dynamic_shifting_type=kind)
         sched.set_timesteps(4, seq_len=1024)
         shift = sched.get_shift(1024)
-        want = math.exp(0.5 + (1024 - 256) * (1.15 - 0.5) / (4096 - 256)) if kind == "exp" else (
-            math.exp(0.5) + (32 - 16) * (math.exp(1.15) - math.exp(0.5)) / (64 - 16))
+        want = (
+            math.exp(0.5 + (1024 - 256) * (1.15 - 0.5) / (4096 - 256))
+            if kind == "exp"
+            else (math.exp(0.5) + (32 - 16) * (math.exp(1.15) - math.exp(0.5)) / (64 - 16))
+        )
         assert shift == pytest.approx(want) and shift > 1
         assert rel_err(sched.sigmas, official_sigmas(4, shift)) < 1e-6
         assert sched.get_shift(None) == 1.0
@@ -200,13 +221,22 @@ def test_one_class_per_official_name():
     seen = {}
     for path in sorted((ROOT / "gmkernels").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ClassDef) and (node.name, path.relative_to(ROOT / "gmkernels").as_posix()) not in spec_pair:
+            if (
+                isinstance(node, ast.ClassDef)
+                and (node.name, path.relative_to(ROOT / "gmkernels").as_posix()) not in spec_pair
+            ):
                 assert node.name not in seen, f"class {node.name} in {path} and {seen[node.name]}"
                 seen[node.name] = path
         if path.relative_to(ROOT / "gmkernels").parts[0] != "compat":
             assert not _imports_compat(path), f"{path} imports gmkernels.compat"
-    official = {"FlowEulerODEScheduler", "GMFlowSDEScheduler", "FlowHeunODEScheduler", "FlowSDEScheduler",
-                "FlowAdapterScheduler", "FlowMapSDEScheduler"}
+    official = {
+        "FlowEulerODEScheduler",
+        "GMFlowSDEScheduler",
+        "FlowHeunODEScheduler",
+        "FlowSDEScheduler",
+        "FlowAdapterScheduler",
+        "FlowMapSDEScheduler",
+    }
     for name in ("GMSDEScheduler", "GMODEScheduler", "GMEulerScheduler", "GMTensorStepScheduler"):
         assert name not in official and hasattr(gmkernels.schedulers, name)
     assert not hasattr(gmkernels, "GMFlowSDEScheduler") and not hasattr(gmkernels.schedulers, "GMFlowODEScheduler")
@@ -239,8 +269,9 @@ def test_with_diffusers_they_are_diffusers_schedulers(tmp_path):
     assert isinstance(sde, SchedulerMixin)
     sde.save_config(str(tmp_path))
     again = OS.GMFlowSDEScheduler.from_pretrained(str(tmp_path))
-    assert {k: v for k, v in again.config.items() if not k.startswith("_")} == \
-        {k: v for k, v in sde.config.items() if not k.startswith("_")}
+    assert {k: v for k, v in again.config.items() if not k.startswith("_")} == {
+        k: v for k, v in sde.config.items() if not k.startswith("_")
+    }
 
 
 # -------------------------------------------------------------- the GM-consuming tensor-step loop

@@ -137,8 +137,14 @@ def test_select_components_never_picks_dead_and_matches_weights():
 
 @pytest.mark.triton
 @settings(max_examples=8)
-@given(shape=gm_shapes(max_k=40, max_c=9, max_hw=5), seed=seeds, sigmas=sigma_lists(),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), dead=st.booleans(), per_pixel=st.booleans())
+@given(
+    shape=gm_shapes(max_k=40, max_c=9, max_hw=5),
+    seed=seeds,
+    sigmas=sigma_lists(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dead=st.booleans(),
+    per_pixel=st.booleans(),
+)
 def test_ode_kernel_matches_reference(shape, seed, sigmas, dtype, dead, per_pixel):
     gm = make_gm(shape, seed, dtype, dead=dead, per_pixel_std=per_pixel)
     x = make_state(shape, seed, dtype)
@@ -150,8 +156,17 @@ def test_ode_kernel_matches_reference(shape, seed, sigmas, dtype, dead, per_pixe
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("K,C,per_pixel,path", [(8, 4, False, "registers"), (2, 40, False, "registers"), (70, 3, False, "wide"),
-                                                 (9, 40, False, "wide"), (70, 3, True, "wide"), (300, 5, False, "streamed")])
+@pytest.mark.parametrize(
+    "K,C,per_pixel,path",
+    [
+        (8, 4, False, "registers"),
+        (2, 40, False, "registers"),
+        (70, 3, False, "wide"),
+        (9, 40, False, "wide"),
+        (70, 3, True, "wide"),
+        (300, 5, False, "streamed"),
+    ],
+)
 def test_ode_kernel_every_register_path_noncontiguous(K, C, per_pixel, path):
     """All K in one thread's registers, the GM spread over a program's threads, and K streamed
     in tiles; strided (non-contiguous) GM and state."""
@@ -170,9 +185,15 @@ def test_ode_kernel_every_register_path_noncontiguous(K, C, per_pixel, path):
 
 @pytest.mark.triton
 @settings(max_examples=8)
-@given(shape=gm_shapes(max_k=40, max_c=9, max_hw=5), seed=seeds, dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       dead=st.booleans(), per_pixel=st.booleans(), power=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
-       sig=st.tuples(st.floats(1e-3, 1.0), st.floats(0.0, 1.0)))
+@given(
+    shape=gm_shapes(max_k=40, max_c=9, max_hw=5),
+    seed=seeds,
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dead=st.booleans(),
+    per_pixel=st.booleans(),
+    power=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
+    sig=st.tuples(st.floats(1e-3, 1.0), st.floats(0.0, 1.0)),
+)
 def test_sde_kernel_matches_reference_at_given_noise(shape, seed, dtype, dead, per_pixel, power, sig):
     sigma, sigma_next = sig[0], sig[0] * sig[1]
     batch, K, C, H, W = shape
@@ -196,15 +217,19 @@ def test_sde_kernel_philox_same_seed_same_samples_and_moments():
     K, C, H, W = 5, 2, 16, 16
     base = make_gm(((), K, C, 1, 1), 3, torch.float32)
     lw = torch.log(torch.tensor([0.0, 0.4, 0.0, 0.35, 0.25])).view(K, 1, 1, 1)
-    gm = {"means": base["means"].expand(4, K, C, H, W), "logstds": torch.full((4, 1, 1, 1, 1), -30.0),
-          "logweights": lw.expand(4, K, 1, H, W)}
+    gm = {
+        "means": base["means"].expand(4, K, C, H, W),
+        "logstds": torch.full((4, 1, 1, 1, 1), -30.0),
+        "logweights": lw.expand(4, K, 1, H, W),
+    }
     x = torch.zeros(4, C, H, W)
     with gmkernels.use_backend("triton"):
         a = gmkernels.gm_sde_step(gm, x, 0.5, 0.0, generator=torch.Generator().manual_seed(7))
         b = gmkernels.gm_sde_step(gm, x, 0.5, 0.0, generator=torch.Generator().manual_seed(7))
         c = gmkernels.gm_sde_step(gm, x, 0.5, 0.0, generator=torch.Generator().manual_seed(8))
-        noisy = gmkernels.gm_sde_step({**gm, "logstds": torch.zeros(4, 1, 1, 1, 1)}, x + 1, 0.6, 0.3,
-                                      generator=torch.Generator().manual_seed(9))
+        noisy = gmkernels.gm_sde_step(
+            {**gm, "logstds": torch.zeros(4, 1, 1, 1, 1)}, x + 1, 0.6, 0.3, generator=torch.Generator().manual_seed(9)
+        )
     assert torch.equal(a, b) and not torch.equal(a, c)
     # sigma_next = 0 and a negligible std: each output is one component's mean, never a dead one
     dist = (a.unsqueeze(1) - base["means"].view(1, K, C, 1, 1)).abs().amax(2)  # (4, K, H, W)
@@ -215,8 +240,9 @@ def test_sde_kernel_philox_same_seed_same_samples_and_moments():
     assert torch.allclose(freq, torch.tensor([0, 0.4, 0, 0.35, 0.25], dtype=torch.float64), atol=0.05)
     # the full transition: moments of c1 x + c2 x0 + sqrt(c3) z
     c1, c2, c3 = transition_coefficients(0.6, 0.3)
-    iso = reference.gm_to_iso_gaussian({**f64(base), "logstds": torch.zeros(1, 1, 1, 1, dtype=torch.float64),
-                                        "logweights": lw.double()})
+    iso = reference.gm_to_iso_gaussian(
+        {**f64(base), "logstds": torch.zeros(1, 1, 1, 1, dtype=torch.float64), "logweights": lw.double()}
+    )
     n = noisy.shape[0] * H * W
     mean = c1 + c2 * iso["mean"].view(C)
     var = c2 * c2 * float(iso["var"]) + c3
@@ -227,11 +253,23 @@ def test_sde_kernel_philox_same_seed_same_samples_and_moments():
 
 @pytest.mark.triton
 @settings(max_examples=30)
-@given(B=st.integers(1, 5), npb=st.sampled_from([1, 2, 3, 40]), HW=st.integers(1, 300), C=st.integers(1, 16),
-       guidance=st.sampled_from(["none", "probabilistic", "weight", "mean-cfg"]), order2=st.booleans(), mode2=st.booleans(),
-       amount=st.sampled_from([0.0, 1.0, 0.3]), scale=st.floats(0.05, 0.95), h=st.floats(0.01, 0.2), h_prev=st.floats(0.01, 0.2),
-       seed=seeds)  # fmt: skip
-def test_step_coefficient_kernel_matches_its_twin(B, npb, HW, C, guidance, order2, mode2, amount, scale, h, h_prev, seed):
+@given(
+    B=st.integers(1, 5),
+    npb=st.sampled_from([1, 2, 3, 40]),
+    HW=st.integers(1, 300),
+    C=st.integers(1, 16),
+    guidance=st.sampled_from(["none", "probabilistic", "weight", "mean-cfg"]),
+    order2=st.booleans(),
+    mode2=st.booleans(),
+    amount=st.sampled_from([0.0, 1.0, 0.3]),
+    scale=st.floats(0.05, 0.95),
+    h=st.floats(0.01, 0.2),
+    h_prev=st.floats(0.01, 0.2),
+    seed=seeds,
+)
+def test_step_coefficient_kernel_matches_its_twin(
+    B, npb, HW, C, guidance, order2, mode2, amount, scale, h, h_prev, seed
+):
     """The fused step's per-sample coefficients (float64 sums of the statistics partials, then the
     guidance and 2nd-order formulas) equal their torch twin, every entry it writes, and leave the
     others as they were."""
@@ -244,13 +282,35 @@ def test_step_coefficient_kernel_matches_its_twin(B, npb, HW, C, guidance, order
     stats[:, 1] -= 0.5  # <d, m_c> of either sign
     coef = torch.randn(B, ref.N_COEF, generator=g)
     amount = amount if (prob or meancfg) else 0.0
-    kw = dict(uncond=prob or meancfg, meancfg=meancfg, prob=prob, order2=order2, bias_pass=bias_pass, amount=amount, scale=scale,
-              h=h, h_prev=h_prev)  # fmt: skip
+    kw = dict(
+        uncond=prob or meancfg,
+        meancfg=meancfg,
+        prob=prob,
+        order2=order2,
+        bias_pass=bias_pass,
+        amount=amount,
+        scale=scale,
+        h=h,
+        h_prev=h_prev,
+    )
     want = ref.step_coefficients(stats, coef, npb, HW, C, mode, **kw)
     got = coef.clone()
     block_r = min(1 << (B - 1).bit_length(), 64)
-    step._step_coef_kernel[(1,)](stats, got, B, npb, HW, C * HW, *step._coef_scalars(guidance, order2, amount, scale, h, h_prev),
-                                 MODE=mode, GUIDANCE=guidance, ORDER2=order2, BIAS_PASS=bias_pass, BLOCK_R=block_r, BLOCK_N=4)
+    step._step_coef_kernel[(1,)](
+        stats,
+        got,
+        B,
+        npb,
+        HW,
+        C * HW,
+        *step._coef_scalars(guidance, order2, amount, scale, h, h_prev),
+        MODE=mode,
+        GUIDANCE=guidance,
+        ORDER2=order2,
+        BIAS_PASS=bias_pass,
+        BLOCK_R=block_r,
+        BLOCK_N=4,
+    )
     changed = (want != coef).any(0)
     for col in changed.nonzero().flatten().tolist():  # each entry on its own scale
         assert rel_err(got[:, col], want[:, col]) < TOL[torch.float32], col
@@ -307,9 +367,47 @@ def test_ops_pass_opcheck_on_cpu():
     m, ls, lw = gm["means"], gm["logstds"], gm["logweights"]
     for step_args in [
         (m, ls, lw, None, None, x, sig, None, None, "none", False, 0.0, 0.0, 0.3, 0.0, 0.9, 0.6, 1e-6),
-        (m, ls, lw, u["means"], u["logweights"], x, sig, prev, None, "probabilistic", True, 0.5, 1.0, 0.3, 0.2, 0.9, 0.6, 1e-6),
-        (m, ls, lw, u["means"], u["logweights"], x, sig[:2], prev, seed, "weight", False, 2.0, 0.0, 0.3, 0.2, 0.9, 0.7, 1e-6),
-    ]:  # fmt: skip
+        (
+            m,
+            ls,
+            lw,
+            u["means"],
+            u["logweights"],
+            x,
+            sig,
+            prev,
+            None,
+            "probabilistic",
+            True,
+            0.5,
+            1.0,
+            0.3,
+            0.2,
+            0.9,
+            0.6,
+            1e-6,
+        ),
+        (
+            m,
+            ls,
+            lw,
+            u["means"],
+            u["logweights"],
+            x,
+            sig[:2],
+            prev,
+            seed,
+            "weight",
+            False,
+            2.0,
+            0.0,
+            0.3,
+            0.2,
+            0.9,
+            0.7,
+            1e-6,
+        ),
+    ]:
         torch.library.opcheck(torch.ops.gmkernels.fused_step, step_args)
 
 
@@ -387,11 +485,23 @@ def _bad_outputs():
     at = r"^the denoiser's output at step 1 \(t=500\): "
     return [
         ("no means", no_means, 0.0, ValueError, at + r"gm_u is missing keys \['means'\]"),
-        ("channels", wrong_c, 0.0, ValueError, at + r"gm_u\['means'\] \(2, 3, 3, 2, 2\) does not match the state x_t \(2, 2, 2, 2\)"),
+        (
+            "channels",
+            wrong_c,
+            0.0,
+            ValueError,
+            at + r"gm_u\['means'\] \(2, 3, 3, 2, 2\) does not match the state x_t \(2, 2, 2, 2\)",
+        ),
         ("batch", wrong_b, 0.0, ValueError, at + r"gm_u\['means'\] \(3, 3, 2, 2, 2\) does not match the state x_t"),
         ("guided logstds", (good, bad_ls), 0.5, ValueError, at + r"gm_uncond\['logstds'\] must have shape"),
         ("guided cond logstds", (bad_ls, good), 0.5, ValueError, at + r"gm_cond\['logstds'\] must have shape"),
-        ("guided batch", (wrong_b, wrong_b), 0.5, ValueError, at + r"gm_cond\['means'\] \(3, 3, 2, 2, 2\) does not match"),
+        (
+            "guided batch",
+            (wrong_b, wrong_b),
+            0.5,
+            ValueError,
+            at + r"gm_cond\['means'\] \(3, 3, 2, 2, 2\) does not match",
+        ),
         ("not a dict", [good, torch.zeros(2)], 0.5, TypeError, r"the model output, must be a u-GM dict"),
     ]
 
@@ -434,8 +544,10 @@ def test_ops_compile_fullgraph_on_the_triton_path():
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("solver,order,scale", [("gm-ode", 1, 0.0), ("gm-ode", 1, 0.5), ("gm-ode", 2, 0.0), ("gm-ode", 2, 0.5),
-                                                 ("gm-sde", 2, 0.5)])
+@pytest.mark.parametrize(
+    "solver,order,scale",
+    [("gm-ode", 1, 0.0), ("gm-ode", 1, 0.5), ("gm-ode", 2, 0.0), ("gm-ode", 2, 0.5), ("gm-sde", 2, 0.5)],
+)
 def test_scheduler_step_compiles_fullgraph_on_the_triton_path(solver, order, scale):
     """One ``scheduler.step`` (plain, probabilistic guidance, 2nd order; three steps, so the
     2nd-order memory is used) under ``torch.compile(fullgraph=True)``: the fused step's launches
@@ -475,10 +587,19 @@ def _run_sampler(gms, x, solver, order, guidance, scale, orthogonal, fused, back
     old, cls.fused = cls.fused, fused
     try:
         with gmkernels.use_backend(backend):
-            return gmkernels.sample(lambda x_t, t: next(calls), x, len(gms), solver=solver, substeps=3 if solver == "gm-ode" else 1,
-                                    order=order, guidance="probabilistic" if guidance == "none" else guidance,
-                                    guidance_scale=scale, orthogonal=orthogonal, shift=1.5,
-                                    generator=torch.Generator().manual_seed(seed))
+            return gmkernels.sample(
+                lambda x_t, t: next(calls),
+                x,
+                len(gms),
+                solver=solver,
+                substeps=3 if solver == "gm-ode" else 1,
+                order=order,
+                guidance="probabilistic" if guidance == "none" else guidance,
+                guidance_scale=scale,
+                orthogonal=orthogonal,
+                shift=1.5,
+                generator=torch.Generator().manual_seed(seed),
+            )
     finally:
         cls.fused = old
 
@@ -492,8 +613,14 @@ def _outputs(shape, seed, dtype, dead, per_pixel, guided, K_uncond=None):
         cond = make_gm(shape, seed + i, dtype, dead=dead, per_pixel_std=per_pixel, logstd_range=(-2.0, 0.5))
         if guided:
             ushape = shape if K_uncond is None else (shape[0], K_uncond, *shape[2:])
-            uncond = make_gm(ushape, seed + 100 + i, dtype, dead=dead and K_uncond is not None, per_pixel_std=per_pixel,
-                             logstd_range=(-2.0, 0.5))
+            uncond = make_gm(
+                ushape,
+                seed + 100 + i,
+                dtype,
+                dead=dead and K_uncond is not None,
+                per_pixel_std=per_pixel,
+                logstd_range=(-2.0, 0.5),
+            )
             if K_uncond is None:
                 lw = torch.where(cond["logweights"] == float("-inf"), float("-inf"), uncond["logweights"].float())
                 uncond["logweights"] = torch.log_softmax(lw, dim=-4).to(dtype)
@@ -504,9 +631,16 @@ def _outputs(shape, seed, dtype, dead, per_pixel, guided, K_uncond=None):
 
 @pytest.mark.triton
 @settings(max_examples=10)
-@given(shape=gm_shapes(max_k=24, max_c=5, max_hw=4, max_b=2), seed=seeds, dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       dead=st.booleans(), per_pixel=st.booleans(), order=st.sampled_from([1, 2]), guided=st.sampled_from(GUIDED),
-       orthogonal=st.sampled_from([0.0, 1.0]))
+@given(
+    shape=gm_shapes(max_k=24, max_c=5, max_hw=4, max_b=2),
+    seed=seeds,
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dead=st.booleans(),
+    per_pixel=st.booleans(),
+    order=st.sampled_from([1, 2]),
+    guided=st.sampled_from(GUIDED),
+    orthogonal=st.sampled_from([0.0, 1.0]),
+)
 def test_fused_ode_step_matches_eager_reference(shape, seed, dtype, dead, per_pixel, order, guided, orthogonal):
     """The fused GM-ODE sampler step (network GM in its own dtype, nothing GM-sized formed)
     against the eager composition of the public ops in float64 on the torch path. The network's
@@ -546,7 +680,9 @@ def test_plain_ode_step_of_a_wide_gm_matches_eager_reference(per_pixel, dtype):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("k1", [False, True])
-@pytest.mark.parametrize("solver,order,guided", [("gm-ode", 2, GUIDED[1]), ("gm-ode", 1, GUIDED[0]), ("gm-sde", 2, GUIDED[3])])
+@pytest.mark.parametrize(
+    "solver,order,guided", [("gm-ode", 2, GUIDED[1]), ("gm-ode", 1, GUIDED[0]), ("gm-sde", 2, GUIDED[3])]
+)
 def test_fused_step_channel_split_layouts(k1, solver, order, guided, monkeypatch):
     """C = 20: channels over the warps, K in tiles (5 components, dead ones included; streamed in
     the heavy steps) or, as on triton < 3.9 (``common.SPLIT_K1``), one component at a time; both
@@ -606,8 +742,15 @@ def _point_shape(B, K, C):
 
 @pytest.mark.triton
 @settings(max_examples=8)
-@given(B=point_batches, K=st.sampled_from([1, 3, 40]), C=st.integers(1, 5), seed=seeds, sigmas=sigma_lists(),
-       dtype=dtypes, dead=st.booleans())  # fmt: skip
+@given(
+    B=point_batches,
+    K=st.sampled_from([1, 3, 40]),
+    C=st.integers(1, 5),
+    seed=seeds,
+    sigmas=sigma_lists(),
+    dtype=dtypes,
+    dead=st.booleans(),
+)
 def test_ode_substeps_on_point_data_match_reference(B, K, C, seed, sigmas, dtype, dead):
     """K = 40 with C >= 2 streams K in tiles (more than a thread's register tile), K = 1 is a
     single Gaussian."""
@@ -622,8 +765,16 @@ def test_ode_substeps_on_point_data_match_reference(B, K, C, seed, sigmas, dtype
 
 @pytest.mark.triton
 @settings(max_examples=8)
-@given(B=point_batches, K=st.sampled_from([1, 3, 40]), C=st.integers(1, 5), seed=seeds, dtype=dtypes, dead=st.booleans(),
-       power=st.sampled_from([0.0, 1.0, 2.0]), sig=st.tuples(st.floats(1e-3, 1.0), st.floats(0.0, 1.0)))  # fmt: skip
+@given(
+    B=point_batches,
+    K=st.sampled_from([1, 3, 40]),
+    C=st.integers(1, 5),
+    seed=seeds,
+    dtype=dtypes,
+    dead=st.booleans(),
+    power=st.sampled_from([0.0, 1.0, 2.0]),
+    sig=st.tuples(st.floats(1e-3, 1.0), st.floats(0.0, 1.0)),
+)
 def test_sde_step_on_point_data_matches_reference_at_given_noise(B, K, C, seed, dtype, dead, power, sig):
     sigma, sigma_next = sig[0], sig[0] * sig[1]
     shape = _point_shape(B, K, C)
@@ -642,7 +793,9 @@ def test_sde_step_on_point_data_matches_reference_at_given_noise(B, K, C, seed, 
 
 @pytest.mark.triton
 @settings(max_examples=6)
-@given(B=unpacked_batches, K=st.sampled_from([1, 5, 40]), C=st.integers(1, 4), seed=seeds, dtype=dtypes, dead=st.booleans())
+@given(
+    B=unpacked_batches, K=st.sampled_from([1, 5, 40]), C=st.integers(1, 4), seed=seeds, dtype=dtypes, dead=st.booleans()
+)
 def test_sde_step_on_point_data_draws_the_unpacked_stream(B, K, C, seed, dtype, dead):
     """Packing keeps every Philox offset: the seeded step equals the unpacked launch's (a
     different component or noise would differ at O(1))."""
@@ -659,8 +812,17 @@ def test_sde_step_on_point_data_draws_the_unpacked_stream(B, K, C, seed, dtype, 
 
 @pytest.mark.triton
 @settings(max_examples=10)
-@given(B=point_batches, K=st.sampled_from([1, 4, 24]), C=st.integers(1, 4), seed=seeds, dtype=dtypes, dead=st.booleans(),
-       order=st.sampled_from([1, 2]), guided=st.sampled_from(GUIDED), orthogonal=st.sampled_from([0.0, 1.0]))  # fmt: skip
+@given(
+    B=point_batches,
+    K=st.sampled_from([1, 4, 24]),
+    C=st.integers(1, 4),
+    seed=seeds,
+    dtype=dtypes,
+    dead=st.booleans(),
+    order=st.sampled_from([1, 2]),
+    guided=st.sampled_from(GUIDED),
+    orthogonal=st.sampled_from([0.0, 1.0]),
+)
 def test_sampler_ode_on_point_data_matches_eager_reference(B, K, C, seed, dtype, dead, order, guided, orthogonal):
     """``sample`` with the fused GM-ODE step on point data, every guidance mode (their
     statistics passes write one row per sample), against the eager float64 torch composition."""
@@ -672,8 +834,17 @@ def test_sampler_ode_on_point_data_matches_eager_reference(B, K, C, seed, dtype,
 @pytest.mark.triton
 @pytest.mark.skipif(not common.PACK_FUSED, reason="this triton runs the fused step unpacked on point data")
 @settings(max_examples=6)
-@given(B=unpacked_batches, K=st.sampled_from([1, 4, 24]), C=st.integers(1, 3), seed=seeds, dtype=dtypes, dead=st.booleans(),
-       solver=st.sampled_from(["gm-ode", "gm-sde"]), order=st.sampled_from([1, 2]), guided=st.sampled_from(GUIDED))  # fmt: skip
+@given(
+    B=unpacked_batches,
+    K=st.sampled_from([1, 4, 24]),
+    C=st.integers(1, 3),
+    seed=seeds,
+    dtype=dtypes,
+    dead=st.booleans(),
+    solver=st.sampled_from(["gm-ode", "gm-sde"]),
+    order=st.sampled_from([1, 2]),
+    guided=st.sampled_from(GUIDED),
+)
 def test_sampler_on_point_data_equals_the_unpacked_launches(B, K, C, seed, dtype, dead, solver, order, guided):
     """Both solvers, every guidance mode, order 1 and 2: the packed fused steps equal the same
     kernel launched one row per program (same Philox stream for GM-SDE, same statistics)."""

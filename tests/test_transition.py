@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
 
 import gmkernels
 import reference
-from strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
 
 pytest.importorskip("triton")
 
@@ -79,7 +79,11 @@ def draw_case(data, dtype):
 
 @pytest.mark.triton
 @settings(max_examples=10)
-@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), form=st.sampled_from(["float", "scalar", "batch"]))
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    form=st.sampled_from(["float", "scalar", "batch"]),
+)
 def test_u_to_x0_and_back(data, dtype, form):
     shape, seed, gm, x = draw_case(data, dtype)
     sigma = as_sigma(data.draw(any_sigma, label="sigma"), shape[0], form, seed)

@@ -51,11 +51,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's gmkernels, not an installed one
 
-import torch
+import torch  # noqa: E402
 
-import gmkernels
-import gmkernels.policy
-import gmkernels.schedulers
+import gmkernels  # noqa: E402
+import gmkernels.policy  # noqa: E402
+import gmkernels.schedulers  # noqa: E402
 
 TOL = 1e-6
 BACKENDS = ("torch", "triton")
@@ -101,8 +101,16 @@ class In:
             return self.randn(*self.batch, n, H, W, c, scale=scale).movedim(-1, -3)
         return self.randn(*self.batch, n, c, H, W, scale=scale)
 
-    def gm(self, k: int = K, c: int = C, h: int = H, w: int = W, per_pixel_std: bool = False, dead: bool = False,
-           std_shift: float = -0.7) -> dict:
+    def gm(
+        self,
+        k: int = K,
+        c: int = C,
+        h: int = H,
+        w: int = W,
+        per_pixel_std: bool = False,
+        dead: bool = False,
+        std_shift: float = -0.7,
+    ) -> dict:
         """A GM dict; layout ``nc``: channels-last means, log-weights a strided slice."""
         bt = self.batch
         if self.layout == "nc":
@@ -150,8 +158,9 @@ class Case:
 CASES: list[Case] = []
 
 
-def register(op: str, fn: Callable[[In], Any], dtypes=("fp32", "bf16"), layouts=("std",), variant: str = "",
-             backends=BACKENDS) -> None:
+def register(
+    op: str, fn: Callable[[In], Any], dtypes=("fp32", "bf16"), layouts=("std",), variant: str = "", backends=BACKENDS
+) -> None:
     for layout in layouts:
         suffix = "/".join(s for s in (variant, "" if layout == "std" else layout) if s)
         for be in backends:
@@ -168,8 +177,11 @@ ALL_LAYOUTS = ("std", "nb", "nc")
 
 def c_gm_to_mean(x: In):
     gm = x.gm(dead=True)
-    return {"p1": gmkernels.gm_to_mean(gm), "p0.5": gmkernels.gm_to_mean(gm, power=0.5),
-            "p0": gmkernels.gm_to_mean(gm, power=0.0)}
+    return {
+        "p1": gmkernels.gm_to_mean(gm),
+        "p0.5": gmkernels.gm_to_mean(gm, power=0.5),
+        "p0": gmkernels.gm_to_mean(gm, power=0.0),
+    }
 
 
 def c_gm_to_iso_gaussian(x: In):
@@ -183,7 +195,9 @@ def c_gm_mul_iso_gaussian(x: In):
     return {
         "pixel_var": gmkernels.gm_mul_iso_gaussian(gm, g_pix),
         "batch_var_powers": gmkernels.gm_mul_iso_gaussian(gm, g_bat, gm_power=0.7, gaussian_power=0.5),
-        "divide": gmkernels.gm_mul_iso_gaussian(gm, {"mean": g_bat["mean"], "var": g_bat["var"] * 20}, gaussian_power=-1.0),
+        "divide": gmkernels.gm_mul_iso_gaussian(
+            gm, {"mean": g_bat["mean"], "var": g_bat["var"] * 20}, gaussian_power=-1.0
+        ),
     }
 
 
@@ -200,8 +214,11 @@ def c_iso_gaussian_mul_iso_gaussian(x: In):
 def c_u_to_x0(x: In):
     gm, xt = x.gm(), x.state()
     gm_pp = x.gm(per_pixel_std=True)
-    return {"float": gmkernels.u_to_x0(gm, xt, 0.7), "tensor": gmkernels.u_to_x0(gm, xt, x.sigma(0.2, 0.9)),
-            "per_pixel_std": gmkernels.u_to_x0(gm_pp, xt, 0.4)}
+    return {
+        "float": gmkernels.u_to_x0(gm, xt, 0.7),
+        "tensor": gmkernels.u_to_x0(gm, xt, x.sigma(0.2, 0.9)),
+        "per_pixel_std": gmkernels.u_to_x0(gm_pp, xt, 0.4),
+    }
 
 
 def c_x0_to_u(x: In):
@@ -212,17 +229,21 @@ def c_x0_to_u(x: In):
 def c_gm_posterior_mean(x: In):
     gm, xs, xt = x.gm(), x.state(), x.state()
     s_src = x.sigma(0.6, 0.9)
-    return {"float": gmkernels.gm_posterior_mean(gm, xs, 0.8, xt, 0.5),
-            "tensor": gmkernels.gm_posterior_mean(gm, xs, s_src, xt, s_src * 0.6),
-            "per_pixel_std": gmkernels.gm_posterior_mean(x.gm(per_pixel_std=True), xs, 0.9, xt, 0.3)}
+    return {
+        "float": gmkernels.gm_posterior_mean(gm, xs, 0.8, xt, 0.5),
+        "tensor": gmkernels.gm_posterior_mean(gm, xs, s_src, xt, s_src * 0.6),
+        "per_pixel_std": gmkernels.gm_posterior_mean(x.gm(per_pixel_std=True), xs, 0.9, xt, 0.3),
+    }
 
 
 def c_reverse_transition(x: In):
     gm, xt = x.gm(), x.state()
     s = x.sigma(0.5, 0.9)
-    return {"float": gmkernels.reverse_transition(gm, xt, 0.7, 0.4),
-            "tensor": gmkernels.reverse_transition(gm, xt, s, s * 0.5),
-            "to_zero": gmkernels.reverse_transition(gm, xt, 0.6, 0.0)}
+    return {
+        "float": gmkernels.reverse_transition(gm, xt, 0.7, 0.4),
+        "tensor": gmkernels.reverse_transition(gm, xt, s, s * 0.5),
+        "to_zero": gmkernels.reverse_transition(gm, xt, 0.6, 0.0),
+    }
 
 
 def c_gm_logprob(x: In):
@@ -263,8 +284,10 @@ def c_transition_loss(x: In):
 
 def c_gm_sample(x: In):
     gm = x.gm(dead=True)
-    return {"n3": gmkernels.gm_sample(gm, n_samples=3, generator=x.rng(0)),
-            "power0.5": gmkernels.gm_sample(gm, n_samples=1, power=0.5, generator=x.rng(1))}
+    return {
+        "n3": gmkernels.gm_sample(gm, n_samples=3, generator=x.rng(0)),
+        "power0.5": gmkernels.gm_sample(gm, n_samples=1, power=0.5, generator=x.rng(1)),
+    }
 
 
 def _pair(x: In, k_uncond: int = K):
@@ -273,8 +296,10 @@ def _pair(x: In, k_uncond: int = K):
 
 def c_probabilistic_guidance(x: In):
     cond, uncond = _pair(x, k_uncond=K + 2)
-    return {"orth1": gmkernels.probabilistic_guidance(cond, uncond, 0.6),
-            "orth0.5": gmkernels.probabilistic_guidance(cond, uncond, 0.3, orthogonal=0.5)}
+    return {
+        "orth1": gmkernels.probabilistic_guidance(cond, uncond, 0.6),
+        "orth0.5": gmkernels.probabilistic_guidance(cond, uncond, 0.3, orthogonal=0.5),
+    }
 
 
 def c_weight_guidance(x: In):
@@ -284,14 +309,21 @@ def c_weight_guidance(x: In):
 
 def c_mean_cfg(x: In):
     cond, uncond = _pair(x, k_uncond=K - 1)
-    return {"plain": gmkernels.mean_cfg(cond, uncond, 3.0), "orthogonal": gmkernels.mean_cfg(cond, uncond, 2.0, orthogonal=True)}
+    return {
+        "plain": gmkernels.mean_cfg(cond, uncond, 3.0),
+        "orthogonal": gmkernels.mean_cfg(cond, uncond, 2.0, orthogonal=True),
+    }
 
 
 def _gm1d(x: In, per_pixel_std: bool = False) -> dict:
     bt = x.batch
-    return {"means": x.randn(*bt, K, H, W, scale=1.5),
-            "logstds": x.randn(*bt, 1, H, W, scale=0.3, shift=-0.8) if per_pixel_std else x.randn(*bt, 1, 1, 1, scale=0.3, shift=-0.8),
-            "logweights": (torch.randn((*bt, K, H, W), generator=x.g) * 1.5).log_softmax(dim=-3).to(x.dtype)}
+    return {
+        "means": x.randn(*bt, K, H, W, scale=1.5),
+        "logstds": x.randn(*bt, 1, H, W, scale=0.3, shift=-0.8)
+        if per_pixel_std
+        else x.randn(*bt, 1, 1, 1, scale=0.3, shift=-0.8),
+        "logweights": (torch.randn((*bt, K, H, W), generator=x.g) * 1.5).log_softmax(dim=-3).to(x.dtype),
+    }
 
 
 def c_gm1d_inverse_cdf(x: In):
@@ -299,39 +331,49 @@ def c_gm1d_inverse_cdf(x: In):
     u = x.rand(*x.batch, N, H, W, lo=-0.95, hi=0.95)
     z = torch.randn((*x.batch, N, H, W), generator=x.g)
     uz = torch.erf(z / math.sqrt(2)).to(x.dtype)
-    return {"default": gmkernels.gm1d_inverse_cdf(gm1d, u),
-            "steps3": gmkernels.gm1d_inverse_cdf(gm1d, u, n_steps=3, max_step_size=0.5),
-            "gaussian_samples": gmkernels.gm1d_inverse_cdf(gm1d, uz, n_steps=4, gaussian_samples=z.to(x.dtype)),
-            "per_pixel_std": gmkernels.gm1d_inverse_cdf(_gm1d(x, per_pixel_std=True), u, n_steps=4)}
+    return {
+        "default": gmkernels.gm1d_inverse_cdf(gm1d, u),
+        "steps3": gmkernels.gm1d_inverse_cdf(gm1d, u, n_steps=3, max_step_size=0.5),
+        "gaussian_samples": gmkernels.gm1d_inverse_cdf(gm1d, uz, n_steps=4, gaussian_samples=z.to(x.dtype)),
+        "per_pixel_std": gmkernels.gm1d_inverse_cdf(_gm1d(x, per_pixel_std=True), u, n_steps=4),
+    }
 
 
 # the KR transports run Newton iterations axis by axis: 2 channels and few steps keep the
 # interpreter's time down
 def c_gaussian_samples_to_gm_samples(x: In):
     gm, z = x.gm(c=2, std_shift=-1.0), x.samples(c=2)
-    return {"axis_aligned": gmkernels.gaussian_samples_to_gm_samples(gm, z, n_steps=6),
-            "per_pixel": gmkernels.gaussian_samples_to_gm_samples(gm, z, n_steps=3, max_step_size=1.0, axis_aligned=False)}
+    return {
+        "axis_aligned": gmkernels.gaussian_samples_to_gm_samples(gm, z, n_steps=6),
+        "per_pixel": gmkernels.gaussian_samples_to_gm_samples(gm, z, n_steps=3, max_step_size=1.0, axis_aligned=False),
+    }
 
 
 def c_gm_samples_to_gaussian_samples(x: In):
     gm, y = x.gm(c=2, std_shift=-1.0), x.samples(c=2)
-    return {"axis_aligned": gmkernels.gm_samples_to_gaussian_samples(gm, y),
-            "per_pixel": gmkernels.gm_samples_to_gaussian_samples(gm, y, axis_aligned=False)}
+    return {
+        "axis_aligned": gmkernels.gm_samples_to_gaussian_samples(gm, y),
+        "per_pixel": gmkernels.gm_samples_to_gaussian_samples(gm, y, axis_aligned=False),
+    }
 
 
 def c_gm_ode_substeps(x: In):
     gm, xt = x.gm(), x.state()
     levels = [0.9, 0.75, 0.55, 0.3]
-    return {"floats": gmkernels.gm_ode_substeps(gm, xt, levels),
-            "tensor": gmkernels.gm_ode_substeps(gm, xt, torch.tensor(levels + [0.0])),
-            "one": gmkernels.gm_ode_substeps(gm, xt, [0.5, 0.2]),
-            "per_pixel_std": gmkernels.gm_ode_substeps(x.gm(per_pixel_std=True), xt, levels)}
+    return {
+        "floats": gmkernels.gm_ode_substeps(gm, xt, levels),
+        "tensor": gmkernels.gm_ode_substeps(gm, xt, torch.tensor(levels + [0.0])),
+        "one": gmkernels.gm_ode_substeps(gm, xt, [0.5, 0.2]),
+        "per_pixel_std": gmkernels.gm_ode_substeps(x.gm(per_pixel_std=True), xt, levels),
+    }
 
 
 def c_gm_sde_step(x: In):
     gm, xt = x.gm(dead=True), x.state()
-    return {"step": gmkernels.gm_sde_step(gm, xt, 0.8, 0.5, generator=x.rng(0)),
-            "power_to0": gmkernels.gm_sde_step(gm, xt, 0.6, 0.0, power=0.7, generator=x.rng(1))}
+    return {
+        "step": gmkernels.gm_sde_step(gm, xt, 0.8, 0.5, generator=x.rng(0)),
+        "power_to0": gmkernels.gm_sde_step(gm, xt, 0.6, 0.0, power=0.7, generator=x.rng(1)),
+    }
 
 
 OPS = {
@@ -379,14 +421,16 @@ class ToyDenoiser:
         self.guided = guided
         self.params = []
         for _ in range(2 if guided else 1):
-            self.params.append({
-                "A": torch.randn((k, c, c), generator=g) * 0.4,
-                "b": torch.randn((k, c, h, w), generator=g) * 0.8,
-                "d": torch.randn((k, c, 1, 1), generator=g) * 0.5,
-                "p": torch.randn((k, c), generator=g),
-                "e": torch.randn((k, h, w), generator=g),
-                "s": float(torch.rand((), generator=g)) * 0.3 + 0.2,
-            })
+            self.params.append(
+                {
+                    "A": torch.randn((k, c, c), generator=g) * 0.4,
+                    "b": torch.randn((k, c, h, w), generator=g) * 0.8,
+                    "d": torch.randn((k, c, 1, 1), generator=g) * 0.5,
+                    "p": torch.randn((k, c), generator=g),
+                    "e": torch.randn((k, h, w), generator=g),
+                    "s": float(torch.rand((), generator=g)) * 0.3 + 0.2,
+                }
+            )
 
     @staticmethod
     def _gm(p: dict, x: torch.Tensor, t: torch.Tensor) -> dict:
@@ -447,8 +491,13 @@ for _name, _cls, _orders, _sub in SCHEDS:
             register(f"{_name}.step", scheduler_case(_cls, _order, _kind, _sub), variant=f"o{_order}-{_kind}")
         # the eager composition of the ops on the Triton path (class attribute ``fused``)
         for _kind in ("none", "probabilistic"):
-            register(f"{_name}.step", scheduler_case(_cls, _order, _kind, _sub, fused=False),
-                     variant=f"o{_order}-{_kind}-unfused", backends=("triton",), dtypes=("fp32",))
+            register(
+                f"{_name}.step",
+                scheduler_case(_cls, _order, _kind, _sub, fused=False),
+                variant=f"o{_order}-{_kind}-unfused",
+                backends=("triton",),
+                dtypes=("fp32",),
+            )
 
 
 # ----------------------------------------------------------------------------- sample
@@ -491,8 +540,11 @@ register("CapturedSampler", sample_case(SAMPLE_CONFIGS["sde-o2-probabilistic"], 
 def policy_case(video: bool = False):
     def fn(x: In):
         spatial = (2, H, W) if video else (H, W)
-        gm = {"means": x.randn(B, K, C, *spatial), "logstds": x.randn(B, *([1] * (len(spatial) + 2)), scale=0.3, shift=-0.5),
-              "logweights": (torch.randn((B, K, 1, *spatial), generator=x.g) * 1.5).log_softmax(dim=1).to(x.dtype)}
+        gm = {
+            "means": x.randn(B, K, C, *spatial),
+            "logstds": x.randn(B, *([1] * (len(spatial) + 2)), scale=0.3, shift=-0.5),
+            "logweights": (torch.randn((B, K, 1, *spatial), generator=x.g) * 1.5).log_softmax(dim=1).to(x.dtype),
+        }
         x_src, x_q = x.randn(B, C, *spatial), x.randn(B, C, *spatial)
         sigma_src = torch.tensor([0.9, 0.7])
         Policy = gmkernels.policy.GMFlowPolicy
@@ -500,10 +552,13 @@ def policy_case(video: bool = False):
         pol = Policy(gm, x_src, sigma_src)
         out["pi"] = pol.pi(x_q, sigma_src * 0.6)
         out["pi_float"] = pol.pi(x_q, 0.5)
-        out["integrate"] = pol.integrate(x_src, sigma_src, torch.tensor([0.9, 0.8]), torch.tensor([0.4, 0.75]),
-                                         shift=2.0, total_substeps=8)
+        out["integrate"] = pol.integrate(
+            x_src, sigma_src, torch.tensor([0.9, 0.8]), torch.tensor([0.4, 0.75]), shift=2.0, total_substeps=8
+        )
         out["integrate_float_warp"] = pol.integrate(x_src, 0.9, 0.9, 0.0, warp=lambda r: r * r, total_substeps=8)
-        out["temperature"] = pol.temperature(0.7).integrate(x_src, sigma_src, torch.tensor([0.9, 0.8]), 0.5, total_substeps=8)
+        out["temperature"] = pol.temperature(0.7).integrate(
+            x_src, sigma_src, torch.tensor([0.9, 0.8]), 0.5, total_substeps=8
+        )
         out["dropout"] = pol.dropout(0.4, generator=x.rng(0)).pi(x_q, 0.5)
         # gradients w.r.t. the GM and the states, with random cotangents
         ins = leaves(gm)
@@ -513,7 +568,9 @@ def policy_case(video: bool = False):
         u = pol.pi(xq, sigma_src * 0.5)
         out["grad_pi"] = grads(u, {**ins, "x_src": xs, "x": xq}, x.randn(*u.shape, dtype=u.dtype))
         pol = Policy(ins, xs, sigma_src)  # a new graph for gm_vars (autograd.grad freed the first)
-        xe, _, _ = pol.integrate(xq, sigma_src, torch.tensor([0.9, 0.7]), torch.tensor([0.3, 0.2]), shift=3.0, total_substeps=6)
+        xe, _, _ = pol.integrate(
+            xq, sigma_src, torch.tensor([0.9, 0.7]), torch.tensor([0.3, 0.2]), shift=3.0, total_substeps=6
+        )
         out["grad_integrate"] = grads(xe, {**ins, "x_src": xs, "x_start": xq}, x.randn(*xe.shape, dtype=xe.dtype))
         return out
 
@@ -563,15 +620,22 @@ def diff(out: Any, ref: Any, path: str = "") -> tuple[float, bool, str]:
             return math.inf, False, f"{path}: integer values differ"
         o, r = out.double(), ref.double()
         fo, fr = torch.isfinite(o), torch.isfinite(r)
-        if not torch.equal(fo, fr) or not torch.equal(o[~fo].nan_to_num(0.0), r[~fr].nan_to_num(0.0)) \
-                or not torch.equal(o[~fo].isnan(), r[~fr].isnan()):
+        if (
+            not torch.equal(fo, fr)
+            or not torch.equal(o[~fo].nan_to_num(0.0), r[~fr].nan_to_num(0.0))
+            or not torch.equal(o[~fo].isnan(), r[~fr].isnan())
+        ):
             return math.inf, False, f"{path}: non-finite entries differ"
         num, den = torch.linalg.vector_norm(o[fo] - r[fr]).item(), torch.linalg.vector_norm(r[fr]).item()
         err = num / den if den > 0 else (0.0 if num == 0 else math.inf)
         return err, False, f"{path}: rel err {err:.3g}"
     if isinstance(ref, dict):
         if not isinstance(out, dict) or set(out) != set(ref):
-            return math.inf, False, f"{path}: keys {sorted(out) if isinstance(out, dict) else type(out).__name__} instead of {sorted(ref)}"
+            return (
+                math.inf,
+                False,
+                f"{path}: keys {sorted(out) if isinstance(out, dict) else type(out).__name__} instead of {sorted(ref)}",
+            )
         items = [(f"{path}.{k}", out[k], ref[k]) for k in ref]
     elif isinstance(ref, (list, tuple)):
         if not isinstance(out, (list, tuple)) or len(out) != len(ref):
@@ -594,7 +658,9 @@ def selected(only: list[str] | None) -> list[Case]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("command", choices=("record", "compare", "list"))
     ap.add_argument("path", nargs="?", help="the .pt file (record, compare)")
     ap.add_argument("--only", action="append", help="run only the cases whose name contains this (repeatable)")
@@ -608,8 +674,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.path:
         ap.error(f"{args.command} needs a path")
-    print(f"gmkernels {gmkernels.__file__}, torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, "
-          f"{len(cases)} cases")
+    print(
+        f"gmkernels {gmkernels.__file__}, torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, "
+        f"{len(cases)} cases"
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     if args.command == "record":
         results, failed = {}, []
@@ -623,8 +691,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(failed)} cases raised; nothing written")
             return 1
         torch.save(results, args.path)
-        print(f"recorded {len(results)} cases to {args.path} in {time.perf_counter() - t0:.1f} s "
-              f"({time.process_time() - c0:.1f} s CPU)")
+        print(
+            f"recorded {len(results)} cases to {args.path} in {time.perf_counter() - t0:.1f} s "
+            f"({time.process_time() - c0:.1f} s CPU)"
+        )
         return 0
 
     ref = torch.load(args.path, weights_only=True)
@@ -651,8 +721,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in missing:
         bad.append(n)
         print(f"{n:<{width}}  {'missing':>11}  no    (recorded, not run now)")
-    print(f"{len(cases)} cases run in {time.perf_counter() - t0:.1f} s ({time.process_time() - c0:.1f} s CPU): {n_ident} bit-identical, "
-          f"{len(bad)} failing (> {TOL:g} relative, raised or missing)")
+    print(
+        f"{len(cases)} cases run in {time.perf_counter() - t0:.1f} s ({time.process_time() - c0:.1f} s CPU): {n_ident} bit-identical, "
+        f"{len(bad)} failing (> {TOL:g} relative, raised or missing)"
+    )
     return 1 if bad else 0
 
 

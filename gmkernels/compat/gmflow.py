@@ -127,7 +127,9 @@ def u_to_x_0(denoising_output, x_t, t=None, sigma=None, eps=1e-6, num_timesteps=
     return x_t - sigma * denoising_output
 
 
-def reverse_transition(denoising_output, x_t_high, t_low, t_high, eps=1e-6, prediction_type="u", num_timesteps=NUM_TIMESTEPS):
+def reverse_transition(
+    denoising_output, x_t_high, t_low, t_high, eps=1e-6, prediction_type="u", num_timesteps=NUM_TIMESTEPS
+):
     """The distribution of ``x_{t_low}`` given ``x_{t_high}`` (docs/ops.md#reverse_transition), from a u- or x0-prediction.
 
     For a GM: means from ``gmkernels.reverse_transition`` (``c1 * x_t + c2 * mu_x0``); logstds
@@ -155,7 +157,9 @@ def reverse_transition(denoising_output, x_t_high, t_low, t_high, eps=1e-6, pred
     return {"means": means, "logstds": logstds, "logweights": gm["logweights"]}
 
 
-def denoising_gm_convert(gm_src, x_t_tgt, x_t_src, t_tgt, t_src, eps=1e-6, prediction_type="x0", num_timesteps=NUM_TIMESTEPS):
+def denoising_gm_convert(
+    gm_src, x_t_tgt, x_t_src, t_tgt, t_src, eps=1e-6, prediction_type="x0", num_timesteps=NUM_TIMESTEPS
+):
     """The x0-GM predicted at ``(x_t_src, t_src)`` carried to ``(x_t_tgt, t_tgt)``
     (``t_tgt <= t_src``) without a network call: the original's Gaussian quotient and product,
     on ``gmkernels.iso_gaussian_mul_iso_gaussian`` and ``gmkernels.gm_mul_iso_gaussian``."""
@@ -170,14 +174,23 @@ def denoising_gm_convert(gm_src, x_t_tgt, x_t_src, t_tgt, t_src, eps=1e-6, predi
     gaussian_mask = iso_gaussian_mul_iso_gaussian(
         {"mean": x_t_tgt / alpha_tgt, "var": (sigma_tgt / alpha_tgt).square()},
         {"mean": x_t_src / alpha_src, "var": (sigma_src / alpha_src).square()},
-        1, -1,
+        1,
+        -1,
     )
     return gm_mul_iso_gaussian(gm_src, gaussian_mask, 1, 1)[0]
 
 
 def denoising_gm_convert_to_mean(
-    gm_src, x_t_tgt, x_t_src, t_tgt=None, t_src=None, sigma_src=None, sigma_tgt=None, eps=1e-6,
-    prediction_type="x0", num_timesteps=NUM_TIMESTEPS,
+    gm_src,
+    x_t_tgt,
+    x_t_src,
+    t_tgt=None,
+    t_src=None,
+    sigma_src=None,
+    sigma_tgt=None,
+    eps=1e-6,
+    prediction_type="x0",
+    num_timesteps=NUM_TIMESTEPS,
 ):
     """Mean of :func:`denoising_gm_convert`, fused: ``gmkernels.gm_posterior_mean`` (no K*C*H*W
     intermediate). ``sigma_src``/``sigma_tgt`` replace ``t_src / T``/``t_tgt / T`` when given.
@@ -229,10 +242,27 @@ class GMFlowMixin:
         )
 
     def denoising_gm_convert_to_mean(
-        self, gm_src, x_t_tgt, x_t_src, t_tgt=None, t_src=None, sigma_src=None, sigma_tgt=None, eps=1e-6, prediction_type="x0"
+        self,
+        gm_src,
+        x_t_tgt,
+        x_t_src,
+        t_tgt=None,
+        t_src=None,
+        sigma_src=None,
+        sigma_tgt=None,
+        eps=1e-6,
+        prediction_type="x0",
     ):
         return denoising_gm_convert_to_mean(
-            gm_src, x_t_tgt, x_t_src, t_tgt, t_src, sigma_src, sigma_tgt, eps, prediction_type,
+            gm_src,
+            x_t_tgt,
+            x_t_src,
+            t_tgt,
+            t_src,
+            sigma_src,
+            sigma_tgt,
+            eps,
+            prediction_type,
             num_timesteps=self._gm_num_timesteps(),
         )
 
@@ -261,8 +291,19 @@ class GMFlowMixin:
         self.prev_h = None
 
     def gm_2nd_order(
-        self, gm_output, gaussian_output, x_t, t, h,
-        guidance_scale=0.0, gm_cond=None, gaussian_cond=None, avg_var=None, cfg_bias=None, ca=0.005, cb=1.0,
+        self,
+        gm_output,
+        gaussian_output,
+        x_t,
+        t,
+        h,
+        guidance_scale=0.0,
+        gm_cond=None,
+        gaussian_cond=None,
+        avg_var=None,
+        cfg_bias=None,
+        ca=0.005,
+        cb=1.0,
         gm2_correction_steps=0,
     ):
         """GMFlow's 2nd-order update (docs/solvers.md), fused with the guidance bias into one Gaussian
@@ -294,7 +335,8 @@ class GMFlowMixin:
             self.prev_gm = gm_output
 
             bias, bias_power, mean_diff = second_order_bias(
-                gm_mean, mean_from_prev, avg_var, h / T, self.prev_h / T, guidance_scale, cfg_bias, ca, cb)
+                gm_mean, mean_from_prev, avg_var, h / T, self.prev_h / T, guidance_scale, cfg_bias, ca, cb
+            )
             gm_output, gaussian_output = _reweight_by_bias(base_gm, base_gaussian, bias, bias_power, avg_var)
 
             if gm2_correction_steps > 0:

@@ -16,5 +16,10 @@ from ..gmflow_schedulers import (
     GMFlowSDESchedulerOutput,
 )
 
-__all__ = ["FlowEulerODEScheduler", "GMFlowSDEScheduler", "FlowEulerODESchedulerOutput", "GMFlowSDESchedulerOutput",
-           "HAS_DIFFUSERS"]
+__all__ = [
+    "FlowEulerODEScheduler",
+    "GMFlowSDEScheduler",
+    "FlowEulerODESchedulerOutput",
+    "GMFlowSDESchedulerOutput",
+    "HAS_DIFFUSERS",
+]

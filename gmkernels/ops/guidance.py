@@ -57,7 +57,16 @@ import reference.guidance as ref
 from .._dispatch import run_reference
 from .._validate import GMShape, check_gm, check_power
 from ._launch import (
-    TRITON_VERSION, PlanCache, cdiv, checked_once, gm_views, kernels_wanted, needs_int64, per_row, pixel_rows, planned_args,
+    TRITON_VERSION,
+    PlanCache,
+    cdiv,
+    checked_once,
+    gm_views,
+    kernels_wanted,
+    needs_int64,
+    per_row,
+    pixel_rows,
+    planned_args,
 )
 from .mixture import pixel_blocks
 
@@ -89,9 +98,21 @@ if triton is not None:
 
     @triton.jit
     def _moments(
-        m_ptr, l_ptr, K, s_k, s_c, s_lk, kr, cc, cmask, pmask,
-        WITH_VAR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    ):  # fmt: skip
+        m_ptr,
+        l_ptr,
+        K,
+        s_k,
+        s_c,
+        s_lk,
+        kr,
+        cc,
+        cmask,
+        pmask,
+        WITH_VAR: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """Softmax-weighted mean ``[BC, BP]`` over K of one channel tile and (``WITH_VAR``) the
         weighted sum of squared deviations summed over its channels ``[BP]``; ``m_ptr``/``l_ptr``
         are ``[1, 1, BP]``/``[1, BP]`` pointer blocks at component 0, channel 0 of this program's
@@ -181,16 +202,45 @@ if triton is not None:
 
     @triton.jit
     def _guidance_stats_kernel(
-        mc_ptr, lc_ptr, ls_ptr, mu_ptr, lu_ptr, out_mc_ptr, out_d_ptr, part_ptr,
-        Kc, Ku, C, P, NPB,
-        s_cb, s_ck, s_cc, s_cp,
-        s_lcb, s_lck, s_lcp,
-        s_lsb, s_lsp,
-        s_ub, s_uk, s_uc, s_up,
-        s_lub, s_luk, s_lup,
-        WITH_VAR: tl.constexpr, WITH_MC: tl.constexpr, WITH_DD: tl.constexpr, SUMS: tl.constexpr, POINTS: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        mc_ptr,
+        lc_ptr,
+        ls_ptr,
+        mu_ptr,
+        lu_ptr,
+        out_mc_ptr,
+        out_d_ptr,
+        part_ptr,
+        Kc,
+        Ku,
+        C,
+        P,
+        NPB,
+        s_cb,
+        s_ck,
+        s_cc,
+        s_cp,
+        s_lcb,
+        s_lck,
+        s_lcp,
+        s_lsb,
+        s_lsp,
+        s_ub,
+        s_uk,
+        s_uc,
+        s_up,
+        s_lub,
+        s_luk,
+        s_lup,
+        WITH_VAR: tl.constexpr,
+        WITH_MC: tl.constexpr,
+        WITH_DD: tl.constexpr,
+        SUMS: tl.constexpr,
+        POINTS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """Pass 1 of guidance for row ``b`` and pixels ``[pb*BLOCK_P, (pb+1)*BLOCK_P)``: writes
         ``d = m_c - m_u`` (and ``m_c`` when ``WITH_MC``) to ``(R, C, P)`` float32 scratch and the
         partial sums ``(sum d m_c, sum m_c^2, sum d^2, sum_p v_c)``: the first two ``WITH_MC``,
@@ -210,10 +260,12 @@ if triton is not None:
             cc = c0 + cr
             cmask = cc < C
             mask2 = cmask[:, None] & pmask[None, :]
-            m_c, v_k = _moments(mc_base, lc_base, Kc, s_ck, s_cc, s_lck, kr, cc, cmask, pmask,
-                                WITH_VAR, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
-            m_u, _unused = _moments(mu_base, lu_base, Ku, s_uk, s_uc, s_luk, kr, cc, cmask, pmask,
-                                    False, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+            m_c, v_k = _moments(
+                mc_base, lc_base, Kc, s_ck, s_cc, s_lck, kr, cc, cmask, pmask, WITH_VAR, BLOCK_K, BLOCK_C, BLOCK_P
+            )
+            m_u, _unused = _moments(
+                mu_base, lu_base, Ku, s_uk, s_uc, s_luk, kr, cc, cmask, pmask, False, BLOCK_K, BLOCK_C, BLOCK_P
+            )
             d = tl.where(mask2, m_c - m_u, 0.0)
             out_off = (b * C + cc[:, None]) * P + p[None, :]
             tl.store(out_d_ptr + out_off, d, mask=mask2)
@@ -235,9 +287,20 @@ if triton is not None:
 
     @triton.jit
     def _guidance_bias_power_kernel(
-        mc_ptr, d_ptr, part_ptr, C, P, NPB, inv_chw, orthogonal,
-        POINTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        mc_ptr,
+        d_ptr,
+        part_ptr,
+        C,
+        P,
+        NPB,
+        inv_chw,
+        orthogonal,
+        POINTS: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """``part[.., 2] = sum (d - proj m_c)^2`` over this program's pixels (the statistics
         pass's grid and partial rows) with ``proj = orthogonal <d, m_c> / max(<m_c, m_c>, 1e-6)``
         of the sample, from its partials (``<.,.>`` the mean over C, H, W)."""
@@ -259,18 +322,54 @@ if triton is not None:
 
     @triton.jit
     def _guidance_apply_kernel(
-        m_ptr, l_ptr, ls_ptr, mc_ptr, d_ptr, part_ptr, out_m_ptr, out_l_ptr, out_ls_ptr, lg_ptr,
-        K, C, P, NPB, NPB_S, LS_P,
-        s_mb, s_mk, s_mc, s_mp,
-        s_lb, s_lk, s_lp,
-        s_lsb, s_lsp,
-        s_omb, s_omk, s_omc, s_omp,
-        s_olb, s_olk, s_olp,
-        s_osb, s_osp,
-        inv_chw, inv_hw, scale, orthogonal, eps,
-        POINTS: tl.constexpr, SINGLE_K: tl.constexpr, ONE_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        m_ptr,
+        l_ptr,
+        ls_ptr,
+        mc_ptr,
+        d_ptr,
+        part_ptr,
+        out_m_ptr,
+        out_l_ptr,
+        out_ls_ptr,
+        lg_ptr,
+        K,
+        C,
+        P,
+        NPB,
+        NPB_S,
+        LS_P,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_lsb,
+        s_lsp,
+        s_omb,
+        s_omk,
+        s_omc,
+        s_omp,
+        s_olb,
+        s_olk,
+        s_olp,
+        s_osb,
+        s_osp,
+        inv_chw,
+        inv_hw,
+        scale,
+        orthogonal,
+        eps,
+        POINTS: tl.constexpr,
+        SINGLE_K: tl.constexpr,
+        ONE_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """Pass 2: the conditional GM times ``N(g, v)``, ``g = A m_c + B d``; ``A, B, v`` of each
         sample from the statistics' partials (``NPB_S`` per row). Writes means, log-weights and
         log-stds (``LS_P`` pixels: 1 for per-sample stds) through their strides; ``lg_ptr`` holds
@@ -310,7 +409,9 @@ if triton is not None:
         if ONE_C:  # one channel tile: g once per pixel, kept in registers across the K loop
             mask2 = (cr < C)[:, None] & pmask[None, :]
             g_off = g_base + cr[:, None] * P
-            g1 = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(d_ptr + g_off, mask=mask2, other=0.0)
+            g1 = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(
+                d_ptr + g_off, mask=mask2, other=0.0
+            )
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + kr
             kmask = kk < K
@@ -323,10 +424,18 @@ if triton is not None:
                     g = g1
                 else:
                     g_off = g_base + cc[:, None] * P
-                    g = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(d_ptr + g_off, mask=mask2, other=0.0)
-                mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc, mask=mask3, other=0.0).to(tl.float32)
+                    g = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(
+                        d_ptr + g_off, mask=mask2, other=0.0
+                    )
+                mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc, mask=mask3, other=0.0).to(
+                    tl.float32
+                )
                 out = w_v[None, None, :] * mu + (w_s[None, :] * g)[None, :, :]
-                tl.store(om_base + kk[:, None, None] * s_omk + cc[None, :, None] * s_omc, out.to(out_m_ptr.dtype.element_ty), mask=mask3)
+                tl.store(
+                    om_base + kk[:, None, None] * s_omk + cc[None, :, None] * s_omc,
+                    out.to(out_m_ptr.dtype.element_ty),
+                    mask=mask3,
+                )
                 diff = mu - g[None, :, :]
                 dist += tl.sum(diff * diff, axis=1)
             kpmask = kmask[:, None] & pmask[None, :]
@@ -338,7 +447,11 @@ if triton is not None:
             m_run = m_new
             if SINGLE_K:  # K <= BLOCK_K, one tile: the log-weights are final now
                 lse = m_ref + tl.log(tl.where(l_run > 0, l_run, 1.0))
-                tl.store(out_l_ptr + ol_off + kk[:, None] * s_olk, (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty), mask=kpmask)
+                tl.store(
+                    out_l_ptr + ol_off + kk[:, None] * s_olk,
+                    (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty),
+                    mask=kpmask,
+                )
             else:  # kept unnormalised (float32) for the second sweep
                 tl.store(lg_ptr + ol_off + kk[:, None] * s_olk, logit, mask=kpmask)
         if not SINGLE_K:  # second sweep over the logits alone; each thread re-reads what it wrote
@@ -347,18 +460,35 @@ if triton is not None:
                 kk = k0 + kr
                 kpmask = (kk < K)[:, None] & pmask[None, :]
                 logit = tl.load(lg_ptr + ol_off + kk[:, None] * s_olk, mask=kpmask, other=0.0)
-                tl.store(out_l_ptr + ol_off + kk[:, None] * s_olk, (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty), mask=kpmask)
+                tl.store(
+                    out_l_ptr + ol_off + kk[:, None] * s_olk,
+                    (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty),
+                    mask=kpmask,
+                )
 
     @triton.jit
     def _weight_guidance_kernel(
-        lc_ptr, lu_ptr, out_ptr,
-        K, HW, NPB,
-        s_cb, s_ck, s_cp,
-        s_ub, s_uk, s_up,
-        s_ob, s_ok, s_op,
+        lc_ptr,
+        lu_ptr,
+        out_ptr,
+        K,
+        HW,
+        NPB,
+        s_cb,
+        s_ck,
+        s_cp,
+        s_ub,
+        s_uk,
+        s_up,
+        s_ob,
+        s_ok,
+        s_op,
         scale_m1,
-        SINGLE_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        SINGLE_K: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """``out[b, :, p] = log_softmax_k(l_c + (scale - 1) (l_c - l_u))`` with both log-weights
         clamped at ``-1e30``; ``(B, K, HW)`` views of any strides (point data comes as one row of
         ``B`` pixels). One K sweep when
@@ -370,8 +500,18 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + kr
             mask = (kk < K)[:, None] & pmask[None, :]
-            lc = tl.maximum(tl.load(lc_ptr + b * s_cb + kk[:, None] * s_ck + p[None, :] * s_cp, mask=mask, other=0.0).to(tl.float32), -1e30)
-            lu = tl.maximum(tl.load(lu_ptr + b * s_ub + kk[:, None] * s_uk + p[None, :] * s_up, mask=mask, other=0.0).to(tl.float32), -1e30)
+            lc = tl.maximum(
+                tl.load(lc_ptr + b * s_cb + kk[:, None] * s_ck + p[None, :] * s_cp, mask=mask, other=0.0).to(
+                    tl.float32
+                ),
+                -1e30,
+            )
+            lu = tl.maximum(
+                tl.load(lu_ptr + b * s_ub + kk[:, None] * s_uk + p[None, :] * s_up, mask=mask, other=0.0).to(
+                    tl.float32
+                ),
+                -1e30,
+            )
             x = tl.where(mask, lc + scale_m1 * (lc - lu), float("-inf"))
             m_new = tl.maximum(m_run, tl.max(x, axis=0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -386,22 +526,52 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + kr
                 mask = (kk < K)[:, None] & pmask[None, :]
-                lc = tl.maximum(tl.load(lc_ptr + b * s_cb + kk[:, None] * s_ck + p[None, :] * s_cp, mask=mask, other=0.0).to(tl.float32), -1e30)
-                lu = tl.maximum(tl.load(lu_ptr + b * s_ub + kk[:, None] * s_uk + p[None, :] * s_up, mask=mask, other=0.0).to(tl.float32), -1e30)
+                lc = tl.maximum(
+                    tl.load(lc_ptr + b * s_cb + kk[:, None] * s_ck + p[None, :] * s_cp, mask=mask, other=0.0).to(
+                        tl.float32
+                    ),
+                    -1e30,
+                )
+                lu = tl.maximum(
+                    tl.load(lu_ptr + b * s_ub + kk[:, None] * s_uk + p[None, :] * s_up, mask=mask, other=0.0).to(
+                        tl.float32
+                    ),
+                    -1e30,
+                )
                 x = lc + scale_m1 * (lc - lu)
                 o_off = b * s_ob + kk[:, None] * s_ok + p[None, :] * s_op
                 tl.store(out_ptr + o_off, (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit
     def _mean_cfg_apply_kernel(
-        m_ptr, mc_ptr, d_ptr, part_ptr, out_ptr,
-        K, C, P, NPB, NPB_S, inv_chw, scale_m1,
-        s_mb, s_mk, s_mc, s_mp,
-        s_ob, s_ok, s_oc, s_op,
-        ORTHO: tl.constexpr, POINTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        m_ptr,
+        mc_ptr,
+        d_ptr,
+        part_ptr,
+        out_ptr,
+        K,
+        C,
+        P,
+        NPB,
+        NPB_S,
+        inv_chw,
+        scale_m1,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_ob,
+        s_ok,
+        s_oc,
+        s_op,
+        ORTHO: tl.constexpr,
+        POINTS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """``out[b, k, c, p] = mu + a d[b, c, p] (+ b_s m_c[b, c, p] when ORTHO)`` with ``a = scale -
         1`` and ``b_s = -a proj`` of the sample (from the statistics' partials, ``NPB_S`` per row);
         each channel tile's shift is formed once per pixel and added to every component."""
@@ -422,8 +592,14 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + kr
                 mask3 = (kk < K)[:, None, None] & mask2[None, :, :]
-                mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc, mask=mask3, other=0.0).to(tl.float32)
-                tl.store(o_base + kk[:, None, None] * s_ok + cc[None, :, None] * s_oc, (mu + shift[None, :, :]).to(out_ptr.dtype.element_ty), mask=mask3)
+                mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc, mask=mask3, other=0.0).to(
+                    tl.float32
+                )
+                tl.store(
+                    o_base + kk[:, None, None] * s_ok + cc[None, :, None] * s_oc,
+                    (mu + shift[None, :, :]).to(out_ptr.dtype.element_ty),
+                    mask=mask3,
+                )
 
 # ----------------------------------------------------------------------------- launchers
 #
@@ -447,8 +623,18 @@ def _stats_plan(m4, l3, ls2, u4, ul3, with_var: bool, with_mc: bool, with_dd: bo
     npb = cdiv(P, bp)
     sums = with_var or with_mc or with_dd
     ints = (Kc, u4.shape[1], C, P, npb, *m4.stride(), *l3.stride(), *ls2.stride(), *u4.stride(), *ul3.stride())
-    options = dict(WITH_VAR=with_var, WITH_MC=with_mc, WITH_DD=with_dd, SUMS=sums, POINTS=points, BLOCK_K=bk, BLOCK_C=bc,
-                   BLOCK_P=bp, INT64=needs_int64(m4, l3, ls2, u4, ul3), num_warps=warps)  # fmt: skip
+    options = dict(
+        WITH_VAR=with_var,
+        WITH_MC=with_mc,
+        WITH_DD=with_dd,
+        SUMS=sums,
+        POINTS=points,
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        INT64=needs_int64(m4, l3, ls2, u4, ul3),
+        num_warps=warps,
+    )
     return (R * npb,), ints, options, (P if points else R * npb) if sums else 0, (npb, bc, bp, warps)
 
 
@@ -464,7 +650,9 @@ def _probabilistic_args(cm, cl, cls, um, ul, out_m, out_l, out_ls, orthogonal: b
     u4, ul3 = gm_views(um, ul)
     R, P = m4.shape[0], m4.shape[-1]
     points = R > 1 and P == 1
-    views = pixel_rows(m4, l3, per_row(cls, R, P), u4, ul3, out_m.view(R, K, C, P), out_l.view(R, K, P), out_ls.view(R, -1))
+    views = pixel_rows(
+        m4, l3, per_row(cls, R, P), u4, ul3, out_m.view(R, K, C, P), out_l.view(R, K, P), out_ls.view(R, -1)
+    )
     m4, l3, ls2, u4, ul3, om, ol, ols = views
     R, P = m4.shape[0], m4.shape[-1]
     s_grid, s_ints, s_opts, part_rows, (npb_s, bc_s, bp_s, warps_s) = _stats_plan(
@@ -476,10 +664,33 @@ def _probabilistic_args(cm, cl, cls, um, ul, out_m, out_l, out_ls, orthogonal: b
     bk, bc, bp, warps = _apply_layout(K, C, P, R, cm.element_size(), m4.stride(-1) == 1)
     single_k = K <= bk
     npb = cdiv(P, bp)
-    a_ints = (K, C, P, npb, npb_s, ols.shape[-1], *m4.stride(), *l3.stride(), *ls2.stride(), *om.stride(), *ol.stride(),
-              *ols.stride(), 1.0 / (C * H * W), 1.0 / (H * W))  # fmt: skip
-    a_opts = dict(POINTS=points, SINGLE_K=single_k, ONE_C=C <= bc, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, BLOCK_N=_NSUM,
-                  INT64=int64, num_warps=warps)  # fmt: skip
+    a_ints = (
+        K,
+        C,
+        P,
+        npb,
+        npb_s,
+        ols.shape[-1],
+        *m4.stride(),
+        *l3.stride(),
+        *ls2.stride(),
+        *om.stride(),
+        *ol.stride(),
+        *ols.stride(),
+        1.0 / (C * H * W),
+        1.0 / (H * W),
+    )
+    a_opts = dict(
+        POINTS=points,
+        SINGLE_K=single_k,
+        ONE_C=C <= bc,
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        BLOCK_N=_NSUM,
+        INT64=int64,
+        num_warps=warps,
+    )
     # unnormalised logits between the apply's two sweeps: float32, with the log-weights' strides
     logits = None if single_k or cm.dtype == torch.float32 else (ol.shape, ol.stride())
     grids = (s_grid, (R * npb_s,), (R * npb,))
@@ -500,8 +711,9 @@ def _launch_probabilistic(cm, cls, cl, um, ul, scale: float, orthogonal: float):
         return out_m, cls.to(dt, copy=True), cl.to(dt, copy=True)
     out_l = torch.empty_like(cl, dtype=dt, memory_format=torch.contiguous_format)
     out_ls = torch.empty_like(cls, dtype=dt, memory_format=torch.contiguous_format)
-    t, grids, ints, opts = planned_args(_PROBABILISTIC_PLANS, _probabilistic_args, (cm, cl, cls, um, ul, out_m, out_l, out_ls),
-                                        orthogonal > 0, n_key=5)  # fmt: skip
+    t, grids, ints, opts = planned_args(
+        _PROBABILISTIC_PLANS, _probabilistic_args, (cm, cl, cls, um, ul, out_m, out_l, out_ls), orthogonal > 0, n_key=5
+    )
     n_scratch, n_part, logits = opts[3]
     dev = cm.device
     # ``size=`` by keyword: the argument parser then skips the varargs overload
@@ -512,8 +724,9 @@ def _launch_probabilistic(cm, cls, cl, um, ul, scale: float, orthogonal: float):
     if orthogonal > 0:
         _guidance_bias_power_kernel[grids[1]](m_c, d, part, *ints[1], orthogonal, **opts[1])
     lg = t[6] if logits is None else torch.empty_strided(*logits, device=dev, dtype=torch.float32)
-    _guidance_apply_kernel[grids[2]](t[0], t[1], t[2], m_c, d, part, t[5], t[6], t[7], lg, *ints[2], scale, orthogonal, 1e-6,
-                                     **opts[2])  # fmt: skip
+    _guidance_apply_kernel[grids[2]](
+        t[0], t[1], t[2], m_c, d, part, t[5], t[6], t[7], lg, *ints[2], scale, orthogonal, 1e-6, **opts[2]
+    )
     return out_m, out_ls, out_l
 
 
@@ -561,11 +774,21 @@ def _mean_cfg_args(cm, cl, um, ul, out, orthogonal: bool) -> tuple:
     m4, l3, u4, ul3, om = views
     R, P = m4.shape[0], m4.shape[-1]
     # no variance: the log-weights stand in for the unused logstds
-    s_grid, s_ints, s_opts, part_rows, (npb_s, *_) = _stats_plan(m4, l3, l3[:, 0], u4, ul3, False, orthogonal, False, points)
+    s_grid, s_ints, s_opts, part_rows, (npb_s, *_) = _stats_plan(
+        m4, l3, l3[:, 0], u4, ul3, False, orthogonal, False, points
+    )
     bk, bc, bp, warps = pixel_blocks(K, C, P, R, cm.element_size(), 64, False, m4.stride(-1) == 1)
     npb = cdiv(P, bp)
-    a_opts = dict(ORTHO=orthogonal, POINTS=points, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, BLOCK_N=_NSUM,
-                  INT64=needs_int64(m4, om), num_warps=warps)  # fmt: skip
+    a_opts = dict(
+        ORTHO=orthogonal,
+        POINTS=points,
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        BLOCK_N=_NSUM,
+        INT64=needs_int64(m4, om),
+        num_warps=warps,
+    )
     ints = (s_ints, (K, C, P, npb, npb_s, 1.0 / (C * H * W)), (*m4.stride(), *om.stride()))
     return views, (s_grid, (R * npb,)), ints, (s_opts, a_opts, (R * C * P, 4 * part_rows))
 
@@ -607,16 +830,23 @@ if triton is not None:
         if scale == 0:  # the identity (reference.guidance); outputs must not alias inputs
             dt = cond_means.dtype
             return cond_means.clone(), cond_logstds.to(dt, copy=True), cond_logweights.to(dt, copy=True)
-        return _launch_probabilistic(cond_means, cond_logstds, cond_logweights, uncond_means, uncond_logweights, scale, orthogonal)
+        return _launch_probabilistic(
+            cond_means, cond_logstds, cond_logweights, uncond_means, uncond_logweights, scale, orthogonal
+        )
 
     @_probabilistic_guidance_op.register_fake
     def _(cond_means, cond_logstds, cond_logweights, uncond_means, uncond_logweights, scale, orthogonal):
         dt = cond_means.dtype
-        return (cond_means.new_empty(cond_means.shape), cond_logstds.new_empty(cond_logstds.shape, dtype=dt),
-                cond_logweights.new_empty(cond_logweights.shape, dtype=dt))  # fmt: skip
+        return (
+            cond_means.new_empty(cond_means.shape),
+            cond_logstds.new_empty(cond_logstds.shape, dtype=dt),
+            cond_logweights.new_empty(cond_logweights.shape, dtype=dt),
+        )
 
     @torch.library.custom_op("gmkernels::weight_guidance", mutates_args=())
-    def _weight_guidance_op(cond_logweights: torch.Tensor, uncond_logweights: torch.Tensor, scale: float) -> torch.Tensor:
+    def _weight_guidance_op(
+        cond_logweights: torch.Tensor, uncond_logweights: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         return _launch_weight(cond_logweights, uncond_logweights, scale)
 
     @_weight_guidance_op.register_fake
@@ -653,8 +883,16 @@ def _check_pair(gm_cond: dict, gm_uncond: dict) -> GMShape:
     (:func:`checked_once`)."""
     if type(gm_cond) is dict and type(gm_uncond) is dict:
         c, u = gm_cond, gm_uncond
-        return checked_once("guidance pair", lambda: _checked_pair(c, u), c.get("means"), c.get("logstds"), c.get("logweights"),
-                            u.get("means"), u.get("logstds"), u.get("logweights"))  # fmt: skip
+        return checked_once(
+            "guidance pair",
+            lambda: _checked_pair(c, u),
+            c.get("means"),
+            c.get("logstds"),
+            c.get("logweights"),
+            u.get("means"),
+            u.get("logstds"),
+            u.get("logweights"),
+        )
     return _checked_pair(gm_cond, gm_uncond)
 
 
@@ -713,7 +951,11 @@ def weight_guidance(gm_cond: dict, gm_uncond: dict, scale: float) -> dict:
     if not kernels_wanted(gm_cond["means"], gm_cond["logweights"], gm_uncond["logweights"]):
         return run_reference(ref.weight_guidance, gm_cond, gm_uncond, scale, out_dtype=s.dtype)
     logweights = _weight_guidance_op(gm_cond["logweights"], gm_uncond["logweights"], scale)
-    return {"means": gm_cond["means"], "logstds": _as(gm_cond["logstds"], s.dtype), "logweights": _as(logweights, s.dtype)}
+    return {
+        "means": gm_cond["means"],
+        "logstds": _as(gm_cond["logstds"], s.dtype),
+        "logweights": _as(logweights, s.dtype),
+    }
 
 
 def mean_cfg(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: bool = False) -> dict:
@@ -736,4 +978,8 @@ def mean_cfg(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: bool = Fa
     if not kernels_wanted(*tensors):
         return run_reference(ref.mean_cfg, gm_cond, gm_uncond, scale, orthogonal, out_dtype=s.dtype)
     means = _mean_cfg_op(*tensors, scale, orthogonal)
-    return {"means": means, "logstds": _as(gm_cond["logstds"], s.dtype), "logweights": _as(gm_cond["logweights"], s.dtype)}
+    return {
+        "means": means,
+        "logstds": _as(gm_cond["logstds"], s.dtype),
+        "logweights": _as(gm_cond["logweights"], s.dtype),
+    }

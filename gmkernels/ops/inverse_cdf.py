@@ -40,7 +40,17 @@ import reference.inverse_cdf as ref
 
 from .._dispatch import run_reference
 from .._validate import check_count, check_gm, check_gm1d, check_positive, check_state, require_range
-from ._launch import PlanCache, cdiv, checked_once, kernels_wanted, needs_int64, next_pow2, per_row, pixel_rows, planned_args
+from ._launch import (
+    PlanCache,
+    cdiv,
+    checked_once,
+    kernels_wanted,
+    needs_int64,
+    next_pow2,
+    per_row,
+    pixel_rows,
+    planned_args,
+)
 from .mixture import online_moments_update
 
 try:
@@ -82,17 +92,47 @@ if triton is not None:
 
     @triton.jit
     def _kr_inverse_kernel(
-        means_ptr, lw_ptr, logstds_ptr, z_ptr, u_ptr, out_ptr, acc_ptr,
-        K, C, P, N, n_pblocks,
-        s_mr, s_mk, s_mc, s_mp,
-        s_lr, s_lk, s_lp,
-        s_sr, s_sp,
-        s_zr, s_zn, s_zc, s_zp,
-        s_ur, s_un, s_uc, s_up,
-        s_or, s_on, s_oc, s_op,
-        n_steps, eps, max_step_size,
-        HAS_U: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        means_ptr,
+        lw_ptr,
+        logstds_ptr,
+        z_ptr,
+        u_ptr,
+        out_ptr,
+        acc_ptr,
+        K,
+        C,
+        P,
+        N,
+        n_pblocks,
+        s_mr,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lr,
+        s_lk,
+        s_lp,
+        s_sr,
+        s_sp,
+        s_zr,
+        s_zn,
+        s_zc,
+        s_zp,
+        s_ur,
+        s_un,
+        s_uc,
+        s_up,
+        s_or,
+        s_on,
+        s_oc,
+        s_op,
+        n_steps,
+        eps,
+        max_step_size,
+        HAS_U: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """KR inverse transport ``z (R, N, C, P) -> x (R, N, C, P)``: axis by axis, Newton on the
         conditional scaled CDF at ``u = erf(z / sqrt 2)`` (or at ``u_ptr`` when ``HAS_U``),
         started from the moment-matched Gaussian at ``z``. ``acc_ptr``: float32 ``(R*N, K, P)``
@@ -156,7 +196,9 @@ if triton is not None:
                 pdf = dens * inv_w * inv_std * 0.3989422804014327
                 delta = 0.5 * (cdf * inv_w - u) / tl.maximum(pdf, eps)
                 x -= tl.minimum(tl.maximum(delta, -max_step), max_step)
-            tl.store(out_ptr + row * s_or + n * s_on + c * s_oc + offs_p * s_op, x.to(out_ptr.dtype.element_ty), mask=mask_p)
+            tl.store(
+                out_ptr + row * s_or + n * s_on + c * s_oc + offs_p * s_op, x.to(out_ptr.dtype.element_ty), mask=mask_p
+            )
             # carry the squared distances of this axis to the next axis's slice weights
             if c + 1 < C:
                 for k0 in range(0, K, BLOCK_K):
@@ -174,15 +216,38 @@ if triton is not None:
 
     @triton.jit
     def _kr_cdf_kernel(
-        means_ptr, lw_ptr, logstds_ptr, x_ptr, out_ptr, acc_ptr,
-        K, C, P, N, n_pblocks,
-        s_mr, s_mk, s_mc, s_mp,
-        s_lr, s_lk, s_lp,
-        s_sr, s_sp,
-        s_xr, s_xn, s_xc, s_xp,
-        s_or, s_on, s_oc, s_op,
-        BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        means_ptr,
+        lw_ptr,
+        logstds_ptr,
+        x_ptr,
+        out_ptr,
+        acc_ptr,
+        K,
+        C,
+        P,
+        N,
+        n_pblocks,
+        s_mr,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lr,
+        s_lk,
+        s_lp,
+        s_sr,
+        s_sp,
+        s_xr,
+        s_xn,
+        s_xc,
+        s_xp,
+        s_or,
+        s_on,
+        s_oc,
+        s_op,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """KR forward map to scaled CDFs ``x (R, N, C, P) -> u (R, N, C, P)``: axis by axis, one
         online pass over K tiles for the conditional scaled CDF, adding the axis's squared
         distances to the ``(R*N, K, P)`` scratch. Grid as ``_kr_inverse_kernel``."""
@@ -230,7 +295,9 @@ if triton is not None:
                 m = m_new
                 tl.store(a_ptrs, acc + d * d, mask=mask & store_acc)
             u = cdf / tl.where(w_sum > 0, w_sum, 1.0)
-            tl.store(out_ptr + row * s_or + n * s_on + c * s_oc + offs_p * s_op, u.to(out_ptr.dtype.element_ty), mask=mask_p)
+            tl.store(
+                out_ptr + row * s_or + n * s_on + c * s_oc + offs_p * s_op, u.to(out_ptr.dtype.element_ty), mask=mask_p
+            )
             tl.debug_barrier()  # the scratch stores above complete before the next axis loads them (any thread)
 
 
@@ -251,8 +318,16 @@ def _kr_views(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tens
     return pixel_rows(means.reshape(R, K, C, P), logweights.reshape(R, K, P), per_row(logstds, R, P), *s4)
 
 
-def _kr_inverse_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, z: torch.Tensor, u: torch.Tensor,
-                     out: torch.Tensor, acc: torch.Tensor, has_u: bool) -> tuple:  # fmt: skip
+def _kr_inverse_args(
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    z: torch.Tensor,
+    u: torch.Tensor,
+    out: torch.Tensor,
+    acc: torch.Tensor,
+    has_u: bool,
+) -> tuple:
     """``_kr_inverse_kernel``'s views of a GM ``(*B, K, C, H, W)``, the starts ``z``, the targets
     ``u`` (``z`` again, unread, without ``has_u``), the output ``(*B, N, C, H, W)`` and the
     scratch, its grid, integer arguments and options."""
@@ -262,7 +337,9 @@ def _kr_inverse_args(means: torch.Tensor, logweights: torch.Tensor, logstds: tor
     block_k, block_p, warps = kr_blocks(K, P, 1024 if C == 1 or m4.stride(-1) == 1 else 512, 8 if C == 1 else 4)
     n_pblocks = cdiv(P, block_p)
     ints = (K, C, P, N, n_pblocks, *m4.stride(), *l3.stride(), *s2.stride(), *z4.stride(), *u4.stride(), *o4.stride())
-    options = dict(HAS_U=has_u, BLOCK_K=block_k, BLOCK_P=block_p, INT64=needs_int64(m4, l3, z4, u4, o4, acc), num_warps=warps)
+    options = dict(
+        HAS_U=has_u, BLOCK_K=block_k, BLOCK_P=block_p, INT64=needs_int64(m4, l3, z4, u4, o4, acc), num_warps=warps
+    )
     return (m4, l3, s2, z4, u4, o4, acc), (R * N * n_pblocks,), ints, options
 
 
@@ -270,9 +347,15 @@ _KR_INVERSE_PLANS = PlanCache()
 
 
 def _launch_kr_inverse(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, z: torch.Tensor,
-    u: torch.Tensor | None, n_steps: int, eps: float, max_step_size: float,
-) -> torch.Tensor:  # fmt: skip
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    z: torch.Tensor,
+    u: torch.Tensor | None,
+    n_steps: int,
+    eps: float,
+    max_step_size: float,
+) -> torch.Tensor:
     """Run ``_kr_inverse_kernel``: ``(*B, N, C, H, W)`` in the dtype of ``means``."""
     out = means.new_empty(z.shape)
     if out.numel() == 0:
@@ -285,16 +368,29 @@ def _launch_kr_inverse(
     return out
 
 
-def _gm1d_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, z: torch.Tensor, u: torch.Tensor,
-               out: torch.Tensor, acc: torch.Tensor) -> tuple:  # fmt: skip
+def _gm1d_args(
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    z: torch.Tensor,
+    u: torch.Tensor,
+    out: torch.Tensor,
+    acc: torch.Tensor,
+) -> tuple:
     """``_kr_inverse_kernel``'s views of a 1-D GM ``(*B, K, H, W)`` and samples ``(*B, N, H, W)``
     as ``C = 1`` (the views ``_kr_views`` makes of the same tensors with a channel axis), its
     grid, integer arguments and options. ``acc``: the kernel's scratch pointer, never read or
     written with one axis."""
     *batch, K, H, W = means.shape
     R, P, N = math.prod(batch), H * W, u.shape[-3]
-    views = pixel_rows(means.reshape(R, K, 1, P), logweights.reshape(R, K, P), per_row(logstds, R, P),
-                       z.reshape(R, N, 1, P), u.reshape(R, N, 1, P), out.view(R, N, 1, P))  # fmt: skip
+    views = pixel_rows(
+        means.reshape(R, K, 1, P),
+        logweights.reshape(R, K, P),
+        per_row(logstds, R, P),
+        z.reshape(R, N, 1, P),
+        u.reshape(R, N, 1, P),
+        out.view(R, N, 1, P),
+    )
     m4, l3, s2, z4, u4, o4 = views
     R, P = m4.shape[0], m4.shape[-1]
     block_k, block_p, warps = kr_blocks(K, P, 1024, 8)
@@ -309,9 +405,15 @@ _SQRT2_T = torch.tensor(_SQRT2, dtype=torch.float32)  # a CPU scalar: ``z.mul_``
 
 
 def _launch_gm1d_inverse(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, u: torch.Tensor, z: torch.Tensor | None,
-    n_steps: int, eps: float, max_step_size: float,
-) -> torch.Tensor:  # fmt: skip
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    u: torch.Tensor,
+    z: torch.Tensor | None,
+    n_steps: int,
+    eps: float,
+    max_step_size: float,
+) -> torch.Tensor:
     """Run ``_kr_inverse_kernel`` on a 1-D GM: ``(*B, N, H, W)`` in the dtype of ``means``, the
     Newton targets ``u``, the start from ``z`` (when None: ``sqrt(2) erfinv(clamp(u))`` in
     float32)."""
@@ -327,8 +429,14 @@ def _launch_gm1d_inverse(
     return out
 
 
-def _kr_cdf_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
-                 acc: torch.Tensor) -> tuple:  # fmt: skip
+def _kr_cdf_args(
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    acc: torch.Tensor,
+) -> tuple:
     """``_kr_cdf_kernel``'s views of a GM ``(*B, K, C, H, W)``, the samples ``x``, the output
     ``(*B, N, C, H, W)`` and the scratch, its grid, integer arguments and options."""
     m4, l3, s2, x4, o4 = _kr_views(means, logweights, logstds, x, out)
@@ -344,14 +452,18 @@ def _kr_cdf_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.T
 _KR_CDF_PLANS = PlanCache()
 
 
-def _launch_kr_cdf(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _launch_kr_cdf(
+    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
     """Run ``_kr_cdf_kernel``: scaled CDFs ``(*B, N, C, H, W)``, float32."""
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if out.numel() == 0:
         return out
     K, C = means.shape[-4], means.shape[-3]
     acc = torch.empty(size=(out.numel() // C * K if C > 1 else 1,), dtype=torch.float32, device=means.device)
-    t, grid, ints, options = planned_args(_KR_CDF_PLANS, _kr_cdf_args, (means, logweights, logstds, x, out, acc), n_key=4)
+    t, grid, ints, options = planned_args(
+        _KR_CDF_PLANS, _kr_cdf_args, (means, logweights, logstds, x, out, acc), n_key=4
+    )
     _kr_cdf_kernel[grid](*t, *ints, **options)
     return out
 
@@ -362,18 +474,28 @@ if triton is not None:
 
     @torch.library.custom_op("gmkernels::kr_inverse", mutates_args=())
     def _kr_inverse_op(
-        means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, gaussian_samples: torch.Tensor,
-        scaled_cdfs: torch.Tensor | None, n_steps: int, eps: float, max_step_size: float,
-    ) -> torch.Tensor:  # fmt: skip
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        logweights: torch.Tensor,
+        gaussian_samples: torch.Tensor,
+        scaled_cdfs: torch.Tensor | None,
+        n_steps: int,
+        eps: float,
+        max_step_size: float,
+    ) -> torch.Tensor:
         """KR transport N(0, I) -> GM along the given channel axes (``C = 1``: the 1-D inverse CDF)."""
-        return _launch_kr_inverse(means, logstds, logweights, gaussian_samples, scaled_cdfs, n_steps, eps, max_step_size)
+        return _launch_kr_inverse(
+            means, logstds, logweights, gaussian_samples, scaled_cdfs, n_steps, eps, max_step_size
+        )
 
     @_kr_inverse_op.register_fake
     def _(means, logstds, logweights, gaussian_samples, scaled_cdfs, n_steps, eps, max_step_size):
         return means.new_empty(gaussian_samples.shape)
 
     @torch.library.custom_op("gmkernels::kr_scaled_cdfs", mutates_args=())
-    def _kr_cdf_op(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, gm_samples: torch.Tensor) -> torch.Tensor:
+    def _kr_cdf_op(
+        means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, gm_samples: torch.Tensor
+    ) -> torch.Tensor:
         """Scaled CDFs of the KR conditionals along the given channel axes, float32."""
         return _launch_kr_cdf(means, logstds, logweights, gm_samples)
 
@@ -383,11 +505,19 @@ if triton is not None:
 
     @torch.library.custom_op("gmkernels::gm1d_inverse_cdf", mutates_args=())
     def _gm1d_inverse_op(
-        means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, scaled_cdfs: torch.Tensor,
-        gaussian_samples: torch.Tensor | None, n_steps: int, eps: float, max_step_size: float,
-    ) -> torch.Tensor:  # fmt: skip
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        logweights: torch.Tensor,
+        scaled_cdfs: torch.Tensor,
+        gaussian_samples: torch.Tensor | None,
+        n_steps: int,
+        eps: float,
+        max_step_size: float,
+    ) -> torch.Tensor:
         """The 1-D inverse CDF (``kr_inverse`` with one axis, without its channel axis)."""
-        return _launch_gm1d_inverse(means, logstds, logweights, scaled_cdfs, gaussian_samples, n_steps, eps, max_step_size)
+        return _launch_gm1d_inverse(
+            means, logstds, logweights, scaled_cdfs, gaussian_samples, n_steps, eps, max_step_size
+        )
 
     @_gm1d_inverse_op.register_fake
     def _(means, logstds, logweights, scaled_cdfs, gaussian_samples, n_steps, eps, max_step_size):
@@ -400,10 +530,20 @@ if triton is not None:
 def _check_newton(n_steps: Any, eps: Any, max_step_size: Any) -> tuple[int, float, float]:
     """``n_steps`` an int >= 0, ``eps`` and ``max_step_size`` finite floats > 0 (a Python int and
     floats in range pass without the per-argument checks, which word the errors)."""
-    if (type(n_steps) is int and n_steps >= 0 and type(eps) is float and 0.0 < eps < math.inf
-            and type(max_step_size) is float and 0.0 < max_step_size < math.inf):  # fmt: skip
+    if (
+        type(n_steps) is int
+        and n_steps >= 0
+        and type(eps) is float
+        and 0.0 < eps < math.inf
+        and type(max_step_size) is float
+        and 0.0 < max_step_size < math.inf
+    ):
         return n_steps, eps, max_step_size
-    return check_count(n_steps, "n_steps", 0), check_positive(eps, "eps"), check_positive(max_step_size, "max_step_size")
+    return (
+        check_count(n_steps, "n_steps", 0),
+        check_positive(eps, "eps"),
+        check_positive(max_step_size, "max_step_size"),
+    )
 
 
 def gm1d_inverse_cdf(
@@ -432,8 +572,14 @@ def gm1d_inverse_cdf(
         ``(*B, N, H, W)`` in the dtype of ``means``.
     """
     if type(gm1d) is dict:  # the structure is checked once per metadata of the four tensors
-        s = checked_once("gm1d, scaled_cdfs", lambda: check_gm1d(gm1d, scaled_cdfs, "scaled_cdfs"), gm1d.get("means"),
-                         gm1d.get("logstds"), gm1d.get("logweights"), scaled_cdfs)  # fmt: skip
+        s = checked_once(
+            "gm1d, scaled_cdfs",
+            lambda: check_gm1d(gm1d, scaled_cdfs, "scaled_cdfs"),
+            gm1d.get("means"),
+            gm1d.get("logstds"),
+            gm1d.get("logweights"),
+            scaled_cdfs,
+        )
     else:
         s = check_gm1d(gm1d, scaled_cdfs, "scaled_cdfs")
     n_steps, eps, max_step_size = _check_newton(n_steps, eps, max_step_size)
@@ -493,16 +639,24 @@ def gaussian_samples_to_gm_samples(
     n_steps, eps, max_step_size = _check_newton(n_steps, eps, max_step_size)
     if not kernels_wanted(gm["means"], gm["logstds"], gm["logweights"], gaussian_samples):
         return run_reference(
-            ref.gaussian_samples_to_gm_samples, gm, gaussian_samples, n_steps, eps, max_step_size, bool(axis_aligned),
+            ref.gaussian_samples_to_gm_samples,
+            gm,
+            gaussian_samples,
+            n_steps,
+            eps,
+            max_step_size,
+            bool(axis_aligned),
             out_dtype=s.dtype,
-        )  # fmt: skip
+        )
     means_rot, basis = _rotated(gm, axis_aligned)
     z = gaussian_samples if axis_aligned else ref.to_basis(gaussian_samples.float(), basis)
     x_rot = _kr_inverse_op(means_rot, gm["logstds"], gm["logweights"], z, None, n_steps, eps, max_step_size)
     return ref.from_basis(x_rot, basis).to(s.dtype)
 
 
-def gm_samples_to_gaussian_samples(gm: dict, gm_samples: torch.Tensor, eps: float = 1e-6, axis_aligned: bool = True) -> torch.Tensor:
+def gm_samples_to_gaussian_samples(
+    gm: dict, gm_samples: torch.Tensor, eps: float = 1e-6, axis_aligned: bool = True
+) -> torch.Tensor:
     """Knothe-Rosenblatt transport of GM samples to standard-normal samples, the inverse of
     ``gaussian_samples_to_gm_samples`` (same basis ``V``): the conditional scaled CDFs ``F`` of
     ``V^T x`` axis by axis, ``z = sqrt(2) * erfinv(clamp(F, -1 + eps, 1 - eps))``, rotated back
@@ -518,7 +672,9 @@ def gm_samples_to_gaussian_samples(gm: dict, gm_samples: torch.Tensor, eps: floa
     check_state(gm_samples, "gm_samples", s, n_samples=True)
     eps = check_positive(eps, "eps")
     if not kernels_wanted(gm["means"], gm["logstds"], gm["logweights"], gm_samples):
-        return run_reference(ref.gm_samples_to_gaussian_samples, gm, gm_samples, eps, bool(axis_aligned), out_dtype=s.dtype)
+        return run_reference(
+            ref.gm_samples_to_gaussian_samples, gm, gm_samples, eps, bool(axis_aligned), out_dtype=s.dtype
+        )
     means_rot, basis = _rotated(gm, axis_aligned)
     u = _kr_cdf_op(means_rot, gm["logstds"], gm["logweights"], ref.to_basis(gm_samples.float(), basis))
     z = torch.erfinv(u.clamp(-1 + eps, 1 - eps)) * _SQRT2

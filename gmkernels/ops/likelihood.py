@@ -78,8 +78,23 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _component_q(mu_ptrs, y_base, x_base, C, sm_c, sy_c, sx_c, mask, mask_p, istd, msc, xres,
-                     AFFINE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    def _component_q(
+        mu_ptrs,
+        y_base,
+        x_base,
+        C,
+        sm_c,
+        sy_c,
+        sx_c,
+        mask,
+        mask_p,
+        istd,
+        msc,
+        xres,
+        AFFINE: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """``q [BK, BP] = sum_c ((y_c - mu_kc) * istd)^2`` for one K tile (with ``AFFINE`` the means
         are ``msc * mu`` and the target that of ``_target``)."""
         q = tl.zeros([BLOCK_K, BLOCK_P], tl.float32)
@@ -137,19 +152,38 @@ if triton is not None:
         log1p_e = tl.where(u == one, e, tl.log(u) * (e / tl.where(u == one, one, u - one)))  # log1p, exact for tiny e
         logstd = 0.5 * (tl.maximum(v, L) + log1p_e)
         dlogstd = tl.where(d >= 0, one, e) / u
-        return ((-c2 * sh).to(tl.float32), (one - c1 - c2).to(tl.float32), logstd.to(tl.float32),
-                dlogstd.to(tl.float32))  # fmt: skip
+        return (
+            (-c2 * sh).to(tl.float32),
+            (one - c1 - c2).to(tl.float32),
+            logstd.to(tl.float32),
+            dlogstd.to(tl.float32),
+        )
 
     @triton.jit
-    def _row_logstds(logstds_ptr, ss_r, ss_p, th_ptr, tlow_ptr, sth_r, sth_p, stl_r, stl_p, r, offs_p, mask_p,
-                     TRANSITION: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    def _row_logstds(
+        logstds_ptr,
+        ss_r,
+        ss_p,
+        th_ptr,
+        tlow_ptr,
+        sth_r,
+        sth_p,
+        stl_r,
+        stl_p,
+        r,
+        offs_p,
+        mask_p,
+        TRANSITION: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """The NLL kernels' per-lane log-std ``[BP]`` of row ``r`` (float32) and, with
         ``TRANSITION``, the reverse transition's ``mscale``, ``xres`` and mapped log-std
         (``_transition_map``); without it ``mscale`` and ``xres`` are unused placeholders."""
         ls = tl.load(logstds_ptr + r * ss_r + offs_p * ss_p, mask=mask_p, other=0.0).to(tl.float32)
         if TRANSITION:
-            msc, xres, ls, _ = _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls,
-                                               BLOCK_P)  # fmt: skip
+            msc, xres, ls, _ = _transition_map(
+                th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls, BLOCK_P
+            )
         else:
             msc = ls
             xres = ls
@@ -157,16 +191,49 @@ if triton is not None:
 
     @triton.jit
     def _gm_loglik_fwd_kernel(
-        means_ptr, logstds_ptr, logweights_ptr, y_ptr, out_ptr, th_ptr, tlow_ptr, x_ptr,
-        N, K, C, P, n_pb,
-        sm_r, sm_k, sm_c, sm_p,
-        ss_r, ss_p,
-        sw_r, sw_k, sw_p,
-        sy_r, sy_n, sy_c, sy_p,
-        so_r, so_n, so_p,
-        sth_r, sth_p, stl_r, stl_p, sx_r, sx_c, sx_p,
-        istd_max, sign, shift,
-        TRANSITION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, I64: tl.constexpr,
+        means_ptr,
+        logstds_ptr,
+        logweights_ptr,
+        y_ptr,
+        out_ptr,
+        th_ptr,
+        tlow_ptr,
+        x_ptr,
+        N,
+        K,
+        C,
+        P,
+        n_pb,
+        sm_r,
+        sm_k,
+        sm_c,
+        sm_p,
+        ss_r,
+        ss_p,
+        sw_r,
+        sw_k,
+        sw_p,
+        sy_r,
+        sy_n,
+        sy_c,
+        sy_p,
+        so_r,
+        so_n,
+        so_p,
+        sth_r,
+        sth_p,
+        stl_r,
+        stl_p,
+        sx_r,
+        sx_c,
+        sx_p,
+        istd_max,
+        sign,
+        shift,
+        TRANSITION: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        I64: tl.constexpr,
     ):
         """``out[r, n, p] = sign * logsumexp_k(l_k) + shift`` for samples ``y (R, N, C, P)``;
         with ``TRANSITION`` the GM is the reverse transition of the u-GM from ``x (R, C, P)`` at
@@ -182,8 +249,22 @@ if triton is not None:
             n = n.to(tl.int64)
             offs_p = offs_p.to(tl.int64)
         mask_p = offs_p < P
-        msc, xres, ls = _row_logstds(logstds_ptr, ss_r, ss_p, th_ptr, tlow_ptr, sth_r, sth_p, stl_r, stl_p, r, offs_p, mask_p,
-                                     TRANSITION, BLOCK_P)  # fmt: skip
+        msc, xres, ls = _row_logstds(
+            logstds_ptr,
+            ss_r,
+            ss_p,
+            th_ptr,
+            tlow_ptr,
+            sth_r,
+            sth_p,
+            stl_r,
+            stl_p,
+            r,
+            offs_p,
+            mask_p,
+            TRANSITION,
+            BLOCK_P,
+        )
         istd = tl.minimum(tl.exp(-ls), istd_max)
         # under the NLL's floor on 1/std a zero std keeps q finite while -C * logstds is +inf for
         # every live component: capped at the largest float in the loop (no inf - inf of a dead
@@ -202,11 +283,27 @@ if triton is not None:
             mask = (offs_k < K)[:, None] & mask_p[None, :]
             lw = tl.load(
                 logweights_ptr + r * sw_r + offs_k[:, None] * sw_k + offs_p[None, :] * sw_p,
-                mask=mask, other=float("-inf"),
+                mask=mask,
+                other=float("-inf"),
             ).to(tl.float32)
             mu_ptrs = means_ptr + r * sm_r + offs_k[:, None] * sm_k + offs_p[None, :] * sm_p
-            q = _component_q(mu_ptrs, y_base, x_base, C, sm_c, sy_c, sx_c, mask, mask_p, istd, msc, xres,
-                             TRANSITION, BLOCK_K, BLOCK_P)  # fmt: skip
+            q = _component_q(
+                mu_ptrs,
+                y_base,
+                x_base,
+                C,
+                sm_c,
+                sy_c,
+                sx_c,
+                mask,
+                mask_p,
+                istd,
+                msc,
+                xres,
+                TRANSITION,
+                BLOCK_K,
+                BLOCK_P,
+            )
             logit = lw - 0.5 * q + base[None, :]
             m_new = tl.maximum(m, tl.max(logit, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a dead tile gives no NaN
@@ -218,20 +315,57 @@ if triton is not None:
 
     @triton.jit
     def _gm_nll_bwd_kernel(
-        means_ptr, logstds_ptr, logweights_ptr, y_ptr, loss_ptr, gloss_ptr, th_ptr, tlow_ptr, x_ptr,
-        gmeans_ptr, glogweights_ptr, glogstds_ptr,
-        K, C, P, n_pb,
-        sm_r, sm_k, sm_c, sm_p,
-        ss_r, ss_p,
-        sw_r, sw_k, sw_p,
-        sy_r, sy_c, sy_p,
-        sl_r, sl_p,
-        sg_r, sg_p,
-        sgm_r, sgm_k, sgm_c, sgm_p,
-        sgw_r, sgw_k, sgw_p,
-        sth_r, sth_p, stl_r, stl_p, sx_r, sx_c, sx_p,
+        means_ptr,
+        logstds_ptr,
+        logweights_ptr,
+        y_ptr,
+        loss_ptr,
+        gloss_ptr,
+        th_ptr,
+        tlow_ptr,
+        x_ptr,
+        gmeans_ptr,
+        glogweights_ptr,
+        glogstds_ptr,
+        K,
+        C,
+        P,
+        n_pb,
+        sm_r,
+        sm_k,
+        sm_c,
+        sm_p,
+        ss_r,
+        ss_p,
+        sw_r,
+        sw_k,
+        sw_p,
+        sy_r,
+        sy_c,
+        sy_p,
+        sl_r,
+        sl_p,
+        sg_r,
+        sg_p,
+        sgm_r,
+        sgm_k,
+        sgm_c,
+        sgm_p,
+        sgw_r,
+        sgw_k,
+        sgw_p,
+        sth_r,
+        sth_p,
+        stl_r,
+        stl_p,
+        sx_r,
+        sx_c,
+        sx_p,
         istd_max,
-        TRANSITION: tl.constexpr, STD_PER_PIXEL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        TRANSITION: tl.constexpr,
+        STD_PER_PIXEL: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
         I64: tl.constexpr,
     ):
         """Gradients of the per-pixel NLL ``loss (R, P)`` for the upstream gradient
@@ -248,8 +382,22 @@ if triton is not None:
             r = r.to(tl.int64)
             offs_p = offs_p.to(tl.int64)
         mask_p = offs_p < P
-        msc, xres, ls = _row_logstds(logstds_ptr, ss_r, ss_p, th_ptr, tlow_ptr, sth_r, sth_p, stl_r, stl_p, r, offs_p, mask_p,
-                                     TRANSITION, BLOCK_P)  # fmt: skip
+        msc, xres, ls = _row_logstds(
+            logstds_ptr,
+            ss_r,
+            ss_p,
+            th_ptr,
+            tlow_ptr,
+            sth_r,
+            sth_p,
+            stl_r,
+            stl_p,
+            r,
+            offs_p,
+            mask_p,
+            TRANSITION,
+            BLOCK_P,
+        )
         e = tl.exp(-ls)
         istd = tl.minimum(e, istd_max)
         active = (e <= istd_max).to(tl.float32)  # the clamp passes no gradient where it bites
@@ -266,16 +414,33 @@ if triton is not None:
             mask = (offs_k < K)[:, None] & mask_p[None, :]
             lw = tl.load(
                 logweights_ptr + r * sw_r + offs_k[:, None] * sw_k + offs_p[None, :] * sw_p,
-                mask=mask, other=float("-inf"),
+                mask=mask,
+                other=float("-inf"),
             ).to(tl.float32)
             mu_ptrs = means_ptr + r * sm_r + offs_k[:, None] * sm_k + offs_p[None, :] * sm_p
-            q = _component_q(mu_ptrs, y_base, x_base, C, sm_c, sy_c, sx_c, mask, mask_p, istd, msc, xres,
-                             TRANSITION, BLOCK_K, BLOCK_P)  # fmt: skip
+            q = _component_q(
+                mu_ptrs,
+                y_base,
+                x_base,
+                C,
+                sm_c,
+                sy_c,
+                sx_c,
+                mask,
+                mask_p,
+                istd,
+                msc,
+                xres,
+                TRANSITION,
+                BLOCK_K,
+                BLOCK_P,
+            )
             gr = g[None, :] * tl.exp(lw - 0.5 * q + base[None, :] - lse[None, :])  # g * r_k
             gr = tl.where(lw == float("-inf"), 0.0, gr)  # 0 if dead, also where lse or base is infinite
             tl.store(
                 glogweights_ptr + r * sgw_r + offs_k[:, None] * sgw_k + offs_p[None, :] * sgw_p,
-                gr.to(glogweights_ptr.dtype.element_ty), mask=mask,
+                gr.to(glogweights_ptr.dtype.element_ty),
+                mask=mask,
             )
             acc_ls += tl.sum(gr * (q * active[None, :] - C), axis=0)
             coef = gr * istd[None, :]
@@ -291,8 +456,9 @@ if triton is not None:
         if TRANSITION:  # through the reverse transition's log-std; its derivative recomputed here, from
             # reloaded inputs, so that it is not held in a register across the K loop
             ls_u = tl.load(logstds_ptr + r * ss_r + offs_p * ss_p, mask=mask_p, other=0.0).to(tl.float32)
-            _, _, _, dls = _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls_u,
-                                           BLOCK_P)  # fmt: skip
+            _, _, _, dls = _transition_map(
+                th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls_u, BLOCK_P
+            )
             acc_ls = acc_ls * dls
         if STD_PER_PIXEL:
             tl.store(glogstds_ptr + r * P + offs_p, acc_ls, mask=mask_p)
@@ -332,14 +498,23 @@ def _views(means, logstds, logweights, t_high, t_low, x, transition: bool, *pixe
     mf = means.reshape(R, K, C, P)
     sf = logstds.reshape(R, -1).expand(R, P)
     if transition:  # timesteps (*B,) or broadcastable to (*B, 1, 1, 1)
-        th, tlow = [(t if t.shape == tuple(batch) else t.expand(*batch, 1, 1, 1)).reshape(R, 1).expand(R, P)
-                    for t in (t_high, t_low)]  # fmt: skip
+        th, tlow = [
+            (t if t.shape == tuple(batch) else t.expand(*batch, 1, 1, 1)).reshape(R, 1).expand(R, P)
+            for t in (t_high, t_low)
+        ]
         xf = x.reshape(R, C, P)
     else:
         th = tlow = sf
         xf = mf[:, 0]
-    views = [mf, sf, logweights.reshape(R, K, P), th, tlow, xf,
-             *[t.reshape(R, *t.shape[len(batch):-2], P) for t in pixel_tensors]]  # fmt: skip
+    views = [
+        mf,
+        sf,
+        logweights.reshape(R, K, P),
+        th,
+        tlow,
+        xf,
+        *[t.reshape(R, *t.shape[len(batch) : -2], P) for t in pixel_tensors],
+    ]
     if P == 1 and R > 1:
         views = [v.transpose(0, -1) for v in views]
     return views
@@ -359,10 +534,24 @@ def _loglik_args(means, logstds, logweights, y, t_high, t_low, x, out, transitio
     R, P = mf.shape[0], mf.shape[-1]
     block_k, block_p = blocks_fn(K, P, transition)
     n_pb = cdiv(P, block_p)
-    ints = (N, K, C, P, n_pb, *mf.stride(), *sf.stride(), *wf.stride(), *yf.stride(), *of.stride(),
-            *thf.stride(), *tlf.stride(), *xf.stride())  # fmt: skip
-    options = dict(TRANSITION=transition, BLOCK_K=block_k, BLOCK_P=block_p, I64=int64_fn(mf, wf, yf, of, xf),
-                   num_warps=NUM_WARPS)  # fmt: skip
+    ints = (
+        N,
+        K,
+        C,
+        P,
+        n_pb,
+        *mf.stride(),
+        *sf.stride(),
+        *wf.stride(),
+        *yf.stride(),
+        *of.stride(),
+        *thf.stride(),
+        *tlf.stride(),
+        *xf.stride(),
+    )
+    options = dict(
+        TRANSITION=transition, BLOCK_K=block_k, BLOCK_P=block_p, I64=int64_fn(mf, wf, yf, of, xf), num_warps=NUM_WARPS
+    )
     return (mf, sf, wf, yf, thf, tlf, xf, of), (n_pb * R * N,), ints, options
 
 
@@ -370,8 +559,9 @@ _FWD_PLANS = PlanCache()
 _BWD_PLANS = PlanCache()
 
 
-def _launch_loglik(means, logstds, logweights, y, x, t_high, t_low, istd_max: float, sign: float, shift: float,
-                   out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+def _launch_loglik(
+    means, logstds, logweights, y, x, t_high, t_low, istd_max: float, sign: float, shift: float, out_dtype: torch.dtype
+) -> torch.Tensor:
     """``sign * logsumexp_k l_k + shift`` for ``y (*B, N, C, H, W)`` -> ``(*B, N, H, W)``, or
     for one target per pixel ``y (*B, C, H, W)`` -> ``(*B, H, W)``; with ``x (*B, C, H, W)``
     and the timesteps (``(*B,)`` or broadcastable to ``(*B, 1, 1, 1)``) given, the GM is the
@@ -387,28 +577,75 @@ def _launch_loglik(means, logstds, logweights, y, x, t_high, t_low, istd_max: fl
         x = means
     tensors = (means, logstds, logweights, y, t_high, t_low, x, out)
     (m, s, w, yv, th, tlow, xv, o), grid, ints, options = planned_args(
-        _FWD_PLANS, _loglik_args, tensors, transition, _blocks, needs_int64, n_key=7 if transition else 4)
+        _FWD_PLANS, _loglik_args, tensors, transition, _blocks, needs_int64, n_key=7 if transition else 4
+    )
     if grid[0] > 0:
         _gm_loglik_fwd_kernel[grid](m, s, w, yv, o, th, tlow, xv, *ints, istd_max, sign, shift, **options)
     return out
 
 
-def _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, t_high, t_low, x, g_means, g_logweights,
-                  transition: bool, blocks_fn, int64_fn) -> tuple:  # fmt: skip
+def _nll_bwd_args(
+    means,
+    logstds,
+    logweights,
+    target,
+    loss,
+    grad_loss,
+    t_high,
+    t_low,
+    x,
+    g_means,
+    g_logweights,
+    transition: bool,
+    blocks_fn,
+    int64_fn,
+) -> tuple:
     """The backward kernel's views (in the order of the arguments; ``g_logweights`` as its
     ``(R, K, P)`` view), grid, integer arguments and options (``blocks_fn, int64_fn`` as in
     :func:`_loglik_args`)."""
     K, C = means.shape[-4], means.shape[-3]
     mf, sf, wf, thf, tlf, xf, yf, lf, gf, gmf, gwf = _views(
-        means, logstds, logweights, t_high, t_low, x, transition, target, loss, grad_loss, g_means, g_logweights.select(-3, 0)
+        means,
+        logstds,
+        logweights,
+        t_high,
+        t_low,
+        x,
+        transition,
+        target,
+        loss,
+        grad_loss,
+        g_means,
+        g_logweights.select(-3, 0),
     )
     R, P = mf.shape[0], mf.shape[-1]
     block_k, block_p = blocks_fn(K, P, transition, True)
     n_pb = cdiv(P, block_p)
-    ints = (K, C, P, n_pb, *mf.stride(), *sf.stride(), *wf.stride(), *yf.stride(), *lf.stride(), *gf.stride(),
-            *gmf.stride(), *gwf.stride(), *thf.stride(), *tlf.stride(), *xf.stride())  # fmt: skip
-    options = dict(TRANSITION=transition, STD_PER_PIXEL=sf.stride(-1) != 0, BLOCK_K=block_k, BLOCK_P=block_p,
-                   I64=int64_fn(mf, wf, yf, gmf, xf), num_warps=NUM_WARPS)  # fmt: skip
+    ints = (
+        K,
+        C,
+        P,
+        n_pb,
+        *mf.stride(),
+        *sf.stride(),
+        *wf.stride(),
+        *yf.stride(),
+        *lf.stride(),
+        *gf.stride(),
+        *gmf.stride(),
+        *gwf.stride(),
+        *thf.stride(),
+        *tlf.stride(),
+        *xf.stride(),
+    )
+    options = dict(
+        TRANSITION=transition,
+        STD_PER_PIXEL=sf.stride(-1) != 0,
+        BLOCK_K=block_k,
+        BLOCK_P=block_p,
+        I64=int64_fn(mf, wf, yf, gmf, xf),
+        num_warps=NUM_WARPS,
+    )
     return (mf, sf, wf, yf, lf, gf, thf, tlf, xf, gmf, gwf), (n_pb * R,), ints, options
 
 
@@ -424,8 +661,9 @@ def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, x, t_hi
         t_high = t_low = logstds
         x = means
     tensors = (means, logstds, logweights, target, loss, grad_loss, t_high, t_low, x, g_means, g_logweights)
-    tensors, grid, ints, options = planned_args(_BWD_PLANS, _nll_bwd_args, tensors, transition, _blocks, needs_int64,
-                                                n_key=9 if transition else 6)  # fmt: skip
+    tensors, grid, ints, options = planned_args(
+        _BWD_PLANS, _nll_bwd_args, tensors, transition, _blocks, needs_int64, n_key=9 if transition else 6
+    )
     n_pb = ints[3]
     # a log-std shared by the pixels of a row gets one float32 partial sum per program when the
     # row spans several programs (after the point-data swap a per-row log-std is per pixel);
@@ -449,15 +687,22 @@ def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, x, t_hi
 
 @torch.library.custom_op("gmkernels::gm_nll_loss_pixels", mutates_args=())
 def _nll_pixels(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, target: torch.Tensor,
-    x_t_high: Optional[torch.Tensor], t_high: Optional[torch.Tensor], t_low: Optional[torch.Tensor], eps: float,
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    target: torch.Tensor,
+    x_t_high: Optional[torch.Tensor],
+    t_high: Optional[torch.Tensor],
+    t_low: Optional[torch.Tensor],
+    eps: float,
 ) -> torch.Tensor:
     """Per-pixel NLL ``(*B, H, W)`` in float32 of ``target`` under the GM, or, with
     ``x_t_high (*B, C, H, W)`` and the timesteps (``(*B,)`` or broadcastable to
     ``(*B, 1, 1, 1)``) given, under the reverse transition of the u-GM from
     ``(x_t_high, t_high)`` to ``t_low`` (the transition loss; all None: the plain NLL)."""
-    return _launch_loglik(means, logstds, logweights, target, x_t_high, t_high, t_low, 1.0 / eps, -1.0, 0.0,
-                          torch.float32)  # fmt: skip
+    return _launch_loglik(
+        means, logstds, logweights, target, x_t_high, t_high, t_low, 1.0 / eps, -1.0, 0.0, torch.float32
+    )
 
 
 @_nll_pixels.register_fake
@@ -467,9 +712,16 @@ def _(means, logstds, logweights, target, x_t_high, t_high, t_low, eps):
 
 @torch.library.custom_op("gmkernels::gm_nll_loss_pixels_backward", mutates_args=())
 def _nll_pixels_backward(
-    grad_loss: torch.Tensor, loss: torch.Tensor, means: torch.Tensor, logstds: torch.Tensor,
-    logweights: torch.Tensor, target: torch.Tensor, x_t_high: Optional[torch.Tensor],
-    t_high: Optional[torch.Tensor], t_low: Optional[torch.Tensor], eps: float,
+    grad_loss: torch.Tensor,
+    loss: torch.Tensor,
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    target: torch.Tensor,
+    x_t_high: Optional[torch.Tensor],
+    t_high: Optional[torch.Tensor],
+    t_low: Optional[torch.Tensor],
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_nll_pixels` for means, logstds, logweights (their dtypes)."""
     return _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, x_t_high, t_high, t_low, eps)
@@ -505,7 +757,9 @@ _nll_pixels.register_autograd(_nll_backward, setup_context=_nll_setup_context)
 
 
 @torch.library.custom_op("gmkernels::gm_logprob", mutates_args=())
-def _logprob(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+def _logprob(
+    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, samples: torch.Tensor
+) -> torch.Tensor:
     """``(*B, N, H, W)`` log-density in the dtype of ``means``."""
     shift = -0.5 * means.shape[-3] * LOG_2PI
     return _launch_loglik(means, logstds, logweights, samples, None, None, None, float("inf"), 1.0, shift, means.dtype)
@@ -665,10 +919,22 @@ def transition_loss(
     means, logstds, logweights = gm_u["means"], gm_u["logstds"], gm_u["logweights"]
     # the torch path as in gm_nll_loss, and where a state needs a gradient (the kernels give none)
     dtypes = (means.dtype, logstds.dtype, logweights.dtype, x_t_high.dtype, x_t_low.dtype)
-    if (select_backend(means) == "torch" or torch.float64 in dtypes
-            or (torch.is_grad_enabled() and (x_t_high.requires_grad or x_t_low.requires_grad))):  # fmt: skip
-        return run_reference(ref.transition_loss, gm_u, x_t_high, per_sample_view(t_high, s), x_t_low, per_sample_view(t_low, s),
-                             eps, reduction, out_dtype=s.dtype)  # fmt: skip
+    if (
+        select_backend(means) == "torch"
+        or torch.float64 in dtypes
+        or (torch.is_grad_enabled() and (x_t_high.requires_grad or x_t_low.requires_grad))
+    ):
+        return run_reference(
+            ref.transition_loss,
+            gm_u,
+            x_t_high,
+            per_sample_view(t_high, s),
+            x_t_low,
+            per_sample_view(t_low, s),
+            eps,
+            reduction,
+            out_dtype=s.dtype,
+        )
     # one fused NLL of the reverse-transition GM, whose per-sample constants the kernels compute
     # from the timesteps (no small torch ops, no autograd node besides the NLL's); a timestep
     # gets no gradient there, a Python float becomes a 0-d float64 tensor

@@ -52,7 +52,9 @@ except ImportError:  # the torch path still works
 
 _TILE_FWD = 2048  # elements of the (K, C, pixels) register tile of the forward kernels
 _TILE_BWD = 512  # the backward keeps the means, their gradient accumulator and the recomputed posterior
-_WARPS_BWD = 4  # 4 tile elements per thread: at 8 the rollout's fp32 backward spills at the benchmark shapes (sm_80, sm_90)
+_WARPS_BWD = (
+    4  # 4 tile elements per thread: at 8 the rollout's fp32 backward spills at the benchmark shapes (sm_80, sm_90)
+)
 _ONE_TILE_KC = 1024  # largest next_pow2(K) * next_pow2(C) kept in registers across substeps
 
 
@@ -147,8 +149,26 @@ if triton is not None:
         return tl.where(s_n != s_j, x + u * (s_n - s_j), x)
 
     @triton.jit
-    def _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, a, nu2, zeta, inv_d,
-                       K, kr, cmask, pmask, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _ebar_streamed(
+        means_ptr,
+        m_off,
+        lw_ptr,
+        l_off,
+        s_mk,
+        s_lk,
+        u0,
+        a,
+        nu2,
+        zeta,
+        inv_d,
+        K,
+        kr,
+        cmask,
+        pmask,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """``ebar`` of the posterior (centred at component 0, whose loaded mean is ``u0``; the
         centred x0-means are ``e_k = a (m_k - u0)``: ``a = -sigma_src`` for a u-GM, 1 for an
         x0-GM) with K streamed in tiles (online softmax; a fully dead tile so far gives no NaN).
@@ -160,9 +180,13 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kr
             kmask = k < K
-            mu_u = tl.load(means_ptr + m_off + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
+            mu_u = tl.load(
+                means_ptr + m_off + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0
+            ).to(tl.float32)
             e = a * (mu_u - u0[None, :, :])
-            lw = tl.load(lw_ptr + l_off + k[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
+            lw = tl.load(
+                lw_ptr + l_off + k[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")
+            ).to(tl.float32)
             lw = tl.where(pmask[None, :], lw, 0.0)
             lw = tl.where(kmask[:, None], lw, float("-inf"))
             logit = lw + tl.sum(e * (nu2[None, :, :] - 0.5 * zeta * e), axis=1) * inv_d
@@ -176,8 +200,23 @@ if triton is not None:
         return acc * tl.fdiv(1.0, s_run)[None, :]  # s_run >= 1
 
     @triton.jit
-    def _program_states(xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp,
-                        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):  # fmt: skip
+    def _program_states(
+        xs_ptr,
+        x_ptr,
+        C,
+        P,
+        NPB,
+        s_sb,
+        s_sc,
+        s_sp,
+        s_xb,
+        s_xc,
+        s_xp,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """This program's batch row ``b``, pixels ``p [BP]``, channel and component ranges, masks and
         float32 states ``x_src``, ``x`` ``[BC, BP]``, on a 1-D grid of ``B * NPB`` programs, pixel
         blocks fastest (``mixture.program_tile`` with one channel tile: any batch fits CUDA's limits)."""
@@ -191,35 +230,117 @@ if triton is not None:
 
     @triton.jit
     def _policy_pi_kernel(
-        means_ptr, lw_ptr, xs_ptr, x_ptr, var_ptr, ssrc_ptr, sig_ptr, out_ptr,
-        K, C, P, NPB,
-        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+        means_ptr,
+        lw_ptr,
+        xs_ptr,
+        x_ptr,
+        var_ptr,
+        ssrc_ptr,
+        sig_ptr,
+        out_ptr,
+        K,
+        C,
+        P,
+        NPB,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_sb,
+        s_sc,
+        s_sp,
+        s_xb,
+        s_xc,
+        s_xp,
+        eps,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
     ):
         """``u = pi(x, sigma)`` for the ``BLOCK_P`` pixels ``p`` of batch element ``b``, all
         channels, K streamed in ``BLOCK_K`` tiles. Writes only ``u``."""
         b, p, c, kr, pmask, cmask, xmask, xs, x = _program_states(
-            xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
+            xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, BLOCK_K, BLOCK_C, BLOCK_P, INT64
+        )
         s2 = tl.load(var_ptr + b)
         ssrc = tl.load(ssrc_ptr + b)
         inv_s, zeta, cx, cs, dd, inv_d = _consts(tl.load(sig_ptr + b), tl.maximum(ssrc, eps), s2, eps)
         nu = cx * x - cs * xs
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
         l_off = b * s_lb + p[None, :] * s_lp
-        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
+        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(
+            tl.float32
+        )  # the centre: component 0
         c0 = xs - ssrc * u0
-        ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, -ssrc, nu - zeta * c0, zeta, inv_d,
-                              K, kr, cmask, pmask, BLOCK_K, BLOCK_C, BLOCK_P)
+        ebar = _ebar_streamed(
+            means_ptr,
+            m_off,
+            lw_ptr,
+            l_off,
+            s_mk,
+            s_lk,
+            u0,
+            -ssrc,
+            nu - zeta * c0,
+            zeta,
+            inv_d,
+            K,
+            kr,
+            cmask,
+            pmask,
+            BLOCK_K,
+            BLOCK_C,
+            BLOCK_P,
+        )
         u = (x - (s2 * nu + c0 + ebar) * inv_d) * inv_s
         tl.store(out_ptr + b * (C * P) + c[:, None] * P + p[None, :], u.to(out_ptr.dtype.element_ty), mask=xmask)
 
     @triton.jit
     def _policy_rollout_kernel(
-        means_ptr, lw_ptr, xs_ptr, x_ptr, var_ptr, ssrc_ptr, tab_ptr, out_ptr, ck_ptr,
-        K, C, P, N, S, NPB,
-        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, s_tb, s_vb, s_ssb, eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ONE_TILE: tl.constexpr, SAVE: tl.constexpr, X0: tl.constexpr, PIXEL_VAR: tl.constexpr, INT64: tl.constexpr,
+        means_ptr,
+        lw_ptr,
+        xs_ptr,
+        x_ptr,
+        var_ptr,
+        ssrc_ptr,
+        tab_ptr,
+        out_ptr,
+        ck_ptr,
+        K,
+        C,
+        P,
+        N,
+        S,
+        NPB,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_sb,
+        s_sc,
+        s_sp,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_tb,
+        s_vb,
+        s_ssb,
+        eps,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        ONE_TILE: tl.constexpr,
+        SAVE: tl.constexpr,
+        X0: tl.constexpr,
+        PIXEL_VAR: tl.constexpr,
+        INT64: tl.constexpr,
     ):
         """All ``N`` Euler substeps of the policy for the ``BLOCK_P`` pixels ``p`` of batch element
         ``b`` along row ``b`` of the sigma table; stores the final state and, when ``SAVE``, the
@@ -230,7 +351,8 @@ if triton is not None:
         ``s_vb``, ``s_ssb`` and ``s_tb`` the batch strides of the per-sample variance, sigma_src and
         sigma table (0: shared by the batch)."""
         b, p, c, kr, pmask, cmask, xmask, xs, x = _program_states(
-            xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
+            xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, BLOCK_K, BLOCK_C, BLOCK_P, INT64
+        )
         if PIXEL_VAR:
             s2 = tl.load(var_ptr + b * s_vb + p, mask=pmask, other=1.0)
         else:
@@ -240,7 +362,9 @@ if triton is not None:
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
         l_off = b * s_lb + p[None, :] * s_lp
         st_off = c[:, None] * P + p[None, :]
-        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
+        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(
+            tl.float32
+        )  # the centre: component 0
         if X0:
             a = ssrc * 0.0 + 1.0
             c0 = u0
@@ -249,8 +373,17 @@ if triton is not None:
             c0 = xs - ssrc * u0
         if ONE_TILE:  # the pixel's whole GM, loaded once for all N substeps
             kmask = kr < K
-            e = a * (tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32) - u0[None, :, :])
-            lw = tl.load(lw_ptr + l_off + kr[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
+            e = a * (
+                tl.load(
+                    means_ptr + m_off + kr[:, None, None] * s_mk,
+                    mask=kmask[:, None, None] & xmask[None, :, :],
+                    other=0.0,
+                ).to(tl.float32)
+                - u0[None, :, :]
+            )
+            lw = tl.load(
+                lw_ptr + l_off + kr[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")
+            ).to(tl.float32)
             lw = tl.where(pmask[None, :], lw, 0.0)
             lw = tl.where(kmask[:, None], lw, float("-inf"))
         for j in range(N):
@@ -264,8 +397,26 @@ if triton is not None:
             else:
                 inv_s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
                 nu = cx * x - cs * xs
-                ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, a, nu - zeta * c0, zeta, inv_d,
-                                      K, kr, cmask, pmask, BLOCK_K, BLOCK_C, BLOCK_P)
+                ebar = _ebar_streamed(
+                    means_ptr,
+                    m_off,
+                    lw_ptr,
+                    l_off,
+                    s_mk,
+                    s_lk,
+                    u0,
+                    a,
+                    nu - zeta * c0,
+                    zeta,
+                    inv_d,
+                    K,
+                    kr,
+                    cmask,
+                    pmask,
+                    BLOCK_K,
+                    BLOCK_C,
+                    BLOCK_P,
+                )
                 u = (x - (s2 * nu + c0 + ebar) * inv_d) * inv_s
                 x = tl.where(s_n != s_j, x + u * (s_n - s_j), x)
         tl.store(out_ptr + b * (C * P) + st_off, x.to(out_ptr.dtype.element_ty), mask=xmask)
@@ -298,12 +449,45 @@ if triton is not None:
 
     @triton.jit
     def _policy_backward_kernel(
-        means_ptr, lw_ptr, xs_ptr, x_ptr, var_ptr, ssrc_ptr, tab_ptr, ck_ptr, g_ptr,
-        gm_ptr, gl_ptr, gxs_ptr, gx_ptr, gv_ptr,
-        K, C, P, N, S,
-        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, s_tb, eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ROLLOUT: tl.constexpr, INT64: tl.constexpr,
+        means_ptr,
+        lw_ptr,
+        xs_ptr,
+        x_ptr,
+        var_ptr,
+        ssrc_ptr,
+        tab_ptr,
+        ck_ptr,
+        g_ptr,
+        gm_ptr,
+        gl_ptr,
+        gxs_ptr,
+        gx_ptr,
+        gv_ptr,
+        K,
+        C,
+        P,
+        N,
+        S,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_sb,
+        s_sc,
+        s_sp,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_tb,
+        eps,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        ROLLOUT: tl.constexpr,
+        INT64: tl.constexpr,
     ):
         """Backward of ``pi`` (``ROLLOUT=False``: ``x`` is the state, the table row holds
         ``sigma``) or of the whole rollout (``ROLLOUT=True``: segments of ``S`` substeps in
@@ -333,10 +517,16 @@ if triton is not None:
         ssrc = tl.load(ssrc_ptr + b)
         ss = tl.maximum(ssrc, eps)
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
-        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
+        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(
+            tl.float32
+        )  # the centre: component 0
         c0 = xs - ssrc * u0
-        e = ssrc * (u0[None, :, :] - tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=mmask, other=0.0).to(tl.float32))
-        lw = tl.load(lw_ptr + b * s_lb + p[None, :] * s_lp + kr[:, None] * s_lk, mask=lmask, other=float("-inf")).to(tl.float32)
+        e = ssrc * (
+            u0[None, :, :] - tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=mmask, other=0.0).to(tl.float32)
+        )
+        lw = tl.load(lw_ptr + b * s_lb + p[None, :] * s_lp + kr[:, None] * s_lk, mask=lmask, other=float("-inf")).to(
+            tl.float32
+        )
         lw = tl.where(pmask[None, :], lw, 0.0)
         lw = tl.where(kmask[:, None], lw, float("-inf"))
         g = tl.load(g_ptr + b * (C * P) + st_off, mask=xmask, other=0.0).to(tl.float32)
@@ -357,12 +547,24 @@ if triton is not None:
                     j = j0 + seg_len - 1 - jj
                     x = x_seg
                     for i in range(j - j0):  # the state before substep j, from the segment's start
-                        x = _step_one(e, lw, x, xs, c0, s2, ss, tl.load(tab_ptr + b * s_tb + j0 + i),
-                                      tl.load(tab_ptr + b * s_tb + j0 + i + 1), eps)
+                        x = _step_one(
+                            e,
+                            lw,
+                            x,
+                            xs,
+                            c0,
+                            s2,
+                            ss,
+                            tl.load(tab_ptr + b * s_tb + j0 + i),
+                            tl.load(tab_ptr + b * s_tb + j0 + i + 1),
+                            eps,
+                        )
                     s_j = tl.load(tab_ptr + b * s_tb + j)
                     h = tl.load(tab_ptr + b * s_tb + j + 1) - s_j
                     inv_s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
-                    g_x, g_mu, g_l, g_xs, g_s2 = _pi_backward_one(e, lw, x, xs, c0, h * g, inv_s, zeta, cx, cs, s2, dd, inv_d, eps)
+                    g_x, g_mu, g_l, g_xs, g_s2 = _pi_backward_one(
+                        e, lw, x, xs, c0, h * g, inv_s, zeta, cx, cs, s2, dd, inv_d, eps
+                    )
                     g = g + g_x
                     acc_mu += g_mu
                     acc_l += g_l
@@ -371,7 +573,9 @@ if triton is not None:
         else:
             x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
             inv_s, zeta, cx, cs, dd, inv_d = _consts(tl.load(tab_ptr + b * s_tb), ss, s2, eps)
-            g_x, acc_mu, acc_l, acc_xs, acc_s2 = _pi_backward_one(e, lw, x, xs, c0, g, inv_s, zeta, cx, cs, s2, dd, inv_d, eps)
+            g_x, acc_mu, acc_l, acc_xs, acc_s2 = _pi_backward_one(
+                e, lw, x, xs, c0, g, inv_s, zeta, cx, cs, s2, dd, inv_d, eps
+            )
             g = g_x
         # back through mu = x_src - sigma_src * u
         acc_xs += tl.sum(acc_mu, axis=0)
@@ -416,8 +620,9 @@ def _pi_args(means_u, logweights, x_src, x, gm_vars, sigma_src, sigma, out, int6
     return (m, lw, xs, xf, gm_vars, sigma_src, sigma, out), (B * npb,), ints, options
 
 
-def _rollout_args(means_u, logweights, x_src, x, gm_vars, sigma_src, sigmas, out, ck, save: bool, blocks_fn,
-                  int64_fn) -> tuple:  # fmt: skip
+def _rollout_args(
+    means_u, logweights, x_src, x, gm_vars, sigma_src, sigmas, out, ck, save: bool, blocks_fn, int64_fn
+) -> tuple:
     """``_policy_rollout_kernel``'s views, grid, integer arguments and options (``blocks_fn,
     int64_fn``: ``_blocks, needs_int64``, keys of the stored plan)."""
     m, lw, xs, xf = _flat(means_u, logweights, x_src, x)
@@ -425,31 +630,76 @@ def _rollout_args(means_u, logweights, x_src, x, gm_vars, sigma_src, sigmas, out
     N = sigmas.shape[1] - 1
     bk, bc, bp, one = blocks_fn(K, C, P, _TILE_FWD)
     npb = cdiv(P, bp)
-    ints = (K, C, P, N, checkpoint_stride(N), npb, *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(),
-            sigmas.stride(0), 1, 1)  # fmt: skip
-    options = dict(BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=one, SAVE=save, X0=False, PIXEL_VAR=False,
-                   INT64=int64_fn(m, lw, xs, xf, out, ck), num_warps=4)  # fmt: skip
+    ints = (
+        K,
+        C,
+        P,
+        N,
+        checkpoint_stride(N),
+        npb,
+        *m.stride(),
+        *lw.stride(),
+        *xs.stride(),
+        *xf.stride(),
+        sigmas.stride(0),
+        1,
+        1,
+    )
+    options = dict(
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        ONE_TILE=one,
+        SAVE=save,
+        X0=False,
+        PIXEL_VAR=False,
+        INT64=int64_fn(m, lw, xs, xf, out, ck),
+        num_warps=4,
+    )
     return (m, lw, xs, xf, gm_vars, sigma_src, sigmas, out, ck), (B * npb,), ints, options
 
 
-def _backward_args(means_u, logweights, x_src, x, gm_vars, sigma_src, sigmas, ck, g, g_m, g_l, g_xs, g_x, g_v,
-                   rollout: bool, int64_fn) -> tuple:  # fmt: skip
+def _backward_args(
+    means_u, logweights, x_src, x, gm_vars, sigma_src, sigmas, ck, g, g_m, g_l, g_xs, g_x, g_v, rollout: bool, int64_fn
+) -> tuple:
     """``_policy_backward_kernel``'s views, grid, integer arguments and options; raises where the
     GM does not fit the one-tile register layout it needs or the grid's y axis overflows."""
     m, lw, xs, xf = _flat(means_u, logweights, x_src, x)
     B, K, C, P = m.shape
     bk, bc, bp, one = _blocks(K, C, P, _TILE_BWD)
     if not one:
-        raise ValueError(f"the fused policy backward needs next_pow2(K) * next_pow2(C) <= {_ONE_TILE_KC}, got K={K}, C={C}")
+        raise ValueError(
+            f"the fused policy backward needs next_pow2(K) * next_pow2(C) <= {_ONE_TILE_KC}, got K={K}, C={C}"
+        )
     npb = cdiv(P, bp)
     if npb > 65535:  # CUDA's limit of the grid's y axis (a 1-D grid's division spills in this kernel)
         raise ValueError(f"the fused policy backward takes at most {65535 * bp} pixels per sample for this GM, got {P}")
     N = sigmas.shape[1] - 1
     ints = (K, C, P, N, checkpoint_stride(N), *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), sigmas.stride(0))
-    options = dict(BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ROLLOUT=rollout, INT64=int64_fn(m, lw, xs, xf, g_m, ck),
-                   num_warps=_WARPS_BWD)  # fmt: skip
-    views = (m, lw, xs, xf, gm_vars, sigma_src, sigmas, ck, g.view(B, C, P), g_m.view(B, K, C, P), g_l.view(B, K, P),
-             g_xs.view(B, C, P), g_x.view(B, C, P), g_v)  # fmt: skip
+    options = dict(
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        ROLLOUT=rollout,
+        INT64=int64_fn(m, lw, xs, xf, g_m, ck),
+        num_warps=_WARPS_BWD,
+    )
+    views = (
+        m,
+        lw,
+        xs,
+        xf,
+        gm_vars,
+        sigma_src,
+        sigmas,
+        ck,
+        g.view(B, C, P),
+        g_m.view(B, K, C, P),
+        g_l.view(B, K, P),
+        g_xs.view(B, C, P),
+        g_x.view(B, C, P),
+        g_v,
+    )
     return views, (B, npb), ints, options
 
 
@@ -479,13 +729,16 @@ def _launch_rollout(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, e
     ck_shape = (B, cdiv(N, checkpoint_stride(N)), C, P) if save else (1,)
     ck = torch.empty(ck_shape, device=x.device, dtype=torch.float32)
     tensors = (means_u, logweights, x_src, x, *_f32(gm_vars, sigma_src, sigmas), out, ck)
-    tensors, grid, ints, options = planned_args(_ROLLOUT_PLANS, _rollout_args, tensors, save, _blocks, needs_int64,
-                                                n_key=7)  # fmt: skip
+    tensors, grid, ints, options = planned_args(
+        _ROLLOUT_PLANS, _rollout_args, tensors, save, _blocks, needs_int64, n_key=7
+    )
     _policy_rollout_kernel[grid](*tensors, *ints, eps, **options)
     return out, ck
 
 
-def _launch_backward(g, means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, ck, eps: float, rollout: bool) -> tuple:
+def _launch_backward(
+    g, means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, ck, eps: float, rollout: bool
+) -> tuple:
     """Gradients ``(means_u, gm_vars, logweights, x_src, x)`` in their dtypes of ``pi`` (``x``
     the state, ``sigmas (B, 1)`` its sigma) or of the rollout (``x`` its start, ``ck`` its
     checkpoints) for the upstream gradient ``g``; the plan's key leaves out the gradients."""
@@ -520,15 +773,17 @@ def _(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps):
 
 
 @torch.library.custom_op("gmkernels::policy_pi_backward", mutates_args=())
-def _pi_backward_op(g: _T, means_u: _T, gm_vars: _T, logweights: _T, x_src: _T, sigma_src: _T, x: _T, sigma: _T,
-                    eps: float) -> tuple[_T, _T, _T, _T, _T]:  # fmt: skip
+def _pi_backward_op(
+    g: _T, means_u: _T, gm_vars: _T, logweights: _T, x_src: _T, sigma_src: _T, x: _T, sigma: _T, eps: float
+) -> tuple[_T, _T, _T, _T, _T]:
     """Gradients of ``policy_pi`` for ``means_u, gm_vars, logweights, x_src, x``."""
     return _launch_backward(g, means_u, gm_vars, logweights, x_src, sigma_src, x, sigma.view(-1, 1), x, eps, False)
 
 
 @torch.library.custom_op("gmkernels::policy_rollout", mutates_args=())
-def _rollout_op(means_u: _T, gm_vars: _T, logweights: _T, x_src: _T, sigma_src: _T, x_start: _T, sigmas: _T,
-                eps: float, save: bool) -> tuple[_T, _T]:  # fmt: skip
+def _rollout_op(
+    means_u: _T, gm_vars: _T, logweights: _T, x_src: _T, sigma_src: _T, x_start: _T, sigmas: _T, eps: float, save: bool
+) -> tuple[_T, _T]:
     """The Euler rollout along the sigma tables ``(B, N + 1)``: the final state ``(B, C, *S)`` in
     the dtype of ``x_start`` and the float32 checkpoints its backward reads (``save``; else a
     placeholder)."""
@@ -540,12 +795,24 @@ def _(means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, eps, save
     B, C = x_start.shape[:2]
     N = sigmas.shape[1] - 1
     ck_shape = (B, cdiv(N, checkpoint_stride(N)), C, x_start.numel() // max(B * C, 1)) if save else (1,)
-    return torch.empty_like(x_start, memory_format=torch.contiguous_format), x_start.new_empty(ck_shape, dtype=torch.float32)
+    return torch.empty_like(x_start, memory_format=torch.contiguous_format), x_start.new_empty(
+        ck_shape, dtype=torch.float32
+    )
 
 
 @torch.library.custom_op("gmkernels::policy_rollout_backward", mutates_args=())
-def _rollout_backward_op(g: _T, means_u: _T, gm_vars: _T, logweights: _T, x_src: _T, sigma_src: _T, x_start: _T,
-                         sigmas: _T, ck: _T, eps: float) -> tuple[_T, _T, _T, _T, _T]:  # fmt: skip
+def _rollout_backward_op(
+    g: _T,
+    means_u: _T,
+    gm_vars: _T,
+    logweights: _T,
+    x_src: _T,
+    sigma_src: _T,
+    x_start: _T,
+    sigmas: _T,
+    ck: _T,
+    eps: float,
+) -> tuple[_T, _T, _T, _T, _T]:
     """Gradients of ``policy_rollout`` for ``means_u, gm_vars, logweights, x_src, x_start``."""
     return _launch_backward(g, means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, ck, eps, True)
 
@@ -553,8 +820,10 @@ def _rollout_backward_op(g: _T, means_u: _T, gm_vars: _T, logweights: _T, x_src:
 @_pi_backward_op.register_fake
 @_rollout_backward_op.register_fake
 def _(g, means_u, gm_vars, logweights, x_src, sigma_src, x, *rest):
-    return (*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (means_u, gm_vars, logweights, x_src)),
-            torch.empty_like(x, memory_format=torch.contiguous_format))  # fmt: skip
+    return (
+        *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (means_u, gm_vars, logweights, x_src)),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+    )
 
 
 def _pi_setup(ctx, inputs, output):
@@ -586,8 +855,9 @@ _rollout_op.register_autograd(_rollout_backward, setup_context=_rollout_setup)
 # ----------------------------------------------------------------------------- entry points
 
 
-def _triton_path(means_u: torch.Tensor, gm_vars: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor,
-                 x: torch.Tensor) -> bool | None:  # fmt: skip
+def _triton_path(
+    means_u: torch.Tensor, gm_vars: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor, x: torch.Tensor
+) -> bool | None:
     """``None`` for the torch path (``select_backend`` says so, an input is float64, or a
     gradient is needed of a GM too large for the fused backward's register tile), else whether
     autograd tracks an input (the Triton path then trains)."""

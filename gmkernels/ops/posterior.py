@@ -30,7 +30,16 @@ import reference.posterior as ref
 from .._dispatch import run_reference
 from .._validate import Sigma, check_gm, check_sigma_pair, check_state
 from ._launch import (
-    THREADS_ALONG_K, PlanCache, cdiv, gm_views, kernels_wanted, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+    THREADS_ALONG_K,
+    PlanCache,
+    cdiv,
+    gm_views,
+    kernels_wanted,
+    needs_int64,
+    next_pow2,
+    per_row,
+    pixel_rows,
+    planned_args,
 )
 from .mixture import online_moments_update, program_tile
 from .product import _check_real
@@ -51,22 +60,65 @@ if triton is not None:
         xs = tl.load(xs_base + offs_c[:, None] * s_sc, mask=mask_cp, other=0.0).to(tl.float32)
         return ct[None, :] * xt - cs[None, :] * xs
 
-    @triton.jit(do_not_specialize=["P", "s_mr", "s_mk", "s_mc", "s_lr", "s_lk", "s_xsr", "s_xsc", "s_xtr", "s_xtc", "s_or", "s_oc"])
+    @triton.jit(
+        do_not_specialize=[
+            "P",
+            "s_mr",
+            "s_mk",
+            "s_mc",
+            "s_lr",
+            "s_lk",
+            "s_xsr",
+            "s_xsc",
+            "s_xtr",
+            "s_xtc",
+            "s_or",
+            "s_oc",
+        ]
+    )
     def _gm_posterior_mean_kernel(
-        means_ptr, lw_ptr, logstds_ptr, xs_ptr, xt_ptr, sig_s_ptr, sig_t_ptr, out_ptr,
-        K, C, P, n_pblocks, n_ctiles,
-        s_mr, s_mk, s_mc, s_mp,
-        s_lr, s_lk, s_lp,
-        s_sr, s_sp,
-        s_xsr, s_xsc, s_xsp,
-        s_xtr, s_xtc, s_xtp,
-        s_ssr, s_ssp,
-        s_str, s_stp,
-        s_or, s_oc, s_op,
+        means_ptr,
+        lw_ptr,
+        logstds_ptr,
+        xs_ptr,
+        xt_ptr,
+        sig_s_ptr,
+        sig_t_ptr,
+        out_ptr,
+        K,
+        C,
+        P,
+        n_pblocks,
+        n_ctiles,
+        s_mr,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lr,
+        s_lk,
+        s_lp,
+        s_sr,
+        s_sp,
+        s_xsr,
+        s_xsc,
+        s_xsp,
+        s_xtr,
+        s_xtc,
+        s_xtp,
+        s_ssr,
+        s_ssp,
+        s_str,
+        s_stp,
+        s_or,
+        s_oc,
+        s_op,
         eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SINGLE_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        SINGLE_C: tl.constexpr,
         INT64: tl.constexpr,
-    ):  # fmt: skip
+    ):
         """Posterior mean ``(R, C, P)``. Grid: ``R * n_pblocks * n_ctiles``, channel tile fastest."""
         row, cb, offs_p, ar_k, ar_c = program_tile(n_pblocks, n_ctiles, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
         mask_p = offs_p < P
@@ -117,7 +169,9 @@ if triton is not None:
                     g_c = _transfer_mean(xt_base, xs_base, offs_c2, mask_cp2, s_xtc, s_xsc, ct, cs)
                     q += tl.sum((mu_c - g_c[None, :, :]) * (mu_c - g_c[None, :, :]), axis=1)
             lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=mask_k[:, None] & mask_p[None, :], other=float("-inf"))
-            naive = tl.where(mask_k[:, None], lw.to(tl.float32) * 1.4426950408889634 + coef2[None, :] * q, float("-inf"))
+            naive = tl.where(
+                mask_k[:, None], lw.to(tl.float32) * 1.4426950408889634 + coef2[None, :] * q, float("-inf")
+            )
             t_best = tl.max(naive, axis=0)
             t_k = tl.min(tl.where(naive == t_best[None, :], offs_k[:, None], K), axis=0).to(tl.int32)
             take = t_best > best
@@ -165,7 +219,11 @@ if triton is not None:
             m, w_sum, mean, _ = online_moments_update(logit2, mu, m, w_sum, mean, mean, False)
         mean = tl.where((w_sum > 0)[None, :], mean, float("nan"))  # every component dead: not a GM, NaN
         out = (v / n)[None, :] * mean + (s2 / n)[None, :] * g
-        tl.store(out_ptr + row * s_or + offs_c[:, None] * s_oc + offs_p[None, :] * s_op, out.to(out_ptr.dtype.element_ty), mask=mask_cp)
+        tl.store(
+            out_ptr + row * s_or + offs_c[:, None] * s_oc + offs_p[None, :] * s_op,
+            out.to(out_ptr.dtype.element_ty),
+            mask=mask_cp,
+        )
 
 
 _REG_TILE = 64  # GM elements (BLOCK_K x BLOCK_C) of a pixel per thread and K tile
@@ -186,9 +244,17 @@ def _posterior_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, in
 
 
 def _posterior_args(
-    means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, x_src: torch.Tensor, x_tgt: torch.Tensor,
-    sigma_src: torch.Tensor, sigma_tgt: torch.Tensor, out: torch.Tensor, blocks_fn: Any, int64_fn: Any,
-) -> tuple:  # fmt: skip
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    x_src: torch.Tensor,
+    x_tgt: torch.Tensor,
+    sigma_src: torch.Tensor,
+    sigma_tgt: torch.Tensor,
+    out: torch.Tensor,
+    blocks_fn: Any,
+    int64_fn: Any,
+) -> tuple:
     """The kernel's views (in the order of the arguments), grid, integer arguments and options.
     ``blocks_fn, int64_fn`` are ``_posterior_blocks, needs_int64``, keys of the stored plan
     (tests replace them)."""
@@ -210,10 +276,29 @@ def _posterior_args(
     if THREADS_ALONG_K and (block_c < C or m4.stride(-1) != 1):
         block_k, block_c = 1, min(block_c, 8)
     n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
-    ints = (K, C, P, n_pblocks, n_ctiles, *m4.stride(), *l3.stride(), *s2.stride(), *xs.stride(), *xt.stride(),
-            *ss.stride(), *st.stride(), *o3.stride())  # fmt: skip
-    options = dict(BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_C=n_ctiles == 1,
-                   INT64=int64_fn(m4, l3, xs, xt, o3), num_warps=warps)  # fmt: skip
+    ints = (
+        K,
+        C,
+        P,
+        n_pblocks,
+        n_ctiles,
+        *m4.stride(),
+        *l3.stride(),
+        *s2.stride(),
+        *xs.stride(),
+        *xt.stride(),
+        *ss.stride(),
+        *st.stride(),
+        *o3.stride(),
+    )
+    options = dict(
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        SINGLE_C=n_ctiles == 1,
+        INT64=int64_fn(m4, l3, xs, xt, o3),
+        num_warps=warps,
+    )
     return views, (R * n_pblocks * n_ctiles,), ints, options
 
 
@@ -221,16 +306,24 @@ _PLANS = PlanCache()
 
 
 def _launch_posterior(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor,
-    sigma_src: torch.Tensor, x_tgt: torch.Tensor, sigma_tgt: torch.Tensor, eps: float,
-) -> torch.Tensor:  # fmt: skip
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    x_src: torch.Tensor,
+    sigma_src: torch.Tensor,
+    x_tgt: torch.Tensor,
+    sigma_tgt: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     """Run ``_gm_posterior_mean_kernel``; sigmas are tensors broadcastable to ``(*B, 1, 1, 1)``.
     The launch plan is stored per shape (``planned_args``)."""
     out = torch.empty(*x_src.shape, dtype=means.dtype, device=means.device)
     if out.numel() == 0:
         return out
     tensors = (means, logweights, logstds, x_src, x_tgt, sigma_src, sigma_tgt, out)
-    tensors, grid, ints, options = planned_args(_PLANS, _posterior_args, tensors, _posterior_blocks, needs_int64, n_key=7)
+    tensors, grid, ints, options = planned_args(
+        _PLANS, _posterior_args, tensors, _posterior_blocks, needs_int64, n_key=7
+    )
     _gm_posterior_mean_kernel[grid](*tensors, *ints, eps, **options)
     return out
 
@@ -239,9 +332,15 @@ if triton is not None:
 
     @torch.library.custom_op("gmkernels::gm_posterior_mean", mutates_args=())
     def _gm_posterior_mean_op(
-        means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor,
-        sigma_src: torch.Tensor, x_tgt: torch.Tensor, sigma_tgt: torch.Tensor, eps: float,
-    ) -> torch.Tensor:  # fmt: skip
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        logweights: torch.Tensor,
+        x_src: torch.Tensor,
+        sigma_src: torch.Tensor,
+        x_tgt: torch.Tensor,
+        sigma_tgt: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
         return _launch_posterior(means, logstds, logweights, x_src, sigma_src, x_tgt, sigma_tgt, eps)
 
     @_gm_posterior_mean_op.register_fake

@@ -30,7 +30,17 @@ import reference.product as ref
 
 from .._dispatch import run_reference
 from .._validate import check_gaussian, check_gm, require_range
-from ._launch import PlanCache, cdiv, gm_views, kernels_wanted, needs_int64, next_pow2, per_row, pixel_rows, planned_args
+from ._launch import (
+    PlanCache,
+    cdiv,
+    gm_views,
+    kernels_wanted,
+    needs_int64,
+    next_pow2,
+    per_row,
+    pixel_rows,
+    planned_args,
+)
 from .mixture import pixel_blocks, single_row_views
 
 try:
@@ -66,11 +76,28 @@ if triton is not None:
 
     @triton.jit
     def reweight_logits(
-        m_base, l_base, g_base, om_base, offs_k, K, C,
-        s_mk, s_mc, s_lk, s_gc, s_omk, s_omc,
-        mask_p, a_mu, a_g, coef2,
-        WRITE_MEANS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    ):  # fmt: skip
+        m_base,
+        l_base,
+        g_base,
+        om_base,
+        offs_k,
+        K,
+        C,
+        s_mk,
+        s_mc,
+        s_lk,
+        s_gc,
+        s_omk,
+        s_omc,
+        mask_p,
+        a_mu,
+        a_g,
+        coef2,
+        WRITE_MEANS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """Base-2 logits ``[BK, BP]`` of the reweighted GM for the components ``offs_k``:
         ``log2(e) * logweights_k + coef2 * sum_c (mu_k - mu_0)(mu_k + mu_0 - 2 g)``, ``-inf`` for
         dead and masked components. With ``WRITE_MEANS`` it also stores the new means
@@ -108,21 +135,53 @@ if triton is not None:
 
     @triton.jit
     def _gm_mul_kernel(
-        means_ptr, lw_ptr, logstds_ptr, g_ptr, v_ptr, out_m_ptr, out_lw_ptr, out_s_ptr, raw_ptr,
-        K, C, P, n_pblocks,
-        s_mr, s_mk, s_mc, s_mp,
-        s_lr, s_lk, s_lp,
-        s_sr, s_sp,
-        s_gr, s_gc, s_gp,
-        s_vr, s_vp,
-        s_omr, s_omk, s_omc, s_omp,
-        s_olr, s_olk, s_olp,
-        s_osr, s_osp,
-        s_rr, s_rk, s_rp,
-        r, eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SINGLE_K: tl.constexpr,
+        means_ptr,
+        lw_ptr,
+        logstds_ptr,
+        g_ptr,
+        v_ptr,
+        out_m_ptr,
+        out_lw_ptr,
+        out_s_ptr,
+        raw_ptr,
+        K,
+        C,
+        P,
+        n_pblocks,
+        s_mr,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lr,
+        s_lk,
+        s_lp,
+        s_sr,
+        s_sp,
+        s_gr,
+        s_gc,
+        s_gp,
+        s_vr,
+        s_vp,
+        s_omr,
+        s_omk,
+        s_omc,
+        s_omp,
+        s_olr,
+        s_olk,
+        s_olp,
+        s_osr,
+        s_osp,
+        s_rr,
+        s_rk,
+        s_rp,
+        r,
+        eps,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        SINGLE_K: tl.constexpr,
         INT64: tl.constexpr,
-    ):  # fmt: skip
+    ):
         """GM ``(R, K, C, P)`` times isotropic Gaussian ``(R, C, P)``, normalised. Grid:
         ``R * n_pblocks`` programs. ``out_s`` has pixel stride 0 when the new log-std is per
         batch row; then only the row's first pixel lane stores it."""
@@ -158,9 +217,28 @@ if triton is not None:
         if SINGLE_K:
             mask_kp = (ar_k < K)[:, None] & mask_p[None, :]
             logit2 = reweight_logits(
-                m_base, l_base, g_base, om_base, ar_k, K, C, s_mk, s_mc, s_lk, s_gc, s_omk, s_omc,
-                mask_p, a_mu, a_g, coef2, True, BLOCK_K, BLOCK_C, BLOCK_P,
-            )  # fmt: skip
+                m_base,
+                l_base,
+                g_base,
+                om_base,
+                ar_k,
+                K,
+                C,
+                s_mk,
+                s_mc,
+                s_lk,
+                s_gc,
+                s_omk,
+                s_omc,
+                mask_p,
+                a_mu,
+                a_g,
+                coef2,
+                True,
+                BLOCK_K,
+                BLOCK_C,
+                BLOCK_P,
+            )
             m, w_sum = softmax_stats_update(logit2, m, w_sum)
             lse2 = m + tl.log2(w_sum)  # -inf where every component is dead: NaN log-weights there
             out = (logit2 - lse2[None, :]) * 0.6931471805599453
@@ -171,9 +249,28 @@ if triton is not None:
                 offs_k = k0 + ar_k
                 mask_kp = (offs_k < K)[:, None] & mask_p[None, :]
                 logit2 = reweight_logits(
-                    m_base, l_base, g_base, om_base, offs_k, K, C, s_mk, s_mc, s_lk, s_gc, s_omk, s_omc,
-                    mask_p, a_mu, a_g, coef2, True, BLOCK_K, BLOCK_C, BLOCK_P,
-                )  # fmt: skip
+                    m_base,
+                    l_base,
+                    g_base,
+                    om_base,
+                    offs_k,
+                    K,
+                    C,
+                    s_mk,
+                    s_mc,
+                    s_lk,
+                    s_gc,
+                    s_omk,
+                    s_omc,
+                    mask_p,
+                    a_mu,
+                    a_g,
+                    coef2,
+                    True,
+                    BLOCK_K,
+                    BLOCK_C,
+                    BLOCK_P,
+                )
                 tl.store(r_base + offs_k[:, None] * s_rk, logit2, mask=mask_kp)
                 m, w_sum = softmax_stats_update(logit2, m, w_sum)
             tl.debug_barrier()  # the raw logits of this program are visible to all its threads
@@ -187,14 +284,38 @@ if triton is not None:
 
     @triton.jit
     def _gauss_mul_kernel(
-        m1_ptr, v1_ptr, m2_ptr, v2_ptr, out_m_ptr, out_v_ptr,
-        C, P, n_pblocks, n_ctiles,
-        s_1r, s_1c, s_1p, s_v1r, s_v1p,
-        s_2r, s_2c, s_2p, s_v2r, s_v2p,
-        s_or, s_oc, s_op, s_ovr, s_ovp,
-        power1, power2, eps,
-        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        m1_ptr,
+        v1_ptr,
+        m2_ptr,
+        v2_ptr,
+        out_m_ptr,
+        out_v_ptr,
+        C,
+        P,
+        n_pblocks,
+        n_ctiles,
+        s_1r,
+        s_1c,
+        s_1p,
+        s_v1r,
+        s_v1p,
+        s_2r,
+        s_2c,
+        s_2p,
+        s_v2r,
+        s_v2p,
+        s_or,
+        s_oc,
+        s_op,
+        s_ovr,
+        s_ovp,
+        power1,
+        power2,
+        eps,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """``N(m1, v1)^power1 * N(m2, v2)^power2`` over ``(R, C, P)``; grid ``R * n_pblocks *
         n_ctiles``. The variance is stored by channel tile 0, by the first pixel lane only
         when it is per row (``s_ovp == 0``)."""
@@ -235,7 +356,9 @@ if triton is not None:
 # --------------------------------------------------------------------------- launchers
 
 
-def _gm_mul_layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous_pixels: bool) -> tuple[int, int, int, int]:
+def _gm_mul_layout(
+    K: int, C: int, P: int, R: int, elem_bytes: int, contiguous_pixels: bool
+) -> tuple[int, int, int, int]:
     """Pixel-per-thread blocks (``mixture.pixel_blocks``: warps along the pixels, K and C in
     each thread's registers). Channels are looped inside the program and the tile holds mu,
     the new means and the distances, so along contiguous pixels the components come first (up
@@ -258,9 +381,18 @@ def _gm_mul_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
 
 
 def _gm_mul_args(
-    means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, g: torch.Tensor, var: torch.Tensor,
-    out_m: torch.Tensor, out_lw: torch.Tensor, out_s: torch.Tensor, raw: torch.Tensor, blocks_fn: Any, int64_fn: Any,
-) -> tuple:  # fmt: skip
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    g: torch.Tensor,
+    var: torch.Tensor,
+    out_m: torch.Tensor,
+    out_lw: torch.Tensor,
+    out_s: torch.Tensor,
+    raw: torch.Tensor,
+    blocks_fn: Any,
+    int64_fn: Any,
+) -> tuple:
     """The kernel's views (in the order of the arguments; ``raw`` is ``out_lw`` or, for a
     multi-tile K of 2-byte logits, a float32 scratch made here), grid, integer arguments,
     options. ``blocks_fn, int64_fn`` are ``_gm_mul_blocks, needs_int64``, keys of the stored
@@ -280,10 +412,29 @@ def _gm_mul_args(
     # raw logits of a multi-tile K: in the output when it is float32, else in a float32 scratch
     raw = ol3 if single_k or out_lw.dtype == torch.float32 else torch.empty(ol3.shape, device=means.device)
     n_pblocks = cdiv(P, block_p)
-    ints = (K, C, P, n_pblocks, *m4.stride(), *l3.stride(), *s2.stride(), *g3.stride(), *v2.stride(),
-            *om4.stride(), *ol3.stride(), *os2.stride(), *raw.stride())  # fmt: skip
-    options = dict(BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_K=single_k,
-                   INT64=int64_fn(m4, l3, g3, om4, ol3, raw), num_warps=warps)  # fmt: skip
+    ints = (
+        K,
+        C,
+        P,
+        n_pblocks,
+        *m4.stride(),
+        *l3.stride(),
+        *s2.stride(),
+        *g3.stride(),
+        *v2.stride(),
+        *om4.stride(),
+        *ol3.stride(),
+        *os2.stride(),
+        *raw.stride(),
+    )
+    options = dict(
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        SINGLE_K=single_k,
+        INT64=int64_fn(m4, l3, g3, om4, ol3, raw),
+        num_warps=warps,
+    )
     return (m4, l3, s2, g3, v2, om4, ol3, os2, raw), (R * n_pblocks,), ints, options
 
 
@@ -292,9 +443,14 @@ _GAUSS_PLANS = PlanCache()
 
 
 def _launch_gm_mul(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, g: torch.Tensor, var: torch.Tensor,
-    r: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    g: torch.Tensor,
+    var: torch.Tensor,
+    r: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``_gm_mul_kernel``; returns new ``(means, logstds, logweights)`` in the dtype of
     ``means``, ``logstds`` per pixel ``(*B, 1, 1, H, W)`` when ``logstds`` or ``var`` is. The
     launch plan is stored per shape (``planned_args``)."""
@@ -302,11 +458,15 @@ def _launch_gm_mul(
     per_pixel = logstds.shape[-1] * logstds.shape[-2] > 1 or var.shape[-1] * var.shape[-2] > 1
     out_m = torch.empty(*means.shape, dtype=means.dtype, device=means.device)
     out_lw = torch.empty(*logweights.shape, dtype=means.dtype, device=means.device)
-    out_s = torch.empty(*batch, 1, 1, H if per_pixel else 1, W if per_pixel else 1, dtype=means.dtype, device=means.device)
+    out_s = torch.empty(
+        *batch, 1, 1, H if per_pixel else 1, W if per_pixel else 1, dtype=means.dtype, device=means.device
+    )
     if out_m.numel() == 0:
         return out_m, out_s, out_lw
     tensors = (means, logweights, logstds, g, var, out_m, out_lw, out_s, out_lw)
-    tensors, grid, ints, options = planned_args(_GM_MUL_PLANS, _gm_mul_args, tensors, _gm_mul_blocks, needs_int64, n_key=5)
+    tensors, grid, ints, options = planned_args(
+        _GM_MUL_PLANS, _gm_mul_args, tensors, _gm_mul_blocks, needs_int64, n_key=5
+    )
     _gm_mul_kernel[grid](*tensors, *ints, r, eps, **options)
     return out_m, out_s, out_lw
 
@@ -322,7 +482,18 @@ def _gauss_mul_args(m1, v1, m2, v2, mean, var) -> tuple:
     R, P = a1.shape[0], a1.shape[-1]
     block_c, block_p = min(next_pow2(C), 8), min(next_pow2(P), 128)
     n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
-    ints = (C, P, n_pblocks, n_ctiles, *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *om.stride(), *ov.stride())
+    ints = (
+        C,
+        P,
+        n_pblocks,
+        n_ctiles,
+        *a1.stride(),
+        *b1.stride(),
+        *a2.stride(),
+        *b2.stride(),
+        *om.stride(),
+        *ov.stride(),
+    )
     options = dict(BLOCK_C=block_c, BLOCK_P=block_p, INT64=needs_int64(a1, a2, om), num_warps=4)
     return views, (R * n_pblocks * n_ctiles,), ints, options
 
@@ -349,9 +520,15 @@ if triton is not None:
 
     @torch.library.custom_op("gmkernels::gm_mul_iso_gaussian", mutates_args=())
     def _gm_mul_iso_gaussian_op(
-        means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-        gm_power: float, gaussian_power: float, eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        logweights: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        gm_power: float,
+        gaussian_power: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _launch_gm_mul(means, logstds, logweights, mean, var, gaussian_power / gm_power, eps)
 
     @_gm_mul_iso_gaussian_op.register_fake
@@ -363,9 +540,14 @@ if triton is not None:
 
     @torch.library.custom_op("gmkernels::iso_gaussian_mul_iso_gaussian", mutates_args=())
     def _iso_gaussian_mul_op(
-        mean1: torch.Tensor, var1: torch.Tensor, mean2: torch.Tensor, var2: torch.Tensor, power1: float, power2: float,
+        mean1: torch.Tensor,
+        var1: torch.Tensor,
+        mean2: torch.Tensor,
+        var2: torch.Tensor,
+        power1: float,
+        power2: float,
         eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch_gauss_mul(mean1, var1, mean2, var2, power1, power2, eps)
 
     @_iso_gaussian_mul_op.register_fake
@@ -397,7 +579,9 @@ def gm_mul_iso_gaussian(
     s = check_gm(gm)
     check_gaussian(gaussian, "gaussian", s)
     mean, var = gaussian["mean"], gaussian["var"]
-    require_range(var, 0.0, math.inf, "gaussian['var'] must be > 0 (a variance; inf means no information)", low_open=True)
+    require_range(
+        var, 0.0, math.inf, "gaussian['var'] must be > 0 (a variance; inf means no information)", low_open=True
+    )
     if type(gm_power) is not float or not 0.0 < gm_power < math.inf:  # the common case inline, without a call
         gm_power = _check_real(gm_power, "gm_power")
         if gm_power <= 0:
@@ -409,7 +593,9 @@ def gm_mul_iso_gaussian(
     means, logstds, logweights = gm["means"], gm["logstds"], gm["logweights"]
     if not kernels_wanted(means, logstds, logweights, mean, var):
         return run_reference(ref.gm_mul_iso_gaussian, gm, gaussian, gm_power, gaussian_power, eps, out_dtype=s.dtype)
-    means, logstds, logweights = _gm_mul_iso_gaussian_op(means, logstds, logweights, mean, var, gm_power, gaussian_power, eps)
+    means, logstds, logweights = _gm_mul_iso_gaussian_op(
+        means, logstds, logweights, mean, var, gm_power, gaussian_power, eps
+    )
     return {"means": means, "logstds": logstds, "logweights": logweights}
 
 

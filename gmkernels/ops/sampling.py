@@ -22,7 +22,15 @@ import reference.sampling as ref
 from .._dispatch import run_reference
 from .._validate import check_count, check_generator, check_gm, check_power
 from ._launch import (
-    LOG2E, PlanCache, cdiv, kernels_wanted, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+    LOG2E,
+    PlanCache,
+    cdiv,
+    kernels_wanted,
+    needs_int64,
+    next_pow2,
+    per_row,
+    pixel_rows,
+    planned_args,
 )
 
 try:
@@ -65,15 +73,35 @@ if triton is not None:
 
     @triton.jit
     def _gm_sample_kernel(
-        means_ptr, lw_ptr, logstds_ptr, seeds_ptr, out_ptr,
-        K, C, P, N, n_pblocks,
-        s_mr, s_mk, s_mc, s_mp,
-        s_lr, s_lk, s_lp,
-        s_sr, s_sp,
-        s_or, s_on, s_oc, s_op,
+        means_ptr,
+        lw_ptr,
+        logstds_ptr,
+        seeds_ptr,
+        out_ptr,
+        K,
+        C,
+        P,
+        N,
+        n_pblocks,
+        s_mr,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lr,
+        s_lk,
+        s_lp,
+        s_sr,
+        s_sp,
+        s_or,
+        s_on,
+        s_oc,
+        s_op,
         power_log2e,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """``out (R, N, C, P) = mu_k + exp(logstds) * z`` with ``k ~ softmax(power * logweights)``
         per pixel and sample, drawn by inverting the categorical CDF at one uniform ``u`` per
         pixel and sample: pass 1 over the K tiles finds the running max ``m`` and the total
@@ -109,7 +137,9 @@ if triton is not None:
         last = tl.zeros([BLOCK_P], dtype=ar_k.dtype)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + ar_k
-            lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=(offs_k < K)[:, None] & mask_p[None, :], other=float("-inf"))
+            lw = tl.load(
+                l_base + offs_k[:, None] * s_lk, mask=(offs_k < K)[:, None] & mask_p[None, :], other=float("-inf")
+            )
             dead = lw == float("-inf")
             logit2 = tl.where(dead, float("-inf"), tl.where(dead, 0.0, lw.to(tl.float32)) * power_log2e)  # no -inf * 0
             m_new = tl.maximum(m, tl.max(logit2, axis=0))
@@ -124,7 +154,9 @@ if triton is not None:
         idx = last
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + ar_k
-            lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=(offs_k < K)[:, None] & mask_p[None, :], other=float("-inf"))
+            lw = tl.load(
+                l_base + offs_k[:, None] * s_lk, mask=(offs_k < K)[:, None] & mask_p[None, :], other=float("-inf")
+            )
             dead = lw == float("-inf")
             logit2 = tl.where(dead, float("-inf"), tl.where(dead, 0.0, lw.to(tl.float32)) * power_log2e)
             w = tl.exp2(logit2 - m_ref[None, :])
@@ -143,8 +175,9 @@ if triton is not None:
             tl.store(o_base + offs_c[:, None] * s_oc, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _sample_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, seeds: torch.Tensor,
-                 out: torch.Tensor) -> tuple:  # fmt: skip
+def _sample_args(
+    means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, seeds: torch.Tensor, out: torch.Tensor
+) -> tuple:
     """The kernel's views (in the order of the arguments), grid, integer arguments and options."""
     *batch, K, C, H, W = means.shape
     n_samples = out.shape[-4]
@@ -164,7 +197,12 @@ _PLANS = PlanCache()
 
 
 def _launch_sample(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, seeds: torch.Tensor, n_samples: int, power: float
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    seeds: torch.Tensor,
+    n_samples: int,
+    power: float,
 ) -> torch.Tensor:
     """Run ``_gm_sample_kernel``: ``(*B, N, C, H, W)`` in the dtype of ``means``. The launch
     plan is stored per shape (``planned_args``)."""
@@ -181,7 +219,12 @@ if triton is not None:
 
     @torch.library.custom_op("gmkernels::gm_sample", mutates_args=())
     def _gm_sample_op(
-        means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, seeds: torch.Tensor, n_samples: int, power: float
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        logweights: torch.Tensor,
+        seeds: torch.Tensor,
+        n_samples: int,
+        power: float,
     ) -> torch.Tensor:
         """``seeds``: int64 ``(2,)`` Philox seeds on the device of ``means``."""
         return _launch_sample(means, logstds, logweights, seeds, n_samples, power)
@@ -191,7 +234,9 @@ if triton is not None:
         return means.new_empty((*means.shape[:-4], n_samples, *means.shape[-3:]))
 
 
-def gm_sample(gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def gm_sample(
+    gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``n_samples`` independent draws per pixel: component ``k ~ softmax(power * logweights)``
     (dead components never drawn, for any power), then ``mu_k + exp(logstds) * z``, ``z ~ N(0, I)``.
 

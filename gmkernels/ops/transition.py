@@ -41,15 +41,38 @@ if triton is not None:
 
     @triton.jit
     def _transition_kernel(
-        means_ptr, x_ptr, ls_ptr, sig_ptr, sigto_ptr, out_means_ptr, out_ls_ptr,
-        R, K, C, HW, LS_HW,
-        s_mb, s_mk, s_mc, s_mp,
-        s_xb, s_xc, s_xp,
-        s_lsb, s_lsp,
-        s_sig, s_sigto,
-        sig_f, sigto_f, eps,
-        MODE: tl.constexpr, SIG_T: tl.constexpr, SIGTO_T: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+        means_ptr,
+        x_ptr,
+        ls_ptr,
+        sig_ptr,
+        sigto_ptr,
+        out_means_ptr,
+        out_ls_ptr,
+        R,
+        K,
+        C,
+        HW,
+        LS_HW,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_lsb,
+        s_lsp,
+        s_sig,
+        s_sigto,
+        sig_f,
+        sigto_f,
+        eps,
+        MODE: tl.constexpr,
+        SIG_T: tl.constexpr,
+        SIGTO_T: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
     ):
         """``out[b,k,c,p] = alpha_b * x[b,c,p] + beta_b * means[b,k,c,p]`` over rows ``r = (b, k, c)``
         of ``R = B*K*C`` rows and ``HW`` pixels; ``logstds'`` from the lanes with ``k = c = 0``."""
@@ -143,10 +166,28 @@ def _transition_args(means, x_t, logstds, sigma_t, sigma_to_t, out_m, out_ls, mo
     # point data (one pixel): every row element carries its own sigma and log-std math; half the
     # tile (the full one needs more registers than a thread has on triton 3.6)
     block_r = min(next_pow2(R), max(1, (_TILE if block_p > 1 else _TILE // 2) // block_p))
-    ints = (R, K, C, HW, ls_hw, *m.stride(), *x.stride(), ls.stride(0), ls.stride(1) if ls_hw > 1 else 0,
-            sig.stride(0) if sig_t else 0, sig_to.stride(0) if sigto_t else 0)  # fmt: skip
-    options = dict(MODE=mode, SIG_T=sig_t, SIGTO_T=sigto_t, BLOCK_R=block_r, BLOCK_P=block_p, INT64=needs_int64(m, x, om),
-                   num_warps=4)  # fmt: skip
+    ints = (
+        R,
+        K,
+        C,
+        HW,
+        ls_hw,
+        *m.stride(),
+        *x.stride(),
+        ls.stride(0),
+        ls.stride(1) if ls_hw > 1 else 0,
+        sig.stride(0) if sig_t else 0,
+        sig_to.stride(0) if sigto_t else 0,
+    )
+    options = dict(
+        MODE=mode,
+        SIG_T=sig_t,
+        SIGTO_T=sigto_t,
+        BLOCK_R=block_r,
+        BLOCK_P=block_p,
+        INT64=needs_int64(m, x, om),
+        num_warps=4,
+    )
     return (m, x, ls, sig, sig_to, om, ols), (cdiv(R, block_r) * cdiv(HW, block_p),), ints, options
 
 
@@ -173,23 +214,37 @@ if triton is not None:
 
     @torch.library.custom_op("gmkernels::u_to_x0", mutates_args=())
     def _u_to_x0_op(
-        means: torch.Tensor, logstds: torch.Tensor, x_t: torch.Tensor, sigma_t: Optional[torch.Tensor], sigma_f: float,
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        x_t: torch.Tensor,
+        sigma_t: Optional[torch.Tensor],
+        sigma_f: float,
         eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch(U_TO_X0, means, logstds, x_t, sigma_t, sigma_f, None, 0.0, eps)
 
     @torch.library.custom_op("gmkernels::x0_to_u", mutates_args=())
     def _x0_to_u_op(
-        means: torch.Tensor, logstds: torch.Tensor, x_t: torch.Tensor, sigma_t: Optional[torch.Tensor], sigma_f: float,
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        x_t: torch.Tensor,
+        sigma_t: Optional[torch.Tensor],
+        sigma_f: float,
         eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch(X0_TO_U, means, logstds, x_t, sigma_t, sigma_f, None, 0.0, eps)
 
     @torch.library.custom_op("gmkernels::reverse_transition", mutates_args=())
     def _reverse_transition_op(
-        means: torch.Tensor, logstds: torch.Tensor, x_t: torch.Tensor, sigma_t: Optional[torch.Tensor], sigma_f: float,
-        sigma_to_t: Optional[torch.Tensor], sigma_to_f: float, eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        x_t: torch.Tensor,
+        sigma_t: Optional[torch.Tensor],
+        sigma_f: float,
+        sigma_to_t: Optional[torch.Tensor],
+        sigma_to_f: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch(REVERSE, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_to_f, eps)
 
     def _fake(means, logstds, *args):
@@ -265,8 +320,18 @@ def reverse_transition(gm_x0: dict, x_t: torch.Tensor, sigma: Sigma, sigma_to: S
     means, logstds = gm_x0["means"], gm_x0["logstds"]
     sigma_t = sigma if isinstance(sigma, torch.Tensor) else None
     sigma_to_t = sigma_to if isinstance(sigma_to, torch.Tensor) else None
-    if not kernels_wanted(means, logstds, x_t, means if sigma_t is None else sigma_t, means if sigma_to_t is None else sigma_to_t):
+    if not kernels_wanted(
+        means, logstds, x_t, means if sigma_t is None else sigma_t, means if sigma_to_t is None else sigma_to_t
+    ):
         return run_reference(ref.reverse_transition, gm_x0, x_t, sigma, sigma_to, eps, out_dtype=s.dtype)
-    means, logstds = _reverse_transition_op(means, logstds, x_t, sigma_t, 0.0 if sigma_t is not None else sigma, sigma_to_t,
-                                            0.0 if sigma_to_t is not None else sigma_to, float(eps))  # fmt: skip
+    means, logstds = _reverse_transition_op(
+        means,
+        logstds,
+        x_t,
+        sigma_t,
+        0.0 if sigma_t is not None else sigma,
+        sigma_to_t,
+        0.0 if sigma_to_t is not None else sigma_to,
+        float(eps),
+    )
     return {"means": means, "logstds": logstds, "logweights": gm_x0["logweights"].to(s.dtype)}

@@ -29,7 +29,9 @@ try:
     from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("gmkernels.pipelines needs diffusers: pip install -e '.[diffusers]' from a checkout, or pip install diffusers") from e
+    raise ImportError(
+        "gmkernels.pipelines needs diffusers: pip install -e '.[diffusers]' from a checkout, or pip install diffusers"
+    ) from e
 
 from ..models.gmdit import GMDiTTransformer2DModel, SpectrumMLP
 
@@ -90,8 +92,14 @@ class GMDiTPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "transformer->vae"
 
-    def __init__(self, transformer: GMDiTTransformer2DModel, spectrum_net: SpectrumMLP | None, vae: AutoencoderKL,
-                 scheduler: GMFlowSDEScheduler | FlowEulerODEScheduler, id2label: dict | None = None):
+    def __init__(
+        self,
+        transformer: GMDiTTransformer2DModel,
+        spectrum_net: SpectrumMLP | None,
+        vae: AutoencoderKL,
+        scheduler: GMFlowSDEScheduler | FlowEulerODEScheduler,
+        id2label: dict | None = None,
+    ):
         super().__init__()
         self.register_modules(transformer=transformer, spectrum_net=spectrum_net, vae=vae, scheduler=scheduler)
         self.register_to_config(id2label=id2label)
@@ -102,8 +110,9 @@ class GMDiTPipeline(DiffusionPipeline):
         self.labels = dict(sorted(self.labels.items()))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None,
-                        variant: str | None = None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None, variant: str | None = None, **kwargs
+    ):
         """Load a checkpoint directory in the official layout (or a Hugging Face Hub id, downloaded
         with ``huggingface_hub.snapshot_download`` where the hub is reachable).
 
@@ -117,8 +126,10 @@ class GMDiTPipeline(DiffusionPipeline):
         if not os.path.isdir(path):
             # a hub id is "name" or "owner/name"; anything else is a path that is not there
             if os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
-                raise FileNotFoundError(f"GMDiTPipeline.from_pretrained: no such directory {path!r} "
-                                        f"(pretrained_model_name_or_path: a checkpoint directory or a hub id 'owner/name')")
+                raise FileNotFoundError(
+                    f"GMDiTPipeline.from_pretrained: no such directory {path!r} "
+                    f"(pretrained_model_name_or_path: a checkpoint directory or a hub id 'owner/name')"
+                )
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(repo_id=path)
@@ -161,7 +172,9 @@ class GMDiTPipeline(DiffusionPipeline):
         batch doubled with the null class)."""
         transformer = self.transformer
         B = class_labels.shape[0]
-        labels = torch.cat([class_labels, torch.full_like(class_labels, transformer.null_class)]) if guided else class_labels
+        labels = (
+            torch.cat([class_labels, torch.full_like(class_labels, transformer.null_class)]) if guided else class_labels
+        )
 
         def denoise(x, t):
             inp = x.to(transformer.dtype)
@@ -184,8 +197,12 @@ class GMDiTPipeline(DiffusionPipeline):
         sched = self.scheduler
         if isinstance(sched, FlowEulerODEScheduler) and output_mode == "mean":
             return GMODEScheduler(shift=shift, **solver)
-        if (isinstance(sched, GMFlowSDEScheduler) and output_mode == "sample" and sched.exact_transition
-                and self.spectrum_net is None):
+        if (
+            isinstance(sched, GMFlowSDEScheduler)
+            and output_mode == "sample"
+            and sched.exact_transition
+            and self.spectrum_net is None
+        ):
             return GMSDEScheduler(shift=shift, **solver)
         spectrum_net = self.spectrum_net if output_mode == "sample" else None
         return GMTensorStepScheduler(copy.deepcopy(sched), output_mode, spectrum_net, **solver)
@@ -194,8 +211,10 @@ class GMDiTPipeline(DiffusionPipeline):
         """``class_labels`` (ints, or an int tensor) as a long tensor ``(B,)`` on ``device``."""
         names = [class_labels] if isinstance(class_labels, str) else class_labels
         if isinstance(names, (list, tuple)) and any(isinstance(v, str) for v in names):
-            raise TypeError(f"class_labels must be class ids (ints), got names {class_labels!r}; "
-                            f"turn names into ids with pipe.get_label_ids({class_labels!r})")
+            raise TypeError(
+                f"class_labels must be class ids (ints), got names {class_labels!r}; "
+                f"turn names into ids with pipe.get_label_ids({class_labels!r})"
+            )
         try:
             labels = torch.as_tensor(class_labels, device=device).reshape(-1)
         except (TypeError, ValueError, RuntimeError) as e:
@@ -265,12 +284,15 @@ class GMDiTPipeline(DiffusionPipeline):
         if not (_is_number(orthogonal_guidance) and orthogonal_guidance >= 0):
             raise ValueError(f"orthogonal_guidance must be a number >= 0, got {orthogonal_guidance!r}")
         if not isinstance(self.scheduler, (FlowEulerODEScheduler, GMFlowSDEScheduler)):
-            raise TypeError("scheduler must be a FlowEulerODEScheduler or GMFlowSDEScheduler, "
-                            f"got {type(self.scheduler).__name__}")
+            raise TypeError(
+                f"scheduler must be a FlowEulerODEScheduler or GMFlowSDEScheduler, got {type(self.scheduler).__name__}"
+            )
         sched_cfg = self.scheduler.config
         if sched_cfg.num_train_timesteps != 1000 or sched_cfg.terminal_sigma is not None:
-            raise ValueError("scheduler: num_train_timesteps must be 1000 (the network's timesteps are 1000 * sigma) and "
-                             f"terminal_sigma None, got {sched_cfg.num_train_timesteps} and {sched_cfg.terminal_sigma}")
+            raise ValueError(
+                "scheduler: num_train_timesteps must be 1000 (the network's timesteps are 1000 * sigma) and "
+                f"terminal_sigma None, got {sched_cfg.num_train_timesteps} and {sched_cfg.terminal_sigma}"
+            )
         device = self._execution_device
         cfg = self.transformer.config
         labels = self._class_labels(class_labels, device)
@@ -280,14 +302,21 @@ class GMDiTPipeline(DiffusionPipeline):
         if per_sample and len(gens) != B:
             raise ValueError(f"generator: a list of {len(gens)} generators for {B} class labels (one per sample)")
         if not all(g is None or isinstance(g, torch.Generator) for g in gens) or (per_sample and None in gens):
-            raise TypeError(f"generator must be a torch.Generator, a list of one per sample, or None, got {generator!r}")
-        x = randn_tensor((B, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator, device=device,
-                         dtype=torch.float32)
+            raise TypeError(
+                f"generator must be a torch.Generator, a list of one per sample, or None, got {generator!r}"
+            )
+        x = randn_tensor(
+            (B, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+            generator=generator,
+            device=device,
+            dtype=torch.float32,
+        )
         gens = [_device_generator(g, device) for g in gens]
 
         seq_len = (cfg.sample_size // cfg.patch_size) ** 2
-        solver = dict(order=order, guidance="probabilistic", guidance_scale=guidance_scale,
-                      orthogonal=orthogonal_guidance)
+        solver = dict(
+            order=order, guidance="probabilistic", guidance_scale=guidance_scale, orthogonal=orthogonal_guidance
+        )
         # one GM scheduler per generator: with a list, each sample steps alone with its own draws
         cores = [self._loop_scheduler(output_mode, float(self.scheduler.get_shift(seq_len)), **solver) for _ in gens]
         for core in cores:
@@ -300,8 +329,12 @@ class GMDiTPipeline(DiffusionPipeline):
         for t in self.progress_bar(steps) if progress else steps:
             gm = denoise(x, t.expand(B))
             if per_sample:
-                x = torch.cat([core.step(_take(gm, i), t, x[i : i + 1], generator=g)
-                               for i, (core, g) in enumerate(zip(cores, gens))])
+                x = torch.cat(
+                    [
+                        core.step(_take(gm, i), t, x[i : i + 1], generator=g)
+                        for i, (core, g) in enumerate(zip(cores, gens))
+                    ]
+                )
             else:
                 x = cores[0].step(gm, t, x, generator=gens[0])
 

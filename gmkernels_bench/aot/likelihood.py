@@ -26,8 +26,9 @@ def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
             variants.append(((y, t64, t64), ",transition,t64"))
         for tr, suffix in variants:  # (x_t_high, t_high, t_low)
             tag = shape_tag(B, K, C, H, W, dt) + suffix
-            cases += launch_cases(f"likelihood.nll_fwd[{tag}]", _launch_loglik, m, s, lw, y, *tr, 1e4, -1.0, 0.0,
-                                  torch.float32)  # fmt: skip
+            cases += launch_cases(
+                f"likelihood.nll_fwd[{tag}]", _launch_loglik, m, s, lw, y, *tr, 1e4, -1.0, 0.0, torch.float32
+            )
             cases += launch_cases(f"likelihood.nll_bwd[{tag}]", _launch_nll_bwd, loss, loss, m, s, lw, y, *tr, 1e-4)
     return cases
 

@@ -33,11 +33,20 @@ def bench_cases() -> list[AotCase]:
             state = (m, per_sample, lw, x, per_sample, x)  # means_u, gm_vars, logweights, x_src, sigma_src, x
             cases += launch_cases(f"policy.pi[{tag},{dt}]", _launch_pi, *state, per_sample, 1e-6)
             for save in (False, True):
-                cases += launch_cases(f"policy.rollout[{tag},N{N},{'train' if save else 'infer'},{dt}]", _launch_rollout,
-                                      *state, table, 1e-6, save)  # fmt: skip
-            cases += launch_cases(f"policy.backward[{tag},pi,{dt}]", _launch_backward, x, *state, per_sample.view(-1, 1),
-                                  x, 1e-6, False)  # fmt: skip
-            cases += launch_cases(f"policy.backward[{tag},rollout,{dt}]", _launch_backward, x, *state, table, ck, 1e-6, True)
+                cases += launch_cases(
+                    f"policy.rollout[{tag},N{N},{'train' if save else 'infer'},{dt}]",
+                    _launch_rollout,
+                    *state,
+                    table,
+                    1e-6,
+                    save,
+                )
+            cases += launch_cases(
+                f"policy.backward[{tag},pi,{dt}]", _launch_backward, x, *state, per_sample.view(-1, 1), x, 1e-6, False
+            )
+            cases += launch_cases(
+                f"policy.backward[{tag},rollout,{dt}]", _launch_backward, x, *state, table, ck, 1e-6, True
+            )
     return cases
 
 

@@ -17,8 +17,18 @@ def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
         gm = meta_gm(B, K, C, H, W, dt)
         x = gm["means"].new_empty((B, C, H, W))
         sig = torch.empty((B, 1, 1, 1), device="meta")
-        cases += launch_cases(f"gm_posterior_mean[{shape_tag(B, K, C, H, W, dt)}]", _launch_posterior,
-                              gm["means"], gm["logstds"], gm["logweights"], x, sig, x, sig, 1e-6)  # fmt: skip
+        cases += launch_cases(
+            f"gm_posterior_mean[{shape_tag(B, K, C, H, W, dt)}]",
+            _launch_posterior,
+            gm["means"],
+            gm["logstds"],
+            gm["logweights"],
+            x,
+            sig,
+            x,
+            sig,
+            1e-6,
+        )
     return cases
 
 

@@ -46,9 +46,28 @@ def aot_cases(B: int, K: int, C: int, H: int, W: int, variants=STEP_VARIANTS) ->
             amount = 1.0 if guidance in ("probabilistic", "mean-cfg") else 0.0  # orthogonal 1.0
             sigmas = torch.empty(2 if sde else 9, device="meta")
             prev = torch.empty((B, C, H, W), device="meta") if order == 2 else None
-            cases += launch_cases(f"fused_step[{solver},order{order},{guidance},{tag}]", _step_launches, m, ls, lw,
-                                  m if guided else None, lw if guided else None, xf, sigmas, prev, seed if sde else None,
-                                  guidance, order == 2, scale, amount, 0.1, 0.1, 0.8, 0.6, 1e-6)  # fmt: skip
+            cases += launch_cases(
+                f"fused_step[{solver},order{order},{guidance},{tag}]",
+                _step_launches,
+                m,
+                ls,
+                lw,
+                m if guided else None,
+                lw if guided else None,
+                xf,
+                sigmas,
+                prev,
+                seed if sde else None,
+                guidance,
+                order == 2,
+                scale,
+                amount,
+                0.1,
+                0.1,
+                0.8,
+                0.6,
+                1e-6,
+            )
     return cases
 
 

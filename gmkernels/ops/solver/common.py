@@ -42,8 +42,9 @@ SPLIT_K1 = THREADS_ALONG_K
 PACK_FUSED = triton is not None and not THREADS_ALONG_K
 
 
-def fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = False, split_k1: bool | None = None
-                 ) -> tuple[int, int, int, bool, int]:  # fmt: skip
+def fused_blocks(
+    K: int, C: int, HW: int, sde: bool = False, heavy: bool = False, split_k1: bool | None = None
+) -> tuple[int, int, int, bool, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE, num_warps)`` of the GM-ODE and fused-step kernels.
 
     Up to 16 channels: one pixel per thread. The pixels are contiguous but the row, component
@@ -76,7 +77,9 @@ def fused_blocks(K: int, C: int, HW: int, sde: bool = False, heavy: bool = False
     bk = next_pow2(K)
     if split and split_k1:
         return 1, bc, bp, K == 1, warps
-    if bk * per_thread_c <= reg_tile or (not (sde or heavy or split) and bk <= 32 and bk * per_thread_c <= REG_TILE_WIDE):
+    if bk * per_thread_c <= reg_tile or (
+        not (sde or heavy or split) and bk <= 32 and bk * per_thread_c <= REG_TILE_WIDE
+    ):
         return bk, bc, bp, True, warps
     return max(1, stream_tile // per_thread_c), bc, bp, False, warps
 
@@ -94,9 +97,25 @@ def flat_gm(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def program_state(x_ptr, ls_ptr, sig_ptr, NPIX, HW, NPB, C, s_xb, s_xc, s_xp, s_lsb, s_lsp,
-                      BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-                      PACK: tl.constexpr):  # fmt: skip
+    def program_state(
+        x_ptr,
+        ls_ptr,
+        sig_ptr,
+        NPIX,
+        HW,
+        NPB,
+        C,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_lsb,
+        s_lsp,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+        PACK: tl.constexpr,
+    ):
         """What a GM-ODE or fused-step program owns and loads first: its batch row ``b``, pixels
         ``p [BP]`` and their mask, its statistics row, the channel and K ranges, the mask of its
         ``[BC, BP]`` tile, the state ``x`` there (float32), ``sigmas[0]`` and the log-stds ``[BP]``.
@@ -149,7 +168,9 @@ if triton is not None:
         x = x - j * 6.077094383272197e-11
         x2 = x * x
         sin_x = x + x * x2 * (-1.0 / 6.0 + x2 * (1.0 / 120.0 + x2 * (-1.0 / 5040.0 + x2 * (1.0 / 362880.0))))
-        cos_x = 1.0 + x2 * (-0.5 + x2 * (1.0 / 24.0 + x2 * (-1.0 / 720.0 + x2 * (1.0 / 40320.0 + x2 * (-1.0 / 3628800.0)))))
+        cos_x = 1.0 + x2 * (
+            -0.5 + x2 * (1.0 / 24.0 + x2 * (-1.0 / 720.0 + x2 * (1.0 / 40320.0 + x2 * (-1.0 / 3628800.0))))
+        )
         q = j.to(tl.int32) & 3  # cos(q pi/2 + x)
         c = tl.where((q & 1) == 0, cos_x, sin_x)
         c = tl.where((q == 1) | (q == 2), -c, c)
@@ -204,7 +225,9 @@ if triton is not None:
         return m_new, w_new, mean, m2
 
     @triton.jit
-    def fs_tile(mu, lg, kap1, c1, kap2, al2, c2, m, w_sum, mean, m2, Q1: tl.constexpr, Q2: tl.constexpr, WITH_VAR: tl.constexpr):
+    def fs_tile(
+        mu, lg, kap1, c1, kap2, al2, c2, m, w_sum, mean, m2, Q1: tl.constexpr, Q2: tl.constexpr, WITH_VAR: tl.constexpr
+    ):
         """Merge a tile into the running moments of the GM reweighted by up to two Gaussians:
         logits ``lg - kap1 |mu + c1|^2 - kap2 |al2 mu + c2|^2`` (``c = offset - centre``)."""
         if Q1:
@@ -216,9 +239,24 @@ if triton is not None:
         return fs_moments(lg * 1.4426950408889634, mu, m, w_sum, mean, m2, WITH_VAR)
 
     @triton.jit
-    def fs_pass(mu_all, l_all, lazy, kap1, c1, kap2, al2, c2,
-                ONE_TILE: tl.constexpr, WEIGHT: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr,
-                WITH_VAR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    def fs_pass(
+        mu_all,
+        l_all,
+        lazy,
+        kap1,
+        c1,
+        kap2,
+        al2,
+        c2,
+        ONE_TILE: tl.constexpr,
+        WEIGHT: tl.constexpr,
+        Q1: tl.constexpr,
+        Q2: tl.constexpr,
+        WITH_VAR: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """Softmax-weighted mean ``[BC, BP]`` of the (reweighted, ``fs_tile``) GM over all K and,
         with ``WITH_VAR``, the weighted squared deviation summed over channels ``[BP]``."""
         m = tl.full([1, BLOCK_P], float("-inf"), tl.float32)
@@ -247,9 +285,27 @@ if triton is not None:
         return g, v
 
     @triton.jit
-    def ode_substeps(x, sb, sig_ptr, N, eps, s2A, kapA, gA, alA, betA, mu_all, l_all, lazy,
-                     ONE_TILE: tl.constexpr, WEIGHT: tl.constexpr, RW_A: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    def ode_substeps(
+        x,
+        sb,
+        sig_ptr,
+        N,
+        eps,
+        s2A,
+        kapA,
+        gA,
+        alA,
+        betA,
+        mu_all,
+        l_all,
+        lazy,
+        ONE_TILE: tl.constexpr,
+        WEIGHT: tl.constexpr,
+        RW_A: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """``N`` GM-ODE substeps of the state ``x [BC, BP]`` from ``sigmas[0] = sb`` along
         ``sig_ptr``, on the GM ``A`` (the lazy GM, reweighted by ``N(gA, vA)`` when ``RW_A``:
         ``kapA = 1 / (2 (vA + s2))``, ``alA = vA / (vA + s2)``, ``betA = s2 / (vA + s2) gA``;
@@ -263,8 +319,24 @@ if triton is not None:
             nt = tl.maximum(vt + s2A, eps)
             first = j == 0  # substep 0: the plain mixture mean of A
             kapt = tl.where(first, 0.0, 0.5 / nt)
-            mw, _ = fs_pass(mu_all, l_all, lazy, kapA, -gA, kapt, alA, betA - gt,
-                            ONE_TILE, WEIGHT, RW_A, True, False, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+            mw, _ = fs_pass(
+                mu_all,
+                l_all,
+                lazy,
+                kapA,
+                -gA,
+                kapt,
+                alA,
+                betA - gt,
+                ONE_TILE,
+                WEIGHT,
+                RW_A,
+                True,
+                False,
+                BLOCK_K,
+                BLOCK_C,
+                BLOCK_P,
+            )
             mA = alA[None, :] * mw + betA
             # r_v = vt / (vt + s2A), r_s = s2A / (vt + s2A) as sigmoids (no inf / inf)
             tt = tl.minimum(tl.maximum(tl.log(s2A) - tl.log(vt), -80.0), 80.0)

@@ -39,22 +39,71 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["HW", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_xb", "s_xc"])
     def _gm_ode_kernel(
-        m_ptr, lw_ptr, ls_ptr, x_ptr, sig_ptr, out_ptr,
-        K, C, HW, NPB, N, NPIX,
-        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_lsb, s_lsp, s_xb, s_xc, s_xp,
+        m_ptr,
+        lw_ptr,
+        ls_ptr,
+        x_ptr,
+        sig_ptr,
+        out_ptr,
+        K,
+        C,
+        HW,
+        NPB,
+        N,
+        NPIX,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_lsb,
+        s_lsp,
+        s_xb,
+        s_xc,
+        s_xp,
         eps,
-        ONE_TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        INT64: tl.constexpr, PACK: tl.constexpr = False,
-    ):  # fmt: skip
+        ONE_TILE: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+        PACK: tl.constexpr = False,
+    ):
         """``N`` GM-ODE substeps (``ode_substeps``) of the x0-GM ``(m, lw, ls)`` for the pixels of
         ``program_state``, all channels: the state ``x (B, C, HW)`` from ``sig[0]`` to ``sig[N]``,
         written to ``out`` (contiguous). The means are taken as loaded (``0 + 1 * mu``)."""
-        b, p, pmask, _, c, kr, xmask, x, sb, ls = program_state(x_ptr, ls_ptr, sig_ptr, NPIX, HW, NPB, C, s_xb, s_xc, s_xp, s_lsb,
-                                                                s_lsp, BLOCK_K, BLOCK_C, BLOCK_P, INT64, PACK)  # fmt: skip
+        b, p, pmask, _, c, kr, xmask, x, sb, ls = program_state(
+            x_ptr,
+            ls_ptr,
+            sig_ptr,
+            NPIX,
+            HW,
+            NPB,
+            C,
+            s_xb,
+            s_xc,
+            s_xp,
+            s_lsb,
+            s_lsp,
+            BLOCK_K,
+            BLOCK_C,
+            BLOCK_P,
+            INT64,
+            PACK,
+        )
         s2 = tl.exp(tl.minimum(2.0 * ls, 80.0))
         # the GM as stored (no unconditional log-weights: 0)
-        src = (m_ptr + b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp, lw_ptr + b * s_lb + p[None, :] * s_lp,
-               0, K, s_mk, s_lk, 0)  # fmt: skip
+        src = (
+            m_ptr + b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp,
+            lw_ptr + b * s_lb + p[None, :] * s_lp,
+            0,
+            K,
+            s_mk,
+            s_lk,
+            0,
+        )
         zero_v = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
         zero_p = tl.zeros([BLOCK_P], tl.float32)
         lazy = (src, kr, xmask, pmask, tl.zeros([BLOCK_C, BLOCK_P], tl.float32), 1.0, 1.0)
@@ -62,8 +111,27 @@ if triton is not None:
         l_all = 0.0
         if ONE_TILE:
             mu_all, l_all = fs_load(lazy, 0, False)
-        x = ode_substeps(x, sb, sig_ptr, N, eps, s2, zero_p, zero_v, zero_p + 1.0, zero_v, mu_all, l_all, lazy,
-                         ONE_TILE, False, False, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+        x = ode_substeps(
+            x,
+            sb,
+            sig_ptr,
+            N,
+            eps,
+            s2,
+            zero_p,
+            zero_v,
+            zero_p + 1.0,
+            zero_v,
+            mu_all,
+            l_all,
+            lazy,
+            ONE_TILE,
+            False,
+            False,
+            BLOCK_K,
+            BLOCK_C,
+            BLOCK_P,
+        )
         tl.store(out_ptr + b * (C * HW) + c[:, None] * HW + p[None, :], x.to(out_ptr.dtype.element_ty), mask=xmask)
 
 
@@ -95,15 +163,23 @@ def _ode_args(means, logweights, logstds, x, out, split_k1: bool, n_sigmas: int)
     bk, bc, bp, one, warps = fused_blocks(K, C, B if pack else HW, split_k1=split_k1)
     npb = cdiv(HW, bp)
     ints = (K, C, HW, npb, n_sigmas - 1, B * HW, *m.stride(), *lw.stride(), s_lsb, s_lsp, *xf.stride())
-    options = dict(ONE_TILE=one, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, INT64=needs_int64(m, lw, xf, of), PACK=pack, num_warps=warps)
+    options = dict(
+        ONE_TILE=one, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, INT64=needs_int64(m, lw, xf, of), PACK=pack, num_warps=warps
+    )
     return (m, lw, ls, xf, of), (cdiv(B, bp) if pack else B * npb,), ints, options
 
 
 _PLANS = PlanCache()
 
 
-def _launch_ode(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x: torch.Tensor, sigmas: torch.Tensor,
-                eps: float) -> torch.Tensor:  # fmt: skip
+def _launch_ode(
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     """``gm_ode_substeps`` on the Triton path: ``_gm_ode_kernel``, or ``launch_ode_wide`` for GMs
     past one thread's registers but within ``rollout_blocks``. The plan is stored per shape."""
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
@@ -134,10 +210,38 @@ def launch_ode_wide(means, logstds, logweights, x, sig, out, eps, blocks, affine
         var = var * sig[:1].square()  # x0 stds are the u stds times sigma (a device op: no host read)
     npb = cdiv(HW, bp)
     _policy_rollout_kernel[(B * npb,)](
-        m, lw, xf, xf, var, sig, sig, of, of, K, C, HW, sig.numel() - 1, 1, npb,
-        *m.stride(), *lw.stride(), *xf.stride(), *xf.stride(), 0, var.stride(0), 0, eps,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=True, SAVE=False, X0=not affine, PIXEL_VAR=bool(s_lsp),
-        INT64=needs_int64(m, lw, xf, of), num_warps=warps,
+        m,
+        lw,
+        xf,
+        xf,
+        var,
+        sig,
+        sig,
+        of,
+        of,
+        K,
+        C,
+        HW,
+        sig.numel() - 1,
+        1,
+        npb,
+        *m.stride(),
+        *lw.stride(),
+        *xf.stride(),
+        *xf.stride(),
+        0,
+        var.stride(0),
+        0,
+        eps,
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        ONE_TILE=True,
+        SAVE=False,
+        X0=not affine,
+        PIXEL_VAR=bool(s_lsp),
+        INT64=needs_int64(m, lw, xf, of),
+        num_warps=warps,
     )
     return out
 

@@ -31,16 +31,44 @@ if triton is not None:
 
     @triton.jit
     def _gm_sde_step_kernel(
-        means_ptr, lw_ptr, ls_ptr, x_ptr, u_ptr, z_ptr, seed_ptr, out_ptr,
-        K, C, HW, NPIX,
-        s_mb, s_mk, s_mc, s_mp,
-        s_lb, s_lk, s_lp,
-        s_lsb, s_lsp,
-        s_xb, s_xc, s_xp,
-        s_ub, s_up, s_zb, s_zc, s_zp,
-        c1, c2, c3, power,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        GIVEN_NOISE: tl.constexpr, INT64: tl.constexpr,
+        means_ptr,
+        lw_ptr,
+        ls_ptr,
+        x_ptr,
+        u_ptr,
+        z_ptr,
+        seed_ptr,
+        out_ptr,
+        K,
+        C,
+        HW,
+        NPIX,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_lsb,
+        s_lsp,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_ub,
+        s_up,
+        s_zb,
+        s_zc,
+        s_zp,
+        c1,
+        c2,
+        c3,
+        power,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        GIVEN_NOISE: tl.constexpr,
+        INT64: tl.constexpr,
         PACK: tl.constexpr = False,
     ):
         """One exact GM-SDE draw for the ``BLOCK_P`` pixels ``p`` of batch element ``b``, or with
@@ -78,7 +106,9 @@ if triton is not None:
         tot = tl.zeros([BLOCK_P], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kr
-            lw = tl.load(l_base + k[:, None] * s_lk, mask=(k < K)[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
+            lw = tl.load(l_base + k[:, None] * s_lk, mask=(k < K)[:, None] & pmask[None, :], other=float("-inf")).to(
+                tl.float32
+            )
             dead = lw == float("-inf")  # dead stays dead for power 0 (and no -inf * 0)
             lw = tl.where(dead, lw, tl.where(dead, 0.0, lw) * power)
             m_new = tl.maximum(m_run, tl.max(lw, axis=0))
@@ -100,7 +130,9 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kr
             kmask = k < K
-            lw = tl.load(l_base + k[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
+            lw = tl.load(l_base + k[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(
+                tl.float32
+            )
             dead = lw == float("-inf")
             lw = tl.where(dead, lw, tl.where(dead, 0.0, lw) * power)
             w = tl.exp(lw - m_fin[None, :])  # (BLOCK_K, BLOCK_P)
@@ -128,10 +160,14 @@ if triton is not None:
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             mask = (c < C)[:, None] & pmask[None, :]
-            mu = tl.load(means_ptr + b * s_mb + sel_off[None, :] + c[:, None] * s_mc + p[None, :] * s_mp, mask=mask, other=0.0).to(tl.float32)
+            mu = tl.load(
+                means_ptr + b * s_mb + sel_off[None, :] + c[:, None] * s_mc + p[None, :] * s_mp, mask=mask, other=0.0
+            ).to(tl.float32)
             x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=mask, other=0.0).to(tl.float32)
             if GIVEN_NOISE:
-                z = tl.load(z_ptr + b * s_zb + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + b * s_zb + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(
+                    tl.float32
+                )
             else:
                 z = philox_randn(seed, NPIX + (b * C + c[:, None]) * HW + p[None, :])
             out = c1 * x + c2 * mu + std[None, :] * z
@@ -167,8 +203,15 @@ def _sde_args(means, logweights, logstds, x, out, u=None, z=None):
     bk, bc, bp = _sde_blocks(K, C, B if pack else HW)
     grid = (cdiv(B, bp) if pack else B * cdiv(HW, bp),)
     ints = (K, C, HW, B * HW, *m.stride(), *lw.stride(), s_lsb, s_lsp, *xf.stride(), *noise_strides)
-    options = dict(BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, GIVEN_NOISE=given,
-                   INT64=needs_int64(m, lw, xf, of) or B * HW * (C + 1) >= I32_MAX, PACK=pack, num_warps=4)  # fmt: skip
+    options = dict(
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        GIVEN_NOISE=given,
+        INT64=needs_int64(m, lw, xf, of) or B * HW * (C + 1) >= I32_MAX,
+        PACK=pack,
+        num_warps=4,
+    )
     return views, grid, ints, options
 
 
@@ -181,7 +224,9 @@ def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
     per shape."""
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if u is None:
-        (m, lw, ls, xf, of), grid, ints, options = planned_args(_PLANS, _sde_args, (means, logweights, logstds, x, out), n_key=4)
+        (m, lw, ls, xf, of), grid, ints, options = planned_args(
+            _PLANS, _sde_args, (means, logweights, logstds, x, out), n_key=4
+        )
         uf = zf = None
     else:
         (m, lw, ls, xf, of, uf, zf), grid, ints, options = planned_args(
@@ -195,8 +240,17 @@ def _launch_sde(means, logstds, logweights, x, seed, u, z, c1, c2, c3, power):
     return out
 
 
-def _sde_step_launch(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x: torch.Tensor, seed: torch.Tensor,
-                     sigma: float, sigma_next: float, power: float, eps: float) -> torch.Tensor:  # fmt: skip
+def _sde_step_launch(
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    x: torch.Tensor,
+    seed: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    power: float,
+    eps: float,
+) -> torch.Tensor:
     """The body of ``gmkernels::gm_sde_step``: the Philox draw seeded by ``seed`` (int64, one element)."""
     c1, c2, c3 = transition_coefficients(sigma, sigma_next, eps)
     return _launch_sde(means, logstds, logweights, x, seed, None, None, c1, c2, c3, power)
@@ -211,8 +265,13 @@ if triton is not None:
 
 
 def gm_sde_step(
-    gm: dict, x: torch.Tensor, sigma: float, sigma_next: float, power: float = 1.0,
-    generator: torch.Generator | None = None, eps: float = 1e-6,
+    gm: dict,
+    x: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    power: float = 1.0,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """One GM-SDE step from ``sigma`` to ``sigma_next``: an exact draw from the GM reverse
     transition (op 7), fused: component ``k ~ softmax(power * logweights)`` per pixel, Gaussian

@@ -62,11 +62,48 @@ if triton is not None:
             tl.store(ptr, tl.sum(v, axis=0))
 
     @triton.jit
-    def _step_prologue(um_ptr, ul_ptr, uls_ptr, vl_ptr, x_ptr, sig_ptr, mu_ptr, coef_ptr,
-                       K, C, HW, NPB, NPIX, s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_lsb, s_lsp, s_xb, s_xc, s_xp,
-                       s_vlb, s_vlk, s_vlp, wsc, eps, MU_IN: tl.constexpr, GUIDANCE: tl.constexpr, ORDER2: tl.constexpr,
-                       WITH_VAR: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_P: tl.constexpr, INT64: tl.constexpr, PACK: tl.constexpr):  # fmt: skip
+    def _step_prologue(
+        um_ptr,
+        ul_ptr,
+        uls_ptr,
+        vl_ptr,
+        x_ptr,
+        sig_ptr,
+        mu_ptr,
+        coef_ptr,
+        K,
+        C,
+        HW,
+        NPB,
+        NPIX,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_lsb,
+        s_lsp,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_vlb,
+        s_vlk,
+        s_vlp,
+        wsc,
+        eps,
+        MU_IN: tl.constexpr,
+        GUIDANCE: tl.constexpr,
+        ORDER2: tl.constexpr,
+        WITH_VAR: tl.constexpr,
+        ONE_TILE: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+        PACK: tl.constexpr,
+    ):
         """What every launch of a step computes first, per pixel: the state ``x``, the x0-GM
         ``R = x - sigma u_k`` seen lazily (``lazy``; loaded once as ``(mu_all, l_all)`` with
         ``ONE_TILE``), its variance ``s2``, and, for heavy steps (guidance that
@@ -74,16 +111,40 @@ if triton is not None:
         unconditional mean ``m_u`` (loaded from ``mu_ptr`` with ``MU_IN``; else the caller
         computes it), ``d = m_c - m_u`` and ``db = d - proj m_c``."""
         UNCOND: tl.constexpr = GUIDANCE == "probabilistic" or GUIDANCE == "mean-cfg"
-        b, p, pmask, srow, c, kr, xmask, x, sb, ls = program_state(x_ptr, uls_ptr, sig_ptr, NPIX, HW, NPB, C, s_xb, s_xc, s_xp,
-                                                                   s_lsb, s_lsp, BLOCK_K, BLOCK_C, BLOCK_P, INT64, PACK)  # fmt: skip
+        b, p, pmask, srow, c, kr, xmask, x, sb, ls = program_state(
+            x_ptr,
+            uls_ptr,
+            sig_ptr,
+            NPIX,
+            HW,
+            NPB,
+            C,
+            s_xb,
+            s_xc,
+            s_xp,
+            s_lsb,
+            s_lsp,
+            BLOCK_K,
+            BLOCK_C,
+            BLOCK_P,
+            INT64,
+            PACK,
+        )
         a0 = -sb
         ls = ls + tl.log(tl.maximum(sb, eps))  # x0 log-std, op 5
         s2 = tl.exp(tl.minimum(2.0 * ls, 80.0))
         lu_base = 0  # only weight guidance reads unconditional log-weights (0, not None: a tuple entry needs a type)
         if GUIDANCE == "weight":
             lu_base = vl_ptr + b * s_vlb + p[None, :] * s_vlp
-        src = (um_ptr + b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp, ul_ptr + b * s_lb + p[None, :] * s_lp,
-               lu_base, K, s_mk, s_lk, s_vlk)  # fmt: skip
+        src = (
+            um_ptr + b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp,
+            ul_ptr + b * s_lb + p[None, :] * s_lp,
+            lu_base,
+            K,
+            s_mk,
+            s_lk,
+            s_vlk,
+        )
         lazy = (src, kr, xmask, pmask, x, a0, wsc)
         zero_v = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
         zero_p = tl.zeros([BLOCK_P], tl.float32)
@@ -94,8 +155,24 @@ if triton is not None:
         m_c = zero_v
         var = zero_p
         if UNCOND or ORDER2 or WITH_VAR:  # moments of R (and R' = R + o: same spread, mean shifted by o)
-            m_c, var = fs_pass(mu_all, l_all, lazy, zero_p, zero_v, zero_p, zero_p, zero_v,
-                               ONE_TILE, GUIDANCE == "weight", False, False, WITH_VAR, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+            m_c, var = fs_pass(
+                mu_all,
+                l_all,
+                lazy,
+                zero_p,
+                zero_v,
+                zero_p,
+                zero_p,
+                zero_v,
+                ONE_TILE,
+                GUIDANCE == "weight",
+                False,
+                False,
+                WITH_VAR,
+                BLOCK_K,
+                BLOCK_C,
+                BLOCK_P,
+            )
         d = zero_v
         db = zero_v
         o_off = b * (C * HW) + c[:, None] * HW + p[None, :]
@@ -107,12 +184,53 @@ if triton is not None:
                 m_u = tl.load(mu_ptr + o_off, mask=xmask, other=0.0)
                 d = tl.where(xmask, m_c - m_u, 0.0)
                 db = d - tl.load(cf + ref.COEF_PROJ) * m_c
-        return b, p, pmask, srow, c, xmask, x, sb, a0, s2, lazy, mu_all, l_all, m_c, var, d, db, o_off, cf, zero_v, zero_p
+        return (
+            b,
+            p,
+            pmask,
+            srow,
+            c,
+            xmask,
+            x,
+            sb,
+            a0,
+            s2,
+            lazy,
+            mu_all,
+            l_all,
+            m_c,
+            var,
+            d,
+            db,
+            o_off,
+            cf,
+            zero_v,
+            zero_p,
+        )
 
     @triton.jit
-    def _guided(x, s2, lazy, mu_all, l_all, m_c, db, cf, prev_ptr, o_off, xmask, eps, zero_v, zero_p,
-                GUIDANCE: tl.constexpr, ORDER2: tl.constexpr, ONE_TILE: tl.constexpr,
-                BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    def _guided(
+        x,
+        s2,
+        lazy,
+        mu_all,
+        l_all,
+        m_c,
+        db,
+        cf,
+        prev_ptr,
+        o_off,
+        xmask,
+        eps,
+        zero_v,
+        zero_p,
+        GUIDANCE: tl.constexpr,
+        ORDER2: tl.constexpr,
+        ONE_TILE: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """The first-order guided GM and the 2nd-order difference: ``R'`` (``R`` shifted by
         ``o = (scale - 1) db`` under mean-CFG), ``F`` (``R'`` reweighted by ``N(g1, v1)`` under
         probabilistic guidance: ``kap1``, ``al1``, ``s2f`` its variance, ``betF``) and, at 2nd
@@ -142,24 +260,95 @@ if triton is not None:
         e = zero_v
         if ORDER2:
             if GUIDANCE == "probabilistic":
-                mw, _ = fs_pass(mu_all, l_all, lazy, kap1, -g1, zero_p, zero_p, zero_v,
-                                ONE_TILE, False, True, False, False, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+                mw, _ = fs_pass(
+                    mu_all,
+                    l_all,
+                    lazy,
+                    kap1,
+                    -g1,
+                    zero_p,
+                    zero_p,
+                    zero_v,
+                    ONE_TILE,
+                    False,
+                    True,
+                    False,
+                    False,
+                    BLOCK_K,
+                    BLOCK_C,
+                    BLOCK_P,
+                )
                 mean_now = al1[None, :] * mw + betF
             prev = tl.load(prev_ptr + o_off, mask=xmask, other=0.0)
             e = mean_now - prev
         return lazy, mu_all, m_c, g1, kap1, al1, s2f, betF, e
 
-    @triton.jit(do_not_specialize=["HW", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_xb", "s_xc", "s_vlb", "s_vlk", "s_vb", "s_vk",
-                                   "s_vc"])  # fmt: skip
+    @triton.jit(
+        do_not_specialize=[
+            "HW",
+            "s_mb",
+            "s_mk",
+            "s_mc",
+            "s_lb",
+            "s_lk",
+            "s_xb",
+            "s_xc",
+            "s_vlb",
+            "s_vlk",
+            "s_vb",
+            "s_vk",
+            "s_vc",
+        ]
+    )
     def _step_stats_kernel(
-        um_ptr, ul_ptr, uls_ptr, vm_ptr, vl_ptr, x_ptr, prev_ptr, coef_ptr, sig_ptr, mu_ptr, stat_ptr,
-        K, C, HW, NPB, NPIX,
-        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_lsb, s_lsp, s_xb, s_xc, s_xp, s_vlb, s_vlk, s_vlp,
-        KU, s_vb, s_vk, s_vc, s_vp,
-        wsc, eps,
-        MODE: tl.constexpr, GUIDANCE: tl.constexpr, ORDER2: tl.constexpr, ONE_TILE: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr, PACK: tl.constexpr = False,
-    ):  # fmt: skip
+        um_ptr,
+        ul_ptr,
+        uls_ptr,
+        vm_ptr,
+        vl_ptr,
+        x_ptr,
+        prev_ptr,
+        coef_ptr,
+        sig_ptr,
+        mu_ptr,
+        stat_ptr,
+        K,
+        C,
+        HW,
+        NPB,
+        NPIX,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_lsb,
+        s_lsp,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_vlb,
+        s_vlk,
+        s_vlp,
+        KU,
+        s_vb,
+        s_vk,
+        s_vc,
+        s_vp,
+        wsc,
+        eps,
+        MODE: tl.constexpr,
+        GUIDANCE: tl.constexpr,
+        ORDER2: tl.constexpr,
+        ONE_TILE: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+        PACK: tl.constexpr = False,
+    ):
         """A statistics pass of the step for the pixels of ``program_state``: per-program partial
         sums (with ``PACK`` per-lane sums, the rows of ``stat_ptr`` then being samples).
 
@@ -168,18 +357,81 @@ if triton is not None:
         unconditional GM ``(vm, vl)`` and stored at ``mu_ptr`` for the later launches (the
         coefficients it reads are still 0, but for ``COEF_CFG`` of plain mean-CFG). ``MODE=2``,
         the bias-power pass at 2nd order: the power of ``damp e + alpha db`` (``STAT_BIAS``)."""
-        b, p, pmask, srow, c, xmask, x, sb, a0, s2, lazy, mu_all, l_all, m_c, var, d, db, o_off, cf, zero_v, zero_p = _step_prologue(
-            um_ptr, ul_ptr, uls_ptr, vl_ptr, x_ptr, sig_ptr, mu_ptr, coef_ptr,
-            K, C, HW, NPB, NPIX, s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_lsb, s_lsp, s_xb, s_xc, s_xp, s_vlb, s_vlk, s_vlp,
-            wsc, eps, MODE == 2, GUIDANCE, ORDER2, MODE == 1, ONE_TILE, BLOCK_K, BLOCK_C, BLOCK_P, INT64, PACK)  # fmt: skip
+        b, p, pmask, srow, c, xmask, x, sb, a0, s2, lazy, mu_all, l_all, m_c, var, d, db, o_off, cf, zero_v, zero_p = (
+            _step_prologue(
+                um_ptr,
+                ul_ptr,
+                uls_ptr,
+                vl_ptr,
+                x_ptr,
+                sig_ptr,
+                mu_ptr,
+                coef_ptr,
+                K,
+                C,
+                HW,
+                NPB,
+                NPIX,
+                s_mb,
+                s_mk,
+                s_mc,
+                s_mp,
+                s_lb,
+                s_lk,
+                s_lp,
+                s_lsb,
+                s_lsp,
+                s_xb,
+                s_xc,
+                s_xp,
+                s_vlb,
+                s_vlk,
+                s_vlp,
+                wsc,
+                eps,
+                MODE == 2,
+                GUIDANCE,
+                ORDER2,
+                MODE == 1,
+                ONE_TILE,
+                BLOCK_K,
+                BLOCK_C,
+                BLOCK_P,
+                INT64,
+                PACK,
+            )
+        )
         UNCOND: tl.constexpr = GUIDANCE == "probabilistic" or GUIDANCE == "mean-cfg"
         if MODE == 1:
             if UNCOND:
                 vl_base = vl_ptr + b * s_vlb + p[None, :] * s_vlp
-                src_u = (vm_ptr + b * s_vb + c[None, :, None] * s_vc + p[None, None, :] * s_vp, vl_base, vl_base, KU, s_vk, s_vlk,
-                         s_vlk)  # fmt: skip
-                m_u, _ = fs_pass(0.0, 0.0, (src_u, lazy[1], xmask, pmask, x, a0, wsc), zero_p, zero_v, zero_p, zero_p, zero_v,
-                                 False, False, False, False, False, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+                src_u = (
+                    vm_ptr + b * s_vb + c[None, :, None] * s_vc + p[None, None, :] * s_vp,
+                    vl_base,
+                    vl_base,
+                    KU,
+                    s_vk,
+                    s_vlk,
+                    s_vlk,
+                )
+                m_u, _ = fs_pass(
+                    0.0,
+                    0.0,
+                    (src_u, lazy[1], xmask, pmask, x, a0, wsc),
+                    zero_p,
+                    zero_v,
+                    zero_p,
+                    zero_p,
+                    zero_v,
+                    False,
+                    False,
+                    False,
+                    False,
+                    False,
+                    BLOCK_K,
+                    BLOCK_C,
+                    BLOCK_P,
+                )
                 tl.store(mu_ptr + o_off, m_u, mask=xmask)
                 d = tl.where(xmask, m_c - m_u, 0.0)
                 db = d - tl.load(cf + ref.COEF_PROJ) * m_c
@@ -196,20 +448,82 @@ if triton is not None:
             _stat_store(sp + ref.STAT_D_D, tl.sum(d * d, axis=0), pmask, PACK)
             _stat_store(sp + ref.STAT_E_E, tl.sum(e * e, axis=0), pmask, PACK)
         else:  # exact power of the 2nd-order bias damp * e + alpha * db
-            _, _, _, _, _, _, _, _, e = _guided(x, s2, lazy, mu_all, l_all, m_c, db, cf, prev_ptr, o_off, xmask, eps, zero_v,
-                                                zero_p, GUIDANCE, True, ONE_TILE, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+            _, _, _, _, _, _, _, _, e = _guided(
+                x,
+                s2,
+                lazy,
+                mu_all,
+                l_all,
+                m_c,
+                db,
+                cf,
+                prev_ptr,
+                o_off,
+                xmask,
+                eps,
+                zero_v,
+                zero_p,
+                GUIDANCE,
+                True,
+                ONE_TILE,
+                BLOCK_K,
+                BLOCK_C,
+                BLOCK_P,
+            )
             bt = tl.where(xmask, tl.load(cf + ref.COEF_DAMP) * e + tl.load(cf + ref.COEF_ALPHA) * db, 0.0)
             _stat_store(stat_ptr + srow * ref.N_STAT + ref.STAT_BIAS, tl.sum(bt * bt, axis=0), pmask, PACK)
 
     @triton.jit(do_not_specialize=["HW", "s_mb", "s_mk", "s_mc", "s_lb", "s_lk", "s_xb", "s_xc", "s_vlb", "s_vlk"])
     def _step_kernel(
-        um_ptr, ul_ptr, uls_ptr, vl_ptr, x_ptr, prev_ptr, coef_ptr, sig_ptr, mu_ptr, seed_ptr, out_ptr, post_ptr,
-        K, C, HW, NPB, NPIX,
-        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_lsb, s_lsp, s_xb, s_xc, s_xp, s_vlb, s_vlk, s_vlp,
-        N, c1t, c2t, c3t, wsc, eps,
-        SDE: tl.constexpr, GUIDANCE: tl.constexpr, ORDER2: tl.constexpr, POST: tl.constexpr, ONE_TILE: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr, PACK: tl.constexpr = False,
-    ):  # fmt: skip
+        um_ptr,
+        ul_ptr,
+        uls_ptr,
+        vl_ptr,
+        x_ptr,
+        prev_ptr,
+        coef_ptr,
+        sig_ptr,
+        mu_ptr,
+        seed_ptr,
+        out_ptr,
+        post_ptr,
+        K,
+        C,
+        HW,
+        NPB,
+        NPIX,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_lsb,
+        s_lsp,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_vlb,
+        s_vlk,
+        s_vlp,
+        N,
+        c1t,
+        c2t,
+        c3t,
+        wsc,
+        eps,
+        SDE: tl.constexpr,
+        GUIDANCE: tl.constexpr,
+        ORDER2: tl.constexpr,
+        POST: tl.constexpr,
+        ONE_TILE: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+        PACK: tl.constexpr = False,
+    ):
         """The step for the pixels of ``program_state``, all channels (module docstring): ``A``,
         the GM that moves the state, is ``F`` (``_guided``) at first order and ``R'`` reweighted
         by ``N(gA, vA)`` at 2nd order; ``SDE`` draws from ``A`` (constants ``c1t, c2t, c3t``),
@@ -217,14 +531,73 @@ if triton is not None:
         new state to ``post_ptr``, which may be ``mu_ptr`` (each element of ``m_u`` is read,
         earlier, by the thread that writes it). Pointers a variant does not read are None."""
         RW_A: tl.constexpr = GUIDANCE == "probabilistic" or ORDER2  # A is a reweighting
-        b, p, pmask, _, c, xmask, x, sb, a0, s2, lazy, mu_all, l_all, m_c, _, _, db, o_off, cf, zero_v, zero_p = _step_prologue(
-            um_ptr, ul_ptr, uls_ptr, vl_ptr, x_ptr, sig_ptr, mu_ptr, coef_ptr,
-            K, C, HW, NPB, NPIX, s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_lsb, s_lsp, s_xb, s_xc, s_xp, s_vlb, s_vlk, s_vlp,
-            wsc, eps, True, GUIDANCE, ORDER2, False, ONE_TILE, BLOCK_K, BLOCK_C, BLOCK_P, INT64, PACK)  # fmt: skip
+        b, p, pmask, _, c, xmask, x, sb, a0, s2, lazy, mu_all, l_all, m_c, _, _, db, o_off, cf, zero_v, zero_p = (
+            _step_prologue(
+                um_ptr,
+                ul_ptr,
+                uls_ptr,
+                vl_ptr,
+                x_ptr,
+                sig_ptr,
+                mu_ptr,
+                coef_ptr,
+                K,
+                C,
+                HW,
+                NPB,
+                NPIX,
+                s_mb,
+                s_mk,
+                s_mc,
+                s_mp,
+                s_lb,
+                s_lk,
+                s_lp,
+                s_lsb,
+                s_lsp,
+                s_xb,
+                s_xc,
+                s_xp,
+                s_vlb,
+                s_vlk,
+                s_vlp,
+                wsc,
+                eps,
+                True,
+                GUIDANCE,
+                ORDER2,
+                False,
+                ONE_TILE,
+                BLOCK_K,
+                BLOCK_C,
+                BLOCK_P,
+                INT64,
+                PACK,
+            )
+        )
         x_base = x
         lazy, mu_all, m_c, g1, kap1, al1, s2f, betF, e = _guided(
-            x, s2, lazy, mu_all, l_all, m_c, db, cf, prev_ptr, o_off, xmask, eps, zero_v, zero_p,
-            GUIDANCE, ORDER2, ONE_TILE, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+            x,
+            s2,
+            lazy,
+            mu_all,
+            l_all,
+            m_c,
+            db,
+            cf,
+            prev_ptr,
+            o_off,
+            xmask,
+            eps,
+            zero_v,
+            zero_p,
+            GUIDANCE,
+            ORDER2,
+            ONE_TILE,
+            BLOCK_K,
+            BLOCK_C,
+            BLOCK_P,
+        )
         gA = g1
         kapA = kap1
         alA = al1
@@ -240,20 +613,85 @@ if triton is not None:
         if RW_A:
             betA = (s2 * kapA * 2.0)[None, :] * gA  # s2 / n * g
         if SDE:
-            x = _sde_draw(x, b, p, c, xmask, seed_ptr, um_ptr, s_mb, s_mk, s_mc, s_mp, HW, C, NPIX, gA, kapA, alA, s2A, betA,
-                          c1t, c2t, c3t, zero_p, mu_all, l_all, lazy, RW_A, GUIDANCE == "weight", ONE_TILE, INT64,
-                          BLOCK_K, BLOCK_P)  # fmt: skip
+            x = _sde_draw(
+                x,
+                b,
+                p,
+                c,
+                xmask,
+                seed_ptr,
+                um_ptr,
+                s_mb,
+                s_mk,
+                s_mc,
+                s_mp,
+                HW,
+                C,
+                NPIX,
+                gA,
+                kapA,
+                alA,
+                s2A,
+                betA,
+                c1t,
+                c2t,
+                c3t,
+                zero_p,
+                mu_all,
+                l_all,
+                lazy,
+                RW_A,
+                GUIDANCE == "weight",
+                ONE_TILE,
+                INT64,
+                BLOCK_K,
+                BLOCK_P,
+            )
         else:
-            x = ode_substeps(x, sb, sig_ptr, N, eps, s2A, kapA, gA, alA, betA, mu_all, l_all, lazy,
-                             ONE_TILE, GUIDANCE == "weight", RW_A, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+            x = ode_substeps(
+                x,
+                sb,
+                sig_ptr,
+                N,
+                eps,
+                s2A,
+                kapA,
+                gA,
+                alA,
+                betA,
+                mu_all,
+                l_all,
+                lazy,
+                ONE_TILE,
+                GUIDANCE == "weight",
+                RW_A,
+                BLOCK_K,
+                BLOCK_C,
+                BLOCK_P,
+            )
         tl.store(out_ptr + o_off, x.to(out_ptr.dtype.element_ty), mask=xmask)
         if POST:  # posterior mean of F at the new state
             s_end = tl.load(sig_ptr + N).to(tl.float32)
             gt, vt = fs_transfer(sb, s_end, x, x_base, eps)
             nt = tl.maximum(vt + s2f, eps)
-            mw, _ = fs_pass(mu_all, l_all, lazy, kap1, -g1, 0.5 / nt, al1, betF - gt,
-                            ONE_TILE, GUIDANCE == "weight", GUIDANCE == "probabilistic", True, False,
-                            BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+            mw, _ = fs_pass(
+                mu_all,
+                l_all,
+                lazy,
+                kap1,
+                -g1,
+                0.5 / nt,
+                al1,
+                betF - gt,
+                ONE_TILE,
+                GUIDANCE == "weight",
+                GUIDANCE == "probabilistic",
+                True,
+                False,
+                BLOCK_K,
+                BLOCK_C,
+                BLOCK_P,
+            )
             tt = tl.minimum(tl.maximum(tl.log(s2f) - tl.log(vt), -80.0), 80.0)
             r_v = 1.0 / (1.0 + tl.exp(tt))
             r_s = 1.0 / (1.0 + tl.exp(-tt))
@@ -289,9 +727,40 @@ if triton is not None:
         return cum + tl.sum(w, axis=0), sel, last
 
     @triton.jit
-    def _sde_draw(x, b, p, c, xmask, seed_ptr, um_ptr, s_mb, s_mk, s_mc, s_mp, HW, C, NPIX, gA, kapA, alA, s2A, betA,
-                  c1t, c2t, c3t, zero_p, mu_all, l_all, lazy, RW_A: tl.constexpr, WEIGHT: tl.constexpr,
-                  ONE_TILE: tl.constexpr, INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    def _sde_draw(
+        x,
+        b,
+        p,
+        c,
+        xmask,
+        seed_ptr,
+        um_ptr,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        HW,
+        C,
+        NPIX,
+        gA,
+        kapA,
+        alA,
+        s2A,
+        betA,
+        c1t,
+        c2t,
+        c3t,
+        zero_p,
+        mu_all,
+        l_all,
+        lazy,
+        RW_A: tl.constexpr,
+        WEIGHT: tl.constexpr,
+        ONE_TILE: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """The GM-SDE move of ``x`` with ``A``: a component drawn from A's weights (the total, then
         the CDF walk; the means are read only when A reweights them), its mean gathered, and
         ``c1 x + c2 mu_sel + sqrt(c2^2 s2A + c3) z`` with the Philox stream of ``gm_sde_step``."""
@@ -316,13 +785,17 @@ if triton is not None:
         else:
             for k0 in range(0, K, BLOCK_K):
                 mu, lg = fs_load(lazy, k0, WEIGHT, RW_A)
-                cum, sel, last = _fs_cdf(_fs_logits_a(mu, lg, gA, kapA, RW_A), k0 + kr, K, m_fin, target, cum, sel, last)
+                cum, sel, last = _fs_cdf(
+                    _fs_logits_a(mu, lg, gA, kapA, RW_A), k0 + kr, K, m_fin, target, cum, sel, last
+                )
         sel = tl.where(sel < 0, last, sel)
         if INT64:
             sel_off = sel.to(tl.int64) * s_mk
         else:
             sel_off = sel * s_mk
-        u_sel = tl.load(um_ptr + b * s_mb + sel_off[None, :] + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0)
+        u_sel = tl.load(
+            um_ptr + b * s_mb + sel_off[None, :] + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0
+        )
         mu_sel = xb + a0 * u_sel.to(tl.float32)
         if RW_A:
             mu_sel = alA[None, :] * mu_sel + betA
@@ -338,11 +811,25 @@ if triton is not None:
 
     @triton.jit
     def _step_coef_kernel(
-        stat_ptr, coef_ptr, B, NPB, HW, CHW,
-        amount, scale, e_coef, inv_hp2, h_ratio, rho_min,
-        MODE: tl.constexpr, GUIDANCE: tl.constexpr, ORDER2: tl.constexpr, BIAS_PASS: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
+        stat_ptr,
+        coef_ptr,
+        B,
+        NPB,
+        HW,
+        CHW,
+        amount,
+        scale,
+        e_coef,
+        inv_hp2,
+        h_ratio,
+        rho_min,
+        MODE: tl.constexpr,
+        GUIDANCE: tl.constexpr,
+        ORDER2: tl.constexpr,
+        BIAS_PASS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """The step's per-sample coefficients from its statistics passes, in float64, for rows
         ``b < B``: the ``(B * NPB, N_STAT)`` float32 partial sums of ``_step_stats_kernel`` (``NPB``
         programs a row) are summed and turned into the ``coef (B, N_COEF)`` slots that the next
@@ -436,8 +923,19 @@ class _StepPlan(NamedTuple):
     wide: Optional[tuple]
 
 
-def _step_args(means, logweights, logstds, u_means, u_logweights, x, sde: bool, heavy: bool, plain: bool, split_k1: bool,
-               n_sigmas: int):  # fmt: skip
+def _step_args(
+    means,
+    logweights,
+    logstds,
+    u_means,
+    u_logweights,
+    x,
+    sde: bool,
+    heavy: bool,
+    plain: bool,
+    split_k1: bool,
+    n_sigmas: int,
+):
     """The step kernels' views of the conditional GM, the unconditional one (the conditional
     GM's own when there is none) and the state, the grid, the integer arguments ``(common,
     statistics only, step only)`` and the ``_StepPlan`` (``planned_args``). ``heavy``: the step
@@ -453,16 +951,22 @@ def _step_args(means, logweights, logstds, u_means, u_logweights, x, sde: bool, 
     views = (m, lw, ls, vm, vl, xf)
     if plain and not sde and ode_path(K, C, HW, split_k1) == "wide":
         return views, None, (), _StepPlan({}, (B, C, HW), 1, (), {}, rollout_blocks(K, C, HW))
-    pack = common.PACK_FUSED and HW == 1 and B > 1  # point data: the batch rows fill the pixel lanes, one statistics row each
+    pack = (
+        common.PACK_FUSED and HW == 1 and B > 1
+    )  # point data: the batch rows fill the pixel lanes, one statistics row each
     bk, bc, bp, one, warps = fused_blocks(K, C, B if pack else HW, sde, heavy, split_k1)
     npb = 1 if pack else cdiv(HW, bp)
     ints = (K, C, HW, npb, B * HW, *m.stride(), *lw.stride(), s_lsb, s_lsp, *xf.stride(), *vl.stride())
     int64 = needs_int64(m, lw, vm, vl, xf) or B * HW * (C + 1) >= I32_MAX
     # a plain GM-SDE step reads the log-weights and gathers one component's mean: no one-tile load of all the means
-    options = dict(ONE_TILE=one and (not sde or heavy), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, INT64=int64, PACK=pack, num_warps=warps)
+    options = dict(
+        ONE_TILE=one and (not sde or heavy), BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, INT64=int64, PACK=pack, num_warps=warps
+    )
     block_r = min(next_pow2(B), 64)
     block_n = min(next_pow2(npb), max(1, 256 // block_r))  # float64 sums of 5 columns: 2 per thread
-    plan = _StepPlan(options, (B, C, HW), npb, (cdiv(B, block_r),), dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4), None)
+    plan = _StepPlan(
+        options, (B, C, HW), npb, (cdiv(B, block_r),), dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4), None
+    )
     return views, (cdiv(B, bp) if pack else B * npb,), (ints, (KU, *vm.stride()), (n_sigmas - 1,)), plan
 
 
@@ -470,18 +974,39 @@ def _coef_scalars(guidance: str, order2: bool, amount: float, scale: float, h: f
     """The coefficient kernel's float arguments after its integers: ``(amount, scale, e_coef,
     inv_hp2, h_ratio, rho_min)``, computed in float64 on the host."""
     e_coef = ((scale * scale * CB * CB) if guidance == "probabilistic" else 0.0) + CA
-    return amount, scale, e_coef, 1.0 / (h_prev * h_prev) if order2 else 0.0, 0.5 * h / h_prev if order2 else 0.0, RHO_MIN
+    return (
+        amount,
+        scale,
+        e_coef,
+        1.0 / (h_prev * h_prev) if order2 else 0.0,
+        0.5 * h / h_prev if order2 else 0.0,
+        RHO_MIN,
+    )
 
 
 _PLANS = PlanCache()
 
 
 def _step_launches(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, u_means: Optional[torch.Tensor],
-    u_logweights: Optional[torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor, prev_mean: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor], guidance: str, post: bool, scale: float, amount: float, h: float, h_prev: float,
-    sigma: float, sigma_next: float, eps: float,
-) -> list[torch.Tensor]:  # fmt: skip
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    u_means: Optional[torch.Tensor],
+    u_logweights: Optional[torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    prev_mean: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    guidance: str,
+    post: bool,
+    scale: float,
+    amount: float,
+    h: float,
+    h_prev: float,
+    sigma: float,
+    sigma_next: float,
+    eps: float,
+) -> list[torch.Tensor]:
     """The body of ``gmkernels::fused_step`` (arguments as ``fused_step``'s; ``u_means``,
     ``u_logweights`` the unconditional GM's under guidance that reads it, ``seed`` the int64
     Philox seed of a GM-SDE step, None for GM-ODE, ``amount`` the orthogonalisation): every
@@ -490,11 +1015,24 @@ def _step_launches(
     order2, sde = prev_mean is not None, seed is not None
     prob, weight, meancfg = guidance == "probabilistic", guidance == "weight", guidance == "mean-cfg"
     has_uncond = prob or meancfg
-    tensors = (means, logweights, logstds, means if u_means is None else u_means, logweights if u_logweights is None else u_logweights, x)
+    tensors = (
+        means,
+        logweights,
+        logstds,
+        means if u_means is None else u_means,
+        logweights if u_logweights is None else u_logweights,
+        x,
+    )
     (m, lw, ls, vm, vl, xf), grid, ints, plan = planned_args(
-        _PLANS, _step_args, tensors, sde, has_uncond or order2, not (has_uncond or order2 or weight or post), common.SPLIT_K1,
+        _PLANS,
+        _step_args,
+        tensors,
+        sde,
+        has_uncond or order2,
+        not (has_uncond or order2 or weight or post),
+        common.SPLIT_K1,
         sigmas.numel(),
-    )  # fmt: skip
+    )
     dev = x.device
     out = torch.empty(x.shape, device=dev, dtype=x.dtype)
     if grid is None:
@@ -517,22 +1055,106 @@ def _step_launches(
             coef[:, ref.COEF_CFG] = scale - 1
         floats = _coef_scalars(guidance, order2, amount, scale, h, h_prev)
         vl_1 = vl if has_uncond or weight else None
-        _step_stats_kernel[grid](m, lw, ls, vm if has_uncond else None, vl_1, xf, None if bias_pass else prev, coef, sigmas,
-                                 m_u if has_uncond else None, stats, *ints, *stats_ints, scale, eps, MODE=1, GUIDANCE=guidance,
-                                 ORDER2=order2 and not bias_pass, **plan.options)  # fmt: skip
-        _step_coef_kernel[plan.coef_grid](stats, coef, B, plan.npb, HW, C * HW, *floats, MODE=1, GUIDANCE=guidance,
-                                          ORDER2=order2, BIAS_PASS=bias_pass, **plan.coef_options)  # fmt: skip
+        _step_stats_kernel[grid](
+            m,
+            lw,
+            ls,
+            vm if has_uncond else None,
+            vl_1,
+            xf,
+            None if bias_pass else prev,
+            coef,
+            sigmas,
+            m_u if has_uncond else None,
+            stats,
+            *ints,
+            *stats_ints,
+            scale,
+            eps,
+            MODE=1,
+            GUIDANCE=guidance,
+            ORDER2=order2 and not bias_pass,
+            **plan.options,
+        )
+        _step_coef_kernel[plan.coef_grid](
+            stats,
+            coef,
+            B,
+            plan.npb,
+            HW,
+            C * HW,
+            *floats,
+            MODE=1,
+            GUIDANCE=guidance,
+            ORDER2=order2,
+            BIAS_PASS=bias_pass,
+            **plan.coef_options,
+        )
         if bias_pass:
-            _step_stats_kernel[grid](m, lw, ls, None, vl_1, xf, prev, coef, sigmas, m_u if has_uncond else None, stats, *ints, *stats_ints, scale, eps,
-                                     MODE=2, GUIDANCE=guidance, ORDER2=True, **plan.options)  # fmt: skip
-            _step_coef_kernel[plan.coef_grid](stats, coef, B, plan.npb, HW, C * HW, *floats, MODE=2,
-                                              GUIDANCE=guidance, ORDER2=True, BIAS_PASS=True, **plan.coef_options)  # fmt: skip
+            _step_stats_kernel[grid](
+                m,
+                lw,
+                ls,
+                None,
+                vl_1,
+                xf,
+                prev,
+                coef,
+                sigmas,
+                m_u if has_uncond else None,
+                stats,
+                *ints,
+                *stats_ints,
+                scale,
+                eps,
+                MODE=2,
+                GUIDANCE=guidance,
+                ORDER2=True,
+                **plan.options,
+            )
+            _step_coef_kernel[plan.coef_grid](
+                stats,
+                coef,
+                B,
+                plan.npb,
+                HW,
+                C * HW,
+                *floats,
+                MODE=2,
+                GUIDANCE=guidance,
+                ORDER2=True,
+                BIAS_PASS=True,
+                **plan.coef_options,
+            )
     c1 = c2 = c3 = 0.0
     if sde:  # the kernel's float32 scalars, rounded as a GPU launch rounds them (coefficients in [0, 1])
         c1, c2, c3 = struct.unpack("3f", struct.pack("3f", *transition_coefficients(sigma, sigma_next, eps)))
-    _step_kernel[grid](m, lw, ls, vl if weight else None, xf, prev, coef, sigmas, m_u if has_uncond else None, seed, out,
-                       m_u if post else None, *ints, *step_ints, c1, c2, c3, scale, eps, SDE=sde, GUIDANCE=guidance,
-                       ORDER2=order2, POST=post, **plan.options)  # fmt: skip
+    _step_kernel[grid](
+        m,
+        lw,
+        ls,
+        vl if weight else None,
+        xf,
+        prev,
+        coef,
+        sigmas,
+        m_u if has_uncond else None,
+        seed,
+        out,
+        m_u if post else None,
+        *ints,
+        *step_ints,
+        c1,
+        c2,
+        c3,
+        scale,
+        eps,
+        SDE=sde,
+        GUIDANCE=guidance,
+        ORDER2=order2,
+        POST=post,
+        **plan.options,
+    )
     return [out, m_u] if post else [out]
 
 
@@ -546,9 +1168,21 @@ if triton is not None:
 
 
 def fused_step(
-    gm_u, x: torch.Tensor, sigmas: torch.Tensor, levels: tuple[float, float], *, sde: bool, guidance: str = "none", scale: float = 0.0,
-    orthogonal: float = 0.0, prev_mean: torch.Tensor | None = None, h: float = 0.0, h_prev: float = 0.0,
-    post: bool = False, generator: torch.Generator | None = None, eps: float = 1e-6,
+    gm_u,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    levels: tuple[float, float],
+    *,
+    sde: bool,
+    guidance: str = "none",
+    scale: float = 0.0,
+    orthogonal: float = 0.0,
+    prev_mean: torch.Tensor | None = None,
+    h: float = 0.0,
+    h_prev: float = 0.0,
+    post: bool = False,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One whole sampler step on the network's u-GM with no GM-sized temporary (the schedulers'
     Triton path; the eager composition of ops 5, 11, the 2nd-order rule of
@@ -579,8 +1213,10 @@ def fused_step(
         uncond = gm_u[1] if paired else cond
         u_means, u_logweights = uncond["means"], uncond["logweights"]
         if guidance == "weight" and u_means.shape[-4] != cond["means"].shape[-4]:
-            raise ValueError(f"weight guidance needs matching K: gm_cond has K={cond['means'].shape[-4]}, "
-                             f"gm_uncond has K={u_means.shape[-4]}")  # fmt: skip
+            raise ValueError(
+                f"weight guidance needs matching K: gm_cond has K={cond['means'].shape[-4]}, "
+                f"gm_uncond has K={u_means.shape[-4]}"
+            )
     has_uncond = guidance in ("probabilistic", "mean-cfg")
     amount = (orthogonal if guidance == "probabilistic" else (1.0 if orthogonal > 0 else 0.0)) if has_uncond else 0.0
     seed = None
@@ -589,6 +1225,24 @@ def fused_step(
             check_generator(generator)  # raises: an int seed or another library's generator
         gen_device = x.device if generator is None else generator.device
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).to(x.device)
-    outs = _fused_step_op(cond["means"], cond["logstds"], cond["logweights"], u_means, u_logweights, x, sigmas, prev_mean, seed,
-                          guidance, post, float(scale), amount, h, h_prev, levels[0], levels[1], eps)  # fmt: skip
+    outs = _fused_step_op(
+        cond["means"],
+        cond["logstds"],
+        cond["logweights"],
+        u_means,
+        u_logweights,
+        x,
+        sigmas,
+        prev_mean,
+        seed,
+        guidance,
+        post,
+        float(scale),
+        amount,
+        h,
+        h_prev,
+        levels[0],
+        levels[1],
+        eps,
+    )
     return outs[0], (outs[1] if post else None)
