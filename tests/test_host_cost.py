@@ -115,6 +115,6 @@ def test_a_plan_whose_view_copies_is_recomputed_per_call():
         want = G.gm_to_mean(gm)
     with G.use_backend("triton"):
         first, second = G.gm_to_mean(gm), G.gm_to_mean(gm)
-    key = next(k for k in mixture._PLANS._plans if k[1][1] == gm["means"].stride())
-    assert mixture._PLANS._plans[key][0] is False  # not the tensors themselves
+    key = next(k for k in mixture._PLANS.plans if k[1][1] == gm["means"].stride())
+    assert mixture._PLANS.plans[key][0] is False  # not the tensors themselves
     assert rel_err(first, want) < 1e-5 and rel_err(second, want) < 1e-5

@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .._dispatch import select_backend
+from .._dispatch import _INTERPRETED, _TRITON, _state, select_backend
 
 try:
     import triton
@@ -45,12 +45,20 @@ THREADS_ALONG_K = TRITON_VERSION is not None and TRITON_VERSION < (3, 9)
 
 
 def kernels_wanted(*tensors: torch.Tensor) -> bool:
-    """True when the Triton path should run for these inputs: ``select_backend`` says
-    ``"triton"``, no input is float64 (the kernels compute in float32; float64 stays on the
-    exact torch path) and no input needs a gradient (the kernels are inference-only; the
-    torch path is differentiable)."""
-    if select_backend(tensors[0]) == "torch":
+    """True when the Triton path should run for these inputs: the backend is Triton (what
+    ``select_backend`` decides, written out here since every op call asks: "auto" on CUDA with
+    triton installed, or "triton" forced where it can run; forced where it cannot,
+    ``select_backend`` raises the error that says why), no input is float64 (the kernels compute
+    in float32; float64 stays on the exact torch path) and no input needs a gradient (the
+    kernels are inference-only; the torch path is differentiable)."""
+    choice, first = _state["backend"], tensors[0]
+    if choice == "torch":
         return False
+    if choice == "auto":
+        if not (first.is_cuda and _TRITON):
+            return False
+    elif not (_TRITON and (first.is_cuda or _INTERPRETED)):
+        select_backend(first)
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t.dtype is torch.float64 or (grad and t.requires_grad):
@@ -115,24 +123,28 @@ class PlanCache:
 
     def __init__(self, maxsize: int = 4096):
         self.maxsize = maxsize
-        self._plans: dict = {}
+        self.plans: dict = {}
         self.hits = self.misses = 0
         PLAN_FUNCTIONS.append(self)
 
-    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
-        plan = self._plans.get(key)
-        if plan is not None:
-            self.hits += 1
-            return plan
+    def store(self, key: tuple, plan: Any) -> Any:
+        """Store ``plan`` under ``key`` (a miss: the caller found no plan in ``plans``)."""
         self.misses += 1
-        plan = build()
-        if len(self._plans) >= self.maxsize:
-            self._plans.pop(next(iter(self._plans)), None)
-        self._plans[key] = plan
+        if len(self.plans) >= self.maxsize:
+            self.plans.pop(next(iter(self.plans)), None)
+        self.plans[key] = plan
+        return plan
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """The plan stored under ``key``, or ``build()``'s, stored."""
+        plan = self.plans.get(key)
+        if plan is None:
+            return self.store(key, build())
+        self.hits += 1
         return plan
 
     def cache_info(self) -> "PlanCacheInfo":
-        return PlanCacheInfo(self.hits, self.misses, self.maxsize, len(self._plans))
+        return PlanCacheInfo(self.hits, self.misses, self.maxsize, len(self.plans))
 
 
 #: results of validations that depend only on metadata (:func:`checked_once`)
@@ -181,9 +193,16 @@ def planned_args(cache: PlanCache, args_fn: Callable, tensors: tuple, *extra: An
     for t in tensors:
         if type(t) is not torch.Tensor:
             return args_fn(*tensors, *extra)
-    keyed = tensors if n_key is None else tensors[:n_key]
-    key = (tensors[0].device, *[(t.shape, t.stride(), t.dtype) for t in keyed], *extra)
-    pure, grid, ints, options = cache.get(key, lambda: _planned(args_fn, tensors, extra))
+    key = [tensors[0].device]
+    for t in tensors if n_key is None else tensors[:n_key]:
+        key.append((t.shape, t.stride(), t.dtype))
+    key = (*key, *extra)
+    plan = cache.plans.get(key)
+    if plan is None:
+        plan = cache.store(key, _planned(args_fn, tensors, extra))
+    else:
+        cache.hits += 1
+    pure, grid, ints, options = plan
     if pure:
         return tensors, grid, ints, options
     return args_fn(*tensors, *extra)
