@@ -266,3 +266,27 @@ def test_protocol_errors_name_what_to_fetch(protocol_files, tmp_path, capsys, mo
     weights = tmp_path / "hub" / "w.pth"
     msg = error(base + ["--ref", ref, "--inception", str(weights)])
     assert f"Inception-v3 weights not found at {weights}" in msg and f"curl -L --create-dirs -o {weights} {imagenet.INCEPTION_URL}" in msg
+
+
+@pytest.mark.slow  # imports diffusers and builds a pipeline: seconds before the first sample
+def test_sweep_through_a_gmdit_pipeline(tmp_path):
+    """The GPU user's path on CPU: a tiny random checkpoint in the public GM-DiT layout, sampled
+    through GMDiTPipeline.__call__ (GM-SDE as output_mode 'sample', Euler as 'mean' with one
+    substep at order 1), scored by the protocol with guidance, over a sweep."""
+    pytest.importorskip("diffusers")
+    from tests.gmflow_checkpoint import write_checkpoint
+
+    write_checkpoint(str(tmp_path / "pipe"))
+    images = torch.randint(0, 256, (40, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    feats = TinyFeatures()(images)[0].double()
+    np.savez(tmp_path / "ref.npz", arr_0=images.permute(0, 2, 3, 1).numpy(), mu=feats.mean(0).numpy(), sigma=torch.cov(feats.t()).numpy())
+    evaluate_cli.main([str(tmp_path / "pipe"), "--sweep", "--ref", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "ev"),
+                       "--no-progress", "--set", "eval.sweep.per_class=1", "eval.batch=5", "eval.sweep.nfe=[1,2]",
+                       "eval.sweep.solvers=['gm-sde-2','gm-ode-2','euler']", "eval.ode_substeps=4"],
+                      feature_net=TinyFeatures())
+    md = (tmp_path / "ev" / "imagenet_sweep.md").read_text()
+    assert "| FID | IS | precision | recall | ms / image |" in md and md.count("probabilistic 0.45 |") == 6
+    runs = sorted(p.name for p in (tmp_path / "ev" / "sweep").iterdir())
+    assert runs[0] == "euler_nfe1_probabilistic0.45_seed0" and len(runs) == 6
+    chunk = np.load(tmp_path / "ev" / "sweep" / runs[0] / "chunks" / "chunk_000001.npz")
+    assert chunk["arr_0"].dtype == np.uint8 and chunk["arr_0"].shape[0] == 5 and chunk["arr_1"].tolist() == [5, 6, 7, 8, 9]
