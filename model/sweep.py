@@ -145,8 +145,8 @@ def pareto_front(costs: list[float], quality: list[float]) -> list[bool]:
 
 
 def _fmt(v: float) -> str:
-    """3 significant digits, at least 3 decimals below 1 (precision/recall), fixed notation."""
-    return f"{v:.3f}" if abs(v) < 10 else f"{v:.{max(0, 2 - int(math.log10(abs(v))))}f}" if v else "0"
+    """3 decimals below 10 (precision, recall, small FDs), else 3 significant digits, fixed notation."""
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.{max(0, 2 - int(math.log10(abs(v))))}f}"
 
 
 def _cell(m: float, s: float, n_seeds: int) -> str:
@@ -208,28 +208,33 @@ def _markdown(runner: Runner, rows: list[dict], seeds: list[int], name: str, wal
 
 
 def anchor_lines(rows: list[dict], q: str, n_seeds: int) -> list[str]:
-    """Whether the order-2 GM solvers at 4 and 8 NFE reach the quality of unguided Euler at the
-    sweep's largest NFE (the flow-matching anchor), read with the spread over seeds: "reached"
-    when the mean is at or below the anchor's, "within the spread" when above it by less than the
-    two stds combined (``sqrt(s1^2 + s2^2)``), else "not reached"."""
-    plain = {(r["setting"]["solver"], r["setting"]["nfe"]): r for r in rows if r["setting"]["guidance"] is None}
-    euler = [nfe for solver, nfe in plain if solver == "euler"]
-    if not euler:
-        return []
-    a = plain[("euler", max(euler))]
-    lines = []
-    for solver in ("gm-sde-2", "gm-ode-2"):
-        for nfe in (4, 8):
-            r = plain.get((solver, nfe))
-            if r is None:
-                continue
-            m, s = r["mean"][0], r["std"][0]
-            gap, spread = m - a["mean"][0], math.hypot(s, a["std"][0])
-            verdict = ("reached" if gap <= 0 else f"within the spread ({gap:+.3g}, spread {spread:.3g})" if gap <= spread and n_seeds > 1
-                       else f"not reached ({gap:+.3g}" + (f", spread {spread:.3g})" if n_seeds > 1 else ", one seed: no spread)"))
-            lines.append(f"- {solver} at {nfe} NFE: {q} {_cell(m, s, n_seeds)} -> {verdict}")
-    head = f"**Anchor: Euler at {max(euler)} NFE, {q} {_cell(a['mean'][0], a['std'][0], n_seeds)}.**"
-    return [head, "", *lines] if lines else [head]
+    """Whether the order-2 GM solvers at 4 and 8 NFE reach the quality of Euler at the sweep's
+    largest NFE (the flow-matching anchor) under the same guidance, read with the spread over
+    seeds: "reached" when the mean is at or below the anchor's, "within the spread" when above it
+    by less than the two stds combined (``sqrt(s1^2 + s2^2)``), else "not reached"."""
+    out = []
+    for guide in dict.fromkeys((r["setting"]["guidance"], r["setting"]["scale"]) for r in rows):
+        group = {(r["setting"]["solver"], r["setting"]["nfe"]): r for r in rows
+                 if (r["setting"]["guidance"], r["setting"]["scale"]) == guide}
+        euler = [nfe for solver, nfe in group if solver == "euler"]
+        if not euler:
+            continue
+        a = group[("euler", max(euler))]
+        lines = []
+        for solver in ("gm-sde-2", "gm-ode-2"):
+            for nfe in (4, 8):
+                r = group.get((solver, nfe))
+                if r is None:
+                    continue
+                m, s = r["mean"][0], r["std"][0]
+                gap, spread = m - a["mean"][0], math.hypot(s, a["std"][0])
+                verdict = ("reached" if gap <= 0 else f"within the spread ({gap:+.3g}, spread {spread:.3g})" if gap <= spread and n_seeds > 1
+                           else f"not reached ({gap:+.3g}" + (f", spread {spread:.3g})" if n_seeds > 1 else ", one seed: no spread)"))
+                lines.append(f"- {solver} at {nfe} NFE: {q} {_cell(m, s, n_seeds)} -> {verdict}")
+        with_guide = "" if guide[0] is None else f" with {guide[0]} guidance {guide[1]:g}"
+        out += [f"**Anchor: Euler at {max(euler)} NFE{with_guide}, {q} {_cell(a['mean'][0], a['std'][0], n_seeds)}.**", ""]
+        out += [*lines, ""] if lines else []
+    return out[:-1]
 
 
 def plot_sweep(metrics: list[str], plotted: list[str], rows: list[dict], path: str, title: str) -> None:

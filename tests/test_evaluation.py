@@ -286,6 +286,7 @@ def test_sweep_through_a_gmdit_pipeline(tmp_path):
                       feature_net=TinyFeatures())
     md = (tmp_path / "ev" / "imagenet_sweep.md").read_text()
     assert "| FID | IS | precision | recall | ms / image |" in md and md.count("probabilistic 0.45 |") == 6
+    assert "**Anchor: Euler at 2 NFE with probabilistic guidance 0.45, FID " in md  # the anchor under the same guidance
     runs = sorted(p.name for p in (tmp_path / "ev" / "sweep").iterdir())
     assert runs[0] == "euler_nfe1_probabilistic0.45_seed0" and len(runs) == 6
     chunk = np.load(tmp_path / "ev" / "sweep" / runs[0] / "chunks" / "chunk_000001.npz")
