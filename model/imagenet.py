@@ -277,6 +277,7 @@ def run_protocol(source, setting: Setting, seed: int, per_class: int, ecfg: dict
     for i, c in enumerate(todo):
         labels = torch.arange(c * batch, min(n, (c + 1) * batch)) % source.num_classes
         images, secs = timed(lambda: source.images(labels, setting, chunk_seed(seed, c), ecfg))
+        secs = secs["wall"]
         feats, logits = extract(feature_net, images, ecfg["inception_batch"], ctx.device)
         _save_npz(path(c), arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy(), features=feats, logits=logits,
                   seconds=np.array(secs))
@@ -320,12 +321,12 @@ class ImagenetRunner:
         self.images = source.num_classes * self.per_class
         self.progress = progress
 
-    def run(self, setting: Setting, seed: int) -> tuple[list[float], float]:
+    def run(self, setting: Setting, seed: int) -> tuple[list[float], dict]:
         guide = "" if setting.guidance is None else f"_{setting.guidance}{setting.scale:g}"
         out = os.path.join(self.out, "sweep", f"{setting.solver}_nfe{setting.nfe}{guide}_seed{seed}")
         res = run_protocol(self.source, setting, seed, self.per_class, self.ecfg, out, self.feature_net, self.ref, self.ctx,
                            ref_cache=os.path.join(self.out, "reference_features.npz"), progress=self.progress)
-        return [res["FID"], res["IS"], res["precision"], res["recall"]], res["sampling_s"]
+        return [res["FID"], res["IS"], res["precision"], res["recall"]], {"wall": res["sampling_s"]}
 
 
 def setting_of(ecfg: dict) -> Setting:

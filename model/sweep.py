@@ -30,6 +30,10 @@ from .data import build_data, load_digits_split
 from .metrics import frechet_distance, precision_recall, sliced_w1, train_digits_classifier
 from .presets import SOLVERS
 
+# What each clock of the time columns measures.
+CLOCKS = {"wall": "wall: elapsed time (on CUDA after a synchronize)",
+          "cpu": "cpu: this process's CPU time, the cost on an idle core of a one-thread run, unaffected by other jobs"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -66,17 +70,19 @@ class Runner(Protocol):
     plotted: list[str]
     images: int
 
-    def run(self, setting: Setting, seed: int) -> tuple[list[float], float]:
-        """``(metric values, seconds spent sampling)`` of one setting and noise seed."""
+    def run(self, setting: Setting, seed: int) -> tuple[list[float], dict]:
+        """``(metric values, {clock: seconds spent sampling})`` of one setting and noise seed; clocks
+        ``"wall"`` and, where it measures the cost (one CPU process), ``"cpu"``."""
 
 
 def timed(fn):
-    """``(fn(), seconds)``; on CUDA after a synchronize, so queued kernels are counted."""
-    t0 = time.perf_counter()
+    """``(fn(), {"wall": seconds, "cpu": seconds})``: wall time (on CUDA after a synchronize, so queued
+    kernels are counted) and this process's CPU time (all its threads)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
+    return out, {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
 
 
 class DigitsRunner(Runner):
@@ -97,7 +103,7 @@ class DigitsRunner(Runner):
         self.denoisers = {False: make_denoiser(net, self.labels), True: make_denoiser(net, self.labels, guided=True)}
 
     @torch.no_grad()
-    def run(self, setting: Setting, seed: int) -> tuple[list[float], float]:
+    def run(self, setting: Setting, seed: int) -> tuple[list[float], dict]:
         from .evaluate import run_sampler
 
         noise = torch.randn(self.images, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
@@ -126,7 +132,7 @@ class PointsRunner(Runner):
         self.denoiser = make_denoiser(net)
 
     @torch.no_grad()
-    def run(self, setting: Setting, seed: int) -> tuple[list[float], float]:
+    def run(self, setting: Setting, seed: int) -> tuple[list[float], dict]:
         from .evaluate import run_sampler
 
         noise = torch.randn(self.images, 2, 1, 1, generator=torch.Generator().manual_seed(seed))
@@ -156,52 +162,56 @@ def _cell(m: float, s: float, n_seeds: int) -> str:
 def run_sweep(runner: Runner, sweep: dict, seed: int, out: str, name: str, progress: bool = True, write: bool = True) -> tuple[str, list[dict]]:
     """Run every setting of ``sweep`` over the seeds ``seed, seed + 1, ...``; write the table, the
     raw JSON and the plot under ``out`` (only where ``write``: rank 0 of a distributed run). Returns
-    the markdown and one dict per setting (``setting``, ``mean``, ``std``, ``ms_per_image``, fronts)."""
+    the markdown and one dict per setting (``setting``, ``mean``, ``std``, ``ms_per_image`` per
+    clock, fronts). ``sweep["clock"]`` (``"wall"`` or ``"cpu"``) is the time of the front and the plot."""
     seeds = [seed + i for i in range(sweep["n_seeds"])]
-    grid = settings(sweep)
+    grid, clock = settings(sweep), sweep["clock"]
     rows, t_start, load_start = [], time.time(), os.getloadavg()[0]
     for i, st in enumerate(grid):
-        runs, secs = [], 0.0
+        runs, secs = [], {}
         for s in seeds:
             vals, dt = runner.run(st, s)
             runs.append(vals)
-            secs += dt
+            secs = {k: secs.get(k, 0.0) + v for k, v in dt.items()}
         t = torch.tensor(runs, dtype=torch.float64)
         rows.append(dict(setting=dataclasses.asdict(st), family=st.family, mean=t.mean(0).tolist(),
                          std=(t.std(0) if len(seeds) > 1 else torch.zeros(t.shape[1])).tolist(),
-                         ms_per_image=1000 * secs / (len(seeds) * runner.images)))
+                         ms_per_image={k: 1000 * v / (len(seeds) * runner.images) for k, v in secs.items()}))
         if progress and write:
             print(f"[{i + 1}/{len(grid)}] {st.family} NFE {st.nfe}: {runner.metrics[0]} {rows[-1]['mean'][0]:.4g}, "
-                  f"{rows[-1]['ms_per_image']:.3f} ms/image ({time.time() - t_start:.0f}s)", flush=True)
+                  f"{rows[-1]['ms_per_image'][clock]:.3f} {clock} ms/image ({time.time() - t_start:.0f}s)", flush=True)
     quality = [r["mean"][0] for r in rows]
-    for key, cost in (("front_nfe", [r["setting"]["nfe"] for r in rows]), ("front_time", [r["ms_per_image"] for r in rows])):
+    for key, cost in (("front_nfe", [r["setting"]["nfe"] for r in rows]), ("front_time", [r["ms_per_image"][clock] for r in rows])):
         for r, on in zip(rows, pareto_front(cost, quality)):
             r[key] = on
-    md = _markdown(runner, rows, seeds, name, f"{time.time() - t_start:.0f}s (1-minute load average {load_start:.1f} at the start, "
+    md = _markdown(runner, rows, seeds, name, clock, f"{time.time() - t_start:.0f}s (1-minute load average {load_start:.1f} at the start, "
                                                f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs)")
     if write:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"{name}_sweep.md"), "w") as f:
             f.write(md + "\n")
         with open(os.path.join(out, f"{name}_sweep.json"), "w") as f:
-            json.dump(dict(metrics=runner.metrics, seeds=seeds, images=runner.images, rows=rows), f, indent=1)
-        plot_sweep(runner.metrics, runner.plotted, rows, os.path.join(out, f"{name}_sweep.png"), f"{name}: {runner.images} samples per run")
+            json.dump(dict(metrics=runner.metrics, seeds=seeds, images=runner.images, clock=clock, rows=rows), f, indent=1)
+        plot_sweep(runner.metrics, runner.plotted, rows, clock, os.path.join(out, f"{name}_sweep.png"),
+                   f"{name}: {runner.images} samples per run, {CLOCKS[clock]}")
     return md, rows
 
 
-def _markdown(runner: Runner, rows: list[dict], seeds: list[int], name: str, wall: str) -> str:
+def _markdown(runner: Runner, rows: list[dict], seeds: list[int], name: str, clock: str, wall: str) -> str:
     q = runner.metrics[0]
     spread = f"mean ± std over {len(seeds)} noise seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else f"noise seed {seeds[0]}"
-    header = ["solver", "guidance", "NFE", *runner.metrics, "ms / image", f"front: {q} vs NFE", f"front: {q} vs time"]
+    clocks = list(rows[0]["ms_per_image"])
+    header = ["solver", "guidance", "NFE", *runner.metrics, *(f"{c} ms / image" for c in clocks), f"front: {q} vs NFE",
+              f"front: {q} vs {clock} time"]
     lines = [f"### {name}: quality and speed, {runner.images} samples per run, {spread}", "",
-             f"Lower {q} is better. ms / image: wall time of sampling (network and solver) per image. A front "
-             f"mark: no other setting has a lower {q} at no more network calls (or time).", "",
+             f"Lower {q} is better. ms / image: sampling (network and solver) per image, " + "; ".join(CLOCKS[c] for c in clocks)
+             + f". A front mark: no other setting has a lower {q} at no more network calls (or {clock} time).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         st = r["setting"]
         cells = [_cell(m, s, len(seeds)) for m, s in zip(r["mean"], r["std"])]
         guide = "none" if st["guidance"] is None else f"{st['guidance']} {st['scale']:g}"
-        lines.append("| " + " | ".join([st["solver"], guide, str(st["nfe"]), *cells, f"{r['ms_per_image']:.3f}",
+        lines.append("| " + " | ".join([st["solver"], guide, str(st["nfe"]), *cells, *(f"{r['ms_per_image'][c]:.3f}" for c in clocks),
                                         "●" if r["front_nfe"] else "", "●" if r["front_time"] else ""]) + " |")
     lines += ["", *anchor_lines(rows, q, len(seeds)), "", f"(sweep of {len(rows)} settings x {len(seeds)} seeds in {wall})"]
     return "\n".join(lines)
@@ -237,8 +247,8 @@ def anchor_lines(rows: list[dict], q: str, n_seeds: int) -> list[str]:
     return out[:-1]
 
 
-def plot_sweep(metrics: list[str], plotted: list[str], rows: list[dict], path: str, title: str) -> None:
-    """Rows: the ``plotted`` metrics; columns: against NFE and against ms per image (log axes).
+def plot_sweep(metrics: list[str], plotted: list[str], rows: list[dict], clock: str, path: str, title: str) -> None:
+    """Rows: the ``plotted`` metrics; columns: against NFE and against ``clock`` ms per image (log axes).
     One line per solver (and guidance) with error bars (std over seeds); the Pareto front of
     ``metrics[0]`` drawn as a dashed black staircase with ringed points."""
     import matplotlib
@@ -253,15 +263,16 @@ def plot_sweep(metrics: list[str], plotted: list[str], rows: list[dict], path: s
     for i, metric in enumerate(plotted):
         j = metrics.index(metric)
         for col, (xkey, xlabel, front) in enumerate((("nfe", "network calls (NFE)", "front_nfe"),
-                                                     ("ms_per_image", "wall time per image (ms)", "front_time"))):
+                                                     ("time", f"{clock} time per image (ms)", "front_time"))):
             ax = axes[i][col]
+            x_of = (lambda r: r["setting"]["nfe"]) if xkey == "nfe" else (lambda r: r["ms_per_image"][clock])  # noqa: E731
             for fam in families:
                 pts = [r for r in rows if r["family"] == fam]
-                xs = [r["setting"]["nfe"] if xkey == "nfe" else r[xkey] for r in pts]
+                xs = [x_of(r) for r in pts]
                 ax.errorbar(xs, [r["mean"][j] for r in pts], yerr=[r["std"][j] for r in pts], marker="o", ms=3, lw=1,
                             capsize=2, color=colours[fam], label=fam)
             if j == 0:
-                on = sorted((r["setting"]["nfe"] if xkey == "nfe" else r[xkey], r["mean"][0]) for r in rows if r[front])
+                on = sorted((x_of(r), r["mean"][0]) for r in rows if r[front])
                 ax.step([p[0] for p in on], [p[1] for p in on], where="post", ls="--", color="black", lw=1, label="Pareto front")
                 ax.scatter([p[0] for p in on], [p[1] for p in on], s=60, facecolors="none", edgecolors="black", zorder=5)
                 ax.set_yscale("log")

@@ -111,19 +111,20 @@ class _FakeRunner:
 
     def run(self, setting, seed):
         base = {"gm-sde-2": 1.0, "gm-ode-2": 1.5, "euler": 2.0}[setting.solver]
-        return [base * 10 / setting.nfe + 0.01 * seed, 0.8, 0.9], 0.001 * setting.nfe * self.images
+        return [base * 10 / setting.nfe + 0.01 * seed, 0.8, 0.9], {"wall": 0.001 * setting.nfe * self.images, "cpu": 0.0005}
 
 
 def test_sweep_table_anchor_and_plot(tmp_path):
-    sweep = dict(solvers=["gm-sde-2", "gm-ode-2", "euler"], nfe=[4, 8, 32], guidance={"probabilistic": [0.0]}, n_seeds=2)
+    sweep = dict(solvers=["gm-sde-2", "gm-ode-2", "euler"], nfe=[4, 8, 32], guidance={"probabilistic": [0.0]}, n_seeds=2, clock="wall")
     md, rows = run_sweep(_FakeRunner(), sweep, seed=1, out=str(tmp_path), name="fake", progress=False)
     assert len(rows) == 9 and rows[0]["mean"][0] == pytest.approx(2.515) and rows[0]["std"][0] == pytest.approx(0.01 / 2**0.5)
-    assert rows[0]["ms_per_image"] == pytest.approx(4.0)
+    assert rows[0]["ms_per_image"] == pytest.approx({"wall": 4.0, "cpu": 0.05})
     front = {(r["setting"]["solver"], r["setting"]["nfe"]) for r in rows if r["front_nfe"]}
     assert front == {("gm-sde-2", 4), ("gm-sde-2", 8), ("gm-sde-2", 32)}
     assert "**Anchor: Euler at 32 NFE, FD 0.640 ± 0.007.**" in md
     assert "- gm-sde-2 at 4 NFE: FD 2.515 ± 0.007 -> not reached" in md and "- gm-ode-2 at 8 NFE: FD 1.890 ± 0.007 -> not reached" in md
-    assert "| euler | none | 32 | 0.640 ± 0.007 | 0.800 ± 0.000 | 0.900 ± 0.000 | 32.000 |  |  |" in md
+    assert "| euler | none | 32 | 0.640 ± 0.007 | 0.800 ± 0.000 | 0.900 ± 0.000 | 32.000 | 0.050 |  |  |" in md
+    assert "| wall ms / image | cpu ms / image | front: FD vs NFE | front: FD vs wall time |" in md
     saved = json.loads((tmp_path / "fake_sweep.json").read_text())
     assert saved["seeds"] == [1, 2] and len(saved["rows"]) == 9
     assert (tmp_path / "fake_sweep.md").read_text().strip() == md and (tmp_path / "fake_sweep.png").stat().st_size > 10_000
@@ -136,7 +137,8 @@ def test_sweep_command_on_the_checkerboard(tmp_path):
     evaluate_cli.main([ckpt, "--sweep", "--out", str(tmp_path / "ev"), "--no-progress", "--set", "eval.n=40", "eval.projections=8",
                        "eval.sweep.nfe=[1,4]", "eval.sweep.solvers=['gm-ode-2','euler']", "eval.sweep.n_seeds=2", "eval.ode_substeps=4"])
     md = (tmp_path / "ev" / "checkerboard_sweep.md").read_text()
-    assert md.count("\n| gm-ode-2 | none |") == 2 and "| sliced W1 | FD | precision | recall | ms / image |" in md
+    assert md.count("\n| gm-ode-2 | none |") == 2 and "| sliced W1 | FD | precision | recall | wall ms / image | cpu ms / image |" in md
+    assert "front: sliced W1 vs cpu time" in md  # the CPU presets put the front on CPU time
     assert "**Anchor: Euler at 4 NFE" in md and (tmp_path / "ev" / "checkerboard_sweep.png").exists()
     assert not (tmp_path / "ev" / "results.md").exists()
 
@@ -285,7 +287,8 @@ def test_sweep_through_a_gmdit_pipeline(tmp_path):
                        "eval.sweep.solvers=['gm-sde-2','gm-ode-2','euler']", "eval.ode_substeps=4"],
                       feature_net=TinyFeatures())
     md = (tmp_path / "ev" / "imagenet_sweep.md").read_text()
-    assert "| FID | IS | precision | recall | ms / image |" in md and md.count("probabilistic 0.45 |") == 6
+    assert "| FID | IS | precision | recall | wall ms / image | front: FID vs NFE | front: FID vs wall time |" in md
+    assert md.count("probabilistic 0.45 |") == 6
     assert "**Anchor: Euler at 2 NFE with probabilistic guidance 0.45, FID " in md  # the anchor under the same guidance
     runs = sorted(p.name for p in (tmp_path / "ev" / "sweep").iterdir())
     assert runs[0] == "euler_nfe1_probabilistic0.45_seed0" and len(runs) == 6

@@ -317,6 +317,7 @@ def test_evaluate_rejects_a_bad_setting_before_any_work(tmp_path, capsys):
         (digits, "eval.guidance={'probabilistic': [1.5]}", "eval.guidance must be {} (no guidance sweep) or a dict"),
         (digits, "eval.sweep.solvers=['rk4']", "eval.sweep.solvers must be a non-empty list of solver names"),
         (board, "eval.sweep.guidance={'probabilistic': [0.3]}", "eval.sweep.guidance must be {'probabilistic': [0.0]} (unguided)"),
+        (digits, "eval.sweep.clock='gpu'", "eval.sweep.clock must be 'wall' or 'cpu', got 'gpu'"),
     ]:
         err = _cli_error(evaluate_cli.main, [ckpt, "--out", str(out), "--set", setting], capsys)
         assert "error: " in err and message in err, (setting, err)
