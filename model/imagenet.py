@@ -299,7 +299,7 @@ def run_protocol(source, setting: Setting, seed: int, per_class: int, ecfg: dict
                                                   ecfg["inception_batch"], ctx.device)
         fid = frechet_distance_from_stats(*feature_stats(feats), torch.from_numpy(mu), torch.from_numpy(sigma))
         isc, isc_std = inception_score(torch.from_numpy(np.concatenate(logits)), splits=min(10, n))
-        p, r = precision_recall(torch.from_numpy(ref_feats).to(ctx.device), feats.to(ctx.device), ecfg["k"])
+        p, r = precision_recall(torch.from_numpy(ref_feats).to(ctx.device), feats.to(ctx.device), ecfg["k"], exact=False)
         result = dict(FID=fid, IS=isc, IS_std=isc_std, precision=p, recall=r, images=n, sampling_s=secs, ms_per_image=1000 * secs / n)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(result, f, indent=1)

@@ -25,30 +25,32 @@ def sliced_w1(a: torch.Tensor, b: torch.Tensor, projections: int = 256, generato
     return (pa - pb).abs().mean().item()
 
 
-def _kth_nn_radius(feats: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+def _kth_nn_radius(feats: torch.Tensor, k: int, chunk: int, mode: str) -> torch.Tensor:
     """Distance of every row to its k-th nearest other row (``chunk`` rows of the distance matrix at a time)."""
-    return torch.cat([torch.cdist(part, feats, compute_mode="donot_use_mm_for_euclid_dist").kthvalue(k + 1, dim=1).values
+    return torch.cat([torch.cdist(part, feats, compute_mode=mode).kthvalue(k + 1, dim=1).values
                       for part in feats.split(chunk)])  # k + 1: the row itself at distance 0
 
 
-def _share_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+def _share_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int, mode: str) -> float:
     """Share of ``points`` within ``radii[j]`` of some ``centres[j]`` (inside the k-NN manifold of ``centres``)."""
-    inside = [(torch.cdist(part, centres, compute_mode="donot_use_mm_for_euclid_dist") <= radii).any(dim=1)
-              for part in points.split(chunk)]
+    inside = [(torch.cdist(part, centres, compute_mode=mode) <= radii).any(dim=1) for part in points.split(chunk)]
     return torch.cat(inside).double().mean().item()
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 2048) -> tuple[float, float]:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 2048, exact: bool = True) -> tuple[float, float]:
     """Improved precision (share of ``fake`` inside the real k-NN manifold) and recall (share of
-    ``real`` inside the fake k-NN manifold); ``real (N, F)``, ``fake (M, F)``. Distances are exact
-    float64 (no rounding decides a k-NN tie), ``chunk`` rows at a time: 50,000 x 2048 features
-    need ``chunk * 50,000 * 8`` bytes at once, not the whole distance matrix."""
+    ``real`` inside the fake k-NN manifold); ``real (N, F)``, ``fake (M, F)``. Float64 distances,
+    ``chunk`` rows at a time: 50,000 x 2048 features need ``chunk * 50,000 * 8`` bytes at once, not
+    the whole distance matrix. ``exact``: each distance summed term by term, so no rounding decides
+    a k-NN tie (small sets); else through matrix products (``|a|^2 + |b|^2 - 2ab``, float64
+    rounding), which is what makes 50,000 x 50,000 distances in 2048 dimensions take minutes, not hours."""
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1] or min(real.shape[0], fake.shape[0]) <= k:
         raise ValueError(f"precision_recall: real and fake must be (N, F) and (M, F) with N, M > k={k}, "
                          f"got {tuple(real.shape)} and {tuple(fake.shape)}")
     real, fake = real.double(), fake.double()
-    r_real, r_fake = _kth_nn_radius(real, k, chunk), _kth_nn_radius(fake, k, chunk)
-    return _share_inside(fake, real, r_real, chunk), _share_inside(real, fake, r_fake, chunk)
+    mode = "donot_use_mm_for_euclid_dist" if exact else "use_mm_for_euclid_dist"
+    r_real, r_fake = _kth_nn_radius(real, k, chunk, mode), _kth_nn_radius(fake, k, chunk, mode)
+    return _share_inside(fake, real, r_real, chunk, mode), _share_inside(real, fake, r_fake, chunk, mode)
 
 
 def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,6 +85,7 @@ def test_precision_recall_in_chunks_equals_whole():
     whole = precision_recall(real, fake, k=3, chunk=10_000)
     assert precision_recall(real, fake, k=3, chunk=7) == whole
     assert 0.5 < whole[0] < 1 and 0.3 < whole[1] < 1
+    assert precision_recall(real, fake, k=3, chunk=64, exact=False) == whole  # matrix-product distances: no tie here moves
     with pytest.raises(ValueError, match="N, M > k=3"):
         precision_recall(real[:3], fake, k=3)
 
