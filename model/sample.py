@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     ap.add_argument("--solver", default="gm-sde", choices=["gm-sde", "gm-ode", "euler"])
     ap.add_argument("--steps", type=int, default=8, help="network calls (NFE), default 8")
-    ap.add_argument("--order", type=int, default=2, choices=[1, 2])
+    ap.add_argument("--order", type=int, default=None, choices=[1, 2], help="solver order (default 2; 1 for euler)")
     ap.add_argument("--substeps", type=int, default=4, help="GM-ODE substeps per network call (default 4)")
     ap.add_argument(
         "--labels", default=None, help="class index or comma-separated indices (default: every class in turn)"
@@ -162,8 +162,29 @@ def main(argv: list[str] | None = None) -> None:
         "--out", default="samples.png", help="a .png grid, or .pt for the raw tensors (default samples.png)"
     )
     args = ap.parse_args(argv)
-    if args.n < 1 or args.steps < 1:
-        ap.error(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
+    for flag, value in (
+        ("--n", args.n),
+        ("--steps", args.steps),
+        ("--substeps", args.substeps),
+        ("--cols", args.cols or 1),
+    ):
+        if value < 1:
+            ap.error(f"{flag} must be an int >= 1, got {value}")
+    if args.seed < 0:
+        ap.error(f"--seed must be an int >= 0, got {args.seed}")
+    if not (args.shift > 0 and math.isfinite(args.shift)):
+        ap.error(f"--shift must be a number > 0, got {args.shift}")
+    if not (0 <= args.scale < (1 if args.guidance == "probabilistic" else math.inf)):
+        ap.error(
+            f"--scale must lie in {'[0, 1)' if args.guidance == 'probabilistic' else '[0, inf)'} for --guidance "
+            f"{args.guidance} (0: no guidance), got {args.scale}"
+        )
+    if args.order is None:
+        args.order = 1 if args.solver == "euler" else 2
+    if args.solver == "euler" and args.order != 1:
+        ap.error(f"--order must be 1 with --solver euler, got {args.order}")
+    if not os.path.isfile(args.checkpoint):
+        ap.error(f"checkpoint {args.checkpoint!r} does not exist (train one with python -m model.train --preset NAME)")
     try:
         x, y, cfg = sample_checkpoint(
             args.checkpoint,

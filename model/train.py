@@ -35,7 +35,7 @@ import gmkernels
 
 from .data import build_data
 from .networks import build_network
-from .presets import PRESETS, get_preset
+from .presets import PRESETS, check_train_config, get_preset
 
 
 def call_net(net, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> dict:
@@ -123,8 +123,10 @@ def train(cfg: dict, progress: bool = True, stop_after: int | None = None) -> di
     """Train with ``cfg`` (a preset dict), resuming from ``<out>/ckpt.pt`` when it exists.
 
     ``stop_after`` ends the run after that many steps of this call (to test resumption).
-    Returns ``{"history": [loss per step], "step": int, "path": checkpoint path}``.
+    Returns ``{"history": [loss per step], "step": int, "path": checkpoint path}``. A setting
+    outside its range (:func:`model.presets.check_train_config`) raises a ValueError first.
     """
+    check_train_config(cfg)
     rank, world, device = _dist_setup()
     out = cfg["out"]
     path = os.path.join(out, "ckpt.pt")
@@ -227,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         cfg = get_preset(args.preset, args.overrides)
+        check_train_config(cfg)
     except ValueError as e:
         ap.error(str(e))
     if cfg["data"] == "latents" and not cfg["data_cfg"].get("path"):

@@ -322,3 +322,136 @@ def test_digits_evaluation_end_to_end(tmp_path):
     assert "| FD |" in md and "mean ± std over 2 noise seeds (1, 2)" in md and " ± " in md.split("#### guidance")[1]
     assert "lowest-FD probabilistic guidance" in md
     assert (tmp_path / "ev" / "digits_nfe.png").exists() and (tmp_path / "ev" / "digits_guidance.png").exists()
+
+
+# ------------------------------------------------------------ settings checked before any work (#27)
+
+
+def _cli_error(main, args, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("steps=-5", "steps must be an int >= 1, got -5"),
+        ("steps=0", "steps must be an int >= 1, got 0"),
+        ("batch=0", "batch must be an int >= 1, got 0"),
+        ("ema=2.0", "ema must be a number in [0, 1), got 2.0"),
+        ("threads=-3", "threads must be an int >= 0 (0: torch's default), got -3"),
+        ("net_cfg.K=0", "net_cfg.K must be an int >= 1, got 0"),
+        ("lr=0", "lr must be a number > 0, got 0.0"),
+    ],
+)
+def test_train_rejects_a_bad_setting_before_any_work(setting, message, tmp_path, capsys):
+    from model import train as train_cli
+
+    small = [
+        "steps=1",
+        "batch=2",
+        "net_cfg.hidden=16",
+        "net_cfg.heads=2",
+        "net_cfg.depth=1",
+    ]  # quick, were the setting let through
+    err = _cli_error(
+        train_cli.main, ["--preset", "digits", "--no-progress", *small, setting, f"out={tmp_path / 'run'}"], capsys
+    )
+    assert err.endswith(f"error: preset 'digits': {message}"), err
+    assert not (tmp_path / "run").exists()  # no checkpoint, not even the folder
+    with pytest.raises(
+        ValueError, match=message.split(",")[0].replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
+        train(
+            dict(get_preset("digits", [*small, setting]), out=str(tmp_path / "api")), progress=False
+        )  # the Python API too
+
+
+def test_evaluate_rejects_a_bad_setting_before_any_work(tmp_path, capsys):
+    digits = train(_tiny_cfg("digits", tmp_path / "d", steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)[
+        "path"
+    ]
+    board = train(
+        _tiny_cfg("checkerboard", tmp_path / "c", steps=1, batch=4, net_cfg=dict(K=2, hidden=8, depth=1, pos_freqs=2)),
+        progress=False,
+    )["path"]
+    out = tmp_path / "ev"
+    for ckpt, setting, message in [
+        (board, "eval.n=0", "eval.n must be an int >= 2, got 0"),
+        (digits, "eval.nfe=[0]", "eval.nfe must be a non-empty list of ints >= 1 (network calls), got [0]"),
+        (digits, "eval.n_per_class=0", "eval.n_per_class must be an int >= 1, got 0"),
+        (digits, "eval.guidance={'probabilistic': [1.5]}", "eval.guidance must be {} (no guidance sweep) or a dict"),
+        (digits, "eval.sweep.solvers=['rk4']", "eval.sweep.solvers must be a non-empty list of solver names"),
+        (
+            board,
+            "eval.sweep.guidance={'probabilistic': [0.3]}",
+            "eval.sweep.guidance must be {'probabilistic': [0.0]} (unguided)",
+        ),
+        (digits, "eval.sweep.clock='gpu'", "eval.sweep.clock must be 'wall' or 'cpu', got 'gpu'"),
+    ]:
+        err = _cli_error(evaluate_cli.main, [ckpt, "--out", str(out), "--set", setting], capsys)
+        assert "error: " in err and message in err, (setting, err)
+    assert not out.exists()
+    assert "checkpoint 'missing.pt' does not exist" in _cli_error(evaluate_cli.main, ["missing.pt"], capsys)
+
+
+def test_sample_rejects_a_missing_checkpoint_and_bad_flags(tmp_path, capsys):
+    missing = str(tmp_path / "none.pt")
+    assert f"checkpoint {missing!r} does not exist" in _cli_error(sample_cli.main, [missing], capsys)
+    ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
+    for flags, message in [
+        (["--substeps", "0"], "--substeps must be an int >= 1, got 0"),
+        (["--scale", "1.5"], "--scale must lie in [0, 1) for --guidance probabilistic"),
+        (["--solver", "euler", "--order", "2"], "--order must be 1 with --solver euler"),
+    ]:
+        assert message in _cli_error(sample_cli.main, [ckpt, "--out", str(tmp_path / "x.png"), *flags], capsys)
+    sample_cli.main(
+        [ckpt, "--n", "2", "--steps", "1", "--solver", "euler", "--out", str(tmp_path / "e.pt")]
+    )  # order 1 by default
+
+
+def test_targets_are_not_met_by_a_model_at_chance():
+    """The FD ratios of an untrained model can pass; its class accuracy (0.09, chance 0.1) must fail every target."""
+
+    def metrics(fd, acc):  # precision, recall, FD, class acc, saturated, contrast
+        return [0.5, 0.5, fd, acc, 0.0, 1.0], [0.0] * 6
+
+    res = {
+        ("nfe", s, o, n): metrics(100.0, 0.09) for s, o in (("gm-sde", 2), ("gm-ode", 2), ("euler", 1)) for n in (8, 32)
+    }
+    res[("nfe", "euler", 1, 8)] = metrics(120.0, 0.09)
+    res.update(
+        {("guidance", "probabilistic", 0.1): metrics(90.0, 0.09), ("guidance", "mean-cfg", 2.0): metrics(95.0, 0.09)}
+    )
+    text = evaluate_cli.digits_targets(res)
+    assert " MET" not in text.replace("NOT MET", "") and text.count("NOT MET (class accuracy 0.09 < 0.5") == 6
+    trained = {k: metrics(v[0][2], 0.95) for k, v in res.items()}
+    assert evaluate_cli.digits_targets(trained).count("-> MET") == 6
+
+
+def test_digits_evaluation_without_a_guidance_sweep_prints_no_guidance_table(tmp_path, monkeypatch):
+    """eval.guidance={} skips the guidance sweep: no empty table, no guidance target, no grid."""
+    from model.metrics import DigitsClassifier
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(
+        evaluate_cli, "train_digits_classifier", lambda seed: (DigitsClassifier().eval(), 0.1)
+    )  # untrained: fast
+    ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
+    evaluate_cli.main(
+        [
+            ckpt,
+            "--out",
+            str(tmp_path / "ev"),
+            "--set",
+            "eval.n_per_class=1",
+            "eval.nfe=[1]",
+            "eval.ode_substeps=1",
+            "eval.guidance={}",
+        ]
+    )
+    md = (tmp_path / "ev" / "results.md").read_text()
+    assert "| FD |" in md and "guidance sweep" not in md and "lowest-FD" not in md
+    assert not (tmp_path / "ev" / "digits_guidance.png").exists()

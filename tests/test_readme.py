@@ -42,6 +42,10 @@ SKIP = [
 _DIGITS_EVAL = "--set eval.n_per_class=2 'eval.nfe=[1]' 'eval.guidance={\"probabilistic\": [0.3], \"mean-cfg\": [1.5]}'"
 SMALL = [
     (r"^python -m model\.train --preset (checkerboard|checkerboard-k1|digits)\b", "steps=2 batch=16 log_every=1"),
+    (
+        r"^python -m model\.evaluate .*digits.*--sweep",
+        "--set eval.n_per_class=2 'eval.sweep.nfe=[1,2]' eval.sweep.n_seeds=1",
+    ),
     (r"^python -m model\.evaluate .*digits", _DIGITS_EVAL),
     (r"^python -m model\.evaluate ", "--set eval.n=64 'eval.nfe=[1]' eval.projections=8"),
     (r"^python -m model\.sample ", "--n 4 --steps 2"),
