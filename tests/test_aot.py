@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 import gmkernels_bench.aot as aot  # noqa: E402
 from gmkernels.ops.solver.common import PACK_FUSED as _PACK_FUSED  # noqa: E402
-from gmkernels_bench.aot import FAMILIES, SHAPE_SETS, AotCase, sass_stats, shape_cases  # noqa: E402
+from gmkernels_bench.aot import SHAPE_SETS, AotCase, sass_stats, shape_cases  # noqa: E402
 
 pytestmark = pytest.mark.slow  # compiles every kernel for sm_80 and sm_90
 
@@ -45,17 +45,14 @@ def _kernels(module) -> set[str]:
 
 
 def test_every_kernel_family_lists_aot_cases():
-    """A family that gains kernels must also gain a place in the compile check: every op module
-    that launches a Triton kernel has its cases module, and every kernel it launches is among
-    the benchmark cases."""
+    """A family that gains kernels must also gain a place in the compile check: every kernel
+    an op module launches is among the benchmark cases."""
     ops = importlib.import_module("gmkernels.ops")
-    modules = {m.name: importlib.import_module(f"gmkernels.ops.{m.name}") for m in pkgutil.iter_modules(ops.__path__)}
-    launching = {name for name, mod in modules.items() if _kernels(mod)}
-    assert launching == set(FAMILIES)
+    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(ops.__path__, "gmkernels.ops.")]
+    launched = set().union(*(_kernels(m) for m in modules))
     compiled = {c.kernel.fn.__name__ for c in aot.all_cases()}
-    for fam in FAMILIES:
-        missing = _kernels(modules[fam]) - compiled
-        assert not missing, f"{fam}: kernels without a compiled case: {missing}"
+    assert len(launched) >= 10
+    assert launched <= compiled, f"kernels without a compiled case: {launched - compiled}"
 
 
 _SASS = """
