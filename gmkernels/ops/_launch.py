@@ -24,7 +24,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .._dispatch import _INTERPRETED, _TRITON, _state, select_backend
+from .. import _dispatch
+from .._dispatch import select_backend
 
 try:
     import triton
@@ -51,13 +52,13 @@ def kernels_wanted(*tensors: torch.Tensor) -> bool:
     ``select_backend`` raises the error that says why), no input is float64 (the kernels compute
     in float32; float64 stays on the exact torch path) and no input needs a gradient (the
     kernels are inference-only; the torch path is differentiable)."""
-    choice, first = _state["backend"], tensors[0]
+    choice, first = _dispatch._state["backend"], tensors[0]
     if choice == "torch":
         return False
     if choice == "auto":
-        if not (first.is_cuda and _TRITON):
+        if not (first.is_cuda and _dispatch._TRITON):
             return False
-    elif not (_TRITON and (first.is_cuda or _INTERPRETED)):
+    elif not (_dispatch._TRITON and (first.is_cuda or _dispatch._INTERPRETED)):
         select_backend(first)
     grad = torch.is_grad_enabled()
     for t in tensors:
