@@ -10,11 +10,12 @@ Run: python examples/compat_swap.py
 
 import torch
 
+from gmkernels.compat.gmflow import u_to_x_0
+
 # from lib.ops.gmflow_ops.gmflow_ops import gm_to_mean, gm_to_sample
 # from lib.models.diffusions.schedulers import GMFlowSDEScheduler
 from gmkernels.compat.gmflow_ops import gm_to_mean, gm_to_sample
 from gmkernels.compat.schedulers import GMFlowSDEScheduler
-from gmkernels.compat.gmflow import u_to_x_0
 
 
 def sample_loop(model, noise: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
@@ -35,8 +36,11 @@ def toy_model(x: torch.Tensor, t: torch.Tensor) -> dict:
     sigma = (t / 1000).view(-1, 1, 1, 1, 1)
     v = torch.tensor([-0.5, 0.5]).view(1, 2, 1, 1, 1)
     B, C, H, W = x.shape
-    return {"means": (x.unsqueeze(1) - v) / sigma, "logstds": (0.1 / sigma).log(),
-            "logweights": torch.full((B, 2, 1, H, W), -0.6931471805599453)}
+    return {
+        "means": (x.unsqueeze(1) - v) / sigma,
+        "logstds": (0.1 / sigma).log(),
+        "logweights": torch.full((B, 2, 1, H, W), -0.6931471805599453),
+    }
 
 
 if __name__ == "__main__":

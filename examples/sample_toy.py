@@ -24,9 +24,11 @@ def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> dict:
     v = VALUES.view(1, 3, 1, 1, 1)
     x = x_t.unsqueeze(1)  # (B, 1, C, H, W)
     logits = PROBS.log().view(1, 3, 1, 1, 1) - 0.5 * ((x - (1 - sigma) * v) / sigma).square()
-    return {"means": (x - v) / sigma,                                  # u of each component
-            "logstds": (X0_STD / sigma).log(),                         # x0 std / sigma
-            "logweights": logits.sum(2, keepdim=True).log_softmax(1)}  # (B, 3, 1, H, W)
+    return {
+        "means": (x - v) / sigma,  # u of each component
+        "logstds": (X0_STD / sigma).log(),  # x0 std / sigma
+        "logweights": logits.sum(2, keepdim=True).log_softmax(1),
+    }  # (B, 3, 1, H, W)
 
 
 def value_shares(x: torch.Tensor) -> list[float]:
@@ -38,6 +40,12 @@ if __name__ == "__main__":
     noise = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     print(f"data:              shares of -1, 0, 1 = {[round(p, 3) for p in PROBS.tolist()]}")
     for solver, steps in (("gm-sde", 2), ("gm-ode", 2), ("euler", 2), ("euler", 32)):
-        x = gmkernels.sample(denoiser, noise, steps, solver=solver, substeps=8 if solver == "gm-ode" else 1,
-                             generator=torch.Generator().manual_seed(1))
+        x = gmkernels.sample(
+            denoiser,
+            noise,
+            steps,
+            solver=solver,
+            substeps=8 if solver == "gm-ode" else 1,
+            generator=torch.Generator().manual_seed(1),
+        )
         print(f"{solver:6s} {steps:2d} steps:   shares of -1, 0, 1 = {value_shares(x)}")

@@ -22,7 +22,9 @@ class TinyGMNet(nn.Module):
 
     def __init__(self, width: int = 32):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(C + 1, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(C + 1, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU()
+        )
         self.means = nn.Conv2d(width, K * C, 1)
         self.logits = nn.Conv2d(width, K, 1)
         self.logstd = nn.Linear(1, 1)
@@ -30,9 +32,11 @@ class TinyGMNet(nn.Module):
     def forward(self, x, t):
         s = (t / 1000).view(-1, 1, 1, 1)
         h = self.body(torch.cat([x, s.expand(-1, 1, H, W)], 1))
-        return {"means": self.means(h).view(-1, K, C, H, W),
-                "logstds": self.logstd(s.view(-1, 1)).view(-1, 1, 1, 1, 1),
-                "logweights": self.logits(h).view(-1, K, 1, H, W).log_softmax(1)}
+        return {
+            "means": self.means(h).view(-1, K, C, H, W),
+            "logstds": self.logstd(s.view(-1, 1)).view(-1, 1, 1, 1, 1),
+            "logweights": self.logits(h).view(-1, K, 1, H, W).log_softmax(1),
+        }
 
 
 def data(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -54,7 +58,9 @@ if __name__ == "__main__":
         s_low = s_high * (1 - 0.5 * torch.rand(B, 1, 1, 1, generator=gen))
         x_low = (1 - s_low) * x0 + s_low * torch.randn(x0.shape, generator=gen)
         ratio = (1 - s_high) / (1 - s_low)  # forward transition x_low -> x_high
-        x_high = ratio * x_low + (s_high.square() - (ratio * s_low).square()).clamp_min(0).sqrt() * torch.randn(x0.shape, generator=gen)
+        x_high = ratio * x_low + (s_high.square() - (ratio * s_low).square()).clamp_min(0).sqrt() * torch.randn(
+            x0.shape, generator=gen
+        )
         gm_u = net(x_high, 1000 * s_high.view(-1))
         loss = gmkernels.transition_loss(gm_u, x_high, 1000 * s_high, x_low, 1000 * s_low)
         opt.zero_grad()

@@ -18,10 +18,10 @@ from .ops.mixture import gm_to_iso_gaussian, gm_to_mean
 from .ops.posterior import gm_posterior_mean
 from .ops.product import gm_mul_iso_gaussian, iso_gaussian_mul_iso_gaussian
 from .ops.sampling import gm_sample
+from .ops.solver import gm_ode_substeps, gm_sde_step
 from .ops.transition import reverse_transition, u_to_x0, x0_to_u
-from .ops.solver_steps import gm_ode_substeps, gm_sde_step
 from .sampler import sample
-from .schedulers import FlowEulerScheduler, GMFlowODEScheduler, GMFlowSDEScheduler
+from .schedulers import GMEulerScheduler, GMODEScheduler, GMSDEScheduler
 
 __version__ = "0.1.0"
 
@@ -50,7 +50,7 @@ __all__ = [
     "CapturedSampler",
     "gm_ode_substeps",
     "gm_sde_step",
-    "GMFlowODEScheduler",
-    "GMFlowSDEScheduler",
-    "FlowEulerScheduler",
+    "GMSDEScheduler",
+    "GMODEScheduler",
+    "GMEulerScheduler",
 ]

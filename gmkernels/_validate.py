@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import torch
 
+from .ops._launch import checked_once
+
 Sigma = Union[float, torch.Tensor]
 
 
@@ -86,7 +88,7 @@ def check_gm(gm: Any, name: str = "gm") -> GMShape:
             f"(*B, K, 1, H, W): got means {_shape(means)} ({means.dim()} dims) and logweights "
             f"{_shape(logweights)} ({logweights.dim()} dims)"
         )
-    shape = tuple(means.shape)  # tuples: slicing a torch.Size costs ~0.2 µs
+    shape = tuple(means.shape)
     batch = shape[:-4]
     K, C, H, W = shape[-4:]
     if K < 1 or C < 1:
@@ -107,15 +109,24 @@ def check_gm(gm: Any, name: str = "gm") -> GMShape:
 
 def check_state(x: Any, name: str, s: GMShape, n_samples: bool = False) -> torch.Tensor:
     """A state or sample tensor of shape ``(*B, C, H, W)`` (``(*B, N, C, H, W)`` if ``n_samples``)."""
-    x = check_float_tensor(x, name, s.device)
+    if not (
+        type(x) is torch.Tensor and x.is_floating_point() and x.device == s.device
+    ):  # the common case without a call
+        x = check_float_tensor(x, name, s.device)
     ok = (
-        x.dim() == len(s.batch) + 4 and tuple(x.shape[: len(s.batch)]) == s.batch and tuple(x.shape[-3:]) == (s.C, s.H, s.W)
+        x.dim() == len(s.batch) + 4
+        and tuple(x.shape[: len(s.batch)]) == s.batch
+        and tuple(x.shape[-3:]) == (s.C, s.H, s.W)
         if n_samples
-        else tuple(x.shape) == pixel_shape(s)
+        else tuple(x.shape) == (*s.batch, s.C, s.H, s.W)
     )
     if not ok:
-        want = f"(*B, N, C, H, W) = {(*s.batch, 'N', s.C, s.H, s.W)}" if n_samples else f"(*B, C, H, W) = {pixel_shape(s)}"
-        raise ValueError(f"{name} must have shape {want} to match the GM (means {(*s.batch, s.K, s.C, s.H, s.W)}), got {_shape(x)}")
+        want = (
+            f"(*B, N, C, H, W) = {(*s.batch, 'N', s.C, s.H, s.W)}" if n_samples else f"(*B, C, H, W) = {pixel_shape(s)}"
+        )
+        raise ValueError(
+            f"{name} must have shape {want} to match the GM (means {(*s.batch, s.K, s.C, s.H, s.W)}), got {_shape(x)}"
+        )
     return x
 
 
@@ -126,7 +137,7 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     sizes as a ``GMShape`` with ``K = 1``.
     """
     if (type(g) is not dict and not isinstance(g, Mapping)) or "mean" not in g or "var" not in g:
-        raise TypeError(f"{name} must be a dict with keys mean and var, got {type(g).__name__}")
+        _gaussian_keys_error(g, name)
     mean, var = g["mean"], g["var"]
     if not (type(mean) is torch.Tensor and mean.is_floating_point() and (s is None or mean.device == s.device)):
         check_float_tensor(mean, f"{name}['mean']", None if s is None else s.device)
@@ -137,7 +148,7 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
     shape = tuple(mean.shape)
     batch = shape[:-3]
     C, H, W = shape[-3:]
-    if s is not None and shape != pixel_shape(s):
+    if s is not None and shape != (*s.batch, s.C, s.H, s.W):
         raise ValueError(
             f"{name}['mean'] must have shape (*B, C, H, W) = {pixel_shape(s)} to match the GM, got {_shape(mean)}"
         )
@@ -149,6 +160,24 @@ def check_gaussian(g: Any, name: str, s: GMShape | None = None) -> GMShape:
             f"{(*batch, 1, 1, 1)} to match {name}['mean'] {_shape(mean)}, got {_shape(var)}"
         )
     return gs
+
+
+def _gaussian_keys_error(g: Any, name: str) -> None:
+    """Raise the error for ``g``, which is not a dict with keys ``mean`` and ``var``: a
+    ``TypeError`` naming its type, or a ``ValueError`` naming the missing key, or saying that
+    it is a GM."""
+    if type(g) is not dict and not isinstance(g, Mapping):
+        got = f"{type(g).__name__} of shape {_shape(g)}" if isinstance(g, torch.Tensor) else type(g).__name__
+        raise TypeError(f"{name} must be a dict {{mean, var}} (an isotropic Gaussian), got {got}")
+    keys = [str(k) for k in g]
+    if "mean" not in g and ("means" in g or "logweights" in g):
+        raise ValueError(
+            f"{name} looks like a GM (keys {', '.join(keys)}); pass a Gaussian {{mean, var}} "
+            f"(gm_to_iso_gaussian gives the moment-matched one)"
+        )
+    missing = [k for k in ("mean", "var") if k not in g]
+    key = f"key {missing[0]!r}" if len(missing) == 1 else f"keys {missing}"
+    raise ValueError(f"{name} is missing {key} (got keys {keys}); a Gaussian is {{mean, var}}")
 
 
 def host_checks_values(t: torch.Tensor) -> bool:
@@ -181,14 +210,6 @@ def require(ok: torch.Tensor, message: str, detail: Callable[[], str] | None = N
 _HOST_LIST_MAX = 64
 
 
-def _host_values(t: torch.Tensor) -> list:
-    """The values of a small CPU tensor as a flat list; a per-sample ``(B,)`` or ``(B, 1, 1, 1)``
-    one without the reshape (~0.3 µs of a ~1 µs read)."""
-    if t.dim() == 4 and t.numel() == t.shape[0]:
-        return [v[0][0][0] for v in t.tolist()]
-    return t.tolist() if t.dim() == 1 else t.reshape(-1).tolist()
-
-
 def require_range(t: torch.Tensor, low: float, high: float, message: str, low_open: bool = False) -> None:
     """Require ``low <= t <= high`` (``low < t`` when ``low_open``; ``high`` may be ``inf``)
     elementwise, NaN failing, as :func:`require` does: on the host (a CPU tensor) from the
@@ -200,12 +221,18 @@ def require_range(t: torch.Tensor, low: float, high: float, message: str, low_op
         n = t.numel()
         if n == 0:
             return
-        if n <= _HOST_LIST_MAX:  # a per-sample sigma or timestep: read as a list, ~1 µs
-            values = _host_values(t)
-            if all((low < v if low_open else low <= v) and v <= high for v in values):  # NaN fails
+        if n <= _HOST_LIST_MAX:  # a per-sample sigma or timestep: read as a list (a loop: no generator calls)
+            for v in t.reshape(-1).tolist():
+                if not ((low < v if low_open else low <= v) and v <= high):  # NaN fails
+                    break
+            else:
                 return
         else:  # NaN anywhere gives NaN in the minimum and the maximum, which then fail
-            lo, hi = (t.min().item(), high) if high == float("inf") else (v.item() for v in torch.aminmax(t))
+            if high == float("inf"):
+                lo, hi = t.min().item(), high
+            else:  # unpacked, not through a generator (three Python calls more)
+                lo, hi = torch.aminmax(t)
+                lo, hi = lo.item(), hi.item()
             if (lo > low if low_open else lo >= low) and hi <= high:
                 return
         raise ValueError(f"{message}; got values {value_range(t)}")
@@ -218,8 +245,9 @@ def value_range(t: torch.Tensor) -> str:
     return f"from {t.min().item()} to {t.max().item()}"
 
 
-def check_sigma(sigma: Any, name: str, s: GMShape, check_values: bool = True, top: float = 1.0,
-                per_sample: bool = False) -> Sigma:
+def check_sigma(
+    sigma: Any, name: str, s: GMShape, check_values: bool = True, top: float = 1.0, per_sample: bool = False
+) -> Sigma:
     """A noise level: a Python float in [0, 1] or a float tensor broadcastable to ``(*B, 1, 1, 1)``
     (with ``top``, in [0, top]: timesteps take ``top = 1000``; ``per_sample`` also accepts a
     tensor of shape ``(*B,)``, one value per sample, returned as given).
@@ -229,9 +257,11 @@ def check_sigma(sigma: Any, name: str, s: GMShape, check_values: bool = True, to
     device-side assert on CUDA: no host synchronisation).
     """
     usual = (  # a float tensor on the GM's device of the usual shapes: accepted without the walk below
-        type(sigma) is torch.Tensor and sigma.is_floating_point() and sigma.device == s.device
+        type(sigma) is torch.Tensor
+        and sigma.is_floating_point()
+        and sigma.device == s.device
         and ((shape := tuple(sigma.shape)) == (*s.batch, 1, 1, 1) or (per_sample and shape == s.batch))
-    )  # fmt: skip
+    )
     if not usual:
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
             raise TypeError(f"{name} must be a float or a float tensor, got {type(sigma).__name__}")
@@ -244,7 +274,7 @@ def check_sigma(sigma: Any, name: str, s: GMShape, check_values: bool = True, to
         target = (*s.batch, 1, 1, 1)
         shape = tuple(sigma.shape)
         # broadcastable to target with target's shape as the result: aligned from the right, every
-        # size is 1 or the target's (torch.broadcast_shapes costs ~10 µs per call)
+        # size is 1 or the target's
         if not (len(shape) <= len(target) and all(n == 1 or n == m for n, m in zip(reversed(shape), reversed(target)))):
             raise ValueError(
                 f"{name} must be broadcastable to (*B, 1, 1, 1) = {target}, got shape {_shape(sigma)}; "
@@ -273,7 +303,7 @@ def check_sigma_order(low: Sigma, low_name: str, high: Sigma, high_name: str) ->
             if tensor.numel() == 0 or (low.max().item() <= high if tensor is low else low <= high.min().item()):
                 return
         elif low.shape == high.shape and low.numel() <= _HOST_LIST_MAX:  # per-sample values: as lists
-            if all(a <= b for a, b in zip(_host_values(low), _host_values(high))):
+            if all(a <= b for a, b in zip(low.reshape(-1).tolist(), high.reshape(-1).tolist())):
                 return
     ok = torch.as_tensor(low <= high)
     require(ok, message, lambda: f"; {low_name} exceeds {high_name} at {int((~ok).sum())} of {ok.numel()} entries")
@@ -286,8 +316,9 @@ def per_sample_view(t: Sigma, s: GMShape) -> Sigma:
     return t
 
 
-def check_sigma_pair(sigma: Any, name: str, sigma_to: Any, to_name: str, s: GMShape, top: float = 1.0,
-                     per_sample: bool = False) -> tuple[Sigma, Sigma]:  # fmt: skip
+def check_sigma_pair(
+    sigma: Any, name: str, sigma_to: Any, to_name: str, s: GMShape, top: float = 1.0, per_sample: bool = False
+) -> tuple[Sigma, Sigma]:
     """The two levels of a transition, ``0 <= sigma_to <= sigma <= top`` (noise levels, or
     timesteps with ``top = 1000``; ``per_sample`` as in :func:`check_sigma`): :func:`check_sigma`
     of each and :func:`check_sigma_order`, with one host read of each small CPU tensor for all
@@ -313,8 +344,9 @@ def _pair_message(name: str, to_name: str, top: float) -> str:
     return f"{name} and {to_name} must satisfy 0 <= {to_name} <= {name} <= {top:g}"
 
 
-def _checked_pair(sigma: Sigma, name: str, sigma_to: Sigma, to_name: str, s: GMShape, top: float,
-                  per_sample: bool) -> tuple[Sigma, Sigma] | None:  # fmt: skip
+def _checked_pair(
+    sigma: Sigma, name: str, sigma_to: Sigma, to_name: str, s: GMShape, top: float, per_sample: bool
+) -> tuple[Sigma, Sigma] | None:
     """:func:`check_sigma_pair` for at least one tensor: the pair when every check passes (or,
     on a device, is asserted there), None when a value fails or is not read as a list (the
     caller then runs the checks one by one, raising their errors in order). Type, device and
@@ -329,7 +361,7 @@ def _checked_pair(sigma: Sigma, name: str, sigma_to: Sigma, to_name: str, s: GMS
             return hi, lo
         if hi.shape != lo.shape or hi.numel() > _HOST_LIST_MAX:
             return None
-        pairs = zip(_host_values(hi), _host_values(lo))
+        pairs = zip(hi.reshape(-1).tolist(), lo.reshape(-1).tolist())
     else:  # a tensor and a float
         t, n, f = (sigma, name, sigma_to) if isinstance(sigma, torch.Tensor) else (sigma_to, to_name, sigma)
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= top:
@@ -342,7 +374,8 @@ def _checked_pair(sigma: Sigma, name: str, sigma_to: Sigma, to_name: str, s: GMS
             return hi, lo
         if t.numel() > _HOST_LIST_MAX:
             return None
-        pairs = ((v, f) for v in _host_values(t)) if t is sigma else ((f, v) for v in _host_values(t))
+        values = t.reshape(-1).tolist()
+        pairs = ((v, f) for v in values) if t is sigma else ((f, v) for v in values)
     for a, b in pairs:
         if not 0.0 <= b <= a <= top:  # NaN fails
             return None
@@ -366,12 +399,59 @@ def check_model_output(out: Any, name: str = "gm_u") -> None:
     items = out if isinstance(out, (tuple, list)) else (out,)
     for item in items:
         if not isinstance(item, Mapping):
-            got = f"{type(item).__name__} of shape {_shape(item)}" if isinstance(item, torch.Tensor) else type(item).__name__
+            got = (
+                f"{type(item).__name__} of shape {_shape(item)}"
+                if isinstance(item, torch.Tensor)
+                else type(item).__name__
+            )
             raise TypeError(
                 f"{name}, the model output, must be a u-GM dict with keys means, logstds, logweights "
                 f"(or the pair (gm_cond, gm_uncond) when guidance_scale > 0), got {got}"
                 + (" inside a sequence" if item is not out else "")
             )
+
+
+def check_step_output(cond: Any, uncond: Any, x: Any, generator: Any, step: int, t: float) -> None:
+    """What a sampler step consumes, on every backend alike: the denoiser's output at ``step``
+    (timestep ``t``), ``cond`` (and ``uncond`` under guidance, else None) u-GMs that match the
+    state ``x (*B, C, H, W)`` in ``*B, C, H, W`` and device, and ``generator`` None or a
+    ``torch.Generator``. The errors name the output and the step. The checks run once per
+    metadata of the tensors (``checked_once``)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        check_generator(generator)
+    if type(cond) is dict and (uncond is None or type(uncond) is dict):
+        tensors = [cond.get("means"), cond.get("logstds"), cond.get("logweights"), x]
+        if uncond is not None:
+            tensors += [uncond.get("means"), uncond.get("logstds"), uncond.get("logweights")]
+        checked_once("step output", lambda: _check_step_output(cond, uncond, x, step, t), *tensors)
+    else:
+        _check_step_output(cond, uncond, x, step, t)
+
+
+def _check_step_output(cond: Any, uncond: Any, x: Any, step: int, t: float) -> GMShape:
+    check_model_output(cond if uncond is None else (cond, uncond))
+    check_float_tensor(x, "x")
+    name = "gm_u" if uncond is None else "gm_cond"
+    try:
+        s = check_gm(cond, name)
+        if uncond is not None:
+            u = check_gm(uncond, "gm_uncond")
+            if (u.batch, u.C, u.H, u.W) != (s.batch, s.C, s.H, s.W) or u.device != s.device:
+                raise ValueError(
+                    f"gm_uncond['means'] {(*u.batch, u.K, u.C, u.H, u.W)} on {u.device} must match "
+                    f"gm_cond['means'] {(*s.batch, s.K, s.C, s.H, s.W)} on {s.device} in *B, C, H, W and device"
+                )
+        if x.device != s.device:
+            raise ValueError(f"{name} is on {s.device} but the state x_t is on {x.device}")
+        if tuple(x.shape) != pixel_shape(s):
+            B, C, H, W = x.shape[:-3], *x.shape[-3:]
+            raise ValueError(
+                f"{name}['means'] {_shape(cond['means'])} does not match the state x_t {_shape(x)}: a u-GM for it has "
+                f"means (*B, K, C, H, W) = {(*B, 'K', C, H, W)}"
+            )
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"the denoiser's output at step {step} (t={t:g}): {e}") from None
+    return s
 
 
 def check_power(power: Any, name: str) -> float:
@@ -398,7 +478,9 @@ def check_gm1d(gm1d: Any, samples: Any, samples_name: str, name: str = "gm1d") -
     samples = check_float_tensor(samples, samples_name, dev)
     *batch, K, H, W = means.shape
     if tuple(logweights.shape) != tuple(means.shape):
-        raise ValueError(f"{name}['logweights'] must have the shape of {name}['means'] {_shape(means)}, got {_shape(logweights)}")
+        raise ValueError(
+            f"{name}['logweights'] must have the shape of {name}['means'] {_shape(means)}, got {_shape(logweights)}"
+        )
     if tuple(logstds.shape) not in ((*batch, 1, 1, 1), (*batch, 1, H, W)):
         raise ValueError(
             f"{name}['logstds'] must have shape (*B, 1, 1, 1) = {(*batch, 1, 1, 1)} or (*B, 1, H, W) to match "

@@ -58,8 +58,17 @@ class CapturedSampler:
     noise shape, dtype and device (a new shape captures again); :meth:`reset` drops them.
     """
 
-    def __init__(self, denoiser: Callable, num_steps: int, *, generator: torch.Generator | None = None,
-                 warmup: int = 1, fallback: bool = False, clone_output: bool = True, **sample_kwargs: Any):
+    def __init__(
+        self,
+        denoiser: Callable,
+        num_steps: int,
+        *,
+        generator: torch.Generator | None = None,
+        warmup: int = 1,
+        fallback: bool = False,
+        clone_output: bool = True,
+        **sample_kwargs: Any,
+    ):
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable, got {type(denoiser).__name__}")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -67,10 +76,14 @@ class CapturedSampler:
         unknown = sorted(set(sample_kwargs) - _SAMPLE_KWARGS)
         if unknown:
             extra = " (a progress bar cannot be updated by a graph replay)" if "progress" in unknown else ""
-            raise TypeError(f"CapturedSampler: unexpected arguments {unknown}{extra}; gmkernels.sample options are {sorted(_SAMPLE_KWARGS)}")
+            raise TypeError(
+                f"CapturedSampler: unexpected arguments {unknown}{extra}; gmkernels.sample options are {sorted(_SAMPLE_KWARGS)}"
+            )
         self.generator = check_generator(generator)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an int >= 1 (Triton kernels compile at their first call, which cannot be captured), got {warmup!r}")
+            raise ValueError(
+                f"warmup must be an int >= 1 (Triton kernels compile at their first call, which cannot be captured), got {warmup!r}"
+            )
         self.denoiser, self.num_steps, self.warmup = denoiser, num_steps, warmup
         self.fallback, self.clone_output = bool(fallback), bool(clone_output)
         self.sample_kwargs = dict(sample_kwargs)

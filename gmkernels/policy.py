@@ -58,7 +58,9 @@ class GMFlowPolicy:
             raise TypeError(f"gm_u must be a dict with keys means, logstds, logweights; got {type(gm_u).__name__}")
         means = check_float_tensor(gm_u["means"], "gm_u['means']")
         if means.dim() not in (5, 6):
-            raise ValueError(f"gm_u['means'] must have shape (B, K, C, H, W) or (B, K, C, T, H, W), got {_shape(means)}")
+            raise ValueError(
+                f"gm_u['means'] must have shape (B, K, C, H, W) or (B, K, C, T, H, W), got {_shape(means)}"
+            )
         dev = means.device
         logstds = check_float_tensor(gm_u["logstds"], "gm_u['logstds']", dev)
         logweights = check_float_tensor(gm_u["logweights"], "gm_u['logweights']", dev)
@@ -89,10 +91,14 @@ class GMFlowPolicy:
 
     @staticmethod
     def _check_state(x: Any, name: str, means: torch.Tensor) -> torch.Tensor:
-        x = check_float_tensor(x, name, means.device)
+        # a plain float tensor on the GM's device, the common case, without a call
+        if not (type(x) is torch.Tensor and x.is_floating_point() and x.device == means.device):
+            x = check_float_tensor(x, name, means.device)
         B, K, C, *spatial = means.shape
         if tuple(x.shape) != (B, C, *spatial):
-            raise ValueError(f"{name} must have shape {(B, C, *spatial)} to match the GM means {_shape(means)}, got {_shape(x)}")
+            raise ValueError(
+                f"{name} must have shape {(B, C, *spatial)} to match the GM means {_shape(means)}, got {_shape(x)}"
+            )
         return x
 
     @staticmethod
@@ -133,7 +139,9 @@ class GMFlowPolicy:
         """
         x = self._check_state(x, "x", self.means_u)
         sigma = self._per_sample(sigma, "sigma", self.means_u)
-        return policy_velocity(self.means_u, self.gm_vars, self.logweights, self.x_src, self.sigma_src, x, sigma, self.eps)
+        return policy_velocity(
+            self.means_u, self.gm_vars, self.logweights, self.x_src, self.sigma_src, x, sigma, self.eps
+        )
 
     def integrate(
         self,
@@ -183,7 +191,9 @@ class GMFlowPolicy:
         torch._assert_async((r1 <= r0).all(), "raw_t_end must not exceed raw_t_start")
         sigmas, _ = ref.rollout_sigmas(s0, r0, r1, total_substeps, warp)
         sigmas = sigmas.to(s0.dtype).contiguous()
-        x_end = policy_rollout(self.means_u, self.gm_vars, self.logweights, self.x_src, self.sigma_src, x_start, sigmas, self.eps)
+        x_end = policy_rollout(
+            self.means_u, self.gm_vars, self.logweights, self.x_src, self.sigma_src, x_start, sigmas, self.eps
+        )
         sigma_end = sigmas[:, -1]
         if isinstance(sigma_start, torch.Tensor):
             sigma_end = sigma_end.reshape(sigma_start.shape).to(sigma_start.dtype)

@@ -27,13 +27,25 @@ The model itself must be capturable (static shapes, no host synchronisation), an
 
 from __future__ import annotations
 
-
-from ._validate import check_float_tensor
+from ._validate import check_float_tensor, check_generator
 from .schedulers import SCHEDULERS
 
 
-def sample(denoiser, noise, num_steps, *, solver="gm-sde", substeps=1, order=1, shift=1.0,
-           guidance="probabilistic", guidance_scale=0.0, orthogonal=1.0, generator=None, progress=False):
+def sample(
+    denoiser,
+    noise,
+    num_steps,
+    *,
+    solver="gm-sde",
+    substeps=1,
+    order=1,
+    shift=1.0,
+    guidance="probabilistic",
+    guidance_scale=0.0,
+    orthogonal=1.0,
+    generator=None,
+    progress=False,
+):
     """Sample with a GMFlow model in ``num_steps`` network calls (docs/solvers.md).
 
     Args:
@@ -45,7 +57,7 @@ def sample(denoiser, noise, num_steps, *, solver="gm-sde", substeps=1, order=1, 
         noise: ``(*B, C, H, W)`` standard normal start state (sigma = 1); its dtype is the
             state's (a bf16/fp16 GM enters ``x0 = x_t - sigma * u`` in fp32: on the Triton path
             each step is one fused kernel that reads the network's GM in its own dtype and forms
-            no x0-GM, see ``gmkernels.ops.solver_steps.fused_step``).
+            no x0-GM, see ``gmkernels.ops.solver.fused_step``).
         num_steps: main steps = network calls.
         solver: ``"gm-sde"`` (exact GM transition draws), ``"gm-ode"`` (``substeps`` Euler
             substeps per call on the GM's posterior mean) or ``"euler"`` (flow-matching baseline).
@@ -69,8 +81,10 @@ def sample(denoiser, noise, num_steps, *, solver="gm-sde", substeps=1, order=1, 
         raise ValueError(f"noise must have shape (*B, C, H, W), got {tuple(noise.shape)}")
     if solver not in SCHEDULERS:
         raise ValueError(f"solver must be one of {tuple(SCHEDULERS)}, got {solver!r}")
-    sched = SCHEDULERS[solver](shift=shift, order=order, guidance=guidance, guidance_scale=guidance_scale,
-                               orthogonal=orthogonal)
+    check_generator(generator)  # before the first network call
+    sched = SCHEDULERS[solver](
+        shift=shift, order=order, guidance=guidance, guidance_scale=guidance_scale, orthogonal=orthogonal
+    )
     sched.set_timesteps(num_steps, substeps, device=noise.device)
     batch = noise.shape[:-3]
     steps = range(num_steps)

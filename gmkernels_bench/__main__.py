@@ -32,28 +32,57 @@ TRITON_ON_CPU = "triton: skipped on cpu: the Triton interpreter is a correctness
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gmkernels-bench", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
+    p = argparse.ArgumentParser(
+        prog="gmkernels-bench",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     p.add_argument("--suite", choices=SUITES, default="all", help="which cases (default: all)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16; fp32 with --quick)")
-    p.add_argument("--shapes", nargs="+", default=["imagenet", "large-k"], metavar="SHAPE",
-                   help="imagenet (B=256,K=8,C=4,32x32), large-k (B=32,K=256,C=4,32x32) and/or custom B,K,C,H,W "
-                        "(default: imagenet large-k; on a CPU --quick shrinks the named ones)")
-    p.add_argument("--backends", default=",".join(BACKENDS), help="comma list of triton,torch,compile,graph,reduce-overhead (default: all; graph = the Triton op "
-                        "replayed from a CUDA graph, reduce-overhead = torch.compile(mode='reduce-overhead'): both on a GPU "
-                        "at batches <= 8 only)")  # fmt: skip
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["imagenet", "large-k"],
+        metavar="SHAPE",
+        help="imagenet (B=256,K=8,C=4,32x32), large-k (B=32,K=256,C=4,32x32) and/or custom B,K,C,H,W "
+        "(default: imagenet large-k; on a CPU --quick shrinks the named ones)",
+    )
+    p.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="comma list of triton,torch,compile,graph,reduce-overhead (default: all; graph = the Triton op "
+        "replayed from a CUDA graph, reduce-overhead = torch.compile(mode='reduce-overhead'): both on a GPU "
+        "at batches <= 8 only)",
+    )
     p.add_argument("--filter", default="", help="only cases whose op name contains this")
-    p.add_argument("--compile-solvers", action="store_true",
-                   help="also torch.compile the reference sampling loop (it unrolls steps x substeps: minutes per configuration)")
-    p.add_argument("--quick", action="store_true", help="fewer repeats, fp32 only, small shapes and a compiled subset on a CPU")
+    p.add_argument(
+        "--compile-solvers",
+        action="store_true",
+        help="also torch.compile the reference sampling loop (it unrolls steps x substeps: minutes per configuration)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="fewer repeats, fp32 only, small shapes and a compiled subset on a CPU"
+    )
     p.add_argument("--out", default="bench-out", help="output directory (default: ./bench-out)")
     p.add_argument("--plot", action="store_true", help="also write results.png (matplotlib)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 with --quick on a CPU)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 with --quick on a CPU)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--pipeline-model", choices=("xl2", "tiny"), default="xl2",
-                   help="--suite pipeline: random GM-DiT at DiT-XL/2 size (default) or a 2-layer one")
-    p.add_argument("--pipeline-steps", default="32,4", metavar="STEPS,SUBSTEPS",
-                   help="--suite pipeline: network calls and GM-ODE substeps per call (default: 32,4)")
+    p.add_argument(
+        "--pipeline-model",
+        choices=("xl2", "tiny"),
+        default="xl2",
+        help="--suite pipeline: random GM-DiT at DiT-XL/2 size (default) or a 2-layer one",
+    )
+    p.add_argument(
+        "--pipeline-steps",
+        default="32,4",
+        metavar="STEPS,SUBSTEPS",
+        help="--suite pipeline: network calls and GM-ODE substeps per call (default: 32,4)",
+    )
     p.add_argument("--pipeline-batch", type=int, default=8, help="--suite pipeline: images per call (default: 8)")
     return p
 
@@ -98,7 +127,11 @@ def _finish(args: argparse.Namespace, meta: dict, records: list[dict], t0: float
     write_json(paths[0], meta, records)
     table = markdown(meta, records)
     for t in meta.get("step_traffic", ()):  # the sampler-step traffic model (cases.step_traffic), per shape
-        table += "\nSampler-step traffic model (bytes per network call on the fused Triton path, not a measurement):\n\n" + t + "\n"
+        table += (
+            "\nSampler-step traffic model (bytes per network call on the fused Triton path, not a measurement):\n\n"
+            + t
+            + "\n"
+        )
     with open(paths[1], "w") as f:
         f.write(table)
     if args.plot:
@@ -161,7 +194,15 @@ def _main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             _parser().error(f"--device {args.device}: CUDA is not available here")
         torch.cuda.set_device(device)
-    from .cases import QUICK_CPU_COMPILE, op_cases, policy_cases, sample_unavailable, solver_cases, traffic_table, train_cases
+    from .cases import (
+        QUICK_CPU_COMPILE,
+        op_cases,
+        policy_cases,
+        sample_unavailable,
+        solver_cases,
+        traffic_table,
+        train_cases,
+    )
     from .runner import run_case
     from .timing import TimerConfig, copy_bandwidth
 
@@ -171,7 +212,9 @@ def _main(args: argparse.Namespace) -> int:
     notes: list[str] = []
     if args.threads is None and small_cpu:
         torch.set_num_threads(1)
-        notes.append("cpu: 1 torch thread under --quick (OpenMP threads spin on busy cores and the timings scatter; --threads N to change)")
+        notes.append(
+            "cpu: 1 torch thread under --quick (OpenMP threads spin on busy cores and the timings scatter; --threads N to change)"
+        )
     if args.suite == "pipeline":
         return _pipeline(args, device, dtypes, notes, t0)
     if "triton" in backends and device.type != "cuda":
@@ -180,7 +223,9 @@ def _main(args: argparse.Namespace) -> int:
     if device.type != "cuda":
         backends = [b for b in backends if b not in GPU_ONLY]
     if "compile" in backends and small_cpu:
-        notes.append(f"compile: --quick on cpu compiles only {' and '.join(QUICK_CPU_COMPILE)} at the first shape (torch.compile costs seconds per op and shape; drop --quick for all)")
+        notes.append(
+            f"compile: --quick on cpu compiles only {' and '.join(QUICK_CPU_COMPILE)} at the first shape (torch.compile costs seconds per op and shape; drop --quick for all)"
+        )
     suites = ("ops", "train", "solvers", "policy") if args.suite == "all" else (args.suite,)
     if "solvers" in suites:
         reason = sample_unavailable(device)
@@ -188,17 +233,30 @@ def _main(args: argparse.Namespace) -> int:
             suites = tuple(s for s in suites if s != "solvers")
             notes.append(f"solvers: skipped: {reason}")
         elif "compile" in backends and not args.compile_solvers:
-            notes.append("solvers: torch.compile of the sampling loop is opt-in (--compile-solvers): it unrolls every step and substep")
+            notes.append(
+                "solvers: torch.compile of the sampling loop is opt-in (--compile-solvers): it unrolls every step and substep"
+            )
 
     meta = {**environment(device), "quick": args.quick, "notes": notes}
     if "solvers" in suites:
         meta["step_traffic"] = [traffic_table(s) for s in shapes]
-    print(f"gmkernels-bench on {meta['device']} (torch {meta['torch_version']}, triton {meta['triton_version']}, commit {meta['git_commit']})")
+    print(
+        f"gmkernels-bench on {meta['device']} (torch {meta['torch_version']}, triton {meta['triton_version']}, commit {meta['git_commit']})"
+    )
     for n in notes:
         print(n)
     copy_bw, probe_bytes = copy_bandwidth(device, cfg, args.quick)
-    meta.update(copy_gbps=copy_bw / 1e9, copy_probe_bytes=probe_bytes, backends=backends,
-                timer={"repeats": cfg.repeats, "warmup_s": cfg.warmup_s, "min_batch_s": cfg.min_batch_s, "max_total_s": cfg.max_total_s})
+    meta.update(
+        copy_gbps=copy_bw / 1e9,
+        copy_probe_bytes=probe_bytes,
+        backends=backends,
+        timer={
+            "repeats": cfg.repeats,
+            "warmup_s": cfg.warmup_s,
+            "min_batch_s": cfg.min_batch_s,
+            "max_total_s": cfg.max_total_s,
+        },
+    )
     print(f"copy bandwidth probe: {copy_bw / 1e9:.1f} GB/s (dst.copy_(src), {probe_bytes >> 20} MiB buffers)")
 
     max_copies = 16 if small_cpu else 64
@@ -211,7 +269,9 @@ def _main(args: argparse.Namespace) -> int:
             if "train" in suites:
                 cases += train_cases(shape, dtype, device, compile_ops)
             if "solvers" in suites:
-                cases += solver_cases(shape, dtype, device, args.quick, compile_loop=args.compile_solvers, max_copies=max_copies)
+                cases += solver_cases(
+                    shape, dtype, device, args.quick, compile_loop=args.compile_solvers, max_copies=max_copies
+                )
     if "policy" in suites:  # its own shapes (pi-Flow's ImageNet and FLUX GM heads)
         for dtype in dtypes:
             cases += policy_cases(dtype, device, args.quick, compile_ok=not small_cpu)
@@ -222,7 +282,9 @@ def _main(args: argparse.Namespace) -> int:
     return _finish(args, meta, records, t0)
 
 
-def _pipeline(args: argparse.Namespace, device: torch.device, dtypes: list[torch.dtype], notes: list[str], t0: float) -> int:
+def _pipeline(
+    args: argparse.Namespace, device: torch.device, dtypes: list[torch.dtype], notes: list[str], t0: float
+) -> int:
     """``--suite pipeline``: ``gmkernels_bench/pipeline.py``."""
     if importlib.util.find_spec("diffusers") is None:
         _parser().error("--suite pipeline needs diffusers (pip install 'gmkernels[diffusers]')")
@@ -235,13 +297,18 @@ def _pipeline(args: argparse.Namespace, device: torch.device, dtypes: list[torch
         _parser().error(str(e))
     if args.pipeline_batch < 1:
         _parser().error(f"--pipeline-batch must be >= 1, got {args.pipeline_batch}")
-    notes.append("pipeline: random weights, output_type='latent' (VAE decode not timed); sampler = call time - transformer time")
+    notes.append(
+        "pipeline: random weights, output_type='latent' (VAE decode not timed); sampler = call time - transformer time"
+    )
     meta = {**environment(device), "quick": args.quick, "notes": notes, "copy_gbps": None}
-    print(f"gmkernels-bench on {meta['device']} (torch {meta['torch_version']}, triton {meta['triton_version']}, commit {meta['git_commit']})")
+    print(
+        f"gmkernels-bench on {meta['device']} (torch {meta['torch_version']}, triton {meta['triton_version']}, commit {meta['git_commit']})"
+    )
     for n in notes:
         print(n)
-    records = pipeline_records(device, dtypes, args.pipeline_model, steps, substeps, args.pipeline_batch,
-                               repeats=1 if args.quick else 3)
+    records = pipeline_records(
+        device, dtypes, args.pipeline_model, steps, substeps, args.pipeline_batch, repeats=1 if args.quick else 3
+    )
     return _finish(args, meta, records, t0)
 
 

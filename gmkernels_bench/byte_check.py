@@ -44,20 +44,20 @@ STEP_GUIDANCE = ("none", "probabilistic", "weight", "mean-cfg")
 #: ``tests/test_traffic.py`` fails on any other gap and on a listed one that has closed.
 KNOWN_GAPS = {
     "probabilistic_guidance": "two passes (the guidance needs global sums): the statistics pass writes m_c and d (X float32 "
-                              "each) that the apply pass reads back, and the apply pass writes unnormalised log-weights "
-                              "and reads them back to normalise (L); keep K in registers when it fits and recompute d "
-                              "from the GMs in the apply pass",
+    "each) that the apply pass reads back, and the apply pass writes unnormalised log-weights "
+    "and reads them back to normalise (L); keep K in registers when it fits and recompute d "
+    "from the GMs in the apply pass",
     "mean_cfg": "plain mean-CFG needs no global sum but runs as two launches: the first writes m_c - m_u (X float32) "
-                "that the second reads back; one launch could loop over K twice (the second pass from L1/L2)",
+    "that the second reads back; one launch could loop over K twice (the second pass from L1/L2)",
     "gm1d_inverse_cdf": "the Newton start z = sqrt(2) erfinv(u) is computed by torch ops on the host path and read by "
-                        "the kernel (V float32 written and read, plus the torch launches): compute it in the kernel",
+    "the kernel (V float32 written and read, plus the torch launches): compute it in the kernel",
     "gaussian_samples_to_gm_samples": "the KR transport keeps its per-component log-likelihood accumulator in a float32 "
-                                      "(R, K, P) scratch that every channel reads and writes: keep it in registers "
-                                      "when BLOCK_K covers K",
+    "(R, K, P) scratch that every channel reads and writes: keep it in registers "
+    "when BLOCK_K covers K",
     "gm_samples_to_gaussian_samples": "as gaussian_samples_to_gm_samples (the same scratch)",
     "gm_mul_iso_gaussian bf16": "for a bf16 GM the unnormalised log-weights go through a float32 (R, K, P) scratch, "
-                                "written and read back to normalise (2 x L float32 beyond the model); keep them in "
-                                "registers when BLOCK_K covers K (the fp32 path writes them into the output instead)",
+    "written and read back to normalise (2 x L float32 beyond the model); keep them in "
+    "registers when BLOCK_K covers K (the fp32 path writes them into the output instead)",
 }
 
 
@@ -112,7 +112,19 @@ def op_checks(dims: tuple, dtype: str, ops: tuple[str, ...] | None = None) -> li
         a = args(cases.Inputs(shape, dt, torch.device("cpu"), seed=i))
         launches = _count(lambda: getattr(gmkernels, name)(*a))
         model = cases.model_bytes(reads, c, dt.itemsize) + cases.model_bytes(writes, c, dt.itemsize)
-        out.append(Check(family, name, dims, dtype, model, _union(launches), sum(t.dram_bytes for t in launches), len(launches), "union"))
+        out.append(
+            Check(
+                family,
+                name,
+                dims,
+                dtype,
+                model,
+                _union(launches),
+                sum(t.dram_bytes for t in launches),
+                len(launches),
+                "union",
+            )
+        )
     return out
 
 
@@ -162,6 +174,7 @@ def step_checks(dims: tuple, dtype: str, guidance_modes: tuple[str, ...] = STEP_
                 noise = inp.state().float()
                 marks: list[int] = []
                 with gmkernels.use_backend("triton"), count_traffic() as launches:
+
                     def den(x, t):
                         marks.append(len(launches))
                         return gms
@@ -169,7 +182,7 @@ def step_checks(dims: tuple, dtype: str, guidance_modes: tuple[str, ...] = STEP_
                     gmkernels.sample(den, noise, order, solver=solver, substeps=4 if solver == "gm-ode" else 1, order=order,
                                      guidance=guidance if guided else "probabilistic", guidance_scale=(0.5 if guidance == "probabilistic" else 2.0) if guided else 0.0,
                                      generator=torch.Generator().manual_seed(0))  # fmt: skip
-                last = launches[marks[-1]:]
+                last = launches[marks[-1] :]
                 model = cases.step_traffic(shape, dt, torch.float32, solver, order, guidance, last=True)
                 out.append(Check("solver_steps", f"step {solver} order {order} {guidance}", dims, dtype, model["bytes"],
                                  sum(t.distinct_bytes for t in last), sum(t.dram_bytes for t in last), len(last), "per launch"))  # fmt: skip
@@ -180,7 +193,11 @@ def run(shapes=SHAPES, dtypes=("fp32", "bf16"), log: Callable[[str], None] | Non
     out: list[Check] = []
     for dims in shapes:
         for dtype in dtypes:
-            got = op_checks(dims, dtype) + [train_check(dims, dtype), policy_check(dims, dtype)] + step_checks(dims, dtype)
+            got = (
+                op_checks(dims, dtype)
+                + [train_check(dims, dtype), policy_check(dims, dtype)]
+                + step_checks(dims, dtype)
+            )
             if log:
                 for ch in got:
                     log(row(ch))
@@ -194,8 +211,10 @@ def row(ch: Check) -> str:
             f"{100 * ch.gap:+.1f}% | {ch.dram} | {ch.launches} | {ch.compared} |{flag}")  # fmt: skip
 
 
-HEADER = ("| family | case | B,K,C,H,W | dtype | model B | counted B | gap | DRAM B (sectors) | launches | compared |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| family | case | B,K,C,H,W | dtype | model B | counted B | gap | DRAM B (sectors) | launches | compared |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,8 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     checks = run(shapes, tuple(args.dtype.split(",")), log=lambda s: print(s, flush=True))
     bad = [c for c in checks if abs(c.gap) > TOLERANCE and not known_gap(c)]
-    known = sorted({f"{c.case} ({c.dtype})": known_gap(c) for c in checks if abs(c.gap) > TOLERANCE and known_gap(c)}.items())
-    print(f"\n{len(checks)} checks, {len(bad)} unexplained gaps beyond {100 * TOLERANCE:.0f}%; the kernels' known gaps:")
+    known = sorted(
+        {f"{c.case} ({c.dtype})": known_gap(c) for c in checks if abs(c.gap) > TOLERANCE and known_gap(c)}.items()
+    )
+    print(
+        f"\n{len(checks)} checks, {len(bad)} unexplained gaps beyond {100 * TOLERANCE:.0f}%; the kernels' known gaps:"
+    )
     for k, why in known:
         print(f"  {k}: {why}")
     return 1 if bad else 0

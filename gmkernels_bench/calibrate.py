@@ -135,7 +135,6 @@ def measure_constants(deadline: float) -> dict:
         dst = torch.empty_like(src)
         dst.copy_(src)
         meas["copy"].append({"bytes": 2 * nbytes, "us": _time_cuda(lambda: dst.copy_(src), 5)})
-        del src, dst
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits"], capture_output=True,
                              text=True, timeout=10)  # fmt: skip
@@ -150,7 +149,6 @@ def measure_constants(deadline: float) -> dict:
     chase[(1,)](nxt, res, 16, num_warps=1)
     for hops in CHASE_HOPS:
         meas["chase"].append({"hops": hops, "us": _time_cuda(lambda: chase[(1,)](nxt, res, hops, num_warps=1), 3)})
-    del nxt, perm
     empty[(1,)](res)
     torch.cuda.synchronize()
     for count in GRAPH_LAUNCHES:
@@ -196,6 +194,7 @@ def measure_launches(deadline: float, reps: int = 5) -> list[dict]:
 
             def call(name=name, gm=gm, noise=noise):
                 return gmkernels.sample(lambda x, t: gm, noise, 1, solver=name, order=1)
+
         call()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -239,7 +238,9 @@ def table(rows: list[dict]) -> str:
         est = f"{r['estimated_us']:9.1f}" if r.get("estimated_us") is not None else f"{'-':>9}"
         fit = f"{r['refit_us']:9.1f}" if r.get("refit_us") is not None else f"{'-':>9}"
         ratio = f"{r['measured_over_refit']:10.2f}" if r.get("measured_over_refit") is not None else f"{'-':>10}"
-        lines.append(f"{r['label'] + ' ' + r['kernel']:<44} {est} {fit} {r['measured_us']:9.1f} {ratio}  {r.get('refit_limit', '')}")
+        lines.append(
+            f"{r['label'] + ' ' + r['kernel']:<44} {est} {fit} {r['measured_us']:9.1f} {ratio}  {r.get('refit_limit', '')}"
+        )
     return "\n".join(lines)
 
 

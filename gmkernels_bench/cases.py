@@ -250,7 +250,12 @@ _OPS: dict[str, tuple[str, Callable[[Inputs], tuple], str, str]] = {
     "gm_posterior_mean": ("posterior", lambda r: (r.gm(), r.state(), 0.7, r.state(), 0.5), "G+L+S+X+X", "X"),
     "reverse_transition": ("transition", lambda r: (r.gm(), r.state(), 0.6, 0.4), "G+S+X", "G+S"),
     "gm_logprob": ("likelihood", lambda r: (r.gm(), r.state(1)), "G+L+S+X", "V"),
-    "gm_nll_loss": ("likelihood", lambda r: (r.gm(), r.state()), "G+L+S+X", "Vf"),  # float32 per-pixel losses, then torch's mean
+    "gm_nll_loss": (
+        "likelihood",
+        lambda r: (r.gm(), r.state()),
+        "G+L+S+X",
+        "Vf",
+    ),  # float32 per-pixel losses, then torch's mean
     "gm_sample": ("sampling", lambda r: (r.gm(),), "X+L+S", "X"),  # only the drawn component's means: X
     "probabilistic_guidance": ("guidance", lambda r: (r.gm(), r.gm(), 0.5), "G+L+S+G+L", "G+L+S"),
     "weight_guidance": ("guidance", lambda r: (r.gm(), r.gm(), 2.0), "L+L", "L"),
@@ -286,7 +291,16 @@ def op_cases(shape: Shape, dtype: torch.dtype, device: torch.device, compile_ops
             runs["reduce-overhead"] = lambda a, f=ref_fn: compiled(f, "reduce-overhead")(*a)
         nbytes = model_bytes(reads, c, dtype.itemsize) + model_bytes(writes, c, dtype.itemsize)
         out.append(
-            Case("ops", name, family, shape, dtype, nbytes, lambda a=args, s=i: a(Inputs(shape, dtype, device, seed=s)), runs)
+            Case(
+                "ops",
+                name,
+                family,
+                shape,
+                dtype,
+                nbytes,
+                lambda a=args, s=i: a(Inputs(shape, dtype, device, seed=s)),
+                runs,
+            )
         )
     return out
 
@@ -300,7 +314,9 @@ def _nll_grads(loss_fn: Callable) -> Callable[[Any], tuple]:
     return run
 
 
-def train_cases(shape: Shape, dtype: torch.dtype, device: torch.device, compile_ops: tuple[str, ...] | None = None) -> list[Case]:
+def train_cases(
+    shape: Shape, dtype: torch.dtype, device: torch.device, compile_ops: tuple[str, ...] | None = None
+) -> list[Case]:
     """``gm_nll_loss`` forward + backward (gradients of means, log-stds, log-weights; no
     accumulation). Minimal traffic: read the GM and the target once, write the three gradients,
     and the per-pixel losses the forward writes and the backward reads back (its softmax
@@ -369,7 +385,9 @@ def solver_label(cfg: dict) -> str:
     return f"sample {cfg['solver']} {cfg['num_steps']}x{cfg['substeps']}{guide}"
 
 
-def solver_cases(shape: Shape, dtype: torch.dtype, device: torch.device, quick: bool, compile_loop: bool, max_copies: int = 64) -> list[Case]:
+def solver_cases(
+    shape: Shape, dtype: torch.dtype, device: torch.device, quick: bool, compile_loop: bool, max_copies: int = 64
+) -> list[Case]:
     """``gmkernels.sample`` with a stub denoiser, per solver configuration (docs/solvers.md). ``triton`` is the
     default dispatch, ``torch`` the same loop under ``use_backend("torch")`` (the reference ops),
     ``compile`` ``torch.compile`` of that loop (only when ``compile_loop``).
@@ -387,7 +405,14 @@ def solver_cases(shape: Shape, dtype: torch.dtype, device: torch.device, quick: 
             return StubDenoiser(shape, dtype, device, guided, copies), Inputs(shape, dtype, device, seed=303).state()
 
         def loop(a: tuple, cfg: dict = cfg) -> torch.Tensor:
-            return gmkernels.sample(a[0], a[1], cfg["num_steps"], solver=cfg["solver"], substeps=cfg["substeps"], guidance_scale=cfg["guidance_scale"])
+            return gmkernels.sample(
+                a[0],
+                a[1],
+                cfg["num_steps"],
+                solver=cfg["solver"],
+                substeps=cfg["substeps"],
+                guidance_scale=cfg["guidance_scale"],
+            )
 
         def torch_loop(a: tuple, loop: Callable = loop) -> torch.Tensor:
             with gmkernels.use_backend("torch"):
@@ -398,8 +423,18 @@ def solver_cases(shape: Shape, dtype: torch.dtype, device: torch.device, quick: 
             runs["compile"] = lambda a, f=torch_loop: compiled(f)(a)
         out.append(
             Case(
-                "solvers", solver_label(cfg), "solver_steps", shape, dtype, per_call * cfg["num_steps"], make, runs,
-                params=dict(cfg), per_call=cfg["num_steps"], batch=shape.B, rotate=False,
+                "solvers",
+                solver_label(cfg),
+                "solver_steps",
+                shape,
+                dtype,
+                per_call * cfg["num_steps"],
+                make,
+                runs,
+                params=dict(cfg),
+                per_call=cfg["num_steps"],
+                batch=shape.B,
+                rotate=False,
             )
         )
     return out
@@ -454,7 +489,9 @@ def _policy_rollout_compiled_pi(a: tuple) -> torch.Tensor:
     pi = compiled(ref_policy.policy_pi)
     xf = x.float()
     for j in range(n):
-        u = pi(pol.means_u.float(), pol.gm_vars, pol.logweights.float(), pol.x_src.float(), pol.sigma_src, xf, sigmas[:, j])
+        u = pi(
+            pol.means_u.float(), pol.gm_vars, pol.logweights.float(), pol.x_src.float(), pol.sigma_src, xf, sigmas[:, j]
+        )
         xf = xf + u * (sigmas[:, j + 1] - sigmas[:, j]).view(-1, 1, 1, 1)
     return xf.to(x.dtype)
 
@@ -488,14 +525,38 @@ def policy_cases(dtype: torch.dtype, device: torch.device, quick: bool, compile_
         if compile_ok:
             runs["compile"] = _policy_rollout_compiled_pi
         params = {"substeps": n, "shift": POLICY_SHIFT}
-        out.append(Case("policy", f"policy rollout {n}", "policy", shape, dtype, fwd_bytes,
-                        lambda s=shape: _policy_inputs(s, dtype, device, False, n), runs, params=dict(params),
-                        per_call=n, batch=shape.B))
+        out.append(
+            Case(
+                "policy",
+                f"policy rollout {n}",
+                "policy",
+                shape,
+                dtype,
+                fwd_bytes,
+                lambda s=shape: _policy_inputs(s, dtype, device, False, n),
+                runs,
+                params=dict(params),
+                per_call=n,
+                batch=shape.B,
+            )
+        )
         train_runs = {"triton": _policy_grads(_policy_rollout), "torch": _policy_grads(_policy_rollout_torch)}
-        out.append(Case("policy", f"policy training rollout {n}", "policy", shape, dtype,
-                        fwd_bytes + _elements("G+L+S", c) * dtype.itemsize,
-                        lambda s=shape: _policy_inputs(s, dtype, device, True, n), train_runs, params=dict(params),
-                        per_call=n, batch=shape.B, measure_memory=True))
+        out.append(
+            Case(
+                "policy",
+                f"policy training rollout {n}",
+                "policy",
+                shape,
+                dtype,
+                fwd_bytes + _elements("G+L+S", c) * dtype.itemsize,
+                lambda s=shape: _policy_inputs(s, dtype, device, True, n),
+                train_runs,
+                params=dict(params),
+                per_call=n,
+                batch=shape.B,
+                measure_memory=True,
+            )
+        )
     return out
 
 
@@ -504,8 +565,9 @@ def policy_cases(dtype: torch.dtype, device: torch.device, quick: bool, compile_
 
 
 def step_launches(solver: str, order: int, guidance: str, orthogonal: float = 1.0) -> list[int]:
-    """The launches of ``_fused_step_kernel`` in one sampler step of the Triton path, as its
-    ``STATS`` mode: 1 and 2 are statistics passes, 0 the step itself (``solver_steps.fused_step``).
+    """The statistics and step launches of one sampler step of the Triton path, as their mode: 1
+    and 2 are ``_step_stats_kernel``'s passes, 0 ``_step_kernel``, the step itself
+    (``gmkernels.ops.solver.step``).
     ``guidance`` is ``"none"`` or a guidance mode with a scale > 0; ``order`` 2 means a step with
     a previous one (the first step of a loop is first order)."""
     del solver  # GM-ODE and GM-SDE launch alike
@@ -525,8 +587,16 @@ def launch_reads_memory(mode: int, order: int, guidance: str, orthogonal: float 
     return order == 2 and not (mode == 1 and 2 in step_launches("gm-ode", order, guidance, orthogonal))
 
 
-def step_traffic(shape: Shape, gm_dtype: torch.dtype, state_dtype: torch.dtype, solver: str, order: int, guidance: str,
-                 orthogonal: float = 1.0, last: bool = False) -> dict[str, Any]:
+def step_traffic(
+    shape: Shape,
+    gm_dtype: torch.dtype,
+    state_dtype: torch.dtype,
+    solver: str,
+    order: int,
+    guidance: str,
+    orthogonal: float = 1.0,
+    last: bool = False,
+) -> dict[str, Any]:
     """Bytes one sampler step (one network call) reads and writes on the fused Triton path, next
     to the minimum: the network output read once (both GMs under probabilistic guidance and
     mean-CFG, the conditional GM and the unconditional log-weights under weight guidance), the
@@ -539,7 +609,7 @@ def step_traffic(shape: Shape, gm_dtype: torch.dtype, state_dtype: torch.dtype, 
     log-weights under weight guidance (the first launch keeps ``m_u``, ``X`` float32, which the
     later ones read instead), the state, the 2nd-order memory (``X`` in float32, ``launch_reads_memory``) and the
     outputs: the new state and, at 2nd order except after the last step, the posterior mean for
-    the next step (``X`` float32). Per-sample scalars (``B * 8`` partial sums per program) are
+    the next step (``X`` float32). Per-sample scalars (a few partial sums per program) are
     left out. ``tests/test_sampler.py`` checks the launch list against the kernel launches.
 
     Returns:
@@ -567,15 +637,21 @@ def step_traffic(shape: Shape, gm_dtype: torch.dtype, state_dtype: torch.dtype, 
     return {"launches": launches, "bytes": total, "minimum": minimum, "ratio": total / minimum}
 
 
-def traffic_table(shape: Shape, gm_dtype: torch.dtype = torch.bfloat16, state_dtype: torch.dtype = torch.float32) -> str:
+def traffic_table(
+    shape: Shape, gm_dtype: torch.dtype = torch.bfloat16, state_dtype: torch.dtype = torch.float32
+) -> str:
     """Markdown table of ``step_traffic`` per solver, order and guidance mode (bytes per pixel)."""
     P = shape.B * shape.H * shape.W
-    lines = [f"| step ({shape.label}, GM {str(gm_dtype)[6:]}, state {str(state_dtype)[6:]}) | launches | B/pixel | minimum | ratio |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"| step ({shape.label}, GM {str(gm_dtype)[6:]}, state {str(state_dtype)[6:]}) | launches | B/pixel | minimum | ratio |",
+        "|---|---|---|---|---|",
+    ]
     for solver in ("gm-ode", "gm-sde"):
         for order in (1, 2):
             for guidance in ("none", "probabilistic", "weight", "mean-cfg"):
                 t = step_traffic(shape, gm_dtype, state_dtype, solver, order, guidance)
-                lines.append(f"| {solver} order {order} {guidance} | {len(t['launches'])} | {t['bytes'] / P:.0f} | "
-                             f"{t['minimum'] / P:.0f} | {t['ratio']:.2f} |")
+                lines.append(
+                    f"| {solver} order {order} {guidance} | {len(t['launches'])} | {t['bytes'] / P:.0f} | "
+                    f"{t['minimum'] / P:.0f} | {t['ratio']:.2f} |"
+                )
     return "\n".join(lines)

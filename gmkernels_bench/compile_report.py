@@ -47,15 +47,23 @@ def _parse_shapes(items: list[str]) -> list[tuple[int, ...]]:
         except ValueError:
             shape = ()
         if len(shape) != 5 or min(shape) < 1:
-            raise SystemExit(f"--shapes: {item!r} is neither B,K,C,H,W (five positive integers) nor one of {sorted(SHAPE_SETS)}")
+            raise SystemExit(
+                f"--shapes: {item!r} is neither B,K,C,H,W (five positive integers) nor one of {sorted(SHAPE_SETS)}"
+            )
         shapes.append(shape)
     return shapes
 
 
 def _case_key(case) -> tuple:
     """What the compiled code depends on (not the case name)."""
-    return (case.kernel.fn.__qualname__ if hasattr(case.kernel, "fn") else case.kernel.__name__, tuple(case.signature.items()),
-            tuple(sorted(case.constexprs.items())), case.num_warps, case.num_stages, tuple(sorted(case.divisible)))  # fmt: skip
+    return (
+        case.kernel.fn.__qualname__ if hasattr(case.kernel, "fn") else case.kernel.__name__,
+        tuple(case.signature.items()),
+        tuple(sorted(case.constexprs.items())),
+        case.num_warps,
+        case.num_stages,
+        tuple(sorted(case.divisible)),
+    )
 
 
 def cache_dir() -> str:
@@ -115,7 +123,9 @@ def compile_rows(cases, archs=(80, 90), cache: bool = True, profile: bool = Fals
                 fn = getattr(case.kernel, "fn", case.kernel)
                 if fn not in sources:
                     sources[fn] = _source_hash(case)
-                digest = hashlib.sha256(repr((key, sources[fn], triton.__version__, os.path.dirname(os.path.abspath(__file__)))).encode()).hexdigest()[:24]
+                digest = hashlib.sha256(
+                    repr((key, sources[fn], triton.__version__, os.path.dirname(os.path.abspath(__file__)))).encode()
+                ).hexdigest()[:24]
                 path = os.path.join(folder, f"{digest}.json")
                 entry = None
                 if cache and os.path.exists(path):
@@ -160,15 +170,23 @@ def compile_rows(cases, archs=(80, 90), cache: bool = True, profile: bool = Fals
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gmkernels_bench.compile_report", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", metavar="B,K,C,H,W",
-                   help="GM shapes to compile every kernel family at, or a named set ('users', 'bench'); "
-                        "default: each family's benchmark cases")  # fmt: skip
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="B,K,C,H,W",
+        help="GM shapes to compile every kernel family at, or a named set ('users', 'bench'); "
+        "default: each family's benchmark cases",
+    )
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default: 80 90)")
     p.add_argument("--check", action="store_true", help="exit 1 on a compile error or register spills")
     p.add_argument("--filter", default="", help="only cases whose name contains this")
     p.add_argument("--json", metavar="PATH", help="also write the rows (and failures) as JSON to PATH")
-    p.add_argument("--no-cache", action="store_true", help="compile everything again (default: rows are cached on disk "
-                   "per specialisation and kernel source, see cache_dir())")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="compile everything again (default: rows are cached on disk "
+        "per specialisation and kernel source, see cache_dir())",
+    )
     args = p.parse_args(argv)
 
     from gmkernels_bench.aot import all_cases, shape_cases
@@ -179,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         cases = all_cases()
     cases = [c for c in cases if args.filter in c.name]
     width = max([len(c.name) for c in cases] + [6])
-    header = (f"{'kernel':<{width}} {'sm':>3} {'regs':>4} {'spill B':>7} {'smem B':>6} {'LDG B':>6} {'128b':>4} "
-              f"{'loop':>5} {'BAR':>3} {'SHFL':>4} {'LDS/STS':>7} {'thr-ins/px':>10}")  # fmt: skip
+    header = (
+        f"{'kernel':<{width}} {'sm':>3} {'regs':>4} {'spill B':>7} {'smem B':>6} {'LDG B':>6} {'128b':>4} "
+        f"{'loop':>5} {'BAR':>3} {'SHFL':>4} {'LDS/STS':>7} {'thr-ins/px':>10}"
+    )
     print(LEGEND)
     print(header)
     print("-" * len(header))

@@ -28,7 +28,12 @@ def world_size() -> int:
 
 
 def run_solvers(
-    device_arg: str | None, shapes_of: Callable[[torch.device], list], dtypes: list[torch.dtype], quick: bool, repeats: int, op_filter: str = ""
+    device_arg: str | None,
+    shapes_of: Callable[[torch.device], list],
+    dtypes: list[torch.dtype],
+    quick: bool,
+    repeats: int,
+    op_filter: str = "",
 ) -> tuple[list[dict], list[str], torch.device, int]:
     """Run the solver configurations (those whose label contains ``op_filter``) on every rank;
     returns ``(records, notes, device, rank)`` (records only on rank 0). ``shapes_of(device)``
@@ -44,7 +49,9 @@ def run_solvers(
     rank, world = dist.get_rank(), dist.get_world_size()
     backend = "triton" if use_cuda else "torch"
     records: list[dict] = []
-    notes = [f"data-parallel over {world} ranks ({'nccl' if use_cuda else 'gloo'}), {repeats} timed sampling calls per rank per case"]
+    notes = [
+        f"data-parallel over {world} ranks ({'nccl' if use_cuda else 'gloo'}), {repeats} timed sampling calls per rank per case"
+    ]
     try:
         reason = sample_unavailable(device)
         if reason is not None:
@@ -75,12 +82,21 @@ def run_solvers(
                     if rank == 0:
                         step_s = max(times) / repeats
                         rec = base_record(case, backend)
-                        rec.update({
-                            "op": f"{case.op} dp{world}", "status": "ok", "median_ms": step_s * 1e3, "ms_per_call": step_s * 1e3 / case.per_call,
-                            "gbps": world * case.bytes / step_s / 1e9, "fraction_of_peak": None,
-                            "world_size": world, "samples_per_s_per_rank": per_rank, "samples_per_s": total,
-                            "note": f"{total:.4g} samples/s total; per rank " + ", ".join(f"{s:.4g}" for s in per_rank),
-                        })
+                        rec.update(
+                            {
+                                "op": f"{case.op} dp{world}",
+                                "status": "ok",
+                                "median_ms": step_s * 1e3,
+                                "ms_per_call": step_s * 1e3 / case.per_call,
+                                "gbps": world * case.bytes / step_s / 1e9,
+                                "fraction_of_peak": None,
+                                "world_size": world,
+                                "samples_per_s_per_rank": per_rank,
+                                "samples_per_s": total,
+                                "note": f"{total:.4g} samples/s total; per rank "
+                                + ", ".join(f"{s:.4g}" for s in per_rank),
+                            }
+                        )
                         records.append(rec)
     finally:
         dist.destroy_process_group()

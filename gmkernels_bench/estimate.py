@@ -58,7 +58,9 @@ DEFAULT_DEVICES = ("h100",)
 #: the shapes of issue 24 item 5: ImageNet, FLUX, pi-Flow
 TARGET_SHAPES = ((256, 8, 4, 32, 32), (2, 8, 16, 96, 170), (64, 32, 4, 32, 32))
 #: the sampler steps of ``--reference``: solver x order x guidance (probabilistic, scale 0.5)
-STEP_CONFIGS = tuple((solver, order, guided) for solver in ("gm-sde", "gm-ode") for order in (1, 2) for guided in (False, True))
+STEP_CONFIGS = tuple(
+    (solver, order, guided) for solver in ("gm-sde", "gm-ode") for order in (1, 2) for guided in (False, True)
+)
 LOOP_STEPS = 3  # network calls recorded per loop: the first (order 1), a middle one, the last
 ODE_SUBSTEPS = 8  # as the AOT cases (9 sigmas)
 
@@ -89,7 +91,9 @@ def parse_shapes(items: list[str]) -> list[tuple[int, ...]]:
         except ValueError:
             shape = ()
         if len(shape) != 5 or min(shape) < 1:
-            raise SystemExit(f"--shapes: {item!r} is neither B,K,C,H,W (five positive integers) nor one of {sorted(SHAPE_SETS)}")
+            raise SystemExit(
+                f"--shapes: {item!r} is neither B,K,C,H,W (five positive integers) nor one of {sorted(SHAPE_SETS)}"
+            )
         shapes.append(shape)
     return list(dict.fromkeys(shapes))
 
@@ -107,7 +111,9 @@ class Item:
     name: str
     step: int  # network call (sampler loops), else 0
     case: Any = None  # AotCase of a Triton launch
-    storages: dict = field(default_factory=dict)  # Triton: first arg name -> (storage key, nbytes); torch: key -> (read, written)
+    storages: dict = field(
+        default_factory=dict
+    )  # Triton: first arg name -> (storage key, nbytes); torch: key -> (read, written)
     torch_op: Optional[str] = None
     dtype: str = ""
     arg_storages: dict = field(default_factory=dict)  # Triton: every tensor arg name -> (storage key, nbytes)
@@ -436,7 +442,9 @@ def compile_cases(cases: list, archs: tuple[int, ...]) -> dict[tuple[str, int], 
             raise RuntimeError(f"compile child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         with open(dst) as f:
             out = json.load(f)
-    return {(r["kernel"], int(r["arch"][3:])): r for r in out["rows"]} | {("__failures__", 0): {"failures": out["failures"]}}
+    return {(r["kernel"], int(r["arch"][3:])): r for r in out["rows"]} | {
+        ("__failures__", 0): {"failures": out["failures"]}
+    }
 
 
 def _compile_child(src: str, dst: str) -> int:
@@ -664,10 +672,14 @@ def family_records(shape: tuple, filt: str = "", use_cache: bool = True) -> list
 def known_traffic(recs: list) -> dict:
     """Counted traffic by ``coverage_key``: what a scenario's launch of the same kernel and
     modes takes (the same launcher ran it)."""
-    return {coverage_key(it.case): c for _, rec, counted, _ in recs for it, c in zip(rec.items, counted) if c is not None}
+    return {
+        coverage_key(it.case): c for _, rec, counted, _ in recs for it, c in zip(rec.items, counted) if c is not None
+    }
 
 
-def scenario_record(sc: Callable, shape: tuple, dtype: str, known: dict, use_cache: bool, torch_ops: bool = True) -> tuple:
+def scenario_record(
+    sc: Callable, shape: tuple, dtype: str, known: dict, use_cache: bool, torch_ops: bool = True
+) -> tuple:
     """``(recorder, counted)`` of a scenario at ``shape``: its launches recorded on meta tensors,
     their traffic from ``known`` or, when a launch is not there, the scenario interpreted at
     the small shape."""
@@ -727,7 +739,9 @@ def _estimate_aligned(items: list[Item], counted: list, rows: dict, dev: pm.Devi
     return out
 
 
-def _compare(label: str, dtype: str, shape: tuple, dev: pm.Device, est: list[dict], ref: list[dict], per_step: bool = False) -> dict:
+def _compare(
+    label: str, dtype: str, shape: tuple, dev: pm.Device, est: list[dict], ref: list[dict], per_step: bool = False
+) -> dict:
     def total(rows: list[dict], step: Optional[int] = None) -> float:
         return sum(r["us"] for r in rows if step is None or r.get("step") == step)
 
@@ -815,37 +829,37 @@ def shape_tag_policy(dims: tuple, dtype: str) -> str:
 #: estimate. These are the kernel owners' to act on: this module only reports them.
 WHY = {
     "_step_coef_kernel": "per-sample coefficients between a statistics launch and the step (B rows, KiB): the "
-                         "launch cost is its time; only computing them in every program of the next launch "
-                         "(redundantly) would remove it",
+    "launch cost is its time; only computing them in every program of the next launch "
+    "(redundantly) would remove it",
     "_guidance_bias_power_kernel": "per-sample sums between the guidance passes (B rows): the launch cost is its time",
     "_fused_step_kernel gm-ode": "GM-ODE: each of the N substeps evaluates the posterior over the K components of "
-                                 "every pixel (N x K exponentials and C-wide dot products per pixel) on a GM read "
-                                 "once: issue-bound by design; fewer instructions per component and substep (exp2 "
-                                 "on prescaled logits, the affine map of op 5 applied once to the loaded means, "
-                                 "not per substep) would lift it",
+    "every pixel (N x K exponentials and C-wide dot products per pixel) on a GM read "
+    "once: issue-bound by design; fewer instructions per component and substep (exp2 "
+    "on prescaled logits, the affine map of op 5 applied once to the loaded means, "
+    "not per substep) would lift it",
     "_fused_step_kernel gm-sde": "GM-SDE: the Philox draw (integer multiply-heavy) and the inverse-CDF pick over K "
-                                 "per pixel, plus the per-component reweighting math of the 2nd-order and guided "
-                                 "variants: bf16 halves the bytes, not the instructions; a cheaper counter-based "
-                                 "RNG (one Philox round per 4 normals is already the floor) or packing two bf16 "
-                                 "conversions per instruction would lift it",
+    "per pixel, plus the per-component reweighting math of the 2nd-order and guided "
+    "variants: bf16 halves the bytes, not the instructions; a cheaper counter-based "
+    "RNG (one Philox round per 4 normals is already the floor) or packing two bf16 "
+    "conversions per instruction would lift it",
     "_fused_step_kernel": "the fused sampler step (see its solver)",
     "_gm_sde_step_kernel": "the Philox draw and the inverse-CDF pick over K per pixel (as the fused GM-SDE step)",
     "_kr_inverse_kernel": "Newton iterations on the 1-D mixture CDF, channel after channel (n_steps x K erf and exp "
-                          "per pixel and channel): compute-bound by the algorithm",
+    "per pixel and channel): compute-bound by the algorithm",
     "_kr_cdf_kernel": "the mixture CDF per channel (K erf per pixel and channel): compute-bound by the algorithm",
     "_policy_rollout_kernel": "128 Euler substeps in one launch, each a posterior over K per pixel, on a GM read "
-                              "once: compute-bound by design (the share of copy bandwidth is not its measure)",
+    "once: compute-bound by design (the share of copy bandwidth is not its measure)",
     "_policy_pi_kernel": "one posterior over K per pixel with op 5 applied to every loaded mean",
     "_gm_posterior_mean_kernel": "the posterior per pixel (an exponential and a C-wide dot product per component): "
-                                 "in bf16 the bytes halve and the instructions stay",
+    "in bf16 the bytes halve and the instructions stay",
     "_transition_kernel": "the per-sample coefficients (divisions, logarithms of sigma and sigma_to) are computed "
-                          "for every row of the program's tile, not once per sample: hoisting them (one row of "
-                          "coefficients per program, or computed on the host) would make it DRAM-bound",
+    "for every row of the program's tile, not once per sample: hoisting them (one row of "
+    "coefficients per program, or computed on the host) would make it DRAM-bound",
     "_gm_sample_kernel": "the Philox draw and the inverse-CDF pick over K per pixel: bf16 halves the bytes only",
     "_gm_moments_kernel": "two dependent load rounds per K tile (the log-weights' registers are reused for the "
-                          "means, so the means are loaded after the first wait) with K / BLOCK_K tiles per "
-                          "program: issuing the next tile's loads before the current tile's math (software "
-                          "pipelining, or num_stages > 1 with tl.range) would lift it",
+    "means, so the means are loaded after the first wait) with K / BLOCK_K tiles per "
+    "program: issuing the next tile's loads before the current tile's math (software "
+    "pipelining, or num_stages > 1 with tl.range) would lift it",
     "_gauss_mul_kernel": "a few KiB per sample at this shape: the launch cost is its time",
     "_weight_guidance_kernel": "a small launch at this shape: the launch cost is its time",
     "_guidance_stats_kernel": "a small launch at this shape",
@@ -857,7 +871,11 @@ def why(row: dict) -> str:
     """The reason a launch stays below ``BELOW`` of copy bandwidth (``WHY`` by its Triton kernel,
     else what its limiting term says) with the term's numbers."""
     kernel = row.get("triton_kernel", "")
-    solver = "gm-ode" if ("gm-ode" in row["kernel"] or "gm_ode" in row["kernel"]) else ("gm-sde" if "sde" in row["kernel"] else "")
+    solver = (
+        "gm-ode"
+        if ("gm-ode" in row["kernel"] or "gm_ode" in row["kernel"])
+        else ("gm-sde" if "sde" in row["kernel"] else "")
+    )
     base = WHY.get(f"{kernel} {solver}") or WHY.get(kernel, "")
     limit = row["limit"]
     if limit == "launch":
@@ -877,8 +895,19 @@ def below_groups(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list] = {}
     for r in rows:
         if r["us"] == r["us"] and r["copy_share"] < BELOW:
-            solver = "gm-ode" if "gm-ode" in r["kernel"] or "gm_ode" in r["kernel"] else ("gm-sde" if "sde" in r["kernel"] else "")
-            groups.setdefault((r.get("triton_kernel", r["kernel"]), solver if "fused" in r.get("triton_kernel", "") else "", r["limit"]), []).append(r)
+            solver = (
+                "gm-ode"
+                if "gm-ode" in r["kernel"] or "gm_ode" in r["kernel"]
+                else ("gm-sde" if "sde" in r["kernel"] else "")
+            )
+            groups.setdefault(
+                (
+                    r.get("triton_kernel", r["kernel"]),
+                    solver if "fused" in r.get("triton_kernel", "") else "",
+                    r["limit"],
+                ),
+                [],
+            ).append(r)
     out = []
     for (kernel, solver, limit), rs in groups.items():
         cs = [r["copy_share"] for r in rs]
@@ -907,8 +936,10 @@ def markdown_report(result: dict, device: str) -> str:
             out.append(f"| {r['kernel']} | {r['us']:.1f} | {r['limit']} | {100 * r['copy_share']:.0f}% | {r['registers']} | "
                        f"{r['warps']} | {r['programs_per_sm']} ({r['residency_limit']}) | {r['waves']:.2f} | {r['waits']:.0f} |")  # fmt: skip
         low = [r for r in rows if r["us"] == r["us"] and r["copy_share"] < BELOW]
-        out.append(f"\nBelow {100 * BELOW:.0f} % of copy bandwidth: {len(low)} of {len(rows)} launches, by kernel and limit "
-                   "(every launch is in the table above and in the JSON):\n")
+        out.append(
+            f"\nBelow {100 * BELOW:.0f} % of copy bandwidth: {len(low)} of {len(rows)} launches, by kernel and limit "
+            "(every launch is in the table above and in the JSON):\n"
+        )
         out.append("| kernel | limit | launches | dtypes | copy | µs | why it stays / what would lift it |")
         out.append("|---|---|---|---|---|---|---|")
         for g in below_groups(rows):
@@ -930,7 +961,10 @@ def markdown_report(result: dict, device: str) -> str:
 
 def op_table(entries: list[dict], title: str) -> str:
     w = max([len(e["op"]) for e in entries] + [4])
-    lines = [title, f"{'op':<{w}} {'dtype':<5} {'gmkernels µs':>12} {'launches':>8} {'reference µs':>12} {'launches':>8} {'speedup':>8}  limits"]
+    lines = [
+        title,
+        f"{'op':<{w}} {'dtype':<5} {'gmkernels µs':>12} {'launches':>8} {'reference µs':>12} {'launches':>8} {'speedup':>8}  limits",
+    ]
     for e in entries:
         lim = ", ".join(f"{k} x{v}" for k, v in e["limits"].items())
         lines.append(f"{e['op']:<{w}} {e['dtype']:<5} {e['us']:>12.1f} {e['launches']:>8} {e['reference_us']:>12.1f} "
@@ -941,17 +975,30 @@ def op_table(entries: list[dict], title: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gmkernels_bench.estimate", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--shapes", nargs="+", default=["bench"], metavar="B,K,C,H,W",
-                   help="GM shapes or named sets ('bench', 'users', 'targets': ImageNet, FLUX, pi-Flow); default bench")
-    p.add_argument("--device", default=",".join(DEFAULT_DEVICES), help=f"comma list of {','.join(pm.DEVICES)} (default h100)")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["bench"],
+        metavar="B,K,C,H,W",
+        help="GM shapes or named sets ('bench', 'users', 'targets': ImageNet, FLUX, pi-Flow); default bench",
+    )
+    p.add_argument(
+        "--device", default=",".join(DEFAULT_DEVICES), help=f"comma list of {','.join(pm.DEVICES)} (default h100)"
+    )
     p.add_argument("--json", metavar="PATH", help="write every row as JSON to PATH")
     p.add_argument("--markdown", metavar="PATH", help="write the note's tables (per device) as markdown to PATH")
-    p.add_argument("--reference", action="store_true", help="also each op and sampler step next to the reference composition")
+    p.add_argument(
+        "--reference", action="store_true", help="also each op and sampler step next to the reference composition"
+    )
     p.add_argument("--calibration", metavar="FILE", help="device constants measured by gpu_check --calibrate FILE")
     p.add_argument("--filter", default="", help="only launches whose name contains this")
     p.add_argument("--no-cache", action="store_true", help="count and compile again")
-    p.add_argument("--calibration-set", metavar="PATH", help="write the stored estimates of gpu_check's calibrate part "
-                   "(calibrate.LAUNCHES on every device) to PATH and exit")
+    p.add_argument(
+        "--calibration-set",
+        metavar="PATH",
+        help="write the stored estimates of gpu_check's calibrate part "
+        "(calibrate.LAUNCHES on every device) to PATH and exit",
+    )
     p.add_argument("--compile-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.compile_child:
@@ -980,14 +1027,24 @@ def main(argv: list[str] | None = None) -> int:
             print(launch_table(rows, dev))
         if args.reference:
             print()
-            print(op_table([e for e in result["ops"] if e["device"] == dev.name], f"{dev.label()}: ops, gmkernels vs reference"))
+            print(
+                op_table(
+                    [e for e in result["ops"] if e["device"] == dev.name], f"{dev.label()}: ops, gmkernels vs reference"
+                )
+            )
             print()
-            print(op_table([e for e in result["steps"] if e["device"] == dev.name],
-                           f"{dev.label()}: sampler step (one network call, a middle step of {LOOP_STEPS}), gmkernels vs reference"))
+            print(
+                op_table(
+                    [e for e in result["steps"] if e["device"] == dev.name],
+                    f"{dev.label()}: sampler step (one network call, a middle step of {LOOP_STEPS}), gmkernels vs reference",
+                )
+            )
     for f in result["failures"]:
         print("FAIL:", f)
-    print(f"\n[estimate] {len(result['rows'])} launch rows in {time.time() - t0:.0f} s; every figure is an estimate"
-          + ("" if all(d.measured for d in devices) else " (uncalibrated: see docs/performance-model.md)"))
+    print(
+        f"\n[estimate] {len(result['rows'])} launch rows in {time.time() - t0:.0f} s; every figure is an estimate"
+        + ("" if all(d.measured for d in devices) else " (uncalibrated: see docs/performance-model.md)")
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)

@@ -58,16 +58,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The test files that run Triton kernels (also what tools/matrix.py runs per torch x triton pair).
 KERNEL_TESTS = (
-    "tests/test_kernels_mixture.py",
-    "tests/test_kernels_product.py",
-    "tests/test_kernels_posterior.py",
-    "tests/test_kernels_transition.py",
-    "tests/test_kernels_guidance.py",
-    "tests/test_kernels_likelihood.py",
-    "tests/test_kernels_sampling.py",
+    "tests/test_mixture.py",
+    "tests/test_product.py",
+    "tests/test_posterior.py",
+    "tests/test_transition.py",
+    "tests/test_guidance.py",
+    "tests/test_likelihood.py",
+    "tests/test_sampling.py",
     "tests/test_inverse_cdf.py",
-    "tests/test_solver_steps.py",
-    "tests/test_nll.py",
+    "tests/test_solver.py",
+    "tests/test_policy.py",
 )
 BENCH_SHAPES = ("imagenet", "large-k")
 BENCH_DTYPES = "fp32,bf16"
@@ -103,8 +103,12 @@ class PlanEntry:
 # tests and the first benchmark calls), refined once a run's summary.json gives the real seconds.
 # Run order is priority: when the budget cannot hold every part, the later ones are dropped.
 PARTS = (
-    Part("calibrate", 45, "copy bandwidth, DRAM latency (pointer chase), launch cost, 10 representative launches: "
-         "estimated vs measured, device constants refitted (--calibrate FILE)"),
+    Part(
+        "calibrate",
+        45,
+        "copy bandwidth, DRAM latency (pointer chase), launch cost, 10 representative launches: "
+        "estimated vs measured, device constants refitted (--calibrate FILE)",
+    ),
     Part("tests", 145, f"{len(KERNEL_TESTS)} kernel test files on CUDA, fixed seeds", min_s=30),
     Part("graph", 25, "CUDA-graph capture + replay of guided GM-ODE and GM-SDE sampling vs eager"),
     Part("train", 35, f"{TRAIN_STEPS} steps of the digits GM-DiT, bf16 autocast, Triton transition loss"),
@@ -134,7 +138,9 @@ def plan(budget_s: float, wanted: list[str] | None = None) -> list[PlanEntry]:
             kept.append(p)
             need += p.need_s
         else:
-            entries[p.name] = PlanEntry(p, 0.0, f"dropped: needs {p.need_s:.0f} s, {max(avail - need, 0):.0f} s of the budget left")
+            entries[p.name] = PlanEntry(
+                p, 0.0, f"dropped: needs {p.need_s:.0f} s, {max(avail - need, 0):.0f} s of the budget left"
+            )
     shares = {p.name: p.need_s for p in kept}
     left = avail - sum(shares.values())
     scalable = [p for p in kept if p.min_s]
@@ -165,8 +171,12 @@ def default_examples(budget_s: float) -> int:
 
 def _driver_version() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
@@ -182,19 +192,46 @@ def _environment() -> dict:
     return env
 
 
-def _child_cmd(part: str, out: Path, deadline: float, examples: int, plot: bool, calibration: Path | None = None) -> list[str]:
+def _child_cmd(
+    part: str, out: Path, deadline: float, examples: int, plot: bool, calibration: Path | None = None
+) -> list[str]:
     if part.startswith("bench-"):
-        suite, _, shape = part[len("bench-"):].partition("-")
+        suite, _, shape = part[len("bench-") :].partition("-")
         shapes = [shape] if shape else list(BENCH_SHAPES)
-        cmd = [sys.executable, "-m", "gmkernels_bench", "--suite", suite, "--shapes", *shapes, "--dtype", BENCH_DTYPES,
-               "--backends", "triton,torch", "--out", str(out / "bench" / part[len("bench-"):]), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gmkernels_bench",
+            "--suite",
+            suite,
+            "--shapes",
+            *shapes,
+            "--dtype",
+            BENCH_DTYPES,
+            "--backends",
+            "triton,torch",
+            "--out",
+            str(out / "bench" / part[len("bench-") :]),
+            "--no-progress",
+        ]
         if suite == "solvers":
             cmd.append("--quick")
         if plot:
             cmd.append("--plot")
         return cmd
-    return [sys.executable, "-m", "gmkernels_bench.gpu_check", "--part", part, "--out", str(out), "--deadline",
-            f"{deadline:.3f}", "--examples", str(examples)] + (["--calibrate", str(calibration)] if calibration else [])
+    return [
+        sys.executable,
+        "-m",
+        "gmkernels_bench.gpu_check",
+        "--part",
+        part,
+        "--out",
+        str(out),
+        "--deadline",
+        f"{deadline:.3f}",
+        "--examples",
+        str(examples),
+    ] + (["--calibrate", str(calibration)] if calibration else [])
 
 
 def _bench_details(folder: Path) -> dict:
@@ -202,11 +239,17 @@ def _bench_details(folder: Path) -> dict:
     if not path.exists():
         return {"records": 0, "errors": None, "note": "no results.json"}
     records = json.loads(path.read_text())["records"]
-    errors = [f"{r['op']} {r['backend']} {r['dtype']} {r['shape']}: {r.get('reason', '')}" for r in records if r["status"] != "ok"]
+    errors = [
+        f"{r['op']} {r['backend']} {r['dtype']} {r['shape']}: {r.get('reason', '')}"
+        for r in records
+        if r["status"] != "ok"
+    ]
     return {"records": len(records), "errors": len(errors), "error_lines": errors[:20]}
 
 
-def _run_part(part: Part, out: Path, deadline: float, examples: int, plot: bool, calibration: Path | None = None) -> dict:
+def _run_part(
+    part: Part, out: Path, deadline: float, examples: int, plot: bool, calibration: Path | None = None
+) -> dict:
     """Run one part in a child process until ``deadline`` (epoch seconds); its summary entry."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = _child_cmd(part.name, out, deadline, examples, plot, calibration)
@@ -227,10 +270,15 @@ def _run_part(part: Part, out: Path, deadline: float, examples: int, plot: bool,
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             rc, timed_out = None, True
-    entry = {"part": part.name, "what": part.what, "seconds": round(time.time() - t0, 1), "exit_status": rc,
-             "log": log.name}
+    entry = {
+        "part": part.name,
+        "what": part.what,
+        "seconds": round(time.time() - t0, 1),
+        "exit_status": rc,
+        "log": log.name,
+    }
     if part.name.startswith("bench-"):
-        details = _bench_details(out / "bench" / part.name[len("bench-"):])
+        details = _bench_details(out / "bench" / part.name[len("bench-") :])
         ok = rc == 0 and details["errors"] == 0
     else:
         result = out / f"{part.name}.json"
@@ -271,16 +319,30 @@ def _print_calibration_plan() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gmkernels_bench.gpu_check", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-s", type=float, default=REFERENCE_BUDGET_S, help="wall-clock budget in seconds (default 480)")
+    p = argparse.ArgumentParser(
+        prog="python -m gmkernels_bench.gpu_check",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=REFERENCE_BUDGET_S, help="wall-clock budget in seconds (default 480)"
+    )
     p.add_argument("--out", type=Path, default=Path("gpu-check-out"), help="output folder (default ./gpu-check-out)")
     p.add_argument("--dry-run", action="store_true", help="print the plan with an estimate per part; run nothing")
-    p.add_argument("--parts", default="", help="comma list of parts to run (default: all): " + ",".join(x.name for x in PARTS))
-    p.add_argument("--examples", type=int, default=None, help="hypothesis examples per property (default: sized to the budget)")
-    p.add_argument("--calibrate", metavar="FILE", type=Path, default=None,
-                   help="the calibrate part writes the measured device constants here (default DIR/calibration.json); "
-                        "python -m gmkernels_bench.estimate --calibration FILE then uses them")
+    p.add_argument(
+        "--parts", default="", help="comma list of parts to run (default: all): " + ",".join(x.name for x in PARTS)
+    )
+    p.add_argument(
+        "--examples", type=int, default=None, help="hypothesis examples per property (default: sized to the budget)"
+    )
+    p.add_argument(
+        "--calibrate",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="the calibrate part writes the measured device constants here (default DIR/calibration.json); "
+        "python -m gmkernels_bench.estimate --calibration FILE then uses them",
+    )
     p.add_argument("--part", help=argparse.SUPPRESS)  # a child process: run one part
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -309,14 +371,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         cuda = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        print(f"gpu_check needs a CUDA GPU: torch.cuda.is_available() is False here (torch {torch.__version__}, {cuda}). "
-              "Nothing was run. `--dry-run` prints the plan on any machine.", file=sys.stderr)
+        print(
+            f"gpu_check needs a CUDA GPU: torch.cuda.is_available() is False here (torch {torch.__version__}, {cuda}). "
+            "Nothing was run. `--dry-run` prints the plan on any machine.",
+            file=sys.stderr,
+        )
         return 2
 
     t_start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)), "budget_s": args.budget_s,
-               "hypothesis_examples": examples, "environment": _environment(), "parts": [], "ok": False}
+    summary = {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+        "budget_s": args.budget_s,
+        "hypothesis_examples": examples,
+        "environment": _environment(),
+        "parts": [],
+        "ok": False,
+    }
     _print_plan(args.budget_s, examples, wanted)
     schedule = t_start
     end = t_start + args.budget_s - RESERVE_S / 2
@@ -325,14 +396,24 @@ def main(argv: list[str] | None = None) -> int:
             part, share = e.part, e.share
             schedule += share
             if not share:
-                entry = {"part": part.name, "what": part.what, "status": "skipped", "seconds": 0.0,
-                         "details": {"reason": e.reason}}
+                entry = {
+                    "part": part.name,
+                    "what": part.what,
+                    "status": "skipped",
+                    "seconds": 0.0,
+                    "details": {"reason": e.reason},
+                }
                 summary["parts"].append(entry)
                 continue
             deadline = min(schedule, end)
             if deadline - time.time() < 5:
-                entry = {"part": part.name, "what": part.what, "status": "skipped", "seconds": 0.0,
-                         "details": {"reason": "budget spent by the earlier parts"}}
+                entry = {
+                    "part": part.name,
+                    "what": part.what,
+                    "status": "skipped",
+                    "seconds": 0.0,
+                    "details": {"reason": "budget spent by the earlier parts"},
+                }
             else:
                 print(f"[gpu_check] {part.name} (until +{deadline - t_start:.0f} s) ...", flush=True)
                 entry = _run_part(part, args.out, deadline, examples, plot=_has("matplotlib"), calibration=calibration)
@@ -343,10 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         summary["interrupted"] = True
     summary["seconds"] = round(time.time() - t_start, 1)
-    ran = [e for e in summary["parts"] if e["status"] != "skipped" or e["details"].get("reason", "").startswith("budget spent")]
+    ran = [
+        e
+        for e in summary["parts"]
+        if e["status"] != "skipped" or e["details"].get("reason", "").startswith("budget spent")
+    ]
     summary["ok"] = bool(ran) and all(e["status"] == "pass" for e in ran) and not summary.get("interrupted")
     _write_summary(args.out, summary)
-    print(f"[gpu_check] {'PASS' if summary['ok'] else 'FAIL'} in {summary['seconds']:.0f} s; wrote {args.out / 'summary.json'}")
+    print(
+        f"[gpu_check] {'PASS' if summary['ok'] else 'FAIL'} in {summary['seconds']:.0f} s; wrote {args.out / 'summary.json'}"
+    )
     return 0 if summary["ok"] else 1
 
 
@@ -384,16 +471,36 @@ def _part_tests(out: Path, deadline: float, examples: int) -> dict:
     """The kernel test files under pytest with this module as a plugin (see ``pytest_configure``)."""
     events = out / "tests.jsonl"
     events.unlink(missing_ok=True)
-    env = {**os.environ, "GMK_GPU_CHECK_EXAMPLES": str(examples),
-           "GMK_GPU_CHECK_EVENTS": str(events), "GMK_GPU_CHECK_DEADLINE": f"{deadline - 15:.3f}"}
+    env = {
+        **os.environ,
+        "GMK_GPU_CHECK_EXAMPLES": str(examples),
+        "GMK_GPU_CHECK_EVENTS": str(events),
+        "GMK_GPU_CHECK_DEADLINE": f"{deadline - 15:.3f}",
+    }
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gmkernels_bench.gpu_check",
-           "--hypothesis-profile=gpu-check", f"--junitxml={out / 'tests-junit.xml'}", *KERNEL_TESTS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "gmkernels_bench.gpu_check",
+        "--hypothesis-profile=gpu-check",
+        f"--junitxml={out / 'tests-junit.xml'}",
+        *KERNEL_TESTS,
+    ]
     rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
     counts = _test_outcomes(events)
     stopped = (out / "tests.stopped").exists()
-    return {"ok": rc == 0 and counts["failed"] == 0 and not stopped, "pytest_exit_status": rc, **counts,
-            "stopped_at_budget": stopped, "examples": examples}
+    return {
+        "ok": rc == 0 and counts["failed"] == 0 and not stopped,
+        "pytest_exit_status": rc,
+        **counts,
+        "stopped_at_budget": stopped,
+        "examples": examples,
+    }
 
 
 def _test_outcomes(events: Path) -> dict:
@@ -415,9 +522,14 @@ def pytest_load_initial_conftests(early_config, parser, args):
     """Register the ``gpu-check`` hypothesis profile before ``tests/conftest.py`` loads it."""
     from hypothesis import HealthCheck, settings
 
-    settings.register_profile("gpu-check", max_examples=int(os.environ.get("GMK_GPU_CHECK_EXAMPLES", "8")),
-                              derandomize=True, deadline=None, print_blob=True,
-                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile(
+        "gpu-check",
+        max_examples=int(os.environ.get("GMK_GPU_CHECK_EXAMPLES", "8")),
+        derandomize=True,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def pytest_configure(config):
@@ -432,8 +544,17 @@ def pytest_runtest_logreport(report):
     path = os.environ.get("GMK_GPU_CHECK_EVENTS")
     if path and (report.when == "call" or report.outcome != "passed"):
         with open(path, "a") as f:
-            f.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-                                "seconds": round(report.duration, 3)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "nodeid": report.nodeid,
+                        "when": report.when,
+                        "outcome": report.outcome,
+                        "seconds": round(report.duration, 3),
+                    }
+                )
+                + "\n"
+            )
 
 
 def pytest_runtest_setup(item):
@@ -462,7 +583,8 @@ def _mirrored(args: tuple, kwargs: dict, device: str):
             cpu_bytes = torch.empty(0, dtype=torch.uint8).set_(st)
             copies[key] = (cpu_bytes, cpu_bytes.to(device, copy=True))
         return torch.empty(0, dtype=t.dtype, device=device).set_(
-            copies[key][1].untyped_storage(), t.storage_offset(), t.shape, t.stride())
+            copies[key][1].untyped_storage(), t.storage_offset(), t.shape, t.stride()
+        )
 
     def write_back() -> None:
         for cpu_bytes, dev_bytes in copies.values():
@@ -500,9 +622,11 @@ class _Denoiser:
         g = torch.Generator("cuda").manual_seed(SEED)
 
         def gm():
-            return {"means": torch.randn(B, K, C, H, W, device="cuda", generator=g),
-                    "logstds": torch.full((B, 1, 1, 1, 1), -1.0, device="cuda"),
-                    "logweights": torch.randn(B, K, 1, H, W, device="cuda", generator=g).log_softmax(1)}
+            return {
+                "means": torch.randn(B, K, C, H, W, device="cuda", generator=g),
+                "logstds": torch.full((B, 1, 1, 1, 1), -1.0, device="cuda"),
+                "logweights": torch.randn(B, K, 1, H, W, device="cuda", generator=g).log_softmax(1),
+            }
 
         self.cond, self.uncond = gm(), gm()
 
@@ -519,8 +643,10 @@ def _part_graph(out: Path, deadline: float, examples: int) -> dict:
 
     B, K, C, H, W = 4, 8, 4, 16, 16
     denoiser = _Denoiser(B, K, C, H, W)
-    configs = [dict(solver="gm-ode", substeps=4, order=2, guidance="probabilistic", guidance_scale=0.5),
-               dict(solver="gm-sde", substeps=1, order=2, guidance="probabilistic", guidance_scale=0.5)]
+    configs = [
+        dict(solver="gm-ode", substeps=4, order=2, guidance="probabilistic", guidance_scale=0.5),
+        dict(solver="gm-sde", substeps=1, order=2, guidance="probabilistic", guidance_scale=0.5),
+    ]
     results = []
     for cfg in configs:
         noise = torch.randn(B, C, H, W, device="cuda", generator=torch.Generator("cuda").manual_seed(SEED + 1))
@@ -546,10 +672,16 @@ def _part_graph(out: Path, deadline: float, examples: int) -> dict:
         graph.replay()
         torch.cuda.synchronize()
         diff = (first - eager).abs().max().item()
-        results.append({"config": cfg, "bitwise_equal": bool(torch.equal(first, eager)), "max_abs_diff": diff,
-                        "rel_err": diff / max(eager.abs().max().item(), 1e-30),
-                        "finite": bool(torch.isfinite(first).all()),
-                        "new_noise_changes_output": not torch.equal(static_out, first)})
+        results.append(
+            {
+                "config": cfg,
+                "bitwise_equal": bool(torch.equal(first, eager)),
+                "max_abs_diff": diff,
+                "rel_err": diff / max(eager.abs().max().item(), 1e-30),
+                "finite": bool(torch.isfinite(first).all()),
+                "new_noise_changes_output": not torch.equal(static_out, first),
+            }
+        )
     ok = all(r["finite"] and r["rel_err"] <= 1e-6 and r["new_noise_changes_output"] for r in results)
     return {"ok": ok, "shape": [B, K, C, H, W], "num_steps": 8, "runs": results}
 
@@ -573,7 +705,7 @@ def _digits_data():
         if c < 8:
             x[y == c, 0, c, :] = 1.0
         else:
-            x[y == c, 0, :, (c - 8) * 4:(c - 8) * 4 + 4] = 1.0
+            x[y == c, 0, :, (c - 8) * 4 : (c - 8) * 4 + 4] = 1.0
     x = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
     return TensorSource(x, y, num_classes=10), "synthetic 8x8 bars (scikit-learn not installed)"
 
@@ -633,10 +765,20 @@ def _part_train(out: Path, deadline: float, examples: int) -> dict:
     triton_vs_torch = abs(before - before_ref) / max(abs(before_ref), 1e-12)
     finite = all(math.isfinite(v) for v in history + [before, after]) and params_finite
     ok = finite and after < before and triton_vs_torch < 1e-4
-    return {"ok": ok, "data": data_name, "steps": TRAIN_STEPS, "batch": cfg["batch"], "lr": cfg["lr"],
-            "held_out_loss_before": before, "held_out_loss_after": after, "held_out_loss_before_reference": before_ref,
-            "triton_vs_reference_rel": triton_vs_torch, "finite": finite, "losses": history,
-            "train_seconds": round(seconds, 2)}
+    return {
+        "ok": ok,
+        "data": data_name,
+        "steps": TRAIN_STEPS,
+        "batch": cfg["batch"],
+        "lr": cfg["lr"],
+        "held_out_loss_before": before,
+        "held_out_loss_after": after,
+        "held_out_loss_before_reference": before_ref,
+        "triton_vs_reference_rel": triton_vs_torch,
+        "finite": finite,
+        "losses": history,
+        "train_seconds": round(seconds, 2),
+    }
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU
 import torch  # noqa: E402
 
 import gmkernels as G  # noqa: E402
-from gmkernels.schedulers import GMFlowODEScheduler, GMFlowSDEScheduler  # noqa: E402
+from gmkernels.policy import GMFlowPolicy  # noqa: E402
+from gmkernels.schedulers import GMODEScheduler, GMSDEScheduler  # noqa: E402
 
 # a small shape: the host cost does not depend on the sizes (nothing here loops over elements)
 SHAPE = (2, 8, 4, 8, 8)
@@ -66,8 +67,11 @@ def _inputs(seed: int = 0):
     }
     x = torch.randn(B, C, H, W, generator=g)
     gauss = {"mean": torch.randn(B, C, H, W, generator=g), "var": torch.rand(B, 1, H, W, generator=g) + 0.1}
-    gm1d = {"means": torch.randn(B, K, H, W, generator=g), "logstds": torch.full((B, 1, 1, 1), -1.0),
-            "logweights": torch.log_softmax(torch.randn(B, K, H, W, generator=g), dim=1)}
+    gm1d = {
+        "means": torch.randn(B, K, H, W, generator=g),
+        "logstds": torch.full((B, 1, 1, 1), -1.0),
+        "logweights": torch.log_softmax(torch.randn(B, K, H, W, generator=g), dim=1),
+    }
     return gm, x, gauss, gm1d
 
 
@@ -88,6 +92,12 @@ def cases() -> dict[str, Callable[[], object]]:
 
     def transition_fwd_bwd():
         G.transition_loss(gm_train, x, t_hi, x, t_lo).backward()
+
+    policy = GMFlowPolicy(gm, x, 0.9)
+    policy_train = GMFlowPolicy(gm_train, x, 0.9)
+
+    def policy_rollout_fwd_bwd():
+        policy_train.integrate(x, 0.9, 0.9, 0.5, total_substeps=4)[0].sum().backward()
 
     def step(cls, order: int = 1, guided: bool = False) -> Callable[[], object]:
         """One ``scheduler.step`` of a long schedule (rescheduled when it ends: once per 4096
@@ -127,11 +137,14 @@ def cases() -> dict[str, Callable[[], object]]:
         "gm1d_inverse_cdf": lambda: G.gm1d_inverse_cdf(gm1d, u),
         "gm_ode_substeps (tensor sigmas)": lambda: G.gm_ode_substeps(gm, x, sigmas),
         "gm_sde_step": lambda: G.gm_sde_step(gm, x, 0.7, 0.5),
-        "GMFlowODEScheduler.step": step(GMFlowODEScheduler),
-        "GMFlowSDEScheduler.step": step(GMFlowSDEScheduler),
-        "GMFlowODEScheduler.step (order 2)": step(GMFlowODEScheduler, order=2),
-        "GMFlowSDEScheduler.step (probabilistic)": step(GMFlowSDEScheduler, guided=True),
-        "GMFlowODEScheduler.step (order 2, probabilistic)": step(GMFlowODEScheduler, order=2, guided=True),
+        "GMFlowPolicy.pi": lambda: policy.pi(x, 0.5),
+        "GMFlowPolicy.integrate": lambda: policy.integrate(x, 0.9, 0.9, 0.5, total_substeps=4),
+        "GMFlowPolicy.integrate fwd+bwd": policy_rollout_fwd_bwd,
+        "GMODEScheduler.step": step(GMODEScheduler),
+        "GMSDEScheduler.step": step(GMSDEScheduler),
+        "GMODEScheduler.step (order 2)": step(GMODEScheduler, order=2),
+        "GMSDEScheduler.step (probabilistic)": step(GMSDEScheduler, guided=True),
+        "GMODEScheduler.step (order 2, probabilistic)": step(GMODEScheduler, order=2, guided=True),
     }
 
 
@@ -208,17 +221,29 @@ def run(calls: int = 200, repeat: int = 5, filter_: str = "") -> list[dict]:
             continue
         best, median, n = measure(call, calls, repeat)
         py_calls, frames = call_path(call)
-        out.append({"op": name, "host_us": round(best, 1), "host_us_median": round(median, 1), "launches": n,
-                    "py_calls": py_calls, "frames": frames})
+        out.append(
+            {
+                "op": name,
+                "host_us": round(best, 1),
+                "host_us_median": round(median, 1),
+                "launches": n,
+                "py_calls": py_calls,
+                "frames": frames,
+            }
+        )
     return out
 
 
 def table(records: list[dict]) -> str:
     w = max(len(r["op"]) for r in records)
-    lines = [f"{'op':<{w}}  {'host µs':>8}  {'median':>8}  launches  py calls  frames",
-             f"{'-' * w}  {'-' * 8}  {'-' * 8}  --------  --------  ------"]
-    lines += [f"{r['op']:<{w}}  {r['host_us']:>8.1f}  {r['host_us_median']:>8.1f}  {r['launches']:>8}  {r['py_calls']:>8}  {r['frames']:>6}"
-              for r in records]
+    lines = [
+        f"{'op':<{w}}  {'host µs':>8}  {'median':>8}  launches  py calls  frames",
+        f"{'-' * w}  {'-' * 8}  {'-' * 8}  --------  --------  ------",
+    ]
+    lines += [
+        f"{r['op']:<{w}}  {r['host_us']:>8.1f}  {r['host_us_median']:>8.1f}  {r['launches']:>8}  {r['py_calls']:>8}  {r['frames']:>6}"
+        for r in records
+    ]
     return "\n".join(lines)
 
 
@@ -232,11 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     from gmkernels._dispatch import interpreting
 
     if not interpreting():
-        print("host_cost: set TRITON_INTERPRET=1 before Python starts (Triton was imported without it)", file=sys.stderr)
+        print(
+            "host_cost: set TRITON_INTERPRET=1 before Python starts (Triton was imported without it)", file=sys.stderr
+        )
         return 2
     records = run(args.calls, args.repeat, args.filter)
-    print(f"host cost per call, kernel launches stubbed: CPU µs of the fastest / median of {args.repeat} rounds of "
-          f"{args.calls} calls (torch {torch.__version__}, 1 thread, shape {SHAPE})")
+    print(
+        f"host cost per call, kernel launches stubbed: CPU µs of the fastest / median of {args.repeat} rounds of "
+        f"{args.calls} calls (torch {torch.__version__}, 1 thread, shape {SHAPE})"
+    )
     print(table(records))
     if args.json:
         with open(args.json, "w") as f:

@@ -71,8 +71,26 @@ class Device:
         return f"{self.name} ({'calibrated: ' + ', '.join(k for k, _ in self.measured) if self.measured else 'uncalibrated estimate'})"
 
 
-_PIPES_80 = (("fma", 64), ("imad", 64), ("alu", 64), ("mufu", 16), ("conv", 16), ("fp64", 32), ("shfl", 32), ("lsu", 128))
-_PIPES_90 = (("fma", 128), ("imad", 64), ("alu", 64), ("mufu", 16), ("conv", 16), ("fp64", 64), ("shfl", 32), ("lsu", 128))
+_PIPES_80 = (
+    ("fma", 64),
+    ("imad", 64),
+    ("alu", 64),
+    ("mufu", 16),
+    ("conv", 16),
+    ("fp64", 32),
+    ("shfl", 32),
+    ("lsu", 128),
+)
+_PIPES_90 = (
+    ("fma", 128),
+    ("imad", 64),
+    ("alu", 64),
+    ("mufu", 16),
+    ("conv", 16),
+    ("fp64", 64),
+    ("shfl", 32),
+    ("lsu", 128),
+)
 
 #: the constants before any calibration; sources in docs/performance-model.md#devices
 DEVICES: dict[str, Device] = {
@@ -209,7 +227,9 @@ def sass_profile(sass: str, stmt_line=None) -> dict:
         g = groups.setdefault(key, [dict.fromkeys(PIPES, 0.0), 0])
         pipe = _PIPE.get(base)
         if pipe == "lsu":
-            g[0]["lsu"] += max(1.0, 32 * _access_bytes(op) / 128) if base not in ("LDS", "STS", "LDSM", "ATOMS") else 1.0
+            g[0]["lsu"] += (
+                max(1.0, 32 * _access_bytes(op) / 128) if base not in ("LDS", "STS", "LDSM", "ATOMS") else 1.0
+            )
         elif pipe:
             g[0][pipe] += 1
         g[1] += 1
@@ -246,7 +266,7 @@ def _waits(instrs: list, loops: list, inner_of: list) -> list[float]:
             if hit >= 0:
                 if pending[hit][0] == n:
                     n += 1
-                pending = pending[hit + 1:]
+                pending = pending[hit + 1 :]
             if base == "LDG" and has_dest:
                 r0 = int(_REG.match(ops[0].strip()).group(1))
                 width = max(1, _access_bytes(op) // 4)
@@ -527,8 +547,26 @@ class TorchOps:
                     if isinstance(t, torch.Tensor):
                         k = t.untyped_storage()._cdata
                         storages.setdefault(k, [0.0, 0.0])[1] += _distinct_bytes(t)
-                if base in ("zeros", "ones", "full", "arange", "zeros_like", "ones_like", "full_like", "fill", "zero", "randn",
-                            "rand", "randint", "normal", "uniform", "random", "bernoulli", "scalar_tensor", "copy"):
+                if base in (
+                    "zeros",
+                    "ones",
+                    "full",
+                    "arange",
+                    "zeros_like",
+                    "ones_like",
+                    "full_like",
+                    "fill",
+                    "zero",
+                    "randn",
+                    "rand",
+                    "randint",
+                    "normal",
+                    "uniform",
+                    "random",
+                    "bernoulli",
+                    "scalar_tensor",
+                    "copy",
+                ):
                     pass  # fills write only (their inputs are scalars or the target)
                 ops.append(Step(base, {k: (r, w) for k, (r, w) in storages.items()}))
                 return out
@@ -591,8 +629,12 @@ def refit(dev_name: str, measurements: dict, gpu: str = "", when: Optional[str] 
         c["launch_us"] = slope([(m["launches"], m["us"]) for m in measurements["empty"]])
     if measurements.get("clock_ghz"):
         c["clock_ghz"] = float(measurements["clock_ghz"])
-    return {"gpu": gpu or dev_name, "when": when or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "constants": {k: round(v, 4) for k, v in c.items()}, "measurements": measurements}
+    return {
+        "gpu": gpu or dev_name,
+        "when": when or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "constants": {k: round(v, 4) for k, v in c.items()},
+        "measurements": measurements,
+    }
 
 
 def device_table(devs: Iterable[Device]) -> str:
@@ -607,7 +649,9 @@ def device_table(devs: Iterable[Device]) -> str:
     for label, key in rows:
         out.append(f"| {label} | " + " | ".join(f"{getattr(d, key):g}" for d in devs) + " |")
     for p in PIPES:
-        out.append(f"| {p} {'B' if p == 'lsu' else 'ops'}/SM/clock | " + " | ".join(f"{d.rate(p):g}" for d in devs) + " |")
+        out.append(
+            f"| {p} {'B' if p == 'lsu' else 'ops'}/SM/clock | " + " | ".join(f"{d.rate(p):g}" for d in devs) + " |"
+        )
     return "\n".join(out)
 
 

@@ -19,8 +19,9 @@ from .runner import DTYPE_NAMES
 
 MODELS = {
     "xl2": dict(num_gaussians=8, num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32),
-    "tiny": dict(num_gaussians=8, num_attention_heads=2, attention_head_dim=16, num_layers=2, sample_size=32,
-                 logstd_inner_dim=64),
+    "tiny": dict(
+        num_gaussians=8, num_attention_heads=2, attention_head_dim=16, num_layers=2, sample_size=32, logstd_inner_dim=64
+    ),
 }
 GUIDANCE_SCALE = 0.45
 MODES = (("mean", None), ("sample", 1))  # (output_mode, substeps override)
@@ -81,25 +82,42 @@ class _NetworkTimer:
             h.remove()
 
 
-def pipeline_records(device: torch.device, dtypes: list[torch.dtype], model: str, steps: int, substeps: int,
-                     batch: int, repeats: int) -> list[dict]:
+def pipeline_records(
+    device: torch.device, dtypes: list[torch.dtype], model: str, steps: int, substeps: int, batch: int, repeats: int
+) -> list[dict]:
     """One record per (output mode, dtype): the median over ``repeats`` timed calls (after one
     warm-up call on CUDA) of the total, network and sampler times."""
+    from gmkernels.pipelines import FlowEulerODEScheduler, GMFlowSDEScheduler
+
     records = []
     for dtype in dtypes:
         pipe = build_pipeline(model, device, dtype)
         cfg = pipe.transformer.config
         for mode, n_override in MODES:
             n = n_override or substeps
-            kw = dict(guidance_scale=GUIDANCE_SCALE, num_inference_steps=steps, num_inference_substeps=n,
-                      output_mode=mode, order=2, output_type="latent", progress=False)
+            # the official pairing: GM-ODE steps on the mean, GM-SDE steps on a (spectral) draw
+            pipe.scheduler = FlowEulerODEScheduler() if mode == "mean" else GMFlowSDEScheduler()
+            kw = dict(
+                guidance_scale=GUIDANCE_SCALE,
+                num_inference_steps=steps,
+                num_inference_substeps=n,
+                output_mode=mode,
+                order=2,
+                output_type="latent",
+                progress=False,
+            )
             labels = list(range(batch))
             rec = {
-                "suite": "pipeline", "op": f"GMDiTPipeline {mode} {steps}x{n} g={GUIDANCE_SCALE} o2 ({model})",
+                "suite": "pipeline",
+                "op": f"GMDiTPipeline {mode} {steps}x{n} g={GUIDANCE_SCALE} o2 ({model})",
                 "backend": "triton" if device.type == "cuda" else "torch",
                 "shape": f"{batch}x{cfg.num_gaussians}x{cfg.in_channels}x{cfg.sample_size}x{cfg.sample_size}",
-                "dtype": DTYPE_NAMES[dtype], "bytes": None, "gbps": None, "fraction_of_peak": None,
-                "per_call": 1, "note": "",
+                "dtype": DTYPE_NAMES[dtype],
+                "bytes": None,
+                "gbps": None,
+                "fraction_of_peak": None,
+                "per_call": 1,
+                "note": "",
             }
             try:
                 if device.type == "cuda":  # warm-up: Triton compiles, cuBLAS picks its kernels
@@ -121,11 +139,18 @@ def pipeline_records(device: torch.device, dtypes: list[torch.dtype], model: str
                 order = sorted(range(repeats), key=lambda i: totals[i])
                 mid = order[len(order) // 2]
                 total, net = totals[mid] * 1e3, nets[mid] * 1e3
-                rec.update(status="ok", median_ms=total, network_ms=net, sampler_ms=total - net,
-                           sampler_share=(total - net) / total,
-                           note=f"network {net:.4g} ms, sampler {total - net:.4g} ms = {100 * (total - net) / total:.2g}% "
-                                f"of the call ({steps} network calls at batch {2 * batch}, VAE not timed)")
+                rec.update(
+                    status="ok",
+                    median_ms=total,
+                    network_ms=net,
+                    sampler_ms=total - net,
+                    sampler_share=(total - net) / total,
+                    note=f"network {net:.4g} ms, sampler {total - net:.4g} ms = {100 * (total - net) / total:.2g}% "
+                    f"of the call ({steps} network calls at batch {2 * batch}, VAE not timed)",
+                )
             except Exception as e:  # a failing mode does not stop the run
-                rec.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160])
+                rec.update(
+                    status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+                )
             records.append(rec)
     return records

@@ -13,7 +13,7 @@ linearly in ``n`` (one saved state per substep plus a fixed set of K x C x H x W
 recomputed substep), so two substep counts give the line, extrapolated to 128.
 
 Fused path (analytic, from the saved tensors of ``gmkernels.ops.policy``; the interpreter is too
-slow for these shapes, and ``tests/test_policy_kernels.py`` checks the saved-tensor count at a
+slow for these shapes, and ``tests/test_policy.py`` checks the saved-tensor count at a
 small shape): the forward saves ``ceil(N / S)`` states per pixel in fp32 (``S = ceil(sqrt(N))``)
 and the ``(B, N + 1)`` sigma table; the backward adds a ``(B, H*W)`` fp32 partial of the variance
 gradient. Everything else it holds is the inputs and the gradients themselves.
@@ -90,7 +90,10 @@ def _measure(dims: tuple[int, ...], n: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(
         [sys.executable, "-m", "gmkernels_bench.policy_memory", "--child", ",".join(map(str, dims)), str(n)],
-        capture_output=True, text=True, check=True, env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -116,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(v) for v in args.counts.split(",")]
     shapes = QUICK if args.quick else POLICY_SHAPES
     mib = 2**20
-    print("| shape BxKxCxHxW | GM grads MiB | reference peak extra MiB, measured at N = " + ", ".join(map(str, counts))
-          + f" | reference at N={N_FULL} (linear fit) | fused at N={N_FULL} (analytic) | fused / GM grads |")
+    print(
+        "| shape BxKxCxHxW | GM grads MiB | reference peak extra MiB, measured at N = "
+        + ", ".join(map(str, counts))
+        + f" | reference at N={N_FULL} (linear fit) | fused at N={N_FULL} (analytic) | fused / GM grads |"
+    )
     print("|---|---|---|---|---|---|")
     for name, dims in shapes.items():
         rows = [_measure(dims, n) for n in counts]
@@ -126,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         full = r1["peak_extra"] + slope * (N_FULL - n1)
         grads = rows[0]["grad_bytes"]
         fused = fused_extra_bytes(dims, N_FULL)
-        print(f"| {name} {'x'.join(map(str, dims))} | {grads / mib:.1f} | "
-              + ", ".join(f"{r['peak_extra'] / mib:.1f}" for r in rows)
-              + f" | {full / mib:.1f} ({full / grads:.2f}x grads) | {fused / mib:.1f} | {fused / grads:.2f}x |")
+        print(
+            f"| {name} {'x'.join(map(str, dims))} | {grads / mib:.1f} | "
+            + ", ".join(f"{r['peak_extra'] / mib:.1f}" for r in rows)
+            + f" | {full / mib:.1f} ({full / grads:.2f}x grads) | {fused / mib:.1f} | {fused / grads:.2f}x |"
+        )
     return 0
 
 

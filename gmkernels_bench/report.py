@@ -23,10 +23,18 @@ def git_commit() -> str:
     with ``-dirty`` when tracked files differ from it; ``"unknown"`` outside a checkout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -39,7 +47,9 @@ def device_name(device: torch.device) -> str:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)"
+                    return (
+                        line.split(":", 1)[1].strip() + f" ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)"
+                    )
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -75,7 +85,9 @@ def add_speedups(records: list[dict]) -> None:
         times = groups.get((r["suite"], r["op"], r["shape"], r["dtype"]), {})
         mine = r.get("median_ms")
         r["speedups"] = {
-            f"vs_{b}": (t / mine if r["status"] == "ok" and mine else None) for b, t in times.items() if b != r["backend"]
+            f"vs_{b}": (t / mine if r["status"] == "ok" and mine else None)
+            for b, t in times.items()
+            if b != r["backend"]
         }
         r["speedup_vs_torch"] = r["speedups"].get("vs_torch")
         r["speedup_vs_compile"] = r["speedups"].get("vs_compile")
@@ -95,13 +107,17 @@ def headline(meta: dict, records: list[dict]) -> list[str]:
     and how many cases were too noisy to compare."""
     lines = []
     if meta.get("device_type") == "cpu":
-        lines.append("CPU run: reference timings only (torch eager and torch.compile of the reference; Triton skipped). "
-                     "They say nothing about the speed of the kernels.")
+        lines.append(
+            "CPU run: reference timings only (torch eager and torch.compile of the reference; Triton skipped). "
+            "They say nothing about the speed of the kernels."
+        )
     ok = [r for r in records if r["status"] == "ok"]
     bad = [r for r in ok if noisy(r)]
     if bad:
-        lines.append(f"{len(bad)} of {len(ok)} timings are noisy (IQR over {100 * SPREAD_FLAG:.0f}% of the median, flagged in the "
-                     "table): the machine was busy or the case too short; compare them, and speedups built on them, with care.")
+        lines.append(
+            f"{len(bad)} of {len(ok)} timings are noisy (IQR over {100 * SPREAD_FLAG:.0f}% of the median, flagged in the "
+            "table): the machine was busy or the case too short; compare them, and speedups built on them, with care."
+        )
     return lines
 
 
@@ -119,8 +135,21 @@ def markdown(meta: dict, records: list[dict]) -> str:
     lines += [f"- {note}" for note in meta.get("notes", [])]
     if meta.get("notes"):
         lines.append("")
-    head = ["suite", "op", "shape BxKxCxHxW", "dtype", "backend", "median ms", "IQR %", "ms/call", "GB/s", "% of copy", "vs torch",
-            "vs compile", "note"]
+    head = [
+        "suite",
+        "op",
+        "shape BxKxCxHxW",
+        "dtype",
+        "backend",
+        "median ms",
+        "IQR %",
+        "ms/call",
+        "GB/s",
+        "% of copy",
+        "vs torch",
+        "vs compile",
+        "note",
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in records:
         ok = r["status"] == "ok"
@@ -128,7 +157,11 @@ def markdown(meta: dict, records: list[dict]) -> str:
         if noisy(r):
             note = "; ".join(x for x in (f"NOISY: IQR {100 * r['iqr_rel']:.0f}% of the median", note) if x)
         row = [
-            r["suite"], r["op"], r["shape"], r["dtype"], r["backend"],
+            r["suite"],
+            r["op"],
+            r["shape"],
+            r["dtype"],
+            r["backend"],
             _fmt(r.get("median_ms"), ".4g"),
             _fmt(None if r.get("iqr_rel") is None else 100 * r["iqr_rel"], ".1f"),
             _fmt(r.get("ms_per_call"), ".4g") if r.get("per_call", 1) > 1 else "",
@@ -176,7 +209,11 @@ def plot(path: str, records: list[dict], meta: dict | None = None) -> None:
         frac = [100 * (by_case[c].get("fraction_of_peak") or nan) if c in by_case else nan for c in cases]
         hatch = ["//" if c in by_case and noisy(by_case[c]) else "" for c in cases]
         color = f"C{BACKEND_ORDER.index(b)}"
-        label = {"torch": "torch eager (reference)", "compile": "torch.compile (reference)", "triton": "gmkernels (Triton)"}[b]
+        label = {
+            "torch": "torch eager (reference)",
+            "compile": "torch.compile (reference)",
+            "triton": "gmkernels (Triton)",
+        }[b]
         if b != "torch":
             axes[0].barh(ys, [x - 1 for x in speed], left=1.0, height=width, label=label, color=color, hatch=hatch)
         axes[1].barh(ys, frac, height=width, label=label, color=color, hatch=hatch)
@@ -195,9 +232,11 @@ def plot(path: str, records: list[dict], meta: dict | None = None) -> None:
         ax.grid(axis="x", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=9, loc="lower right")
-    title = [f"gmkernels benchmark on {meta.get('device', 'unknown device')}",
-             f"torch {meta.get('torch_version')} · triton {meta.get('triton_version')} · gmkernels {meta.get('gmkernels_version')}"
-             f" · commit {meta.get('git_commit')}" + (" · --quick" if meta.get("quick") else "")]
+    title = [
+        f"gmkernels benchmark on {meta.get('device', 'unknown device')}",
+        f"torch {meta.get('torch_version')} · triton {meta.get('triton_version')} · gmkernels {meta.get('gmkernels_version')}"
+        f" · commit {meta.get('git_commit')}" + (" · --quick" if meta.get("quick") else ""),
+    ]
     title += [w for w in headline(meta, records) if not w.startswith("CPU run")]  # that one is the suffix below
     if meta.get("device_type") == "cpu":
         title[0] += " — reference only, Triton skipped"

@@ -23,9 +23,21 @@ def base_record(case: Case, backend: str) -> dict[str, Any]:
     """The fields of a record that describe the case (no timing)."""
     s = case.shape
     return {
-        "suite": case.suite, "op": case.op, "backend": backend, "shape": s.label, "shape_name": s.name,
-        "B": s.B, "K": s.K, "C": s.C, "H": s.H, "W": s.W, "dtype": DTYPE_NAMES[case.dtype],
-        "bytes": case.bytes, "per_call": case.per_call, "params": case.params, "note": "",
+        "suite": case.suite,
+        "op": case.op,
+        "backend": backend,
+        "shape": s.label,
+        "shape_name": s.name,
+        "B": s.B,
+        "K": s.K,
+        "C": s.C,
+        "H": s.H,
+        "W": s.W,
+        "dtype": DTYPE_NAMES[case.dtype],
+        "bytes": case.bytes,
+        "per_call": case.per_call,
+        "params": case.params,
+        "note": "",
     }
 
 
@@ -42,7 +54,9 @@ def _peak_extra_bytes(run: Any, inputs: Any, device: torch.device) -> tuple[int,
     return peak - before - out_bytes, out_bytes
 
 
-def run_case(case: Case, backends: list[str], device: torch.device, cfg: TimerConfig, copy_bw: float, max_copies: int) -> list[dict]:
+def run_case(
+    case: Case, backends: list[str], device: torch.device, cfg: TimerConfig, copy_bw: float, max_copies: int
+) -> list[dict]:
     """Time ``case`` on each of ``backends`` (those it has) in this process, same inputs for all.
 
     Every record has ``status`` ``"ok"`` or ``"error"`` (with a one-line ``reason``: a backend

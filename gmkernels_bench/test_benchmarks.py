@@ -20,7 +20,16 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from gmkernels_bench.cases import QUICK_CPU_COMPILE, clone_tree, op_cases, parse_shapes, policy_cases, sample_unavailable, solver_cases, train_cases  # noqa: E402
+from gmkernels_bench.cases import (  # noqa: E402
+    QUICK_CPU_COMPILE,
+    clone_tree,
+    op_cases,
+    parse_shapes,
+    policy_cases,
+    sample_unavailable,
+    solver_cases,
+    train_cases,
+)
 from gmkernels_bench.runner import DTYPE_NAMES  # noqa: E402
 from gmkernels_bench.timing import input_copies  # noqa: E402
 
@@ -43,7 +52,11 @@ def _cases() -> list:
     for dtype in DTYPES:  # pi-Flow policies: their own shapes
         cases += policy_cases(dtype, DEVICE, quick=ON_CPU, compile_ok=not ON_CPU)
     return [
-        pytest.param(case, backend, id=f"{case.suite}-{case.op.replace(' ', '_')}-{case.shape.label}-{DTYPE_NAMES[case.dtype]}-{backend}")
+        pytest.param(
+            case,
+            backend,
+            id=f"{case.suite}-{case.op.replace(' ', '_')}-{case.shape.label}-{DTYPE_NAMES[case.dtype]}-{backend}",
+        )
         for case in cases
         for backend in BACKENDS
         if backend in case.runs
@@ -74,16 +87,24 @@ def test_case(benchmark, case, backend):
     for a in copies:  # warm-up, and compilation for the compile backend
         run(a)
     benchmark.extra_info.update(
-        op=case.op, shape=case.shape.label, dtype=DTYPE_NAMES[case.dtype], backend=backend,
-        bytes=case.bytes, per_call=case.per_call, device=str(DEVICE),
+        op=case.op,
+        shape=case.shape.label,
+        dtype=DTYPE_NAMES[case.dtype],
+        backend=backend,
+        bytes=case.bytes,
+        per_call=case.per_call,
+        device=str(DEVICE),
     )
     if DEVICE.type == "cuda":
+
         def call():
             run(next(rotation))
             torch.cuda.synchronize(DEVICE)
     else:
+
         def call():
             run(next(rotation))
+
     benchmark(call)
 
 

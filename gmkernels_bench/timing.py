@@ -60,8 +60,16 @@ class TimerConfig:
     def for_run(cls, device: torch.device, quick: bool) -> "TimerConfig":
         """GPU: 100 batches of >= 2 ms (30 of >= 1 ms with ``quick``); CPU: 25 of >= 20 ms (7 of >= 5 ms)."""
         if device.type == "cuda":
-            return cls(repeats=30, warmup_s=0.025, min_batch_s=1e-3, max_total_s=1.0) if quick else cls(repeats=100, warmup_s=0.1, min_batch_s=2e-3, max_total_s=5.0)
-        return cls(repeats=7, warmup_s=0.02, min_batch_s=5e-3, max_total_s=0.4) if quick else cls(repeats=25, warmup_s=0.1, min_batch_s=2e-2, max_total_s=5.0)
+            return (
+                cls(repeats=30, warmup_s=0.025, min_batch_s=1e-3, max_total_s=1.0)
+                if quick
+                else cls(repeats=100, warmup_s=0.1, min_batch_s=2e-3, max_total_s=5.0)
+            )
+        return (
+            cls(repeats=7, warmup_s=0.02, min_batch_s=5e-3, max_total_s=0.4)
+            if quick
+            else cls(repeats=25, warmup_s=0.1, min_batch_s=2e-2, max_total_s=5.0)
+        )
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -178,9 +186,7 @@ def copy_bandwidth(device: torch.device, cfg: TimerConfig, quick: bool) -> tuple
     src = torch.rand(numel, device=device) + 0.5
     dst = torch.empty_like(src)
     t = measure([lambda: dst.copy_(src)], device, cfg)
-    bw = 2 * numel * 4 / t.median_s
-    del src, dst
-    return bw, numel * 4
+    return 2 * numel * 4 / t.median_s, numel * 4
 
 
 def graph_replays(run: Callable[[object], object], inputs: Sequence[object]) -> list[Callable[[], None]]:

@@ -178,7 +178,9 @@ class _Recorder:
                     continue
                 st = r.storages[name]
                 setattr(st, f"{kind}_bytes", getattr(st, f"{kind}_bytes") + int(usize[sel].sum()))
-                setattr(st, f"{kind}_sectors", getattr(st, f"{kind}_sectors") + int(np.unique(uniq[sel] // SECTOR).size))
+                setattr(
+                    st, f"{kind}_sectors", getattr(st, f"{kind}_sectors") + int(np.unique(uniq[sel] // SECTOR).size)
+                )
         return r
 
 
@@ -219,7 +221,12 @@ def statement_line(filename: str, line: int) -> int:
                 if isinstance(node, ast.stmt):
                     end = node.end_lineno or node.lineno
                     body = getattr(node, "body", None)
-                    if isinstance(body, list) and body and isinstance(body[0], ast.stmt) and not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    if (
+                        isinstance(body, list)
+                        and body
+                        and isinstance(body[0], ast.stmt)
+                        and not isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                    ):
                         end = body[0].lineno - 1  # a compound statement: its header
                     for ln in range(node.lineno, max(end, node.lineno) + 1):
                         table[ln] = node.lineno

@@ -101,7 +101,9 @@ def image_folder(root: str, size: int) -> TensorSource:
     for label, cls in enumerate(classes):
         for name in sorted(os.listdir(os.path.join(root, cls))):
             img = Image.open(os.path.join(root, cls, name)).convert("RGB").resize((size, size))
-            xs.append(torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, 3).permute(2, 0, 1) / 127.5 - 1)
+            xs.append(
+                torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, 3).permute(2, 0, 1) / 127.5 - 1
+            )
             ys.append(label)
     if not xs:
         raise ValueError(f"image_folder: no images under {root!r}")
@@ -111,8 +113,10 @@ def image_folder(root: str, size: int) -> TensorSource:
 def latent_cache(path: str, num_classes: int = 1000) -> TensorSource:
     """A ``torch.save``d dict ``{"x": (N, C, H, W) latents (already scaled), "y": (N,)}``."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"latent_cache: {path!r} does not exist; encode the dataset with your VAE and "
-                                "torch.save({'x': latents, 'y': labels}, path) first")
+        raise FileNotFoundError(
+            f"latent_cache: {path!r} does not exist; encode the dataset with your VAE and "
+            "torch.save({'x': latents, 'y': labels}, path) first"
+        )
     d = torch.load(path, map_location="cpu")
     return TensorSource(d["x"], d["y"], num_classes=num_classes)
 

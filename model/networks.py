@@ -104,7 +104,9 @@ class GMMLP2D(nn.Module):
         super().__init__()
         self.cfg = cfg
         K, C, h = cfg.K, cfg.dim, cfg.hidden
-        self.register_buffer("freqs", 2.0 ** torch.arange(cfg.pos_freqs, dtype=torch.float32) * (math.pi / 8), persistent=False)
+        self.register_buffer(
+            "freqs", 2.0 ** torch.arange(cfg.pos_freqs, dtype=torch.float32) * (math.pi / 8), persistent=False
+        )
         self.t_embed = TimestepEmbedder(h, freq_dim=128)
         layers: list[nn.Module] = [nn.Linear(C + 2 * C * cfg.pos_freqs + h, h), nn.SiLU()]
         for _ in range(cfg.depth - 1):
@@ -159,9 +161,16 @@ class DiTConfig:
 
 def _sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     """Fixed 2-D sin/cos position embedding ``(grid * grid, dim)``, half the features per axis."""
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
-    return torch.cat([sinusoidal_embedding(ys.flatten(), dim // 2, 10000.0),
-                      sinusoidal_embedding(xs.flatten(), dim - dim // 2, 10000.0)], dim=-1)
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
+    return torch.cat(
+        [
+            sinusoidal_embedding(ys.flatten(), dim // 2, 10000.0),
+            sinusoidal_embedding(xs.flatten(), dim - dim // 2, 10000.0),
+        ],
+        dim=-1,
+    )
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -187,7 +196,11 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
-        q, k, v = self.qkv(_modulate(self.norm1(x), sh1, sc1)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(_modulate(self.norm1(x), sh1, sc1))
+            .view(B, N, 3, self.heads, D // self.heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
         x = x + g1.unsqueeze(1) * self.proj(a)
         return x + g2.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), sh2, sc2))
@@ -208,7 +221,9 @@ class GMDiT(nn.Module):
         self.cfg = cfg
         D, p, C, K = cfg.hidden, cfg.patch_size, cfg.in_channels, cfg.K
         if cfg.image_size % p or D % cfg.heads:
-            raise ValueError(f"GMDiT: image_size {cfg.image_size} must divide by patch_size {p} and hidden {D} by heads {cfg.heads}")
+            raise ValueError(
+                f"GMDiT: image_size {cfg.image_size} must divide by patch_size {p} and hidden {D} by heads {cfg.heads}"
+            )
         self.grid = cfg.image_size // p
         self.patch = nn.Conv2d(C, D, kernel_size=p, stride=p)
         self.register_buffer("pos", _sincos_pos_embed(D, self.grid).unsqueeze(0), persistent=False)
@@ -232,11 +247,15 @@ class GMDiT(nn.Module):
     def null_class(self) -> int:
         return self.cfg.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict:
         cfg = self.cfg
         B, C, H, W = x.shape
         if (C, H, W) != (cfg.in_channels, cfg.image_size, cfg.image_size):
-            raise ValueError(f"GMDiT: x must have shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"GMDiT: x must have shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(x.shape)}"
+            )
         if y.shape != (B,) or y.dtype != torch.long:
             raise ValueError(f"GMDiT: y must be int64 of shape ({B},), got {y.dtype} {tuple(y.shape)}")
         if self.training and cfg.class_dropout > 0:
@@ -292,7 +311,9 @@ class GMDiTOfficial(nn.Module):
     def null_class(self) -> int:
         return self.transformer.null_class
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict:
         B = x.shape[0]
         if self.training and self.class_dropout > 0:
             drop = (torch.rand(B, generator=generator) < self.class_dropout).to(y.device)  # CPU generator

@@ -47,7 +47,7 @@ def image_grid(pixels: torch.Tensor, cols: int, zoom: int = 1, pad: int = 1, pad
     grid = torch.full((rows * (h + pad) - pad, cols * (w + pad) - pad, C), pad_value, dtype=torch.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = tiles[i].permute(1, 2, 0)
+        grid[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = tiles[i].permute(1, 2, 0)
     return grid
 
 
@@ -64,9 +64,21 @@ def parse_labels(text: str | None, n: int, num_classes: int) -> torch.Tensor:
     return torch.tensor(vals).repeat(math.ceil(n / len(vals)))[:n]
 
 
-def sample_checkpoint(path: str, n: int = 64, solver: str = "gm-sde", steps: int = 8, order: int = 2, substeps: int = 4,
-                      labels: str | None = None, guidance: str = "probabilistic", scale: float = 0.0, seed: int = 0,
-                      shift: float = 1.0, raw: bool = False, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def sample_checkpoint(
+    path: str,
+    n: int = 64,
+    solver: str = "gm-sde",
+    steps: int = 8,
+    order: int = 2,
+    substeps: int = 4,
+    labels: str | None = None,
+    guidance: str = "probabilistic",
+    scale: float = 0.0,
+    seed: int = 0,
+    shift: float = 1.0,
+    raw: bool = False,
+    device: str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Samples ``(n, C, H, W)`` (CPU, float32, data scale [-1, 1]), their labels ``(n,)`` (None for an
     unconditional network) and the checkpoint's config."""
     net, cfg = load_network(path, ema=not raw, device=device)
@@ -81,9 +93,18 @@ def sample_checkpoint(path: str, n: int = 64, solver: str = "gm-sde", steps: int
     noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
     denoiser = make_denoiser(net, y, guided=scale > 0)
     with torch.no_grad():
-        x = gmkernels.sample(denoiser, noise, steps, solver=solver, order=order, substeps=substeps if solver == "gm-ode" else 1,
-                             shift=shift, guidance=guidance, guidance_scale=scale,
-                             generator=torch.Generator(device=device).manual_seed(seed))
+        x = gmkernels.sample(
+            denoiser,
+            noise,
+            steps,
+            solver=solver,
+            order=order,
+            substeps=substeps if solver == "gm-ode" else 1,
+            shift=shift,
+            guidance=guidance,
+            guidance_scale=scale,
+            generator=torch.Generator(device=device).manual_seed(seed),
+        )
     return x.float().cpu(), None if y is None else y.cpu(), cfg
 
 
@@ -104,7 +125,9 @@ def _write_png(x: torch.Tensor, labels: torch.Tensor | None, cfg: dict, path: st
         plt.close(fig)
         return
     if cfg["data"] == "latents":
-        raise ValueError(f"{cfg['preset']!r} samples are VAE latents, not pixels: write them with --out x.pt and decode them")
+        raise ValueError(
+            f"{cfg['preset']!r} samples are VAE latents, not pixels: write them with --out x.pt and decode them"
+        )
     if cols is None:  # one column per class when the labels cycle through every class, else square
         n_cls = cfg["net_cfg"].get("num_classes", 10)
         cycling = labels is not None and torch.equal(labels, torch.arange(labels.shape[0]) % n_cls)
@@ -114,15 +137,20 @@ def _write_png(x: torch.Tensor, labels: torch.Tensor | None, cfg: dict, path: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("checkpoint")
     ap.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     ap.add_argument("--solver", default="gm-sde", choices=["gm-sde", "gm-ode", "euler"])
     ap.add_argument("--steps", type=int, default=8, help="network calls (NFE), default 8")
-    ap.add_argument("--order", type=int, default=2, choices=[1, 2])
+    ap.add_argument("--order", type=int, default=None, choices=[1, 2], help="solver order (default 2; 1 for euler)")
     ap.add_argument("--substeps", type=int, default=4, help="GM-ODE substeps per network call (default 4)")
-    ap.add_argument("--labels", default=None, help="class index or comma-separated indices (default: every class in turn)")
+    ap.add_argument(
+        "--labels", default=None, help="class index or comma-separated indices (default: every class in turn)"
+    )
     ap.add_argument("--guidance", default="probabilistic", choices=["probabilistic", "mean-cfg", "weight"])
     ap.add_argument("--scale", type=float, default=0.0, help="guidance scale; 0 (default): no guidance")
     ap.add_argument("--seed", type=int, default=0)
@@ -130,13 +158,49 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
     ap.add_argument("--cols", type=int, default=None, help="grid columns (default: a square grid)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default="samples.png", help="a .png grid, or .pt for the raw tensors (default samples.png)")
+    ap.add_argument(
+        "--out", default="samples.png", help="a .png grid, or .pt for the raw tensors (default samples.png)"
+    )
     args = ap.parse_args(argv)
-    if args.n < 1 or args.steps < 1:
-        ap.error(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
+    for flag, value in (
+        ("--n", args.n),
+        ("--steps", args.steps),
+        ("--substeps", args.substeps),
+        ("--cols", args.cols or 1),
+    ):
+        if value < 1:
+            ap.error(f"{flag} must be an int >= 1, got {value}")
+    if args.seed < 0:
+        ap.error(f"--seed must be an int >= 0, got {args.seed}")
+    if not (args.shift > 0 and math.isfinite(args.shift)):
+        ap.error(f"--shift must be a number > 0, got {args.shift}")
+    if not (0 <= args.scale < (1 if args.guidance == "probabilistic" else math.inf)):
+        ap.error(
+            f"--scale must lie in {'[0, 1)' if args.guidance == 'probabilistic' else '[0, inf)'} for --guidance "
+            f"{args.guidance} (0: no guidance), got {args.scale}"
+        )
+    if args.order is None:
+        args.order = 1 if args.solver == "euler" else 2
+    if args.solver == "euler" and args.order != 1:
+        ap.error(f"--order must be 1 with --solver euler, got {args.order}")
+    if not os.path.isfile(args.checkpoint):
+        ap.error(f"checkpoint {args.checkpoint!r} does not exist (train one with python -m model.train --preset NAME)")
     try:
-        x, y, cfg = sample_checkpoint(args.checkpoint, args.n, args.solver, args.steps, args.order, args.substeps, args.labels,
-                                      args.guidance, args.scale, args.seed, args.shift, args.raw, args.device)
+        x, y, cfg = sample_checkpoint(
+            args.checkpoint,
+            args.n,
+            args.solver,
+            args.steps,
+            args.order,
+            args.substeps,
+            args.labels,
+            args.guidance,
+            args.scale,
+            args.seed,
+            args.shift,
+            args.raw,
+            args.device,
+        )
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         if args.out.endswith(".pt"):
             torch.save({"x": x, "y": y}, args.out)
@@ -144,7 +208,9 @@ def main(argv: list[str] | None = None) -> None:
             _write_png(x, y, cfg, args.out, args.cols)
     except ValueError as e:
         ap.error(str(e))
-    print(f"wrote {args.n} samples ({args.solver}, order {args.order}, {args.steps} steps, seed {args.seed}) to {args.out}")
+    print(
+        f"wrote {args.n} samples ({args.solver}, order {args.order}, {args.steps} steps, seed {args.seed}) to {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import gmkernels
 
 from .data import build_data
 from .networks import build_network
-from .presets import PRESETS, get_preset
+from .presets import PRESETS, check_train_config, get_preset
 
 
 def call_net(net, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> dict:
@@ -109,18 +109,24 @@ def check_resumable(path: str, saved: dict, cfg: dict) -> None:
     for (``net`` or any ``net_cfg`` entry differs), instead of a state-dict size mismatch."""
     diff = [f"net: {saved['net']!r} there, {cfg['net']!r} asked"] if saved["net"] != cfg["net"] else []
     a, b = saved["net_cfg"], cfg["net_cfg"]
-    diff += [f"net_cfg.{k}: {a.get(k)!r} there, {b.get(k)!r} asked" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diff += [
+        f"net_cfg.{k}: {a.get(k)!r} there, {b.get(k)!r} asked" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+    ]
     if diff:
-        raise ValueError(f"{path} holds a run of another network ({'; '.join(diff)}); resuming needs the same network: "
-                         f"pass another out= for a new run, or remove that checkpoint")
+        raise ValueError(
+            f"{path} holds a run of another network ({'; '.join(diff)}); resuming needs the same network: "
+            f"pass another out= for a new run, or remove that checkpoint"
+        )
 
 
 def train(cfg: dict, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train with ``cfg`` (a preset dict), resuming from ``<out>/ckpt.pt`` when it exists.
 
     ``stop_after`` ends the run after that many steps of this call (to test resumption).
-    Returns ``{"history": [loss per step], "step": int, "path": checkpoint path}``.
+    Returns ``{"history": [loss per step], "step": int, "path": checkpoint path}``. A setting
+    outside its range (:func:`model.presets.check_train_config`) raises a ValueError first.
     """
+    check_train_config(cfg)
     rank, world, device = _dist_setup()
     out = cfg["out"]
     path = os.path.join(out, "ckpt.pt")
@@ -143,7 +149,9 @@ def train(cfg: dict, progress: bool = True, stop_after: int | None = None) -> di
         step, history = ck["step"], list(ck["history"])
         if rank == 0:
             print(f"resumed {path} at step {step}", file=sys.stderr)
-    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    model = (
+        DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    )
     if cfg["batch"] % world:
         raise ValueError(f"batch {cfg['batch']} must divide by the number of processes {world}")
     local_batch = cfg["batch"] // world
@@ -154,8 +162,19 @@ def train(cfg: dict, progress: bool = True, stop_after: int | None = None) -> di
             states = [None] * world
             dist.all_gather_object(states, gen.get_state())
         if rank == 0:
-            save_checkpoint(path, dict(cfg=cfg, step=step, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                       gen_state=states, world=world, history=history))
+            save_checkpoint(
+                path,
+                dict(
+                    cfg=cfg,
+                    step=step,
+                    net=net.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    gen_state=states,
+                    world=world,
+                    history=history,
+                ),
+            )
 
     end = cfg["steps"] if stop_after is None else min(cfg["steps"], step + stop_after)
     bins = torch.zeros(2, 4)  # (sum, count) of the loss per quartile of sigma_high
@@ -183,9 +202,14 @@ def train(cfg: dict, progress: bool = True, stop_after: int | None = None) -> di
         bins[1].index_add_(0, q, torch.ones_like(sig.cpu()))
         bar.update(1)
         if rank == 0 and (step % cfg["log_every"] == 0 or step == end):
-            quart = " ".join(f"{v:+.3f}" if c > 0 else "   n/a" for v, c in zip((bins[0] / bins[1].clamp_min(1)).tolist(), bins[1].tolist()))
-            bar.write(f"step {step:6d}  loss {sum(history[-cfg['log_every']:]) / len(history[-cfg['log_every']:]):+.4f}  "
-                      f"by sigma quartile [0,.25) [.25,.5) [.5,.75) [.75,1]: {quart}  ({time.time() - t0:.0f}s)")
+            quart = " ".join(
+                f"{v:+.3f}" if c > 0 else "   n/a"
+                for v, c in zip((bins[0] / bins[1].clamp_min(1)).tolist(), bins[1].tolist())
+            )
+            bar.write(
+                f"step {step:6d}  loss {sum(history[-cfg['log_every'] :]) / len(history[-cfg['log_every'] :]):+.4f}  "
+                f"by sigma quartile [0,.25) [.25,.5) [.5,.75) [.75,1]: {quart}  ({time.time() - t0:.0f}s)"
+            )
             bins.zero_()
         if step % cfg["ckpt_every"] == 0 or step == end:
             checkpoint_now()
@@ -196,13 +220,16 @@ def train(cfg: dict, progress: bool = True, stop_after: int | None = None) -> di
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (loss lines are still printed)")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. steps=500 net_cfg.K=16 out=runs/x")
     args = ap.parse_args(argv)
     try:
         cfg = get_preset(args.preset, args.overrides)
+        check_train_config(cfg)
     except ValueError as e:
         ap.error(str(e))
     if cfg["data"] == "latents" and not cfg["data_cfg"].get("path"):
@@ -213,9 +240,18 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:  # a checkpoint in out= of another network
         raise SystemExit(f"error: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
-        last = res["history"][-min(len(res["history"]), cfg["log_every"]):]
-        print(json.dumps(dict(preset=cfg["preset"], steps=res["step"], final_loss=sum(last) / max(1, len(last)),
-                              checkpoint=res["path"], wall_s=round(time.time() - t0, 1))))
+        last = res["history"][-min(len(res["history"]), cfg["log_every"]) :]
+        print(
+            json.dumps(
+                dict(
+                    preset=cfg["preset"],
+                    steps=res["step"],
+                    final_loss=sum(last) / max(1, len(last)),
+                    checkpoint=res["path"],
+                    wall_s=round(time.time() - t0, 1),
+                )
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -222,7 +222,9 @@ def gaussian_samples_to_gm_samples(
     return from_basis(kr_gaussian_to_gm(_rotated_gm(gm, basis), z, n_steps, eps, max_step_size), basis)
 
 
-def gm_samples_to_gaussian_samples(gm: dict, gm_samples: torch.Tensor, eps: float = 1e-6, axis_aligned: bool = True) -> torch.Tensor:
+def gm_samples_to_gaussian_samples(
+    gm: dict, gm_samples: torch.Tensor, eps: float = 1e-6, axis_aligned: bool = True
+) -> torch.Tensor:
     """KR transport GM -> N(0, I), the inverse of ``gaussian_samples_to_gm_samples``:
     ``z_rot = sqrt(2) * erfinv(clamp(F, -1 + eps, 1 - eps))`` of the conditional scaled CDFs of
     ``V^T x``, rotated back by ``V`` unless ``axis_aligned``.

@@ -35,7 +35,8 @@ def gm_nll_loss(gm: dict, target: torch.Tensor, eps: float = 1e-4, reduction: st
     """GM negative log-likelihood, per pixel (no ``2 pi`` constant):
 
     ``-logsumexp_k(logweights_k + sum_c(-0.5 * ((y_c - mu_kc) * istd)^2 - logstds))`` with
-    ``istd = min(exp(-logstds), 1 / eps)``.
+    ``istd = min(exp(-logstds), 1 / eps)``; a dead component (log-weight ``-inf``) contributes
+    nothing, also at a zero std.
 
     Args:
         gm: ``{means (*B, K, C, H, W), logstds, logweights (*B, K, 1, H, W)}``.
@@ -48,7 +49,11 @@ def gm_nll_loss(gm: dict, target: torch.Tensor, eps: float = 1e-4, reduction: st
     istd = torch.exp(-logstds).clamp(max=1 / eps)
     sq = ((target.unsqueeze(-4) - gm["means"]) * istd).square()  # (*B, K, C, H, W)
     comp = (-0.5 * sq - logstds).sum(dim=-3)  # (*B, K, H, W)
-    loss = -torch.logsumexp(gm["logweights"].squeeze(-3) + comp, dim=-3)  # (*B, H, W)
+    # a dead component has no mass and gets no gradient, also where a zero std makes comp +inf
+    # (docs/numerics.md#likelihood)
+    logweights = gm["logweights"].squeeze(-3)
+    logits = torch.where(logweights == -math.inf, -math.inf, logweights + comp)
+    loss = -torch.logsumexp(logits, dim=-3)  # (*B, H, W)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -65,7 +70,7 @@ def gm_nll_loss_backward(gm: dict, target: torch.Tensor, grad_loss: torch.Tensor
     ``r_k = exp(l_k - logsumexp_k l_k)``, the loss is ``-logsumexp_k l_k`` and, for an upstream
     gradient ``g`` per pixel:
 
-    * ``dL/dlogweights_k = -g * r_k``;
+    * ``dL/dlogweights_k = -g * r_k`` (0 for a dead component, ``logweights_k = -inf``);
     * ``dL/dmu_kc = -g * r_k * d_kc * istd``;
     * ``dL/dlogstds = -g * sum_k r_k * (q_k * [exp(-logstds) <= 1/eps] - C)``, summed over the
       pixels that share the log-std (the clamp ``istd = min(exp(-logstds), 1/eps)`` has no
@@ -85,6 +90,7 @@ def gm_nll_loss_backward(gm: dict, target: torch.Tensor, grad_loss: torch.Tensor
     d = (target.unsqueeze(-4) - gm["means"]) * istd  # (*B, K, C, H, W)
     q = d.square().sum(dim=-3, keepdim=True)  # (*B, K, 1, H, W)
     r = torch.softmax(gm["logweights"] - 0.5 * q, dim=-4)  # the -C * logstds term cancels
+    r = torch.where(gm["logweights"] == -math.inf, 0.0, r)  # a dead component: 0, also in a pixel of no live one
     gr = -grad_loss.unsqueeze(-3).unsqueeze(-4) * r  # (*B, K, 1, H, W)
     g_logstds = (gr * (q * active - C)).sum(dim=-4, keepdim=True)  # (*B, 1, 1, H, W)
     if logstds.shape[-2:] != g_logstds.shape[-2:]:

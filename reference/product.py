@@ -22,6 +22,10 @@ def gm_mul_iso_gaussian(
                      = log_softmax_k(logweights_k - 0.5 * r / n * sum_c (mu_k - mu_0)((mu_k - g) + (mu_0 - g)))
         logstds'     = logstds + 0.5 * log(v) - 0.5 * log(n)
 
+    ``v = inf`` carries no information: ``mu'_k = mu_k``, ``logstds' = logstds`` and the
+    log-weights are renormalised (``v / n`` is taken as 1 there, not ``inf / inf``). A pixel
+    whose components are all dead gives NaN log-weights (it is not a GM).
+
     Returns:
         A GM; ``logstds'`` is ``(*B, 1, 1, 1, 1)`` for a per-sample ``var`` and
         ``(*B, 1, 1, H, W)`` for a per-pixel one.
@@ -31,7 +35,8 @@ def gm_mul_iso_gaussian(
     v = gaussian["var"].unsqueeze(-4)  # (*B, 1, 1, H|1, W|1)
     s2 = torch.exp(2 * gm["logstds"])  # (*B, 1, 1, 1|H, 1|W)
     n = (v + r * s2).clamp(min=eps)
-    means = (v / n) * gm["means"] + (r * s2 / n) * g  # ratios first: no overflow for huge v or s2
+    # ratios first: no overflow for huge v or s2; an infinite v is no information (v / n would be NaN)
+    means = torch.where(v == float("inf"), 1.0, v / n) * gm["means"] + (r * s2 / n) * g
     # sum_c (mu_k - g)^2 less its k-independent part sum_c (mu_0 - g)^2, which log_softmax drops
     # anyway: when g is far from the components (a short posterior step) this keeps fp32 logits
     # small, and when g and the components share a large offset every difference is exact.
@@ -51,10 +56,19 @@ def iso_gaussian_mul_iso_gaussian(
     ``n = max(power1 * v2 + power2 * v1, eps)``, ``var = v1 * v2 / n``,
     ``mean = (power1 * v2 * m1 + power2 * v1 * m2) / n``.
 
+    An infinite variance carries no information: in the ratios ``(v1, v2) = (inf, finite)``
+    stands as ``(1, 0)`` (the limit ``v1 -> inf``: the product is ``N(m2, v2 / power2)``, the
+    other factor for ``power2 = 1``), ``(finite, inf)`` as ``(0, 1)`` and ``(inf, inf)`` as
+    ``(1, 1)`` (the limit of equal variances: ``var = inf``, ``mean = (power1 * m1 + power2 * m2)
+    / (power1 + power2)``).
+
     Returns:
         ``{mean (*B, C, H, W), var}`` with ``var`` the broadcast shape of ``v1`` and ``v2``.
     """
     v1, v2 = g1["var"], g2["var"]
-    n = (power1 * v2 + power2 * v1).clamp(min=eps)
-    w1, w2 = v2 / n, v1 / n  # ratios first: no overflow for huge variances
-    return {"mean": power1 * w1 * g1["mean"] + power2 * w2 * g2["mean"], "var": v1 * w1}
+    inf1, inf2 = v1 == float("inf"), v2 == float("inf")
+    u1 = torch.where(inf1, 1.0, torch.where(inf2, 0.0, v1))
+    u2 = torch.where(inf2, 1.0, torch.where(inf1, 0.0, v2))
+    n = (power1 * u2 + power2 * u1).clamp(min=eps)
+    w1, w2 = u2 / n, u1 / n  # ratios first: no overflow for huge variances
+    return {"mean": power1 * w1 * g1["mean"] + power2 * w2 * g2["mean"], "var": torch.where(inf1, v2 * w2, v1 * w1)}

@@ -15,22 +15,63 @@ import os
 
 import torch
 
-TINY = dict(num_gaussians=3, in_channels=4, sample_size=8, patch_size=2, num_attention_heads=2, attention_head_dim=8,
-            num_layers=2, num_embeds_ada_norm=10, logstd_inner_dim=16)
+TINY = dict(
+    num_gaussians=3,
+    in_channels=4,
+    sample_size=8,
+    patch_size=2,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    num_layers=2,
+    num_embeds_ada_norm=10,
+    logstd_inner_dim=16,
+)
 SPECTRUM = dict(base_size=[4, 8, 8], layers=[16, 4])
-ID2LABEL = {str(i): name for i, name in enumerate(
-    ["tench, Tinca tinca", "goldfish", "jay", "magpie", "robin, American robin", "ostrich", "hen", "cock",
-     "brambling", "goldfinch"])}
+ID2LABEL = {
+    str(i): name
+    for i, name in enumerate(
+        [
+            "tench, Tinca tinca",
+            "goldfish",
+            "jay",
+            "magpie",
+            "robin, American robin",
+            "ostrich",
+            "hen",
+            "cock",
+            "brambling",
+            "goldfinch",
+        ]
+    )
+}
 DIFFUSERS_VERSION = "0.32.2"
 
 
 def transformer_config(**kw) -> dict:
     """The official transformer config keys with the tiny sizes."""
-    cfg = dict(num_gaussians=16, constant_logstd=None, logstd_inner_dim=1024, gm_num_logstd_layers=2,
-               class_dropout_prob=0.0, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=None,
-               num_layers=28, dropout=0.0, norm_num_groups=32, attention_bias=True, sample_size=32, patch_size=2,
-               activation_fn="gelu-approximate", num_embeds_ada_norm=1000, upcast_attention=False,
-               norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-5)
+    cfg = dict(
+        num_gaussians=16,
+        constant_logstd=None,
+        logstd_inner_dim=1024,
+        gm_num_logstd_layers=2,
+        class_dropout_prob=0.0,
+        num_attention_heads=16,
+        attention_head_dim=72,
+        in_channels=4,
+        out_channels=None,
+        num_layers=28,
+        dropout=0.0,
+        norm_num_groups=32,
+        attention_bias=True,
+        sample_size=32,
+        patch_size=2,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        upcast_attention=False,
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+        norm_eps=1e-5,
+    )
     cfg.update(TINY)
     cfg.update(kw)
     return cfg
@@ -42,12 +83,17 @@ def transformer_shapes(cfg: dict) -> dict:
     K, C, p = cfg["num_gaussians"], cfg["in_channels"], cfg["patch_size"]
     L = cfg["logstd_inner_dim"]
     shapes = {
-        "pos_embed.proj.weight": (D, C, p, p), "pos_embed.proj.bias": (D,),
-        "emb.timestep_embedder.linear_1.weight": (D, 256), "emb.timestep_embedder.linear_1.bias": (D,),
-        "emb.timestep_embedder.linear_2.weight": (D, D), "emb.timestep_embedder.linear_2.bias": (D,),
+        "pos_embed.proj.weight": (D, C, p, p),
+        "pos_embed.proj.bias": (D,),
+        "emb.timestep_embedder.linear_1.weight": (D, 256),
+        "emb.timestep_embedder.linear_1.bias": (D,),
+        "emb.timestep_embedder.linear_2.weight": (D, D),
+        "emb.timestep_embedder.linear_2.bias": (D,),
         "emb.class_embedder.embedding_table.weight": (cfg["num_embeds_ada_norm"] + 1, D),
-        "proj_out_1.weight": (2 * D, D), "proj_out_1.bias": (2 * D,),
-        "proj_out_2.weight": (p * p * K * (C + 1), D), "proj_out_2.bias": (p * p * K * (C + 1),),
+        "proj_out_1.weight": (2 * D, D),
+        "proj_out_1.bias": (2 * D,),
+        "proj_out_2.weight": (p * p * K * (C + 1), D),
+        "proj_out_2.bias": (p * p * K * (C + 1),),
     }
     if cfg["constant_logstd"] is None:  # (SiLU, Linear) pairs: Linear i sits at index 2 * i + 1
         dims = [D] + [L] * (cfg["gm_num_logstd_layers"] - 1) + [1]
@@ -56,11 +102,16 @@ def transformer_shapes(cfg: dict) -> dict:
             shapes.update({n + "weight": (dims[i + 1], dims[i]), n + "bias": (dims[i + 1],)})
     for i in range(cfg["num_layers"]):
         b = f"transformer_blocks.{i}."
-        shapes.update({
-            b + "norm1.linear.weight": (6 * D, D), b + "norm1.linear.bias": (6 * D,),
-            b + "ff.net.0.proj.weight": (4 * D, D), b + "ff.net.0.proj.bias": (4 * D,),
-            b + "ff.net.2.weight": (D, 4 * D), b + "ff.net.2.bias": (D,),
-        })
+        shapes.update(
+            {
+                b + "norm1.linear.weight": (6 * D, D),
+                b + "norm1.linear.bias": (6 * D,),
+                b + "ff.net.0.proj.weight": (4 * D, D),
+                b + "ff.net.0.proj.bias": (4 * D,),
+                b + "ff.net.2.weight": (D, 4 * D),
+                b + "ff.net.2.bias": (D,),
+            }
+        )
         for name in ("to_q", "to_k", "to_v", "to_out.0"):
             shapes.update({b + f"attn1.{name}.weight": (D, D), b + f"attn1.{name}.bias": (D,)})
     return shapes
@@ -69,8 +120,11 @@ def transformer_shapes(cfg: dict) -> dict:
 def spectrum_shapes(cfg: dict) -> dict:
     c, h, w = cfg["base_size"]
     dims = [2, *cfg["layers"], c * h * w]
-    return {f"mlp.{2 * i}.{kind}": ((dims[i + 1], dims[i]) if kind == "weight" else (dims[i + 1],))
-            for i in range(len(dims) - 1) for kind in ("weight", "bias")}
+    return {
+        f"mlp.{2 * i}.{kind}": ((dims[i + 1], dims[i]) if kind == "weight" else (dims[i + 1],))
+        for i in range(len(dims) - 1)
+        for kind in ("weight", "bias")
+    }
 
 
 def random_state(shapes: dict, generator: torch.Generator, scale: float = 0.3) -> dict:
@@ -100,8 +154,9 @@ def _write_model(folder: str, class_name: str, config: dict, state: dict, weight
             torch.save(tensors, os.path.join(folder, f"diffusion_pytorch_model{variant}.bin"))
 
 
-def write_checkpoint(path: str, seed: int = 0, scheduler: str = "GMFlowSDEScheduler", shift: float = 1.0,
-                     weights: str = "safetensors") -> dict:
+def write_checkpoint(
+    path: str, seed: int = 0, scheduler: str = "GMFlowSDEScheduler", shift: float = 1.0, weights: str = "safetensors"
+) -> dict:
     """Write the tiny checkpoint to ``path`` (network weights as ``"safetensors"`` or ``"bin"``);
     returns ``{"transformer": state, "spectrum_net": state}``."""
     from diffusers import AutoencoderKL
@@ -113,25 +168,52 @@ def write_checkpoint(path: str, seed: int = 0, scheduler: str = "GMFlowSDESchedu
     _write_model(os.path.join(path, "transformer"), "_GMDiTTransformer2DModel", t_cfg, t_state, weights)
     _write_model(os.path.join(path, "spectrum_net"), "_SpectrumMLP", SPECTRUM, s_state, weights)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=t_cfg["in_channels"], norm_num_groups=4, sample_size=16, scaling_factor=0.18215)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=t_cfg["in_channels"],
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.18215,
+    )
     vae.save_pretrained(os.path.join(path, "vae"))
     vae.to(torch.bfloat16).save_pretrained(os.path.join(path, "vae"), variant="bf16")
     os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
     with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump({"_class_name": scheduler, "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": 1000,
-                   "shift": shift, "use_dynamic_shifting": False, "base_seq_len": 256, "max_seq_len": 4096,
-                   "base_logshift": 0.5, "max_logshift": 1.15, "terminal_sigma": None}, f, indent=2)
+        json.dump(
+            {
+                "_class_name": scheduler,
+                "_diffusers_version": DIFFUSERS_VERSION,
+                "num_train_timesteps": 1000,
+                "shift": shift,
+                "use_dynamic_shifting": False,
+                "base_seq_len": 256,
+                "max_seq_len": 4096,
+                "base_logshift": 0.5,
+                "max_logshift": 1.15,
+                "terminal_sigma": None,
+            },
+            f,
+            indent=2,
+        )
     with open(os.path.join(path, "model_index.json"), "w") as f:
-        json.dump({
-            "_class_name": "GMDiTPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-            "transformer": ["lib.models.architecture.gmflow", "_GMDiTTransformer2DModel"],
-            "spectrum_net": ["lib.models.architecture.gmflow", "_SpectrumMLP"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "scheduler": ["lib.models.diffusions.schedulers", scheduler],
-            "id2label": ID2LABEL,
-        }, f, indent=2)
+        json.dump(
+            {
+                "_class_name": "GMDiTPipeline",
+                "_diffusers_version": DIFFUSERS_VERSION,
+                "transformer": ["lib.models.architecture.gmflow", "_GMDiTTransformer2DModel"],
+                "spectrum_net": ["lib.models.architecture.gmflow", "_SpectrumMLP"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "scheduler": ["lib.models.diffusions.schedulers", scheduler],
+                "id2label": ID2LABEL,
+            },
+            f,
+            indent=2,
+        )
     return {"transformer": t_state, "spectrum_net": s_state}
 
 
@@ -165,8 +247,10 @@ def official_forward(sd: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: t
     # conditioning: cos/sin timestep features at 10000^(-i/128), MLP, plus the class embedding
     freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float64) / 128)
     a = t.double()[:, None] * freqs[None]
-    temb = lin(silu(lin(torch.cat([a.cos(), a.sin()], dim=1), "emb.timestep_embedder.linear_1")),
-               "emb.timestep_embedder.linear_2")
+    temb = lin(
+        silu(lin(torch.cat([a.cos(), a.sin()], dim=1), "emb.timestep_embedder.linear_1")),
+        "emb.timestep_embedder.linear_2",
+    )
     c = temb + sd["emb.class_embedder.embedding_table.weight"][y]
     for i in range(cfg["num_layers"]):
         b = f"transformer_blocks.{i}."
@@ -177,7 +261,7 @@ def official_forward(sd: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: t
         h = h + g1[:, None] * lin(att.transpose(1, 2).reshape(B, -1, D), b + "attn1.to_out.0")
         z = ln(h, cfg["norm_eps"]) * (1 + sc2[:, None]) + sh2[:, None]
         u = lin(z, b + "ff.net.0.proj")
-        u = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+        u = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
         h = h + g2[:, None] * lin(u, b + "ff.net.2")
     shift, scale = lin(silu(c), "proj_out_1").chunk(2, dim=1)
     out = lin(ln(h, 1e-6) * (1 + scale[:, None]) + shift[:, None], "proj_out_2")  # (B, N, p*p*K*(C+1)) as (i, j, ch)
@@ -192,5 +276,5 @@ def official_forward(sd: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: t
     return {
         "means": out[:, : K * C].reshape(B, K, C, H, W),
         "logstds": logstds.reshape(B, 1, 1, 1, 1),
-        "logweights": torch.log_softmax(out[:, K * C:].reshape(B, K, 1, H, W), dim=1),
+        "logweights": torch.log_softmax(out[:, K * C :].reshape(B, K, 1, H, W), dim=1),
     }

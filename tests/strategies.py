@@ -64,3 +64,32 @@ def make_state(shape, seed: int, dtype=torch.float64) -> torch.Tensor:
 
 sigmas = st.floats(min_value=1e-3, max_value=1.0 - 1e-3)
 seeds = st.integers(0, 2**31 - 1)
+
+
+def assert_compiled_training_matches_eager(fns, value_and_grads, module, launcher: str) -> None:
+    """For each of ``fns``: ``value_and_grads(torch.compile(fn, backend="aot_eager",
+    fullgraph=True))`` (no graph break, else compile raises) equals ``value_and_grads(fn)``
+    within 1e-6 relative, and the compiled backward calls ``module.<launcher>`` (the fused
+    backward's launcher) once. Run it under ``use_backend("triton")``."""
+    from unittest import mock
+
+    for fn in fns:
+        eager = value_and_grads(fn)
+        with mock.patch.object(module, launcher, wraps=getattr(module, launcher)) as backward:
+            compiled = value_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True))
+        assert backward.call_count == 1
+        for a, b in zip(compiled, eager):
+            assert rel_err(a, b) < 1e-6
+
+
+def assert_int64_offsets_change_nothing(run, module) -> None:
+    """``run()`` (tensors computed on the Triton path) gives the same bits again with
+    ``module.needs_int64`` forced true, i.e. through the kernels' 64-bit offset path (the
+    predicate is a key of the stored launch plans, so forcing it plans anew)."""
+    from unittest import mock
+
+    want = run()
+    with mock.patch.object(module, "needs_int64", lambda *t: True):
+        got = run()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -6,10 +6,25 @@ import torch
 import gmkernels
 
 PUBLIC_NAMES = [
-    "gm_to_mean", "gm_to_iso_gaussian", "gm_mul_iso_gaussian", "iso_gaussian_mul_iso_gaussian",
-    "u_to_x0", "x0_to_u", "gm_posterior_mean", "reverse_transition", "gm_logprob", "gm_nll_loss",
-    "gm_sample", "probabilistic_guidance", "weight_guidance", "mean_cfg", "gm1d_inverse_cdf",
-    "gaussian_samples_to_gm_samples", "gm_samples_to_gaussian_samples", "sample", "use_backend",
+    "gm_to_mean",
+    "gm_to_iso_gaussian",
+    "gm_mul_iso_gaussian",
+    "iso_gaussian_mul_iso_gaussian",
+    "u_to_x0",
+    "x0_to_u",
+    "gm_posterior_mean",
+    "reverse_transition",
+    "gm_logprob",
+    "gm_nll_loss",
+    "gm_sample",
+    "probabilistic_guidance",
+    "weight_guidance",
+    "mean_cfg",
+    "gm1d_inverse_cdf",
+    "gaussian_samples_to_gm_samples",
+    "gm_samples_to_gaussian_samples",
+    "sample",
+    "use_backend",
 ]
 
 

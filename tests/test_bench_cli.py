@@ -19,14 +19,33 @@ from gmkernels_bench.report import add_speedups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {
-    "suite", "op", "backend", "shape", "dtype", "median_ms", "gbps", "fraction_of_peak", "speedups",
-    "speedup_vs_torch", "speedup_vs_compile", "device", "torch_version", "triton_version", "git_commit", "bytes",
+    "suite",
+    "op",
+    "backend",
+    "shape",
+    "dtype",
+    "median_ms",
+    "gbps",
+    "fraction_of_peak",
+    "speedups",
+    "speedup_vs_torch",
+    "speedup_vs_compile",
+    "device",
+    "torch_version",
+    "triton_version",
+    "git_commit",
+    "bytes",
 }
 
 
 def _run(tmp_path, capsys, *argv: str) -> tuple[dict, str]:
     out = tmp_path / "out"
-    assert main([*argv, "--shapes", "custom", "2,3,2,4,5", "--quick", "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [*argv, "--shapes", "custom", "2,3,2,4,5", "--quick", "--no-progress", "--threads", "1", "--out", str(out)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     with open(out / "results.json") as f:
         data = json.load(f)
@@ -36,7 +55,9 @@ def _run(tmp_path, capsys, *argv: str) -> tuple[dict, str]:
 
 def test_ops_cli_writes_every_field(tmp_path, capsys):
     plot = importlib.util.find_spec("matplotlib") is not None  # an optional dependency
-    data, printed = _run(tmp_path, capsys, "--suite", "ops", "--backends", "triton,torch", "--dtype", "fp32,bf16", *["--plot"] * plot)
+    data, printed = _run(
+        tmp_path, capsys, "--suite", "ops", "--backends", "triton,torch", "--dtype", "fp32,bf16", *["--plot"] * plot
+    )
     assert TRITON_ON_CPU in printed
     assert printed.rstrip().splitlines()[-1].startswith("| ops ")  # the table comes last
     assert not plot or (tmp_path / "out" / "results.png").stat().st_size > 0
@@ -56,6 +77,7 @@ def test_ops_cli_writes_every_field(tmp_path, capsys):
     assert mean["bytes"] == 2 * (c["G"] + c["L"] + c["X"])  # means + log-weights read, the mean written
 
 
+@pytest.mark.slow  # torch.compile of the reference
 def test_train_and_solvers_with_compile(tmp_path, capsys):
     data, _ = _run(tmp_path, capsys, "--suite", "all", "--backends", "torch,compile", "--filter", "fwd+bwd")
     recs = data["records"]
@@ -81,14 +103,25 @@ def test_speedups_are_ratios_within_a_case():
     recs = [
         {"suite": "ops", "op": "a", "shape": "s", "dtype": "fp32", "backend": b, "status": "ok", "median_ms": t}
         for b, t in (("torch", 6.0), ("compile", 3.0), ("triton", 1.5))
-    ] + [{"suite": "ops", "op": "a", "shape": "s", "dtype": "bf16", "backend": "torch", "status": "ok", "median_ms": 1.0}]
+    ] + [
+        {"suite": "ops", "op": "a", "shape": "s", "dtype": "bf16", "backend": "torch", "status": "ok", "median_ms": 1.0}
+    ]
     add_speedups(recs)
     assert recs[2]["speedup_vs_torch"] == 4.0 and recs[2]["speedup_vs_compile"] == 2.0
     assert recs[0]["speedups"] == {"vs_compile": 0.5, "vs_triton": 0.25}
     assert recs[3]["speedups"] == {}
 
 
-@pytest.mark.parametrize("argv", [["--shapes", "custom", "2,3"], ["--dtype", "fp64"], ["--backends", "cuda"], ["--shapes", "tiny"], ["--device", "gpu0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--shapes", "custom", "2,3"],
+        ["--dtype", "fp64"],
+        ["--backends", "cuda"],
+        ["--shapes", "tiny"],
+        ["--device", "gpu0"],
+    ],
+)
 def test_bad_options_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -100,26 +133,52 @@ def test_pytest_benchmark_file_skips_without_benchmark_only():
     pytest.importorskip("pytest_benchmark")
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "gmkernels_bench", "-k", "gm_to_mean"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "passed" not in r.stdout.splitlines()[-1] and "skipped" in r.stdout.splitlines()[-1], r.stdout
 
 
+@pytest.mark.slow  # starts torchrun processes
 def test_torchrun_data_parallel_solvers(tmp_path):
     """Two gloo ranks sample together; rank 0 reports samples/s per rank and in total."""
     out = tmp_path / "dp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gmkernels_bench",
-        "--suite", "solvers", "--quick", "--shapes", "custom", "1,2,1,4,4", "--filter", "gm-sde 4x1", "--out", str(out),
-    ]  # fmt: skip
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "gmkernels_bench",
+        "--suite",
+        "solvers",
+        "--quick",
+        "--shapes",
+        "custom",
+        "1,2,1,4,4",
+        "--filter",
+        "gm-sde 4x1",
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     records = json.loads((out / "results.json").read_text())["records"]
     assert [rec["op"] for rec in records] == ["sample gm-sde 4x1 dp2", "sample gm-sde 4x1 guided 0.5 dp2"]
     for rec in records:
         assert rec["world_size"] == 2 and len(rec["samples_per_s_per_rank"]) == 2
-        assert min(rec["samples_per_s_per_rank"]) * 2 <= rec["samples_per_s"] * (1 + 1e-9) <= sum(rec["samples_per_s_per_rank"]) * (1 + 1e-9)
+        assert (
+            min(rec["samples_per_s_per_rank"]) * 2
+            <= rec["samples_per_s"] * (1 + 1e-9)
+            <= sum(rec["samples_per_s_per_rank"]) * (1 + 1e-9)
+        )
         assert FIELDS <= set(rec), FIELDS - set(rec)
 
 
@@ -128,7 +187,11 @@ def test_gpu_only_backends_absent_on_cpu(tmp_path, capsys):
     absent (not zero), even when asked for, and the op cases do not offer them."""
     from gmkernels_bench.cases import op_cases
 
-    data, _ = _run(tmp_path, capsys, "--suite", "ops", "--filter", "gm_to_mean", "--backends", "torch,graph,reduce-overhead")
+    data, _ = _run(
+        tmp_path, capsys, "--suite", "ops", "--filter", "gm_to_mean", "--backends", "torch,graph,reduce-overhead"
+    )
     assert {r["backend"] for r in data["records"]} == {"torch"}
     shape = parse_shapes(["custom", "1,3,2,4,5"], torch.device("cpu"), True)[0]
-    assert not any({"graph", "reduce-overhead"} & set(c.runs) for c in op_cases(shape, torch.float32, torch.device("cpu"), None))
+    assert not any(
+        {"graph", "reduce-overhead"} & set(c.runs) for c in op_cases(shape, torch.float32, torch.device("cpu"), None)
+    )

@@ -8,17 +8,40 @@ import torch
 from gmkernels_bench import report
 from gmkernels_bench.timing import TimerConfig, measure
 
-CPU_META = {"device": "Some CPU (2 CPUs, 1 threads)", "device_type": "cpu", "torch_version": "2.13.0", "triton_version": "3.9.0",
-            "gmkernels_version": "0.1.0", "git_commit": "abc", "quick": False, "copy_gbps": 10.0, "notes": []}
+CPU_META = {
+    "device": "Some CPU (2 CPUs, 1 threads)",
+    "device_type": "cpu",
+    "torch_version": "2.13.0",
+    "triton_version": "3.9.0",
+    "gmkernels_version": "0.1.0",
+    "git_commit": "abc",
+    "quick": False,
+    "copy_gbps": 10.0,
+    "notes": [],
+}
 
 
 def _rec(backend: str, median: float, iqr_rel: float, dtype: str = "fp32") -> dict:
-    return {"suite": "ops", "op": "gm_to_mean", "shape": "1x2x3x4x5", "dtype": dtype, "backend": backend, "status": "ok",
-            "median_ms": median, "iqr_rel": iqr_rel, "gbps": 1.0, "fraction_of_peak": 0.1}
+    return {
+        "suite": "ops",
+        "op": "gm_to_mean",
+        "shape": "1x2x3x4x5",
+        "dtype": dtype,
+        "backend": backend,
+        "status": "ok",
+        "median_ms": median,
+        "iqr_rel": iqr_rel,
+        "gbps": 1.0,
+        "fraction_of_peak": 0.1,
+    }
 
 
 def test_measure_reports_quartiles():
-    t = measure([lambda: sum(range(200))], torch.device("cpu"), TimerConfig(repeats=9, warmup_s=0.0, min_batch_s=1e-4, max_total_s=1.0))
+    t = measure(
+        [lambda: sum(range(200))],
+        torch.device("cpu"),
+        TimerConfig(repeats=9, warmup_s=0.0, min_batch_s=1e-4, max_total_s=1.0),
+    )
     assert t.q1_s <= t.median_s <= t.q3_s and t.iqr_rel == pytest.approx((t.q3_s - t.q1_s) / t.median_s)
 
 
@@ -46,9 +69,17 @@ def test_plot_title_legend_and_labels(tmp_path, monkeypatch):
     assert (tmp_path / "r.png").stat().st_size > 0
     fig = figs[0]
     title = fig._suptitle.get_text()
-    assert "Some CPU" in title and "torch 2.13.0" in title and "triton 3.9.0" in title and "reference only, Triton skipped" in title
+    assert (
+        "Some CPU" in title
+        and "torch 2.13.0" in title
+        and "triton 3.9.0" in title
+        and "reference only, Triton skipped" in title
+    )
     assert "1 of 2 timings are noisy" in title
     ax_speed, ax_bw = fig.axes
-    assert [t.get_text() for t in ax_bw.get_legend().get_texts()] == ["torch.compile (reference)", "torch eager (reference)"]
+    assert [t.get_text() for t in ax_bw.get_legend().get_texts()] == [
+        "torch.compile (reference)",
+        "torch eager (reference)",
+    ]
     assert [t.get_text() for t in ax_speed.get_yticklabels()] == ["gm_to_mean  1x2x3x4x5  fp32  (noisy)"]
     plt.close(fig)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from strategies import make_gm, make_state
 
 import gmkernels as G
-from strategies import make_gm, make_state
 
 SHAPE = ((2,), 3, 2, 4, 4)
 

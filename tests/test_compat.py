@@ -1,4 +1,5 @@
-"""gmkernels.compat: the GMFlow-compatible ops, helpers and schedulers.
+"""gmkernels.compat: the GMFlow-compatible ops, helpers and schedulers (the schedulers' official
+contract itself: tests/test_schedulers.py).
 
 Every function is checked with the original module's calling conventions (tuple returns, dict
 keys added as side effects, leading batch dims, the ``covs`` dict form) against the library's
@@ -8,8 +9,6 @@ product: ``log out(x) - sum_i p_i log f_i(x)`` does not depend on ``x``).
 """
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import reference
 from gmkernels.compat import gmflow as M
 from gmkernels.compat import gmflow_ops as G
 from gmkernels.compat import schedulers as S
+from gmkernels.schedulers import GMTensorStepScheduler
 
 F64 = torch.float64
 TOL64 = TOL[F64]
@@ -48,7 +48,9 @@ def to_covs(gm, per_component=False):
     means = gm["means"].movedim(-3, -1)  # (*B, K, H, W, C)
     *batch, K, H, W, C = means.shape
     var = torch.exp(2 * gm["logstds"]).squeeze(-3)  # (*B, 1, 1|H, 1|W)
-    covs = (var[..., None, None] * torch.eye(C, dtype=means.dtype)).expand(*batch, K if per_component else 1, H, W, C, C)
+    covs = (var[..., None, None] * torch.eye(C, dtype=means.dtype)).expand(
+        *batch, K if per_component else 1, H, W, C, C
+    )
     return {"means": means, "covs": covs, "logweights": gm["logweights"].squeeze(-3)}
 
 
@@ -177,7 +179,10 @@ def test_gm_mul_iso_gaussian_and_iso_product(shape, seed, per_pixel, powers):
     # a variance with broadcast batch dims, as the original allows
     g3 = {"mean": g2["mean"], "var": torch.full([1] * g2["var"].dim(), 0.7, dtype=F64)}
     g3_full = {"mean": g2["mean"], "var": torch.full(g2["var"].shape, 0.7, dtype=F64)}
-    close(G.iso_gaussian_mul_iso_gaussian(gaussian, g3, 1, 1)["mean"], gmkernels.iso_gaussian_mul_iso_gaussian(gaussian, g3_full)["mean"])
+    close(
+        G.iso_gaussian_mul_iso_gaussian(gaussian, g3, 1, 1)["mean"],
+        gmkernels.iso_gaussian_mul_iso_gaussian(gaussian, g3_full)["mean"],
+    )
 
 
 @settings(max_examples=6)
@@ -343,7 +348,9 @@ def test_gm_to_sample_other_forms_match_the_mixture_moments(form):
     x = G.gm_to_sample(gm, n_samples=20000).movedim(-3, -1)  # (1, N, 1, 2, C)
     w = lw.exp()
     m = (w.unsqueeze(-1) * means).sum(-4)
-    cov = (w[..., None, None] * (covs + means.unsqueeze(-1) * means.unsqueeze(-2))).sum(-5) - m.unsqueeze(-1) * m.unsqueeze(-2)
+    cov = (w[..., None, None] * (covs + means.unsqueeze(-1) * means.unsqueeze(-2))).sum(-5) - m.unsqueeze(
+        -1
+    ) * m.unsqueeze(-2)
     assert (x.mean(-4) - m).abs().max() < 0.05
     xc = x - x.mean(-4, keepdim=True)
     emp = (xc.unsqueeze(-1) * xc.unsqueeze(-2)).mean(-5)
@@ -359,7 +366,9 @@ def test_gm_to_sample_cov_sharpen_follows_the_original():
     lw = torch.full((1, 2, 1, 1), -math.log(2))
     eye = torch.eye(2).expand(1, 1, 1, 1, 2, 2)
     for covs, var in ((eye, 1.0), (eye.expand(1, 2, 1, 1, 2, 2), 0.5)):
-        x = G.gm_to_sample({"means": means, "covs": covs, "logweights": lw}, gm_power=2, n_samples=20000, cov_sharpen=True)
+        x = G.gm_to_sample(
+            {"means": means, "covs": covs, "logweights": lw}, gm_power=2, n_samples=20000, cov_sharpen=True
+        )
         assert abs(x.var().item() / var - 1) < 0.05, (covs.shape, x.var().item())
 
 
@@ -442,7 +451,11 @@ def test_kr_transports_reproduce_the_original_seeded_samples():
     torch.manual_seed(0)
     means = torch.randn(1, 4, 3, 1, 1)
     z = torch.randn(1, 1, 3, 1, 1)
-    gm = {"means": means, "logstds": torch.full((1, 1, 1, 1, 1), -1.0), "logweights": torch.full((1, 4, 1, 1, 1), -math.log(4))}
+    gm = {
+        "means": means,
+        "logstds": torch.full((1, 1, 1, 1, 1), -1.0),
+        "logweights": torch.full((1, 4, 1, 1, 1), -math.log(4)),
+    }
     got = G.gaussian_samples_to_gm_samples(dict(gm), z)
     # the original's output for this seed (before: [1.115, 0.157, -2.188] from another eigenvector sign)
     assert (got.flatten() - torch.tensor([-0.590, -0.941, -0.293])).abs().max() < 1e-3
@@ -493,7 +506,10 @@ def test_gm_spectral_logprobs_without_spectrum_is_the_summed_logprob():
     x = torch.randn((2, 4, 2, 3, 3), dtype=F64)
     close(G.gm_spectral_logprobs(gm, x), reference.gm_logprob(gm, x).sum((-2, -1)))
     spec = torch.zeros(2, 1, 3, 3, dtype=F64)  # a flat unit spectrum adds nothing
-    close(G.gm_spectral_logprobs(gm, x, spec, spectral_samples=torch.randn(2, 4, 2, 3, 3, dtype=F64)), reference.gm_logprob(gm, x).sum((-2, -1)))
+    close(
+        G.gm_spectral_logprobs(gm, x, spec, spectral_samples=torch.randn(2, 4, 2, 3, 3, dtype=F64)),
+        reference.gm_logprob(gm, x).sum((-2, -1)),
+    )
 
 
 def test_psd_inverse():
@@ -509,7 +525,12 @@ def sig(t, B):
 
 
 @settings(max_examples=8)
-@given(gm_shapes(max_k=4, max_c=3, max_hw=4, max_batch_dims=1), seeds, st.floats(10.0, 990.0), st.sampled_from(["float", "0d", "batch"]))
+@given(
+    gm_shapes(max_k=4, max_c=3, max_hw=4, max_batch_dims=1),
+    seeds,
+    st.floats(10.0, 990.0),
+    st.sampled_from(["float", "0d", "batch"]),
+)
 def test_u_to_x_0_and_reverse_transition(shape, seed, t_high, t_kind):
     batch, K, C, H, W = shape
     shape = (batch or (2,), K, C, H, W)
@@ -517,7 +538,11 @@ def test_u_to_x_0_and_reverse_transition(shape, seed, t_high, t_kind):
     gm_u = make_gm(shape, seed, dead=True)
     x = make_state(shape, seed)
     t_low = 0.4 * t_high
-    conv = {"float": lambda t: t, "0d": lambda t: torch.tensor(t, dtype=F64), "batch": lambda t: torch.full((B,), t, dtype=F64)}[t_kind]
+    conv = {
+        "float": lambda t: t,
+        "0d": lambda t: torch.tensor(t, dtype=F64),
+        "batch": lambda t: torch.full((B,), t, dtype=F64),
+    }[t_kind]
     sigma, sigma_to = sig(t_high, B), sig(t_low, B)
     gm_x0 = M.u_to_x_0(gm_u, x, conv(t_high))
     assert_gm_close(gm_x0, gmkernels.u_to_x0(gm_u, x, sigma))
@@ -538,7 +563,9 @@ def test_u_to_x_0_and_reverse_transition(shape, seed, t_high, t_kind):
         close(out["logstds"], 0.5 * var.log(), 1e-9)
         assert out["logweights"] is src["logweights"] or torch.equal(out["logweights"], src["logweights"])
     # at t_low = 0 the std floor of the original: sqrt(eps)
-    out = M.reverse_transition(dict(gm_x0, logstds=torch.full_like(gm_x0["logstds"], -20.0)), x, 0.0, conv(t_high), prediction_type="x0")
+    out = M.reverse_transition(
+        dict(gm_x0, logstds=torch.full_like(gm_x0["logstds"], -20.0)), x, 0.0, conv(t_high), prediction_type="x0"
+    )
     close(out["logstds"], torch.full_like(out["logstds"], 0.5 * math.log(1e-6)), 1e-6)
     # sample mode: one exact draw with the global RNG
     x0 = gmkernels.gm_to_mean(gm_x0)
@@ -579,7 +606,9 @@ def test_probabilistic_guidance_pipeline_equals_the_library(shape, seed, scale, 
     gaussian_output, cfg_bias, avg_var = M.probabilistic_guidance_jit(
         gaussian_cond["mean"], gaussian_cond["var"], uncond_mean, scale, orthogonal=orthogonal
     )
-    guided = G.gm_mul_iso_gaussian(gm_cond, G.iso_gaussian_mul_iso_gaussian(gaussian_output, gaussian_cond, 1, -1), 1, 1)[0]
+    guided = G.gm_mul_iso_gaussian(
+        gm_cond, G.iso_gaussian_mul_iso_gaussian(gaussian_output, gaussian_cond, 1, -1), 1, 1
+    )[0]
     assert_gm_close(guided, gmkernels.probabilistic_guidance(gm_cond, gm_uncond, scale, orthogonal), 1e-8)
     close(gaussian_output["mean"] - gaussian_cond["mean"], cfg_bias)
     close(avg_var, gaussian_cond["var"].mean((-3, -2, -1), keepdim=True))
@@ -629,11 +658,19 @@ def test_gm_2nd_order_first_call_records_then_shifts_the_mean():
     model.init_gm_cache()
 
     def k1_gm(mean, logstd):
-        return {"means": mean.unsqueeze(-4), "logstds": torch.full((B, 1, 1, 1, 1), logstd, dtype=F64),
-                "logweights": torch.zeros(B, 1, 1, H, W, dtype=F64)}  # fmt: skip
+        return {
+            "means": mean.unsqueeze(-4),
+            "logstds": torch.full((B, 1, 1, 1, 1), logstd, dtype=F64),
+            "logweights": torch.zeros(B, 1, 1, H, W, dtype=F64),
+        }
 
     x1, x2 = torch.randn(B, C, H, W, generator=g, dtype=F64), torch.randn(B, C, H, W, generator=g, dtype=F64)
-    t1, h1, t2, h2 = torch.tensor(800.0, dtype=F64), torch.tensor(200.0, dtype=F64), torch.tensor(600.0, dtype=F64), torch.tensor(200.0, dtype=F64)
+    t1, h1, t2, h2 = (
+        torch.tensor(800.0, dtype=F64),
+        torch.tensor(200.0, dtype=F64),
+        torch.tensor(600.0, dtype=F64),
+        torch.tensor(200.0, dtype=F64),
+    )
     gm1 = k1_gm(torch.randn(B, C, H, W, generator=g, dtype=F64), -1.0)
     g1 = G.gm_to_iso_gaussian(gm1)[0]
     out, gout = model.gm_2nd_order(gm1, g1, x1, t1, h1)
@@ -651,7 +688,11 @@ def test_gm_2nd_order_first_call_records_then_shifts_the_mean():
     P = bias.square().mean((-3, -2, -1), keepdim=True)
     bias = bias * (V / P).clamp(max=1).sqrt()
     close(out["means"].squeeze(-4), m2 + bias, 1e-8)
-    close(torch.exp(2 * out["logstds"]).expand(B, 1, 1, H, W), (V * (1 - P / V).clamp(min=1e-6)).unsqueeze(-4).expand(B, 1, 1, H, W), 1e-8)
+    close(
+        torch.exp(2 * out["logstds"]).expand(B, 1, 1, H, W),
+        (V * (1 - P / V).clamp(min=1e-6)).unsqueeze(-4).expand(B, 1, 1, H, W),
+        1e-8,
+    )
     assert model.prev_gm is gm2 and model.prev_h is h2
 
 
@@ -659,9 +700,14 @@ def test_gm_sample_spectral_and_model_output():
     """With a flat log power spectrum the spectral noise is white N(0, 1), so a K=1 GM's samples
     are N(mean, s^2) per pixel; without one, gm_sample is gm_to_sample."""
     B, C, H, W = 2, 2, 32, 32
-    gm = {"means": torch.full((B, 1, C, H, W), 0.5), "logstds": torch.full((B, 1, 1, 1, 1), math.log(0.3)),
-          "logweights": torch.zeros(B, 1, 1, H, W)}  # fmt: skip
-    samples, spectral = Model.gm_sample(gm, torch.zeros(B, 1, H, W), n_samples=2, generator=torch.Generator().manual_seed(0))
+    gm = {
+        "means": torch.full((B, 1, C, H, W), 0.5),
+        "logstds": torch.full((B, 1, 1, 1, 1), math.log(0.3)),
+        "logweights": torch.zeros(B, 1, 1, H, W),
+    }
+    samples, spectral = Model.gm_sample(
+        gm, torch.zeros(B, 1, H, W), n_samples=2, generator=torch.Generator().manual_seed(0)
+    )
     assert samples.shape == (B, 2, C, H, W) and spectral.shape == (B, 2, C, H, W)
     assert abs(samples.mean().item() - 0.5) < 0.02 and abs(samples.std().item() / 0.3 - 1) < 0.05
     torch.manual_seed(4)
@@ -674,11 +720,15 @@ def test_gm_sample_spectral_and_model_output():
 def test_gm_sample_spectral_reproduces_the_original():
     """The spectral path of the original's gm_sample (lib/models/diffusions/gmflow.py): seeded
     spectral noise, made Hermitian and inverse-FFT'd, then the KR transport in its basis."""
-    gm = make_gm(((1,), 5, 3, 4, 4), 7, dtype=torch.float32, logstd_range=(-1.5, -0.5))  # where a float64 eigh flips two signs
+    gm = make_gm(
+        ((1,), 5, 3, 4, 4), 7, dtype=torch.float32, logstd_range=(-1.5, -0.5)
+    )  # where a float64 eigh flips two signs
     spectrum = torch.randn((1, 3, 4, 4), generator=torch.Generator().manual_seed(1)) * 0.3
     samples, _ = Model.gm_sample(gm, spectrum, generator=torch.Generator().manual_seed(0))
     # the original's noise for this seed
-    spectral = torch.randn((1, 1, 3, 4, 4), generator=torch.Generator().manual_seed(0)) * (spectrum.unsqueeze(-4) / 2).exp()
+    spectral = (
+        torch.randn((1, 1, 3, 4, 4), generator=torch.Generator().manual_seed(0)) * (spectrum.unsqueeze(-4) / 2).exp()
+    )
     z_1 = spectral.roll((-1, -1), dims=(-2, -1)).flip((-2, -1))[..., :3]
     z_0 = spectral[..., :3]
     gaussian = torch.fft.irfft2(torch.complex(z_0 + z_1, z_0 - z_1) / 2, norm="ortho")
@@ -697,40 +747,6 @@ def test_mixin_takes_T_from_the_pipeline_scheduler():
 # ------------------------------------------------------------------------------------ schedulers
 
 
-@pytest.mark.parametrize("cls", [S.FlowEulerODEScheduler, S.GMFlowSDEScheduler])
-def test_scheduler_schedule_and_step(cls):
-    sched = cls(shift=3.0)
-    sched.set_timesteps(4)
-    s = 1 - torch.arange(4, dtype=F64) / 4
-    close(sched.sigmas[:-1], 3 * s / (1 + 2 * s), 1e-7)
-    assert sched.sigmas[-1] == 0 and torch.allclose(sched.timesteps, sched.sigmas[:-1] * 1000)
-    x = torch.randn(2, 3, 4, 4)
-    x0 = torch.randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match="integer"):
-        sched.step(x0, 1, x)
-    for i, t in enumerate(sched.timesteps):
-        sigma, sigma_to = sched.sigmas[i], sched.sigmas[i + 1]
-        gen = torch.Generator().manual_seed(i)
-        out = sched.step(x0, t, x, generator=gen, prediction_type="x0")
-        assert sched.step_index == i + 1
-        if cls is S.FlowEulerODEScheduler:
-            want = x + (x - x0) / sigma * (sigma_to - sigma)
-        else:
-            c1, c2, c3 = reference.transition.transition_coefficients(sigma, sigma_to)
-            want = c1 * x + c2 * x0 + c3.clamp(min=0).sqrt() * torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
-        close(out.prev_sample, want, TOL[torch.float32])
-        x = out[0]
-    close(x, x0, TOL[torch.float32])  # the last step lands on x0 for both
-
-
-def test_euler_u_prediction_and_tuple_return():
-    sched = S.FlowEulerODEScheduler()
-    sched.set_timesteps(2)
-    x, u = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
-    (out,) = sched.step(u, sched.timesteps[0], x, return_dict=False)
-    close(out, x - 0.5 * u, TOL[torch.float32])
-
-
 def test_gmflow_sde_scheduler_samples_the_data_distribution():
     """Data N(mu, s0^2) per pixel: the exact x0-posterior at every state is one Gaussian; GM-SDE
     steps drawing from it reproduce the data distribution at any number of steps."""
@@ -743,67 +759,15 @@ def test_gmflow_sde_scheduler_samples_the_data_distribution():
         sigma = float(t) / 1000
         a = 1 - sigma
         prec = 1 / s0**2 + a**2 / sigma**2
-        post = {"means": ((mu / s0**2 + a * x / sigma**2) / prec).unsqueeze(-4),
-                "logstds": torch.full((1, 1, 1, 1, 1), -0.5 * math.log(prec)), "logweights": torch.zeros(1, 1, 1, 96, 96)}  # fmt: skip
+        post = {
+            "means": ((mu / s0**2 + a * x / sigma**2) / prec).unsqueeze(-4),
+            "logstds": torch.full((1, 1, 1, 1, 1), -0.5 * math.log(prec)),
+            "logweights": torch.zeros(1, 1, 1, 96, 96),
+        }
         torch.manual_seed(int(t))
         x0 = G.gm_to_sample(post).squeeze(-4)
         x = sched.step(x0, t, x, generator=gen, prediction_type="x0").prev_sample
     assert abs(x.mean().item() - mu) < 0.03 and abs(x.std().item() / s0 - 1) < 0.05
-
-
-def test_from_config_with_diffusers():
-    pytest.importorskip("diffusers")
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
-    ode = S.FlowEulerODEScheduler(shift=3.0, num_train_timesteps=500)
-    sde = S.GMFlowSDEScheduler.from_config(ode.config)
-    assert isinstance(sde, SchedulerMixin) and sde.config.shift == 3.0 and sde.config.num_train_timesteps == 500
-
-
-@pytest.mark.parametrize("cls", [S.FlowEulerODEScheduler, S.GMFlowSDEScheduler])
-def test_from_config_warns_about_options_it_does_not_implement(cls):
-    """The original GMFlowSDEScheduler's output_mode and variance_mode are not implemented: a
-    config carrying them (or any other key the constructor does not take) warns, never silently."""
-    config = dict(S.FlowEulerODEScheduler(shift=2.0).config, output_mode="sample", variance_mode="exact")
-    with pytest.warns(UserWarning, match=r"output_mode.*variance_mode"):
-        sched = cls.from_config(config)
-    assert sched.config.shift == 2.0 and "output_mode" not in sched.config
-    with pytest.warns(UserWarning, match="variance_mode"):
-        cls.from_config({"shift": 2.0}, variance_mode="exact")
-
-
-@pytest.mark.parametrize("cls", [S.FlowEulerODEScheduler, S.GMFlowSDEScheduler])
-def test_set_timesteps_takes_the_original_positional_arguments(cls):
-    """set_timesteps(num_inference_steps, seq_len=None, device=None), as both originals."""
-    plain, positional = cls(shift=2.0), cls(shift=2.0)
-    plain.set_timesteps(4)
-    positional.set_timesteps(4, None, "cpu")
-    assert torch.equal(positional.timesteps, plain.timesteps) and torch.equal(positional.sigmas, plain.sigmas)
-    dynamic = cls(use_dynamic_shifting=True)
-    dynamic.set_timesteps(4, 1024)
-    shift = float(dynamic.get_shift(1024))
-    s = 1 - torch.arange(4, dtype=F64) / 4
-    close(dynamic.sigmas[:-1].double(), shift * s / (1 + (shift - 1) * s), 1e-6)
-    assert shift > 1.0
-
-
-def test_from_config_without_diffusers():
-    code = (
-        "import sys; sys.modules['diffusers'] = None\n"
-        "from gmkernels.compat import schedulers as S\n"
-        "assert not S.HAS_DIFFUSERS\n"
-        "ode = S.FlowEulerODEScheduler(shift=3.0)\n"
-        "import warnings\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    sde = S.GMFlowSDEScheduler.from_config(dict(ode.config, unknown=1), num_train_timesteps=500)\n"
-        "assert any('unknown' in str(w.message) for w in caught)\n"
-        "assert sde.config.shift == 3.0 and sde.config['num_train_timesteps'] == 500\n"
-        "sde.set_timesteps(2)\n"
-        "import torch; x = torch.zeros(1, 1, 2, 2)\n"
-        "assert sde.step(x, sde.timesteps[0], x, prediction_type='x0')[0].shape == x.shape\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 
 # ------------------------------------------------------------------------------------ Triton
@@ -845,18 +809,28 @@ def _stub_net(x, t, offset):
     return {"means": means, "logstds": logstds, "logweights": torch.log_softmax(logits, dim=-4)}
 
 
-@pytest.mark.parametrize("guidance_scale", [0.0, 0.4])
-def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(guidance_scale):
-    """The sampling loop of the original GMDiTPipeline (GM-ODE 2 with substeps and probabilistic
-    guidance), written against the compat modules, gives gmkernels.sample's result."""
+@pytest.mark.parametrize("output_mode,guidance_scale", [("ode", 0.0), ("ode", 0.4), ("mean", 0.4)])
+def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(output_mode, guidance_scale):
+    """The sampling loop of the original GMDiTPipeline (2nd order with substeps and probabilistic
+    guidance on the GM's mean), written against the compat modules: with FlowEulerODEScheduler
+    (GM-ODE) it gives gmkernels.sample's result, with GMFlowSDEScheduler(output_mode=...) that
+    of GMTensorStepScheduler, the loop GMDiTPipeline runs for that pairing."""
     S_, N_, B = 3, 2, 2
     noise = torch.randn(B, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     use_guidance = guidance_scale > 0
 
     def net(x, t):  # the batch is [cond, uncond] like the pipeline's class labels
-        return {k: torch.cat([a, b]) for (k, a), b in zip(_stub_net(x[:B], t[:B], 0.3).items(), _stub_net(x[B:], t[B:], -0.2).values())}
+        return {
+            k: torch.cat([a, b])
+            for (k, a), b in zip(_stub_net(x[:B], t[:B], 0.3).items(), _stub_net(x[B:], t[B:], -0.2).values())
+        }
 
-    scheduler = S.FlowEulerODEScheduler(shift=2.0)
+    scheduler = (
+        S.FlowEulerODEScheduler(shift=2.0)
+        if output_mode == "ode"
+        else S.GMFlowSDEScheduler(shift=2.0, output_mode=output_mode)
+    )
+    g = torch.Generator().manual_seed(3)
     model = Model()
     scheduler.set_timesteps(S_ * N_)
     model.init_gm_cache()
@@ -873,31 +847,57 @@ def test_original_pipeline_loop_on_compat_equals_gmkernels_sample(guidance_scale
             gaussian_cond = G.gm_to_iso_gaussian(gm_cond)[0]
             gaussian_cond["var"] = gaussian_cond["var"].mean(dim=(-1, -2), keepdim=True)
             gaussian_output, cfg_bias, avg_var = M.probabilistic_guidance_jit(
-                gaussian_cond["mean"], gaussian_cond["var"], uncond_mean, guidance_scale, orthogonal=1.0)
+                gaussian_cond["mean"], gaussian_cond["var"], uncond_mean, guidance_scale, orthogonal=1.0
+            )
             gm_output = G.gm_mul_iso_gaussian(
-                gm_cond, G.iso_gaussian_mul_iso_gaussian(gaussian_output, gaussian_cond, 1, -1), 1, 1)[0]
+                gm_cond, G.iso_gaussian_mul_iso_gaussian(gaussian_output, gaussian_cond, 1, -1), 1, 1
+            )[0]
         else:
             gaussian_output = G.gm_to_iso_gaussian(gm_output)[0]
             gm_cond = gaussian_cond = avg_var = cfg_bias = None
         h = t - scheduler.timesteps[(i + 1) * N_] if i < S_ - 1 else t
         gm_output, gaussian_output = model.gm_2nd_order(
-            gm_output, gaussian_output, x_t, t, h, guidance_scale, gm_cond, gaussian_cond, avg_var, cfg_bias)
+            gm_output, gaussian_output, x_t, t, h, guidance_scale, gm_cond, gaussian_cond, avg_var, cfg_bias
+        )
         x_t_base, t_base = x_t, t
         for j in range(N_):
             if j == 0:
                 model_output = G.gm_to_mean(gm_output)
             else:
                 t = scheduler.timesteps[i * N_ + j]
-                model_output = model.denoising_gm_convert_to_mean(gm_output, x_t, x_t_base, t, t_base, prediction_type="x0")
-            x_t = scheduler.step(model_output, t, x_t, return_dict=False, prediction_type="x0")[0]
+                model_output = model.denoising_gm_convert_to_mean(
+                    gm_output, x_t, x_t_base, t, t_base, prediction_type="x0"
+                )
+            x_t = scheduler.step(model_output, t, x_t, generator=g, return_dict=False, prediction_type="x0")[0]
 
     def denoiser(x, t):
         if not use_guidance:
             return _stub_net(x, t, 0.3)
         return _stub_net(x, t, 0.3), _stub_net(x, t, -0.2)
 
-    want = gmkernels.sample(denoiser, noise, S_, solver="gm-ode", substeps=N_, order=2, shift=2.0,
-                            guidance_scale=guidance_scale, orthogonal=1.0)  # fmt: skip
+    if output_mode == "ode":
+        want = gmkernels.sample(
+            denoiser,
+            noise,
+            S_,
+            solver="gm-ode",
+            substeps=N_,
+            order=2,
+            shift=2.0,
+            guidance_scale=guidance_scale,
+            orthogonal=1.0,
+        )
+    else:
+        sched = GMTensorStepScheduler(
+            S.GMFlowSDEScheduler(shift=2.0, output_mode=output_mode),
+            output_mode,
+            order=2,
+            guidance_scale=guidance_scale,
+        )
+        sched.set_timesteps(S_, N_)
+        want, g = noise, torch.Generator().manual_seed(3)
+        for t in sched.timesteps:
+            want = sched.step(denoiser(want, t.expand(B)), t, want, generator=g)
     close(x_t, want, 1e-4)
 
 
@@ -923,7 +923,9 @@ def test_training_path_is_differentiable():
     y = torch.randn((2, 1, 2, 2, 2), dtype=F64)
 
     def loss(means, logstds, logweights):
-        out = M.reverse_transition({"means": means, "logstds": logstds, "logweights": logweights}, x, t_high * 0.3, t_high)
+        out = M.reverse_transition(
+            {"means": means, "logstds": logstds, "logweights": logweights}, x, t_high * 0.3, t_high
+        )
         return G.gm_logprob(out, y)[0]
 
     inputs = tuple(gm[k].clone().requires_grad_() for k in ("means", "logstds", "logweights"))

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from gmkernels_bench import calibrate, perfmodel as pm
+from gmkernels_bench import calibrate
+from gmkernels_bench import perfmodel as pm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,9 +142,32 @@ def test_refit_recovers_constants_from_synthetic_measurements():
 
 
 def test_side_by_side_recomputes_the_stored_estimates(monkeypatch):
-    inputs = {"dram_bytes": 30e6, "l2_bytes": 0, "l2_hit_share": 0.0, "issue_cycles": None, "issue_pipe": None, "latency_waits": None}
-    monkeypatch.setattr(calibrate, "stored", lambda: {"devices": {"h100": [
-        {"label": "gm_to_mean", "index": 0, "kernel": "_gm_moments_kernel", "us": 10.0, "limit": "dram", "inputs": inputs}]}})
+    inputs = {
+        "dram_bytes": 30e6,
+        "l2_bytes": 0,
+        "l2_hit_share": 0.0,
+        "issue_cycles": None,
+        "issue_pipe": None,
+        "latency_waits": None,
+    }
+    monkeypatch.setattr(
+        calibrate,
+        "stored",
+        lambda: {
+            "devices": {
+                "h100": [
+                    {
+                        "label": "gm_to_mean",
+                        "index": 0,
+                        "kernel": "_gm_moments_kernel",
+                        "us": 10.0,
+                        "limit": "dram",
+                        "inputs": inputs,
+                    }
+                ]
+            }
+        },
+    )
     entry = pm.refit("h100", {"copy": [{"bytes": 30e6, "us": 15.0}]})  # 2000 GB/s measured
     rows = calibrate.side_by_side("h100", [{"label": "gm_to_mean", "index": 0, "kernel": "_gm_moments_kernel",
                                             "measured_us": 16.0}], {"devices": {"h100": entry}})  # fmt: skip
@@ -182,8 +205,21 @@ def test_the_estimate_command_line_end_to_end(tmp_path):
                           timeout=1800)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["device"], r["dtype"]) for r in rows} == {(d, t) for d in ("A100-SXM4-80GB", "H100-SXM5-80GB") for t in ("fp32", "bf16")}
+    assert {(r["device"], r["dtype"]) for r in rows} == {
+        (d, t) for d in ("A100-SXM4-80GB", "H100-SXM5-80GB") for t in ("fp32", "bf16")
+    }
     for r in rows:
         assert r["us"] >= 2.5 and r["limit"] and r["programs_per_sm"] >= 1 and r["dram_bytes"] > 0
-        assert set(r) >= {"kernel", "shape", "dtype", "device", "us", "limit", "dram_bytes", "copy_share", "programs_per_sm", "waves"}
+        assert set(r) >= {
+            "kernel",
+            "shape",
+            "dtype",
+            "device",
+            "us",
+            "limit",
+            "dram_bytes",
+            "copy_share",
+            "programs_per_sm",
+            "waves",
+        }
     assert "uncalibrated estimate" in proc.stdout

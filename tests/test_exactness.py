@@ -25,6 +25,8 @@ import torch
 
 import gmkernels
 
+pytestmark = pytest.mark.slow  # statistical: thousands of samples per solver and problem
+
 N_SAMPLES = 3000
 
 
@@ -106,8 +108,9 @@ def run(data: GMData, solver: str, steps: int, substeps: int = 1, order: int = 1
     """Sample ``N_SAMPLES`` points with the oracle and return them."""
     g = torch.Generator().manual_seed(1000 + seed)
     noise = torch.randn(N_SAMPLES, data.C, 1, 1, generator=g)
-    return gmkernels.sample(data.denoiser, noise, steps, solver=solver, substeps=substeps, order=order,
-                            shift=shift, generator=g)
+    return gmkernels.sample(
+        data.denoiser, noise, steps, solver=solver, substeps=substeps, order=order, shift=shift, generator=g
+    )
 
 
 def noise_floor(data: GMData, reference: torch.Tensor, n_pairs: int = 16) -> tuple[float, float]:
@@ -189,13 +192,30 @@ def test_shifted_schedule_stays_exact():
 def exactness_table() -> str:
     """The table of the report: one row per solver / steps / substeps / order, one column per
     data set, next to the noise floor and the acceptance bound."""
-    configs = [("gm-sde", 1, 1, 1), ("gm-sde", 2, 1, 1), ("gm-sde", 2, 1, 2), ("gm-sde", 4, 1, 2),
-               ("gm-ode", 2, 1, 1), ("gm-ode", 2, 4, 1), ("gm-ode", 2, 16, 1), ("gm-ode", 2, 4, 2), ("gm-ode", 2, 16, 2),
-               ("gm-ode", 8, 4, 1), ("euler", 2, 1, 1), ("euler", 8, 1, 1), ("euler", 32, 1, 1)]
+    configs = [
+        ("gm-sde", 1, 1, 1),
+        ("gm-sde", 2, 1, 1),
+        ("gm-sde", 2, 1, 2),
+        ("gm-sde", 4, 1, 2),
+        ("gm-ode", 2, 1, 1),
+        ("gm-ode", 2, 4, 1),
+        ("gm-ode", 2, 16, 1),
+        ("gm-ode", 2, 4, 2),
+        ("gm-ode", 2, 16, 2),
+        ("gm-ode", 8, 4, 1),
+        ("euler", 2, 1, 1),
+        ("euler", 8, 1, 1),
+        ("euler", 32, 1, 1),
+    ]
     refs = {name: data.sample(N_SAMPLES, torch.Generator().manual_seed(5)) for name, data in MIXTURES.items()}
     floors = {name: noise_floor(MIXTURES[name], refs[name]) for name in MIXTURES}
-    lines = ["| solver | steps x substeps | order | " + " | ".join(MIXTURES) + " |", "|---|---|---|" + "---|" * len(MIXTURES)]
-    lines.append("| noise floor (mean ± sd) | | | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in floors.values()) + " |")
+    lines = [
+        "| solver | steps x substeps | order | " + " | ".join(MIXTURES) + " |",
+        "|---|---|---|" + "---|" * len(MIXTURES),
+    ]
+    lines.append(
+        "| noise floor (mean ± sd) | | | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in floors.values()) + " |"
+    )
     lines.append("| bound (mean + 4 sd) | | | " + " | ".join(f"{bound(f):.4f}" for f in floors.values()) + " |")
     for solver, n, m, o in configs:
         d = [sliced_w1(run(data, solver, n, m, o), refs[name]) for name, data in MIXTURES.items()]

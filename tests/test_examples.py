@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(name: str) -> str:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)  # as a user runs them: CPU tensors take the reference path
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / name)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
@@ -29,7 +30,10 @@ def test_every_example_has_a_test():
 
 
 def test_sample_toy():
-    shares = {m[0] + m[1]: ast.literal_eval(m[2]) for m in re.findall(r"^(\w[\w-]*)\s+(\d+) steps:.*= (\[.*\])$", _run("sample_toy.py"), re.M)}
+    shares = {
+        m[0] + m[1]: ast.literal_eval(m[2])
+        for m in re.findall(r"^(\w[\w-]*)\s+(\d+) steps:.*= (\[.*\])$", _run("sample_toy.py"), re.M)
+    }
     data = [0.2, 0.3, 0.5]
     # the exact GM: GM-SDE in 2 steps samples the data (64*256 pixels: binomial std < 0.004)
     assert all(abs(a - b) < 0.02 for a, b in zip(shares["gm-sde2"], data)), shares

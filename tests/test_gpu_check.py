@@ -18,8 +18,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(*args, env=None):
     env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gmkernels_bench.gpu_check", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gmkernels_bench.gpu_check", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_dry_run_plans_every_part_within_the_budget(capsys):
@@ -58,8 +64,10 @@ def test_without_cuda_the_command_line_exits_without_a_traceback(tmp_path):
     assert "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("args, needle", [(["--budget-s", "10"], "--budget-s"), (["--parts", "tests,nope"], "nope"),
-                                          (["--examples", "0"], "--examples")])
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["--budget-s", "10"], "--budget-s"), (["--parts", "tests,nope"], "nope"), (["--examples", "0"], "--examples")],
+)
 def test_bad_arguments_are_reported(args, needle, capsys):
     with pytest.raises(SystemExit) as e:
         gpu_check.main([*args, "--dry-run"])
@@ -89,7 +97,8 @@ def test_mirrored_launch_arguments_keep_layout_aliasing_and_write_back():
 
 
 def test_pytest_plugin_sets_the_examples_and_stops_at_the_deadline(tmp_path):
-    (tmp_path / "test_probe.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_probe.py").write_text(
+        textwrap.dedent("""
         import os
         from hypothesis import given, strategies as st
 
@@ -100,15 +109,38 @@ def test_pytest_plugin_sets_the_examples_and_stops_at_the_deadline(tmp_path):
 
         def test_second():
             pass
-    """))
+    """)
+    )
     events = tmp_path / "tests.jsonl"
 
     def run(deadline):
-        env = {**os.environ, "PYTHONPATH": REPO, "GMK_GPU_CHECK_EXAMPLES": "3", "GMK_GPU_CHECK_EVENTS": str(events),
-               "GMK_GPU_CHECK_DEADLINE": str(deadline), "PROBE_COUNT": str(tmp_path / "count")}
-        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gmkernels_bench.gpu_check",
-                               "--hypothesis-profile=gpu-check", str(tmp_path / "test_probe.py")],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        env = {
+            **os.environ,
+            "PYTHONPATH": REPO,
+            "GMK_GPU_CHECK_EXAMPLES": "3",
+            "GMK_GPU_CHECK_EVENTS": str(events),
+            "GMK_GPU_CHECK_DEADLINE": str(deadline),
+            "PROBE_COUNT": str(tmp_path / "count"),
+        }
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "gmkernels_bench.gpu_check",
+                "--hypothesis-profile=gpu-check",
+                str(tmp_path / "test_probe.py"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     proc = run(deadline=1e12)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -138,4 +170,6 @@ def test_a_small_budget_drops_parts_instead_of_shrinking_fixed_work(budget, caps
 
 def test_the_plan_covers_only_the_parts_asked_for(capsys):
     entries = gpu_check.plan(120, ["calibrate"])
-    assert [e.part.name for e in entries] == ["calibrate"] and entries[0].share == pytest.approx(120 - gpu_check.RESERVE_S)
+    assert [e.part.name for e in entries] == ["calibrate"] and entries[0].share == pytest.approx(
+        120 - gpu_check.RESERVE_S
+    )

@@ -1,8 +1,8 @@
 """Host cost of a public op call: launch plans (blocks, grid, the flattened views' strides)
-are computed once per shape, custom ops are called directly in plain eager mode (their
-registered autograd formula as a plain ``autograd.Function`` when autograd tracks an input;
-through the dispatcher whenever something observes or traces the call), and the benchmark
-that measures it runs."""
+are computed once per shape, the path from a public function to its kernel is short (Python
+calls and package frames, measured by ``host_cost.call_path``), every op reaches its kernel
+through its ``torch.library`` op (so the profiler names it), and the benchmark that measures
+it runs."""
 
 from __future__ import annotations
 
@@ -10,24 +10,13 @@ import json
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from strategies import make_gm, rel_err
 
 import gmkernels as G
 from gmkernels.ops import _launch, mixture
 from gmkernels_bench import host_cost
-from strategies import make_gm, make_state, rel_err
 
 SHAPE = ((2,), 3, 4, 5, 6)
-
-
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def _plan_stats():
@@ -35,13 +24,31 @@ def _plan_stats():
     return sum(i.misses for i in infos), sum(i.hits for i in infos)
 
 
-@pytest.mark.parametrize("op", [
-    "gm_to_mean", "gm_to_iso_gaussian", "gm_mul_iso_gaussian", "iso_gaussian_mul_iso_gaussian", "u_to_x0 (tensor sigma)",
-    "reverse_transition", "gm_posterior_mean (float sigmas)", "gm_logprob", "gm_nll_loss", "gm_nll_loss fwd+bwd",
-    "transition_loss fwd+bwd", "gm_sample", "probabilistic_guidance", "weight_guidance", "mean_cfg", "gm1d_inverse_cdf",
-    "gm_ode_substeps (tensor sigmas)", "gm_sde_step", "GMFlowSDEScheduler.step (probabilistic)",
-    "GMFlowODEScheduler.step (order 2, probabilistic)",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "op",
+    [
+        "gm_to_mean",
+        "gm_to_iso_gaussian",
+        "gm_mul_iso_gaussian",
+        "iso_gaussian_mul_iso_gaussian",
+        "u_to_x0 (tensor sigma)",
+        "reverse_transition",
+        "gm_posterior_mean (float sigmas)",
+        "gm_logprob",
+        "gm_nll_loss",
+        "gm_nll_loss fwd+bwd",
+        "transition_loss fwd+bwd",
+        "gm_sample",
+        "probabilistic_guidance",
+        "weight_guidance",
+        "mean_cfg",
+        "gm1d_inverse_cdf",
+        "gm_ode_substeps (tensor sigmas)",
+        "gm_sde_step",
+        "GMSDEScheduler.step (probabilistic)",
+        "GMODEScheduler.step (order 2, probabilistic)",
+    ],
+)
 def test_repeated_shape_recomputes_no_launch_plan(op):
     call = host_cost.cases()[op]
     with G.use_backend("triton"), host_cost.stubbed_launches():
@@ -64,24 +71,28 @@ def test_needs_int64_and_integer_helpers():
 
 
 @pytest.mark.triton
-def test_direct_call_equals_the_dispatcher_and_steps_aside():
-    """Plain eager: the implementation runs without the dispatcher (same result); under a
-    dispatch mode, or with a tensor autograd must track, the op goes through the dispatcher."""
+def test_the_op_reaches_its_kernel_through_its_library_op():
+    """The Triton path runs ``gmkernels::<op>`` through the dispatcher: the profiler shows it."""
     gm = make_gm(SHAPE, 2, torch.float32)
-    with G.use_backend("triton"):
-        direct = G.gm_to_mean(gm)
-        dispatched = torch.ops.gmkernels.gm_to_mean(gm["means"], gm["logweights"], 1.0)
-        assert rel_err(direct, dispatched) == 0
-        with Ops() as mode:
-            G.gm_to_mean(gm)
-        assert "gmkernels.gm_to_mean" in mode.names
-    plain = (gm["means"], gm["logweights"], 1.0)
-    assert _launch._plain_eager(plain)
-    assert not _launch._plain_eager((gm["means"].requires_grad_(), gm["logweights"], 1.0))
-    with torch.no_grad():
-        assert _launch._plain_eager((gm["means"], gm["logweights"], 1.0))
-    with Ops():
-        assert not _launch._plain_eager(plain)
+    with G.use_backend("triton"), torch.profiler.profile() as prof:
+        G.gm_to_mean(gm)
+    assert "gmkernels::gm_to_mean" in {e.name for e in prof.events()}
+
+
+#: cases that are not one call of a public function (autograd runs the backward)
+_NOT_ONE_CALL = ("fwd+bwd",)
+
+
+@pytest.mark.triton
+def test_the_path_from_a_public_call_to_its_kernel_is_short():
+    """At most 16 Python calls inside the package from a public op or scheduler step to its last
+    launch (median over the public ops at most 10), at most 4 package frames at a launch."""
+    cases = {name: call for name, call in host_cost.cases().items() if not any(tag in name for tag in _NOT_ONE_CALL)}
+    paths = {name: host_cost.call_path(call) for name, call in cases.items()}
+    long = {name: p for name, p in paths.items() if p[0] > 16 or p[1] > 4 or p[1] == 0}
+    assert not long, long
+    ops = sorted(calls for name, (calls, _) in paths.items() if ".step" not in name)
+    assert ops[len(ops) // 2] <= 10, paths
 
 
 def test_host_cost_benchmark_runs(tmp_path, capsys):
@@ -90,6 +101,7 @@ def test_host_cost_benchmark_runs(tmp_path, capsys):
     assert "gm_to_mean" in capsys.readouterr().out
     records = json.loads(out.read_text())["records"]
     assert records[0]["op"] == "gm_to_mean" and records[0]["launches"] == 1 and records[0]["host_us"] > 0
+    assert 0 < records[0]["py_calls"] <= 16 and 0 < records[0]["frames"] <= 4
 
 
 @pytest.mark.triton
@@ -103,34 +115,6 @@ def test_a_plan_whose_view_copies_is_recomputed_per_call():
         want = G.gm_to_mean(gm)
     with G.use_backend("triton"):
         first, second = G.gm_to_mean(gm), G.gm_to_mean(gm)
-    key = next(k for k in mixture._PLANS._plans if k[1][1] == gm["means"].stride())
-    assert mixture._PLANS._plans[key][0] is False  # not the tensors themselves
+    key = next(k for k in mixture._PLANS.plans if k[1][1] == gm["means"].stride())
+    assert mixture._PLANS.plans[key][0] is False  # not the tensors themselves
     assert rel_err(first, want) < 1e-5 and rel_err(second, want) < 1e-5
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("loss", ["gm_nll_loss", "transition_loss"])
-def test_direct_autograd_equals_the_dispatcher(loss):
-    """With inputs that require grad the op's registered formula runs as a plain
-    ``autograd.Function``: the same loss and gradients as through the dispatcher (forced here
-    by a dispatch mode, which makes the call observed)."""
-    shape = ((2,), 3, 4, 5, 3)
-    gm = make_gm(shape, 5, torch.float32)
-    x, y = make_state(shape, 5).float(), make_state(shape, 6).float()
-    t_hi, t_lo = torch.tensor([700.0, 400.0]), torch.tensor([500.0, 0.0])
-
-    def run():
-        leaves = {k: v.clone().requires_grad_() for k, v in gm.items()}
-        out = G.gm_nll_loss(leaves, y) if loss == "gm_nll_loss" else G.transition_loss(leaves, x, t_hi, y, t_lo)
-        return out.detach(), torch.autograd.grad(out, list(leaves.values()))
-
-    with G.use_backend("triton"):
-        leaves = [v.clone().requires_grad_() for v in gm.values()]
-        assert _launch._tracked_plain((*leaves, y)) and not _launch._plain_eager((*leaves, y))
-        direct = run()
-        with Ops() as mode:
-            dispatched = run()
-    assert "gmkernels.gm_nll_loss_pixels" in mode.names
-    assert torch.equal(direct[0], dispatched[0])
-    for a, b in zip(direct[1], dispatched[1]):
-        assert torch.equal(a, b)

@@ -30,13 +30,13 @@ import contextlib
 
 import pytest
 import torch
+from strategies import make_gm, make_state
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
 import gmkernels as G
 from gmkernels import _validate
-from strategies import make_gm, make_state
 
 aten = torch.ops.aten
 HOST_READS = (aten._local_scalar_dense, aten.item, aten.is_nonzero)
@@ -215,8 +215,15 @@ def test_sampler_steps_have_no_host_reads(cuda_like, backend, solver, order, gui
     dtype = torch.bfloat16 if order == 2 else torch.float32  # a bf16 network output too
     noise = _state(4, torch.float32, _device(backend))
     gen = torch.Generator().manual_seed(0) if backend == "triton" else None
-    kw = dict(solver=solver, order=order, substeps=2 if solver == "gm-ode" else 1, shift=3.0,
-              guidance=guidance or "probabilistic", guidance_scale=scale, generator=gen)
+    kw = dict(
+        solver=solver,
+        order=order,
+        substeps=2 if solver == "gm-ode" else 1,
+        shift=3.0,
+        guidance=guidance or "probabilistic",
+        guidance_scale=scale,
+        generator=gen,
+    )
     _run(backend, lambda: G.sample(_denoiser(guidance is not None, dtype), noise, 3, **kw))
 
 

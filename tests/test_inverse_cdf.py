@@ -9,17 +9,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import TOL, gm_shapes, make_gm, rel_err, seeds
 
 import gmkernels
 import reference.inverse_cdf as ref
 from gmkernels.ops import inverse_cdf
-from strategies import TOL, gm_shapes, make_gm, rel_err, seeds
 
 
 def _gm1d(shape, seed, dtype=torch.float64, dead=False, logstd_range=(-1.0, 0.5), per_pixel_std=False):
     """A 1-D GM ``{means (*B, K, H, W), logstds (*B, 1, 1, 1) | (*B, 1, H, W), logweights (*B, K, H, W)}``."""
     gm = make_gm(
-        (shape[0], shape[1], 1, *shape[2:]), seed, dtype=dtype, dead=dead, logstd_range=logstd_range, per_pixel_std=per_pixel_std
+        (shape[0], shape[1], 1, *shape[2:]),
+        seed,
+        dtype=dtype,
+        dead=dead,
+        logstd_range=logstd_range,
+        per_pixel_std=per_pixel_std,
     )
     return {k: v.squeeze(-3) for k, v in gm.items()}
 
@@ -84,7 +89,13 @@ def test_reference_transport_gradcheck():
 
 @pytest.mark.triton
 @settings(max_examples=6)
-@given(shape=gm_shapes(max_k=40, max_c=1, max_hw=5), seed=seeds, bf16=st.booleans(), dead=st.booleans(), n=st.integers(1, 3))
+@given(
+    shape=gm_shapes(max_k=40, max_c=1, max_hw=5),
+    seed=seeds,
+    bf16=st.booleans(),
+    dead=st.booleans(),
+    n=st.integers(1, 3),
+)
 def test_kernel_inverse_cdf_matches_reference(shape, seed, bf16, dead, n):
     batch, K, _, H, W = shape
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -166,7 +177,9 @@ def test_transport_maps_normal_to_gm(backend, aligned):
     for c in range(2):
         assert _ks(_mixture_marginal_cdf(w, mu[:, c], s, x[:, :, c])) < 1.95 / math.sqrt(n)
     m = (w[:, None] * mu).sum(0)
-    cov = (w[:, None, None] * (mu - m)[:, :, None] * (mu - m)[:, None, :]).sum(0) + s**2 * torch.eye(2, dtype=torch.float64)
+    cov = (w[:, None, None] * (mu - m)[:, :, None] * (mu - m)[:, None, :]).sum(0) + s**2 * torch.eye(
+        2, dtype=torch.float64
+    )
     xs = x.movedim(2, -1).reshape(-1, 2)
     emp = torch.cov(xs.T)
     se = ((cov.diag()[:, None] * cov.diag()[None, :] + cov**2) / n).sqrt()
@@ -235,6 +248,24 @@ def test_bad_inputs_name_the_argument():
         gmkernels.gm_samples_to_gaussian_samples(gm, torch.zeros(1, 2, 2, 2, 2))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("bad", [1.5, -1.01, float("nan")])
+def test_targets_outside_the_scaled_cdf_range_raise(backend, bad):
+    """Targets ``u`` outside ``[-1, 1]`` (or NaN) have no inverse: a ValueError naming
+    ``scaled_cdfs`` and the range, on either backend, for a small and a large tensor (host read
+    of a list and of the minimum and maximum); the edges themselves are valid."""
+    for shape in ((2, 2, 2), (3, 8, 9)):
+        gm1d = _gm1d(((2,), 3, *shape[1:]), seed=0, dtype=torch.float32)
+        u = _uniform((2,), *shape, seed=0, dtype=torch.float32)
+        u[1, 0, 1, 1] = bad
+        with gmkernels.use_backend(backend), pytest.raises(ValueError, match=r"scaled_cdfs must lie in \[-1, 1\]"):
+            gmkernels.gm1d_inverse_cdf(gm1d, u, n_steps=2)
+        u[1, 0, 1, 1] = 1.0
+        u[0, 0, 0, 0] = -1.0
+        with gmkernels.use_backend(backend):
+            assert gmkernels.gm1d_inverse_cdf(gm1d, u, n_steps=2).isfinite().all()
+
+
 def test_custom_ops_opcheck():
     gm = make_gm(((2,), 3, 2, 2, 3), seed=0, dtype=torch.float32)
     z = _normal((2, 2, 2, 2, 3), seed=0, dtype=torch.float32)
@@ -247,7 +278,9 @@ def test_custom_ops_opcheck():
     gm1d = {k: v.select(-3, 0) for k, v in gm.items()}
     args1d = (gm1d["means"], gm1d["logstds"], gm1d["logweights"], u[:, :, 0])
     torch.library.opcheck(torch.ops.gmkernels.gm1d_inverse_cdf.default, (*args1d, None, 4, 1e-6, 1.5), test_utils=utils)
-    torch.library.opcheck(torch.ops.gmkernels.gm1d_inverse_cdf.default, (*args1d, z[:, :, 0], 4, 1e-6, 1.5), test_utils=utils)
+    torch.library.opcheck(
+        torch.ops.gmkernels.gm1d_inverse_cdf.default, (*args1d, z[:, :, 0], 4, 1e-6, 1.5), test_utils=utils
+    )
 
 
 @pytest.mark.triton

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import gmkernels
-from model.data import Checkerboard, Digits
 from model import evaluate as evaluate_cli
 from model import sample as sample_cli
+from model.data import Checkerboard, Digits
 from model.evaluate import make_denoiser
 from model.metrics import frechet_distance, precision_recall, sliced_w1
-from model.networks import DiTConfig, GMDiT, GMMLP2D, MLP2DConfig, build_network
+from model.networks import GMMLP2D, DiTConfig, GMDiT, MLP2DConfig, build_network
 from model.presets import get_preset
 from model.train import draw_training_pair, load_network, train, training_loss
 
@@ -27,8 +27,18 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-TINY_DIT = dict(K=3, in_channels=1, image_size=8, patch_size=2, hidden=32, depth=1, heads=2, num_classes=10,
-                class_dropout=0.2, logstd_hidden=16)
+TINY_DIT = dict(
+    K=3,
+    in_channels=1,
+    image_size=8,
+    patch_size=2,
+    hidden=32,
+    depth=1,
+    heads=2,
+    num_classes=10,
+    class_dropout=0.2,
+    logstd_hidden=16,
+)
 
 
 def _check_gm(gm: dict, B: int, K: int, C: int, H: int, W: int) -> None:
@@ -78,9 +88,11 @@ def _tiny_cfg(name: str, out, **kw) -> dict:
     return cfg
 
 
+@pytest.mark.slow  # trains a network for 300 steps
 def test_training_reduces_loss(tmp_path):
-    cfg = _tiny_cfg("checkerboard", tmp_path, steps=300, batch=256, lr=3e-3,
-                    net_cfg=dict(K=8, hidden=64, depth=2, pos_freqs=4))
+    cfg = _tiny_cfg(
+        "checkerboard", tmp_path, steps=300, batch=256, lr=3e-3, net_cfg=dict(K=8, hidden=64, depth=2, pos_freqs=4)
+    )
     x0, y = Checkerboard().sample(2048, torch.Generator().manual_seed(123))
 
     def held_out_loss(net):
@@ -126,11 +138,15 @@ def test_presets_and_overrides():
 
 def test_overrides_reject_typos_and_bad_types():
     """A typo at any depth lists the valid keys; a value of the wrong type names the key."""
-    with pytest.raises(ValueError, match=r"eval of preset 'digits' has no key 'nn'; valid keys: \[.*'k'.*'n_per_class'"):
+    with pytest.raises(
+        ValueError, match=r"eval of preset 'digits' has no key 'nn'; valid keys: \[.*'k'.*'n_per_class'"
+    ):
         get_preset("digits", ["eval.nn=3"])
     with pytest.raises(ValueError, match=r"eval.guidance of preset 'digits' has no key 'prob'"):
         get_preset("digits", ["eval.guidance.prob=[0.1]"])
-    with pytest.raises(ValueError, match=r"net_cfg of preset 'checkerboard' has no key 'KK'; valid keys: \['K', 'depth'"):
+    with pytest.raises(
+        ValueError, match=r"net_cfg of preset 'checkerboard' has no key 'KK'; valid keys: \['K', 'depth'"
+    ):
         get_preset("checkerboard", ["net_cfg.KK=3"])
     with pytest.raises(ValueError, match="'steps' is not a nested config"):
         get_preset("digits", ["steps.x=1"])
@@ -143,7 +159,9 @@ def test_overrides_reject_typos_and_bad_types():
     with pytest.raises(ValueError, match="must look like key=value"):
         get_preset("digits", ["steps"])
     # every field of the network config is settable (not only those the preset lists); ints widen to float
-    cfg = get_preset("digits", ["net_cfg.grad_checkpointing=True", "lr=1", "betas=[0.8,0.9]", "eval.guidance.weight=[2.0]"])
+    cfg = get_preset(
+        "digits", ["net_cfg.grad_checkpointing=True", "lr=1", "betas=[0.8,0.9]", "eval.guidance.weight=[2.0]"]
+    )
     assert cfg["net_cfg"]["grad_checkpointing"] is True and cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
     assert cfg["eval"]["guidance"]["weight"] == [2.0]
 
@@ -151,13 +169,22 @@ def test_overrides_reject_typos_and_bad_types():
 def test_resume_into_another_network_is_rejected(tmp_path):
     kw = dict(steps=1, batch=4, net_cfg=dict(TINY_DIT))
     train(_tiny_cfg("digits", tmp_path, **kw), progress=False)
-    with pytest.raises(ValueError, match=r"holds a run of another network \(net_cfg.K: 3 there, 2 asked\).*another out="):
+    with pytest.raises(
+        ValueError, match=r"holds a run of another network \(net_cfg.K: 3 there, 2 asked\).*another out="
+    ):
         train(_tiny_cfg("digits", tmp_path, steps=2, batch=4, net_cfg=dict(TINY_DIT, K=2)), progress=False)
-    assert train(_tiny_cfg("digits", tmp_path, steps=2, **{k: v for k, v in kw.items() if k != "steps"}), progress=False)["step"] == 2
+    assert (
+        train(_tiny_cfg("digits", tmp_path, steps=2, **{k: v for k, v in kw.items() if k != "steps"}), progress=False)[
+            "step"
+        ]
+        == 2
+    )
 
 
 def test_evaluate_command_line_takes_overrides_before_or_after_checkpoints(tmp_path, capsys):
-    _, args = evaluate_cli.parse_args(["--set", "eval.k=5", "eval.guidance.mean-cfg=[2.0]", "runs/a/ckpt.pt", "--out", "o"])
+    _, args = evaluate_cli.parse_args(
+        ["--set", "eval.k=5", "eval.guidance.mean-cfg=[2.0]", "runs/a/ckpt.pt", "--out", "o"]
+    )
     assert args.checkpoints == ["runs/a/ckpt.pt"] and args.set == ["eval.k=5", "eval.guidance.mean-cfg=[2.0]"]
     _, args = evaluate_cli.parse_args(["a.pt", "b.pt", "--set", "eval.k=5"])
     assert args.checkpoints == ["a.pt", "b.pt"] and args.set == ["eval.k=5"]
@@ -206,7 +233,9 @@ def _sampler_ready() -> bool:
 
 
 @pytest.mark.skipif(not _sampler_ready(), reason="gmkernels.sample still raises NotImplementedError (docs/solvers.md)")
-@pytest.mark.parametrize("guidance,scale", [("probabilistic", 0.0), ("probabilistic", 0.5), ("weight", 2.0), ("mean-cfg", 2.0)])
+@pytest.mark.parametrize(
+    "guidance,scale", [("probabilistic", 0.0), ("probabilistic", 0.5), ("weight", 2.0), ("mean-cfg", 2.0)]
+)
 @pytest.mark.parametrize("solver,order", [("gm-sde", 2), ("gm-ode", 1), ("euler", 1)])
 def test_dit_samples_with_each_guidance_mode(guidance, scale, solver, order):
     torch.manual_seed(0)
@@ -223,8 +252,17 @@ def test_dit_samples_with_each_guidance_mode(guidance, scale, solver, order):
         return out
 
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    x = gmkernels.sample(denoiser, noise, 3, solver=solver, order=order, substeps=2 if solver == "gm-ode" else 1, guidance=guidance,
-                         guidance_scale=scale, generator=torch.Generator().manual_seed(2))
+    x = gmkernels.sample(
+        denoiser,
+        noise,
+        3,
+        solver=solver,
+        order=order,
+        substeps=2 if solver == "gm-ode" else 1,
+        guidance=guidance,
+        guidance_scale=scale,
+        generator=torch.Generator().manual_seed(2),
+    )
     assert x.shape == noise.shape and x.isfinite().all()
     assert len(calls) == 3
     assert float(calls[0].max()) == pytest.approx(1000.0)
@@ -267,9 +305,153 @@ def test_digits_evaluation_end_to_end(tmp_path):
     """The digits evaluation on a tiny checkpoint with small settings: FD and mean ± std over seeds
     reach the tables, and an NFE list without 2, 8 or 32 still draws its grid."""
     ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
-    evaluate_cli.main([ckpt, "--out", str(tmp_path / "ev"), "--set", "eval.n_per_class=3", "eval.n_seeds=2", "eval.nfe=[1]",
-                       "eval.ode_substeps=2", 'eval.guidance={"probabilistic": [0.3], "mean-cfg": [1.5]}'])
+    evaluate_cli.main(
+        [
+            ckpt,
+            "--out",
+            str(tmp_path / "ev"),
+            "--set",
+            "eval.n_per_class=3",
+            "eval.n_seeds=2",
+            "eval.nfe=[1]",
+            "eval.ode_substeps=2",
+            'eval.guidance={"probabilistic": [0.3], "mean-cfg": [1.5]}',
+        ]
+    )
     md = (tmp_path / "ev" / "results.md").read_text()
     assert "| FD |" in md and "mean ± std over 2 noise seeds (1, 2)" in md and " ± " in md.split("#### guidance")[1]
     assert "lowest-FD probabilistic guidance" in md
     assert (tmp_path / "ev" / "digits_nfe.png").exists() and (tmp_path / "ev" / "digits_guidance.png").exists()
+
+
+# ------------------------------------------------------------ settings checked before any work (#27)
+
+
+def _cli_error(main, args, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("steps=-5", "steps must be an int >= 1, got -5"),
+        ("steps=0", "steps must be an int >= 1, got 0"),
+        ("batch=0", "batch must be an int >= 1, got 0"),
+        ("ema=2.0", "ema must be a number in [0, 1), got 2.0"),
+        ("threads=-3", "threads must be an int >= 0 (0: torch's default), got -3"),
+        ("net_cfg.K=0", "net_cfg.K must be an int >= 1, got 0"),
+        ("lr=0", "lr must be a number > 0, got 0.0"),
+    ],
+)
+def test_train_rejects_a_bad_setting_before_any_work(setting, message, tmp_path, capsys):
+    from model import train as train_cli
+
+    small = [
+        "steps=1",
+        "batch=2",
+        "net_cfg.hidden=16",
+        "net_cfg.heads=2",
+        "net_cfg.depth=1",
+    ]  # quick, were the setting let through
+    err = _cli_error(
+        train_cli.main, ["--preset", "digits", "--no-progress", *small, setting, f"out={tmp_path / 'run'}"], capsys
+    )
+    assert err.endswith(f"error: preset 'digits': {message}"), err
+    assert not (tmp_path / "run").exists()  # no checkpoint, not even the folder
+    with pytest.raises(
+        ValueError, match=message.split(",")[0].replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
+        train(
+            dict(get_preset("digits", [*small, setting]), out=str(tmp_path / "api")), progress=False
+        )  # the Python API too
+
+
+def test_evaluate_rejects_a_bad_setting_before_any_work(tmp_path, capsys):
+    digits = train(_tiny_cfg("digits", tmp_path / "d", steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)[
+        "path"
+    ]
+    board = train(
+        _tiny_cfg("checkerboard", tmp_path / "c", steps=1, batch=4, net_cfg=dict(K=2, hidden=8, depth=1, pos_freqs=2)),
+        progress=False,
+    )["path"]
+    out = tmp_path / "ev"
+    for ckpt, setting, message in [
+        (board, "eval.n=0", "eval.n must be an int >= 2, got 0"),
+        (digits, "eval.nfe=[0]", "eval.nfe must be a non-empty list of ints >= 1 (network calls), got [0]"),
+        (digits, "eval.n_per_class=0", "eval.n_per_class must be an int >= 1, got 0"),
+        (digits, "eval.guidance={'probabilistic': [1.5]}", "eval.guidance must be {} (no guidance sweep) or a dict"),
+        (digits, "eval.sweep.solvers=['rk4']", "eval.sweep.solvers must be a non-empty list of solver names"),
+        (
+            board,
+            "eval.sweep.guidance={'probabilistic': [0.3]}",
+            "eval.sweep.guidance must be {'probabilistic': [0.0]} (unguided)",
+        ),
+        (digits, "eval.sweep.clock='gpu'", "eval.sweep.clock must be 'wall' or 'cpu', got 'gpu'"),
+    ]:
+        err = _cli_error(evaluate_cli.main, [ckpt, "--out", str(out), "--set", setting], capsys)
+        assert "error: " in err and message in err, (setting, err)
+    assert not out.exists()
+    assert "checkpoint 'missing.pt' does not exist" in _cli_error(evaluate_cli.main, ["missing.pt"], capsys)
+
+
+def test_sample_rejects_a_missing_checkpoint_and_bad_flags(tmp_path, capsys):
+    missing = str(tmp_path / "none.pt")
+    assert f"checkpoint {missing!r} does not exist" in _cli_error(sample_cli.main, [missing], capsys)
+    ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
+    for flags, message in [
+        (["--substeps", "0"], "--substeps must be an int >= 1, got 0"),
+        (["--scale", "1.5"], "--scale must lie in [0, 1) for --guidance probabilistic"),
+        (["--solver", "euler", "--order", "2"], "--order must be 1 with --solver euler"),
+    ]:
+        assert message in _cli_error(sample_cli.main, [ckpt, "--out", str(tmp_path / "x.png"), *flags], capsys)
+    sample_cli.main(
+        [ckpt, "--n", "2", "--steps", "1", "--solver", "euler", "--out", str(tmp_path / "e.pt")]
+    )  # order 1 by default
+
+
+def test_targets_are_not_met_by_a_model_at_chance():
+    """The FD ratios of an untrained model can pass; its class accuracy (0.09, chance 0.1) must fail every target."""
+
+    def metrics(fd, acc):  # precision, recall, FD, class acc, saturated, contrast
+        return [0.5, 0.5, fd, acc, 0.0, 1.0], [0.0] * 6
+
+    res = {
+        ("nfe", s, o, n): metrics(100.0, 0.09) for s, o in (("gm-sde", 2), ("gm-ode", 2), ("euler", 1)) for n in (8, 32)
+    }
+    res[("nfe", "euler", 1, 8)] = metrics(120.0, 0.09)
+    res.update(
+        {("guidance", "probabilistic", 0.1): metrics(90.0, 0.09), ("guidance", "mean-cfg", 2.0): metrics(95.0, 0.09)}
+    )
+    text = evaluate_cli.digits_targets(res)
+    assert " MET" not in text.replace("NOT MET", "") and text.count("NOT MET (class accuracy 0.09 < 0.5") == 6
+    trained = {k: metrics(v[0][2], 0.95) for k, v in res.items()}
+    assert evaluate_cli.digits_targets(trained).count("-> MET") == 6
+
+
+def test_digits_evaluation_without_a_guidance_sweep_prints_no_guidance_table(tmp_path, monkeypatch):
+    """eval.guidance={} skips the guidance sweep: no empty table, no guidance target, no grid."""
+    from model.metrics import DigitsClassifier
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(
+        evaluate_cli, "train_digits_classifier", lambda seed: (DigitsClassifier().eval(), 0.1)
+    )  # untrained: fast
+    ckpt = train(_tiny_cfg("digits", tmp_path, steps=1, batch=4, net_cfg=dict(TINY_DIT)), progress=False)["path"]
+    evaluate_cli.main(
+        [
+            ckpt,
+            "--out",
+            str(tmp_path / "ev"),
+            "--set",
+            "eval.n_per_class=1",
+            "eval.nfe=[1]",
+            "eval.ode_substeps=1",
+            "eval.guidance={}",
+        ]
+    )
+    md = (tmp_path / "ev" / "results.md").read_text()
+    assert "| FD |" in md and "guidance sweep" not in md and "lowest-FD" not in md
+    assert not (tmp_path / "ev" / "digits_guidance.png").exists()

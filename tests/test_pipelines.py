@@ -1,5 +1,6 @@
 """gmkernels.pipelines: the GM-DiT pipeline on a tiny random checkpoint in the public GMFlow layout
-(written by tests/gmflow_checkpoint.py without our model classes), and the diffusers schedulers."""
+(written by tests/gmflow_checkpoint.py without our model classes), with the official schedulers
+(their contract itself: tests/test_schedulers.py)."""
 
 import json
 import logging
@@ -11,13 +12,21 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
 import gmkernels  # noqa: E402
 from gmkernels.models import GMDiTTransformer2DModel, SpectrumMLP  # noqa: E402
 from gmkernels.pipelines import FlowEulerODEScheduler, GMDiTPipeline, GMFlowSDEScheduler  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from gmkernels.schedulers import GMTensorStepScheduler  # noqa: E402
 from tests.gmflow_checkpoint import (  # noqa: E402
-    SPECTRUM, official_forward, random_state, transformer_config, transformer_shapes, write_checkpoint)
+    SPECTRUM,
+    official_forward,
+    random_state,
+    transformer_config,
+    transformer_shapes,
+    write_checkpoint,
+)
 from tests.strategies import rel_err, seeds  # noqa: E402
 
 
@@ -31,6 +40,11 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(ckpt):
     return GMDiTPipeline.from_pretrained(ckpt[0])
+
+
+def with_scheduler(pipe, scheduler):
+    """The pipeline's components with another scheduler (the module's pipeline stays as loaded)."""
+    return GMDiTPipeline(pipe.transformer, pipe.spectrum_net, pipe.vae, scheduler, pipe.config.id2label)
 
 
 class _Records(logging.Handler):
@@ -79,14 +93,34 @@ def test_transformer_matches_independent_forward(ckpt, pipe):
 
 
 @settings(max_examples=10)
-@given(K=st.integers(1, 5), patch=st.sampled_from([1, 2]), grid=st.integers(1, 4), heads=st.integers(1, 3),
-       head_dim=st.sampled_from([4, 8, 12]), layers=st.integers(1, 2), C=st.integers(1, 4), B=st.integers(1, 3),
-       logstd=st.sampled_from([None, -1.5]), logstd_layers=st.integers(1, 3), seed=seeds)
-def test_transformer_matches_independent_forward_on_drawn_configs(K, patch, grid, heads, head_dim, layers, C, B, logstd,
-                                                                   logstd_layers, seed):
-    cfg = transformer_config(num_gaussians=K, patch_size=patch, sample_size=grid * patch, num_attention_heads=heads,
-                             attention_head_dim=head_dim, num_layers=layers, in_channels=C, constant_logstd=logstd,
-                             gm_num_logstd_layers=logstd_layers, logstd_inner_dim=5)
+@given(
+    K=st.integers(1, 5),
+    patch=st.sampled_from([1, 2]),
+    grid=st.integers(1, 4),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([4, 8, 12]),
+    layers=st.integers(1, 2),
+    C=st.integers(1, 4),
+    B=st.integers(1, 3),
+    logstd=st.sampled_from([None, -1.5]),
+    logstd_layers=st.integers(1, 3),
+    seed=seeds,
+)
+def test_transformer_matches_independent_forward_on_drawn_configs(
+    K, patch, grid, heads, head_dim, layers, C, B, logstd, logstd_layers, seed
+):
+    cfg = transformer_config(
+        num_gaussians=K,
+        patch_size=patch,
+        sample_size=grid * patch,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        num_layers=layers,
+        in_channels=C,
+        constant_logstd=logstd,
+        gm_num_logstd_layers=logstd_layers,
+        logstd_inner_dim=5,
+    )
     g = torch.Generator().manual_seed(seed)
     state = random_state(transformer_shapes(cfg), g)
     model = GMDiTTransformer2DModel.from_config(cfg).eval()
@@ -117,8 +151,14 @@ def test_pipeline_images_and_latents(pipe, output_mode, substeps):
 
 @pytest.mark.parametrize("output_mode,substeps", [("mean", 2), ("sample", 1)])
 def test_same_seed_same_images(pipe, output_mode, substeps):
-    kw = dict(num_inference_steps=2, num_inference_substeps=substeps, output_mode=output_mode, output_type="pt",
-              progress=False, guidance_scale=0.3)
+    kw = dict(
+        num_inference_steps=2,
+        num_inference_substeps=substeps,
+        output_mode=output_mode,
+        output_type="pt",
+        progress=False,
+        guidance_scale=0.3,
+    )
     a = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
     b = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
     c = pipe([1, 4], generator=torch.manual_seed(6), **kw).images
@@ -127,10 +167,18 @@ def test_same_seed_same_images(pipe, output_mode, substeps):
 
 
 def test_pipeline_runs_the_gmkernels_sampler(pipe):
-    """"mean" mode is gmkernels.sample(solver="gm-ode") on the transformer, guided by the null class."""
+    """FlowEulerODEScheduler with "mean" is gmkernels.sample(solver="gm-ode") on the transformer,
+    guided by the null class."""
     B, labels = 2, torch.tensor([3, 5])
-    out = pipe(labels.tolist(), guidance_scale=0.4, generator=torch.manual_seed(2), num_inference_steps=2,
-               num_inference_substeps=3, output_type="latent", progress=False).images
+    out = with_scheduler(pipe, FlowEulerODEScheduler.from_config(pipe.scheduler.config))(
+        labels.tolist(),
+        guidance_scale=0.4,
+        generator=torch.manual_seed(2),
+        num_inference_steps=2,
+        num_inference_substeps=3,
+        output_type="latent",
+        progress=False,
+    ).images
     noise = torch.randn(B, 4, 8, 8, generator=torch.manual_seed(2))
     null = torch.full_like(labels, 10)
 
@@ -147,13 +195,27 @@ def test_sample_mode_without_spectrum_net_is_gm_sde(ckpt):
     """Without a spectrum network "sample" mode is gmkernels.sample(solver="gm-sde"), the generator
     drawing the noise and then every step."""
     pipe = GMDiTPipeline.from_pretrained(ckpt[0], spectrum_net=None)
-    out = pipe([6], guidance_scale=0.0, generator=torch.manual_seed(4), num_inference_steps=3, num_inference_substeps=1,
-               output_mode="sample", output_type="latent", progress=False).images
+    out = pipe(
+        [6],
+        guidance_scale=0.0,
+        generator=torch.manual_seed(4),
+        num_inference_steps=3,
+        num_inference_substeps=1,
+        output_mode="sample",
+        output_type="latent",
+        progress=False,
+    ).images
     g = torch.manual_seed(4)
     noise = torch.randn(1, 4, 8, 8, generator=g)
     with torch.no_grad():
-        ref = gmkernels.sample(lambda x, t: pipe.transformer(x, timestep=t, class_labels=torch.tensor([6])), noise, 3,
-                               solver="gm-sde", order=2, generator=g)
+        ref = gmkernels.sample(
+            lambda x, t: pipe.transformer(x, timestep=t, class_labels=torch.tensor([6])),
+            noise,
+            3,
+            solver="gm-sde",
+            order=2,
+            generator=g,
+        )
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
@@ -161,9 +223,10 @@ def test_sample_mode_without_spectrum_net_is_gm_sde(ckpt):
 def test_pipeline_on_the_triton_path(pipe):
     """The same call with the Triton kernels (interpreted on CPU) gives the torch path's latents."""
     kw = dict(num_inference_steps=2, num_inference_substeps=2, output_type="latent", progress=False, guidance_scale=0.3)
-    ref = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
+    ode = with_scheduler(pipe, FlowEulerODEScheduler())  # fused GM-ODE steps
+    ref = ode([1, 4], generator=torch.manual_seed(5), **kw).images
     with gmkernels.use_backend("triton"):
-        out = pipe([1, 4], generator=torch.manual_seed(5), **kw).images
+        out = ode([1, 4], generator=torch.manual_seed(5), **kw).images
     assert rel_err(out, ref) < 1e-5
 
 
@@ -173,8 +236,15 @@ def test_bf16_variant(ckpt):
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, ckpt[1]["transformer"][k].to(torch.bfloat16)), k
     for mode, n in (("mean", 2), ("sample", 1)):
-        images = pipe([0, 9], generator=torch.manual_seed(0), num_inference_steps=2, num_inference_substeps=n,
-                      output_mode=mode, output_type="pt", progress=False).images
+        images = pipe(
+            [0, 9],
+            generator=torch.manual_seed(0),
+            num_inference_steps=2,
+            num_inference_substeps=n,
+            output_mode=mode,
+            output_type="pt",
+            progress=False,
+        ).images
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
@@ -202,7 +272,10 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     assert again.labels == pipe.labels
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, again.transformer.state_dict()[k])
-    assert dict(again.scheduler.config) == dict(pipe.scheduler.config)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert type(again.scheduler) is type(pipe.scheduler) and public(again.scheduler.config) == public(
+        pipe.scheduler.config
+    )
 
 
 def test_bad_arguments(pipe, ckpt, tmp_path):
@@ -229,92 +302,103 @@ def test_bad_arguments(pipe, ckpt, tmp_path):
         GMDiTPipeline.from_pretrained(path)
 
 
-# ------------------------------------------------------------------------------------- schedulers
-
-
-def _toy_gm(x, t, K=3, seed=0):
-    """A u-GM that depends smoothly on ``x`` and ``t`` (stands in for a network)."""
-    g = torch.Generator().manual_seed(seed)
-    offs = torch.randn(K, *x.shape[1:], generator=g)
-    s = (t / 1000).reshape(-1, 1, 1, 1, 1)
-    means = 0.5 * x.unsqueeze(1) + offs * (1 + s)
-    logweights = torch.log_softmax((x.unsqueeze(1) * offs).sum(2, keepdim=True), dim=1)
-    return {"means": means, "logstds": torch.log(0.3 + 0.2 * s), "logweights": logweights}
-
-
-def _toy_guided(x, t):
-    return _toy_gm(x, t, seed=0), _toy_gm(x, t, seed=1)
-
-
-@pytest.mark.parametrize("cls,solver,substeps", [(FlowEulerODEScheduler, "gm-ode", 3), (GMFlowSDEScheduler, "gm-sde", 1)])
-def test_scheduler_loop_equals_sample(cls, solver, substeps):
-    noise = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
-    sched = cls(shift=2.0)
-    sched.set_timesteps(4, substeps, order=2, guidance_scale=0.3, orthogonal_guidance=0.5)
-    assert sched.timesteps.shape == (4,) and sched.sigmas.shape == (4 * substeps + 1,)
-    assert sched.sigmas[0] == 1 and sched.sigmas[-1] == 0 and sched.step_index == 0
-    x, g = noise, torch.Generator().manual_seed(3)
-    for i, t in enumerate(sched.timesteps):
-        assert sched.step_index == i
-        out = sched.step(_toy_guided(x, t.expand(2)), t, x, generator=g)
-        x = out.prev_sample
-    ref = gmkernels.sample(_toy_guided, noise, 4, solver=solver, substeps=substeps, order=2, shift=2.0,
-                           guidance_scale=0.3, orthogonal=0.5, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(x, ref, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="steps are done"):
-        sched.step(_toy_guided(x, sched.timesteps[:1]), 0.0, x)
-
-
-def test_spectral_sde_steps():
-    """The spectral GM-SDE path: finite, reproducible with a generator, and different from the
-    per-pixel draws."""
-    spectrum = SpectrumMLP(base_size=(3, 8, 8), layers=[8])
-    noise = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-
-    def run(spectrum_net, seed):
-        sched = GMFlowSDEScheduler()
-        sched.set_timesteps(3, order=2, guidance_scale=0.3)
-        x, g = noise, torch.Generator().manual_seed(seed)
-        for t in sched.timesteps:
-            x = sched.step(_toy_guided(x, t.expand(2)), t, x, generator=g, spectrum_net=spectrum_net).prev_sample
-        return x
-
-    with torch.no_grad():
-        a, b, c = run(spectrum, 1), run(spectrum, 1), run(None, 1)
-    assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.allclose(a, c)
-    sched = GMFlowSDEScheduler()
-    sched.set_timesteps(2)
-    x = sched.step(_toy_gm(noise, sched.timesteps[:1].expand(2)), sched.timesteps[0], noise,
-                   spectrum_net=spectrum).prev_sample
-    with pytest.raises(RuntimeError, match="spectrum_net"):
-        sched.step(_toy_gm(x, sched.timesteps[1:].expand(2)), sched.timesteps[1], x)
-
-
-def test_scheduler_config_round_trip(tmp_path):
-    sched = GMFlowSDEScheduler(shift=3.0, use_dynamic_shifting=True, base_seq_len=64, max_seq_len=1024)
-    sched.save_pretrained(str(tmp_path))
-    with open(tmp_path / "scheduler_config.json") as f:
-        saved = json.load(f)
-    assert saved["_class_name"] == "GMFlowSDEScheduler" and saved["shift"] == 3.0
-    again = GMFlowSDEScheduler.from_pretrained(str(tmp_path))
-    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    assert public(again.config) == public(sched.config)
-    ode = FlowEulerODEScheduler.from_config(again.config)
-    assert isinstance(ode, FlowEulerODEScheduler) and ode.config.shift == 3.0
-    # dynamic shifting: exp of the log-shift interpolated in the token count
-    assert again.get_shift(64) == pytest.approx(np.exp(0.5)) and again.get_shift(1024) == pytest.approx(np.exp(1.15))
-    assert again.get_shift(None) == 3.0
-
-
-def test_scheduler_rejects_unsupported_config():
+def test_bad_arguments_name_what_to_pass(pipe, tmp_path):
+    with pytest.raises(TypeError, match=r"get_label_ids\(\['jay'\]\)"):
+        pipe(["jay"])
+    with pytest.raises(TypeError, match=r"get_label_ids\('jay'\)"):
+        pipe("jay")
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
+        pipe([1], num_inference_steps=0)
+    with pytest.raises(ValueError, match="num_inference_substeps must be an int >= 1"):
+        pipe([1], num_inference_substeps=0)
+    with pytest.raises(ValueError, match="orthogonal_guidance must be a number >= 0, got -1"):
+        pipe([1], orthogonal_guidance=-1)
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        pipe([1], order=3)
+    with pytest.raises(ValueError, match="a list of 1 generators for 2 class labels"):
+        pipe([1, 2], generator=[torch.Generator()])
+    with pytest.raises(TypeError, match="generator"):
+        pipe([1], generator=0)
     with pytest.raises(ValueError, match="terminal_sigma"):
-        FlowEulerODEScheduler(terminal_sigma=0.01)
-    with pytest.raises(ValueError, match="num_train_timesteps"):
-        GMFlowSDEScheduler(num_train_timesteps=100)
-    with pytest.raises(RuntimeError, match="set_timesteps"):
-        GMFlowSDEScheduler().step({}, 1000.0, torch.zeros(1, 1, 1, 1))
-    with pytest.raises(ValueError, match="substeps"):
-        GMFlowSDEScheduler().set_timesteps(4, 2)
+        with_scheduler(pipe, FlowEulerODEScheduler(terminal_sigma=0.01))([1])
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        GMDiTPipeline.from_pretrained(str(tmp_path / "missing" / "ckpt"))
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        GMDiTPipeline.from_pretrained("./missing")
+
+
+@pytest.mark.parametrize(
+    "scheduler,output_mode,substeps",
+    [
+        (FlowEulerODEScheduler(), "mean", 2),
+        (GMFlowSDEScheduler(), "sample", 1),
+        (GMFlowSDEScheduler(), "mean", 2),
+    ],
+)
+def test_generator_list_one_per_sample(pipe, scheduler, output_mode, substeps):
+    """As in diffusers: with one generator per sample, sample i of a batched call is the image a
+    call with [generator i] alone gives (up to the network's batched arithmetic)."""
+    p = with_scheduler(pipe, scheduler)
+    kw = dict(
+        num_inference_steps=2,
+        num_inference_substeps=substeps,
+        output_mode=output_mode,
+        output_type="latent",
+        progress=False,
+        guidance_scale=0.3,
+    )
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    both = p([1, 4], generator=[gen(1), gen(2)], **kw).images
+    alone = [p([label], generator=[gen(seed)], **kw).images for label, seed in ((1, 1), (4, 2))]
+    for i in range(2):
+        assert rel_err(both[i : i + 1], alone[i]) < 1e-4
+    assert rel_err(both[0], both[1]) > 0.1
+
+
+def test_scheduler_swaps_as_with_the_official_pipeline(pipe):
+    """pipe.scheduler = GMFlowSDEScheduler.from_config(..., output_mode="mean"): the official
+    pipeline's pairing, SDE steps on the GM's mean with the large variance, run by
+    GMTensorStepScheduler on the pipeline's scheduler (tests/test_compat.py checks that loop
+    against the official loop body)."""
+    p = with_scheduler(pipe, FlowEulerODEScheduler(shift=2.0))
+    p.scheduler = GMFlowSDEScheduler.from_config(p.scheduler.config, output_mode="mean")
+    assert isinstance(p.scheduler, GMFlowSDEScheduler) and p.scheduler.config.output_mode == "mean"
+    assert p.scheduler.config.shift == 2.0
+    labels = torch.tensor([3, 5])
+    out = p(
+        labels.tolist(),
+        guidance_scale=0.4,
+        generator=torch.manual_seed(2),
+        num_inference_steps=2,
+        num_inference_substeps=3,
+        output_type="latent",
+        progress=False,
+    ).images
+    g = torch.manual_seed(2)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    sched = GMTensorStepScheduler(
+        GMFlowSDEScheduler(shift=2.0, output_mode="mean"), "mean", order=2, guidance_scale=0.4
+    )
+    sched.set_timesteps(2, 3)
+    null = torch.full_like(labels, 10)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            gm = pipe.transformer(torch.cat([x, x]), timestep=t.expand(4), class_labels=torch.cat([labels, null]))
+            x = sched.step(({k: v[:2] for k, v in gm.items()}, {k: v[2:] for k, v in gm.items()}), t, x, generator=g)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+    p.scheduler = FlowEulerODEScheduler.from_config(p.scheduler.config)  # back to GM-ODE: other latents
+    assert not torch.allclose(
+        out,
+        p(
+            [3, 5],
+            guidance_scale=0.4,
+            generator=torch.manual_seed(2),
+            num_inference_steps=2,
+            num_inference_substeps=3,
+            output_type="latent",
+            progress=False,
+        ).images,
+    )
 
 
 def test_spectrum_mlp_crops_to_small_latents():
@@ -335,8 +419,22 @@ def test_bench_pipeline_suite(tmp_path, capsys):
     from gmkernels_bench.__main__ import main
 
     out = tmp_path / "out"
-    argv = ["--suite", "pipeline", "--pipeline-model", "tiny", "--pipeline-steps", "1,2", "--pipeline-batch", "2",
-            "--quick", "--no-progress", "--threads", "1", "--out", str(out)]
+    argv = [
+        "--suite",
+        "pipeline",
+        "--pipeline-model",
+        "tiny",
+        "--pipeline-steps",
+        "1,2",
+        "--pipeline-batch",
+        "2",
+        "--quick",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     with open(out / "results.json") as f:
         recs = json.load(f)["records"]
@@ -359,8 +457,16 @@ def test_model_trains_the_pipeline_network(tmp_path):
     from model.presets import get_preset
     from model.train import call_net
 
-    cfg = get_preset("imagenet-xl2", ["net_cfg.num_layers=2", "net_cfg.num_attention_heads=2",
-                                      "net_cfg.attention_head_dim=8", "net_cfg.sample_size=8", "net_cfg.logstd_inner_dim=16"])
+    cfg = get_preset(
+        "imagenet-xl2",
+        [
+            "net_cfg.num_layers=2",
+            "net_cfg.num_attention_heads=2",
+            "net_cfg.attention_head_dim=8",
+            "net_cfg.sample_size=8",
+            "net_cfg.logstd_inner_dim=16",
+        ],
+    )
     net = build_network(cfg["net"], cfg["net_cfg"]).train()
     assert isinstance(net, GMDiTOfficial) and isinstance(net.transformer, GMDiTTransformer2DModel)
     assert net.transformer.gradient_checkpointing

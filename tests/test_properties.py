@@ -3,14 +3,13 @@ kernel test modules rerun what applies on the Triton backend)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
 
 import gmkernels as G
-from strategies import gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
 
 case = st.tuples(gm_shapes(max_k=12, max_c=6, max_hw=5), seeds, st.booleans())
 
@@ -124,8 +123,11 @@ def test_nll_gradient_matches_finite_differences(c):
         lw = torch.where(live, logweights, float("-inf"))
         return G.gm_nll_loss({"means": means, "logstds": logstds, "logweights": lw}, y, reduction="sum")
 
-    inputs = [gm["means"].requires_grad_(), gm["logstds"].requires_grad_(),
-              torch.where(live, gm["logweights"], 0.0).requires_grad_()]
+    inputs = [
+        gm["means"].requires_grad_(),
+        gm["logstds"].requires_grad_(),
+        torch.where(live, gm["logweights"], 0.0).requires_grad_(),
+    ]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -151,12 +153,16 @@ def test_valid_extreme_inputs_give_no_nan(extreme):
     else:
         s_hi, s_lo = 1.0, 1.0 - 1e-7
     outs = [
-        G.gm_to_mean(gm), *G.gm_to_iso_gaussian(gm).values(),
+        G.gm_to_mean(gm),
+        *G.gm_to_iso_gaussian(gm).values(),
         *G.gm_mul_iso_gaussian(gm, G.gm_to_iso_gaussian(gm)).values(),
-        *G.u_to_x0(gm, x, s_hi).values(), *G.x0_to_u(gm, x, s_lo).values(),
+        *G.u_to_x0(gm, x, s_hi).values(),
+        *G.x0_to_u(gm, x, s_lo).values(),
         *G.reverse_transition(gm, x, s_hi, s_lo).values(),
         G.gm_posterior_mean(gm, x, s_hi, x * 0.5, s_lo),
-        G.gm_nll_loss(gm, x), G.gm_logprob(gm, x.unsqueeze(1)), G.gm_sample(gm, 2),
+        G.gm_nll_loss(gm, x),
+        G.gm_logprob(gm, x.unsqueeze(1)),
+        G.gm_sample(gm, 2),
         *G.probabilistic_guidance(gm, make_gm(shape, 4, dtype=torch.float32), 0.7).values(),
         *G.weight_guidance(gm, make_gm(shape, 4, dead=True, dtype=torch.float32), 4.0).values(),
         *G.mean_cfg(gm, make_gm(shape, 4, dtype=torch.float32), 4.0, True).values(),

@@ -26,19 +26,31 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(.*?)\s*-->", re.S)
 
 SKIP = [
-    (r"^pip install\b", "installs into the running environment; tests/test_packaging.py installs the checkout into a fresh venv"),
+    (r"^python -m venv\b|^\. \S+/bin/activate$", "makes a virtualenv for the install below (.ci/run runs both lines)"),
+    (
+        r"^pip install\b",
+        "installs into the running environment; tests/test_packaging.py installs the checkout into a fresh venv",
+    ),
     (r"^torchrun\b", "starts one process per GPU"),
     (r"--preset imagenet", "needs GPUs and a latent cache of ImageNet"),
     (r"^(python -m )?pytest\b", "the test suite itself"),
-    (r"gmkernels_bench\.compile_report", "compiles every kernel for sm_80 and sm_90 (minutes); tests/test_aot.py compiles the same cases"),
+    (
+        r"gmkernels_bench\.compile_report",
+        "compiles every kernel for sm_80 and sm_90 (minutes); tests/test_aot.py compiles the same cases",
+    ),
 ]
 _DIGITS_EVAL = "--set eval.n_per_class=2 'eval.nfe=[1]' 'eval.guidance={\"probabilistic\": [0.3], \"mean-cfg\": [1.5]}'"
 SMALL = [
     (r"^python -m model\.train --preset (checkerboard|checkerboard-k1|digits)\b", "steps=2 batch=16 log_every=1"),
+    (
+        r"^python -m model\.evaluate .*digits.*--sweep",
+        "--set eval.n_per_class=2 'eval.sweep.nfe=[1,2]' eval.sweep.n_seeds=1",
+    ),
     (r"^python -m model\.evaluate .*digits", _DIGITS_EVAL),
     (r"^python -m model\.evaluate ", "--set eval.n=64 'eval.nfe=[1]' eval.projections=8"),
     (r"^python -m model\.sample ", "--n 4 --steps 2"),
     (r"^python -m gmkernels_bench(\s|$)", "--quick --backends torch --no-progress"),
+    (r"^python -m gmkernels_bench\.host_cost\b", "--calls 5 --repeat 1 --filter gm_to_mean"),
 ]
 
 
@@ -81,8 +93,10 @@ def _plan(cmd: str) -> tuple[str | None, str]:
     for pat, why in SKIP:
         if re.search(pat, cmd):
             return None, why
-    raise AssertionError(f"no rule for the README command {cmd!r}: add it to SMALL (with small settings) or SKIP (with a reason) "
-                         "in tests/test_readme.py")
+    raise AssertionError(
+        f"no rule for the README command {cmd!r}: add it to SMALL (with small settings) or SKIP (with a reason) "
+        "in tests/test_readme.py"
+    )
 
 
 def _id(b):
@@ -100,8 +114,9 @@ def test_python_block_runs(block, tmp_path):
     page, line, _, code, reason = block
     if reason:
         pytest.skip(reason)
-    res = subprocess.run([sys.executable, "-"], input=code, text=True, cwd=tmp_path, env=_env(), capture_output=True,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-"], input=code, text=True, cwd=tmp_path, env=_env(), capture_output=True, timeout=600
+    )
     assert res.returncode == 0, f"{_id(block)} failed:\n{code}\n{res.stderr[-3000:]}"
 
 
@@ -148,9 +163,13 @@ def test_links_resolve():
             dest = (page.parent / path).resolve() if path else page
             assert dest.exists(), f"{page.relative_to(ROOT)}: link {target!r}: {dest} does not exist"
             if anchor:
-                assert anchor in _anchors(dest), f"{page.relative_to(ROOT)}: link {target!r}: no heading with that anchor"
+                assert anchor in _anchors(dest), (
+                    f"{page.relative_to(ROOT)}: link {target!r}: no heading with that anchor"
+                )
 
 
 def test_user_docs_do_not_cite_the_internal_spec():
     for page in PAGES:
-        assert "SPEC" not in page.read_text(), f"{page.relative_to(ROOT)} cites SPEC, which does not ship: link docs/ instead"
+        assert "SPEC" not in page.read_text(), (
+            f"{page.relative_to(ROOT)} cites SPEC, which does not ship: link docs/ instead"
+        )

@@ -14,9 +14,9 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from strategies import TOL, make_gm, make_state, rel_err, seeds, sigmas
 
 import gmkernels as G
-from strategies import TOL, make_gm, make_state, rel_err, seeds, sigmas
 
 # ---------------------------------------------------------------- oracle (numpy, float64)
 

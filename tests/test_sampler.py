@@ -4,13 +4,12 @@ solver identities, guidance, seeding, no host synchronisation, the Triton path, 
 import pytest
 import torch
 from test_exactness import GMData
-
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import gmkernels
-from gmkernels.ops import solver_steps
-from gmkernels.schedulers import SCHEDULERS, FlowEulerScheduler, GMFlowODEScheduler, GMFlowSDEScheduler, schedule_sigmas
+from gmkernels.ops.solver import step as solver_step
+from gmkernels.schedulers import SCHEDULERS, GMEulerScheduler, GMODEScheduler, GMSDEScheduler, schedule_sigmas
 from gmkernels_bench.cases import Shape, launch_reads_memory, step_launches, step_traffic
 
 DATA = GMData([[-1.0, 0.5], [1.0, 1.0], [0.5, -1.5]], [0.0, 0.3, -0.2], 0.3)
@@ -34,7 +33,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize("S,N,shift", [(3, 2, 2.5), (4, 1, 1.0), (1, 5, 0.5)])
 def test_schedule_matches_spec(S, N, shift):
-    sched = GMFlowODEScheduler()
+    sched = GMODEScheduler()
     sched.set_timesteps(S, N, shift)
     n = S * N
     expect = []
@@ -47,9 +46,16 @@ def test_schedule_matches_spec(S, N, shift):
     assert torch.allclose(sched._table, torch.tensor(expect + [0.0], dtype=torch.float32))
 
 
-@pytest.mark.parametrize("solver,substeps,order,scale", [
-    ("gm-sde", 1, 1, 0.0), ("gm-sde", 1, 2, 0.5), ("gm-ode", 3, 1, 0.0), ("gm-ode", 2, 2, 0.3), ("euler", 1, 1, 0.0),
-])
+@pytest.mark.parametrize(
+    "solver,substeps,order,scale",
+    [
+        ("gm-sde", 1, 1, 0.0),
+        ("gm-sde", 1, 2, 0.5),
+        ("gm-ode", 3, 1, 0.0),
+        ("gm-ode", 2, 2, 0.3),
+        ("euler", 1, 1, 0.0),
+    ],
+)
 def test_denoiser_called_num_steps_times_with_spec_timesteps(solver, substeps, order, scale):
     calls = []
 
@@ -57,7 +63,9 @@ def test_denoiser_called_num_steps_times_with_spec_timesteps(solver, substeps, o
         calls.append(t.clone())
         return paired(x, t) if scale > 0 else DATA.denoiser(x, t)
 
-    out = gmkernels.sample(den, noise(8), 3, solver=solver, substeps=substeps, order=order, guidance_scale=scale, shift=2.0)
+    out = gmkernels.sample(
+        den, noise(8), 3, solver=solver, substeps=substeps, order=order, guidance_scale=scale, shift=2.0
+    )
     assert out.shape == (8, 2, 1, 1) and out.isfinite().all()
     assert len(calls) == 3
     sig = schedule_sigmas(3, substeps, 2.0)
@@ -82,7 +90,9 @@ def test_k1_gm_ode_equals_euler_with_as_many_network_calls_as_substeps():
 
 def test_gm_ode_one_substep_is_euler():
     x = noise(64, seed=4)
-    assert torch.equal(gmkernels.sample(DATA.denoiser, x, 3, solver="gm-ode"), gmkernels.sample(DATA.denoiser, x, 3, solver="euler"))
+    assert torch.equal(
+        gmkernels.sample(DATA.denoiser, x, 3, solver="gm-ode"), gmkernels.sample(DATA.denoiser, x, 3, solver="euler")
+    )
 
 
 def test_same_seed_same_samples():
@@ -112,7 +122,9 @@ def test_bf16_model_and_state():
 @pytest.mark.parametrize("solver,order", [("gm-ode", 1), ("gm-sde", 2)])
 def test_guidance_scale_zero_is_no_guidance(guidance, solver, order):
     x = noise(64, seed=7)
-    kw = dict(solver=solver, substeps=2 if solver == "gm-ode" else 1, order=order, guidance=guidance, guidance_scale=0.0)
+    kw = dict(
+        solver=solver, substeps=2 if solver == "gm-ode" else 1, order=order, guidance=guidance, guidance_scale=0.0
+    )
     plain = gmkernels.sample(DATA.denoiser, x, 3, generator=torch.Generator().manual_seed(0), **kw)
     pair = gmkernels.sample(paired, x, 3, generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(plain, pair)
@@ -127,9 +139,15 @@ def test_neutral_guidance_scale_matches_unguided(guidance, neutral):
     assert rel(guided, plain) < (1e-5 if guidance != "probabilistic" else 1e-2)
 
 
-@pytest.mark.parametrize("guidance,scale,order", [
-    ("probabilistic", 0.5, 1), ("probabilistic", 0.5, 2), ("weight", 2.0, 1), ("mean-cfg", 2.0, 2),
-])
+@pytest.mark.parametrize(
+    "guidance,scale,order",
+    [
+        ("probabilistic", 0.5, 1),
+        ("probabilistic", 0.5, 2),
+        ("weight", 2.0, 1),
+        ("mean-cfg", 2.0, 2),
+    ],
+)
 def test_guidance_pushes_away_from_the_unconditional_model(guidance, scale, order):
     """Along ``d = E_cond[x0] - E_uncond[x0]`` the guided samples move further than unguided ones."""
     x = noise(256, seed=9)
@@ -149,17 +167,25 @@ def _meta_denoiser(x, t):
     """Shape-only model: every output is a torch op on its inputs, valid on the meta device."""
     s = (t / 1000).view(-1, 1, 1, 1)
     means = torch.stack([x * 0.5 + s, -0.3 * x, 0.1 * x - 1], 1)
-    logstds = (s.view(-1, 1, 1, 1, 1) * 0 - 1.0)
+    logstds = s.view(-1, 1, 1, 1, 1) * 0 - 1.0
     m = x.mean(1, keepdim=True)
     logweights = torch.log_softmax(torch.stack([m, -m, 0 * m], 1), 1)
     return {"means": means, "logstds": logstds, "logweights": logweights}
 
 
-@pytest.mark.parametrize("solver,substeps,order,guidance,scale", [
-    ("gm-sde", 1, 1, "probabilistic", 0.0), ("gm-sde", 1, 2, "probabilistic", 0.5), ("gm-sde", 1, 2, "weight", 2.0),
-    ("gm-ode", 3, 2, "probabilistic", 0.0), ("gm-ode", 3, 2, "probabilistic", 0.5), ("gm-ode", 3, 1, "mean-cfg", 2.0),
-    ("euler", 1, 1, "probabilistic", 0.5), ("euler", 1, 1, "weight", 2.0),
-])
+@pytest.mark.parametrize(
+    "solver,substeps,order,guidance,scale",
+    [
+        ("gm-sde", 1, 1, "probabilistic", 0.0),
+        ("gm-sde", 1, 2, "probabilistic", 0.5),
+        ("gm-sde", 1, 2, "weight", 2.0),
+        ("gm-ode", 3, 2, "probabilistic", 0.0),
+        ("gm-ode", 3, 2, "probabilistic", 0.5),
+        ("gm-ode", 3, 1, "mean-cfg", 2.0),
+        ("euler", 1, 1, "probabilistic", 0.5),
+        ("euler", 1, 1, "weight", 2.0),
+    ],
+)
 def test_loop_never_reads_a_device_value(solver, substeps, order, guidance, scale):
     """On the meta device any .item()/bool()/float() of a tensor raises, so a run that completes
     has no data-dependent host branch or host synchronisation per step (CUDA-graph capturable)."""
@@ -169,16 +195,23 @@ def test_loop_never_reads_a_device_value(solver, substeps, order, guidance, scal
         return (g, _meta_denoiser(-x, t)) if scale > 0 else g
 
     x = torch.empty(4, 3, 5, 6, device="meta")
-    out = gmkernels.sample(den, x, 3, solver=solver, substeps=substeps, order=order, guidance=guidance, guidance_scale=scale)
+    out = gmkernels.sample(
+        den, x, 3, solver=solver, substeps=substeps, order=order, guidance=guidance, guidance_scale=scale
+    )
     assert out.device.type == "meta" and out.shape == x.shape
 
 
 # ----------------------------------------------------------------------------- schedulers
 
 
-@pytest.mark.parametrize("cls,solver,substeps,order", [
-    (GMFlowSDEScheduler, "gm-sde", 1, 2), (GMFlowODEScheduler, "gm-ode", 3, 2), (FlowEulerScheduler, "euler", 1, 1),
-])
+@pytest.mark.parametrize(
+    "cls,solver,substeps,order",
+    [
+        (GMSDEScheduler, "gm-sde", 1, 2),
+        (GMODEScheduler, "gm-ode", 3, 2),
+        (GMEulerScheduler, "euler", 1, 1),
+    ],
+)
 def test_scheduler_loop_equals_sample(cls, solver, substeps, order):
     x = noise(32, seed=10)
     sched = cls(order=order, guidance="probabilistic", guidance_scale=0.4)
@@ -187,15 +220,24 @@ def test_scheduler_loop_equals_sample(cls, solver, substeps, order):
     y = x
     for t in sched.timesteps:
         y = sched.step(paired(y, t.expand(32)), t, y, generator=g)
-    expect = gmkernels.sample(paired, x, 3, solver=solver, substeps=substeps, order=order, shift=1.7,
-                              guidance_scale=0.4, generator=torch.Generator().manual_seed(3))
+    expect = gmkernels.sample(
+        paired,
+        x,
+        3,
+        solver=solver,
+        substeps=substeps,
+        order=order,
+        shift=1.7,
+        guidance_scale=0.4,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(y, expect)
     with pytest.raises(RuntimeError, match="set_timesteps again"):
         sched.step(paired(y, sched.timesteps[0].expand(32)), sched.timesteps[0], y)
 
 
 def test_scheduler_misuse():
-    sched = GMFlowODEScheduler()
+    sched = GMODEScheduler()
     x = noise(4)
     with pytest.raises(RuntimeError, match="set_timesteps"):
         sched.step(DATA.denoiser(x, torch.full((4,), 1000.0)), 1000.0, x)
@@ -225,16 +267,21 @@ def test_triton_path_matches_torch_path():
     assert torch.equal(sde_a, sde_b) and sde_a.isfinite().all()
 
 
-
 class _Allocations(TorchDispatchMode):
     """Records ``(numel, bytes)`` of every tensor an aten op returns in fresh storage (kernel
-    outputs are allocated by ``torch.empty`` and so appear here too; views do not)."""
+    outputs are allocated by ``torch.empty`` and so appear here too; views do not). The Python
+    body of a ``gmkernels::`` custom op runs under the mode, so its allocations count."""
 
     def __init__(self):
         super().__init__()
         self.new = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "gmkernels":
+            from torch._library.custom_ops import _maybe_get_opdef
+
+            with self:
+                return _maybe_get_opdef(func)._init_fn(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
@@ -246,14 +293,18 @@ class _Allocations(TorchDispatchMode):
 def _random_gm(shape, seed, dtype):
     B, K, C, H, W = shape
     g = torch.Generator().manual_seed(seed)
-    return {"means": torch.randn(B, K, C, H, W, generator=g).to(dtype),
-            "logstds": (torch.randn(B, 1, 1, 1, 1, generator=g) * 0.3 - 0.5).to(dtype),
-            "logweights": torch.log_softmax(torch.randn(B, K, 1, H, W, generator=g), 1).to(dtype)}
+    return {
+        "means": torch.randn(B, K, C, H, W, generator=g).to(dtype),
+        "logstds": (torch.randn(B, 1, 1, 1, 1, generator=g) * 0.3 - 0.5).to(dtype),
+        "logweights": torch.log_softmax(torch.randn(B, K, 1, H, W, generator=g), 1).to(dtype),
+    }
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("guidance,scale", [("probabilistic", 0.0), ("probabilistic", 0.5), ("weight", 2.0), ("mean-cfg", 2.0)])
+@pytest.mark.parametrize(
+    "guidance,scale", [("probabilistic", 0.0), ("probabilistic", 0.5), ("weight", 2.0), ("mean-cfg", 2.0)]
+)
 @pytest.mark.parametrize("solver,order", [("gm-ode", 1), ("gm-ode", 2), ("gm-sde", 1), ("gm-sde", 2)])
 def test_step_allocation_audit(solver, order, guidance, scale, dtype, monkeypatch):
     """One scheduler step on the Triton path (the second one, so order 2 has its memory) with the
@@ -267,16 +318,20 @@ def test_step_allocation_audit(solver, order, guidance, scale, dtype, monkeypatc
     sched.set_timesteps(3, 3 if solver == "gm-ode" else 1)
     x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(0))
     launches = []
-    kernel = solver_steps._fused_step_kernel
 
     class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                launches.append((kw["STATS"], kw["ORDER2"]))
-                return kernel[grid](*args, **kw)
+                launches.append((kw.get("MODE", 0), kw["ORDER2"]))
+                return self.kernel[grid](*args, **kw)
+
             return launch
 
-    monkeypatch.setattr(solver_steps, "_fused_step_kernel", Recorder())
+    for name in ("_step_stats_kernel", "_step_kernel"):
+        monkeypatch.setattr(solver_step, name, Recorder(getattr(solver_step, name)))
     with gmkernels.use_backend("triton"):
         x = sched.step(out, sched.timesteps[0], x, generator=torch.Generator().manual_seed(0))
         launches.clear()
@@ -288,7 +343,6 @@ def test_step_allocation_audit(solver, order, guidance, scale, dtype, monkeypatc
     assert sum(nb for _, nb in audit.new) <= 3 * state_bytes, audit.new
     mode = guidance if scale > 0 else "none"
     assert launches == [(s, launch_reads_memory(s, order, mode)) for s in step_launches(solver, order, mode)]
-
 
 
 @pytest.mark.parametrize("solver", ["gm-ode", "gm-sde"])
@@ -333,18 +387,21 @@ def test_progress_bar(capsys):
     assert "3/3" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(solver="dpm"), ValueError, "solver"),
-    (dict(guidance="cfg"), ValueError, "guidance"),
-    (dict(guidance_scale=1.0), ValueError, r"\[0, 1\)"),
-    (dict(guidance_scale=-0.5), ValueError, "guidance_scale"),
-    (dict(solver="gm-sde", substeps=2), ValueError, "substeps"),
-    (dict(solver="euler", order=2), ValueError, "order"),
-    (dict(solver="gm-ode", order=3), ValueError, "order"),
-    (dict(shift=0.0), ValueError, "shift"),
-    (dict(orthogonal=-1.0), ValueError, "orthogonal"),
-    (dict(guidance_scale=0.5), TypeError, "pair"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(solver="dpm"), ValueError, "solver"),
+        (dict(guidance="cfg"), ValueError, "guidance"),
+        (dict(guidance_scale=1.0), ValueError, r"\[0, 1\)"),
+        (dict(guidance_scale=-0.5), ValueError, "guidance_scale"),
+        (dict(solver="gm-sde", substeps=2), ValueError, "substeps"),
+        (dict(solver="euler", order=2), ValueError, "order"),
+        (dict(solver="gm-ode", order=3), ValueError, "order"),
+        (dict(shift=0.0), ValueError, "shift"),
+        (dict(orthogonal=-1.0), ValueError, "orthogonal"),
+        (dict(guidance_scale=0.5), TypeError, "pair"),
+    ],
+)
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         gmkernels.sample(DATA.denoiser, noise(4), 2, **kwargs)

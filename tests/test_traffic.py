@@ -71,13 +71,22 @@ def test_replayed_meta_launches_count_like_the_public_op():
     import gmkernels_bench.aot.mixture as mixture
 
     dims = (2, 3, 3, 5, 7)
-    (replayed,) = traffic.launch_cases_traffic(mixture.aot_cases, *dims, only=lambda n: n.startswith("gm_to_mean[") and "fp32" in n)
+    (replayed,) = traffic.launch_cases_traffic(
+        mixture.aot_cases, *dims, only=lambda n: n.startswith("gm_to_mean[") and "fp32" in n
+    )
     gm = {"means": torch.randn(2, 3, 3, 5, 7), "logstds": torch.zeros(2, 1, 1, 1, 1),
           "logweights": torch.randn(2, 3, 1, 5, 7).log_softmax(1)}  # fmt: skip
     with gmkernels.use_backend("triton"), traffic.count_traffic() as launches:
         gmkernels.gm_to_mean(gm)
     (direct,) = launches
-    for attr in ("programs", "load_requested", "store_requested", "load_distinct_sectors", "store_distinct_sectors", "distinct_bytes"):
+    for attr in (
+        "programs",
+        "load_requested",
+        "store_requested",
+        "load_distinct_sectors",
+        "store_distinct_sectors",
+        "distinct_bytes",
+    ):
         assert getattr(replayed, attr) == getattr(direct, attr), attr
 
 
@@ -87,7 +96,12 @@ def test_materialise_keeps_layout_and_separates_arguments():
     other = torch.empty(3, device="meta", dtype=torch.int64)
     (a, b, c, d), _ = traffic.materialise((base, view, other, base), {})
     assert a.device.type == "cpu"
-    assert (b.shape, b.stride(), b.storage_offset(), b.dtype) == (view.shape, view.stride(), view.storage_offset(), view.dtype)
+    assert (b.shape, b.stride(), b.storage_offset(), b.dtype) == (
+        view.shape,
+        view.stride(),
+        view.storage_offset(),
+        view.dtype,
+    )
     assert ((a.float() > 0.09) & (a.float() < 0.91)).all() and (c >= 1).all()
     # each argument its own storage (the AOT cases pass one meta GM for both GMs of guidance) ...
     assert len({t.untyped_storage().data_ptr() for t in (a, b, d)}) == 3
@@ -97,25 +111,45 @@ def test_materialise_keeps_layout_and_separates_arguments():
 
 
 # the byte model of gmkernels_bench.cases, one case per family, at the three shapes of byte_check
-_OPS = ("gm_to_iso_gaussian", "gm_mul_iso_gaussian", "reverse_transition", "gm_posterior_mean", "gm_nll_loss", "gm_sample",
-        "weight_guidance", "probabilistic_guidance", "mean_cfg", "gm1d_inverse_cdf", "gaussian_samples_to_gm_samples")
+_OPS = (
+    "gm_to_iso_gaussian",
+    "gm_mul_iso_gaussian",
+    "reverse_transition",
+    "gm_posterior_mean",
+    "gm_nll_loss",
+    "gm_sample",
+    "weight_guidance",
+    "probabilistic_guidance",
+    "mean_cfg",
+    "gm1d_inverse_cdf",
+    "gaussian_samples_to_gm_samples",
+)
 
 
 @pytest.mark.parametrize("dims", byte_check.SHAPES)
 def test_byte_model_matches_the_counted_bytes(dims):
-    checks = byte_check.op_checks(dims, "fp32", _OPS) + [byte_check.train_check(dims, "fp32"), byte_check.policy_check(dims, "fp32")]
+    checks = byte_check.op_checks(dims, "fp32", _OPS) + [
+        byte_check.train_check(dims, "fp32"),
+        byte_check.policy_check(dims, "fp32"),
+    ]
     checks += byte_check.step_checks(dims, "fp32", ("none", "probabilistic"))
     assert {c.family for c in checks} >= {"mixture", "product", "transition", "posterior", "likelihood", "sampling", "guidance",
                                           "inverse_cdf", "solver_steps", "policy"}  # fmt: skip
     bad = [byte_check.row(c) for c in checks if abs(c.gap) > byte_check.TOLERANCE and not byte_check.known_gap(c)]
     assert not bad, "\n".join(bad)
     # a listed gap that closed must leave the list (and the note)
-    closed = [c.case for c in checks if byte_check.known_gap(c) and abs(c.gap) <= byte_check.TOLERANCE and c.shape == (2, 3, 3, 5, 7)]
+    closed = [
+        c.case
+        for c in checks
+        if byte_check.known_gap(c) and abs(c.gap) <= byte_check.TOLERANCE and c.shape == (2, 3, 3, 5, 7)
+    ]
     assert not closed, closed
 
 
 @pytest.mark.parametrize("dims", byte_check.SHAPES[:1])
 def test_byte_model_matches_the_counted_bytes_in_bf16(dims):
-    checks = byte_check.op_checks(dims, "bf16", ("gm_mul_iso_gaussian", "gm_nll_loss", "gm_sample")) + [byte_check.train_check(dims, "bf16")]
+    checks = byte_check.op_checks(dims, "bf16", ("gm_mul_iso_gaussian", "gm_nll_loss", "gm_sample")) + [
+        byte_check.train_check(dims, "bf16")
+    ]
     bad = [byte_check.row(c) for c in checks if abs(c.gap) > byte_check.TOLERANCE and not byte_check.known_gap(c)]
     assert not bad, "\n".join(bad)

@@ -82,7 +82,9 @@ def _run(cmd: list[str], log: Path, env: dict | None = None, timeout: float | No
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         try:
-            return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+            return subprocess.run(
+                cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             f.write(f"\n[matrix] timed out after {timeout:.0f} s\n")
             return 124
@@ -94,10 +96,12 @@ def _installed(python: Path, numpy_spec: str) -> tuple[str, str] | None:
     if not python.exists():
         return None
     bound = numpy_spec.partition("<")[2]
-    code = ("import torch, triton, numpy, pytest, hypothesis, pytest_benchmark\n"
-            f"v = tuple(int(x) for x in numpy.__version__.split('.')[:2]); b = {bound!r}\n"
-            "assert not b or v < tuple(int(x) for x in b.split('.')), numpy.__version__\n"
-            "print(torch.__version__.split('+')[0], triton.__version__)")
+    code = (
+        "import torch, triton, numpy, pytest, hypothesis, pytest_benchmark\n"
+        f"v = tuple(int(x) for x in numpy.__version__.split('.')[:2]); b = {bound!r}\n"
+        "assert not b or v < tuple(int(x) for x in b.split('.')), numpy.__version__\n"
+        "print(torch.__version__.split('+')[0], triton.__version__)"
+    )
     proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
     if proc.returncode:
         return None
@@ -115,7 +119,10 @@ def ensure_venv(pair: Pair, venvs: Path, base_python: str, log_dir: Path) -> Pat
         venvs.mkdir(parents=True, exist_ok=True)
         subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
     log = log_dir / f"{pair.venv_name}-install.log"
-    rc = _run([str(python), "-m", "pip", "install", f"torch=={pair.torch}", f"triton=={pair.triton}", pair.numpy, *TEST_DEPS], log)
+    rc = _run(
+        [str(python), "-m", "pip", "install", f"torch=={pair.torch}", f"triton=={pair.triton}", pair.numpy, *TEST_DEPS],
+        log,
+    )
     if rc or _installed(python, pair.numpy) != (pair.torch, pair.triton):
         raise RuntimeError(f"installing torch {pair.torch} + triton {pair.triton} into {venv} failed: see {log}")
     return python
@@ -139,16 +146,31 @@ def _junit_counts(path: Path) -> tuple[int, int, int, list[str]]:
     return passed, failed, skipped, failing
 
 
-def run_pair(pair: Pair, python: Path, out: Path, tests: list[str], pytest_args: list[str], timeout: float,
-             parts: tuple[str, ...] = ("tests", "compile")) -> dict:
+def run_pair(
+    pair: Pair,
+    python: Path,
+    out: Path,
+    tests: list[str],
+    pytest_args: list[str],
+    timeout: float,
+    parts: tuple[str, ...] = ("tests", "compile"),
+) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "VIRTUAL_ENV")}
     env.update(PYTHONPATH=str(REPO), CI="true", PYTHONDONTWRITEBYTECODE="1")
     tag = pair.venv_name
     t0 = time.perf_counter()
     junit = out / f"{tag}-junit.xml"
     junit.unlink(missing_ok=True)
-    test_rc = 0 if "tests" not in parts else _run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *pytest_args, *tests],
-                   out / f"{tag}-tests.log", env=env, timeout=timeout)
+    test_rc = (
+        0
+        if "tests" not in parts
+        else _run(
+            [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *pytest_args, *tests],
+            out / f"{tag}-tests.log",
+            env=env,
+            timeout=timeout,
+        )
+    )
     t_tests = time.perf_counter() - t0
     passed, failed, skipped, failing = _junit_counts(junit)
     if test_rc not in (0, 1) and not failed:  # collection error, crash or timeout: no per-test verdict
@@ -158,8 +180,16 @@ def run_pair(pair: Pair, python: Path, out: Path, tests: list[str], pytest_args:
     t1 = time.perf_counter()
     report = out / f"{tag}-compile_report.json"
     report.unlink(missing_ok=True)
-    cr_rc = 0 if "compile" not in parts else _run([str(python), "-m", "gmkernels_bench.compile_report", "--check", "--json", str(report)],
-                 out / f"{tag}-compile_report.log", env={**env, "TRITON_INTERPRET": "0"}, timeout=timeout)
+    cr_rc = (
+        0
+        if "compile" not in parts
+        else _run(
+            [str(python), "-m", "gmkernels_bench.compile_report", "--check", "--json", str(report)],
+            out / f"{tag}-compile_report.log",
+            env={**env, "TRITON_INTERPRET": "0"},
+            timeout=timeout,
+        )
+    )
     t_compile = time.perf_counter() - t1
     if "compile" not in parts:
         compile_failures = []
@@ -174,10 +204,20 @@ def run_pair(pair: Pair, python: Path, out: Path, tests: list[str], pytest_args:
         "triton": pair.triton,
         "why": pair.why,
         "venv_python": str(python),
-        "tests": {"passed": passed, "failed": failed, "skipped": skipped, "failing": failing, "exit_status": test_rc,
-                  "seconds": round(t_tests, 1)},
-        "compile_report": {"exit_status": cr_rc, "failures": compile_failures, "spilling_kernels": len(spilling),
-                           "seconds": round(t_compile, 1)},
+        "tests": {
+            "passed": passed,
+            "failed": failed,
+            "skipped": skipped,
+            "failing": failing,
+            "exit_status": test_rc,
+            "seconds": round(t_tests, 1),
+        },
+        "compile_report": {
+            "exit_status": cr_rc,
+            "failures": compile_failures,
+            "spilling_kernels": len(spilling),
+            "seconds": round(t_compile, 1),
+        },
         "parts": list(parts),
         "ok": test_rc == 0 and failed == 0 and cr_rc == 0,
         "seconds": round(t_tests + t_compile, 1),
@@ -185,31 +225,48 @@ def run_pair(pair: Pair, python: Path, out: Path, tests: list[str], pytest_args:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| torch / triton | tests passed | failed | compile errors + spills | seconds | result |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| torch / triton | tests passed | failed | compile errors + spills | seconds | result |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['pair']} | - | - | - | - | not built: {r['error']} |")
             continue
         t, c = r["tests"], r["compile_report"]
         ran_tests, ran_compile = "tests" in r["parts"], "compile" in r["parts"]
-        lines.append(f"| {r['torch']} / {r['triton']} | {t['passed'] if ran_tests else '-'} | {t['failed'] if ran_tests else '-'} "
-                     f"| {len(c['failures']) if ran_compile else '-'} | {r['seconds']:.0f} | {'pass' if r['ok'] else 'FAIL'} |")
+        lines.append(
+            f"| {r['torch']} / {r['triton']} | {t['passed'] if ran_tests else '-'} | {t['failed'] if ran_tests else '-'} "
+            f"| {len(c['failures']) if ran_compile else '-'} | {r['seconds']:.0f} | {'pass' if r['ok'] else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", default="", help="comma-separated torch/triton minors to run, e.g. 2.11/3.6 (default: all: "
-                   + ", ".join(x.label for x in PAIRS) + ")")
-    p.add_argument("--venvs", type=Path, default=Path(os.environ.get("GMK_VENVS", "/work/venvs")),
-                   help="where the venvs live (default $GMK_VENVS or /work/venvs)")
+    p.add_argument(
+        "--pairs",
+        default="",
+        help="comma-separated torch/triton minors to run, e.g. 2.11/3.6 (default: all: "
+        + ", ".join(x.label for x in PAIRS)
+        + ")",
+    )
+    p.add_argument(
+        "--venvs",
+        type=Path,
+        default=Path(os.environ.get("GMK_VENVS", "/work/venvs")),
+        help="where the venvs live (default $GMK_VENVS or /work/venvs)",
+    )
     p.add_argument("--python", default="python3.11", help="interpreter the venvs are made from (default python3.11)")
-    p.add_argument("--out", type=Path, default=REPO / "out" / "matrix", help="logs and matrix.json (default out/matrix)")
+    p.add_argument(
+        "--out", type=Path, default=REPO / "out" / "matrix", help="logs and matrix.json (default out/matrix)"
+    )
     p.add_argument("--install-only", action="store_true", help="build or check the venvs, run no test")
     p.add_argument("--only", choices=("tests", "compile"), help="run only the tests or only compile_report --check")
     p.add_argument("--tests", nargs="+", default=list(KERNEL_TESTS), help="test files (default: the Triton ones)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per pytest or compile_report run (default 3600)")
+    p.add_argument(
+        "--timeout", type=float, default=3600, help="seconds per pytest or compile_report run (default 3600)"
+    )
     p.add_argument("pytest_args", nargs="*", help="after --: passed to pytest, e.g. -- -x -k mixture")
     args = p.parse_args(argv)
 
@@ -237,22 +294,36 @@ def main(argv: list[str] | None = None) -> int:
         row = run_pair(pair, python, args.out, args.tests, args.pytest_args, args.timeout, parts)
         rows.append(row)
         if "tests" in parts:
-            print(f"[matrix]   tests {row['tests']['passed']} passed, {row['tests']['failed']} failed "
-                  f"({row['tests']['seconds']:.0f} s)", flush=True)
+            print(
+                f"[matrix]   tests {row['tests']['passed']} passed, {row['tests']['failed']} failed "
+                f"({row['tests']['seconds']:.0f} s)",
+                flush=True,
+            )
         if "compile" in parts:
-            print(f"[matrix]   compile report {len(row['compile_report']['failures'])} failures "
-                  f"({row['compile_report']['seconds']:.0f} s)", flush=True)
+            print(
+                f"[matrix]   compile report {len(row['compile_report']['failures'])} failures "
+                f"({row['compile_report']['seconds']:.0f} s)",
+                flush=True,
+            )
         for name in row["tests"]["failing"] + row["compile_report"]["failures"]:
             print(f"[matrix]   FAIL {name}", flush=True)
     if args.install_only:
         print("[matrix] venvs ready" if not rows else "[matrix] some venvs could not be built")
         return 1 if rows else 0
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    record = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "git_commit": commit + ("-dirty" if dirty else ""),
-              "tests": args.tests, "pytest_args": args.pytest_args, "pairs": rows}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    record = {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "git_commit": commit + ("-dirty" if dirty else ""),
+        "tests": args.tests,
+        "pytest_args": args.pytest_args,
+        "pairs": rows,
+    }
     (args.out / "matrix.json").write_text(json.dumps(record, indent=1) + "\n")
     print()
     print(table(rows))

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from reference.solver_steps import second_order_bias
 from reference.transition import transition_coefficients
 
 from ..ops import posterior as _posterior
 from ..ops import transition as _transition
+from ..schedulers import spectral_gm_sample
 from .gmflow_ops import (
     _iso_gm_vars,
     _lib_gm,
-    gaussian_samples_to_gm_samples,
     gm_mul_iso_gaussian,
     gm_to_mean,
     gm_to_sample,
@@ -126,7 +127,9 @@ def u_to_x_0(denoising_output, x_t, t=None, sigma=None, eps=1e-6, num_timesteps=
     return x_t - sigma * denoising_output
 
 
-def reverse_transition(denoising_output, x_t_high, t_low, t_high, eps=1e-6, prediction_type="u", num_timesteps=NUM_TIMESTEPS):
+def reverse_transition(
+    denoising_output, x_t_high, t_low, t_high, eps=1e-6, prediction_type="u", num_timesteps=NUM_TIMESTEPS
+):
     """The distribution of ``x_{t_low}`` given ``x_{t_high}`` (docs/ops.md#reverse_transition), from a u- or x0-prediction.
 
     For a GM: means from ``gmkernels.reverse_transition`` (``c1 * x_t + c2 * mu_x0``); logstds
@@ -154,7 +157,9 @@ def reverse_transition(denoising_output, x_t_high, t_low, t_high, eps=1e-6, pred
     return {"means": means, "logstds": logstds, "logweights": gm["logweights"]}
 
 
-def denoising_gm_convert(gm_src, x_t_tgt, x_t_src, t_tgt, t_src, eps=1e-6, prediction_type="x0", num_timesteps=NUM_TIMESTEPS):
+def denoising_gm_convert(
+    gm_src, x_t_tgt, x_t_src, t_tgt, t_src, eps=1e-6, prediction_type="x0", num_timesteps=NUM_TIMESTEPS
+):
     """The x0-GM predicted at ``(x_t_src, t_src)`` carried to ``(x_t_tgt, t_tgt)``
     (``t_tgt <= t_src``) without a network call: the original's Gaussian quotient and product,
     on ``gmkernels.iso_gaussian_mul_iso_gaussian`` and ``gmkernels.gm_mul_iso_gaussian``."""
@@ -169,14 +174,23 @@ def denoising_gm_convert(gm_src, x_t_tgt, x_t_src, t_tgt, t_src, eps=1e-6, predi
     gaussian_mask = iso_gaussian_mul_iso_gaussian(
         {"mean": x_t_tgt / alpha_tgt, "var": (sigma_tgt / alpha_tgt).square()},
         {"mean": x_t_src / alpha_src, "var": (sigma_src / alpha_src).square()},
-        1, -1,
+        1,
+        -1,
     )
     return gm_mul_iso_gaussian(gm_src, gaussian_mask, 1, 1)[0]
 
 
 def denoising_gm_convert_to_mean(
-    gm_src, x_t_tgt, x_t_src, t_tgt=None, t_src=None, sigma_src=None, sigma_tgt=None, eps=1e-6,
-    prediction_type="x0", num_timesteps=NUM_TIMESTEPS,
+    gm_src,
+    x_t_tgt,
+    x_t_src,
+    t_tgt=None,
+    t_src=None,
+    sigma_src=None,
+    sigma_tgt=None,
+    eps=1e-6,
+    prediction_type="x0",
+    num_timesteps=NUM_TIMESTEPS,
 ):
     """Mean of :func:`denoising_gm_convert`, fused: ``gmkernels.gm_posterior_mean`` (no K*C*H*W
     intermediate). ``sigma_src``/``sigma_tgt`` replace ``t_src / T``/``t_tgt / T`` when given.
@@ -228,10 +242,27 @@ class GMFlowMixin:
         )
 
     def denoising_gm_convert_to_mean(
-        self, gm_src, x_t_tgt, x_t_src, t_tgt=None, t_src=None, sigma_src=None, sigma_tgt=None, eps=1e-6, prediction_type="x0"
+        self,
+        gm_src,
+        x_t_tgt,
+        x_t_src,
+        t_tgt=None,
+        t_src=None,
+        sigma_src=None,
+        sigma_tgt=None,
+        eps=1e-6,
+        prediction_type="x0",
     ):
         return denoising_gm_convert_to_mean(
-            gm_src, x_t_tgt, x_t_src, t_tgt, t_src, sigma_src, sigma_tgt, eps, prediction_type,
+            gm_src,
+            x_t_tgt,
+            x_t_src,
+            t_tgt,
+            t_src,
+            sigma_src,
+            sigma_tgt,
+            eps,
+            prediction_type,
             num_timesteps=self._gm_num_timesteps(),
         )
 
@@ -242,16 +273,8 @@ class GMFlowMixin:
         ``spectral_samples`` are the Fourier-domain noise), else ``gm_to_sample`` (and ``None``)."""
         if power_spectrum is None:
             return gm_to_sample(gm, n_samples=n_samples), None
-        power_spectrum = power_spectrum.to(dtype=torch.float32).unsqueeze(-4)
-        shape = list(gm["means"].shape)
-        shape[-4] = n_samples
-        half = shape[-1] // 2 + 1
-        spectral_samples = torch.randn(shape, dtype=torch.float32, device=gm["means"].device, generator=generator)
-        spectral_samples = spectral_samples * (power_spectrum / 2).exp()
-        z_1 = spectral_samples.roll((-1, -1), dims=(-2, -1)).flip((-2, -1))[..., :half]
-        z_0 = spectral_samples[..., :half]
-        gaussian_samples = torch.fft.irfft2(torch.complex(z_0 + z_1, z_0 - z_1) / 2, s=shape[-2:], norm="ortho")
-        return gaussian_samples_to_gm_samples(gm, gaussian_samples, axis_aligned=True), spectral_samples
+        (iso,) = _lib_gm(gm)
+        return spectral_gm_sample(iso, power_spectrum, n_samples, generator)
 
     def gm_to_model_output(self, gm, output_mode, power_spectrum=None, generator=None):
         """``gm_to_mean(gm)`` for ``output_mode='mean'``, one draw ``(B, C, H, W)`` for ``'sample'``."""
@@ -268,8 +291,19 @@ class GMFlowMixin:
         self.prev_h = None
 
     def gm_2nd_order(
-        self, gm_output, gaussian_output, x_t, t, h,
-        guidance_scale=0.0, gm_cond=None, gaussian_cond=None, avg_var=None, cfg_bias=None, ca=0.005, cb=1.0,
+        self,
+        gm_output,
+        gaussian_output,
+        x_t,
+        t,
+        h,
+        guidance_scale=0.0,
+        gm_cond=None,
+        gaussian_cond=None,
+        avg_var=None,
+        cfg_bias=None,
+        ca=0.005,
+        cb=1.0,
         gm2_correction_steps=0,
     ):
         """GMFlow's 2nd-order update (docs/solvers.md), fused with the guidance bias into one Gaussian
@@ -300,12 +334,10 @@ class GMFlowMixin:
             mean_from_prev = self.denoising_gm_convert_to_mean(self.prev_gm, x_t, self.prev_x_t, t, self.prev_t)
             self.prev_gm = gm_output
 
-            k = 0.5 * h / self.prev_h
-            prev_h_norm = self.prev_h / T
-            err_power = avg_var * ((guidance_scale * cb) ** 2 + ca)
-            mean_diff = (gm_mean - mean_from_prev) * ((1 - err_power / (prev_h_norm * prev_h_norm)).clamp(min=0).sqrt() * k)
-            bias = mean_diff if cfg_bias is None else mean_diff + cfg_bias
-            gm_output, gaussian_output, bias = _reweight_by_bias(base_gm, base_gaussian, bias, avg_var)
+            bias, bias_power, mean_diff = second_order_bias(
+                gm_mean, mean_from_prev, avg_var, h / T, self.prev_h / T, guidance_scale, cfg_bias, ca, cb
+            )
+            gm_output, gaussian_output = _reweight_by_bias(base_gm, base_gaussian, bias, bias_power, avg_var)
 
             if gm2_correction_steps > 0:
                 tgt_bias = mean_diff + gm_mean - base_gaussian["mean"]
@@ -313,7 +345,9 @@ class GMFlowMixin:
                     out_bias = gm_to_mean(gm_output) - base_gaussian["mean"]
                     ratio = bias.norm(dim=-3, keepdim=True) / out_bias.norm(dim=-3, keepdim=True).clamp(min=1e-6)
                     bias = bias - (out_bias - tgt_bias) * ratio.clamp(max=1)
-                    gm_output, _, bias = _reweight_by_bias(base_gm, base_gaussian, bias, avg_var)
+                    bias_power = bias.square().mean(dim=(-3, -2, -1), keepdim=True)
+                    bias = bias * (avg_var / bias_power.clamp(min=1e-6)).clamp(max=1).sqrt()
+                    gm_output, _ = _reweight_by_bias(base_gm, base_gaussian, bias, bias_power, avg_var)
         else:
             self.prev_gm = gm_output
         self.prev_x_t = x_t
@@ -322,17 +356,16 @@ class GMFlowMixin:
         return gm_output, gaussian_output
 
 
-def _reweight_by_bias(base_gm, base_gaussian, bias, avg_var):
-    """Shift the base GM's mean by ``bias`` (power capped at ``avg_var``) and shrink its variance by
-    ``1 - P / avg_var`` through one Gaussian reweighting. Returns ``(gm, gaussian, capped bias)``."""
-    bias_power = bias.square().mean(dim=(-3, -2, -1), keepdim=True)
-    bias = bias * (avg_var / bias_power.clamp(min=1e-6)).clamp(max=1).sqrt()
+def _reweight_by_bias(base_gm, base_gaussian, bias, bias_power, avg_var):
+    """Shift the base GM's mean by the (capped) ``bias`` and shrink its variance by
+    ``1 - bias_power / avg_var`` (the power of the uncapped bias) through one Gaussian reweighting,
+    in the original's form (op 4's quotient and its floors). Returns ``(gm, gaussian)``."""
     gaussian = {
         "mean": base_gaussian["mean"] + bias,
         "var": base_gaussian["var"] * (1 - bias_power / avg_var.clamp(min=1e-6)).clamp(min=1e-6),
     }
     gm = gm_mul_iso_gaussian(base_gm, iso_gaussian_mul_iso_gaussian(gaussian, base_gaussian, 1, -1), 1, 1)[0]
-    return gm, gaussian, bias
+    return gm, gaussian
 
 
 GMFlowPipelineMixin = GMFlowMixin

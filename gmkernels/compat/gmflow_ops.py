@@ -202,7 +202,9 @@ def _newton_steps(n_steps, backward_steps) -> int:
     return n_steps - backward_steps + (n_steps if backward_steps > 0 else 0)
 
 
-def gm1d_inverse_cdf(gm1d, scaled_cdfs, n_steps=8, eps=1e-6, max_step_size=1.5, gaussian_samples=None, backward_steps=2):
+def gm1d_inverse_cdf(
+    gm1d, scaled_cdfs, n_steps=8, eps=1e-6, max_step_size=1.5, gaussian_samples=None, backward_steps=2
+):
     """Inverse CDF of a 1-D GM by Newton iterations: ``gmkernels.gm1d_inverse_cdf``.
 
     ``gm1d`` as in :func:`gm1d_pdf_cdf`, ``scaled_cdfs (*B, N, H, W)`` in ``[-1, 1]``; returns
@@ -330,7 +332,9 @@ def gm_mul_iso_gaussian(gm: dict, gaussian: dict, gm_power, gaussian_power, eps=
     return _product.gm_mul_iso_gaussian(lib_gm, lib_gaussian, gm_power, gaussian_power, eps), gm_power
 
 
-def iso_gaussian_mul_iso_gaussian(gaussian_1: dict, gaussian_2: dict, gaussian_1_power, gaussian_2_power, eps=1e-6) -> dict:
+def iso_gaussian_mul_iso_gaussian(
+    gaussian_1: dict, gaussian_2: dict, gaussian_1_power, gaussian_2_power, eps=1e-6
+) -> dict:
     """Normalised product of isotropic Gaussians ``N1^p1 * N2^p2`` (a power of -1 divides)
     (``gmkernels.iso_gaussian_mul_iso_gaussian``) -> ``{mean (*B, C, H, W), var}``."""
     g1, g2 = _lib_gaussians(gaussian_1, gaussian_2)
@@ -352,7 +356,9 @@ def gaussian_mul_gaussian(gaussian_1: dict, gaussian_2: dict, gaussian_1_power, 
     return {"mean": (cov @ rhs).squeeze(-1), "cov": cov}
 
 
-def gm_mul_gaussian(gm: dict, gaussian: dict, gm_power, gaussian_power, gm_diffs=None, gm_covs=None) -> tuple[dict, Any]:
+def gm_mul_gaussian(
+    gm: dict, gaussian: dict, gm_power, gaussian_power, gm_diffs=None, gm_covs=None
+) -> tuple[dict, Any]:
     """Normalised product of an isotropic GM and a full-covariance Gaussian,
     ``(p_gm^a * N^b)^(1 / a)`` with ``a = gm_power``, ``b = gaussian_power`` (plain PyTorch).
 
@@ -476,7 +482,9 @@ def gm_logprob(gm: dict, samples: torch.Tensor) -> LazyResults:
         diffs = _channels_last(samples).unsqueeze(-4) - means.unsqueeze(-5)  # (*B, N, K, H, W, C)
         white = (diffs.unsqueeze(-2) @ invcov_trils.unsqueeze(-6)).squeeze(-2)
         gaussian_logprobs = -0.5 * (white.square().sum(dim=-1) + logdets.unsqueeze(-4) + C * _LOG_2PI)
-        return LazyResults(torch.logsumexp(gm["logweights"].unsqueeze(-4) + gaussian_logprobs, dim=-3), gaussian_logprobs)
+        return LazyResults(
+            torch.logsumexp(gm["logweights"].unsqueeze(-4) + gaussian_logprobs, dim=-3), gaussian_logprobs
+        )
     means, logstds, logweights = gm["means"], gm["logstds"], gm["logweights"]
     if logstds.size(-4) == means.size(-4) and means.size(-4) > 1:
         gaussian_logprobs = _iso_component_logprobs(means, logstds, samples)
@@ -528,10 +536,14 @@ def gaussian_samples_to_gm_samples(
     _check_all_axes(n_axes, gm)
     total = _newton_steps(n_steps, backward_steps)
     (iso,) = _lib_gm(gm)
-    return _inverse_cdf.gaussian_samples_to_gm_samples(iso, gaussian_samples, n_steps=total, eps=eps, axis_aligned=axis_aligned)
+    return _inverse_cdf.gaussian_samples_to_gm_samples(
+        iso, gaussian_samples, n_steps=total, eps=eps, axis_aligned=axis_aligned
+    )
 
 
-def gm_spectral_logprobs(gm, samples, power_spectrum=None, spectral_samples=None, n_axes=None, eps=1e-6, axis_aligned=True):
+def gm_spectral_logprobs(
+    gm, samples, power_spectrum=None, spectral_samples=None, n_axes=None, eps=1e-6, axis_aligned=True
+):
     """Log-density of whole samples ``(*B, N, C, H, W)`` -> ``(*B, N)``: the sum of the per-pixel GM
     log-densities, plus, when a log power spectrum broadcastable to ``(*B, N, H, W)`` is given, the
     log-ratio of ``N(0, exp(power_spectrum))`` to ``N(0, 1)`` for the Knothe-Rosenblatt images of

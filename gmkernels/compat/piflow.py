@@ -93,8 +93,12 @@ class GMFlowPolicy(_policy.GMFlowPolicy):
             ``t_end = sigma_t_end.flatten() * timestep_sampler.num_timesteps``.
         """
         x_end, sigma_end, _ = super().integrate(
-            x_t_start, sigma_t_start, raw_t_start, raw_t_end,
-            warp=lambda raw: timestep_sampler.warp_t(raw, seq_len=seq_len), total_substeps=total_substeps,
+            x_t_start,
+            sigma_t_start,
+            raw_t_start,
+            raw_t_end,
+            warp=lambda raw: timestep_sampler.warp_t(raw, seq_len=seq_len),
+            total_substeps=total_substeps,
         )
         return x_end, sigma_end, sigma_end.flatten() * timestep_sampler.num_timesteps
 

@@ -33,7 +33,9 @@ try:
     from diffusers.models.modeling_utils import ModelMixin
     from diffusers.models.normalization import AdaLayerNormZero
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("gmkernels.models needs diffusers: pip install -e '.[diffusers]' from a checkout, or pip install diffusers") from e
+    raise ImportError(
+        "gmkernels.models needs diffusers: pip install -e '.[diffusers]' from a checkout, or pip install diffusers"
+    ) from e
 
 
 class _ClassTable(nn.Module):
@@ -68,12 +70,29 @@ class _DiTBlock(nn.Module):
     ``norm1`` (modulated LayerNorm + gates), self-attention ``attn1``, LayerNorm ``norm3``,
     GELU-tanh MLP ``ff``."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, attention_bias: bool, upcast_attention: bool,
-                 activation_fn: str, norm_elementwise_affine: bool, norm_eps: float, dropout: float):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        attention_bias: bool,
+        upcast_attention: bool,
+        activation_fn: str,
+        norm_elementwise_affine: bool,
+        norm_eps: float,
+        dropout: float,
+    ):
         super().__init__()
         self.norm1 = AdaLayerNormZero(dim, None)
-        self.attn1 = Attention(query_dim=dim, heads=heads, dim_head=head_dim, dropout=dropout, bias=attention_bias,
-                               upcast_attention=upcast_attention, out_bias=True)
+        self.attn1 = Attention(
+            query_dim=dim,
+            heads=heads,
+            dim_head=head_dim,
+            dropout=dropout,
+            bias=attention_bias,
+            upcast_attention=upcast_attention,
+            out_bias=True,
+        )
         self.norm3 = nn.LayerNorm(dim, norm_eps, norm_elementwise_affine)
         self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn)
 
@@ -88,8 +107,15 @@ class _GMOutput2D(nn.Module):
     """Splits the unpatchified head output ``(B, K*(C+1), H, W)`` into K means per channel and K
     log-weights; the shared log-std comes from an MLP on the conditioning embedding."""
 
-    def __init__(self, num_gaussians: int, out_channels: int, embed_dim: int, constant_logstd: float | None,
-                 logstd_inner_dim: int, num_logstd_layers: int):
+    def __init__(
+        self,
+        num_gaussians: int,
+        out_channels: int,
+        embed_dim: int,
+        constant_logstd: float | None,
+        logstd_inner_dim: int,
+        num_logstd_layers: int,
+    ):
         super().__init__()
         self.num_gaussians = num_gaussians
         self.out_channels = out_channels
@@ -165,29 +191,44 @@ class GMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if num_embeds_ada_norm is None:
             raise ValueError("GMDiTTransformer2DModel: num_embeds_ada_norm (the number of classes) must be set")
         if sample_size % patch_size:
-            raise ValueError(f"GMDiTTransformer2DModel: sample_size {sample_size} must divide by patch_size {patch_size}")
+            raise ValueError(
+                f"GMDiTTransformer2DModel: sample_size {sample_size} must divide by patch_size {patch_size}"
+            )
         D = num_attention_heads * attention_head_dim
         if D % 4:
-            raise ValueError(f"GMDiTTransformer2DModel: num_attention_heads * attention_head_dim must be a multiple of 4 "
-                             f"(2-D sin-cos position embedding), got {num_attention_heads} * {attention_head_dim}")
+            raise ValueError(
+                f"GMDiTTransformer2DModel: num_attention_heads * attention_head_dim must be a multiple of 4 "
+                f"(2-D sin-cos position embedding), got {num_attention_heads} * {attention_head_dim}"
+            )
         self.inner_dim = D
         self.out_channels = in_channels if out_channels is None else out_channels
         self.gm_channels = num_gaussians * (self.out_channels + 1)
         self.patch_size = patch_size
         self.gradient_checkpointing = False
-        self.pos_embed = PatchEmbed(height=sample_size, width=sample_size, patch_size=patch_size,
-                                    in_channels=in_channels, embed_dim=D)
+        self.pos_embed = PatchEmbed(
+            height=sample_size, width=sample_size, patch_size=patch_size, in_channels=in_channels, embed_dim=D
+        )
         self.emb = _TimestepLabelEmbedding(num_embeds_ada_norm, D)
         self.transformer_blocks = nn.ModuleList(
-            _DiTBlock(D, num_attention_heads, attention_head_dim, attention_bias, upcast_attention, activation_fn,
-                      norm_elementwise_affine, norm_eps, dropout)
+            _DiTBlock(
+                D,
+                num_attention_heads,
+                attention_head_dim,
+                attention_bias,
+                upcast_attention,
+                activation_fn,
+                norm_elementwise_affine,
+                norm_eps,
+                dropout,
+            )
             for _ in range(num_layers)
         )
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.proj_out_1 = nn.Linear(D, 2 * D)
         self.proj_out_2 = nn.Linear(D, patch_size * patch_size * self.gm_channels)
-        self.gm_out = _GMOutput2D(num_gaussians, self.out_channels, D, constant_logstd, logstd_inner_dim,
-                                  gm_num_logstd_layers)
+        self.gm_out = _GMOutput2D(
+            num_gaussians, self.out_channels, D, constant_logstd, logstd_inner_dim, gm_num_logstd_layers
+        )
 
     def init_weights(self) -> None:
         """The DiT initialisation for training from scratch: Xavier-uniform linear layers (the patch
@@ -223,8 +264,10 @@ class GMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         class with that probability (one draw per sample and forward)."""
         cfg = self.config
         if hidden_states.dim() != 4 or hidden_states.shape[1] != cfg.in_channels:
-            raise ValueError(f"GMDiTTransformer2DModel: hidden_states must be (B, {cfg.in_channels}, H, W), "
-                             f"got {tuple(hidden_states.shape)}")
+            raise ValueError(
+                f"GMDiTTransformer2DModel: hidden_states must be (B, {cfg.in_channels}, H, W), "
+                f"got {tuple(hidden_states.shape)}"
+            )
         B, _, H, W = hidden_states.shape
         p = self.patch_size
         if H % p or W % p:
@@ -232,10 +275,14 @@ class GMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
         timestep = timestep.expand(B) if timestep.dim() == 0 else timestep
         if timestep.shape != (B,):
-            raise ValueError(f"GMDiTTransformer2DModel: timestep must be a scalar or ({B},), got {tuple(timestep.shape)}")
+            raise ValueError(
+                f"GMDiTTransformer2DModel: timestep must be a scalar or ({B},), got {tuple(timestep.shape)}"
+            )
         if class_labels.shape != (B,) or class_labels.is_floating_point():
-            raise ValueError(f"GMDiTTransformer2DModel: class_labels must be integer of shape ({B},), "
-                             f"got {class_labels.dtype} {tuple(class_labels.shape)}")
+            raise ValueError(
+                f"GMDiTTransformer2DModel: class_labels must be integer of shape ({B},), "
+                f"got {class_labels.dtype} {tuple(class_labels.shape)}"
+            )
         if self.training and cfg.class_dropout_prob > 0:
             drop = torch.rand(B, device=class_labels.device) < cfg.class_dropout_prob
             class_labels = torch.where(drop, torch.full_like(class_labels, self.null_class), class_labels)
@@ -288,7 +335,7 @@ class SpectrumMLP(ModelMixin, ConfigMixin):
         spectrum = self.mlp(stats.reshape(n, 2).to(self.dtype)).reshape(n, c, bh, bw)
         if (H, W) != (bh, bw):
             h1, w1 = (H + 1) // 2, (W + 1) // 2
-            rows = torch.cat([spectrum[..., :h1, :], spectrum[..., bh - (H - h1):, :]], dim=-2)
-            spectrum = torch.cat([rows[..., :w1], rows[..., bw - (W - w1):]], dim=-1)
+            rows = torch.cat([spectrum[..., :h1, :], spectrum[..., bh - (H - h1) :, :]], dim=-2)
+            spectrum = torch.cat([rows[..., :w1], rows[..., bw - (W - w1) :]], dim=-1)
         log_var = spectrum.flatten(-2).log_softmax(dim=-1) + math.log(H * W)
         return log_var.reshape(*batch, c, H, W).to(mean.dtype)

@@ -19,13 +19,12 @@ cannot serve (the CPU test suite compiles every op), and the plain custom op dis
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, NamedTuple
 
 import torch
-from torch._library.custom_ops import OPDEFS
 
+from .. import _dispatch
 from .._dispatch import select_backend
 
 try:
@@ -47,14 +46,22 @@ THREADS_ALONG_K = TRITON_VERSION is not None and TRITON_VERSION < (3, 9)
 
 
 def kernels_wanted(*tensors: torch.Tensor) -> bool:
-    """True when the Triton path should run for these inputs: ``select_backend`` says
-    ``"triton"``, no input is float64 (the kernels compute in float32; float64 stays on the
-    exact torch path) and no input needs a gradient (the kernels are inference-only; the
-    torch path is differentiable)."""
-    if select_backend(tensors[0]) == "torch":
+    """True when the Triton path should run for these inputs: the backend is Triton (what
+    ``select_backend`` decides, written out here since every op call asks: "auto" on CUDA with
+    triton installed, or "triton" forced where it can run; forced where it cannot,
+    ``select_backend`` raises the error that says why), no input is float64 (the kernels compute
+    in float32; float64 stays on the exact torch path) and no input needs a gradient (the
+    kernels are inference-only; the torch path is differentiable)."""
+    choice, first = _dispatch._state["backend"], tensors[0]
+    if choice == "torch":
         return False
+    if choice == "auto":
+        if not (first.is_cuda and _dispatch._TRITON):
+            return False
+    elif not (_dispatch._TRITON and (first.is_cuda or _dispatch._INTERPRETED)):
+        select_backend(first)
     grad = torch.is_grad_enabled()
-    for t in tensors:  # one pass (a generator per condition costs ~1 µs a call)
+    for t in tensors:
         if t.dtype is torch.float64 or (grad and t.requires_grad):
             return False
     return True
@@ -94,17 +101,8 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
-#: every memoised launch-plan function (their ``cache_info()`` shows hits and misses)
+#: every plan cache (their ``cache_info()`` shows hits and misses)
 PLAN_FUNCTIONS: list = []
-
-
-def launch_plan(fn: Callable) -> Callable:
-    """Memoise a launch-plan function (block sizes, warps, grid) of hashable arguments
-    (sizes, flags): a repeated shape costs one dictionary lookup. Bounded LRU: a workload
-    sweeping many shapes keeps the most recent 4096 per function."""
-    cached = functools.lru_cache(maxsize=4096)(fn)
-    PLAN_FUNCTIONS.append(cached)
-    return cached
 
 
 class PlanCacheInfo(NamedTuple):
@@ -118,8 +116,7 @@ class PlanCacheInfo(NamedTuple):
 
 class PlanCache:
     """Per-shape launch plans of one launcher: ``get(key, build)`` returns the plan stored
-    under ``key`` (a tuple of sizes, strides, dtypes and flags, see :func:`tensor_key`) or
-    stores ``build()``'s. A plan holds everything a launch derives from metadata -- blocks,
+    under ``key`` (a tuple of sizes, strides, dtypes and flags) or stores ``build()``'s. A plan holds everything a launch derives from metadata -- blocks,
     grid, the kernel's integer arguments (strides of the flattened views included), the int64
     flag -- so a repeated call passes its tensors' data and the stored integers and computes
     nothing. Bounded: past ``maxsize`` plans the oldest is dropped. ``cache_info()`` as an
@@ -127,34 +124,28 @@ class PlanCache:
 
     def __init__(self, maxsize: int = 4096):
         self.maxsize = maxsize
-        self._plans: dict = {}
+        self.plans: dict = {}
         self.hits = self.misses = 0
         PLAN_FUNCTIONS.append(self)
 
-    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
-        plan = self._plans.get(key)
-        if plan is not None:
-            self.hits += 1
-            return plan
+    def store(self, key: tuple, plan: Any) -> Any:
+        """Store ``plan`` under ``key`` (a miss: the caller found no plan in ``plans``)."""
         self.misses += 1
-        plan = build()
-        if len(self._plans) >= self.maxsize:
-            self._plans.pop(next(iter(self._plans)), None)
-        self._plans[key] = plan
+        if len(self.plans) >= self.maxsize:
+            self.plans.pop(next(iter(self.plans)), None)
+        self.plans[key] = plan
+        return plan
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """The plan stored under ``key``, or ``build()``'s, stored."""
+        plan = self.plans.get(key)
+        if plan is None:
+            return self.store(key, build())
+        self.hits += 1
         return plan
 
     def cache_info(self) -> "PlanCacheInfo":
-        return PlanCacheInfo(self.hits, self.misses, self.maxsize, len(self._plans))
-
-
-def geometry(*tensors: torch.Tensor) -> tuple:
-    """Each tensor's ``(sizes, strides, dtype)``: the metadata a launch plan depends on."""
-    return tuple([(t.shape, t.stride(), t.dtype) for t in tensors])  # a list first: faster than a generator
-
-
-def tensor_key(*tensors: torch.Tensor) -> tuple:
-    """:func:`geometry` and the first tensor's device (about 0.3 µs a tensor)."""
-    return (tensors[0].device, *geometry(*tensors))
+        return PlanCacheInfo(self.hits, self.misses, self.maxsize, len(self.plans))
 
 
 #: results of validations that depend only on metadata (:func:`checked_once`)
@@ -192,8 +183,8 @@ def planned_args(cache: PlanCache, args_fn: Callable, tensors: tuple, *extra: An
 
     ``args_fn(*tensors, *extra)`` computes them from scratch: the kernel's tensor arguments
     (views of ``tensors``, one each, in order), grid, integer arguments and options
-    (constexprs, ``num_warps``). Its result is stored in ``cache`` under the
-    :func:`tensor_key` of the first ``n_key`` tensors (all by default; the rest must be
+    (constexprs, ``num_warps``). Its result is stored in ``cache`` under the device and the
+    sizes, strides and dtypes of the first ``n_key`` tensors (all by default; the rest must be
     outputs the launcher allocated contiguous, with shapes and dtypes that follow from the
     keyed ones and ``extra``) and the hashable ``extra``; a repeated call then hands the kernel
     the ``tensors`` themselves (when the views made no copy, :func:`same_data`) with the stored
@@ -203,17 +194,19 @@ def planned_args(cache: PlanCache, args_fn: Callable, tensors: tuple, *extra: An
     for t in tensors:
         if type(t) is not torch.Tensor:
             return args_fn(*tensors, *extra)
-    keyed = tensors if n_key is None else tensors[:n_key]
-    key = (tensors[0].device, *[(t.shape, t.stride(), t.dtype) for t in keyed], *extra)
-    pure, grid, ints, options = cache.get(key, lambda: _planned(args_fn, tensors, extra))
+    key = [tensors[0].device]
+    for t in tensors if n_key is None else tensors[:n_key]:
+        key.append((t.shape, t.stride(), t.dtype))
+    key = (*key, *extra)
+    plan = cache.plans.get(key)
+    if plan is None:
+        plan = cache.store(key, _planned(args_fn, tensors, extra))
+    else:
+        cache.hits += 1
+    pure, grid, ints, options = plan
     if pure:
         return tensors, grid, ints, options
     return args_fn(*tensors, *extra)
-
-
-@functools.lru_cache(maxsize=4096)
-def _extent_needs_int64(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    return sum((n - 1) * abs(st) for n, st in zip(shape, stride)) >= I32_MAX
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:
@@ -221,95 +214,6 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if t.numel() >= I32_MAX:
             return True
-        if not t.is_contiguous() and _extent_needs_int64(tuple(t.shape), t.stride()):
+        if not t.is_contiguous() and sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= I32_MAX:
             return True
     return False
-
-
-#: ``id(op packet) -> implementation`` (the packets are module-level singletons of ``torch.ops``)
-_DIRECT: dict[int, Callable] = {}
-_DIRECT_AUTOGRAD: dict[int, Any] = {}
-
-
-def _unobserved() -> bool:
-    """True when nothing but the implementation itself would act on a call: not traced by
-    torch.compile, no dispatch or function mode, no functorch transform."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
-        return False
-    return torch._C._functorch.peek_interpreter_stack() is None
-
-
-def _plain_eager(args: tuple) -> bool:
-    """True when nothing but the implementation itself would act on this call
-    (:func:`_unobserved`), its tensors are plain tensors, and no tensor argument is one that
-    autograd must track."""
-    if not _unobserved():
-        return False
-    grad = torch.is_grad_enabled()
-    for a in args:
-        if type(a) is torch.Tensor:  # the common case first: a plain tensor
-            if grad and a.requires_grad:
-                return False
-        elif isinstance(a, torch.Tensor):  # a subclass
-            return False
-    return True
-
-
-def _tracked_plain(args: tuple) -> bool:
-    """True when the call is unobserved, every tensor is a plain tensor and autograd must
-    track at least one: the op's registered autograd formula then runs as a plain
-    ``torch.autograd.Function`` (:func:`_autograd_function`)."""
-    if not torch.is_grad_enabled() or not _unobserved():
-        return False
-    tracked = False
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if type(a) is not torch.Tensor:
-                return False
-            tracked = tracked or a.requires_grad
-    return tracked
-
-
-def _autograd_function(opdef: Any) -> Any:
-    """An ``autograd.Function`` running ``opdef``'s implementation forward and its registered
-    ``setup_context`` / ``backward`` (what ``torch.library.register_autograd`` installs in
-    the dispatcher's autograd layer, without the layer: the generated function there also
-    redispatches, fills defaults and carries a dispatch-key set, ~40 µs a call). Positional
-    arguments only, as :func:`call_op` passes them."""
-    impl, setup, backward = opdef._init_fn, opdef._setup_context_fn, opdef._backward_fn
-
-    def forward(ctx: Any, *args: Any) -> Any:
-        out = impl(*args)
-        setup(ctx=ctx, inputs=args, output=out)
-        return out
-
-    return type(f"Direct_{opdef._name}", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})  # fmt: skip
-
-
-def call_op(op: Any, *args: Any) -> Any:
-    """``op(*args)`` for a ``torch.library.custom_op`` (the ``torch.ops.gmkernels.<name>``
-    packet), minus the dispatcher when the call is plain eager (:func:`_plain_eager`): then the
-    op's Python implementation runs directly, which is what the dispatcher would end up
-    running, without its custom-op layers (autograd wrapper, redispatch, the dynamo-disable
-    wrapper: ~50 µs of host time per call). When autograd must track a plain tensor argument
-    of an unobserved call and the op has a registered autograd formula, that formula runs as a
-    plain ``autograd.Function`` (:func:`_autograd_function`), the same forward, saved tensors
-    and backward as through the dispatcher. Traced, transformed or mode-observed calls go
-    through the dispatcher as before. A direct call does not show up under the op's name in
-    ``torch.profiler`` traces."""
-    if _plain_eager(args):
-        impl = _DIRECT.get(id(op))  # by identity: an op packet's __hash__ is Python code (~0.3 µs)
-        if impl is None:
-            opdef = OPDEFS.get(op._qualified_op_name)
-            impl = _DIRECT[id(op)] = getattr(opdef, "_init_fn", op)
-        return impl(*args)
-    if _tracked_plain(args):
-        fn = _DIRECT_AUTOGRAD.get(id(op), False)
-        if fn is False:
-            opdef = OPDEFS.get(op._qualified_op_name)
-            has_formula = opdef is not None and opdef._backward_fn is not None and opdef._setup_context_fn is not None
-            fn = _DIRECT_AUTOGRAD[id(op)] = _autograd_function(opdef) if has_formula else None
-        if fn is not None:
-            return fn.apply(*args)
-    return op(*args)

@@ -43,36 +43,32 @@ residual that is then scaled up to power ``scale^2 V``; in float32 its relative 
 ``1e-7 / sin(theta)`` (theta the angle between ``d`` and ``m_c``). With ``C*H*W == 1`` the
 residual is pure rounding (as in any float32 evaluation of the reference).
 
-Block sizes come from a fixed heuristic (no autotuning: deterministic, CUDA-graph safe),
-memoised per shape.
+Block sizes come from a fixed heuristic (no autotuning: deterministic, CUDA-graph safe); each
+launcher's plan (views' strides, blocks, grids, scratch sizes) is stored per input geometry
+(``_launch.planned_args``).
 """
 
 from __future__ import annotations
-
-import math
-import sys
 
 import torch
 
 import reference.guidance as ref
 
-from .._dispatch import run_reference, select_backend
+from .._dispatch import run_reference
 from .._validate import GMShape, check_gm, check_power
 from ._launch import (
     TRITON_VERSION,
-    call_op,
+    PlanCache,
     cdiv,
     checked_once,
-    geometry,
     gm_views,
     kernels_wanted,
-    launch_plan,
     needs_int64,
     per_row,
     pixel_rows,
+    planned_args,
 )
 from .mixture import pixel_blocks
-
 
 try:
     import triton
@@ -81,26 +77,18 @@ except ImportError:  # the torch path still works
     triton = None
 
 _NSUM = 32  # partial sums read per step when a program totals its sample's partials
-# The statistics pass's per-thread tile: 32 elements; 16 on triton < 3.5, whose ptxas spilled 8
-# bytes at sm_90 at 32 (plain mean-CFG fp32 and probabilistic bf16 at K8C4 / K256C4, triton 3.4).
+# The statistics pass's per-thread tile: 32 elements; 16 on triton < 3.5, whose ptxas spills at 32
+# (sm_90: plain mean-CFG fp32 and probabilistic bf16).
 _STATS_TILE = 16 if TRITON_VERSION is not None and TRITON_VERSION < (3, 5) else 32
 
 
-@launch_plan
-def _layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous: bool, tile: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``, pixel-per-thread (``mixture.pixel_blocks``):
-    ``tile`` 32 for the statistics and the probabilistic apply (they keep two ``[BLOCK_C]``
-    vectors per pixel next to the means tile), 64 for the mean-CFG apply and weight guidance."""
-    return pixel_blocks(K, C, P, R, elem_bytes, tile, False, contiguous)
-
-
-@launch_plan
 def _apply_layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous: bool) -> tuple[int, int, int, int]:
-    """The probabilistic apply's layout: tile 32 when the channels fit one tile (``g`` then
-    stays in registers across the K loop), else 16 (``g`` is re-formed per K tile next to the
-    means tile; at 32 ptxas spilled 16 bytes at sm_90, fp32, C >= 16)."""
-    one = _layout(K, C, P, R, elem_bytes, contiguous, 32)
-    return one if C <= one[1] else _layout(K, C, P, R, elem_bytes, contiguous, 16)
+    """The probabilistic apply's ``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``, pixel-per-thread
+    (``mixture.pixel_blocks``): tile 32 when the channels fit one tile (``g`` then stays in
+    registers across the K loop), else 16 (``g`` is re-formed per K tile next to the means tile;
+    at 32 that spills at sm_90, fp32, C >= 16)."""
+    one = pixel_blocks(K, C, P, R, elem_bytes, 32, False, contiguous)
+    return one if C <= one[1] else pixel_blocks(K, C, P, R, elem_bytes, 16, False, contiguous)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -110,9 +98,21 @@ if triton is not None:
 
     @triton.jit
     def _moments(
-        m_ptr, l_ptr, K, s_k, s_c, s_lk, kr, cc, cmask, pmask,
-        WITH_VAR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    ):  # fmt: skip
+        m_ptr,
+        l_ptr,
+        K,
+        s_k,
+        s_c,
+        s_lk,
+        kr,
+        cc,
+        cmask,
+        pmask,
+        WITH_VAR: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """Softmax-weighted mean ``[BC, BP]`` over K of one channel tile and (``WITH_VAR``) the
         weighted sum of squared deviations summed over its channels ``[BP]``; ``m_ptr``/``l_ptr``
         are ``[1, 1, BP]``/``[1, BP]`` pointer blocks at component 0, channel 0 of this program's
@@ -202,16 +202,45 @@ if triton is not None:
 
     @triton.jit
     def _guidance_stats_kernel(
-        mc_ptr, lc_ptr, ls_ptr, mu_ptr, lu_ptr, out_mc_ptr, out_d_ptr, part_ptr,
-        Kc, Ku, C, P, NPB,
-        s_cb, s_ck, s_cc, s_cp,
-        s_lcb, s_lck, s_lcp,
-        s_lsb, s_lsp,
-        s_ub, s_uk, s_uc, s_up,
-        s_lub, s_luk, s_lup,
-        WITH_VAR: tl.constexpr, WITH_MC: tl.constexpr, WITH_DD: tl.constexpr, SUMS: tl.constexpr, POINTS: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        mc_ptr,
+        lc_ptr,
+        ls_ptr,
+        mu_ptr,
+        lu_ptr,
+        out_mc_ptr,
+        out_d_ptr,
+        part_ptr,
+        Kc,
+        Ku,
+        C,
+        P,
+        NPB,
+        s_cb,
+        s_ck,
+        s_cc,
+        s_cp,
+        s_lcb,
+        s_lck,
+        s_lcp,
+        s_lsb,
+        s_lsp,
+        s_ub,
+        s_uk,
+        s_uc,
+        s_up,
+        s_lub,
+        s_luk,
+        s_lup,
+        WITH_VAR: tl.constexpr,
+        WITH_MC: tl.constexpr,
+        WITH_DD: tl.constexpr,
+        SUMS: tl.constexpr,
+        POINTS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """Pass 1 of guidance for row ``b`` and pixels ``[pb*BLOCK_P, (pb+1)*BLOCK_P)``: writes
         ``d = m_c - m_u`` (and ``m_c`` when ``WITH_MC``) to ``(R, C, P)`` float32 scratch and the
         partial sums ``(sum d m_c, sum m_c^2, sum d^2, sum_p v_c)``: the first two ``WITH_MC``,
@@ -231,10 +260,12 @@ if triton is not None:
             cc = c0 + cr
             cmask = cc < C
             mask2 = cmask[:, None] & pmask[None, :]
-            m_c, v_k = _moments(mc_base, lc_base, Kc, s_ck, s_cc, s_lck, kr, cc, cmask, pmask,
-                                WITH_VAR, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
-            m_u, _unused = _moments(mu_base, lu_base, Ku, s_uk, s_uc, s_luk, kr, cc, cmask, pmask,
-                                    False, BLOCK_K, BLOCK_C, BLOCK_P)  # fmt: skip
+            m_c, v_k = _moments(
+                mc_base, lc_base, Kc, s_ck, s_cc, s_lck, kr, cc, cmask, pmask, WITH_VAR, BLOCK_K, BLOCK_C, BLOCK_P
+            )
+            m_u, _unused = _moments(
+                mu_base, lu_base, Ku, s_uk, s_uc, s_luk, kr, cc, cmask, pmask, False, BLOCK_K, BLOCK_C, BLOCK_P
+            )
             d = tl.where(mask2, m_c - m_u, 0.0)
             out_off = (b * C + cc[:, None]) * P + p[None, :]
             tl.store(out_d_ptr + out_off, d, mask=mask2)
@@ -256,9 +287,20 @@ if triton is not None:
 
     @triton.jit
     def _guidance_bias_power_kernel(
-        mc_ptr, d_ptr, part_ptr, C, P, NPB, inv_chw, orthogonal,
-        POINTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        mc_ptr,
+        d_ptr,
+        part_ptr,
+        C,
+        P,
+        NPB,
+        inv_chw,
+        orthogonal,
+        POINTS: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """``part[.., 2] = sum (d - proj m_c)^2`` over this program's pixels (the statistics
         pass's grid and partial rows) with ``proj = orthogonal <d, m_c> / max(<m_c, m_c>, 1e-6)``
         of the sample, from its partials (``<.,.>`` the mean over C, H, W)."""
@@ -280,18 +322,54 @@ if triton is not None:
 
     @triton.jit
     def _guidance_apply_kernel(
-        m_ptr, l_ptr, ls_ptr, mc_ptr, d_ptr, part_ptr, out_m_ptr, out_l_ptr, out_ls_ptr, lg_ptr,
-        K, C, P, NPB, NPB_S, LS_P,
-        s_mb, s_mk, s_mc, s_mp,
-        s_lb, s_lk, s_lp,
-        s_lsb, s_lsp,
-        s_omb, s_omk, s_omc, s_omp,
-        s_olb, s_olk, s_olp,
-        s_osb, s_osp,
-        inv_chw, inv_hw, scale, orthogonal, eps,
-        POINTS: tl.constexpr, SINGLE_K: tl.constexpr, ONE_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        m_ptr,
+        l_ptr,
+        ls_ptr,
+        mc_ptr,
+        d_ptr,
+        part_ptr,
+        out_m_ptr,
+        out_l_ptr,
+        out_ls_ptr,
+        lg_ptr,
+        K,
+        C,
+        P,
+        NPB,
+        NPB_S,
+        LS_P,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_lsb,
+        s_lsp,
+        s_omb,
+        s_omk,
+        s_omc,
+        s_omp,
+        s_olb,
+        s_olk,
+        s_olp,
+        s_osb,
+        s_osp,
+        inv_chw,
+        inv_hw,
+        scale,
+        orthogonal,
+        eps,
+        POINTS: tl.constexpr,
+        SINGLE_K: tl.constexpr,
+        ONE_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """Pass 2: the conditional GM times ``N(g, v)``, ``g = A m_c + B d``; ``A, B, v`` of each
         sample from the statistics' partials (``NPB_S`` per row). Writes means, log-weights and
         log-stds (``LS_P`` pixels: 1 for per-sample stds) through their strides; ``lg_ptr`` holds
@@ -331,7 +409,9 @@ if triton is not None:
         if ONE_C:  # one channel tile: g once per pixel, kept in registers across the K loop
             mask2 = (cr < C)[:, None] & pmask[None, :]
             g_off = g_base + cr[:, None] * P
-            g1 = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(d_ptr + g_off, mask=mask2, other=0.0)
+            g1 = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(
+                d_ptr + g_off, mask=mask2, other=0.0
+            )
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + kr
             kmask = kk < K
@@ -344,10 +424,18 @@ if triton is not None:
                     g = g1
                 else:
                     g_off = g_base + cc[:, None] * P
-                    g = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(d_ptr + g_off, mask=mask2, other=0.0)
-                mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc, mask=mask3, other=0.0).to(tl.float32)
+                    g = coef_a * tl.load(mc_ptr + g_off, mask=mask2, other=0.0) + coef_b * tl.load(
+                        d_ptr + g_off, mask=mask2, other=0.0
+                    )
+                mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc, mask=mask3, other=0.0).to(
+                    tl.float32
+                )
                 out = w_v[None, None, :] * mu + (w_s[None, :] * g)[None, :, :]
-                tl.store(om_base + kk[:, None, None] * s_omk + cc[None, :, None] * s_omc, out.to(out_m_ptr.dtype.element_ty), mask=mask3)
+                tl.store(
+                    om_base + kk[:, None, None] * s_omk + cc[None, :, None] * s_omc,
+                    out.to(out_m_ptr.dtype.element_ty),
+                    mask=mask3,
+                )
                 diff = mu - g[None, :, :]
                 dist += tl.sum(diff * diff, axis=1)
             kpmask = kmask[:, None] & pmask[None, :]
@@ -359,7 +447,11 @@ if triton is not None:
             m_run = m_new
             if SINGLE_K:  # K <= BLOCK_K, one tile: the log-weights are final now
                 lse = m_ref + tl.log(tl.where(l_run > 0, l_run, 1.0))
-                tl.store(out_l_ptr + ol_off + kk[:, None] * s_olk, (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty), mask=kpmask)
+                tl.store(
+                    out_l_ptr + ol_off + kk[:, None] * s_olk,
+                    (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty),
+                    mask=kpmask,
+                )
             else:  # kept unnormalised (float32) for the second sweep
                 tl.store(lg_ptr + ol_off + kk[:, None] * s_olk, logit, mask=kpmask)
         if not SINGLE_K:  # second sweep over the logits alone; each thread re-reads what it wrote
@@ -368,18 +460,35 @@ if triton is not None:
                 kk = k0 + kr
                 kpmask = (kk < K)[:, None] & pmask[None, :]
                 logit = tl.load(lg_ptr + ol_off + kk[:, None] * s_olk, mask=kpmask, other=0.0)
-                tl.store(out_l_ptr + ol_off + kk[:, None] * s_olk, (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty), mask=kpmask)
+                tl.store(
+                    out_l_ptr + ol_off + kk[:, None] * s_olk,
+                    (logit - lse[None, :]).to(out_l_ptr.dtype.element_ty),
+                    mask=kpmask,
+                )
 
     @triton.jit
     def _weight_guidance_kernel(
-        lc_ptr, lu_ptr, out_ptr,
-        K, HW, NPB,
-        s_cb, s_ck, s_cp,
-        s_ub, s_uk, s_up,
-        s_ob, s_ok, s_op,
+        lc_ptr,
+        lu_ptr,
+        out_ptr,
+        K,
+        HW,
+        NPB,
+        s_cb,
+        s_ck,
+        s_cp,
+        s_ub,
+        s_uk,
+        s_up,
+        s_ob,
+        s_ok,
+        s_op,
         scale_m1,
-        SINGLE_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        SINGLE_K: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """``out[b, :, p] = log_softmax_k(l_c + (scale - 1) (l_c - l_u))`` with both log-weights
         clamped at ``-1e30``; ``(B, K, HW)`` views of any strides (point data comes as one row of
         ``B`` pixels). One K sweep when
@@ -391,8 +500,18 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + kr
             mask = (kk < K)[:, None] & pmask[None, :]
-            lc = tl.maximum(tl.load(lc_ptr + b * s_cb + kk[:, None] * s_ck + p[None, :] * s_cp, mask=mask, other=0.0).to(tl.float32), -1e30)
-            lu = tl.maximum(tl.load(lu_ptr + b * s_ub + kk[:, None] * s_uk + p[None, :] * s_up, mask=mask, other=0.0).to(tl.float32), -1e30)
+            lc = tl.maximum(
+                tl.load(lc_ptr + b * s_cb + kk[:, None] * s_ck + p[None, :] * s_cp, mask=mask, other=0.0).to(
+                    tl.float32
+                ),
+                -1e30,
+            )
+            lu = tl.maximum(
+                tl.load(lu_ptr + b * s_ub + kk[:, None] * s_uk + p[None, :] * s_up, mask=mask, other=0.0).to(
+                    tl.float32
+                ),
+                -1e30,
+            )
             x = tl.where(mask, lc + scale_m1 * (lc - lu), float("-inf"))
             m_new = tl.maximum(m_run, tl.max(x, axis=0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -407,22 +526,52 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + kr
                 mask = (kk < K)[:, None] & pmask[None, :]
-                lc = tl.maximum(tl.load(lc_ptr + b * s_cb + kk[:, None] * s_ck + p[None, :] * s_cp, mask=mask, other=0.0).to(tl.float32), -1e30)
-                lu = tl.maximum(tl.load(lu_ptr + b * s_ub + kk[:, None] * s_uk + p[None, :] * s_up, mask=mask, other=0.0).to(tl.float32), -1e30)
+                lc = tl.maximum(
+                    tl.load(lc_ptr + b * s_cb + kk[:, None] * s_ck + p[None, :] * s_cp, mask=mask, other=0.0).to(
+                        tl.float32
+                    ),
+                    -1e30,
+                )
+                lu = tl.maximum(
+                    tl.load(lu_ptr + b * s_ub + kk[:, None] * s_uk + p[None, :] * s_up, mask=mask, other=0.0).to(
+                        tl.float32
+                    ),
+                    -1e30,
+                )
                 x = lc + scale_m1 * (lc - lu)
                 o_off = b * s_ob + kk[:, None] * s_ok + p[None, :] * s_op
                 tl.store(out_ptr + o_off, (x - lse[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit
     def _mean_cfg_apply_kernel(
-        m_ptr, mc_ptr, d_ptr, part_ptr, out_ptr,
-        K, C, P, NPB, NPB_S, inv_chw, scale_m1,
-        s_mb, s_mk, s_mc, s_mp,
-        s_ob, s_ok, s_oc, s_op,
-        ORTHO: tl.constexpr, POINTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        m_ptr,
+        mc_ptr,
+        d_ptr,
+        part_ptr,
+        out_ptr,
+        K,
+        C,
+        P,
+        NPB,
+        NPB_S,
+        inv_chw,
+        scale_m1,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_ob,
+        s_ok,
+        s_oc,
+        s_op,
+        ORTHO: tl.constexpr,
+        POINTS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """``out[b, k, c, p] = mu + a d[b, c, p] (+ b_s m_c[b, c, p] when ORTHO)`` with ``a = scale -
         1`` and ``b_s = -a proj`` of the sample (from the statistics' partials, ``NPB_S`` per row);
         each channel tile's shift is formed once per pixel and added to every component."""
@@ -443,294 +592,307 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + kr
                 mask3 = (kk < K)[:, None, None] & mask2[None, :, :]
-                mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc, mask=mask3, other=0.0).to(tl.float32)
-                tl.store(o_base + kk[:, None, None] * s_ok + cc[None, :, None] * s_oc, (mu + shift[None, :, :]).to(out_ptr.dtype.element_ty), mask=mask3)
+                mu = tl.load(m_base + kk[:, None, None] * s_mk + cc[None, :, None] * s_mc, mask=mask3, other=0.0).to(
+                    tl.float32
+                )
+                tl.store(
+                    o_base + kk[:, None, None] * s_ok + cc[None, :, None] * s_oc,
+                    (mu + shift[None, :, :]).to(out_ptr.dtype.element_ty),
+                    mask=mask3,
+                )
 
 # ----------------------------------------------------------------------------- launchers
 #
-# Host cost: everything a launch needs besides the data pointers (views' strides, blocks, grids,
-# flags, scratch sizes) is a memoised plan per input geometry (shapes, strides, dtypes), built
-# once on meta tensors; a repeated call allocates its outputs and scratch and launches.
+# Each launcher gets its kernels' views, grids, scalar arguments, options and scratch sizes from
+# one plan per input geometry (``planned_args``): a repeated call allocates its outputs and
+# scratch and launches.
 
 
-def _is_points(m4: torch.Tensor) -> bool:
-    """Point data: the ``(R, ..., P)`` views have ``P == 1``, so ``pixel_rows`` turns the rows
-    into the pixel axis and each lane of a program is its own sample."""
-    return m4.shape[0] > 1 and m4.shape[-1] == 1
-
-
-def _meta(geom: tuple) -> list[torch.Tensor]:
-    """Meta tensors of a ``(shape, stride, dtype)`` geometry (what the plans are built from)."""
-    return [torch.empty_strided(s, st, dtype=dt, device="meta") for s, st, dt in geom]
-
-
-def _flat(means: torch.Tensor, logweights: torch.Tensor):
-    """``gm_views`` of a GM, or None when they would copy (H, W not mergeable): a plan passes the
-    inputs' own pointers, so its views must alias them."""
-    m4, l3 = gm_views(means, logweights)
-    return (m4, l3) if torch._C._is_alias_of(m4, means) and torch._C._is_alias_of(l3, logweights) else None
-
-
-def _stats_plan(m4, l3, ls2, u4, ul3, with_var: bool, with_mc: bool, with_dd: bool, points: bool) -> dict:
-    """Pass 1 on ``(R, K, C, P)`` / ``(R, K, P)`` / ``(R, P)`` views (after ``pixel_rows``): its
-    grid, scalar arguments and constexprs, the ``(R, C, P)`` float32 scratch shape (``d``, and
-    ``m_c`` when ``with_mc``), the rows of float32 partial sums (a row per program, or per lane for
-    point data; 0 when no column is asked for) and the layout that the bias-power pass reuses (it
-    writes the same rows)."""
+def _stats_plan(m4, l3, ls2, u4, ul3, with_var: bool, with_mc: bool, with_dd: bool, points: bool) -> tuple:
+    """Pass 1 on ``(R, K, C, P)`` / ``(R, K, P)`` / ``(R, P)`` views (after ``pixel_rows``):
+    ``(grid, ints, options, part_rows, (npb, BLOCK_C, BLOCK_P, num_warps))``, ``part_rows`` the
+    rows of float32 partial sums (a row per program, or per lane for point data; 0 when no
+    column is asked for), the last the layout that the bias-power pass reuses (it writes the
+    same rows)."""
     R, Kc, C, P = m4.shape
     elem = min(m4.element_size(), u4.element_size())
     contiguous = m4.stride(-1) == 1 and u4.stride(-1) == 1
-    bk, bc, bp, warps = _layout(max(Kc, u4.shape[1]), C, P, R, elem, contiguous, _STATS_TILE)
+    bk, bc, bp, warps = pixel_blocks(max(Kc, u4.shape[1]), C, P, R, elem, _STATS_TILE, False, contiguous)
     if not contiguous:  # point data: a K tile of one component keeps the log-weights' and the
         bk = 1  # means' loads in one layout (a wider tile vectorises only the log-weights along K)
     npb = cdiv(P, bp)
     sums = with_var or with_mc or with_dd
-    return {
-        "grid": (R * npb,),
-        "args": (Kc, u4.shape[1], C, P, npb, *m4.stride(), *l3.stride(), *ls2.stride(), *u4.stride(), *ul3.stride()),
-        "kw": dict(WITH_VAR=with_var, WITH_MC=with_mc, WITH_DD=with_dd, SUMS=sums, POINTS=points, BLOCK_K=bk, BLOCK_C=bc,
-                   BLOCK_P=bp, INT64=needs_int64(m4, l3, ls2, u4, ul3), num_warps=warps),  # fmt: skip
-        "scratch": (R, C, P),
-        "part_rows": (P if points else R * npb) if sums else 0,
-        "npb": npb, "block_c": bc, "block_p": bp, "warps": warps,
-    }  # fmt: skip
+    ints = (Kc, u4.shape[1], C, P, npb, *m4.stride(), *l3.stride(), *ls2.stride(), *u4.stride(), *ul3.stride())
+    options = dict(
+        WITH_VAR=with_var,
+        WITH_MC=with_mc,
+        WITH_DD=with_dd,
+        SUMS=sums,
+        POINTS=points,
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        INT64=needs_int64(m4, l3, ls2, u4, ul3),
+        num_warps=warps,
+    )
+    return (R * npb,), ints, options, (P if points else R * npb) if sums else 0, (npb, bc, bp, warps)
 
 
-@launch_plan
-def _probabilistic_plan(geom: tuple, orthogonal: bool) -> dict | None:
-    """The three launches of probabilistic guidance for inputs ``(cm, cls, cl, um, ul)`` of this
-    geometry (None when a flattened view would copy)."""
-    cm, cls, cl, um, ul = _meta(geom)
+def _probabilistic_args(cm, cl, cls, um, ul, out_m, out_l, out_ls, orthogonal: bool) -> tuple:
+    """Probabilistic guidance's three launches (statistics, bias power, apply) for inputs
+    ``(cm, cl, cls, um, ul)`` and the contiguous outputs ``(out_m, out_l, out_ls)``: the views
+    of those eight (in order), then per launch the grids, the scalar arguments and the options,
+    the options followed by the float32 scratch sizes ``(elements of m_c and of d, elements of
+    the partial sums, (shape, stride) of the logits kept between the apply's two sweeps or
+    None)``. Point data (``H = W = 1``) runs as one row of ``B`` pixels (``pixel_rows``)."""
     *_, K, C, H, W = cm.shape
-    cg, ug = _flat(cm, cl), _flat(um, ul)
-    if cg is None or ug is None:
-        return None
-    (m4, l3), (u4, ul3) = cg, ug
+    m4, l3 = gm_views(cm, cl)
+    u4, ul3 = gm_views(um, ul)
     R, P = m4.shape[0], m4.shape[-1]
-    ls2 = per_row(cls, R, P)
-    if not torch._C._is_alias_of(ls2, cls):
-        return None
-    out_ls = torch.empty(cls.shape, device="meta", dtype=cm.dtype)
-    points = _is_points(m4)
-    views = pixel_rows(m4, l3, ls2, u4, ul3, torch.empty((R, K, C, P), device="meta", dtype=cm.dtype),
-                       torch.empty((R, K, P), device="meta", dtype=cm.dtype), out_ls.view(R, -1))  # fmt: skip
+    points = R > 1 and P == 1
+    views = pixel_rows(
+        m4, l3, per_row(cls, R, P), u4, ul3, out_m.view(R, K, C, P), out_l.view(R, K, P), out_ls.view(R, -1)
+    )
     m4, l3, ls2, u4, ul3, om, ol, ols = views
     R, P = m4.shape[0], m4.shape[-1]
-    stats = _stats_plan(m4, l3, ls2, u4, ul3, True, True, not orthogonal, points)
+    s_grid, s_ints, s_opts, part_rows, (npb_s, bc_s, bp_s, warps_s) = _stats_plan(
+        m4, l3, ls2, u4, ul3, True, True, not orthogonal, points
+    )
     int64 = needs_int64(*views)
-    bias = dict(POINTS=points, BLOCK_C=stats["block_c"], BLOCK_P=stats["block_p"], BLOCK_N=_NSUM, INT64=int64,
-                num_warps=stats["warps"])  # fmt: skip
+    b_ints = (C, P, npb_s, 1.0 / (C * H * W))
+    b_opts = dict(POINTS=points, BLOCK_C=bc_s, BLOCK_P=bp_s, BLOCK_N=_NSUM, INT64=int64, num_warps=warps_s)
     bk, bc, bp, warps = _apply_layout(K, C, P, R, cm.element_size(), m4.stride(-1) == 1)
     single_k = K <= bk
     npb = cdiv(P, bp)
-    return {
-        "stats": stats,
-        "bias_grid": (R * stats["npb"],),
-        "bias_args": (C, P, stats["npb"], 1.0 / (C * H * W)),
-        "bias_kw": bias,
-        "apply_grid": (R * npb,),
-        "apply_args": (K, C, P, npb, stats["npb"], ols.shape[-1], *m4.stride(), *l3.stride(), *ls2.stride(), *om.stride(),
-                       *ol.stride(), *ols.stride(), 1.0 / (C * H * W), 1.0 / (H * W)),  # fmt: skip
-        "apply_kw": dict(POINTS=points, SINGLE_K=single_k, ONE_C=C <= bc, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, BLOCK_N=_NSUM,
-                         INT64=int64, num_warps=warps),  # fmt: skip
-        # unnormalised logits between the apply's two sweeps: float32, with the log-weights' strides
-        "logits": None if single_k or cm.dtype == torch.float32 else (ol.shape, ol.stride()),
-    }  # fmt: skip
+    a_ints = (
+        K,
+        C,
+        P,
+        npb,
+        npb_s,
+        ols.shape[-1],
+        *m4.stride(),
+        *l3.stride(),
+        *ls2.stride(),
+        *om.stride(),
+        *ol.stride(),
+        *ols.stride(),
+        1.0 / (C * H * W),
+        1.0 / (H * W),
+    )
+    a_opts = dict(
+        POINTS=points,
+        SINGLE_K=single_k,
+        ONE_C=C <= bc,
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        BLOCK_N=_NSUM,
+        INT64=int64,
+        num_warps=warps,
+    )
+    # unnormalised logits between the apply's two sweeps: float32, with the log-weights' strides
+    logits = None if single_k or cm.dtype == torch.float32 else (ol.shape, ol.stride())
+    grids = (s_grid, (R * npb_s,), (R * npb,))
+    return views, grids, (s_ints, b_ints, a_ints), (s_opts, b_opts, a_opts, (R * C * P, 4 * part_rows, logits))
 
 
-def _scratch(stats: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(m_c, d, part)`` float32 scratch of a statistics plan (``m_c`` is ``d`` without
-    ``WITH_MC``, ``part`` is ``d`` when no partial sums are written)."""
-    # ``size=`` by keyword: the argument parser then skips the varargs overload (0.9 against 1.3 µs a call)
-    d = torch.empty(size=stats["scratch"], device=device, dtype=torch.float32)
-    m_c = torch.empty(size=stats["scratch"], device=device, dtype=torch.float32) if stats["kw"]["WITH_MC"] else d
-    part = torch.empty(size=(stats["part_rows"], 4), device=device, dtype=torch.float32) if stats["part_rows"] else d
-    return m_c, d, part
+_PROBABILISTIC_PLANS = PlanCache()
 
 
 def _launch_probabilistic(cm, cls, cl, um, ul, scale: float, orthogonal: float):
-    if cm.numel() == 0:
-        return torch.empty_like(cm, memory_format=torch.contiguous_format), cls.to(cm.dtype, copy=True), cl.to(cm.dtype, copy=True)
-    plan = _probabilistic_plan(geometry(cm, cls, cl, um, ul), orthogonal > 0)
-    if plan is None:  # a layout whose flattened views would copy: copy once, contiguously
-        cm, cls, cl, um, ul = (t.contiguous() for t in (cm, cls, cl, um, ul))
-        plan = _probabilistic_plan(geometry(cm, cls, cl, um, ul), orthogonal > 0)
-    dev = cm.device
+    """Run probabilistic guidance: the guided ``(means, logstds, logweights)``, contiguous, in
+    the dtype of ``cm``. A pass over both GMs writes ``m_c``, ``d`` and the partial sums to
+    float32 scratch; with ``orthogonal > 0`` a pass over that scratch sums ``<b, b>`` exactly
+    (no ``<d,d> - 2 proj <d,m_c> + ...`` cancellation); the apply pass reweights the GM."""
+    dt = cm.dtype
     out_m = torch.empty_like(cm, memory_format=torch.contiguous_format)
-    out_l = torch.empty_like(cl, dtype=cm.dtype, memory_format=torch.contiguous_format)
-    out_ls = torch.empty_like(cls, dtype=cm.dtype, memory_format=torch.contiguous_format)
-    stats = plan["stats"]
-    m_c, d, part = _scratch(stats, dev)
-    _guidance_stats_kernel[stats["grid"]](cm, cl, cls, um, ul, m_c, d, part, *stats["args"], **stats["kw"])
-    if orthogonal > 0:  # <b, b> from the scratch: no <d,d> - 2 proj <d,m_c> + ... cancellation
-        _guidance_bias_power_kernel[plan["bias_grid"]](m_c, d, part, *plan["bias_args"], orthogonal, **plan["bias_kw"])
-    lg = out_l if plan["logits"] is None else torch.empty_strided(*plan["logits"], device=dev, dtype=torch.float32)
-    _guidance_apply_kernel[plan["apply_grid"]](
-        cm, cl, cls, m_c, d, part, out_m, out_l, out_ls, lg, *plan["apply_args"], scale, orthogonal, 1e-6, **plan["apply_kw"]
+    if cm.numel() == 0:
+        return out_m, cls.to(dt, copy=True), cl.to(dt, copy=True)
+    out_l = torch.empty_like(cl, dtype=dt, memory_format=torch.contiguous_format)
+    out_ls = torch.empty_like(cls, dtype=dt, memory_format=torch.contiguous_format)
+    t, grids, ints, opts = planned_args(
+        _PROBABILISTIC_PLANS, _probabilistic_args, (cm, cl, cls, um, ul, out_m, out_l, out_ls), orthogonal > 0, n_key=5
+    )
+    n_scratch, n_part, logits = opts[3]
+    dev = cm.device
+    # ``size=`` by keyword: the argument parser then skips the varargs overload
+    d = torch.empty(size=(n_scratch,), device=dev, dtype=torch.float32)
+    m_c = torch.empty(size=(n_scratch,), device=dev, dtype=torch.float32)
+    part = torch.empty(size=(n_part,), device=dev, dtype=torch.float32)
+    _guidance_stats_kernel[grids[0]](t[0], t[1], t[2], t[3], t[4], m_c, d, part, *ints[0], **opts[0])
+    if orthogonal > 0:
+        _guidance_bias_power_kernel[grids[1]](m_c, d, part, *ints[1], orthogonal, **opts[1])
+    lg = t[6] if logits is None else torch.empty_strided(*logits, device=dev, dtype=torch.float32)
+    _guidance_apply_kernel[grids[2]](
+        t[0], t[1], t[2], m_c, d, part, t[5], t[6], t[7], lg, *ints[2], scale, orthogonal, 1e-6, **opts[2]
     )
     return out_m, out_ls, out_l
 
 
-@launch_plan
-def _weight_plan(geom: tuple) -> dict | None:
-    """The weight-guidance launch for log-weights ``(lc, lu)`` of this geometry, written to a
-    contiguous output (None when a flattened view would copy)."""
-    lc, lu = _meta(geom)
+def _weight_args(lc: torch.Tensor, lu: torch.Tensor, out: torch.Tensor) -> tuple:
+    """The weight-guidance kernel's ``(B, K, HW)`` views of the log-weights and of the contiguous
+    output (point data as one row of ``B`` pixels: per pixel only), grid, integer arguments and
+    options."""
     *_, K, _, H, W = lc.shape
     HW = H * W
-    out = torch.empty((math.prod(lc.shape[:-4]), K, HW), device="meta", dtype=lc.dtype)
-    # per pixel only: point data (H = W = 1) runs as one row of B pixels
-    c3, u3, o3 = pixel_rows(lc.reshape(-1, K, HW), lu.reshape(-1, K, HW), out)
-    if not (torch._C._is_alias_of(c3, lc) and torch._C._is_alias_of(u3, lu)):
-        return None
+    views = pixel_rows(lc.reshape(-1, K, HW), lu.reshape(-1, K, HW), out.view(-1, K, HW))
+    c3, u3, o3 = views
     B, P = c3.shape[0], c3.shape[-1]
     elem = min(c3.element_size(), u3.element_size())
-    bk, _, bp, warps = _layout(K, 1, P, B, elem, c3.stride(-1) == 1 and u3.stride(-1) == 1, 64)
+    bk, _, bp, warps = pixel_blocks(K, 1, P, B, elem, 64, False, c3.stride(-1) == 1 and u3.stride(-1) == 1)
     npb = cdiv(P, bp)
-    return {
-        "grid": (B * npb,),
-        "args": (K, P, npb, *c3.stride(), *u3.stride(), *o3.stride()),
-        "kw": dict(SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, o3), num_warps=warps),
-    }
+    options = dict(SINGLE_K=K <= bk, BLOCK_K=bk, BLOCK_P=bp, INT64=needs_int64(c3, u3, o3), num_warps=warps)
+    return views, (B * npb,), (K, P, npb, *c3.stride(), *u3.stride(), *o3.stride()), options
+
+
+_WEIGHT_PLANS = PlanCache()
 
 
 def _launch_weight(lc: torch.Tensor, lu: torch.Tensor, scale: float) -> torch.Tensor:
+    """Run ``_weight_guidance_kernel``: the guided log-weights, contiguous, dtype of ``lc``."""
     out = torch.empty_like(lc, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
-    plan = _weight_plan(geometry(lc, lu))
-    if plan is None:
-        lc, lu = lc.contiguous(), lu.contiguous()
-        plan = _weight_plan(geometry(lc, lu))
-    _weight_guidance_kernel[plan["grid"]](lc, lu, out, *plan["args"], scale - 1.0, **plan["kw"])
+    t, grid, ints, options = planned_args(_WEIGHT_PLANS, _weight_args, (lc, lu, out), n_key=2)
+    _weight_guidance_kernel[grid](*t, *ints, scale - 1.0, **options)
     return out
 
 
-@launch_plan
-def _mean_cfg_plan(geom: tuple, orthogonal: bool) -> dict | None:
-    """The statistics and apply launches of mean-CFG for inputs ``(cm, cl, um, ul)`` of this
-    geometry (None when a flattened view would copy)."""
-    cm, cl, um, ul = _meta(geom)
+def _mean_cfg_args(cm, cl, um, ul, out, orthogonal: bool) -> tuple:
+    """Mean-CFG's two launches (statistics without the variance, apply) for inputs
+    ``(cm, cl, um, ul)`` and the contiguous output: the views of those five, then per launch
+    the grids, the scalar arguments (the apply's in two parts, around ``scale - 1``) and the
+    options, followed by the float32 scratch sizes ``(elements of d (and m_c), elements of the
+    partial sums)``."""
     *_, K, C, H, W = cm.shape
-    cg, ug = _flat(cm, cl), _flat(um, ul)
-    if cg is None or ug is None:
-        return None
-    (m4, l3), (u4, ul3) = cg, ug
+    m4, l3 = gm_views(cm, cl)
+    u4, ul3 = gm_views(um, ul)
     R, P = m4.shape[0], m4.shape[-1]
-    points = _is_points(m4)
-    m4, l3, u4, ul3, om = pixel_rows(m4, l3, u4, ul3, torch.empty((R, K, C, P), device="meta", dtype=cm.dtype))
+    points = R > 1 and P == 1
+    views = pixel_rows(m4, l3, u4, ul3, out.view(R, K, C, P))
+    m4, l3, u4, ul3, om = views
     R, P = m4.shape[0], m4.shape[-1]
-    stats = _stats_plan(m4, l3, l3[:, 0], u4, ul3, False, orthogonal, False, points)
-    bk, bc, bp, warps = _layout(K, C, P, R, cm.element_size(), m4.stride(-1) == 1, 64)
+    # no variance: the log-weights stand in for the unused logstds
+    s_grid, s_ints, s_opts, part_rows, (npb_s, *_) = _stats_plan(
+        m4, l3, l3[:, 0], u4, ul3, False, orthogonal, False, points
+    )
+    bk, bc, bp, warps = pixel_blocks(K, C, P, R, cm.element_size(), 64, False, m4.stride(-1) == 1)
     npb = cdiv(P, bp)
-    return {
-        "stats": stats,
-        "apply_grid": (R * npb,),
-        "apply_args": (K, C, P, npb, stats["npb"], 1.0 / (C * H * W)),
-        "apply_strides": (*m4.stride(), *om.stride()),
-        "apply_kw": dict(ORTHO=orthogonal, POINTS=points, BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, BLOCK_N=_NSUM,
-                         INT64=needs_int64(m4, om), num_warps=warps),  # fmt: skip
-    }
+    a_opts = dict(
+        ORTHO=orthogonal,
+        POINTS=points,
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        BLOCK_N=_NSUM,
+        INT64=needs_int64(m4, om),
+        num_warps=warps,
+    )
+    ints = (s_ints, (K, C, P, npb, npb_s, 1.0 / (C * H * W)), (*m4.stride(), *om.stride()))
+    return views, (s_grid, (R * npb,)), ints, (s_opts, a_opts, (R * C * P, 4 * part_rows))
+
+
+_MEAN_CFG_PLANS = PlanCache()
 
 
 def _launch_mean_cfg(cm, cl, um, ul, scale: float, orthogonal: bool) -> torch.Tensor:
-    if cm.numel() == 0:
-        return torch.empty_like(cm, memory_format=torch.contiguous_format)
-    plan = _mean_cfg_plan(geometry(cm, cl, um, ul), orthogonal)
-    if plan is None:
-        cm, cl, um, ul = (t.contiguous() for t in (cm, cl, um, ul))
-        plan = _mean_cfg_plan(geometry(cm, cl, um, ul), orthogonal)
+    """Run mean-CFG: the shifted means, contiguous, in the dtype of ``cm``."""
     out = torch.empty_like(cm, memory_format=torch.contiguous_format)
-    stats = plan["stats"]
-    m_c, d, part = _scratch(stats, cm.device)
+    if out.numel() == 0:
+        return out
+    t, grids, ints, opts = planned_args(_MEAN_CFG_PLANS, _mean_cfg_args, (cm, cl, um, ul, out), orthogonal, n_key=4)
+    n_scratch, n_part = opts[2]
+    dev = cm.device
+    d = torch.empty(size=(n_scratch,), device=dev, dtype=torch.float32)
+    m_c = torch.empty(size=(n_scratch,), device=dev, dtype=torch.float32) if orthogonal else d
+    part = torch.empty(size=(n_part,), device=dev, dtype=torch.float32) if n_part else d
     # no variance: the log-weights stand in for the unused logstds pointer
-    _guidance_stats_kernel[stats["grid"]](cm, cl, cl, um, ul, m_c, d, part, *stats["args"], **stats["kw"])
-    _mean_cfg_apply_kernel[plan["apply_grid"]](
-        cm, m_c, d, part, out, *plan["apply_args"], scale - 1.0, *plan["apply_strides"], **plan["apply_kw"]
-    )
+    _guidance_stats_kernel[grids[0]](t[0], t[1], t[1], t[2], t[3], m_c, d, part, *ints[0], **opts[0])
+    _mean_cfg_apply_kernel[grids[1]](t[0], m_c, d, part, t[4], *ints[1], scale - 1.0, *ints[2], **opts[1])
     return out
 
 
 # ----------------------------------------------------------------------------- torch.library ops
 
+if triton is not None:
 
-@torch.library.custom_op("gmkernels::probabilistic_guidance", mutates_args=())
-def _probabilistic_guidance_op(
-    cond_means: torch.Tensor,
-    cond_logstds: torch.Tensor,
-    cond_logweights: torch.Tensor,
-    uncond_means: torch.Tensor,
-    uncond_logweights: torch.Tensor,
-    scale: float,
-    orthogonal: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if scale == 0:  # the identity (reference.guidance); outputs must not alias inputs
-        return cond_means.clone(), cond_logstds.to(cond_means.dtype, copy=True), cond_logweights.to(cond_means.dtype, copy=True)
-    if select_backend(cond_means) == "triton":
-        return _launch_probabilistic(cond_means, cond_logstds, cond_logweights, uncond_means, uncond_logweights, scale, orthogonal)
-    gm_c = {"means": cond_means, "logstds": cond_logstds, "logweights": cond_logweights}
-    gm_u = {"means": uncond_means, "logstds": None, "logweights": uncond_logweights}
-    out = run_reference(ref.probabilistic_guidance, gm_c, gm_u, scale, orthogonal, out_dtype=cond_means.dtype)
-    return out["means"], out["logstds"], out["logweights"]
+    @torch.library.custom_op("gmkernels::probabilistic_guidance", mutates_args=())
+    def _probabilistic_guidance_op(
+        cond_means: torch.Tensor,
+        cond_logstds: torch.Tensor,
+        cond_logweights: torch.Tensor,
+        uncond_means: torch.Tensor,
+        uncond_logweights: torch.Tensor,
+        scale: float,
+        orthogonal: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if scale == 0:  # the identity (reference.guidance); outputs must not alias inputs
+            dt = cond_means.dtype
+            return cond_means.clone(), cond_logstds.to(dt, copy=True), cond_logweights.to(dt, copy=True)
+        return _launch_probabilistic(
+            cond_means, cond_logstds, cond_logweights, uncond_means, uncond_logweights, scale, orthogonal
+        )
 
+    @_probabilistic_guidance_op.register_fake
+    def _(cond_means, cond_logstds, cond_logweights, uncond_means, uncond_logweights, scale, orthogonal):
+        dt = cond_means.dtype
+        return (
+            cond_means.new_empty(cond_means.shape),
+            cond_logstds.new_empty(cond_logstds.shape, dtype=dt),
+            cond_logweights.new_empty(cond_logweights.shape, dtype=dt),
+        )
 
-@_probabilistic_guidance_op.register_fake
-def _(cond_means, cond_logstds, cond_logweights, uncond_means, uncond_logweights, scale, orthogonal):
-    dt = cond_means.dtype
-    return cond_means.new_empty(cond_means.shape), cond_logstds.new_empty(cond_logstds.shape, dtype=dt), cond_logweights.new_empty(cond_logweights.shape, dtype=dt)
-
-
-@torch.library.custom_op("gmkernels::weight_guidance", mutates_args=())
-def _weight_guidance_op(cond_logweights: torch.Tensor, uncond_logweights: torch.Tensor, scale: float) -> torch.Tensor:
-    if select_backend(cond_logweights) == "triton":
+    @torch.library.custom_op("gmkernels::weight_guidance", mutates_args=())
+    def _weight_guidance_op(
+        cond_logweights: torch.Tensor, uncond_logweights: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         return _launch_weight(cond_logweights, uncond_logweights, scale)
-    gm_c = {"means": None, "logstds": None, "logweights": cond_logweights}
-    gm_u = {"means": None, "logstds": None, "logweights": uncond_logweights}
-    return run_reference(ref.weight_guidance, gm_c, gm_u, scale, out_dtype=cond_logweights.dtype)["logweights"]
 
+    @_weight_guidance_op.register_fake
+    def _(cond_logweights, uncond_logweights, scale):
+        return cond_logweights.new_empty(cond_logweights.shape)
 
-@_weight_guidance_op.register_fake
-def _(cond_logweights, uncond_logweights, scale):
-    return cond_logweights.new_empty(cond_logweights.shape)
-
-
-@torch.library.custom_op("gmkernels::mean_cfg", mutates_args=())
-def _mean_cfg_op(
-    cond_means: torch.Tensor,
-    cond_logweights: torch.Tensor,
-    uncond_means: torch.Tensor,
-    uncond_logweights: torch.Tensor,
-    scale: float,
-    orthogonal: bool,
-) -> torch.Tensor:
-    if select_backend(cond_means) == "triton":
+    @torch.library.custom_op("gmkernels::mean_cfg", mutates_args=())
+    def _mean_cfg_op(
+        cond_means: torch.Tensor,
+        cond_logweights: torch.Tensor,
+        uncond_means: torch.Tensor,
+        uncond_logweights: torch.Tensor,
+        scale: float,
+        orthogonal: bool,
+    ) -> torch.Tensor:
         return _launch_mean_cfg(cond_means, cond_logweights, uncond_means, uncond_logweights, scale, orthogonal)
-    gm_c = {"means": cond_means, "logstds": None, "logweights": cond_logweights}
-    gm_u = {"means": uncond_means, "logstds": None, "logweights": uncond_logweights}
-    return run_reference(ref.mean_cfg, gm_c, gm_u, scale, orthogonal, out_dtype=cond_means.dtype)["means"]
 
-
-@_mean_cfg_op.register_fake
-def _(cond_means, cond_logweights, uncond_means, uncond_logweights, scale, orthogonal):
-    return cond_means.new_empty(cond_means.shape)
+    @_mean_cfg_op.register_fake
+    def _(cond_means, cond_logweights, uncond_means, uncond_logweights, scale, orthogonal):
+        return cond_means.new_empty(cond_means.shape)
 
 
 # ----------------------------------------------------------------------------- public ops
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` without the call when it is a no-op (host cost)."""
+    """``t.to(dtype)`` without the call when it is a no-op."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
 def _check_pair(gm_cond: dict, gm_uncond: dict) -> GMShape:
     """Validate a pair of GMs (``check_gm`` of each, then matching ``*B, C, H, W`` and device)
     and return the sizes of ``gm_cond``; once per metadata of the six tensors
-    (:func:`checked_once`: 1.9 against 4.8 µs here)."""
+    (:func:`checked_once`)."""
     if type(gm_cond) is dict and type(gm_uncond) is dict:
         c, u = gm_cond, gm_uncond
-        return checked_once("guidance pair", lambda: _checked_pair(c, u), c.get("means"), c.get("logstds"), c.get("logweights"),
-                            u.get("means"), u.get("logstds"), u.get("logweights"))  # fmt: skip
+        return checked_once(
+            "guidance pair",
+            lambda: _checked_pair(c, u),
+            c.get("means"),
+            c.get("logstds"),
+            c.get("logweights"),
+            u.get("means"),
+            u.get("logstds"),
+            u.get("logweights"),
+        )
     return _checked_pair(gm_cond, gm_uncond)
 
 
@@ -771,7 +933,7 @@ def probabilistic_guidance(gm_cond: dict, gm_uncond: dict, scale: float, orthogo
     tensors = (gm_cond["means"], gm_cond["logstds"], gm_cond["logweights"], gm_uncond["means"], gm_uncond["logweights"])
     if not kernels_wanted(*tensors):
         return run_reference(ref.probabilistic_guidance, gm_cond, gm_uncond, scale, orthogonal, out_dtype=s.dtype)
-    means, logstds, logweights = call_op(torch.ops.gmkernels.probabilistic_guidance, *tensors, scale, orthogonal)
+    means, logstds, logweights = _probabilistic_guidance_op(*tensors, scale, orthogonal)
     return {"means": means, "logstds": logstds, "logweights": logweights}
 
 
@@ -788,18 +950,36 @@ def weight_guidance(gm_cond: dict, gm_uncond: dict, scale: float) -> dict:
     scale = check_power(scale, "scale")
     if not kernels_wanted(gm_cond["means"], gm_cond["logweights"], gm_uncond["logweights"]):
         return run_reference(ref.weight_guidance, gm_cond, gm_uncond, scale, out_dtype=s.dtype)
-    logweights = call_op(torch.ops.gmkernels.weight_guidance, gm_cond["logweights"], gm_uncond["logweights"], scale)
-    return {"means": gm_cond["means"], "logstds": _as(gm_cond["logstds"], s.dtype), "logweights": _as(logweights, s.dtype)}
+    logweights = _weight_guidance_op(gm_cond["logweights"], gm_uncond["logweights"], scale)
+    return {
+        "means": gm_cond["means"],
+        "logstds": _as(gm_cond["logstds"], s.dtype),
+        "logweights": _as(logweights, s.dtype),
+    }
 
 
 def mean_cfg(gm_cond: dict, gm_uncond: dict, scale: float, orthogonal: bool = False) -> dict:
     """Plain CFG on the GM, the baseline: every conditional mean moves by ``(scale - 1) (m_c - m_u)``
     (made orthogonal to ``m_c`` over (C, H, W) when ``orthogonal``); ``logstds`` and ``logweights``
-    of ``gm_cond`` are returned as given (cast to the dtype of its means). Means ``(*B, K, C, H, W)``."""
+    of ``gm_cond`` are returned as given (cast to the dtype of its means). Means ``(*B, K, C, H, W)``.
+
+    ``orthogonal`` is a bool (docs/ops.md#mean_cfg: the bias is made orthogonal or left as it
+    is); a number raises ``TypeError`` rather than being read as a fraction (the removed share
+    of ``probabilistic_guidance``'s ``orthogonal``).
+    """
     s = _check_pair(gm_cond, gm_uncond)
     scale = check_power(scale, "scale")
+    if type(orthogonal) is not bool:
+        raise TypeError(
+            f"orthogonal must be a bool (mean_cfg makes the bias orthogonal to m_c or not; unlike "
+            f"probabilistic_guidance it takes no fraction), got {type(orthogonal).__name__} {orthogonal!r}"
+        )
     tensors = (gm_cond["means"], gm_cond["logweights"], gm_uncond["means"], gm_uncond["logweights"])
     if not kernels_wanted(*tensors):
-        return run_reference(ref.mean_cfg, gm_cond, gm_uncond, scale, bool(orthogonal), out_dtype=s.dtype)
-    means = call_op(torch.ops.gmkernels.mean_cfg, *tensors, scale, bool(orthogonal))
-    return {"means": means, "logstds": _as(gm_cond["logstds"], s.dtype), "logweights": _as(gm_cond["logweights"], s.dtype)}
+        return run_reference(ref.mean_cfg, gm_cond, gm_uncond, scale, orthogonal, out_dtype=s.dtype)
+    means = _mean_cfg_op(*tensors, scale, orthogonal)
+    return {
+        "means": means,
+        "logstds": _as(gm_cond["logstds"], s.dtype),
+        "logweights": _as(gm_cond["logweights"], s.dtype),
+    }

@@ -37,18 +37,15 @@ Point data (``H = W = 1``) swaps rows and pixels so the batch fills the pixel bl
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Optional
 
 import torch
 
 import reference.likelihood as ref
-import reference.transition as ref_transition
 
 from .._dispatch import run_reference, select_backend
 from .._validate import Sigma, check_gm, check_sigma_pair, check_state, per_sample_view
-from ._launch import PlanCache, call_op, cdiv, launch_plan, next_pow2, same_data, tensor_key
-
+from ._launch import PlanCache, cdiv, kernels_wanted, needs_int64, next_pow2, planned_args
 
 try:
     import triton
@@ -59,6 +56,7 @@ except ImportError:  # pragma: no cover - the torch backend needs no triton
 REDUCTIONS = ("mean", "sum", "none")
 TILE = 1024  # elements of a BLOCK_K x BLOCK_P register tile
 NUM_WARPS = 4
+LOG_2PI = math.log(2 * math.pi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,8 +78,23 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _component_q(mu_ptrs, y_base, x_base, C, sm_c, sy_c, sx_c, mask, mask_p, istd, msc, xres,
-                     AFFINE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    def _component_q(
+        mu_ptrs,
+        y_base,
+        x_base,
+        C,
+        sm_c,
+        sy_c,
+        sx_c,
+        mask,
+        mask_p,
+        istd,
+        msc,
+        xres,
+        AFFINE: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """``q [BK, BP] = sum_c ((y_c - mu_kc) * istd)^2`` for one K tile (with ``AFFINE`` the means
         are ``msc * mu`` and the target that of ``_target``)."""
         q = tl.zeros([BLOCK_K, BLOCK_P], tl.float32)
@@ -139,19 +152,38 @@ if triton is not None:
         log1p_e = tl.where(u == one, e, tl.log(u) * (e / tl.where(u == one, one, u - one)))  # log1p, exact for tiny e
         logstd = 0.5 * (tl.maximum(v, L) + log1p_e)
         dlogstd = tl.where(d >= 0, one, e) / u
-        return ((-c2 * sh).to(tl.float32), (one - c1 - c2).to(tl.float32), logstd.to(tl.float32),
-                dlogstd.to(tl.float32))  # fmt: skip
+        return (
+            (-c2 * sh).to(tl.float32),
+            (one - c1 - c2).to(tl.float32),
+            logstd.to(tl.float32),
+            dlogstd.to(tl.float32),
+        )
 
     @triton.jit
-    def _row_logstds(logstds_ptr, ss_r, ss_p, th_ptr, tlow_ptr, sth_r, sth_p, stl_r, stl_p, r, offs_p, mask_p,
-                     TRANSITION: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    def _row_logstds(
+        logstds_ptr,
+        ss_r,
+        ss_p,
+        th_ptr,
+        tlow_ptr,
+        sth_r,
+        sth_p,
+        stl_r,
+        stl_p,
+        r,
+        offs_p,
+        mask_p,
+        TRANSITION: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """The NLL kernels' per-lane log-std ``[BP]`` of row ``r`` (float32) and, with
         ``TRANSITION``, the reverse transition's ``mscale``, ``xres`` and mapped log-std
         (``_transition_map``); without it ``mscale`` and ``xres`` are unused placeholders."""
         ls = tl.load(logstds_ptr + r * ss_r + offs_p * ss_p, mask=mask_p, other=0.0).to(tl.float32)
         if TRANSITION:
-            msc, xres, ls, _ = _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls,
-                                               BLOCK_P)  # fmt: skip
+            msc, xres, ls, _ = _transition_map(
+                th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls, BLOCK_P
+            )
         else:
             msc = ls
             xres = ls
@@ -159,16 +191,49 @@ if triton is not None:
 
     @triton.jit
     def _gm_loglik_fwd_kernel(
-        means_ptr, logstds_ptr, logweights_ptr, y_ptr, out_ptr, th_ptr, tlow_ptr, x_ptr,
-        N, K, C, P, n_pb,
-        sm_r, sm_k, sm_c, sm_p,
-        ss_r, ss_p,
-        sw_r, sw_k, sw_p,
-        sy_r, sy_n, sy_c, sy_p,
-        so_r, so_n, so_p,
-        sth_r, sth_p, stl_r, stl_p, sx_r, sx_c, sx_p,
-        istd_max, sign, shift,
-        TRANSITION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, I64: tl.constexpr,
+        means_ptr,
+        logstds_ptr,
+        logweights_ptr,
+        y_ptr,
+        out_ptr,
+        th_ptr,
+        tlow_ptr,
+        x_ptr,
+        N,
+        K,
+        C,
+        P,
+        n_pb,
+        sm_r,
+        sm_k,
+        sm_c,
+        sm_p,
+        ss_r,
+        ss_p,
+        sw_r,
+        sw_k,
+        sw_p,
+        sy_r,
+        sy_n,
+        sy_c,
+        sy_p,
+        so_r,
+        so_n,
+        so_p,
+        sth_r,
+        sth_p,
+        stl_r,
+        stl_p,
+        sx_r,
+        sx_c,
+        sx_p,
+        istd_max,
+        sign,
+        shift,
+        TRANSITION: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        I64: tl.constexpr,
     ):
         """``out[r, n, p] = sign * logsumexp_k(l_k) + shift`` for samples ``y (R, N, C, P)``;
         with ``TRANSITION`` the GM is the reverse transition of the u-GM from ``x (R, C, P)`` at
@@ -184,10 +249,29 @@ if triton is not None:
             n = n.to(tl.int64)
             offs_p = offs_p.to(tl.int64)
         mask_p = offs_p < P
-        msc, xres, ls = _row_logstds(logstds_ptr, ss_r, ss_p, th_ptr, tlow_ptr, sth_r, sth_p, stl_r, stl_p, r, offs_p, mask_p,
-                                     TRANSITION, BLOCK_P)  # fmt: skip
+        msc, xres, ls = _row_logstds(
+            logstds_ptr,
+            ss_r,
+            ss_p,
+            th_ptr,
+            tlow_ptr,
+            sth_r,
+            sth_p,
+            stl_r,
+            stl_p,
+            r,
+            offs_p,
+            mask_p,
+            TRANSITION,
+            BLOCK_P,
+        )
         istd = tl.minimum(tl.exp(-ls), istd_max)
-        base = -ls * C
+        # under the NLL's floor on 1/std a zero std keeps q finite while -C * logstds is +inf for
+        # every live component: capped at the largest float in the loop (no inf - inf of a dead
+        # component), the logsumexp is set to +inf after it unless every component is dead; the
+        # log-density (no floor) keeps the reference's NaN there
+        big = tl.where(istd_max < float("inf"), 3.4028234663852886e38, float("inf"))  # the largest float32
+        base = tl.minimum(-ls * C, big, propagate_nan=tl.PropagateNan.ALL)  # a NaN log-std stays NaN
         x_base = x_ptr + r * sx_r + offs_p * sx_p
         y_base = y_ptr + r * sy_r + n * sy_n + offs_p * sy_p
         m = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -199,35 +283,89 @@ if triton is not None:
             mask = (offs_k < K)[:, None] & mask_p[None, :]
             lw = tl.load(
                 logweights_ptr + r * sw_r + offs_k[:, None] * sw_k + offs_p[None, :] * sw_p,
-                mask=mask, other=float("-inf"),
+                mask=mask,
+                other=float("-inf"),
             ).to(tl.float32)
             mu_ptrs = means_ptr + r * sm_r + offs_k[:, None] * sm_k + offs_p[None, :] * sm_p
-            q = _component_q(mu_ptrs, y_base, x_base, C, sm_c, sy_c, sx_c, mask, mask_p, istd, msc, xres,
-                             TRANSITION, BLOCK_K, BLOCK_P)  # fmt: skip
-            l = lw - 0.5 * q + base[None, :]
-            m_new = tl.maximum(m, tl.max(l, axis=0))
+            q = _component_q(
+                mu_ptrs,
+                y_base,
+                x_base,
+                C,
+                sm_c,
+                sy_c,
+                sx_c,
+                mask,
+                mask_p,
+                istd,
+                msc,
+                xres,
+                TRANSITION,
+                BLOCK_K,
+                BLOCK_P,
+            )
+            logit = lw - 0.5 * q + base[None, :]
+            m_new = tl.maximum(m, tl.max(logit, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a dead tile gives no NaN
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(l - m_safe[None, :]), axis=0)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logit - m_safe[None, :]), axis=0)
             m = m_new
         lse = m + tl.log(tl.where(mask_p, s, 1.0))
+        lse = tl.where((base == 3.4028234663852886e38) & (m > float("-inf")), float("inf"), lse)
         tl.store(out_ptr + r * so_r + n * so_n + offs_p * so_p, sign * lse + shift, mask=mask_p)
 
     @triton.jit
     def _gm_nll_bwd_kernel(
-        means_ptr, logstds_ptr, logweights_ptr, y_ptr, loss_ptr, gloss_ptr, th_ptr, tlow_ptr, x_ptr,
-        gmeans_ptr, glogweights_ptr, glogstds_ptr,
-        K, C, P, n_pb,
-        sm_r, sm_k, sm_c, sm_p,
-        ss_r, ss_p,
-        sw_r, sw_k, sw_p,
-        sy_r, sy_c, sy_p,
-        sl_r, sl_p,
-        sg_r, sg_p,
-        sgm_r, sgm_k, sgm_c, sgm_p,
-        sgw_r, sgw_k, sgw_p,
-        sth_r, sth_p, stl_r, stl_p, sx_r, sx_c, sx_p,
+        means_ptr,
+        logstds_ptr,
+        logweights_ptr,
+        y_ptr,
+        loss_ptr,
+        gloss_ptr,
+        th_ptr,
+        tlow_ptr,
+        x_ptr,
+        gmeans_ptr,
+        glogweights_ptr,
+        glogstds_ptr,
+        K,
+        C,
+        P,
+        n_pb,
+        sm_r,
+        sm_k,
+        sm_c,
+        sm_p,
+        ss_r,
+        ss_p,
+        sw_r,
+        sw_k,
+        sw_p,
+        sy_r,
+        sy_c,
+        sy_p,
+        sl_r,
+        sl_p,
+        sg_r,
+        sg_p,
+        sgm_r,
+        sgm_k,
+        sgm_c,
+        sgm_p,
+        sgw_r,
+        sgw_k,
+        sgw_p,
+        sth_r,
+        sth_p,
+        stl_r,
+        stl_p,
+        sx_r,
+        sx_c,
+        sx_p,
         istd_max,
-        TRANSITION: tl.constexpr, STD_PER_PIXEL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        TRANSITION: tl.constexpr,
+        STD_PER_PIXEL: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
         I64: tl.constexpr,
     ):
         """Gradients of the per-pixel NLL ``loss (R, P)`` for the upstream gradient
@@ -244,8 +382,22 @@ if triton is not None:
             r = r.to(tl.int64)
             offs_p = offs_p.to(tl.int64)
         mask_p = offs_p < P
-        msc, xres, ls = _row_logstds(logstds_ptr, ss_r, ss_p, th_ptr, tlow_ptr, sth_r, sth_p, stl_r, stl_p, r, offs_p, mask_p,
-                                     TRANSITION, BLOCK_P)  # fmt: skip
+        msc, xres, ls = _row_logstds(
+            logstds_ptr,
+            ss_r,
+            ss_p,
+            th_ptr,
+            tlow_ptr,
+            sth_r,
+            sth_p,
+            stl_r,
+            stl_p,
+            r,
+            offs_p,
+            mask_p,
+            TRANSITION,
+            BLOCK_P,
+        )
         e = tl.exp(-ls)
         istd = tl.minimum(e, istd_max)
         active = (e <= istd_max).to(tl.float32)  # the clamp passes no gradient where it bites
@@ -262,15 +414,33 @@ if triton is not None:
             mask = (offs_k < K)[:, None] & mask_p[None, :]
             lw = tl.load(
                 logweights_ptr + r * sw_r + offs_k[:, None] * sw_k + offs_p[None, :] * sw_p,
-                mask=mask, other=float("-inf"),
+                mask=mask,
+                other=float("-inf"),
             ).to(tl.float32)
             mu_ptrs = means_ptr + r * sm_r + offs_k[:, None] * sm_k + offs_p[None, :] * sm_p
-            q = _component_q(mu_ptrs, y_base, x_base, C, sm_c, sy_c, sx_c, mask, mask_p, istd, msc, xres,
-                             TRANSITION, BLOCK_K, BLOCK_P)  # fmt: skip
-            gr = g[None, :] * tl.exp(lw - 0.5 * q + base[None, :] - lse[None, :])  # g * r_k, 0 if dead
+            q = _component_q(
+                mu_ptrs,
+                y_base,
+                x_base,
+                C,
+                sm_c,
+                sy_c,
+                sx_c,
+                mask,
+                mask_p,
+                istd,
+                msc,
+                xres,
+                TRANSITION,
+                BLOCK_K,
+                BLOCK_P,
+            )
+            gr = g[None, :] * tl.exp(lw - 0.5 * q + base[None, :] - lse[None, :])  # g * r_k
+            gr = tl.where(lw == float("-inf"), 0.0, gr)  # 0 if dead, also where lse or base is infinite
             tl.store(
                 glogweights_ptr + r * sgw_r + offs_k[:, None] * sgw_k + offs_p[None, :] * sgw_p,
-                gr.to(glogweights_ptr.dtype.element_ty), mask=mask,
+                gr.to(glogweights_ptr.dtype.element_ty),
+                mask=mask,
             )
             acc_ls += tl.sum(gr * (q * active[None, :] - C), axis=0)
             coef = gr * istd[None, :]
@@ -286,8 +456,9 @@ if triton is not None:
         if TRANSITION:  # through the reverse transition's log-std; its derivative recomputed here, from
             # reloaded inputs, so that it is not held in a register across the K loop
             ls_u = tl.load(logstds_ptr + r * ss_r + offs_p * ss_p, mask=mask_p, other=0.0).to(tl.float32)
-            _, _, _, dls = _transition_map(th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls_u,
-                                           BLOCK_P)  # fmt: skip
+            _, _, _, dls = _transition_map(
+                th_ptr, tlow_ptr, r, offs_p, sth_r, sth_p, stl_r, stl_p, mask_p, ls_u, BLOCK_P
+            )
             acc_ls = acc_ls * dls
         if STD_PER_PIXEL:
             tl.store(glogstds_ptr + r * P + offs_p, acc_ls, mask=mask_p)
@@ -300,268 +471,265 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 
 
-@launch_plan
-def _blocks(K: int, P: int, transition: bool = False, backward: bool = False) -> tuple[int, int]:
-    """``(BLOCK_K, BLOCK_P)``: 128 pixels per program (128-bit loads; for grids of few programs
-    a smaller block would give more of them, but at 32 and 64 pixels ptxas spilled a register in
-    some sm_80 / sm_90 builds at the users shapes of the compile report, and at 128 none), and as
-    many components per tile as keep the ``BLOCK_K x BLOCK_P`` tile at ``TILE`` elements (8 fp32
-    per thread at 4 warps). The transition map holds more per pixel: its backward takes half that
-    (at a quarter the fp32 point-data backward spilled at sm_80), its forward a quarter (at half,
-    triton 3.6, not 3.9, spilled 8 bytes in the bf16 point-data forward at sm_90)."""
+def _blocks(K: int, P: int, transition: bool = False, backward: bool = False, tile: int = TILE) -> tuple[int, int]:
+    """``(BLOCK_K, BLOCK_P)``: 128 pixels per program (128-bit loads; smaller blocks, which would
+    give grids of few programs more of them, spill a register in some sm_80 / sm_90 builds at the
+    compile report's users shapes), and as many components per tile as keep the
+    ``BLOCK_K x BLOCK_P`` tile at ``tile`` elements (8 fp32 per thread at 4 warps). The
+    transition map holds more per pixel: its backward takes half that tile, its forward a quarter
+    (larger ones spill in the point-data builds)."""
     block_p = min(next_pow2(P), 128)
-    tile = (TILE // 2 if backward else TILE // 4) if transition else TILE
+    if transition:
+        tile = tile // 2 if backward else tile // 4
     block_k = max(1, min(next_pow2(K), tile // block_p))
     return block_k, block_p
 
 
-def _views(means, logstds, logweights, transition, *pixel_tensors):
-    """Kernel views: ``means (R, K, C, P)``, ``logstds (R, P)`` (stride 0 along P when shared),
-    the transition map's timesteps ``t_high, t_low (R, P)`` (stride 0 along P) and state
-    ``x (R, C, P)`` (stand-ins when ``transition`` is None), ``logweights (R, K, P)`` and each of
-    ``pixel_tensors (*B, ..., H, W) -> (R, ..., P)``, with ``R = prod(*B)`` and ``P = H * W``:
-    views when the strides allow. For point data (``P == 1 < R``) rows and pixels are swapped,
-    so the batch fills the pixel block."""
+def _views(means, logstds, logweights, t_high, t_low, x, transition: bool, *pixel_tensors) -> list:
+    """Kernel views ``[means (R, K, C, P), logstds (R, P), logweights (R, K, P), t_high, t_low
+    (R, P), x (R, C, P), *pixel_tensors (R, ..., P)]`` of ``(*B, ...)`` tensors, with
+    ``R = prod(*B)``, ``P = H * W``: views when the strides allow (a stride 0 along P for a
+    shared log-std or timestep). Without ``transition`` the timesteps and ``x`` are stand-ins
+    the kernel does not read (views of ``logstds`` and ``means``, so that they are the passed
+    tensors' data). For point data (``P == 1 < R``) rows and pixels are swapped, so the batch
+    fills the pixel block."""
     *batch, K, C, H, W = means.shape
     R, P = math.prod(batch), H * W
-
-    def per_row(t):
-        return t.reshape(R, -1).expand(R, P)
-
-    def timestep(t):  # (*B,) or broadcastable to (*B, 1, 1, 1)
-        return (t if t.shape == tuple(batch) else t.expand(*batch, 1, 1, 1)).reshape(R, 1).expand(R, P)
-
     mf = means.reshape(R, K, C, P)
-    if transition is None:
-        th = tlow = per_row(logstds)
-        xf = mf[:, 0]
+    sf = logstds.reshape(R, -1).expand(R, P)
+    if transition:  # timesteps (*B,) or broadcastable to (*B, 1, 1, 1)
+        th, tlow = [
+            (t if t.shape == tuple(batch) else t.expand(*batch, 1, 1, 1)).reshape(R, 1).expand(R, P)
+            for t in (t_high, t_low)
+        ]
+        xf = x.reshape(R, C, P)
     else:
-        x, t_high, t_low = transition
-        th, tlow, xf = timestep(t_high), timestep(t_low), x.reshape(R, C, P)
+        th = tlow = sf
+        xf = mf[:, 0]
     views = [
         mf,
-        per_row(logstds),
+        sf,
+        logweights.reshape(R, K, P),
         th,
         tlow,
         xf,
-        logweights.reshape(R, K, P),
-        *(t.reshape(R, *t.shape[len(batch):-2], P) for t in pixel_tensors),
+        *[t.reshape(R, *t.shape[len(batch) : -2], P) for t in pixel_tensors],
     ]
     if P == 1 and R > 1:
         views = [v.transpose(0, -1) for v in views]
     return views
 
 
-def _needs_i64(*tensors: torch.Tensor) -> bool:
-    """True when an element offset of one of these strided tensors may exceed int32."""
-    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 for t in tensors)
-
-
-def _loglik_args(means, logstds, logweights, y, out, transition):
-    """The forward kernel's tensor arguments (views), grid, integer arguments and options. ``y``
-    is ``(*B, N, C, H, W)`` with ``out (*B, N, H, W)``, or one target per pixel ``(*B, C, H, W)``
-    with ``out (*B, H, W)``."""
+def _loglik_args(means, logstds, logweights, y, t_high, t_low, x, out, transition: bool, blocks_fn, int64_fn) -> tuple:
+    """The forward kernel's views (in the order of the arguments), grid, integer arguments and
+    options. ``y`` is ``(*B, N, C, H, W)`` with ``out (*B, N, H, W)``, or one target per pixel
+    ``(*B, C, H, W)`` with ``out (*B, H, W)``. ``blocks_fn, int64_fn`` are ``_blocks,
+    needs_int64``, keys of the stored plan (tests replace them)."""
     K, C = means.shape[-4], means.shape[-3]
     per_sample = y.dim() == means.dim()
     N = y.shape[-4] if per_sample else 1
-    mf, sf, thf, tlf, xf, wf, yf, of = _views(means, logstds, logweights, transition, y, out)
+    mf, sf, wf, thf, tlf, xf, yf, of = _views(means, logstds, logweights, t_high, t_low, x, transition, y, out)
     if not per_sample:  # the N axis of the kernel's layout, of size 1
         yf, of = yf.unsqueeze(1), of.unsqueeze(1)
     R, P = mf.shape[0], mf.shape[-1]
-    block_k, block_p = _blocks(K, P, transition is not None)
+    block_k, block_p = blocks_fn(K, P, transition)
     n_pb = cdiv(P, block_p)
-    ints = (N, K, C, P, n_pb, *mf.stride(), *sf.stride(), *wf.stride(), *yf.stride(), *of.stride(),
-            *thf.stride(), *tlf.stride(), *xf.stride())  # fmt: skip
-    options = dict(TRANSITION=transition is not None, BLOCK_K=block_k, BLOCK_P=block_p,
-                   I64=_needs_i64(mf, wf, yf, of, xf), num_warps=NUM_WARPS)  # fmt: skip
-    return (mf, sf, wf, yf, of, thf, tlf, xf), (n_pb * R * N,), ints, options
-
-
-def _fwd_plan(tensors, transition):
-    """``(views are the tensors themselves, grid, ints, options)`` for the forward launch."""
-    views, grid, ints, options = _loglik_args(*tensors[:5], transition)
-    return same_data(views, tensors), grid, ints, options
+    ints = (
+        N,
+        K,
+        C,
+        P,
+        n_pb,
+        *mf.stride(),
+        *sf.stride(),
+        *wf.stride(),
+        *yf.stride(),
+        *of.stride(),
+        *thf.stride(),
+        *tlf.stride(),
+        *xf.stride(),
+    )
+    options = dict(
+        TRANSITION=transition, BLOCK_K=block_k, BLOCK_P=block_p, I64=int64_fn(mf, wf, yf, of, xf), num_warps=NUM_WARPS
+    )
+    return (mf, sf, wf, yf, thf, tlf, xf, of), (n_pb * R * N,), ints, options
 
 
 _FWD_PLANS = PlanCache()
 _BWD_PLANS = PlanCache()
 
 
-def _launch_loglik(means, logstds, logweights, y, istd_max: float, sign: float, shift: float, out_dtype,
-                   transition=None):  # fmt: skip
+def _launch_loglik(
+    means, logstds, logweights, y, x, t_high, t_low, istd_max: float, sign: float, shift: float, out_dtype: torch.dtype
+) -> torch.Tensor:
     """``sign * logsumexp_k l_k + shift`` for ``y (*B, N, C, H, W)`` -> ``(*B, N, H, W)``, or
-    for one target per pixel ``y (*B, C, H, W)`` -> ``(*B, H, W)``; with
-    ``transition = (x, t_high, t_low)`` (``x (*B, C, H, W)``, timesteps ``(*B,)`` or
-    broadcastable to ``(*B, 1, 1, 1)``) the GM is the reverse transition of the u-GM
-    ``(means, logstds, logweights)`` from ``(x, t_high)`` to ``t_low``. The launch plan (views'
-    strides included) is stored per shape (:class:`PlanCache`)."""
-    *batch, K, C, H, W = means.shape
+    for one target per pixel ``y (*B, C, H, W)`` -> ``(*B, H, W)``; with ``x (*B, C, H, W)``
+    and the timesteps (``(*B,)`` or broadcastable to ``(*B, 1, 1, 1)``) given, the GM is the
+    reverse transition of the u-GM ``(means, logstds, logweights)`` from ``(x, t_high)`` to
+    ``t_low`` (all three None: the GM itself). The plan is stored per shape (``planned_args``;
+    its key leaves out ``out``, allocated here contiguous, and the stand-ins of ``_views``)."""
+    *batch, _, _, H, W = means.shape
     out_shape = (*batch, y.shape[-4], H, W) if y.dim() == means.dim() else (*batch, H, W)
     out = torch.empty(out_shape, device=means.device, dtype=out_dtype)
-    x, t_high, t_low = transition if transition is not None else (means, logstds, logstds)
-    tensors = (means, logstds, logweights, y, out, t_high, t_low, x)
-    # the key leaves out `out` (allocated here contiguous, its shape follows from means and y;
-    # its dtype enters no planned value)
-    key = tensor_key(means, logstds, logweights, y, t_high, t_low, x) if transition is not None else \
-        tensor_key(means, logstds, logweights, y)  # fmt: skip
-    pure, grid, ints, options = _FWD_PLANS.get(key, lambda: _fwd_plan(tensors, transition))
-    if not pure:  # a flattening copied: the views of this call
-        tensors = _loglik_args(means, logstds, logweights, y, out, transition)[0]
+    transition = x is not None
+    if not transition:
+        t_high = t_low = logstds
+        x = means
+    tensors = (means, logstds, logweights, y, t_high, t_low, x, out)
+    (m, s, w, yv, th, tlow, xv, o), grid, ints, options = planned_args(
+        _FWD_PLANS, _loglik_args, tensors, transition, _blocks, needs_int64, n_key=7 if transition else 4
+    )
     if grid[0] > 0:
-        _gm_loglik_fwd_kernel[grid](*tensors, *ints, istd_max, sign, shift, **options)
+        _gm_loglik_fwd_kernel[grid](m, s, w, yv, o, th, tlow, xv, *ints, istd_max, sign, shift, **options)
     return out
 
 
-def _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights, transition):
-    """The backward kernel's tensor arguments (views, but for ``g_std``), grid, integer
-    arguments, options and the shape ``(R, n_programs)`` of ``g_std`` when the kernel writes
-    partial sums of a shared log-std's gradient (None when it writes one value per log-std: a
-    per-pixel std, or one program per row)."""
+def _nll_bwd_args(
+    means,
+    logstds,
+    logweights,
+    target,
+    loss,
+    grad_loss,
+    t_high,
+    t_low,
+    x,
+    g_means,
+    g_logweights,
+    transition: bool,
+    blocks_fn,
+    int64_fn,
+) -> tuple:
+    """The backward kernel's views (in the order of the arguments; ``g_logweights`` as its
+    ``(R, K, P)`` view), grid, integer arguments and options (``blocks_fn, int64_fn`` as in
+    :func:`_loglik_args`)."""
     K, C = means.shape[-4], means.shape[-3]
-    mf, sf, thf, tlf, xf, wf, yf, lf, gf, gmf, gwf = _views(
-        means, logstds, logweights, transition, target, loss, grad_loss, g_means, g_logweights.select(-3, 0)
+    mf, sf, wf, thf, tlf, xf, yf, lf, gf, gmf, gwf = _views(
+        means,
+        logstds,
+        logweights,
+        t_high,
+        t_low,
+        x,
+        transition,
+        target,
+        loss,
+        grad_loss,
+        g_means,
+        g_logweights.select(-3, 0),
     )
     R, P = mf.shape[0], mf.shape[-1]
-    block_k, block_p = _blocks(K, P, transition is not None, backward=True)
+    block_k, block_p = blocks_fn(K, P, transition, True)
     n_pb = cdiv(P, block_p)
-    per_pixel = sf.stride(-1) != 0  # after the point-data swap a per-row std is per pixel
-    ints = (K, C, P, n_pb, *mf.stride(), *sf.stride(), *wf.stride(), *yf.stride(), *lf.stride(), *gf.stride(),
-            *gmf.stride(), *gwf.stride(), *thf.stride(), *tlf.stride(), *xf.stride())  # fmt: skip
-    options = dict(TRANSITION=transition is not None, STD_PER_PIXEL=per_pixel, BLOCK_K=block_k, BLOCK_P=block_p,
-                   I64=_needs_i64(mf, wf, yf, gmf, xf), num_warps=NUM_WARPS)  # fmt: skip
-    views = (mf, sf, wf, yf, lf, gf, thf, tlf, xf, gmf, gwf)
-    return views, (n_pb * R,), ints, options, None if per_pixel or n_pb == 1 else (R, n_pb)
+    ints = (
+        K,
+        C,
+        P,
+        n_pb,
+        *mf.stride(),
+        *sf.stride(),
+        *wf.stride(),
+        *yf.stride(),
+        *lf.stride(),
+        *gf.stride(),
+        *gmf.stride(),
+        *gwf.stride(),
+        *thf.stride(),
+        *tlf.stride(),
+        *xf.stride(),
+    )
+    options = dict(
+        TRANSITION=transition,
+        STD_PER_PIXEL=sf.stride(-1) != 0,
+        BLOCK_K=block_k,
+        BLOCK_P=block_p,
+        I64=int64_fn(mf, wf, yf, gmf, xf),
+        num_warps=NUM_WARPS,
+    )
+    return (mf, sf, wf, yf, lf, gf, thf, tlf, xf, gmf, gwf), (n_pb * R,), ints, options
 
 
-def _bwd_plan(tensors, transition):
-    views, grid, ints, options, partials = _nll_bwd_args(*tensors[:4], tensors[4], tensors[5], tensors[9],
-                                                         tensors[10], transition)  # fmt: skip
-    return same_data(views, tensors), grid, ints, options, partials
-
-
-def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, transition, eps: float):
+def _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, x, t_high, t_low, eps: float) -> tuple:
     """Gradients of the per-pixel NLL for means, logstds, logweights, in their dtypes (with
-    ``transition``, as in :func:`_launch_loglik`, those of the u-GM)."""
+    ``x`` and the timesteps, as in :func:`_launch_loglik`, those of the u-GM). The plan's key
+    leaves out the gradients (allocated here contiguous, shapes and dtypes those of means and
+    logweights) and the stand-ins."""
     g_means = torch.empty_like(means, memory_format=torch.contiguous_format)
     g_logweights = torch.empty_like(logweights, memory_format=torch.contiguous_format)
-    x, t_high, t_low = transition if transition is not None else (means, logstds, logstds)
-    # in the kernel's argument order; g_logweights stands for its (R, K, P) view; the plan's
-    # key leaves out the gradients (contiguous, shapes and dtypes those of means, logweights)
+    transition = x is not None
+    if not transition:
+        t_high = t_low = logstds
+        x = means
     tensors = (means, logstds, logweights, target, loss, grad_loss, t_high, t_low, x, g_means, g_logweights)
-    key = tensor_key(*tensors[:9]) if transition is not None else tensor_key(*tensors[:6])
-    pure, grid, ints, options, partials = _BWD_PLANS.get(key, lambda: _bwd_plan(tensors, transition))
-    if not pure:  # a flattening copied: the views of this call
-        tensors = _nll_bwd_args(means, logstds, logweights, target, loss, grad_loss, g_means, g_logweights,
-                                transition)[0]  # fmt: skip
-    if partials is not None:
-        g_std = torch.empty(partials, device=means.device, dtype=torch.float32)
-    else:  # one float32 value per log-std, contiguous
+    tensors, grid, ints, options = planned_args(
+        _BWD_PLANS, _nll_bwd_args, tensors, transition, _blocks, needs_int64, n_key=9 if transition else 6
+    )
+    n_pb = ints[3]
+    # a log-std shared by the pixels of a row gets one float32 partial sum per program when the
+    # row spans several programs (after the point-data swap a per-row log-std is per pixel);
+    # otherwise one value per log-std
+    partials = not options["STD_PER_PIXEL"] and n_pb > 1
+    if partials:
+        g_std = torch.empty((grid[0] // n_pb, n_pb), device=means.device, dtype=torch.float32)
+    else:
         g_std = torch.empty_like(logstds, dtype=torch.float32, memory_format=torch.contiguous_format)
     if grid[0] > 0:
         _gm_nll_bwd_kernel[grid](*tensors, g_std, *ints, 1.0 / eps, **options)
-    if partials is not None:  # the per-program partials of each row
+    if partials:
         g_std = g_std.sum(dim=1).view(logstds.shape)
     return g_means, g_std if g_std.dtype == logstds.dtype else g_std.to(logstds.dtype), g_logweights
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library ops: Triton when select_backend says so, the reference otherwise
+# torch.library ops: the Triton path (the public functions pick the backend)
 # --------------------------------------------------------------------------------------------
-
-
-def _gm(means, logstds, logweights) -> dict:
-    return {"means": means, "logstds": logstds, "logweights": logweights}
-
-
-def _stat_dtype(*ts: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in [t.dtype for t in ts] else torch.float32
-
-
-def _transition(x_t_high, t_high, t_low) -> Optional[tuple]:
-    if x_t_high is None and t_high is None and t_low is None:
-        return None
-    if x_t_high is None or t_high is None or t_low is None:
-        raise ValueError("gmkernels::gm_nll_loss_pixels: x_t_high, t_high and t_low go together (all or none)")
-    return x_t_high, t_high, t_low
-
-
-def _transition_terms(t_high: torch.Tensor, t_low: torch.Tensor, batch: tuple) -> tuple:
-    """The torch twin of the kernels' ``_transition_map`` constants, in float64, each
-    ``(*batch, 1, 1, 1, 1)``: ``mscale = -c2 * sigma_high``, ``xres = 1 - c1 - c2``,
-    ``A = 2 log(|c2| max(sigma_high, 1e-6))`` and ``L = log(max(c3, 1e-12))`` for timesteps of
-    shape ``batch`` or broadcastable to ``(*batch, 1, 1, 1)`` (``sigma = t / 1000`` in float32,
-    in float64 for float64 timesteps). The reverse-transition GM of a u-GM then has means
-    ``mscale * means_u + (1 - xres) * x_t_high`` and log-stds
-    ``0.5 * logaddexp(2 * logstds_u + A, L)``."""
-    def sigma(t):
-        t = t.reshape(*batch, 1, 1, 1, 1) if t.shape == tuple(batch) else t.expand(*batch, 1, 1, 1).unsqueeze(-4)
-        return (t / 1000 if t.dtype == torch.float64 else t.float() / 1000).double()
-
-    sh, sl = sigma(t_high), sigma(t_low)
-    c1, c2, c3 = ref_transition.transition_coefficients(sh, sl)
-    return -c2 * sh, 1 - c1 - c2, 2 * (c2.abs() * sh.clamp(min=1e-6)).log(), c3.clamp(min=1e-12).log()
-
-
-def _kernel_gm(means, logstds, logweights, transition, dt) -> tuple[dict, Any, Any]:
-    """The GM whose NLL the kernels evaluate, in ``dt`` (the torch twin of their loads), with
-    the transition map's ``mscale`` and the derivative of the mapped log-std in ``logstds``
-    (both None without the map)."""
-    if transition is None:
-        return _gm(means.to(dt), logstds.to(dt), logweights.to(dt)), None, None
-    x, t_high, t_low = transition
-    mscale, xres, A, L = _transition_terms(t_high, t_low, tuple(means.shape[:-4]))
-    v = 2 * logstds.double() + A
-    mscale, xres = mscale.to(dt), xres.to(dt)  # rounded as the kernels round them
-    means_low = mscale * means.to(dt) + (1 - xres) * x.to(dt).unsqueeze(-4)
-    logstds_low = (0.5 * torch.logaddexp(v, L)).to(dt)
-    return _gm(means_low, logstds_low, logweights.to(dt)), mscale, torch.sigmoid(v - L).to(dt)
 
 
 @torch.library.custom_op("gmkernels::gm_nll_loss_pixels", mutates_args=())
 def _nll_pixels(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, target: torch.Tensor,
-    x_t_high: Optional[torch.Tensor], t_high: Optional[torch.Tensor], t_low: Optional[torch.Tensor], eps: float,
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    target: torch.Tensor,
+    x_t_high: Optional[torch.Tensor],
+    t_high: Optional[torch.Tensor],
+    t_low: Optional[torch.Tensor],
+    eps: float,
 ) -> torch.Tensor:
-    """Per-pixel NLL ``(*B, H, W)`` in float32 (float64 for float64 inputs) of ``target`` under
-    the GM, or, with ``x_t_high (*B, C, H, W)`` and the timesteps (``(*B,)`` or broadcastable
-    to ``(*B, 1, 1, 1)``) given, under the reverse transition of the u-GM from
+    """Per-pixel NLL ``(*B, H, W)`` in float32 of ``target`` under the GM, or, with
+    ``x_t_high (*B, C, H, W)`` and the timesteps (``(*B,)`` or broadcastable to
+    ``(*B, 1, 1, 1)``) given, under the reverse transition of the u-GM from
     ``(x_t_high, t_high)`` to ``t_low`` (the transition loss; all None: the plain NLL)."""
-    transition = _transition(x_t_high, t_high, t_low)
-    dt = _stat_dtype(means, logstds, logweights, target)
-    if select_backend(means) == "triton":
-        return _launch_loglik(means, logstds, logweights, target, 1.0 / eps, -1.0, 0.0, dt, transition)
-    gm = _kernel_gm(means, logstds, logweights, transition, dt)[0]
-    return ref.gm_nll_loss(gm, target.to(dt), eps, "none")
+    return _launch_loglik(
+        means, logstds, logweights, target, x_t_high, t_high, t_low, 1.0 / eps, -1.0, 0.0, torch.float32
+    )
 
 
 @_nll_pixels.register_fake
 def _(means, logstds, logweights, target, x_t_high, t_high, t_low, eps):
-    *batch, _, _, H, W = means.shape
-    return means.new_empty((*batch, H, W), dtype=_stat_dtype(means, logstds, logweights, target))
+    return means.new_empty((*means.shape[:-4], *means.shape[-2:]), dtype=torch.float32)
 
 
 @torch.library.custom_op("gmkernels::gm_nll_loss_pixels_backward", mutates_args=())
 def _nll_pixels_backward(
-    grad_loss: torch.Tensor, loss: torch.Tensor, means: torch.Tensor, logstds: torch.Tensor,
-    logweights: torch.Tensor, target: torch.Tensor, x_t_high: Optional[torch.Tensor],
-    t_high: Optional[torch.Tensor], t_low: Optional[torch.Tensor], eps: float,
+    grad_loss: torch.Tensor,
+    loss: torch.Tensor,
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    target: torch.Tensor,
+    x_t_high: Optional[torch.Tensor],
+    t_high: Optional[torch.Tensor],
+    t_low: Optional[torch.Tensor],
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_nll_pixels` for means, logstds, logweights (their dtypes)."""
-    transition = _transition(x_t_high, t_high, t_low)
-    if select_backend(means) == "triton":
-        return _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, transition, eps)
-    dt = _stat_dtype(means, logstds, logweights, target)
-    gm, mscale, dls = _kernel_gm(means, logstds, logweights, transition, dt)
-    gr = ref.gm_nll_loss_backward(gm, target.to(dt), grad_loss.to(dt), eps)
-    g_means, g_logstds = gr["means"], gr["logstds"]
-    if transition is not None:  # through the map: means scaled by mscale, the log-std's derivative
-        g_means, g_logstds = mscale * g_means, dls * g_logstds
-    return g_means.to(means.dtype), g_logstds.to(logstds.dtype), gr["logweights"].to(logweights.dtype)
+    return _launch_nll_bwd(grad_loss, loss, means, logstds, logweights, target, x_t_high, t_high, t_low, eps)
 
 
 @_nll_pixels_backward.register_fake
 def _(grad_loss, loss, means, logstds, logweights, target, x_t_high, t_high, t_low, eps):
-    return torch.empty_like(means), torch.empty_like(logstds), torch.empty_like(logweights)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (means, logstds, logweights))
 
 
 def _nll_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -577,7 +745,7 @@ def _nll_backward(ctx: Any, grad_loss: torch.Tensor):
             "gmkernels::gm_nll_loss_pixels with the transition map differentiates the u-GM only; "
             "transition_loss takes the torch path when x_t_high or x_t_low require grad"
         )
-    g_means, g_logstds, g_logweights = call_op(torch.ops.gmkernels.gm_nll_loss_pixels_backward,
+    g_means, g_logstds, g_logweights = _nll_pixels_backward(
         grad_loss, loss, means, logstds, logweights, target, x_t_high, t_high, t_low, ctx.eps
     )
     # dL/dy = -sum_k dL/dmu_k: only when the target itself is being trained
@@ -585,23 +753,21 @@ def _nll_backward(ctx: Any, grad_loss: torch.Tensor):
     return g_means, g_logstds, g_logweights, g_target, None, None, None, None
 
 
-torch.library.register_autograd("gmkernels::gm_nll_loss_pixels", _nll_backward, setup_context=_nll_setup_context)
+_nll_pixels.register_autograd(_nll_backward, setup_context=_nll_setup_context)
 
 
 @torch.library.custom_op("gmkernels::gm_logprob", mutates_args=())
-def _logprob(means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+def _logprob(
+    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, samples: torch.Tensor
+) -> torch.Tensor:
     """``(*B, N, H, W)`` log-density in the dtype of ``means``."""
-    if select_backend(means) == "triton":
-        C = means.shape[-3]
-        shift = -0.5 * C * math.log(2 * math.pi)
-        return _launch_loglik(means, logstds, logweights, samples, float("inf"), 1.0, shift, means.dtype)
-    return run_reference(ref.gm_logprob, _gm(means, logstds, logweights), samples, out_dtype=means.dtype)
+    shift = -0.5 * means.shape[-3] * LOG_2PI
+    return _launch_loglik(means, logstds, logweights, samples, None, None, None, float("inf"), 1.0, shift, means.dtype)
 
 
 @_logprob.register_fake
 def _(means, logstds, logweights, samples):
-    *batch, N, _, H, W = samples.shape
-    return means.new_empty((*batch, N, H, W))
+    return means.new_empty((*samples.shape[:-3], *samples.shape[-2:]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,56 +775,42 @@ def _(means, logstds, logweights, samples):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_eps(eps: Any) -> float:
+def _check_eps_reduction(eps: Any, reduction: Any) -> float:
+    """``eps`` as a float (a finite Python number > 0), then ``reduction`` checked."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
     eps = float(eps)
     if not 0.0 < eps < float("inf"):
         raise ValueError(f"eps must be a finite float > 0, got {eps}")
-    return eps
-
-
-def _check_reduction(reduction: Any) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
+    return eps
 
 
 #: ``(n, dtype) -> 0-d CPU tensor n`` for ``_reduce``'s mean (bounded: cleared when full)
 _COUNTS: dict = {}
 
 
-def _count(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``n`` as a 0-d CPU tensor of ``dtype``: dividing by it costs half of dividing by a Python
-    number (which torch wraps into a tensor per call) and rounds the same (a CPU scalar either
-    way, cast to ``dtype``)."""
-    t = _COUNTS.get((n, dtype))
-    if t is None:
-        if len(_COUNTS) >= 256:
-            _COUNTS.clear()
-        t = _COUNTS[(n, dtype)] = torch.tensor(n, dtype=dtype)
-    return t
-
-
 def _reduce(loss: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
     """Mean as ``sum / n``: the backward of ``sum`` is a stride-0 expand of the scalar gradient,
     so no per-pixel gradient tensor is allocated (``mean``'s backward would divide into one).
-    Cast to ``dtype`` (no op when it is the loss's)."""
+    Outside a trace it divides in place by ``n`` as a stored 0-d CPU tensor of the loss's dtype,
+    which costs half of dividing by a Python number (wrapped into a tensor per call) and rounds
+    the same. Cast to ``dtype`` (no op when it is the loss's)."""
     if reduction == "mean":
         n = max(loss.numel(), 1)
         if torch.compiler.is_compiling():
             loss = loss.sum() / n
         else:  # in place on the fresh sum (its backward does not need it)
-            loss = loss.sum().div_(_count(n, loss.dtype))
+            count = _COUNTS.get((n, loss.dtype))
+            if count is None:
+                if len(_COUNTS) >= 256:
+                    _COUNTS.clear()
+                count = _COUNTS[(n, loss.dtype)] = torch.tensor(n, dtype=loss.dtype)
+            loss = loss.sum().div_(count)
     elif reduction == "sum":
         loss = loss.sum()
     return loss if loss.dtype == dtype else loss.to(dtype)
-
-
-def _exact_torch_path(*tensors: torch.Tensor) -> bool:
-    """The torch path runs when ``select_backend`` says so or an input is float64 (the kernels
-    compute in float32; float64 stays exact)."""
-    return select_backend(tensors[0]) == "torch" or torch.float64 in [t.dtype for t in tensors]
 
 
 def gm_logprob(gm: dict, samples: torch.Tensor) -> torch.Tensor:
@@ -676,10 +828,10 @@ def gm_logprob(gm: dict, samples: torch.Tensor) -> torch.Tensor:
     """
     s = check_gm(gm)
     check_state(samples, "samples", s, n_samples=True)
-    tensors = (gm["means"], gm["logstds"], gm["logweights"], samples)
-    if _exact_torch_path(*tensors) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    means, logstds, logweights = gm["means"], gm["logstds"], gm["logweights"]
+    if not kernels_wanted(means, logstds, logweights, samples):
         return run_reference(ref.gm_logprob, gm, samples, out_dtype=s.dtype)
-    return call_op(torch.ops.gmkernels.gm_logprob, gm["means"], gm["logstds"], gm["logweights"], samples)
+    return _logprob(means, logstds, logweights, samples)
 
 
 def gm_nll_loss(gm: dict, target: torch.Tensor, eps: float = 1e-4, reduction: str = "mean") -> torch.Tensor:
@@ -687,7 +839,8 @@ def gm_nll_loss(gm: dict, target: torch.Tensor, eps: float = 1e-4, reduction: st
 
     Per pixel ``-logsumexp_k(logweights_k + sum_c(-0.5 * ((y_c - mu_kc) * istd)^2 - logstds))``
     with ``istd = min(exp(-logstds), 1 / eps)`` (no ``2 pi`` constant; with K = 1 this is
-    ``0.5 * ||y - mu||^2 * istd^2 + C * logstds``, the L2 loss up to constants).
+    ``0.5 * ||y - mu||^2 * istd^2 + C * logstds``, the L2 loss up to constants). Infinite
+    log-stds and pixels without a live component: docs/numerics.md#likelihood.
 
     Args:
         gm: ``{means (*B, K, C, H, W), logstds (*B, 1, 1, 1, 1) | (*B, 1, 1, H, W),
@@ -704,22 +857,14 @@ def gm_nll_loss(gm: dict, target: torch.Tensor, eps: float = 1e-4, reduction: st
     """
     s = check_gm(gm)
     check_state(target, "target", s)
-    eps = _check_eps(eps)
-    _check_reduction(reduction)
-    if _exact_torch_path(gm["means"], gm["logstds"], gm["logweights"], target):
+    eps = _check_eps_reduction(eps, reduction)
+    means, logstds, logweights = gm["means"], gm["logstds"], gm["logweights"]
+    # the torch path where select_backend says so or an input is float64 (the kernels compute in
+    # float32); a gradient does not change the path (the NLL kernels train)
+    dtypes = (means.dtype, logstds.dtype, logweights.dtype, target.dtype)
+    if select_backend(means) == "torch" or torch.float64 in dtypes:
         return run_reference(ref.gm_nll_loss, gm, target, eps, reduction, out_dtype=s.dtype)
-    loss = call_op(torch.ops.gmkernels.gm_nll_loss_pixels,
-        gm["means"], gm["logstds"], gm["logweights"], target, None, None, None, eps
-    )
-    return _reduce(loss, reduction, s.dtype)
-
-
-def _kernel_timestep(t: Sigma, device: torch.device) -> torch.Tensor:
-    """A timestep for the kernels: a tensor without autograd history (timesteps get no
-    gradient there), a Python float as a 0-d float64 tensor."""
-    if isinstance(t, torch.Tensor):
-        return t.detach() if t.requires_grad else t
-    return torch.full((), t, dtype=torch.float64, device=device)
+    return _reduce(_nll_pixels(means, logstds, logweights, target, None, None, None, eps), reduction, s.dtype)
 
 
 def transition_loss(
@@ -739,6 +884,7 @@ def transition_loss(
     ``gm_low = reverse_transition(gm_x0, x_t_high, sigma_high, sigma_low)`` (docs/ops.md#changes-of-variable-and-the-reverse-transition),
     ``loss = gm_nll_loss(gm_low, x_t_low, eps, reduction)`` (docs/ops.md#gm_nll_loss: per pixel, no ``2 pi``,
     ``"mean"``/``"sum"`` over ``(*B, H, W)``). ``t_low = 0`` gives the NLL of ``x0`` itself.
+    Infinite log-stds and pixels without a live component: docs/numerics.md#likelihood.
 
     Args:
         gm_u: u-GM predicted at ``(x_t_high, t_high)``: ``{means (*B, K, C, H, W), logstds,
@@ -769,20 +915,30 @@ def transition_loss(
     # timesteps in [0, 1000], a per-sample (*B,) tensor allowed; values read once on CPU, one
     # device-side assert on CUDA
     t_high, t_low = check_sigma_pair(t_high, "t_high", t_low, "t_low", s, top=1000.0, per_sample=True)
-    eps = _check_eps(eps)
-    _check_reduction(reduction)
+    eps = _check_eps_reduction(eps, reduction)
     means, logstds, logweights = gm_u["means"], gm_u["logstds"], gm_u["logweights"]
-    states_need_grad = torch.is_grad_enabled() and (x_t_high.requires_grad or x_t_low.requires_grad)
-    if _exact_torch_path(means, logstds, logweights, x_t_high, x_t_low) or states_need_grad:
-        return run_reference(ref.transition_loss, gm_u, x_t_high, per_sample_view(t_high, s), x_t_low, per_sample_view(t_low, s),
-                             eps, reduction, out_dtype=s.dtype)  # fmt: skip
-    # one fused NLL of the reverse-transition GM, whose per-sample constants the kernels
-    # compute from the timesteps (no small torch ops, no autograd node besides the NLL's)
-    loss = call_op(torch.ops.gmkernels.gm_nll_loss_pixels, means, logstds, logweights, x_t_low, x_t_high,
-                   _kernel_timestep(t_high, s.device), _kernel_timestep(t_low, s.device), eps)  # fmt: skip
-    return _reduce(loss, reduction, s.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases
-# --------------------------------------------------------------------------------------------
+    # the torch path as in gm_nll_loss, and where a state needs a gradient (the kernels give none)
+    dtypes = (means.dtype, logstds.dtype, logweights.dtype, x_t_high.dtype, x_t_low.dtype)
+    if (
+        select_backend(means) == "torch"
+        or torch.float64 in dtypes
+        or (torch.is_grad_enabled() and (x_t_high.requires_grad or x_t_low.requires_grad))
+    ):
+        return run_reference(
+            ref.transition_loss,
+            gm_u,
+            x_t_high,
+            per_sample_view(t_high, s),
+            x_t_low,
+            per_sample_view(t_low, s),
+            eps,
+            reduction,
+            out_dtype=s.dtype,
+        )
+    # one fused NLL of the reverse-transition GM, whose per-sample constants the kernels compute
+    # from the timesteps (no small torch ops, no autograd node besides the NLL's); a timestep
+    # gets no gradient there, a Python float becomes a 0-d float64 tensor
+    f64 = {"dtype": torch.float64, "device": s.device}
+    t_high = t_high.detach() if isinstance(t_high, torch.Tensor) else torch.full((), t_high, **f64)
+    t_low = t_low.detach() if isinstance(t_low, torch.Tensor) else torch.full((), t_low, **f64)
+    return _reduce(_nll_pixels(means, logstds, logweights, x_t_low, x_t_high, t_high, t_low, eps), reduction, s.dtype)

@@ -28,7 +28,16 @@ import reference.mixture as ref
 from .._dispatch import run_reference
 from .._validate import check_gm, check_power
 from ._launch import (
-    LOG2E, PlanCache, cdiv, gm_views, kernels_wanted, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+    LOG2E,
+    PlanCache,
+    cdiv,
+    gm_views,
+    kernels_wanted,
+    needs_int64,
+    next_pow2,
+    per_row,
+    pixel_rows,
+    planned_args,
 )
 
 try:
@@ -42,8 +51,9 @@ except ImportError:  # CPU-only installs: the torch path still works
 if triton is not None:
 
     @triton.jit
-    def program_tile(n_pblocks, n_ctiles, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                     INT64: tl.constexpr):  # fmt: skip
+    def program_tile(
+        n_pblocks, n_ctiles, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr
+    ):
         """This program's ``(row, channel tile, pixel offsets [BP], k range [BK], c range [BC])`` for
         a grid of ``R * n_pblocks * n_ctiles`` programs, channel tile fastest; offsets in int64
         when ``INT64``."""
@@ -95,17 +105,37 @@ if triton is not None:
 
     @triton.jit
     def _gm_moments_kernel(
-        means_ptr, lw_ptr, logstds_ptr, mean_ptr, var_ptr,
-        K, C, P, n_pblocks, n_ctiles,
-        s_mr, s_mk, s_mc, s_mp,
-        s_lr, s_lk, s_lp,
-        s_sr, s_sp,
-        s_or, s_oc, s_op,
-        s_vr, s_vp,
+        means_ptr,
+        lw_ptr,
+        logstds_ptr,
+        mean_ptr,
+        var_ptr,
+        K,
+        C,
+        P,
+        n_pblocks,
+        n_ctiles,
+        s_mr,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lr,
+        s_lk,
+        s_lp,
+        s_sr,
+        s_sp,
+        s_or,
+        s_oc,
+        s_op,
+        s_vr,
+        s_vp,
         power_log2e,
-        WITH_VAR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        WITH_VAR: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
         INT64: tl.constexpr,
-    ):  # fmt: skip
+    ):
         """Mixture mean ``(R, C, P)`` of ``softmax_k(power * logweights)`` (and, ``WITH_VAR``,
         the variance ``(R, P)``: channel-mean of the between-component variance plus
         ``exp(2 * logstds)``). Grid: ``R * n_pblocks * n_ctiles`` programs, channel tile fastest."""
@@ -130,7 +160,9 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + ar_k
                 mask_k = offs_k < K
-                lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=mask_k[:, None] & mask_p[None, :], other=float("-inf"))
+                lw = tl.load(
+                    l_base + offs_k[:, None] * s_lk, mask=mask_k[:, None] & mask_p[None, :], other=float("-inf")
+                )
                 dead = lw == float("-inf")
                 lw2 = tl.where(dead, float("-inf"), tl.where(dead, 0.0, lw.to(tl.float32)) * power_log2e)
                 mu = tl.load(
@@ -139,10 +171,11 @@ if triton is not None:
                     other=0.0,
                 ).to(tl.float32)
                 m, w_sum, mean, m2 = online_moments_update(lw2, mu, m, w_sum, mean, m2, WITH_VAR)
+            mean = tl.where((w_sum > 0)[None, :], mean, float("nan"))  # every component dead: not a GM, NaN
             out_offs = row * s_or + offs_c[:, None] * s_oc + offs_p[None, :] * s_op
             tl.store(mean_ptr + out_offs, mean.to(mean_ptr.dtype.element_ty), mask=mask_cp)
             if WITH_VAR:
-                var_acc += tl.sum(m2, axis=0) / tl.where(w_sum > 0, w_sum, 1.0)
+                var_acc += tl.sum(m2, axis=0) / w_sum  # 0 / 0, NaN, where every component is dead
         if WITH_VAR:
             logstd = tl.load(logstds_ptr + row * s_sr + offs_p * s_sp, mask=mask_p, other=0.0).to(tl.float32)
             var = var_acc / C + tl.exp(2.0 * logstd)
@@ -159,8 +192,16 @@ def single_row_views(*views: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(v.as_strided(v.shape, (0, *v.stride()[1:]), v.storage_offset()) for v in views)
 
 
-def pixel_blocks(K: int, C: int, P: int, programs_per_pblock: int, elem_bytes: int, tile: int,
-                 c_tiles_in_grid: bool, contiguous_pixels: bool = True) -> tuple[int, int, int, int]:  # fmt: skip
+def pixel_blocks(
+    K: int,
+    C: int,
+    P: int,
+    programs_per_pblock: int,
+    elem_bytes: int,
+    tile: int,
+    c_tiles_in_grid: bool,
+    contiguous_pixels: bool = True,
+) -> tuple[int, int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)`` for a pixel-per-thread layout: every warp lies
     along the pixels and each thread owns ``vec`` contiguous pixels (one 128-bit load,
     ``vec = 16 / elem_bytes``) with its whole ``BLOCK_K x BLOCK_C`` tile in registers, so the
@@ -194,8 +235,9 @@ def pixel_blocks(K: int, C: int, P: int, programs_per_pblock: int, elem_bytes: i
     return block_k, block_c, block_p, warps
 
 
-def _moments_layout(K: int, C: int, P: int, R: int, with_var: bool, elem_bytes: int,
-                    contiguous_pixels: bool) -> tuple[int, int, int, int]:  # fmt: skip
+def _moments_layout(
+    K: int, C: int, P: int, R: int, with_var: bool, elem_bytes: int, contiguous_pixels: bool
+) -> tuple[int, int, int, int]:
     # the variance path keeps a second [BLOCK_C, BLOCK_P] accumulator and the deviations
     return pixel_blocks(K, C, P, R, elem_bytes, 32 if with_var else 64, not with_var, contiguous_pixels)
 
@@ -206,8 +248,16 @@ def _moments_blocks(K: int, C: int, P: int, R: int, with_var: bool) -> tuple[int
     return _moments_layout(K, C, P, R, with_var, 4, True)
 
 
-def _moments_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                  with_var: bool, blocks_fn: Any, int64_fn: Any) -> tuple:  # fmt: skip
+def _moments_args(
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    with_var: bool,
+    blocks_fn: Any,
+    int64_fn: Any,
+) -> tuple:
     """The kernel's views (in the order of the arguments; without the variance ``logstds`` and
     ``var`` stand in as placeholders, the kernel does not read them), grid, integer arguments
     and options. ``blocks_fn, int64_fn`` are ``_moments_blocks, needs_int64``, keys of the
@@ -224,12 +274,20 @@ def _moments_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.
     if means.element_size() == 4 and m4.stride(-1) == 1:
         block_k, block_c, block_p, warps = blocks_fn(K, C, P, R, with_var)
     else:
-        block_k, block_c, block_p, warps = _moments_layout(K, C, P, R, with_var, means.element_size(), m4.stride(-1) == 1)
+        block_k, block_c, block_p, warps = _moments_layout(
+            K, C, P, R, with_var, means.element_size(), m4.stride(-1) == 1
+        )
     n_pblocks = cdiv(P, block_p)
     n_ctiles = 1 if with_var else cdiv(C, block_c)
     ints = (K, C, P, n_pblocks, n_ctiles, *m4.stride(), *l3.stride(), *s2.stride(), *o3.stride(), *v2.stride())
-    options = dict(WITH_VAR=with_var, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, INT64=int64_fn(m4, l3, o3),
-                   num_warps=warps)  # fmt: skip
+    options = dict(
+        WITH_VAR=with_var,
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        INT64=int64_fn(m4, l3, o3),
+        num_warps=warps,
+    )
     return views, (R * n_pblocks * n_ctiles,), ints, options
 
 
@@ -249,7 +307,9 @@ def _launch_moments(
     if mean.numel() == 0:
         return mean, var
     tensors = (means, logweights, logstds, mean, var) if with_var else (means, logweights, mean, mean, mean)
-    tensors, grid, ints, options = planned_args(_PLANS, _moments_args, tensors, with_var, _moments_blocks, needs_int64, n_key=3)
+    tensors, grid, ints, options = planned_args(
+        _PLANS, _moments_args, tensors, with_var, _moments_blocks, needs_int64, n_key=3
+    )
     _gm_moments_kernel[grid](*tensors, *ints, power * LOG2E, **options)
     return mean, var
 
@@ -303,7 +363,8 @@ def gm_to_iso_gaussian(gm: dict) -> dict:
     ``var = mean_c(sum_k w_k (mu_k - mean)^2) + exp(2 * logstds)``.
 
     Returns:
-        ``{mean (*B, C, H, W), var (*B, 1, H, W)}`` in the dtype of ``means``.
+        ``{mean (*B, C, H, W), var (*B, 1, H, W)}`` in the dtype of ``means``. A pixel whose
+        components are all dead is not a GM and gives NaN in both, as the reference does.
     """
     s = check_gm(gm)
     if not kernels_wanted(gm["means"], gm["logstds"], gm["logweights"]):

@@ -23,6 +23,13 @@ offset, whose float32 rounding otherwise dominates (found by hypothesis at K = 3
 
 Shapes (spatial dims flattened to ``P``): ``means_u (B, K, C, P)``, ``logweights (B, K, P)``,
 states ``(B, C, P)``, ``gm_vars``/``sigma_src``/``sigma`` ``(B,)``, sigma tables ``(B, N + 1)``.
+
+Op layer: ``policy_velocity`` and ``policy_rollout`` (behind ``GMFlowPolicy.pi`` and
+``GMFlowPolicy.integrate``) pick the backend once and call the custom ops ``gmkernels::policy_pi``
+and ``gmkernels::policy_rollout`` directly; their registered autograd formulas call
+``gmkernels::policy_pi_backward`` and ``gmkernels::policy_rollout_backward``. The training
+rollout returns its checkpoints as a second output (what its backward reads), so the ops are
+opaque nodes with fakes for ``torch.compile``, forward and backward.
 """
 
 from __future__ import annotations
@@ -35,8 +42,7 @@ import torch.utils.checkpoint
 import reference.policy as ref
 
 from .._dispatch import compute_dtype, select_backend
-from ._launch import launch_plan, next_pow2
-
+from ._launch import PlanCache, cdiv, needs_int64, next_pow2, planned_args
 
 try:
     import triton
@@ -46,7 +52,9 @@ except ImportError:  # the torch path still works
 
 _TILE_FWD = 2048  # elements of the (K, C, pixels) register tile of the forward kernels
 _TILE_BWD = 512  # the backward keeps the means, their gradient accumulator and the recomputed posterior
-_WARPS_BWD = 8  # 2 tile elements per thread: the one setting without local memory at sm_80/sm_90 on triton 3.6 and 3.9
+_WARPS_BWD = (
+    4  # 4 tile elements per thread: at 8 the rollout's fp32 backward spills at the benchmark shapes (sm_80, sm_90)
+)
 _ONE_TILE_KC = 1024  # largest next_pow2(K) * next_pow2(C) kept in registers across substeps
 
 
@@ -56,17 +64,16 @@ def one_tile(K: int, C: int) -> bool:
     return next_pow2(K) * next_pow2(C) <= _ONE_TILE_KC
 
 
-def _blocks(K: int, C: int, P: int, tile: int) -> tuple[int, int, int, bool]:
-    """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE)``: all of K in one register tile when it fits,
-    else K tiles with at least 16 pixels."""
+def _blocks(K: int, C: int, P: int, tile: int, one_tile_kc: int = _ONE_TILE_KC) -> tuple[int, int, int, bool]:
+    """``(BLOCK_K, BLOCK_C, BLOCK_P, ONE_TILE)``: all of K in one register tile when
+    ``next_pow2(K) * next_pow2(C) <= one_tile_kc``, else K tiles with at least 16 pixels."""
     bk, bc = next_pow2(K), next_pow2(C)
-    if bk * bc <= _ONE_TILE_KC:
+    if bk * bc <= one_tile_kc:
         return bk, bc, max(1, min(next_pow2(P), tile // (bk * bc), 128)), True
     bp = min(next_pow2(P), 16)
     return max(1, min(bk, tile // (bc * bp))), bc, bp, False
 
 
-@launch_plan
 def rollout_blocks(K: int, C: int, P: int) -> tuple[int, int, int, int] | None:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)`` of the one-tile rollout of a ``(K, C)`` GM over
     ``P`` pixels per sample (the forward's register tile), or ``None`` when the GM does not fit
@@ -78,7 +85,7 @@ def rollout_blocks(K: int, C: int, P: int) -> tuple[int, int, int, int] | None:
 def _pi_blocks(K: int, C: int, P: int) -> tuple[int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P)`` of the one-pass velocity: K streamed in tiles of a
     1024-element register tile, 32 pixels for up to 4 channels, down to 8 pixels from 16 channels
-    (32 pixels x 16 channels took triton 3.6 to 255 registers and a spill at the FLUX shape)."""
+    (32 pixels x 16 channels spill at the FLUX shape)."""
     bc = next_pow2(C)
     bp = min(next_pow2(P), 32, max(8, 128 // bc))
     return max(1, min(next_pow2(K), 1024 // (bc * bp))), bc, bp
@@ -87,10 +94,6 @@ def _pi_blocks(K: int, C: int, P: int) -> tuple[int, int, int]:
 def checkpoint_stride(N: int) -> int:
     """Substeps between two saved states of a training rollout: ``ceil(sqrt(N))``."""
     return math.isqrt(max(N, 1) - 1) + 1
-
-
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 - 1 or t.numel() >= 2**31 - 1 for t in tensors)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -146,8 +149,26 @@ if triton is not None:
         return tl.where(s_n != s_j, x + u * (s_n - s_j), x)
 
     @triton.jit
-    def _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, a, nu2, zeta, inv_d,
-                       K, kr, cmask, pmask, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _ebar_streamed(
+        means_ptr,
+        m_off,
+        lw_ptr,
+        l_off,
+        s_mk,
+        s_lk,
+        u0,
+        a,
+        nu2,
+        zeta,
+        inv_d,
+        K,
+        kr,
+        cmask,
+        pmask,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """``ebar`` of the posterior (centred at component 0, whose loaded mean is ``u0``; the
         centred x0-means are ``e_k = a (m_k - u0)``: ``a = -sigma_src`` for a u-GM, 1 for an
         x0-GM) with K streamed in tiles (online softmax; a fully dead tile so far gives no NaN).
@@ -159,9 +180,13 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kr
             kmask = k < K
-            mu_u = tl.load(means_ptr + m_off + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
+            mu_u = tl.load(
+                means_ptr + m_off + k[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0
+            ).to(tl.float32)
             e = a * (mu_u - u0[None, :, :])
-            lw = tl.load(lw_ptr + l_off + k[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
+            lw = tl.load(
+                lw_ptr + l_off + k[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")
+            ).to(tl.float32)
             lw = tl.where(pmask[None, :], lw, 0.0)
             lw = tl.where(kmask[:, None], lw, float("-inf"))
             logit = lw + tl.sum(e * (nu2[None, :, :] - 0.5 * zeta * e), axis=1) * inv_d
@@ -175,8 +200,23 @@ if triton is not None:
         return acc * tl.fdiv(1.0, s_run)[None, :]  # s_run >= 1
 
     @triton.jit
-    def _program_states(xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp,
-                        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):  # fmt: skip
+    def _program_states(
+        xs_ptr,
+        x_ptr,
+        C,
+        P,
+        NPB,
+        s_sb,
+        s_sc,
+        s_sp,
+        s_xb,
+        s_xc,
+        s_xp,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """This program's batch row ``b``, pixels ``p [BP]``, channel and component ranges, masks and
         float32 states ``x_src``, ``x`` ``[BC, BP]``, on a 1-D grid of ``B * NPB`` programs, pixel
         blocks fastest (``mixture.program_tile`` with one channel tile: any batch fits CUDA's limits)."""
@@ -190,35 +230,117 @@ if triton is not None:
 
     @triton.jit
     def _policy_pi_kernel(
-        means_ptr, lw_ptr, xs_ptr, x_ptr, var_ptr, ssrc_ptr, sig_ptr, out_ptr,
-        K, C, P, NPB,
-        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+        means_ptr,
+        lw_ptr,
+        xs_ptr,
+        x_ptr,
+        var_ptr,
+        ssrc_ptr,
+        sig_ptr,
+        out_ptr,
+        K,
+        C,
+        P,
+        NPB,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_sb,
+        s_sc,
+        s_sp,
+        s_xb,
+        s_xc,
+        s_xp,
+        eps,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
     ):
         """``u = pi(x, sigma)`` for the ``BLOCK_P`` pixels ``p`` of batch element ``b``, all
         channels, K streamed in ``BLOCK_K`` tiles. Writes only ``u``."""
         b, p, c, kr, pmask, cmask, xmask, xs, x = _program_states(
-            xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
+            xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, BLOCK_K, BLOCK_C, BLOCK_P, INT64
+        )
         s2 = tl.load(var_ptr + b)
         ssrc = tl.load(ssrc_ptr + b)
         inv_s, zeta, cx, cs, dd, inv_d = _consts(tl.load(sig_ptr + b), tl.maximum(ssrc, eps), s2, eps)
         nu = cx * x - cs * xs
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
         l_off = b * s_lb + p[None, :] * s_lp
-        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
+        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(
+            tl.float32
+        )  # the centre: component 0
         c0 = xs - ssrc * u0
-        ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, -ssrc, nu - zeta * c0, zeta, inv_d,
-                              K, kr, cmask, pmask, BLOCK_K, BLOCK_C, BLOCK_P)
+        ebar = _ebar_streamed(
+            means_ptr,
+            m_off,
+            lw_ptr,
+            l_off,
+            s_mk,
+            s_lk,
+            u0,
+            -ssrc,
+            nu - zeta * c0,
+            zeta,
+            inv_d,
+            K,
+            kr,
+            cmask,
+            pmask,
+            BLOCK_K,
+            BLOCK_C,
+            BLOCK_P,
+        )
         u = (x - (s2 * nu + c0 + ebar) * inv_d) * inv_s
         tl.store(out_ptr + b * (C * P) + c[:, None] * P + p[None, :], u.to(out_ptr.dtype.element_ty), mask=xmask)
 
     @triton.jit
     def _policy_rollout_kernel(
-        means_ptr, lw_ptr, xs_ptr, x_ptr, var_ptr, ssrc_ptr, tab_ptr, out_ptr, ck_ptr,
-        K, C, P, N, S, NPB,
-        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, s_tb, s_vb, s_ssb, eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ONE_TILE: tl.constexpr, SAVE: tl.constexpr, X0: tl.constexpr, PIXEL_VAR: tl.constexpr, INT64: tl.constexpr,
+        means_ptr,
+        lw_ptr,
+        xs_ptr,
+        x_ptr,
+        var_ptr,
+        ssrc_ptr,
+        tab_ptr,
+        out_ptr,
+        ck_ptr,
+        K,
+        C,
+        P,
+        N,
+        S,
+        NPB,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_sb,
+        s_sc,
+        s_sp,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_tb,
+        s_vb,
+        s_ssb,
+        eps,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        ONE_TILE: tl.constexpr,
+        SAVE: tl.constexpr,
+        X0: tl.constexpr,
+        PIXEL_VAR: tl.constexpr,
+        INT64: tl.constexpr,
     ):
         """All ``N`` Euler substeps of the policy for the ``BLOCK_P`` pixels ``p`` of batch element
         ``b`` along row ``b`` of the sigma table; stores the final state and, when ``SAVE``, the
@@ -229,7 +351,8 @@ if triton is not None:
         ``s_vb``, ``s_ssb`` and ``s_tb`` the batch strides of the per-sample variance, sigma_src and
         sigma table (0: shared by the batch)."""
         b, p, c, kr, pmask, cmask, xmask, xs, x = _program_states(
-            xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
+            xs_ptr, x_ptr, C, P, NPB, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, BLOCK_K, BLOCK_C, BLOCK_P, INT64
+        )
         if PIXEL_VAR:
             s2 = tl.load(var_ptr + b * s_vb + p, mask=pmask, other=1.0)
         else:
@@ -239,7 +362,9 @@ if triton is not None:
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
         l_off = b * s_lb + p[None, :] * s_lp
         st_off = c[:, None] * P + p[None, :]
-        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
+        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(
+            tl.float32
+        )  # the centre: component 0
         if X0:
             a = ssrc * 0.0 + 1.0
             c0 = u0
@@ -248,8 +373,17 @@ if triton is not None:
             c0 = xs - ssrc * u0
         if ONE_TILE:  # the pixel's whole GM, loaded once for all N substeps
             kmask = kr < K
-            e = a * (tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=kmask[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32) - u0[None, :, :])
-            lw = tl.load(lw_ptr + l_off + kr[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")).to(tl.float32)
+            e = a * (
+                tl.load(
+                    means_ptr + m_off + kr[:, None, None] * s_mk,
+                    mask=kmask[:, None, None] & xmask[None, :, :],
+                    other=0.0,
+                ).to(tl.float32)
+                - u0[None, :, :]
+            )
+            lw = tl.load(
+                lw_ptr + l_off + kr[:, None] * s_lk, mask=kmask[:, None] & pmask[None, :], other=float("-inf")
+            ).to(tl.float32)
             lw = tl.where(pmask[None, :], lw, 0.0)
             lw = tl.where(kmask[:, None], lw, float("-inf"))
         for j in range(N):
@@ -263,8 +397,26 @@ if triton is not None:
             else:
                 inv_s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
                 nu = cx * x - cs * xs
-                ebar = _ebar_streamed(means_ptr, m_off, lw_ptr, l_off, s_mk, s_lk, u0, a, nu - zeta * c0, zeta, inv_d,
-                                      K, kr, cmask, pmask, BLOCK_K, BLOCK_C, BLOCK_P)
+                ebar = _ebar_streamed(
+                    means_ptr,
+                    m_off,
+                    lw_ptr,
+                    l_off,
+                    s_mk,
+                    s_lk,
+                    u0,
+                    a,
+                    nu - zeta * c0,
+                    zeta,
+                    inv_d,
+                    K,
+                    kr,
+                    cmask,
+                    pmask,
+                    BLOCK_K,
+                    BLOCK_C,
+                    BLOCK_P,
+                )
                 u = (x - (s2 * nu + c0 + ebar) * inv_d) * inv_s
                 x = tl.where(s_n != s_j, x + u * (s_n - s_j), x)
         tl.store(out_ptr + b * (C * P) + st_off, x.to(out_ptr.dtype.element_ty), mask=xmask)
@@ -297,12 +449,45 @@ if triton is not None:
 
     @triton.jit
     def _policy_backward_kernel(
-        means_ptr, lw_ptr, xs_ptr, x_ptr, var_ptr, ssrc_ptr, tab_ptr, ck_ptr, g_ptr,
-        gm_ptr, gl_ptr, gxs_ptr, gx_ptr, gv_ptr,
-        K, C, P, N, S,
-        s_mb, s_mk, s_mc, s_mp, s_lb, s_lk, s_lp, s_sb, s_sc, s_sp, s_xb, s_xc, s_xp, s_tb, eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        ROLLOUT: tl.constexpr, INT64: tl.constexpr,
+        means_ptr,
+        lw_ptr,
+        xs_ptr,
+        x_ptr,
+        var_ptr,
+        ssrc_ptr,
+        tab_ptr,
+        ck_ptr,
+        g_ptr,
+        gm_ptr,
+        gl_ptr,
+        gxs_ptr,
+        gx_ptr,
+        gv_ptr,
+        K,
+        C,
+        P,
+        N,
+        S,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lb,
+        s_lk,
+        s_lp,
+        s_sb,
+        s_sc,
+        s_sp,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_tb,
+        eps,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        ROLLOUT: tl.constexpr,
+        INT64: tl.constexpr,
     ):
         """Backward of ``pi`` (``ROLLOUT=False``: ``x`` is the state, the table row holds
         ``sigma``) or of the whole rollout (``ROLLOUT=True``: segments of ``S`` substeps in
@@ -332,10 +517,16 @@ if triton is not None:
         ssrc = tl.load(ssrc_ptr + b)
         ss = tl.maximum(ssrc, eps)
         m_off = b * s_mb + c[None, :, None] * s_mc + p[None, None, :] * s_mp
-        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(tl.float32)  # the centre: component 0
+        u0 = tl.load(means_ptr + b * s_mb + c[:, None] * s_mc + p[None, :] * s_mp, mask=xmask, other=0.0).to(
+            tl.float32
+        )  # the centre: component 0
         c0 = xs - ssrc * u0
-        e = ssrc * (u0[None, :, :] - tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=mmask, other=0.0).to(tl.float32))
-        lw = tl.load(lw_ptr + b * s_lb + p[None, :] * s_lp + kr[:, None] * s_lk, mask=lmask, other=float("-inf")).to(tl.float32)
+        e = ssrc * (
+            u0[None, :, :] - tl.load(means_ptr + m_off + kr[:, None, None] * s_mk, mask=mmask, other=0.0).to(tl.float32)
+        )
+        lw = tl.load(lw_ptr + b * s_lb + p[None, :] * s_lp + kr[:, None] * s_lk, mask=lmask, other=float("-inf")).to(
+            tl.float32
+        )
         lw = tl.where(pmask[None, :], lw, 0.0)
         lw = tl.where(kmask[:, None], lw, float("-inf"))
         g = tl.load(g_ptr + b * (C * P) + st_off, mask=xmask, other=0.0).to(tl.float32)
@@ -356,12 +547,24 @@ if triton is not None:
                     j = j0 + seg_len - 1 - jj
                     x = x_seg
                     for i in range(j - j0):  # the state before substep j, from the segment's start
-                        x = _step_one(e, lw, x, xs, c0, s2, ss, tl.load(tab_ptr + b * s_tb + j0 + i),
-                                      tl.load(tab_ptr + b * s_tb + j0 + i + 1), eps)
+                        x = _step_one(
+                            e,
+                            lw,
+                            x,
+                            xs,
+                            c0,
+                            s2,
+                            ss,
+                            tl.load(tab_ptr + b * s_tb + j0 + i),
+                            tl.load(tab_ptr + b * s_tb + j0 + i + 1),
+                            eps,
+                        )
                     s_j = tl.load(tab_ptr + b * s_tb + j)
                     h = tl.load(tab_ptr + b * s_tb + j + 1) - s_j
                     inv_s, zeta, cx, cs, dd, inv_d = _consts(s_j, ss, s2, eps)
-                    g_x, g_mu, g_l, g_xs, g_s2 = _pi_backward_one(e, lw, x, xs, c0, h * g, inv_s, zeta, cx, cs, s2, dd, inv_d, eps)
+                    g_x, g_mu, g_l, g_xs, g_s2 = _pi_backward_one(
+                        e, lw, x, xs, c0, h * g, inv_s, zeta, cx, cs, s2, dd, inv_d, eps
+                    )
                     g = g + g_x
                     acc_mu += g_mu
                     acc_l += g_l
@@ -370,7 +573,9 @@ if triton is not None:
         else:
             x = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + p[None, :] * s_xp, mask=xmask, other=0.0).to(tl.float32)
             inv_s, zeta, cx, cs, dd, inv_d = _consts(tl.load(tab_ptr + b * s_tb), ss, s2, eps)
-            g_x, acc_mu, acc_l, acc_xs, acc_s2 = _pi_backward_one(e, lw, x, xs, c0, g, inv_s, zeta, cx, cs, s2, dd, inv_d, eps)
+            g_x, acc_mu, acc_l, acc_xs, acc_s2 = _pi_backward_one(
+                e, lw, x, xs, c0, g, inv_s, zeta, cx, cs, s2, dd, inv_d, eps
+            )
             g = g_x
         # back through mu = x_src - sigma_src * u
         acc_xs += tl.sum(acc_mu, axis=0)
@@ -385,127 +590,288 @@ if triton is not None:
 # ----------------------------------------------------------------------------- launchers
 
 
-def _flat(means_u, logweights, x_src):
+def _flat(means_u: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor, x: torch.Tensor) -> tuple:
+    """``means_u (B, K, C, P)``, ``logweights (B, K, P)``, ``x_src``, ``x (B, C, P)``: the spatial
+    dims flattened, views whenever the strides allow."""
     B, K, C = means_u.shape[:3]
     m = means_u.reshape(B, K, C, -1)
-    return m, logweights.reshape(B, K, -1), x_src.reshape(B, C, -1)
+    P = m.shape[-1]
+    return m, logweights.reshape(B, K, P), x_src.reshape(B, C, P), x.reshape(B, C, P)
 
 
-def _f32(*ts: torch.Tensor) -> list[torch.Tensor]:
-    """Per-sample scalars and sigma tables as the kernels read them: contiguous float32."""
-    return [t.to(torch.float32).contiguous() for t in ts]
+def _f32(gm_vars: torch.Tensor, sigma_src: torch.Tensor, sigmas: torch.Tensor) -> tuple:
+    """The per-sample variances, source sigmas and sigmas (or sigma tables) as the kernels read
+    them: contiguous float32 (the tensors themselves when they are already)."""
+    for t in (gm_vars, sigma_src, sigmas):
+        if t.dtype is not torch.float32 or not t.is_contiguous():
+            return tuple([t.to(torch.float32).contiguous() for t in (gm_vars, sigma_src, sigmas)])
+    return gm_vars, sigma_src, sigmas
 
 
-def _launch_pi(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps):
-    gm_vars, sigma_src, sigma = _f32(gm_vars, sigma_src, sigma)
-    m, lw, xs = _flat(means_u, logweights, x_src)
+def _pi_args(means_u, logweights, x_src, x, gm_vars, sigma_src, sigma, out, int64_fn) -> tuple:
+    """``_policy_pi_kernel``'s views (in the order of the arguments), grid, integer arguments and
+    options; ``int64_fn`` is ``needs_int64``, a key of the stored plan (tests replace it)."""
+    m, lw, xs, xf = _flat(means_u, logweights, x_src, x)
     B, K, C, P = m.shape
-    xf = x.reshape(B, C, P)
-    out = torch.empty((B, C, P), device=x.device, dtype=x.dtype)
     bk, bc, bp = _pi_blocks(K, C, P)
-    npb = triton.cdiv(P, bp)
-    _policy_pi_kernel[(B * npb,)](
-        m, lw, xs, xf, gm_vars, sigma_src, sigma, out, K, C, P, npb,
-        *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), eps,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, INT64=_needs_int64(m, lw, xs, xf, out), num_warps=4,
-    )
-    return out.view(x.shape)
+    npb = cdiv(P, bp)
+    ints = (K, C, P, npb, *m.stride(), *lw.stride(), *xs.stride(), *xf.stride())
+    options = dict(BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, INT64=int64_fn(m, lw, xs, xf, out), num_warps=4)
+    return (m, lw, xs, xf, gm_vars, sigma_src, sigma, out), (B * npb,), ints, options
 
 
-def _launch_rollout(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, eps, save):
-    gm_vars, sigma_src, sigmas = _f32(gm_vars, sigma_src, sigmas)
-    m, lw, xs = _flat(means_u, logweights, x_src)
+def _rollout_args(
+    means_u, logweights, x_src, x, gm_vars, sigma_src, sigmas, out, ck, save: bool, blocks_fn, int64_fn
+) -> tuple:
+    """``_policy_rollout_kernel``'s views, grid, integer arguments and options (``blocks_fn,
+    int64_fn``: ``_blocks, needs_int64``, keys of the stored plan)."""
+    m, lw, xs, xf = _flat(means_u, logweights, x_src, x)
     B, K, C, P = m.shape
-    xf = x.reshape(B, C, P)
     N = sigmas.shape[1] - 1
-    S = checkpoint_stride(N)
-    out = torch.empty((B, C, P), device=x.device, dtype=x.dtype)
-    ck = torch.empty((B, triton.cdiv(N, S), C, P) if save else (1,), device=x.device, dtype=torch.float32)
-    bk, bc, bp, one = _blocks(K, C, P, _TILE_FWD)
-    npb = triton.cdiv(P, bp)
-    _policy_rollout_kernel[(B * npb,)](
-        m, lw, xs, xf, gm_vars, sigma_src, sigmas, out, ck, K, C, P, N, S, npb,
-        *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), sigmas.stride(0), 1, 1, eps,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ONE_TILE=one, SAVE=save, X0=False, PIXEL_VAR=False,
-        INT64=_needs_int64(m, lw, xs, xf, out, ck), num_warps=4,
+    bk, bc, bp, one = blocks_fn(K, C, P, _TILE_FWD)
+    npb = cdiv(P, bp)
+    ints = (
+        K,
+        C,
+        P,
+        N,
+        checkpoint_stride(N),
+        npb,
+        *m.stride(),
+        *lw.stride(),
+        *xs.stride(),
+        *xf.stride(),
+        sigmas.stride(0),
+        1,
+        1,
     )
-    return out.view(x.shape), ck
+    options = dict(
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        ONE_TILE=one,
+        SAVE=save,
+        X0=False,
+        PIXEL_VAR=False,
+        INT64=int64_fn(m, lw, xs, xf, out, ck),
+        num_warps=4,
+    )
+    return (m, lw, xs, xf, gm_vars, sigma_src, sigmas, out, ck), (B * npb,), ints, options
 
 
-def _launch_backward(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, ck, g, eps, rollout):
-    var_dtype = gm_vars.dtype
-    gm_vars, sigma_src, sigmas = _f32(gm_vars, sigma_src, sigmas)
-    m, lw, xs = _flat(means_u, logweights, x_src)
+def _backward_args(
+    means_u, logweights, x_src, x, gm_vars, sigma_src, sigmas, ck, g, g_m, g_l, g_xs, g_x, g_v, rollout: bool, int64_fn
+) -> tuple:
+    """``_policy_backward_kernel``'s views, grid, integer arguments and options; raises where the
+    GM does not fit the one-tile register layout it needs or the grid's y axis overflows."""
+    m, lw, xs, xf = _flat(means_u, logweights, x_src, x)
     B, K, C, P = m.shape
-    xf = x.reshape(B, C, P)
-    gf = g.reshape(B, C, P).contiguous()
-    N = sigmas.shape[1] - 1
-    g_m = torch.empty((B, K, C, P), device=m.device, dtype=m.dtype)
-    g_l = torch.empty((B, K, P), device=m.device, dtype=lw.dtype)
-    g_xs = torch.empty((B, C, P), device=m.device, dtype=xs.dtype)
-    g_x = torch.empty((B, C, P), device=m.device, dtype=xf.dtype)
-    g_v = torch.empty((B, P), device=m.device, dtype=torch.float32)
     bk, bc, bp, one = _blocks(K, C, P, _TILE_BWD)
-    assert one, "the fused backward needs the one-tile case (checked by the caller)"
-    npb = triton.cdiv(P, bp)
-    if npb > 65535:  # CUDA's limit of the grid's y axis (the 1-D grid's division spilled here)
+    if not one:
+        raise ValueError(
+            f"the fused policy backward needs next_pow2(K) * next_pow2(C) <= {_ONE_TILE_KC}, got K={K}, C={C}"
+        )
+    npb = cdiv(P, bp)
+    if npb > 65535:  # CUDA's limit of the grid's y axis (a 1-D grid's division spills in this kernel)
         raise ValueError(f"the fused policy backward takes at most {65535 * bp} pixels per sample for this GM, got {P}")
-    _policy_backward_kernel[(B, npb)](
-        m, lw, xs, xf, gm_vars, sigma_src, sigmas, ck, gf, g_m, g_l, g_xs, g_x, g_v,
-        K, C, P, N, checkpoint_stride(N),
-        *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), sigmas.stride(0), eps,
-        BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, ROLLOUT=rollout,
-        INT64=_needs_int64(m, lw, xs, xf, g_m, ck), num_warps=_WARPS_BWD,
+    N = sigmas.shape[1] - 1
+    ints = (K, C, P, N, checkpoint_stride(N), *m.stride(), *lw.stride(), *xs.stride(), *xf.stride(), sigmas.stride(0))
+    options = dict(
+        BLOCK_K=bk,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+        ROLLOUT=rollout,
+        INT64=int64_fn(m, lw, xs, xf, g_m, ck),
+        num_warps=_WARPS_BWD,
     )
-    return (g_m.view(means_u.shape), g_v.sum(dim=1).to(var_dtype), g_l.view(logweights.shape),
-            g_xs.view(x_src.shape), g_x.view(x.shape))
+    views = (
+        m,
+        lw,
+        xs,
+        xf,
+        gm_vars,
+        sigma_src,
+        sigmas,
+        ck,
+        g.view(B, C, P),
+        g_m.view(B, K, C, P),
+        g_l.view(B, K, P),
+        g_xs.view(B, C, P),
+        g_x.view(B, C, P),
+        g_v,
+    )
+    return views, (B, npb), ints, options
 
 
-class _PiFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps):
-        ctx.save_for_backward(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma)
-        ctx.eps = eps
-        return _launch_pi(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps)
-
-    @staticmethod
-    def backward(ctx, g):
-        means_u, gm_vars, logweights, x_src, sigma_src, x, sigma = ctx.saved_tensors
-        gm, gv, gl, gxs, gx = _launch_backward(
-            means_u, gm_vars, logweights, x_src, sigma_src, x, sigma.view(-1, 1), x, g, ctx.eps, False
-        )
-        return gm, gv, gl, gxs, None, gx, None, None
+_PI_PLANS = PlanCache()
+_ROLLOUT_PLANS = PlanCache()
+_BACKWARD_PLANS = PlanCache()
 
 
-class _RolloutFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, eps):
-        save = any(ctx.needs_input_grad)
-        out, ck = _launch_rollout(means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, eps, save)
-        if save:
-            ctx.save_for_backward(means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, ck)
-        ctx.eps = eps
-        return out
+def _launch_pi(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps: float) -> torch.Tensor:
+    """``u (B, C, *S)`` in the dtype of ``x``; the plan stored per shape (``planned_args``, the
+    key leaves out ``out``, allocated here contiguous)."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    tensors = (means_u, logweights, x_src, x, *_f32(gm_vars, sigma_src, sigma), out)
+    tensors, grid, ints, options = planned_args(_PI_PLANS, _pi_args, tensors, needs_int64, n_key=7)
+    _policy_pi_kernel[grid](*tensors, *ints, eps, **options)
+    return out
 
-    @staticmethod
-    def backward(ctx, g):
-        means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, ck = ctx.saved_tensors
-        gm, gv, gl, gxs, gx = _launch_backward(
-            means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, ck, g, ctx.eps, True
-        )
-        return gm, gv, gl, gxs, None, gx, None, None
+
+def _launch_rollout(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, eps: float, save: bool) -> tuple:
+    """The rollout's final state ``(B, C, *S)`` in the dtype of ``x`` and, when ``save``, the
+    float32 checkpoints ``(B, ceil(N / S), C, P)`` of a training rollout (else a placeholder of
+    one element); the plan's key leaves out both (allocated here contiguous)."""
+    B, C = x.shape[:2]
+    P = x.numel() // max(B * C, 1)
+    N = sigmas.shape[1] - 1
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    ck_shape = (B, cdiv(N, checkpoint_stride(N)), C, P) if save else (1,)
+    ck = torch.empty(ck_shape, device=x.device, dtype=torch.float32)
+    tensors = (means_u, logweights, x_src, x, *_f32(gm_vars, sigma_src, sigmas), out, ck)
+    tensors, grid, ints, options = planned_args(
+        _ROLLOUT_PLANS, _rollout_args, tensors, save, _blocks, needs_int64, n_key=7
+    )
+    _policy_rollout_kernel[grid](*tensors, *ints, eps, **options)
+    return out, ck
+
+
+def _launch_backward(
+    g, means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, ck, eps: float, rollout: bool
+) -> tuple:
+    """Gradients ``(means_u, gm_vars, logweights, x_src, x)`` in their dtypes of ``pi`` (``x``
+    the state, ``sigmas (B, 1)`` its sigma) or of the rollout (``x`` its start, ``ck`` its
+    checkpoints) for the upstream gradient ``g``; the plan's key leaves out the gradients."""
+    g = g.contiguous()
+    g_m = torch.empty_like(means_u, memory_format=torch.contiguous_format)
+    g_l = torch.empty_like(logweights, memory_format=torch.contiguous_format)
+    g_xs = torch.empty_like(x_src, memory_format=torch.contiguous_format)
+    g_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    B, C = x.shape[:2]
+    g_v = torch.empty((B, x.numel() // max(B * C, 1)), device=x.device, dtype=torch.float32)  # per-pixel shares
+    tensors = (means_u, logweights, x_src, x, *_f32(gm_vars, sigma_src, sigmas), ck, g, g_m, g_l, g_xs, g_x, g_v)
+    tensors, grid, ints, options = planned_args(_BACKWARD_PLANS, _backward_args, tensors, rollout, needs_int64, n_key=9)
+    _policy_backward_kernel[grid](*tensors, *ints, eps, **options)
+    return g_m, g_v.sum(dim=1).to(gm_vars.dtype), g_l, g_xs, g_x
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+# The Triton path: the entry points below pick the backend and call these directly.
+
+_T = torch.Tensor
+
+
+@torch.library.custom_op("gmkernels::policy_pi", mutates_args=())
+def _pi_op(means_u: _T, gm_vars: _T, logweights: _T, x_src: _T, sigma_src: _T, x: _T, sigma: _T, eps: float) -> _T:
+    """``u = pi(x, sigma)`` of the policy, ``(B, C, *S)`` in the dtype of ``x``."""
+    return _launch_pi(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps)
+
+
+@_pi_op.register_fake
+def _(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("gmkernels::policy_pi_backward", mutates_args=())
+def _pi_backward_op(
+    g: _T, means_u: _T, gm_vars: _T, logweights: _T, x_src: _T, sigma_src: _T, x: _T, sigma: _T, eps: float
+) -> tuple[_T, _T, _T, _T, _T]:
+    """Gradients of ``policy_pi`` for ``means_u, gm_vars, logweights, x_src, x``."""
+    return _launch_backward(g, means_u, gm_vars, logweights, x_src, sigma_src, x, sigma.view(-1, 1), x, eps, False)
+
+
+@torch.library.custom_op("gmkernels::policy_rollout", mutates_args=())
+def _rollout_op(
+    means_u: _T, gm_vars: _T, logweights: _T, x_src: _T, sigma_src: _T, x_start: _T, sigmas: _T, eps: float, save: bool
+) -> tuple[_T, _T]:
+    """The Euler rollout along the sigma tables ``(B, N + 1)``: the final state ``(B, C, *S)`` in
+    the dtype of ``x_start`` and the float32 checkpoints its backward reads (``save``; else a
+    placeholder)."""
+    return _launch_rollout(means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, eps, save)
+
+
+@_rollout_op.register_fake
+def _(means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, eps, save):
+    B, C = x_start.shape[:2]
+    N = sigmas.shape[1] - 1
+    ck_shape = (B, cdiv(N, checkpoint_stride(N)), C, x_start.numel() // max(B * C, 1)) if save else (1,)
+    return torch.empty_like(x_start, memory_format=torch.contiguous_format), x_start.new_empty(
+        ck_shape, dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("gmkernels::policy_rollout_backward", mutates_args=())
+def _rollout_backward_op(
+    g: _T,
+    means_u: _T,
+    gm_vars: _T,
+    logweights: _T,
+    x_src: _T,
+    sigma_src: _T,
+    x_start: _T,
+    sigmas: _T,
+    ck: _T,
+    eps: float,
+) -> tuple[_T, _T, _T, _T, _T]:
+    """Gradients of ``policy_rollout`` for ``means_u, gm_vars, logweights, x_src, x_start``."""
+    return _launch_backward(g, means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, ck, eps, True)
+
+
+@_pi_backward_op.register_fake
+@_rollout_backward_op.register_fake
+def _(g, means_u, gm_vars, logweights, x_src, sigma_src, x, *rest):
+    return (
+        *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (means_u, gm_vars, logweights, x_src)),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+    )
+
+
+def _pi_setup(ctx, inputs, output):
+    *tensors, ctx.eps = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _pi_backward(ctx, g):
+    g_m, g_v, g_l, g_xs, g_x = _pi_backward_op(g, *ctx.saved_tensors, ctx.eps)
+    return g_m, g_v, g_l, g_xs, None, g_x, None, None  # no gradient for the sigmas
+
+
+def _rollout_setup(ctx, inputs, output):
+    *tensors, ctx.eps, ctx.save = inputs
+    ctx.save_for_backward(*tensors, output[1])
+
+
+def _rollout_backward(ctx, g, g_ck):
+    if not ctx.save:
+        raise RuntimeError("gmkernels::policy_rollout: a rollout run with save=False saved no states to differentiate")
+    g_m, g_v, g_l, g_xs, g_x = _rollout_backward_op(g, *ctx.saved_tensors, ctx.eps)
+    return g_m, g_v, g_l, g_xs, None, g_x, None, None, None
+
+
+_pi_op.register_autograd(_pi_backward, setup_context=_pi_setup)
+_rollout_op.register_autograd(_rollout_backward, setup_context=_rollout_setup)
 
 
 # ----------------------------------------------------------------------------- entry points
 
 
-def _kernels(means_u: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Run the Triton path: ``select_backend`` says so, nothing is float64, and when a gradient
-    is needed the GM fits the fused backward's register tile."""
-    if select_backend(means_u) == "torch" or any(t.dtype == torch.float64 for t in (means_u, *tensors)):
-        return False
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (means_u, *tensors))
-    return not grad or one_tile(means_u.shape[1], means_u.shape[2])
+def _triton_path(
+    means_u: torch.Tensor, gm_vars: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor, x: torch.Tensor
+) -> bool | None:
+    """``None`` for the torch path (``select_backend`` says so, an input is float64, or a
+    gradient is needed of a GM too large for the fused backward's register tile), else whether
+    autograd tracks an input (the Triton path then trains)."""
+    if select_backend(means_u) == "torch":
+        return None
+    track = torch.is_grad_enabled()
+    grad = False
+    for t in (means_u, gm_vars, logweights, x_src, x):
+        if t.dtype is torch.float64:
+            return None
+        grad = grad or (track and t.requires_grad)
+    if grad and not one_tile(means_u.shape[1], means_u.shape[2]):
+        return None
+    return grad
 
 
 def _torch_args(means_u, gm_vars, logweights, x_src, sigma_src, x, sig):
@@ -522,10 +888,10 @@ def policy_velocity(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, ep
     Returns:
         ``u (B, C, *S)`` in the dtype of ``x``.
     """
-    if _kernels(means_u, gm_vars, logweights, x_src, x):
-        return _PiFn.apply(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, float(eps))
-    args = _torch_args(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma)
-    return ref.policy_pi(*args, eps).to(x.dtype)
+    if _triton_path(means_u, gm_vars, logweights, x_src, x) is None:
+        args = _torch_args(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma)
+        return ref.policy_pi(*args, eps).to(x.dtype)
+    return _pi_op(means_u, gm_vars, logweights, x_src, sigma_src, x, sigma, eps)
 
 
 def _rollout_torch(means_u, gm_vars, logweights, x_src, sigma_src, x, sigmas, eps):
@@ -554,7 +920,8 @@ def policy_rollout(means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigm
     Returns:
         ``(B, C, *S)`` in the dtype of ``x_start``.
     """
-    if _kernels(means_u, gm_vars, logweights, x_src, x_start):
-        return _RolloutFn.apply(means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, float(eps))
-    args = _torch_args(means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas)
-    return _rollout_torch(*args, eps).to(x_start.dtype)
+    train = _triton_path(means_u, gm_vars, logweights, x_src, x_start)
+    if train is None:
+        args = _torch_args(means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas)
+        return _rollout_torch(*args, eps).to(x_start.dtype)
+    return _rollout_op(means_u, gm_vars, logweights, x_src, sigma_src, x_start, sigmas, eps, train)[0]

@@ -20,21 +20,29 @@ find in L2).
 
 from __future__ import annotations
 
-import sys
+import math
 from typing import Any
 
 import torch
 
 import reference.posterior as ref
 
-from .._dispatch import run_reference, select_backend
+from .._dispatch import run_reference
 from .._validate import Sigma, check_gm, check_sigma_pair, check_state
 from ._launch import (
-    THREADS_ALONG_K, PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+    THREADS_ALONG_K,
+    PlanCache,
+    cdiv,
+    gm_views,
+    kernels_wanted,
+    needs_int64,
+    next_pow2,
+    per_row,
+    pixel_rows,
+    planned_args,
 )
 from .mixture import online_moments_update, program_tile
 from .product import _check_real
-
 
 try:
     import triton
@@ -52,22 +60,65 @@ if triton is not None:
         xs = tl.load(xs_base + offs_c[:, None] * s_sc, mask=mask_cp, other=0.0).to(tl.float32)
         return ct[None, :] * xt - cs[None, :] * xs
 
-    @triton.jit(do_not_specialize=["P", "s_mr", "s_mk", "s_mc", "s_lr", "s_lk", "s_xsr", "s_xsc", "s_xtr", "s_xtc", "s_or", "s_oc"])
+    @triton.jit(
+        do_not_specialize=[
+            "P",
+            "s_mr",
+            "s_mk",
+            "s_mc",
+            "s_lr",
+            "s_lk",
+            "s_xsr",
+            "s_xsc",
+            "s_xtr",
+            "s_xtc",
+            "s_or",
+            "s_oc",
+        ]
+    )
     def _gm_posterior_mean_kernel(
-        means_ptr, lw_ptr, logstds_ptr, xs_ptr, xt_ptr, sig_s_ptr, sig_t_ptr, out_ptr,
-        K, C, P, n_pblocks, n_ctiles,
-        s_mr, s_mk, s_mc, s_mp,
-        s_lr, s_lk, s_lp,
-        s_sr, s_sp,
-        s_xsr, s_xsc, s_xsp,
-        s_xtr, s_xtc, s_xtp,
-        s_ssr, s_ssp,
-        s_str, s_stp,
-        s_or, s_oc, s_op,
+        means_ptr,
+        lw_ptr,
+        logstds_ptr,
+        xs_ptr,
+        xt_ptr,
+        sig_s_ptr,
+        sig_t_ptr,
+        out_ptr,
+        K,
+        C,
+        P,
+        n_pblocks,
+        n_ctiles,
+        s_mr,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lr,
+        s_lk,
+        s_lp,
+        s_sr,
+        s_sp,
+        s_xsr,
+        s_xsc,
+        s_xsp,
+        s_xtr,
+        s_xtc,
+        s_xtp,
+        s_ssr,
+        s_ssp,
+        s_str,
+        s_stp,
+        s_or,
+        s_oc,
+        s_op,
         eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SINGLE_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        SINGLE_C: tl.constexpr,
         INT64: tl.constexpr,
-    ):  # fmt: skip
+    ):
         """Posterior mean ``(R, C, P)``. Grid: ``R * n_pblocks * n_ctiles``, channel tile fastest."""
         row, cb, offs_p, ar_k, ar_c = program_tile(n_pblocks, n_ctiles, BLOCK_K, BLOCK_C, BLOCK_P, INT64)
         mask_p = offs_p < P
@@ -118,7 +169,9 @@ if triton is not None:
                     g_c = _transfer_mean(xt_base, xs_base, offs_c2, mask_cp2, s_xtc, s_xsc, ct, cs)
                     q += tl.sum((mu_c - g_c[None, :, :]) * (mu_c - g_c[None, :, :]), axis=1)
             lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=mask_k[:, None] & mask_p[None, :], other=float("-inf"))
-            naive = tl.where(mask_k[:, None], lw.to(tl.float32) * 1.4426950408889634 + coef2[None, :] * q, float("-inf"))
+            naive = tl.where(
+                mask_k[:, None], lw.to(tl.float32) * 1.4426950408889634 + coef2[None, :] * q, float("-inf")
+            )
             t_best = tl.max(naive, axis=0)
             t_k = tl.min(tl.where(naive == t_best[None, :], offs_k[:, None], K), axis=0).to(tl.int32)
             take = t_best > best
@@ -164,14 +217,18 @@ if triton is not None:
             logit2 = tl.where(dead, float("-inf"), tl.where(dead, 0.0, lw.to(tl.float32)) * 1.4426950408889634)
             logit2 = logit2 + coef2[None, :] * dist
             m, w_sum, mean, _ = online_moments_update(logit2, mu, m, w_sum, mean, mean, False)
+        mean = tl.where((w_sum > 0)[None, :], mean, float("nan"))  # every component dead: not a GM, NaN
         out = (v / n)[None, :] * mean + (s2 / n)[None, :] * g
-        tl.store(out_ptr + row * s_or + offs_c[:, None] * s_oc + offs_p[None, :] * s_op, out.to(out_ptr.dtype.element_ty), mask=mask_cp)
+        tl.store(
+            out_ptr + row * s_or + offs_c[:, None] * s_oc + offs_p[None, :] * s_op,
+            out.to(out_ptr.dtype.element_ty),
+            mask=mask_cp,
+        )
 
 
 _REG_TILE = 64  # GM elements (BLOCK_K x BLOCK_C) of a pixel per thread and K tile
 
 
-@launch_plan
 def _posterior_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``: one pixel per thread. The pixel stride 1 is
     specialised (tiles ordered pixels-fastest) but the row, component and channel strides and
@@ -187,9 +244,17 @@ def _posterior_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, in
 
 
 def _posterior_args(
-    means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, x_src: torch.Tensor, x_tgt: torch.Tensor,
-    sigma_src: torch.Tensor, sigma_tgt: torch.Tensor, out: torch.Tensor, blocks_fn: Any, int64_fn: Any,
-) -> tuple:  # fmt: skip
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    x_src: torch.Tensor,
+    x_tgt: torch.Tensor,
+    sigma_src: torch.Tensor,
+    sigma_tgt: torch.Tensor,
+    out: torch.Tensor,
+    blocks_fn: Any,
+    int64_fn: Any,
+) -> tuple:
     """The kernel's views (in the order of the arguments), grid, integer arguments and options.
     ``blocks_fn, int64_fn`` are ``_posterior_blocks, needs_int64``, keys of the stored plan
     (tests replace them)."""
@@ -205,16 +270,35 @@ def _posterior_args(
     m4, l3, s2, xs, xt, ss, st, o3 = views
     R, P = m4.shape[0], m4.shape[-1]
     block_k, block_c, block_p, warps = blocks_fn(K, C, P, R)
-    # ``THREADS_ALONG_K`` (triton < 3.9) with several channel tiles (C > 16) or packed 2-D points:
-    # 448-2976 bytes of spills at sm_80/sm_90 at the users' C = 32 / 64 and point shapes on 3.6;
-    # one component per K step and 8-channel tiles there, as the fused step's channel splits
+    # ``THREADS_ALONG_K`` (triton < 3.9) with several channel tiles (C > 16) or packed 2-D points
+    # spills at the users' C = 32 / 64 and point shapes: one component per K step and 8-channel
+    # tiles there, as the fused step's channel splits
     if THREADS_ALONG_K and (block_c < C or m4.stride(-1) != 1):
         block_k, block_c = 1, min(block_c, 8)
     n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
-    ints = (K, C, P, n_pblocks, n_ctiles, *m4.stride(), *l3.stride(), *s2.stride(), *xs.stride(), *xt.stride(),
-            *ss.stride(), *st.stride(), *o3.stride())  # fmt: skip
-    options = dict(BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_C=n_ctiles == 1,
-                   INT64=int64_fn(m4, l3, xs, xt, o3), num_warps=warps)  # fmt: skip
+    ints = (
+        K,
+        C,
+        P,
+        n_pblocks,
+        n_ctiles,
+        *m4.stride(),
+        *l3.stride(),
+        *s2.stride(),
+        *xs.stride(),
+        *xt.stride(),
+        *ss.stride(),
+        *st.stride(),
+        *o3.stride(),
+    )
+    options = dict(
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        SINGLE_C=n_ctiles == 1,
+        INT64=int64_fn(m4, l3, xs, xt, o3),
+        num_warps=warps,
+    )
     return views, (R * n_pblocks * n_ctiles,), ints, options
 
 
@@ -222,34 +306,46 @@ _PLANS = PlanCache()
 
 
 def _launch_posterior(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor,
-    sigma_src: torch.Tensor, x_tgt: torch.Tensor, sigma_tgt: torch.Tensor, eps: float,
-) -> torch.Tensor:  # fmt: skip
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    x_src: torch.Tensor,
+    sigma_src: torch.Tensor,
+    x_tgt: torch.Tensor,
+    sigma_tgt: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     """Run ``_gm_posterior_mean_kernel``; sigmas are tensors broadcastable to ``(*B, 1, 1, 1)``.
     The launch plan is stored per shape (``planned_args``)."""
     out = torch.empty(*x_src.shape, dtype=means.dtype, device=means.device)
     if out.numel() == 0:
         return out
     tensors = (means, logweights, logstds, x_src, x_tgt, sigma_src, sigma_tgt, out)
-    tensors, grid, ints, options = planned_args(_PLANS, _posterior_args, tensors, _posterior_blocks, needs_int64, n_key=7)
+    tensors, grid, ints, options = planned_args(
+        _PLANS, _posterior_args, tensors, _posterior_blocks, needs_int64, n_key=7
+    )
     _gm_posterior_mean_kernel[grid](*tensors, *ints, eps, **options)
     return out
 
 
-@torch.library.custom_op("gmkernels::gm_posterior_mean", mutates_args=())
-def _gm_posterior_mean_op(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, x_src: torch.Tensor,
-    sigma_src: torch.Tensor, x_tgt: torch.Tensor, sigma_tgt: torch.Tensor, eps: float,
-) -> torch.Tensor:  # fmt: skip
-    if select_backend(means) == "triton":
+if triton is not None:
+
+    @torch.library.custom_op("gmkernels::gm_posterior_mean", mutates_args=())
+    def _gm_posterior_mean_op(
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        logweights: torch.Tensor,
+        x_src: torch.Tensor,
+        sigma_src: torch.Tensor,
+        x_tgt: torch.Tensor,
+        sigma_tgt: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
         return _launch_posterior(means, logstds, logweights, x_src, sigma_src, x_tgt, sigma_tgt, eps)
-    gm = {"means": means, "logstds": logstds, "logweights": logweights}
-    return run_reference(ref.gm_posterior_mean, gm, x_src, sigma_src, x_tgt, sigma_tgt, eps, out_dtype=means.dtype)
 
-
-@_gm_posterior_mean_op.register_fake
-def _(means, logstds, logweights, x_src, sigma_src, x_tgt, sigma_tgt, eps):
-    return means.new_empty((*means.shape[:-4], *means.shape[-3:]))
+    @_gm_posterior_mean_op.register_fake
+    def _(means, logstds, logweights, x_src, sigma_src, x_tgt, sigma_tgt, eps):
+        return means.new_empty((*means.shape[:-4], *means.shape[-3:]))
 
 
 def gm_posterior_mean(
@@ -265,23 +361,27 @@ def gm_posterior_mean(
         eps: floor of the transfer Gaussian's denominator and of the product's.
     Returns:
         ``(*B, C, H, W)`` in the dtype of ``means``. On the Triton path nothing else is
-        written: no ``K x C x H x W`` temporary.
+        written: no ``K x C x H x W`` temporary. A pixel whose components are all dead is not
+        a GM and gives NaN, as the reference does.
     """
     s = check_gm(gm)
     check_state(x_src, "x_src", s)
     check_state(x_tgt, "x_tgt", s)
     sigma_src, sigma_tgt = check_sigma_pair(sigma_src, "sigma_src", sigma_tgt, "sigma_tgt", s)
-    eps = _check_real(eps, "eps")
-    tensors = [gm["means"], gm["logstds"], gm["logweights"], x_src, x_tgt]
-    tensors += [t for t in (sigma_src, sigma_tgt) if isinstance(t, torch.Tensor)]
+    if type(eps) is not float or not math.isfinite(eps):  # the common case inline, without a call
+        eps = _check_real(eps, "eps")
+    means, logstds, logweights = gm["means"], gm["logstds"], gm["logweights"]
+    src_t, tgt_t = isinstance(sigma_src, torch.Tensor), isinstance(sigma_tgt, torch.Tensor)
+    tensors = [means, logstds, logweights, x_src, x_tgt]
+    if src_t:
+        tensors.append(sigma_src)
+    if tgt_t:
+        tensors.append(sigma_tgt)
     if not kernels_wanted(*tensors):
         return run_reference(ref.gm_posterior_mean, gm, x_src, sigma_src, x_tgt, sigma_tgt, eps, out_dtype=s.dtype)
-
-    def as_tensor(sigma: Sigma) -> torch.Tensor:
-        if isinstance(sigma, torch.Tensor):
-            return sigma
-        return torch.full((), sigma, dtype=torch.float32, device=s.device)  # a fill, safe in graph capture
-
-    return call_op(torch.ops.gmkernels.gm_posterior_mean,
-        gm["means"], gm["logstds"], gm["logweights"], x_src, as_tensor(sigma_src), x_tgt, as_tensor(sigma_tgt), eps
-    )
+    # float sigmas as 0-dim tensors on the GM's device (a fill: safe in CUDA-graph capture)
+    if not src_t:
+        sigma_src = torch.full((), sigma_src, dtype=torch.float32, device=s.device)
+    if not tgt_t:
+        sigma_tgt = torch.full((), sigma_tgt, dtype=torch.float32, device=s.device)
+    return _gm_posterior_mean_op(means, logstds, logweights, x_src, sigma_src, x_tgt, sigma_tgt, eps)

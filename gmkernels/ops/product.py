@@ -21,20 +21,27 @@ dominate), and each difference is exact when g and the components share a large 
 
 from __future__ import annotations
 
-import sys
+import math
 from typing import Any
 
 import torch
 
 import reference.product as ref
 
-from .._dispatch import run_reference, select_backend
+from .._dispatch import run_reference
 from .._validate import check_gaussian, check_gm, require_range
 from ._launch import (
-    PlanCache, call_op, cdiv, gm_views, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+    PlanCache,
+    cdiv,
+    gm_views,
+    kernels_wanted,
+    needs_int64,
+    next_pow2,
+    per_row,
+    pixel_rows,
+    planned_args,
 )
 from .mixture import pixel_blocks, single_row_views
-
 
 try:
     import triton
@@ -44,6 +51,8 @@ except ImportError:
 
 
 def _check_real(x: object, name: str) -> float:
+    """``x`` as a finite Python float, or a ``TypeError`` / ``ValueError`` naming ``name``
+    (the callers test the common case, a finite float, inline)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a Python float, got {type(x).__name__}")
     x = float(x)
@@ -67,11 +76,28 @@ if triton is not None:
 
     @triton.jit
     def reweight_logits(
-        m_base, l_base, g_base, om_base, offs_k, K, C,
-        s_mk, s_mc, s_lk, s_gc, s_omk, s_omc,
-        mask_p, a_mu, a_g, coef2,
-        WRITE_MEANS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    ):  # fmt: skip
+        m_base,
+        l_base,
+        g_base,
+        om_base,
+        offs_k,
+        K,
+        C,
+        s_mk,
+        s_mc,
+        s_lk,
+        s_gc,
+        s_omk,
+        s_omc,
+        mask_p,
+        a_mu,
+        a_g,
+        coef2,
+        WRITE_MEANS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         """Base-2 logits ``[BK, BP]`` of the reweighted GM for the components ``offs_k``:
         ``log2(e) * logweights_k + coef2 * sum_c (mu_k - mu_0)(mu_k + mu_0 - 2 g)``, ``-inf`` for
         dead and masked components. With ``WRITE_MEANS`` it also stores the new means
@@ -109,21 +135,53 @@ if triton is not None:
 
     @triton.jit
     def _gm_mul_kernel(
-        means_ptr, lw_ptr, logstds_ptr, g_ptr, v_ptr, out_m_ptr, out_lw_ptr, out_s_ptr, raw_ptr,
-        K, C, P, n_pblocks,
-        s_mr, s_mk, s_mc, s_mp,
-        s_lr, s_lk, s_lp,
-        s_sr, s_sp,
-        s_gr, s_gc, s_gp,
-        s_vr, s_vp,
-        s_omr, s_omk, s_omc, s_omp,
-        s_olr, s_olk, s_olp,
-        s_osr, s_osp,
-        s_rr, s_rk, s_rp,
-        r, eps,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SINGLE_K: tl.constexpr,
+        means_ptr,
+        lw_ptr,
+        logstds_ptr,
+        g_ptr,
+        v_ptr,
+        out_m_ptr,
+        out_lw_ptr,
+        out_s_ptr,
+        raw_ptr,
+        K,
+        C,
+        P,
+        n_pblocks,
+        s_mr,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lr,
+        s_lk,
+        s_lp,
+        s_sr,
+        s_sp,
+        s_gr,
+        s_gc,
+        s_gp,
+        s_vr,
+        s_vp,
+        s_omr,
+        s_omk,
+        s_omc,
+        s_omp,
+        s_olr,
+        s_olk,
+        s_olp,
+        s_osr,
+        s_osp,
+        s_rr,
+        s_rk,
+        s_rp,
+        r,
+        eps,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        SINGLE_K: tl.constexpr,
         INT64: tl.constexpr,
-    ):  # fmt: skip
+    ):
         """GM ``(R, K, C, P)`` times isotropic Gaussian ``(R, C, P)``, normalised. Grid:
         ``R * n_pblocks`` programs. ``out_s`` has pixel stride 0 when the new log-std is per
         batch row; then only the row's first pixel lane stores it."""
@@ -141,7 +199,7 @@ if triton is not None:
         v = tl.load(v_ptr + row * s_vr + offs_p * s_vp, mask=mask_p, other=1.0).to(tl.float32)
         rs2 = r * tl.exp(2.0 * logstd)
         n = tl.maximum(v + rs2, eps)
-        a_mu = v / n
+        a_mu = tl.where(v == float("inf"), 1.0, v / n)  # an infinite variance is no information: means unchanged
         a_g = rs2 / n
         coef2 = (-0.5 * 1.4426950408889634) * r / n
         # logstds + 0.5 * log(v) - 0.5 * log(n), as -0.5 * log1p(n / v - 1): exact for broad Gaussians
@@ -159,11 +217,30 @@ if triton is not None:
         if SINGLE_K:
             mask_kp = (ar_k < K)[:, None] & mask_p[None, :]
             logit2 = reweight_logits(
-                m_base, l_base, g_base, om_base, ar_k, K, C, s_mk, s_mc, s_lk, s_gc, s_omk, s_omc,
-                mask_p, a_mu, a_g, coef2, True, BLOCK_K, BLOCK_C, BLOCK_P,
-            )  # fmt: skip
+                m_base,
+                l_base,
+                g_base,
+                om_base,
+                ar_k,
+                K,
+                C,
+                s_mk,
+                s_mc,
+                s_lk,
+                s_gc,
+                s_omk,
+                s_omc,
+                mask_p,
+                a_mu,
+                a_g,
+                coef2,
+                True,
+                BLOCK_K,
+                BLOCK_C,
+                BLOCK_P,
+            )
             m, w_sum = softmax_stats_update(logit2, m, w_sum)
-            lse2 = tl.where(m == float("-inf"), 0.0, m) + tl.log2(tl.where(w_sum > 0, w_sum, 1.0))
+            lse2 = m + tl.log2(w_sum)  # -inf where every component is dead: NaN log-weights there
             out = (logit2 - lse2[None, :]) * 0.6931471805599453
             tl.store(ol_base + ar_k[:, None] * s_olk, out.to(out_lw_ptr.dtype.element_ty), mask=mask_kp)
         else:
@@ -172,13 +249,32 @@ if triton is not None:
                 offs_k = k0 + ar_k
                 mask_kp = (offs_k < K)[:, None] & mask_p[None, :]
                 logit2 = reweight_logits(
-                    m_base, l_base, g_base, om_base, offs_k, K, C, s_mk, s_mc, s_lk, s_gc, s_omk, s_omc,
-                    mask_p, a_mu, a_g, coef2, True, BLOCK_K, BLOCK_C, BLOCK_P,
-                )  # fmt: skip
+                    m_base,
+                    l_base,
+                    g_base,
+                    om_base,
+                    offs_k,
+                    K,
+                    C,
+                    s_mk,
+                    s_mc,
+                    s_lk,
+                    s_gc,
+                    s_omk,
+                    s_omc,
+                    mask_p,
+                    a_mu,
+                    a_g,
+                    coef2,
+                    True,
+                    BLOCK_K,
+                    BLOCK_C,
+                    BLOCK_P,
+                )
                 tl.store(r_base + offs_k[:, None] * s_rk, logit2, mask=mask_kp)
                 m, w_sum = softmax_stats_update(logit2, m, w_sum)
             tl.debug_barrier()  # the raw logits of this program are visible to all its threads
-            lse2 = tl.where(m == float("-inf"), 0.0, m) + tl.log2(tl.where(w_sum > 0, w_sum, 1.0))
+            lse2 = m + tl.log2(w_sum)  # -inf where every component is dead: NaN log-weights there
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + ar_k
                 mask_kp = (offs_k < K)[:, None] & mask_p[None, :]
@@ -188,14 +284,38 @@ if triton is not None:
 
     @triton.jit
     def _gauss_mul_kernel(
-        m1_ptr, v1_ptr, m2_ptr, v2_ptr, out_m_ptr, out_v_ptr,
-        C, P, n_pblocks, n_ctiles,
-        s_1r, s_1c, s_1p, s_v1r, s_v1p,
-        s_2r, s_2c, s_2p, s_v2r, s_v2p,
-        s_or, s_oc, s_op, s_ovr, s_ovp,
-        power1, power2, eps,
-        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        m1_ptr,
+        v1_ptr,
+        m2_ptr,
+        v2_ptr,
+        out_m_ptr,
+        out_v_ptr,
+        C,
+        P,
+        n_pblocks,
+        n_ctiles,
+        s_1r,
+        s_1c,
+        s_1p,
+        s_v1r,
+        s_v1p,
+        s_2r,
+        s_2c,
+        s_2p,
+        s_v2r,
+        s_v2p,
+        s_or,
+        s_oc,
+        s_op,
+        s_ovr,
+        s_ovp,
+        power1,
+        power2,
+        eps,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """``N(m1, v1)^power1 * N(m2, v2)^power2`` over ``(R, C, P)``; grid ``R * n_pblocks *
         n_ctiles``. The variance is stored by channel tile 0, by the first pixel lane only
         when it is per row (``s_ovp == 0``)."""
@@ -213,9 +333,15 @@ if triton is not None:
         mask = (offs_c < C)[:, None] & mask_p[None, :]
         v1 = tl.load(v1_ptr + row * s_v1r + offs_p * s_v1p, mask=mask_p, other=0.0).to(tl.float32)
         v2 = tl.load(v2_ptr + row * s_v2r + offs_p * s_v2p, mask=mask_p, other=0.0).to(tl.float32)
-        n = tl.maximum(power1 * v2 + power2 * v1, eps)
-        w1 = v2 / n
-        w2 = v1 / n
+        # an infinite variance is no information: (1, 0) stands in for (inf, finite) in the ratios
+        # (the product is then the other factor), (1, 1) for (inf, inf); finite pairs as given
+        inf1 = v1 == float("inf")
+        inf2 = v2 == float("inf")
+        u1 = tl.where(inf1, 1.0, tl.where(inf2, 0.0, v1))
+        u2 = tl.where(inf2, 1.0, tl.where(inf1, 0.0, v2))
+        n = tl.maximum(power1 * u2 + power2 * u1, eps)
+        w1 = u2 / n
+        w2 = u1 / n
         m1 = tl.load(m1_ptr + row * s_1r + offs_c[:, None] * s_1c + offs_p[None, :] * s_1p, mask=mask, other=0.0)
         m2 = tl.load(m2_ptr + row * s_2r + offs_c[:, None] * s_2c + offs_p[None, :] * s_2p, mask=mask, other=0.0)
         mean = (power1 * w1)[None, :] * m1.to(tl.float32) + (power2 * w2)[None, :] * m2.to(tl.float32)
@@ -223,14 +349,16 @@ if triton is not None:
         tl.store(out, mean.to(out_m_ptr.dtype.element_ty), mask=mask)
         if cb == 0:
             mask_v = mask_p & ((offs_p == 0) | (offs_p * s_ovp != 0))
-            tl.store(out_v_ptr + row * s_ovr + offs_p * s_ovp, (v1 * w1).to(out_v_ptr.dtype.element_ty), mask=mask_v)
+            var = tl.where(inf1, v2 * w2, v1 * w1)
+            tl.store(out_v_ptr + row * s_ovr + offs_p * s_ovp, var.to(out_v_ptr.dtype.element_ty), mask=mask_v)
 
 
 # --------------------------------------------------------------------------- launchers
 
 
-@launch_plan
-def _gm_mul_layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous_pixels: bool) -> tuple[int, int, int, int]:
+def _gm_mul_layout(
+    K: int, C: int, P: int, R: int, elem_bytes: int, contiguous_pixels: bool
+) -> tuple[int, int, int, int]:
     """Pixel-per-thread blocks (``mixture.pixel_blocks``: warps along the pixels, K and C in
     each thread's registers). Channels are looped inside the program and the tile holds mu,
     the new means and the distances, so along contiguous pixels the components come first (up
@@ -246,7 +374,6 @@ def _gm_mul_layout(K: int, C: int, P: int, R: int, elem_bytes: int, contiguous_p
     return bk, bc, bp, warps
 
 
-@launch_plan
 def _gm_mul_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
     """Blocks for 4-byte elements along contiguous pixels (the common case, and the hook the
     tests replace to force multi-tile paths)."""
@@ -254,9 +381,18 @@ def _gm_mul_blocks(K: int, C: int, P: int, R: int) -> tuple[int, int, int, int]:
 
 
 def _gm_mul_args(
-    means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, g: torch.Tensor, var: torch.Tensor,
-    out_m: torch.Tensor, out_lw: torch.Tensor, out_s: torch.Tensor, raw: torch.Tensor, blocks_fn: Any, int64_fn: Any,
-) -> tuple:  # fmt: skip
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    g: torch.Tensor,
+    var: torch.Tensor,
+    out_m: torch.Tensor,
+    out_lw: torch.Tensor,
+    out_s: torch.Tensor,
+    raw: torch.Tensor,
+    blocks_fn: Any,
+    int64_fn: Any,
+) -> tuple:
     """The kernel's views (in the order of the arguments; ``raw`` is ``out_lw`` or, for a
     multi-tile K of 2-byte logits, a float32 scratch made here), grid, integer arguments,
     options. ``blocks_fn, int64_fn`` are ``_gm_mul_blocks, needs_int64``, keys of the stored
@@ -266,8 +402,7 @@ def _gm_mul_args(
     R, P = m4.shape[0], m4.shape[-1]
     om4, ol3 = gm_views(out_m, out_lw)
     views = (m4, l3, per_row(logstds, R, P), g.reshape(R, C, P), per_row(var, R, P), om4, ol3, per_row(out_s, R, P))
-    m4, l3, s2, g3, v2, om4, ol3, os2 = pixel_rows(*views)
-    m4, l3, s2, g3, v2, om4, ol3, os2 = single_row_views(m4, l3, s2, g3, v2, om4, ol3, os2)
+    m4, l3, s2, g3, v2, om4, ol3, os2 = single_row_views(*pixel_rows(*views))
     R, P = m4.shape[0], m4.shape[-1]
     if means.element_size() == 4 and m4.stride(-1) == 1:
         block_k, block_c, block_p, warps = blocks_fn(K, C, P, R)
@@ -277,10 +412,29 @@ def _gm_mul_args(
     # raw logits of a multi-tile K: in the output when it is float32, else in a float32 scratch
     raw = ol3 if single_k or out_lw.dtype == torch.float32 else torch.empty(ol3.shape, device=means.device)
     n_pblocks = cdiv(P, block_p)
-    ints = (K, C, P, n_pblocks, *m4.stride(), *l3.stride(), *s2.stride(), *g3.stride(), *v2.stride(),
-            *om4.stride(), *ol3.stride(), *os2.stride(), *raw.stride())  # fmt: skip
-    options = dict(BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_K=single_k,
-                   INT64=int64_fn(m4, l3, g3, om4, ol3, raw), num_warps=warps)  # fmt: skip
+    ints = (
+        K,
+        C,
+        P,
+        n_pblocks,
+        *m4.stride(),
+        *l3.stride(),
+        *s2.stride(),
+        *g3.stride(),
+        *v2.stride(),
+        *om4.stride(),
+        *ol3.stride(),
+        *os2.stride(),
+        *raw.stride(),
+    )
+    options = dict(
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        SINGLE_K=single_k,
+        INT64=int64_fn(m4, l3, g3, om4, ol3, raw),
+        num_warps=warps,
+    )
     return (m4, l3, s2, g3, v2, om4, ol3, os2, raw), (R * n_pblocks,), ints, options
 
 
@@ -289,49 +443,66 @@ _GAUSS_PLANS = PlanCache()
 
 
 def _launch_gm_mul(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, g: torch.Tensor, var: torch.Tensor,
-    r: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    g: torch.Tensor,
+    var: torch.Tensor,
+    r: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``_gm_mul_kernel``; returns new ``(means, logstds, logweights)`` in the dtype of
     ``means``, ``logstds`` per pixel ``(*B, 1, 1, H, W)`` when ``logstds`` or ``var`` is. The
     launch plan is stored per shape (``planned_args``)."""
     *batch, K, C, H, W = means.shape
     per_pixel = logstds.shape[-1] * logstds.shape[-2] > 1 or var.shape[-1] * var.shape[-2] > 1
-    out_m = torch.empty(*means.shape, dtype=means.dtype, device=means.device)  # unpacked: ~0.4 µs less
+    out_m = torch.empty(*means.shape, dtype=means.dtype, device=means.device)
     out_lw = torch.empty(*logweights.shape, dtype=means.dtype, device=means.device)
-    out_s = torch.empty(*batch, 1, 1, H if per_pixel else 1, W if per_pixel else 1, dtype=means.dtype, device=means.device)
+    out_s = torch.empty(
+        *batch, 1, 1, H if per_pixel else 1, W if per_pixel else 1, dtype=means.dtype, device=means.device
+    )
     if out_m.numel() == 0:
         return out_m, out_s, out_lw
     tensors = (means, logweights, logstds, g, var, out_m, out_lw, out_s, out_lw)
-    tensors, grid, ints, options = planned_args(_GM_MUL_PLANS, _gm_mul_args, tensors, _gm_mul_blocks, needs_int64, n_key=5)
+    tensors, grid, ints, options = planned_args(
+        _GM_MUL_PLANS, _gm_mul_args, tensors, _gm_mul_blocks, needs_int64, n_key=5
+    )
     _gm_mul_kernel[grid](*tensors, *ints, r, eps, **options)
     return out_m, out_s, out_lw
 
 
-@launch_plan
-def _gauss_blocks(C: int, P: int) -> tuple[int, int, int]:
-    """Elementwise: up to 8 channels x 128 pixels a program (8 per thread at 4 warps)."""
-    return min(next_pow2(C), 8), min(next_pow2(P), 128), 4
-
-
 def _gauss_mul_args(m1, v1, m2, v2, mean, var) -> tuple:
-    """The kernel's views (in the order of the arguments), grid, integer arguments, options."""
+    """The kernel's views (in the order of the arguments), grid, integer arguments, options:
+    elementwise, up to 8 channels x 128 pixels a program (8 per thread at 4 warps)."""
     C, H, W = m1.shape[-3:]
     R, P = mean.numel() // (C * H * W), H * W
     views = (m1.reshape(R, C, P), per_row(v1, R, P), m2.reshape(R, C, P), per_row(v2, R, P))
     views = pixel_rows(*views, mean.view(R, C, P), per_row(var, R, P))
     a1, b1, a2, b2, om, ov = views
     R, P = a1.shape[0], a1.shape[-1]
-    block_c, block_p, warps = _gauss_blocks(C, P)
+    block_c, block_p = min(next_pow2(C), 8), min(next_pow2(P), 128)
     n_pblocks, n_ctiles = cdiv(P, block_p), cdiv(C, block_c)
-    ints = (C, P, n_pblocks, n_ctiles, *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *om.stride(), *ov.stride())
-    options = dict(BLOCK_C=block_c, BLOCK_P=block_p, INT64=needs_int64(a1, a2, om), num_warps=warps)
+    ints = (
+        C,
+        P,
+        n_pblocks,
+        n_ctiles,
+        *a1.stride(),
+        *b1.stride(),
+        *a2.stride(),
+        *b2.stride(),
+        *om.stride(),
+        *ov.stride(),
+    )
+    options = dict(BLOCK_C=block_c, BLOCK_P=block_p, INT64=needs_int64(a1, a2, om), num_warps=4)
     return views, (R * n_pblocks * n_ctiles,), ints, options
 
 
 def _launch_gauss_mul(
     m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor, power1: float, power2: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``_gauss_mul_kernel``: ``(mean, var)`` in the dtype of ``m1``, ``var`` per pixel when
+    ``v1`` or ``v2`` is. The launch plan is stored per shape (``planned_args``)."""
     *batch, C, H, W = m1.shape
     per_pixel = v1.shape[-1] * v1.shape[-2] > 1 or v2.shape[-1] * v2.shape[-2] > 1
     mean = torch.empty(*m1.shape, dtype=m1.dtype, device=m1.device)
@@ -345,46 +516,45 @@ def _launch_gauss_mul(
 
 # --------------------------------------------------------------------------- torch.library ops
 
+if triton is not None:
 
-@torch.library.custom_op("gmkernels::gm_mul_iso_gaussian", mutates_args=())
-def _gm_mul_iso_gaussian_op(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-    gm_power: float, gaussian_power: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    if select_backend(means) == "triton":
+    @torch.library.custom_op("gmkernels::gm_mul_iso_gaussian", mutates_args=())
+    def _gm_mul_iso_gaussian_op(
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        logweights: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        gm_power: float,
+        gaussian_power: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _launch_gm_mul(means, logstds, logweights, mean, var, gaussian_power / gm_power, eps)
-    gm = {"means": means, "logstds": logstds, "logweights": logweights}
-    out = run_reference(
-        ref.gm_mul_iso_gaussian, gm, {"mean": mean, "var": var}, gm_power, gaussian_power, eps, out_dtype=means.dtype
-    )
-    return out["means"], out["logstds"], out["logweights"]
 
+    @_gm_mul_iso_gaussian_op.register_fake
+    def _(means, logstds, logweights, mean, var, gm_power, gaussian_power, eps):
+        *batch, _, _, H, W = means.shape
+        per_pixel = logstds.shape[-1] * logstds.shape[-2] > 1 or var.shape[-1] * var.shape[-2] > 1
+        std_shape = (*batch, 1, 1, H, W) if per_pixel else (*batch, 1, 1, 1, 1)
+        return means.new_empty(means.shape), means.new_empty(std_shape), means.new_empty(logweights.shape)
 
-@_gm_mul_iso_gaussian_op.register_fake
-def _(means, logstds, logweights, mean, var, gm_power, gaussian_power, eps):
-    *batch, _, _, H, W = means.shape
-    per_pixel = logstds.shape[-1] * logstds.shape[-2] > 1 or var.shape[-1] * var.shape[-2] > 1
-    std_shape = (*batch, 1, 1, H, W) if per_pixel else (*batch, 1, 1, 1, 1)
-    return means.new_empty(means.shape), means.new_empty(std_shape), means.new_empty(logweights.shape)
-
-
-@torch.library.custom_op("gmkernels::iso_gaussian_mul_iso_gaussian", mutates_args=())
-def _iso_gaussian_mul_op(
-    mean1: torch.Tensor, var1: torch.Tensor, mean2: torch.Tensor, var2: torch.Tensor, power1: float, power2: float,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    if select_backend(mean1) == "triton":
+    @torch.library.custom_op("gmkernels::iso_gaussian_mul_iso_gaussian", mutates_args=())
+    def _iso_gaussian_mul_op(
+        mean1: torch.Tensor,
+        var1: torch.Tensor,
+        mean2: torch.Tensor,
+        var2: torch.Tensor,
+        power1: float,
+        power2: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch_gauss_mul(mean1, var1, mean2, var2, power1, power2, eps)
-    g1, g2 = {"mean": mean1, "var": var1}, {"mean": mean2, "var": var2}
-    out = run_reference(ref.iso_gaussian_mul_iso_gaussian, g1, g2, power1, power2, eps, out_dtype=mean1.dtype)
-    return out["mean"], out["var"]
 
-
-@_iso_gaussian_mul_op.register_fake
-def _(mean1, var1, mean2, var2, power1, power2, eps):
-    *batch, _, H, W = mean1.shape
-    per_pixel = var1.shape[-1] * var1.shape[-2] > 1 or var2.shape[-1] * var2.shape[-2] > 1
-    return mean1.new_empty(mean1.shape), mean1.new_empty((*batch, 1, H, W) if per_pixel else (*batch, 1, 1, 1))
+    @_iso_gaussian_mul_op.register_fake
+    def _(mean1, var1, mean2, var2, power1, power2, eps):
+        *batch, _, H, W = mean1.shape
+        per_pixel = var1.shape[-1] * var1.shape[-2] > 1 or var2.shape[-1] * var2.shape[-2] > 1
+        return mean1.new_empty(mean1.shape), mean1.new_empty((*batch, 1, H, W) if per_pixel else (*batch, 1, 1, 1))
 
 
 # --------------------------------------------------------------------------- public functions
@@ -397,24 +567,35 @@ def gm_mul_iso_gaussian(
 
     Args:
         gm: ``{means (*B, K, C, H, W), logstds, logweights (*B, K, 1, H, W)}``.
-        gaussian: ``{mean (*B, C, H, W), var (*B, 1, H, W) | (*B, 1, 1, 1)}``.
+        gaussian: ``{mean (*B, C, H, W), var (*B, 1, H, W) | (*B, 1, 1, 1)}``, ``var > 0``; an
+            infinite ``var`` carries no information: means and log-stds come back unchanged,
+            log-weights renormalised.
         gm_power: > 0. gaussian_power: any finite float (negative divides).
     Returns:
         A GM in the dtype of ``means``; ``logstds`` is per pixel ``(*B, 1, 1, H, W)`` when
-        ``var`` (or ``logstds``) is per pixel.
+        ``var`` (or ``logstds``) is per pixel. A pixel whose components are all dead is not a
+        GM: its log-weights are NaN (docs/numerics.md#products).
     """
     s = check_gm(gm)
     check_gaussian(gaussian, "gaussian", s)
-    require_range(gaussian["var"], 0.0, float("inf"), "gaussian['var'] must be > 0 (a variance; inf is allowed)", low_open=True)
-    gm_power = _check_real(gm_power, "gm_power")
-    if gm_power <= 0:
-        raise ValueError(f"gm_power must be > 0, got {gm_power}")
-    gaussian_power = _check_real(gaussian_power, "gaussian_power")
-    eps = _check_real(eps, "eps")
-    tensors = (gm["means"], gm["logstds"], gm["logweights"], gaussian["mean"], gaussian["var"])
-    if not kernels_wanted(*tensors):
+    mean, var = gaussian["mean"], gaussian["var"]
+    require_range(
+        var, 0.0, math.inf, "gaussian['var'] must be > 0 (a variance; inf means no information)", low_open=True
+    )
+    if type(gm_power) is not float or not 0.0 < gm_power < math.inf:  # the common case inline, without a call
+        gm_power = _check_real(gm_power, "gm_power")
+        if gm_power <= 0:
+            raise ValueError(f"gm_power must be > 0, got {gm_power}")
+    if type(gaussian_power) is not float or not math.isfinite(gaussian_power):
+        gaussian_power = _check_real(gaussian_power, "gaussian_power")
+    if type(eps) is not float or not math.isfinite(eps):
+        eps = _check_real(eps, "eps")
+    means, logstds, logweights = gm["means"], gm["logstds"], gm["logweights"]
+    if not kernels_wanted(means, logstds, logweights, mean, var):
         return run_reference(ref.gm_mul_iso_gaussian, gm, gaussian, gm_power, gaussian_power, eps, out_dtype=s.dtype)
-    means, logstds, logweights = call_op(torch.ops.gmkernels.gm_mul_iso_gaussian, *tensors, gm_power, gaussian_power, eps)
+    means, logstds, logweights = _gm_mul_iso_gaussian_op(
+        means, logstds, logweights, mean, var, gm_power, gaussian_power, eps
+    )
     return {"means": means, "logstds": logstds, "logweights": logweights}
 
 
@@ -424,18 +605,26 @@ def iso_gaussian_mul_iso_gaussian(
     """Normalised product ``N(m1, v1)^power1 * N(m2, v2)^power2`` (a power of -1 divides).
 
     Args:
-        g1, g2: ``{mean (*B, C, H, W), var (*B, 1, H, W) | (*B, 1, 1, 1)}``, same ``*B, C, H, W``.
+        g1, g2: ``{mean (*B, C, H, W), var (*B, 1, H, W) | (*B, 1, 1, 1)}``, same ``*B, C, H, W``,
+            ``var > 0``. An infinite variance carries no information: the product is the other
+            factor, ``N(m2, v2 / power2)`` for an infinite ``v1`` (``power2 > 0``); both infinite
+            give ``var = inf`` and ``mean = (power1 * m1 + power2 * m2) / (power1 + power2)``.
     Returns:
         ``{mean (*B, C, H, W), var}`` in the dtype of ``g1['mean']``; ``var`` is per pixel
         ``(*B, 1, H, W)`` when either input's is.
     """
     s = check_gaussian(g1, "g1")
     check_gaussian(g2, "g2", s)
-    power1 = _check_real(power1, "power1")
-    power2 = _check_real(power2, "power2")
-    eps = _check_real(eps, "eps")
-    tensors = (g1["mean"], g1["var"], g2["mean"], g2["var"])
-    if not kernels_wanted(*tensors):
+    m1, v1, m2, v2 = g1["mean"], g1["var"], g2["mean"], g2["var"]
+    require_range(v1, 0.0, math.inf, "g1['var'] must be > 0 (a variance; inf means no information)", low_open=True)
+    require_range(v2, 0.0, math.inf, "g2['var'] must be > 0 (a variance; inf means no information)", low_open=True)
+    if type(power1) is not float or not math.isfinite(power1):  # the common case inline, without a call
+        power1 = _check_real(power1, "power1")
+    if type(power2) is not float or not math.isfinite(power2):
+        power2 = _check_real(power2, "power2")
+    if type(eps) is not float or not math.isfinite(eps):
+        eps = _check_real(eps, "eps")
+    if not kernels_wanted(m1, v1, m2, v2):
         return run_reference(ref.iso_gaussian_mul_iso_gaussian, g1, g2, power1, power2, eps, out_dtype=s.dtype)
-    mean, var = call_op(torch.ops.gmkernels.iso_gaussian_mul_iso_gaussian, *tensors, power1, power2, eps)
+    mean, var = _iso_gaussian_mul_op(m1, v1, m2, v2, power1, power2, eps)
     return {"mean": mean, "var": var}

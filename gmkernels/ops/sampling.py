@@ -14,18 +14,24 @@ Triton and torch backends draw different (equally distributed) numbers.
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
 import reference.sampling as ref
 
-from .._dispatch import run_reference, select_backend
+from .._dispatch import run_reference
 from .._validate import check_count, check_generator, check_gm, check_power
 from ._launch import (
-    LOG2E, PlanCache, call_op, cdiv, kernels_wanted, launch_plan, needs_int64, next_pow2, per_row, pixel_rows, planned_args,
+    LOG2E,
+    PlanCache,
+    cdiv,
+    kernels_wanted,
+    needs_int64,
+    next_pow2,
+    per_row,
+    pixel_rows,
+    planned_args,
 )
-
 
 try:
     import triton
@@ -34,11 +40,11 @@ except ImportError:  # CPU-only installs: the torch path still works
     triton = None
 
 
-@launch_plan
 def sample_blocks(K: int, C: int, P: int, programs_per_pblock: int) -> tuple[int, int, int, int]:
     """``(BLOCK_K, BLOCK_C, BLOCK_P, num_warps)``: up to 128 pixels per program, halved down to
     32 while the grid has fewer than 1024 programs; ``BLOCK_K * BLOCK_P <= 1024`` (one
-    log-weight tile and its cumulative weights in registers; triton 3.6 spilled at 2048) and up to 16 channels per store tile."""
+    log-weight tile and its cumulative weights in registers; 2048 spills) and up to 16 channels
+    per store tile."""
     block_p = min(next_pow2(P), 128)
     while block_p > 32 and programs_per_pblock * cdiv(P, block_p) < 1024:
         block_p //= 2
@@ -67,15 +73,35 @@ if triton is not None:
 
     @triton.jit
     def _gm_sample_kernel(
-        means_ptr, lw_ptr, logstds_ptr, seeds_ptr, out_ptr,
-        K, C, P, N, n_pblocks,
-        s_mr, s_mk, s_mc, s_mp,
-        s_lr, s_lk, s_lp,
-        s_sr, s_sp,
-        s_or, s_on, s_oc, s_op,
+        means_ptr,
+        lw_ptr,
+        logstds_ptr,
+        seeds_ptr,
+        out_ptr,
+        K,
+        C,
+        P,
+        N,
+        n_pblocks,
+        s_mr,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_lr,
+        s_lk,
+        s_lp,
+        s_sr,
+        s_sp,
+        s_or,
+        s_on,
+        s_oc,
+        s_op,
         power_log2e,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-    ):  # fmt: skip
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
         """``out (R, N, C, P) = mu_k + exp(logstds) * z`` with ``k ~ softmax(power * logweights)``
         per pixel and sample, drawn by inverting the categorical CDF at one uniform ``u`` per
         pixel and sample: pass 1 over the K tiles finds the running max ``m`` and the total
@@ -111,7 +137,9 @@ if triton is not None:
         last = tl.zeros([BLOCK_P], dtype=ar_k.dtype)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + ar_k
-            lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=(offs_k < K)[:, None] & mask_p[None, :], other=float("-inf"))
+            lw = tl.load(
+                l_base + offs_k[:, None] * s_lk, mask=(offs_k < K)[:, None] & mask_p[None, :], other=float("-inf")
+            )
             dead = lw == float("-inf")
             logit2 = tl.where(dead, float("-inf"), tl.where(dead, 0.0, lw.to(tl.float32)) * power_log2e)  # no -inf * 0
             m_new = tl.maximum(m, tl.max(logit2, axis=0))
@@ -126,7 +154,9 @@ if triton is not None:
         idx = last
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + ar_k
-            lw = tl.load(l_base + offs_k[:, None] * s_lk, mask=(offs_k < K)[:, None] & mask_p[None, :], other=float("-inf"))
+            lw = tl.load(
+                l_base + offs_k[:, None] * s_lk, mask=(offs_k < K)[:, None] & mask_p[None, :], other=float("-inf")
+            )
             dead = lw == float("-inf")
             logit2 = tl.where(dead, float("-inf"), tl.where(dead, 0.0, lw.to(tl.float32)) * power_log2e)
             w = tl.exp2(logit2 - m_ref[None, :])
@@ -145,8 +175,9 @@ if triton is not None:
             tl.store(o_base + offs_c[:, None] * s_oc, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _sample_args(means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, seeds: torch.Tensor,
-                 out: torch.Tensor) -> tuple:  # fmt: skip
+def _sample_args(
+    means: torch.Tensor, logweights: torch.Tensor, logstds: torch.Tensor, seeds: torch.Tensor, out: torch.Tensor
+) -> tuple:
     """The kernel's views (in the order of the arguments), grid, integer arguments and options."""
     *batch, K, C, H, W = means.shape
     n_samples = out.shape[-4]
@@ -166,7 +197,12 @@ _PLANS = PlanCache()
 
 
 def _launch_sample(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, seeds: torch.Tensor, n_samples: int, power: float
+    means: torch.Tensor,
+    logstds: torch.Tensor,
+    logweights: torch.Tensor,
+    seeds: torch.Tensor,
+    n_samples: int,
+    power: float,
 ) -> torch.Tensor:
     """Run ``_gm_sample_kernel``: ``(*B, N, C, H, W)`` in the dtype of ``means``. The launch
     plan is stored per shape (``planned_args``)."""
@@ -179,24 +215,28 @@ def _launch_sample(
     return out
 
 
-@torch.library.custom_op("gmkernels::gm_sample", mutates_args=())
-def _gm_sample_op(
-    means: torch.Tensor, logstds: torch.Tensor, logweights: torch.Tensor, seeds: torch.Tensor, n_samples: int, power: float
-) -> torch.Tensor:
-    """``seeds``: int64 ``(2,)`` Philox seeds on the device of ``means``."""
-    if select_backend(means) == "triton":
+if triton is not None:
+
+    @torch.library.custom_op("gmkernels::gm_sample", mutates_args=())
+    def _gm_sample_op(
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        logweights: torch.Tensor,
+        seeds: torch.Tensor,
+        n_samples: int,
+        power: float,
+    ) -> torch.Tensor:
+        """``seeds``: int64 ``(2,)`` Philox seeds on the device of ``means``."""
         return _launch_sample(means, logstds, logweights, seeds, n_samples, power)
-    gen = torch.Generator(means.device).manual_seed(int(seeds[0]))
-    gm = {"means": means, "logstds": logstds, "logweights": logweights}
-    return run_reference(ref.gm_sample, gm, n_samples, power, gen, out_dtype=means.dtype)
+
+    @_gm_sample_op.register_fake
+    def _(means, logstds, logweights, seeds, n_samples, power):
+        return means.new_empty((*means.shape[:-4], n_samples, *means.shape[-3:]))
 
 
-@_gm_sample_op.register_fake
-def _(means, logstds, logweights, seeds, n_samples, power):
-    return means.new_empty((*means.shape[:-4], n_samples, *means.shape[-3:]))
-
-
-def gm_sample(gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def gm_sample(
+    gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``n_samples`` independent draws per pixel: component ``k ~ softmax(power * logweights)``
     (dead components never drawn, for any power), then ``mu_k + exp(logstds) * z``, ``z ~ N(0, I)``.
 
@@ -217,4 +257,4 @@ def gm_sample(gm: dict, n_samples: int = 1, power: float = 1.0, generator: torch
         return run_reference(ref.gm_sample, gm, n_samples, power, generator, out_dtype=s.dtype)
     gen_device = generator.device if generator is not None else s.device
     seeds = torch.randint(0, 2**62, (2,), generator=generator, device=gen_device).to(s.device)
-    return call_op(torch.ops.gmkernels.gm_sample, gm["means"], gm["logstds"], gm["logweights"], seeds, n_samples, power)
+    return _gm_sample_op(gm["means"], gm["logstds"], gm["logweights"], seeds, n_samples, power)

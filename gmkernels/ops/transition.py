@@ -15,17 +15,15 @@ autotuning, so launches are deterministic and safe inside CUDA-graph capture.
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
 
 import reference.transition as ref
 
-from .._dispatch import run_reference, select_backend
+from .._dispatch import run_reference
 from .._validate import Sigma, check_gm, check_sigma, check_sigma_pair, check_state
-from ._launch import PlanCache, call_op, cdiv, kernels_wanted, needs_int64, next_pow2, planned_args
-
+from ._launch import PlanCache, cdiv, kernels_wanted, needs_int64, next_pow2, planned_args
 
 try:
     import triton
@@ -37,70 +35,44 @@ U_TO_X0, X0_TO_U, REVERSE = 0, 1, 2
 _TILE = 2048  # elements per program
 
 
-# ----------------------------------------------------------------------------- launch helpers
-
-
-def flat_batch(t: torch.Tensor, n_trailing: int) -> torch.Tensor:
-    """``(*B, *trailing)`` -> ``(prod(B), *trailing)``, a view when strides allow."""
-    return t.reshape(-1, *t.shape[t.dim() - n_trailing :])
-
-
-def flat_gm(means: torch.Tensor, logweights: Optional[torch.Tensor] = None):
-    """``means (*B, K, C, H, W)`` -> ``(B, K, C, H*W)``; ``logweights (*B, K, 1, H, W)`` ->
-    ``(B, K, H*W)``. Views whenever the strides allow (a copy only when H, W cannot be merged)."""
-    *_, K, C, H, W = means.shape
-    m = means.reshape(-1, K, C, H * W)
-    if logweights is None:
-        return m
-    return m, logweights.reshape(-1, K, H * W)
-
-
-def flat_logstds(logstds: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, int, int, int]:
-    """``logstds (*B, 1, 1, 1, 1)`` or ``(*B, 1, 1, H, W)`` -> ``(t, ls_hw, stride_b, stride_p)``
-    with ``t`` of shape ``(B, ls_hw)``: ``ls_hw`` is 1 (per sample) or ``H*W`` (per pixel)."""
-    ls_hw = logstds.shape[-1] * logstds.shape[-2]
-    t = logstds.reshape(-1, ls_hw)
-    return t, ls_hw, t.stride(0), (t.stride(1) if ls_hw > 1 else 0)
-
-
-def flat_sigma(sigma: Optional[torch.Tensor], batch: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A sigma tensor broadcastable to ``(*B, 1, 1, 1)`` -> ``(t, stride)`` with ``t`` indexable as
-    ``t[b * stride]`` over the flattened batch (stride 0 for a broadcast scalar; no copy when
-    the expanded view can be flattened). ``None`` (a Python float sigma) -> a dummy pointer."""
-    if sigma is None:
-        return like, 0
-    t = sigma.expand(*batch, 1, 1, 1).reshape(-1)
-    return t, t.stride(0)
-
-
-def pow2_at_most(n: int, cap: int) -> int:
-    """The next power of two >= ``n``, capped at ``cap``."""
-    return min(next_pow2(max(int(n), 1)), cap)
-
-
-def _sigma_args(sigma: Sigma) -> tuple[Optional[torch.Tensor], float]:
-    return (sigma, 0.0) if isinstance(sigma, torch.Tensor) else (None, float(sigma))
-
-
-def _tensors(*xs) -> tuple[torch.Tensor, ...]:
-    return tuple(x for x in xs if isinstance(x, torch.Tensor))
-
-
 # ----------------------------------------------------------------------------- kernel
 
 if triton is not None:
 
     @triton.jit
     def _transition_kernel(
-        means_ptr, x_ptr, ls_ptr, sig_ptr, sigto_ptr, out_means_ptr, out_ls_ptr,
-        R, K, C, HW, LS_HW,
-        s_mb, s_mk, s_mc, s_mp,
-        s_xb, s_xc, s_xp,
-        s_lsb, s_lsp,
-        s_sig, s_sigto,
-        sig_f, sigto_f, eps,
-        MODE: tl.constexpr, SIG_T: tl.constexpr, SIGTO_T: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+        means_ptr,
+        x_ptr,
+        ls_ptr,
+        sig_ptr,
+        sigto_ptr,
+        out_means_ptr,
+        out_ls_ptr,
+        R,
+        K,
+        C,
+        HW,
+        LS_HW,
+        s_mb,
+        s_mk,
+        s_mc,
+        s_mp,
+        s_xb,
+        s_xc,
+        s_xp,
+        s_lsb,
+        s_lsp,
+        s_sig,
+        s_sigto,
+        sig_f,
+        sigto_f,
+        eps,
+        MODE: tl.constexpr,
+        SIG_T: tl.constexpr,
+        SIGTO_T: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        INT64: tl.constexpr,
     ):
         """``out[b,k,c,p] = alpha_b * x[b,c,p] + beta_b * means[b,k,c,p]`` over rows ``r = (b, k, c)``
         of ``R = B*K*C`` rows and ``HW`` pixels; ``logstds'`` from the lanes with ``k = c = 0``."""
@@ -174,25 +146,48 @@ if triton is not None:
 
 
 def _transition_args(means, x_t, logstds, sigma_t, sigma_to_t, out_m, out_ls, mode: int, sig_t: bool, sigto_t: bool):
-    """The kernel's views (in the order of the arguments; a Python-float sigma's pointer is
-    ``means``, unread), grid, integer arguments and options."""
+    """The kernel's views (in the order of the arguments), grid, integer arguments and options.
+    ``means (*B, K, C, H, W) -> (B, K, C, H*W)``, ``x_t -> (B, C, H*W)`` and ``logstds -> (B,
+    LS_HW)`` (``LS_HW`` 1 per sample or ``H*W`` per pixel) are views whenever the strides allow;
+    a sigma tensor is indexed ``sigma[b * stride]`` over the flattened batch (stride 0 for a
+    broadcast scalar), and a Python-float sigma's pointer is ``means``, unread (stride 0)."""
     *batch, K, C, H, W = means.shape
     HW = H * W
-    m = flat_gm(means)
+    m = means.reshape(-1, K, C, HW)
     B = m.shape[0]
     x = x_t.reshape(B, C, HW)
-    ls, ls_hw, s_lsb, s_lsp = flat_logstds(logstds, H, W)
-    sig, s_sig = flat_sigma(sigma_t if sig_t else None, tuple(batch), means)
-    sig_to, s_sigto = flat_sigma(sigma_to_t if sigto_t else None, tuple(batch), means)
+    ls_hw = logstds.shape[-1] * logstds.shape[-2]
+    ls = logstds.reshape(-1, ls_hw)
+    sig = sigma_t.expand(*batch, 1, 1, 1).reshape(-1) if sig_t else means
+    sig_to = sigma_to_t.expand(*batch, 1, 1, 1).reshape(-1) if sigto_t else means
     om, ols = out_m.view(B, K, C, HW), out_ls.view(B, ls_hw)
     R = B * K * C
-    block_p = pow2_at_most(HW, 1024)
-    # point data (one pixel): every row element carries its own sigma and log-std math; half
-    # the tile (triton 3.6 used 254 registers and spilled at 2048)
-    block_r = pow2_at_most(R, max(1, (_TILE if block_p > 1 else _TILE // 2) // block_p))
-    ints = (R, K, C, HW, ls_hw, *m.stride(), *x.stride(), s_lsb, s_lsp, s_sig, s_sigto)
-    options = dict(MODE=mode, SIG_T=sig_t, SIGTO_T=sigto_t, BLOCK_R=block_r, BLOCK_P=block_p, INT64=needs_int64(m, x, om),
-                   num_warps=4)  # fmt: skip
+    block_p = min(next_pow2(HW), 1024)
+    # point data (one pixel): every row element carries its own sigma and log-std math; half the
+    # tile (the full one needs more registers than a thread has on triton 3.6)
+    block_r = min(next_pow2(R), max(1, (_TILE if block_p > 1 else _TILE // 2) // block_p))
+    ints = (
+        R,
+        K,
+        C,
+        HW,
+        ls_hw,
+        *m.stride(),
+        *x.stride(),
+        ls.stride(0),
+        ls.stride(1) if ls_hw > 1 else 0,
+        sig.stride(0) if sig_t else 0,
+        sig_to.stride(0) if sigto_t else 0,
+    )
+    options = dict(
+        MODE=mode,
+        SIG_T=sig_t,
+        SIGTO_T=sigto_t,
+        BLOCK_R=block_r,
+        BLOCK_P=block_p,
+        INT64=needs_int64(m, x, om),
+        num_warps=4,
+    )
     return (m, x, ls, sig, sig_to, om, ols), (cdiv(R, block_r) * cdiv(HW, block_p),), ints, options
 
 
@@ -200,7 +195,8 @@ _PLANS = PlanCache()
 
 
 def _launch(mode: int, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_to_f, eps):
-    """Run ``_transition_kernel``; the launch plan is stored per shape (``planned_args``)."""
+    """Run ``_transition_kernel``: new ``(means, logstds)`` in the dtype of ``means``, ``logstds``
+    of the input's shape. The launch plan is stored per shape (``planned_args``)."""
     out_m = torch.empty(*means.shape, device=means.device, dtype=means.dtype)
     out_ls = torch.empty(*logstds.shape, device=means.device, dtype=means.dtype)
     if out_m.numel() == 0:
@@ -212,51 +208,51 @@ def _launch(mode: int, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_
     return out_m, out_ls
 
 
-def _impl(mode, ref_fn, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_to_f, eps):
-    if select_backend(means) == "triton":
-        return _launch(mode, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_to_f, eps)
-    sigmas = (sigma_f if sigma_t is None else sigma_t,)
-    if mode == REVERSE:
-        sigmas += (sigma_to_f if sigma_to_t is None else sigma_to_t,)
-    out = run_reference(ref_fn, {"means": means, "logstds": logstds, "logweights": None}, x_t, *sigmas, eps, out_dtype=means.dtype)
-    return out["means"], out["logstds"].expand(logstds.shape).contiguous()
+# ----------------------------------------------------------------------------- torch.library ops
 
+if triton is not None:
 
-@torch.library.custom_op("gmkernels::u_to_x0", mutates_args=())
-def _u_to_x0_op(
-    means: torch.Tensor, logstds: torch.Tensor, x_t: torch.Tensor, sigma_t: Optional[torch.Tensor], sigma_f: float, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(U_TO_X0, ref.u_to_x0, means, logstds, x_t, sigma_t, sigma_f, None, 0.0, eps)
+    @torch.library.custom_op("gmkernels::u_to_x0", mutates_args=())
+    def _u_to_x0_op(
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        x_t: torch.Tensor,
+        sigma_t: Optional[torch.Tensor],
+        sigma_f: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch(U_TO_X0, means, logstds, x_t, sigma_t, sigma_f, None, 0.0, eps)
 
+    @torch.library.custom_op("gmkernels::x0_to_u", mutates_args=())
+    def _x0_to_u_op(
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        x_t: torch.Tensor,
+        sigma_t: Optional[torch.Tensor],
+        sigma_f: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch(X0_TO_U, means, logstds, x_t, sigma_t, sigma_f, None, 0.0, eps)
 
-@torch.library.custom_op("gmkernels::x0_to_u", mutates_args=())
-def _x0_to_u_op(
-    means: torch.Tensor, logstds: torch.Tensor, x_t: torch.Tensor, sigma_t: Optional[torch.Tensor], sigma_f: float, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(X0_TO_U, ref.x0_to_u, means, logstds, x_t, sigma_t, sigma_f, None, 0.0, eps)
+    @torch.library.custom_op("gmkernels::reverse_transition", mutates_args=())
+    def _reverse_transition_op(
+        means: torch.Tensor,
+        logstds: torch.Tensor,
+        x_t: torch.Tensor,
+        sigma_t: Optional[torch.Tensor],
+        sigma_f: float,
+        sigma_to_t: Optional[torch.Tensor],
+        sigma_to_f: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch(REVERSE, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_to_f, eps)
 
+    def _fake(means, logstds, *args):
+        return means.new_empty(means.shape), logstds.new_empty(logstds.shape, dtype=means.dtype)
 
-@torch.library.custom_op("gmkernels::reverse_transition", mutates_args=())
-def _reverse_transition_op(
-    means: torch.Tensor,
-    logstds: torch.Tensor,
-    x_t: torch.Tensor,
-    sigma_t: Optional[torch.Tensor],
-    sigma_f: float,
-    sigma_to_t: Optional[torch.Tensor],
-    sigma_to_f: float,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(REVERSE, ref.reverse_transition, means, logstds, x_t, sigma_t, sigma_f, sigma_to_t, sigma_to_f, eps)
-
-
-def _fake(means, logstds, *args):
-    return torch.empty_like(means, memory_format=torch.contiguous_format), logstds.new_empty(logstds.shape, dtype=means.dtype)
-
-
-_u_to_x0_op.register_fake(_fake)
-_x0_to_u_op.register_fake(_fake)
-_reverse_transition_op.register_fake(_fake)
+    _u_to_x0_op.register_fake(_fake)
+    _x0_to_u_op.register_fake(_fake)
+    _reverse_transition_op.register_fake(_fake)
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -282,9 +278,11 @@ def u_to_x0(gm_u: dict, x_t: torch.Tensor, sigma: Sigma, eps: float = 1e-6) -> d
     s = check_gm(gm_u, "gm_u")
     check_state(x_t, "x_t", s)
     sigma = check_sigma(sigma, "sigma", s)
-    if not kernels_wanted(*_tensors(gm_u["means"], gm_u["logstds"], x_t, sigma)):
+    means, logstds = gm_u["means"], gm_u["logstds"]
+    sigma_t = sigma if isinstance(sigma, torch.Tensor) else None  # the op takes a tensor or a float
+    if not kernels_wanted(means, logstds, x_t, means if sigma_t is None else sigma_t):
         return run_reference(ref.u_to_x0, gm_u, x_t, sigma, eps, out_dtype=s.dtype)
-    means, logstds = call_op(torch.ops.gmkernels.u_to_x0, gm_u["means"], gm_u["logstds"], x_t, *_sigma_args(sigma), float(eps))
+    means, logstds = _u_to_x0_op(means, logstds, x_t, sigma_t, 0.0 if sigma_t is not None else sigma, float(eps))
     return {"means": means, "logstds": logstds, "logweights": gm_u["logweights"].to(s.dtype)}
 
 
@@ -295,9 +293,11 @@ def x0_to_u(gm_x0: dict, x_t: torch.Tensor, sigma: Sigma, eps: float = 1e-6) -> 
     s = check_gm(gm_x0, "gm_x0")
     check_state(x_t, "x_t", s)
     sigma = check_sigma(sigma, "sigma", s)
-    if not kernels_wanted(*_tensors(gm_x0["means"], gm_x0["logstds"], x_t, sigma)):
+    means, logstds = gm_x0["means"], gm_x0["logstds"]
+    sigma_t = sigma if isinstance(sigma, torch.Tensor) else None
+    if not kernels_wanted(means, logstds, x_t, means if sigma_t is None else sigma_t):
         return run_reference(ref.x0_to_u, gm_x0, x_t, sigma, eps, out_dtype=s.dtype)
-    means, logstds = call_op(torch.ops.gmkernels.x0_to_u, gm_x0["means"], gm_x0["logstds"], x_t, *_sigma_args(sigma), float(eps))
+    means, logstds = _x0_to_u_op(means, logstds, x_t, sigma_t, 0.0 if sigma_t is not None else sigma, float(eps))
     return {"means": means, "logstds": logstds, "logweights": gm_x0["logweights"].to(s.dtype)}
 
 
@@ -317,9 +317,21 @@ def reverse_transition(gm_x0: dict, x_t: torch.Tensor, sigma: Sigma, sigma_to: S
     s = check_gm(gm_x0, "gm_x0")
     check_state(x_t, "x_t", s)
     sigma, sigma_to = check_sigma_pair(sigma, "sigma", sigma_to, "sigma_to", s)
-    if not kernels_wanted(*_tensors(gm_x0["means"], gm_x0["logstds"], x_t, sigma, sigma_to)):
+    means, logstds = gm_x0["means"], gm_x0["logstds"]
+    sigma_t = sigma if isinstance(sigma, torch.Tensor) else None
+    sigma_to_t = sigma_to if isinstance(sigma_to, torch.Tensor) else None
+    if not kernels_wanted(
+        means, logstds, x_t, means if sigma_t is None else sigma_t, means if sigma_to_t is None else sigma_to_t
+    ):
         return run_reference(ref.reverse_transition, gm_x0, x_t, sigma, sigma_to, eps, out_dtype=s.dtype)
-    means, logstds = call_op(torch.ops.gmkernels.reverse_transition,
-        gm_x0["means"], gm_x0["logstds"], x_t, *_sigma_args(sigma), *_sigma_args(sigma_to), float(eps)
+    means, logstds = _reverse_transition_op(
+        means,
+        logstds,
+        x_t,
+        sigma_t,
+        0.0 if sigma_t is not None else sigma,
+        sigma_to_t,
+        0.0 if sigma_to_t is not None else sigma_to,
+        float(eps),
     )
     return {"means": means, "logstds": logstds, "logweights": gm_x0["logweights"].to(s.dtype)}

@@ -2,6 +2,7 @@
 any checkpoint directory in its layout), sampled with ``gmkernels``' GM solvers.
 
     pipe = GMDiTPipeline.from_pretrained(path, torch_dtype=torch.bfloat16, variant="bf16").to("cuda")
+    pipe.scheduler = FlowEulerODEScheduler.from_config(pipe.scheduler.config)   # GM-ODE, as officially
     images = pipe(pipe.get_label_ids(["jay", "magpie"]), generator=torch.manual_seed(42)).images
 
 The directory layout (diffusers' pipeline format) is read without the official code base:
@@ -13,20 +14,24 @@ classes here), ``transformer/`` (:class:`gmkernels.models.GMDiTTransformer2DMode
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
 import numpy as np
 import torch
 
-from .schedulers import FlowEulerODEScheduler, GMFlowSDEScheduler
+from ..gmflow_schedulers import FlowEulerODEScheduler, GMFlowSDEScheduler
+from ..schedulers import GMODEScheduler, GMSDEScheduler, GMTensorStepScheduler
 
 try:
     from diffusers import AutoencoderKL, DiffusionPipeline
     from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("gmkernels.pipelines needs diffusers: pip install -e '.[diffusers]' from a checkout, or pip install diffusers") from e
+    raise ImportError(
+        "gmkernels.pipelines needs diffusers: pip install -e '.[diffusers]' from a checkout, or pip install diffusers"
+    ) from e
 
 from ..models.gmdit import GMDiTTransformer2DModel, SpectrumMLP
 
@@ -47,6 +52,23 @@ def _component_class(index: dict, name: str, allowed) -> str:
     return cls
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_count(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return v
+
+
+def _take(out, i: int):
+    """Sample ``i`` (kept as a batch of one) of a u-GM or of the pair ``(gm_cond, gm_uncond)``."""
+    if isinstance(out, tuple):
+        return tuple(_take(o, i) for o in out)
+    return {k: v[i : i + 1] for k, v in out.items()}
+
+
 def _device_generator(generator, device: torch.device):
     """``generator`` on ``device``: the same one, or (e.g. ``torch.manual_seed(42)`` with a CUDA
     pipeline) a new one seeded by a draw from it, so the same seed gives the same images."""
@@ -60,15 +82,24 @@ class GMDiTPipeline(DiffusionPipeline):
     """Class-conditional GM-DiT sampling (the official ``GMDiTPipeline``'s components and ``__call__``).
 
     Components: ``transformer`` (u-GM network), ``spectrum_net`` (log power spectrum for
-    ``"sample"`` mode; ``None``: independent per-pixel draws, ``gmkernels.sample``'s GM-SDE), ``vae`` (latents -> images), ``scheduler`` (its config gives the schedule's
-    shift; the solver follows ``output_mode``), and ``id2label`` (class id -> comma-separated
-    names, for :meth:`get_label_ids`).
+    ``"sample"`` mode; ``None``: independent per-pixel draws, ``gmkernels.sample``'s GM-SDE),
+    ``vae`` (latents -> images), ``scheduler`` (an official-contract ``FlowEulerODEScheduler`` or
+    ``GMFlowSDEScheduler``: its class gives the step and its config the schedule, so
+    ``pipe.scheduler = GMFlowSDEScheduler.from_config(pipe.scheduler.config)`` switches as
+    officially; the loop runs ``gmkernels``' GM schedulers, fused where they cover the pairing),
+    and ``id2label`` (class id -> comma-separated names, for :meth:`get_label_ids`).
     """
 
     model_cpu_offload_seq = "transformer->vae"
 
-    def __init__(self, transformer: GMDiTTransformer2DModel, spectrum_net: SpectrumMLP | None, vae: AutoencoderKL,
-                 scheduler: GMFlowSDEScheduler | FlowEulerODEScheduler, id2label: dict | None = None):
+    def __init__(
+        self,
+        transformer: GMDiTTransformer2DModel,
+        spectrum_net: SpectrumMLP | None,
+        vae: AutoencoderKL,
+        scheduler: GMFlowSDEScheduler | FlowEulerODEScheduler,
+        id2label: dict | None = None,
+    ):
         super().__init__()
         self.register_modules(transformer=transformer, spectrum_net=spectrum_net, vae=vae, scheduler=scheduler)
         self.register_to_config(id2label=id2label)
@@ -79,8 +110,9 @@ class GMDiTPipeline(DiffusionPipeline):
         self.labels = dict(sorted(self.labels.items()))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None,
-                        variant: str | None = None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None, variant: str | None = None, **kwargs
+    ):
         """Load a checkpoint directory in the official layout (or a Hugging Face Hub id, downloaded
         with ``huggingface_hub.snapshot_download`` where the hub is reachable).
 
@@ -92,6 +124,12 @@ class GMDiTPipeline(DiffusionPipeline):
         """
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
+            # a hub id is "name" or "owner/name"; anything else is a path that is not there
+            if os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
+                raise FileNotFoundError(
+                    f"GMDiTPipeline.from_pretrained: no such directory {path!r} "
+                    f"(pretrained_model_name_or_path: a checkpoint directory or a hub id 'owner/name')"
+                )
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(repo_id=path)
@@ -134,7 +172,9 @@ class GMDiTPipeline(DiffusionPipeline):
         batch doubled with the null class)."""
         transformer = self.transformer
         B = class_labels.shape[0]
-        labels = torch.cat([class_labels, torch.full_like(class_labels, transformer.null_class)]) if guided else class_labels
+        labels = (
+            torch.cat([class_labels, torch.full_like(class_labels, transformer.null_class)]) if guided else class_labels
+        )
 
         def denoise(x, t):
             inp = x.to(transformer.dtype)
@@ -147,16 +187,51 @@ class GMDiTPipeline(DiffusionPipeline):
 
         return denoise
 
-    def _scheduler_for(self, output_mode: str):
-        want = FlowEulerODEScheduler if output_mode == "mean" else GMFlowSDEScheduler
-        return self.scheduler if type(self.scheduler) is want else want.from_config(self.scheduler.config)
+    def _loop_scheduler(self, output_mode: str, shift: float, **solver):
+        """The GM scheduler that runs the loop for ``self.scheduler`` and ``output_mode``, as the
+        official pipeline pairs them: the scheduler's class gives the step, ``output_mode`` the x0
+        it steps on. GM-ODE (``FlowEulerODEScheduler``, ``"mean"``) and per-pixel GM-SDE
+        (``GMFlowSDEScheduler`` with the exact transition's noise, ``"sample"``, no spectrum
+        network) run fused; every other pairing runs the official step on an x0 of the GM
+        (:class:`GMTensorStepScheduler`, on a copy of ``self.scheduler``)."""
+        sched = self.scheduler
+        if isinstance(sched, FlowEulerODEScheduler) and output_mode == "mean":
+            return GMODEScheduler(shift=shift, **solver)
+        if (
+            isinstance(sched, GMFlowSDEScheduler)
+            and output_mode == "sample"
+            and sched.exact_transition
+            and self.spectrum_net is None
+        ):
+            return GMSDEScheduler(shift=shift, **solver)
+        spectrum_net = self.spectrum_net if output_mode == "sample" else None
+        return GMTensorStepScheduler(copy.deepcopy(sched), output_mode, spectrum_net, **solver)
+
+    def _class_labels(self, class_labels, device: torch.device) -> torch.Tensor:
+        """``class_labels`` (ints, or an int tensor) as a long tensor ``(B,)`` on ``device``."""
+        names = [class_labels] if isinstance(class_labels, str) else class_labels
+        if isinstance(names, (list, tuple)) and any(isinstance(v, str) for v in names):
+            raise TypeError(
+                f"class_labels must be class ids (ints), got names {class_labels!r}; "
+                f"turn names into ids with pipe.get_label_ids({class_labels!r})"
+            )
+        try:
+            labels = torch.as_tensor(class_labels, device=device).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"class_labels must be a list of class ids (ints), got {class_labels!r}") from e
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.numel() == 0:
+            raise ValueError(f"class_labels must be a non-empty list of ints, got {class_labels!r}")
+        n = self.transformer.config.num_embeds_ada_norm
+        if bool(((labels < 0) | (labels >= n)).any()):
+            raise ValueError(f"class_labels must lie in [0, {n}), got {labels.tolist()}")
+        return labels.long()
 
     @torch.inference_mode()
     def __call__(
         self,
         class_labels,
         guidance_scale: float = 0.45,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 32,
         num_inference_substeps: int = 4,
         output_mode: str = "mean",
@@ -169,19 +244,23 @@ class GMDiTPipeline(DiffusionPipeline):
         """Generate one image per class label.
 
         Args:
-            class_labels: class ids (list of ints, an int, or an int tensor ``(B,)``).
+            class_labels: class ids (list of ints, an int, or an int tensor ``(B,)``); names go
+                through :meth:`get_label_ids` first.
             guidance_scale: probabilistic guidance in ``[0, 1)`` (0: none; the unconditional pass
                 uses the null class).
-            generator: ``torch.Generator`` for the initial noise and the GM-SDE draws (same seed,
-                same images on one device and backend).
-            num_inference_steps: network calls. num_inference_substeps: GM-ODE substeps per call
-                (``"mean"`` mode; must be 1 in ``"sample"`` mode).
-            output_mode: ``"mean"`` (GM-ODE, :class:`FlowEulerODEScheduler`) or ``"sample"``
-                (GM-SDE with spectrally correlated draws, :class:`GMFlowSDEScheduler`); the
-                scheduler of that kind is built from ``self.scheduler``'s config when it is the
-                other kind.
+            generator: a ``torch.Generator``, or a list of one per sample (sample ``i`` is then the
+                image a call with ``[generator[i]]`` alone gives), for the initial noise and every
+                draw after it (same seed, same images on one device and backend).
+            num_inference_steps: network calls. num_inference_substeps: steps per call
+                (``"mean"``; must be 1 with ``"sample"``).
+            output_mode: the x0 the steps take from the GM, as officially: ``"mean"`` (its mean, the
+                posterior mean at substeps) or ``"sample"`` (a draw, spatially correlated by
+                ``spectrum_net`` when there is one). The step itself is ``self.scheduler``'s:
+                ``FlowEulerODEScheduler`` with ``"mean"`` is GM-ODE, ``GMFlowSDEScheduler`` with
+                ``"sample"`` GM-SDE (see ``_loop_scheduler`` for which pairings run fused).
             order: 1, or 2 for GMFlow's 2nd-order correction.
-            orthogonal_guidance: share of the guidance bias made orthogonal to the conditional mean.
+            orthogonal_guidance: share (``>= 0``) of the guidance bias made orthogonal to the
+                conditional mean.
             output_type: ``"pil"``, ``"np"`` (``(B, H, W, 3)`` float in [0, 1]), ``"pt"``
                 (``(B, 3, H, W)`` float in [0, 1]) or ``"latent"`` (the sampled latents
                 ``(B, C, h, w)``, not divided by the VAE's scaling factor).
@@ -194,35 +273,70 @@ class GMDiTPipeline(DiffusionPipeline):
             raise ValueError(f"output_mode must be 'mean' or 'sample', got {output_mode!r}")
         if output_type not in _OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
-        if not 0 <= guidance_scale < 1:
-            raise ValueError(f"guidance_scale must lie in [0, 1), got {guidance_scale}")
-        if output_mode == "sample" and num_inference_substeps != 1:
-            raise ValueError(f"num_inference_substeps must be 1 with output_mode='sample', got {num_inference_substeps}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be one torch.Generator or None, got {type(generator).__name__}")
+        if not (_is_number(guidance_scale) and 0 <= guidance_scale < 1):
+            raise ValueError(f"guidance_scale must lie in [0, 1), got {guidance_scale!r}")
+        steps_n = _check_count(num_inference_steps, "num_inference_steps")
+        substeps = _check_count(num_inference_substeps, "num_inference_substeps")
+        if output_mode == "sample" and substeps != 1:
+            raise ValueError(f"num_inference_substeps must be 1 with output_mode='sample', got {substeps}")
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order!r}")
+        if not (_is_number(orthogonal_guidance) and orthogonal_guidance >= 0):
+            raise ValueError(f"orthogonal_guidance must be a number >= 0, got {orthogonal_guidance!r}")
+        if not isinstance(self.scheduler, (FlowEulerODEScheduler, GMFlowSDEScheduler)):
+            raise TypeError(
+                f"scheduler must be a FlowEulerODEScheduler or GMFlowSDEScheduler, got {type(self.scheduler).__name__}"
+            )
+        sched_cfg = self.scheduler.config
+        if sched_cfg.num_train_timesteps != 1000 or sched_cfg.terminal_sigma is not None:
+            raise ValueError(
+                "scheduler: num_train_timesteps must be 1000 (the network's timesteps are 1000 * sigma) and "
+                f"terminal_sigma None, got {sched_cfg.num_train_timesteps} and {sched_cfg.terminal_sigma}"
+            )
         device = self._execution_device
         cfg = self.transformer.config
-        labels = torch.as_tensor(class_labels, device=device).reshape(-1)
-        if labels.is_floating_point() or labels.numel() == 0:
-            raise ValueError(f"class_labels must be a non-empty list of ints, got {class_labels!r}")
-        if bool(((labels < 0) | (labels >= cfg.num_embeds_ada_norm)).any()):
-            raise ValueError(f"class_labels must lie in [0, {cfg.num_embeds_ada_norm}), got {labels.tolist()}")
-        labels = labels.long()
+        labels = self._class_labels(class_labels, device)
         B = labels.shape[0]
-        x = randn_tensor((B, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator, device=device,
-                         dtype=torch.float32)
-        generator = _device_generator(generator, device)
+        per_sample = isinstance(generator, (list, tuple))
+        gens = list(generator) if per_sample else [generator]
+        if per_sample and len(gens) != B:
+            raise ValueError(f"generator: a list of {len(gens)} generators for {B} class labels (one per sample)")
+        if not all(g is None or isinstance(g, torch.Generator) for g in gens) or (per_sample and None in gens):
+            raise TypeError(
+                f"generator must be a torch.Generator, a list of one per sample, or None, got {generator!r}"
+            )
+        x = randn_tensor(
+            (B, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+            generator=generator,
+            device=device,
+            dtype=torch.float32,
+        )
+        gens = [_device_generator(g, device) for g in gens]
 
-        sched = self._scheduler_for(output_mode)
         seq_len = (cfg.sample_size // cfg.patch_size) ** 2
-        sched.set_timesteps(num_inference_steps, num_inference_substeps, device=device, seq_len=seq_len, order=order,
-                            guidance_scale=guidance_scale, orthogonal_guidance=orthogonal_guidance)
+        solver = dict(
+            order=order, guidance="probabilistic", guidance_scale=guidance_scale, orthogonal=orthogonal_guidance
+        )
+        # one GM scheduler per generator: with a list, each sample steps alone with its own draws
+        cores = [self._loop_scheduler(output_mode, float(self.scheduler.get_shift(seq_len)), **solver) for _ in gens]
+        for core in cores:
+            if isinstance(core, GMTensorStepScheduler):
+                core.set_timesteps(steps_n, substeps, device=device, seq_len=seq_len)
+            else:
+                core.set_timesteps(steps_n, substeps, device=device)
         denoise = self._denoiser(labels, guidance_scale > 0)
-        spectrum = {"spectrum_net": self.spectrum_net} if output_mode == "sample" and self.spectrum_net is not None else {}
-        steps = sched.timesteps
+        steps = cores[0].timesteps
         for t in self.progress_bar(steps) if progress else steps:
             gm = denoise(x, t.expand(B))
-            x = sched.step(gm, t, x, generator=generator, **spectrum).prev_sample
+            if per_sample:
+                x = torch.cat(
+                    [
+                        core.step(_take(gm, i), t, x[i : i + 1], generator=g)
+                        for i, (core, g) in enumerate(zip(cores, gens))
+                    ]
+                )
+            else:
+                x = cores[0].step(gm, t, x, generator=gens[0])
 
         if output_type == "latent":
             images = x

@@ -38,7 +38,18 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-FAMILIES = ("mixture", "product", "posterior", "transition", "guidance", "likelihood", "sampling", "inverse_cdf", "solver_steps", "policy")
+FAMILIES = (
+    "mixture",
+    "product",
+    "posterior",
+    "transition",
+    "guidance",
+    "likelihood",
+    "sampling",
+    "inverse_cdf",
+    "solver_steps",
+    "policy",
+)
 
 #: named shape sets ``(B, K, C, H, W)`` for ``compile_report --shapes``
 SHAPE_SETS = {
@@ -47,6 +58,8 @@ SHAPE_SETS = {
         (256, 8, 4, 32, 32),  # ImageNet latents
         (1, 8, 4, 32, 32),  # small batches
         (8, 8, 4, 32, 32),
+        (2, 8, 4, 8, 8),  # small images: the shapes users try first
+        (1, 4, 4, 16, 16),
         (32, 256, 4, 32, 32),  # large K
         (8, 1024, 4, 16, 16),
         (64, 32, 4, 32, 32),  # pi-Flow policies
@@ -208,7 +221,9 @@ def case_from_launch(name: str, kernel: Any, grid: tuple[int, ...], args: tuple,
         if p.is_constexpr:
             sig[p.name], consts[p.name] = "constexpr", v
             continue
-        ty, key = native_specialize_impl(BaseBackend, v, False, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
+        ty, key = native_specialize_impl(
+            BaseBackend, v, False, not p.do_not_specialize, not p.do_not_specialize_on_alignment
+        )
         if ty == "constexpr":
             sig[p.name], consts[p.name] = "constexpr", key
         else:
@@ -346,7 +361,9 @@ def compile_case(case: AotCase, arch: int) -> AotResult:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True, check=True
+        ).stdout
         sass = subprocess.run([_tool("nvdisasm"), "-c", "-gi", path], capture_output=True, text=True, check=True).stdout
 
     def field_of(key: str) -> int:

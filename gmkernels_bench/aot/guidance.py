@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from gmkernels.ops.guidance import _launch_mean_cfg, _launch_probabilistic, _launch_weight
 
-from . import AOT_DTYPES, SHAPE_SETS, AotCase, bench_shape_cases, launch_cases, meta_gm, shape_tag
+from . import AOT_DTYPES, AotCase, bench_shape_cases, launch_cases, meta_gm, shape_tag
+
 
 def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
     """The launches of the three guidance ops for a pair of ``(B, K, C, H, W)`` GMs with
@@ -20,7 +21,6 @@ def aot_cases(B: int, K: int, C: int, H: int, W: int) -> list[AotCase]:
         for ortho in (False, True):
             cases += launch_cases(f"mean_cfg[ortho={ortho},{tag}]", _launch_mean_cfg, m, lw, m, lw, 2.0, ortho)
     return cases
-
 
 
 def bench_cases() -> list[AotCase]:

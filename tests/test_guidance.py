@@ -7,11 +7,11 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from strategies import TOL, gm_shapes, make_gm, rel_err, seeds
 
 import gmkernels
 import reference
 from gmkernels.ops import _launch, guidance
-from strategies import TOL, gm_shapes, make_gm, rel_err, seeds
 
 pytest.importorskip("triton")
 
@@ -118,7 +118,12 @@ def test_weight_guidance(data, dtype, scale):
 
 @pytest.mark.triton
 @settings(max_examples=5)
-@given(batch=st.integers(2, 300), K=st.sampled_from([1, 3, 16, 40]), dead=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    batch=st.integers(2, 300),
+    K=st.sampled_from([1, 3, 16, 40]),
+    dead=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
 def test_weight_guidance_point_data(batch, K, dead, dtype):
     """Point data (H = W = 1) runs as one row of ``batch`` pixels: every point still gets its own softmax."""
     gm_c = make_gm(((batch,), K, 2, 1, 1), 3, dtype, dead=dead)
@@ -127,7 +132,6 @@ def test_weight_guidance_point_data(batch, K, dead, dtype):
         out = gmkernels.weight_guidance(gm_c, gm_u, 2.5)
     ref = reference.weight_guidance(to64(gm_c), to64(gm_u), 2.5)
     close(out["logweights"], ref["logweights"], dtype, "logweights")
-
 
 
 @pytest.mark.triton
@@ -169,6 +173,7 @@ def test_guidance_many_partial_sums_per_sample():
         close(out[key], ref[key], torch.float32, key)
     close(cfg["means"], reference.mean_cfg(to64(gm_c), to64(gm_u), 3.0, True)["means"], torch.float32, "mean_cfg")
 
+
 @pytest.mark.triton
 @settings(max_examples=10)
 @given(
@@ -209,6 +214,27 @@ def test_bad_input_names_the_argument():
         gmkernels.mean_cfg(gm_c, gm_bad, 2.0)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_mean_cfg_orthogonal_is_a_bool(backend):
+    """``orthogonal`` of mean_cfg is a flag (docs/ops.md#mean_cfg): a number such as 0.5, which
+    would read as probabilistic_guidance's fraction, raises a TypeError naming the argument
+    instead of acting as ``True``; the bools give the reference's results."""
+    gm_c = make_gm(((2,), 3, 2, 3, 2), 0, torch.float32)
+    gm_u = make_gm(((2,), 4, 2, 3, 2), 1, torch.float32)
+    with gmkernels.use_backend(backend):
+        for bad in (0.5, 1, 0.0, torch.tensor(True)):
+            with pytest.raises(TypeError, match="orthogonal"):
+                gmkernels.mean_cfg(gm_c, gm_u, 2.0, bad)
+        for orthogonal in (False, True):
+            out = gmkernels.mean_cfg(gm_c, gm_u, 2.0, orthogonal)
+            close(
+                out["means"],
+                reference.mean_cfg(to64(gm_c), to64(gm_u), 2.0, orthogonal)["means"],
+                torch.float32,
+                "means",
+            )
+
+
 def test_pair_check_is_stored_per_metadata_only_when_valid():
     """The pair check runs once per metadata (types, shapes, dtypes, devices of the six tensors):
     a valid pair is stored, while a pair differing in any of them is checked again and still
@@ -238,9 +264,9 @@ def test_ops_trace_fullgraph_under_torch_compile():
     gm_u = make_gm(((2,), 3, 2, 2, 3), 2, torch.float32)
 
     def f(mc, lsc, lc, mu, lu):
-        m, ls, l = torch.ops.gmkernels.probabilistic_guidance(mc, lsc, lc, mu, lu, 0.5, 1.0)
-        l = torch.ops.gmkernels.weight_guidance(l, lu, 1.5)
-        return torch.ops.gmkernels.mean_cfg(m, l, mu, lu, 2.0, True), ls, l
+        m, ls, lw = torch.ops.gmkernels.probabilistic_guidance(mc, lsc, lc, mu, lu, 0.5, 1.0)
+        lw = torch.ops.gmkernels.weight_guidance(lw, lu, 1.5)
+        return torch.ops.gmkernels.mean_cfg(m, lw, mu, lu, 2.0, True), ls, lw
 
     args = (gm_c["means"], gm_c["logstds"], gm_c["logweights"], gm_u["means"], gm_u["logweights"])
     with gmkernels.use_backend("triton"):

@@ -148,7 +148,11 @@ def test_int64_offsets():
     """The 64-bit offset path (taken when a tensor spans more than 2**31 elements) computes the
     same values; forced here on a small GM."""
     gm = cast_gm(make_gm(((2,), 5, 3, 2, 3), 17, dead=True), torch.float32, "sliced")
-    with gmkernels.use_backend("triton"), small_blocks(True), mock.patch.object(mixture, "needs_int64", lambda *t: True):
+    with (
+        gmkernels.use_backend("triton"),
+        small_blocks(True),
+        mock.patch.object(mixture, "needs_int64", lambda *t: True),
+    ):
         out = gmkernels.gm_to_mean(gm, 0.5)
         iso = gmkernels.gm_to_iso_gaussian(gm)
     assert rel_err(out, reference.gm_to_mean(as_f64(gm), 0.5)) < TOL[torch.float32]

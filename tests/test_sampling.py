@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import gm_shapes, make_gm, seeds
 
 import gmkernels
-from strategies import gm_shapes, make_gm, seeds
 
 
 def _const_gm(logweights: torch.Tensor, means: torch.Tensor, logstd: float, H: int, W: int) -> dict:
@@ -116,6 +116,7 @@ def test_custom_op_opcheck():
     gm = make_gm(((2,), 3, 2, 2, 3), seed=0, dtype=torch.float32)
     seeds_t = torch.tensor([11, 12], dtype=torch.int64)
     torch.library.opcheck(
-        torch.ops.gmkernels.gm_sample.default, (gm["means"], gm["logstds"], gm["logweights"], seeds_t, 2, 1.0),
+        torch.ops.gmkernels.gm_sample.default,
+        (gm["means"], gm["logstds"], gm["logweights"], seeds_t, 2, 1.0),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )  # fmt: skip
+    )

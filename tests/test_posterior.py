@@ -1,5 +1,6 @@
 """Triton kernel of ``gm_posterior_mean`` against the float64 reference, under
-``TRITON_INTERPRET=1`` on CPU; and its ``torch.library`` op."""
+``TRITON_INTERPRET=1`` on CPU; its ``torch.library`` op; and pixels whose components are all dead
+(NaN on both backends, with the mixture moments)."""
 
 import contextlib
 from unittest import mock
@@ -12,9 +13,10 @@ from hypothesis import strategies as st
 import gmkernels
 import reference
 from gmkernels.ops import posterior
-from tests.strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
 from reference.posterior import transfer_gaussian
-from tests.test_kernels_mixture import as_f64, cast_gm, relayout
+from tests.strategies import TOL, gm_shapes, make_gm, make_state, rel_err, seeds, sigmas
+from tests.test_mixture import as_f64, cast_gm, relayout
+from tests.test_mixture import small_blocks as moments_small_blocks
 
 pytest.importorskip("triton")
 
@@ -119,6 +121,7 @@ def test_int64_offsets_and_torch_compile_fullgraph():
     assert torch.equal(compiled, eager)
 
 
+@pytest.mark.triton
 def test_custom_op_passes_opcheck():
     shape = ((2,), 3, 2, 3, 2)
     gm = cast_gm(make_gm(shape, 4, dead=True), torch.float32)
@@ -157,3 +160,42 @@ def test_fp32_accuracy_across_the_sigma_range(sigma_src, ratio, seed, dead):
     with gmkernels.use_backend("triton"):
         out = gmkernels.gm_posterior_mean(gm, x_src, sigma_src, x_tgt, s_tgt)
     assert rel_err(out, exact) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("tiny", [False, True])
+def test_all_dead_pixel_is_nan_for_moments_and_posterior(backend, tiny):
+    """A pixel whose components are all dead is not a GM: ``gm_to_mean`` (any power),
+    ``gm_to_iso_gaussian`` (mean and variance) and ``gm_posterior_mean`` give NaN there on both
+    backends, and finite values elsewhere, a pixel with a single live component included."""
+    shape = ((2,), 5, 3, 2, 3)
+    gm = cast_gm(make_gm(shape, 81, dead=True), torch.float32)
+    gm["logweights"][1, :, :, 0, 1] = float("-inf")
+    gm["logweights"][0, 1:, :, 1, 2] = float("-inf")  # one live component
+    gm["logweights"][0, 0, :, 1, 2] = 0.0
+    x_src, x_tgt = make_state(shape, 82).float(), make_state(shape, 83).float()
+    blocks = tiny and backend == "triton"
+    with gmkernels.use_backend(backend), small_blocks(blocks), moments_small_blocks(blocks):
+        iso = gmkernels.gm_to_iso_gaussian(gm)
+        outs = {
+            "gm_to_mean": gmkernels.gm_to_mean(gm),
+            "gm_to_mean(power=0.5)": gmkernels.gm_to_mean(gm, 0.5),
+            "gm_to_iso_gaussian mean": iso["mean"],
+            "gm_to_iso_gaussian var": iso["var"],
+            "gm_posterior_mean": gmkernels.gm_posterior_mean(gm, x_src, 0.6, x_tgt, 0.3),
+        }
+    g64 = as_f64(gm)
+    iso = reference.gm_to_iso_gaussian(g64)
+    refs = {
+        "gm_to_mean": reference.gm_to_mean(g64),
+        "gm_to_mean(power=0.5)": reference.gm_to_mean(g64, 0.5),
+        "gm_to_iso_gaussian mean": iso["mean"],
+        "gm_to_iso_gaussian var": iso["var"],
+        "gm_posterior_mean": reference.gm_posterior_mean(g64, x_src.double(), 0.6, x_tgt.double(), 0.3),
+    }
+    for name, out in outs.items():
+        dead = torch.zeros_like(out, dtype=torch.bool)
+        dead[1, :, 0, 1] = True
+        assert out[dead].isnan().all(), name
+        assert torch.isfinite(out[~dead]).all(), name
+        assert rel_err(out[~dead], refs[name][~dead]) < TOL[torch.float32], name
