@@ -132,7 +132,7 @@ def _storage_map(kernel: Any, args: tuple, kwargs: dict, per_arg: bool = False) 
     for name, v in names:
         if isinstance(v, torch.Tensor):
             st = v.untyped_storage()
-            key = st._cdata
+            key = id(st)  # a storage's Python object is kept while any view of it lives
             if per_arg or key not in seen:
                 seen.add(key)
                 out[name] = (key, st.nbytes())

@@ -497,6 +497,15 @@ def _distinct_bytes(t) -> int:
     return n * t.element_size() if t.numel() else 0
 
 
+def _tensors(tree: Any) -> list:
+    """The leaves of an aten op's nested arguments or results (tuples, lists, dicts)."""
+    if isinstance(tree, (tuple, list)):
+        return [t for x in tree for t in _tensors(x)]
+    if isinstance(tree, dict):
+        return [t for x in tree.values() for t in _tensors(x)]
+    return [tree]
+
+
 class TorchOps:
     """A ``TorchDispatchMode`` that records every aten op that launches a kernel: name, bytes
     read (the distinct elements of each tensor input), bytes written (each tensor output),
@@ -513,7 +522,6 @@ class TorchOps:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 import torch
-                from torch.utils._pytree import tree_flatten
 
                 kwargs = kwargs or {}
                 if getattr(func, "namespace", "") == "gmkernels":
@@ -530,22 +538,16 @@ class TorchOps:
                 base = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else name
                 if base in _NO_KERNEL or base.startswith("sym_"):
                     return out
-                if base == "_to_copy":
-                    src = args[0]
-                    dt = kwargs.get("dtype", src.dtype)
-                    dev_ = kwargs.get("device", src.device)
-                    if dt == src.dtype and (dev_ is None or torch.device(dev_) == src.device):
-                        pass  # still a copy
                 storages: dict[Any, list[float]] = {}
-                ins, _ = tree_flatten((args, kwargs))
+                ins = _tensors((args, kwargs))
                 for t in ins:
                     if isinstance(t, torch.Tensor):
-                        k = t.untyped_storage()._cdata
+                        k = id(t.untyped_storage())
                         storages.setdefault(k, [0.0, 0.0])[0] += _distinct_bytes(t)
-                outs, _ = tree_flatten(out)
+                outs = _tensors(out)
                 for t in outs:
                     if isinstance(t, torch.Tensor):
-                        k = t.untyped_storage()._cdata
+                        k = id(t.untyped_storage())
                         storages.setdefault(k, [0.0, 0.0])[1] += _distinct_bytes(t)
                 if base in (
                     "zeros",

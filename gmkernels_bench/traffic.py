@@ -399,7 +399,7 @@ def materialise(args: tuple, kwargs: dict, seed: int = 0, alias: bool = False) -
         if not isinstance(t, torch.Tensor) or t.device.type != "meta":
             return t
         st = t.untyped_storage()
-        key = st._cdata if alias else position[0]
+        key = id(st) if alias else position[0]
         if key not in storages:
             n = max(st.nbytes() // t.element_size(), 1)
             if t.dtype.is_floating_point:
