@@ -327,15 +327,14 @@ def _code_hash(scenario: bool) -> str:
     """The code counted traffic depends on: the package, the AOT cases and the counter (and for
     a scenario, the benchmark's inputs and the reference)."""
     h = hashlib.sha256()
-    for folder in ("gmkernels", "gmkernels/ops", "gmkernels_bench/aot") + (("reference",) if scenario else ()):
-        for p in sorted((REPO / folder).glob("*.py")):
+    for folder in ("gmkernels", "gmkernels_bench/aot") + (("reference",) if scenario else ()):
+        for p in sorted((REPO / folder).rglob("*.py")):  # the solver package's modules included
             h.update(p.read_bytes())
     for p in ("gmkernels_bench/traffic.py",) + (("gmkernels_bench/cases.py",) if scenario else ()):
         h.update((REPO / p).read_bytes())
     import triton
 
     h.update(triton.__version__.encode())
-    h.update(str(REPO).encode())
     return h.hexdigest()[:16]
 
 
