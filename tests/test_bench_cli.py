@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
+import reference
 from gmkernels_bench.__main__ import TRITON_ON_CPU, main
-from gmkernels_bench.cases import OP_NAMES, counts, parse_shapes
+from gmkernels_bench.cases import OP_NAMES, counts, op_cases, parse_shapes, solver_cases
 from gmkernels_bench.report import add_speedups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,3 +196,52 @@ def test_gpu_only_backends_absent_on_cpu(tmp_path, capsys):
     assert not any(
         {"graph", "reduce-overhead"} & set(c.runs) for c in op_cases(shape, torch.float32, torch.device("cpu"), None)
     )
+
+
+def _graphs(fn, *args) -> int:
+    """How many graphs ``torch.compile(fn, dynamic=False)`` (as ``cases.compiled`` compiles the
+    reference) captures on ``args``: each graph break adds one."""
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compiler.reset()  # a cached compile of fn from another test would capture nothing here
+    torch.compile(fn, backend=count, dynamic=False)(*args)
+    torch.compiler.reset()
+    return len(graphs)
+
+
+def test_reference_log_of_a_float_is_a_float_as_tensor_log():
+    from reference._util import log
+
+    for x in (2.5, 1e-30, 1, 0.0, -1.0, math.inf):
+        got, want = log(x), torch.tensor(x, dtype=torch.float64).log().item()
+        assert isinstance(got, float) and (got == want or (math.isnan(got) and math.isnan(want))), (x, got, want)
+
+
+FLOAT_OPS = ["u_to_x0", "x0_to_u", "reverse_transition", "gm_posterior_mean", "probabilistic_guidance", "mean_cfg"]
+
+
+@pytest.mark.parametrize("op", FLOAT_OPS)
+def test_compile_baseline_is_one_graph_with_a_float_sigma(op):
+    """The ``compile`` backend compiles the reference with Python-float sigmas and scales (the op
+    cases' arguments): one graph each, no break (a ``Tensor.item()`` would split it)."""
+    shape = parse_shapes(["custom", "2,3,2,4,4"], torch.device("cpu"), True)[0]
+    case = next(c for c in op_cases(shape, torch.float32, torch.device("cpu"), None) if c.op == op)
+    args = case.make()
+    assert any(isinstance(a, float) for a in args)
+    assert _graphs(getattr(reference, op), *args) == 1
+
+
+def test_compiled_sampling_loop_is_one_graph():
+    """``--compile-solvers`` compiles the reference sampling loop (float sigmas from the
+    scheduler): one unrolled graph, no break per step."""
+    shape = parse_shapes(["custom", "1,2,1,2,2"], torch.device("cpu"), True)[0]
+    case = next(
+        c
+        for c in solver_cases(shape, torch.float32, torch.device("cpu"), True, False)
+        if c.op.startswith("sample gm-ode")
+    )
+    assert _graphs(case.runs["torch"], case.make()) == 1
