@@ -382,8 +382,8 @@ def solver_label(cfg: dict) -> str:
 def solver_cases(
     shape: Shape, dtype: torch.dtype, device: torch.device, small: bool, compile_loop: bool, max_copies: int = 64
 ) -> list[Case]:
-    """``gmkernels.sample`` with a stub denoiser, per solver configuration (docs/solvers.md; the ``small`` run's
-    steps, and no ``SOLVER_BATCH`` on a CPU, when ``small``). ``triton`` is the
+    """``gmkernels.sample`` with a stub denoiser, per solver configuration (docs/solvers.md; when ``small``,
+    ``SOLVER_STEPS_QUICK`` and, on a CPU, the shape's own batch instead of ``SOLVER_BATCH``). ``triton`` is the
     default dispatch, ``torch`` the same loop under ``use_backend("torch")`` (the reference ops),
     ``compile`` ``torch.compile`` of that loop (only when ``compile_loop``).
 
@@ -561,7 +561,7 @@ def policy_cases(dtype: torch.dtype, device: torch.device, small: bool, compile_
 
 def small_cpu_lines(notes: list[str]) -> list[str]:
     """The notes of a small CPU run as printed: the first says how to get the full run."""
-    head = "small cpu run (the default on a cpu; --full-size for the full sizes, which take 10+ minutes a suite)"
+    head = "small cpu run (the default on a cpu; --full-size for the full sizes: the ops suite takes 10+ minutes on 2 cores)"
     return [f"{head if i == 0 else 'small cpu run'}: {n}" for i, n in enumerate(notes)]
 
 
