@@ -3,12 +3,17 @@
 ``python -m gmkernels_bench`` (console script ``gmkernels-bench``) runs on this device: gmkernels
 (Triton on CUDA) vs the reference eager vs ``torch.compile`` of the reference.
 
-    python -m gmkernels_bench --quick                       # all suites, small, < 2 min on a CPU
+    python -m gmkernels_bench --quick                       # all suites, small, fp32, < 2 min on a CPU
     python -m gmkernels_bench --suite ops --shapes imagenet large-k --dtype fp32,bf16
+    python -m gmkernels_bench --suite ops --full-size       # on a CPU: the full shapes and timer (10+ min)
     python -m gmkernels_bench --suite train --shapes custom 8,16,4,32,32 --plot
     torchrun --nproc-per-node 8 -m gmkernels_bench --suite solvers   # data-parallel samples/s
     python -m gmkernels_bench --suite pipeline --dtype bf16          # GMDiTPipeline, DiT-XL/2, B=8
     python -m gmkernels_bench --suite policy                         # pi-Flow rollouts (ImageNet, FLUX GM heads)
+
+On a CPU a run is small unless ``--full-size``: the named shapes at ``cases.CPU_SIZES`` (same K
+and C), fewer timer repeats, one torch thread, ``torch.compile`` of a subset, fewer solver steps
+and policy substeps; the run prints each reduction next to its full size.
 
 Writes ``results.json`` (one record per case and backend), ``results.md`` (the table) and, with
 ``--plot``, ``results.png`` into ``--out``; prints the table last. How the timing is done:
@@ -24,6 +29,8 @@ import sys
 import time
 
 import torch
+
+from .timing import TimerConfig
 
 SUITES = ("ops", "solvers", "train", "policy", "all", "pipeline")  # "all" is the first four
 BACKENDS = ("triton", "torch", "compile", "graph", "reduce-overhead")
@@ -47,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         default=["imagenet", "large-k"],
         metavar="SHAPE",
         help="imagenet (B=256,K=8,C=4,32x32), large-k (B=32,K=256,C=4,32x32) and/or custom B,K,C,H,W "
-        "(default: imagenet large-k; on a CPU --quick shrinks the named ones)",
+        "(default: imagenet large-k; on a CPU the named ones shrink to B=4,16x16 and B=1,8x8 unless --full-size)",
     )
     p.add_argument(
         "--backends",
@@ -62,13 +69,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also torch.compile the reference sampling loop (it unrolls steps x substeps: minutes per configuration)",
     )
-    p.add_argument(
-        "--quick", action="store_true", help="fewer repeats, fp32 only, small shapes and a compiled subset on a CPU"
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repeats and solver steps, fp32 only (on a CPU also the default small shapes and compiled subset)",
+    )
+    size.add_argument(
+        "--full-size",
+        action="store_true",
+        help="on a CPU: the full named shapes, timer, solver steps, policy rollouts and every op compiled "
+        "(default there: a small run that finishes in minutes)",
     )
     p.add_argument("--out", default="bench-out", help="output directory (default: ./bench-out)")
     p.add_argument("--plot", action="store_true", help="also write results.png (matplotlib)")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 with --quick on a CPU)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 in a small CPU run, without --full-size)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument(
@@ -113,6 +132,29 @@ def _progress(items: list, enabled: bool):
     except ImportError:
         return items
     return tqdm(items, desc="gmkernels-bench", unit="case", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _small_cpu_notes(
+    args: argparse.Namespace, suites: tuple[str, ...], backends: list[str], cfg: TimerConfig
+) -> list[str]:
+    """What a small CPU run (``cases.small_run``: the default on a CPU) reduces, each next to its
+    full size, for the suites and backends of this run; the first line says how to get the full run."""
+    from .cases import CPU_COMPILE, cpu_size_notes, small_cpu_lines
+
+    full = TimerConfig.for_run(torch.device("cpu"), False)
+    notes = cpu_size_notes(args.shapes, suites)
+    notes.append(
+        f"timer {cfg.repeats} batches of >= {cfg.min_batch_s * 1e3:g} ms, <= {cfg.max_total_s:g} s a case "
+        f"(full {full.repeats} of >= {full.min_batch_s * 1e3:g} ms, <= {full.max_total_s:g} s)"
+    )
+    if args.threads is None:
+        notes.append("1 torch thread (full: torch's choice; --threads N to set)")
+    if "compile" in backends and set(suites) & {"ops", "train"}:
+        notes.append(
+            f"torch.compile of {' and '.join(CPU_COMPILE)} at the first shape only "
+            "(full: every op at every shape; it costs seconds per op, shape and dtype)"
+        )
+    return small_cpu_lines(notes)
 
 
 def _finish(args: argparse.Namespace, meta: dict, records: list[dict], t0: float) -> int:
@@ -177,7 +219,7 @@ def _main(args: argparse.Namespace) -> int:
             _parser().error("under torchrun only --suite solvers runs (data-parallel sampling throughput)")
         repeats = 2 if args.quick else 5
         records, notes, device, rank = distributed.run_solvers(
-            args.device, lambda d: parse_shapes(args.shapes, d, args.quick), dtypes, args.quick, repeats, args.filter
+            args.device, args.shapes, dtypes, args.quick, args.full_size, repeats, args.filter
         )
         if rank != 0:
             return 0
@@ -195,26 +237,25 @@ def _main(args: argparse.Namespace) -> int:
             _parser().error(f"--device {args.device}: CUDA is not available here")
         torch.cuda.set_device(device)
     from .cases import (
-        QUICK_CPU_COMPILE,
+        CPU_COMPILE,
         op_cases,
         policy_cases,
         sample_unavailable,
+        small_run,
         solver_cases,
         traffic_table,
         train_cases,
     )
     from .runner import run_case
-    from .timing import TimerConfig, copy_bandwidth
+    from .timing import copy_bandwidth
 
-    shapes = parse_shapes(args.shapes, device, args.quick)
-    cfg = TimerConfig.for_run(device, args.quick)
-    small_cpu = args.quick and device.type == "cpu"
+    small = small_run(device, args.quick, args.full_size)
+    small_cpu = small and device.type == "cpu"
+    shapes = parse_shapes(args.shapes, device, small)
+    cfg = TimerConfig.for_run(device, small)
     notes: list[str] = []
     if args.threads is None and small_cpu:
-        torch.set_num_threads(1)
-        notes.append(
-            "cpu: 1 torch thread under --quick (OpenMP threads spin on busy cores and the timings scatter; --threads N to change)"
-        )
+        torch.set_num_threads(1)  # OpenMP threads spin on busy cores and the timings scatter
     if args.suite == "pipeline":
         return _pipeline(args, device, dtypes, notes, t0)
     if "triton" in backends and device.type != "cuda":
@@ -222,10 +263,6 @@ def _main(args: argparse.Namespace) -> int:
         notes.append(TRITON_ON_CPU)
     if device.type != "cuda":
         backends = [b for b in backends if b not in GPU_ONLY]
-    if "compile" in backends and small_cpu:
-        notes.append(
-            f"compile: --quick on cpu compiles only {' and '.join(QUICK_CPU_COMPILE)} at the first shape (torch.compile costs seconds per op and shape; drop --quick for all)"
-        )
     suites = ("ops", "train", "solvers", "policy") if args.suite == "all" else (args.suite,)
     if "solvers" in suites:
         reason = sample_unavailable(device)
@@ -236,6 +273,8 @@ def _main(args: argparse.Namespace) -> int:
             notes.append(
                 "solvers: torch.compile of the sampling loop is opt-in (--compile-solvers): it unrolls every step and substep"
             )
+    if small_cpu:
+        notes += _small_cpu_notes(args, suites, backends, cfg)
 
     meta = {**environment(device), "quick": args.quick, "notes": notes}
     if "solvers" in suites:
@@ -245,7 +284,7 @@ def _main(args: argparse.Namespace) -> int:
     )
     for n in notes:
         print(n)
-    copy_bw, probe_bytes = copy_bandwidth(device, cfg, args.quick)
+    copy_bw, probe_bytes = copy_bandwidth(device, cfg, small)
     meta.update(
         copy_gbps=copy_bw / 1e9,
         copy_probe_bytes=probe_bytes,
@@ -262,7 +301,7 @@ def _main(args: argparse.Namespace) -> int:
     max_copies = 16 if small_cpu else 64
     cases = []
     for i, shape in enumerate(shapes):
-        compile_ops = (QUICK_CPU_COMPILE if i == 0 else ()) if small_cpu else None
+        compile_ops = (CPU_COMPILE if i == 0 else ()) if small_cpu else None
         for dtype in dtypes:
             if "ops" in suites:
                 cases += op_cases(shape, dtype, device, compile_ops)
@@ -270,11 +309,11 @@ def _main(args: argparse.Namespace) -> int:
                 cases += train_cases(shape, dtype, device, compile_ops)
             if "solvers" in suites:
                 cases += solver_cases(
-                    shape, dtype, device, args.quick, compile_loop=args.compile_solvers, max_copies=max_copies
+                    shape, dtype, device, small, compile_loop=args.compile_solvers, max_copies=max_copies
                 )
     if "policy" in suites:  # its own shapes (pi-Flow's ImageNet and FLUX GM heads)
         for dtype in dtypes:
-            cases += policy_cases(dtype, device, args.quick, compile_ok=not small_cpu)
+            cases += policy_cases(dtype, device, small, compile_ok=not small_cpu)
     cases = [c for c in cases if args.filter in c.op]
     records: list[dict] = []
     for case in _progress(cases, not args.no_progress):

@@ -38,12 +38,13 @@ from .timing import input_copies
 # issue 4 item 6 uses B=125 at the ImageNet shape.
 PRESETS = {"imagenet": (256, 8, 4, 32, 32), "large-k": (32, 256, 4, 32, 32)}
 SOLVER_BATCH = {"imagenet": 125}
-# --quick on a CPU: the same K and C, fewer batch elements and pixels, so eager and compiled
-# torch finish in seconds.
-QUICK_CPU = {"imagenet": (4, 8, 4, 16, 16), "large-k": (1, 256, 4, 8, 8)}
-# torch.compile on a CPU costs seconds per op and shape (and ~20 s to start): --quick compiles
-# this subset at the first shape only: the fused sampler op and the training loss.
-QUICK_CPU_COMPILE = ("gm_posterior_mean", "gm_nll_loss fwd+bwd")
+# A small run (``small_run``: on a CPU unless --full-size) takes the named shapes at these sizes:
+# the same K and C, fewer batch elements and pixels, so eager and compiled torch finish in
+# seconds (a full-size CPU run of the ops suite takes over 10 minutes on 2 cores).
+CPU_SIZES = {"imagenet": (4, 8, 4, 16, 16), "large-k": (1, 256, 4, 8, 8)}
+# torch.compile on a CPU costs seconds per op, shape and dtype (and ~20 s to start): a small CPU
+# run compiles this subset at the first shape only: the fused sampler op and the training loss.
+CPU_COMPILE = ("gm_posterior_mean", "gm_nll_loss fwd+bwd")
 # ops at batches up to this size also run, on a GPU only, the ``graph`` backend (the Triton op
 # captured in a CUDA graph and replayed: no Python, dispatch or launch cost) and
 # ``reduce-overhead`` (``torch.compile(reference, mode="reduce-overhead")``, CUDA graphs of
@@ -55,6 +56,13 @@ SOLVER_STEPS = ((32, 4), (16, 8))
 SOLVER_STEPS_QUICK = ((4, 2),)
 SOLVERS = ("gm-ode", "gm-sde")
 GUIDANCE_SCALES = (0.0, 0.5)
+
+
+def small_run(device: torch.device, quick: bool, full_size: bool) -> bool:
+    """Whether a run takes the small settings (``CPU_SIZES`` and the CPU compile subset on a
+    CPU, fewer timer repeats and solver steps everywhere): under ``--quick``, and on a CPU unless
+    ``--full-size``."""
+    return quick or (device.type == "cpu" and not full_size)
 
 
 @dataclass(frozen=True)
@@ -92,10 +100,11 @@ def parse_custom(spec: str) -> Shape:
     return Shape("custom", *dims)
 
 
-def parse_shapes(tokens: list[str], device: torch.device, quick: bool) -> list[Shape]:
+def parse_shapes(tokens: list[str], device: torch.device, small: bool) -> list[Shape]:
     """``["imagenet", "large-k", "custom", "2,4,3,8,8", "custom:1,2,3,4,5"]`` -> shapes.
 
-    Named presets shrink to ``QUICK_CPU`` under ``quick`` on a CPU; custom shapes never change.
+    Named presets shrink to ``CPU_SIZES`` in a ``small`` run (``small_run``) on a CPU; custom
+    shapes never change.
     """
     shapes: list[Shape] = []
     i = 0
@@ -103,7 +112,7 @@ def parse_shapes(tokens: list[str], device: torch.device, quick: bool) -> list[S
         tok = tokens[i]
         for name in tok.split(",") if not tok[:1].isdigit() and not tok.startswith("custom") else [tok]:
             if name in PRESETS:
-                dims = QUICK_CPU[name] if quick and device.type == "cpu" else PRESETS[name]
+                dims = CPU_SIZES[name] if small and device.type == "cpu" else PRESETS[name]
                 shapes.append(Shape(name, *dims))
             elif name == "custom":
                 if i + 1 >= len(tokens):
@@ -368,10 +377,10 @@ def sample_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def solver_configs(quick: bool) -> list[dict]:
-    """Solver configurations (docs/solvers.md); GM-SDE has no substeps (one exact transition per call), so it runs
-    the same numbers of steps with ``substeps=1``."""
-    steps = SOLVER_STEPS_QUICK if quick else SOLVER_STEPS
+def solver_configs(small: bool) -> list[dict]:
+    """Solver configurations (docs/solvers.md), ``SOLVER_STEPS_QUICK`` in a ``small`` run; GM-SDE has no substeps
+    (one exact transition per call), so it runs the same numbers of steps with ``substeps=1``."""
+    steps = SOLVER_STEPS_QUICK if small else SOLVER_STEPS
     return [
         {"solver": solver, "num_steps": n, "substeps": m if solver == "gm-ode" else 1, "guidance_scale": g}
         for (n, m) in steps
@@ -386,18 +395,19 @@ def solver_label(cfg: dict) -> str:
 
 
 def solver_cases(
-    shape: Shape, dtype: torch.dtype, device: torch.device, quick: bool, compile_loop: bool, max_copies: int = 64
+    shape: Shape, dtype: torch.dtype, device: torch.device, small: bool, compile_loop: bool, max_copies: int = 64
 ) -> list[Case]:
-    """``gmkernels.sample`` with a stub denoiser, per solver configuration (docs/solvers.md). ``triton`` is the
+    """``gmkernels.sample`` with a stub denoiser, per solver configuration (docs/solvers.md; when ``small``,
+    ``SOLVER_STEPS_QUICK`` and, on a CPU, the shape's own batch instead of ``SOLVER_BATCH``). ``triton`` is the
     default dispatch, ``torch`` the same loop under ``use_backend("torch")`` (the reference ops),
     ``compile`` ``torch.compile`` of that loop (only when ``compile_loop``).
 
     Minimal traffic per network call: the GM(s) read once, the state read and written once."""
-    if shape.name in SOLVER_BATCH and not (quick and device.type == "cpu"):
+    if shape.name in SOLVER_BATCH and not (small and device.type == "cpu"):
         shape = shape.with_batch(SOLVER_BATCH[shape.name])
     c = counts(shape)
     out = []
-    for cfg in solver_configs(quick):
+    for cfg in solver_configs(small):
         guided = cfg["guidance_scale"] > 0
         per_call = (_elements("G+L+S", c) * (2 if guided else 1) + 2 * c["X"]) * dtype.itemsize
 
@@ -446,9 +456,9 @@ def solver_cases(
 # uses these shapes whatever --shapes says.
 
 POLICY_SHAPES = {"piflow-imagenet": (64, 32, 4, 32, 32), "piflow-flux": (2, 8, 16, 96, 170)}
-POLICY_QUICK_CPU = {"piflow-imagenet": (2, 32, 4, 8, 8), "piflow-flux": (1, 8, 16, 8, 12)}
+POLICY_CPU_SIZES = {"piflow-imagenet": (2, 32, 4, 8, 8), "piflow-flux": (1, 8, 16, 8, 12)}
 POLICY_SUBSTEPS = 128
-POLICY_SUBSTEPS_QUICK_CPU = 16  # --quick on a CPU: the reference's training rollout costs ~1 s per 16 substeps
+POLICY_CPU_SUBSTEPS = 16  # a small CPU run: the reference's training rollout costs ~1 s per 16 substeps
 POLICY_SHIFT = 3.0
 
 
@@ -505,20 +515,20 @@ def _policy_grads(rollout: Callable) -> Callable[[tuple], tuple]:
     return run
 
 
-def policy_cases(dtype: torch.dtype, device: torch.device, quick: bool, compile_ok: bool) -> list[Case]:
-    """A full 128-substep rollout of a GM policy (16 under ``quick`` on a CPU): ``triton`` the fused kernel, ``torch`` the
-    reference loop, ``compile`` that loop with a compiled velocity (when ``compile_ok``); and
-    the training rollout (forward + gradients of the u-GM; named without "fwd+bwd", which
-    selects the NLL training case): fused backward vs the reference
-    with one activation checkpoint per substep (``measure_memory``: peak memory on CUDA).
+def policy_cases(dtype: torch.dtype, device: torch.device, small: bool, compile_ok: bool) -> list[Case]:
+    """A full 128-substep rollout of a GM policy (16, at ``POLICY_CPU_SIZES``, in a ``small`` run on
+    a CPU): ``triton`` the fused kernel, ``torch`` the reference loop, ``compile`` that loop with a
+    compiled velocity (when ``compile_ok``); and the training rollout (forward + gradients of the
+    u-GM; named without "fwd+bwd", which selects the NLL training case): fused backward vs the
+    reference with one activation checkpoint per substep (``measure_memory``: peak memory on CUDA).
 
     Minimal traffic: the GM and ``x_src`` read once (the rollout starts at ``x_src``: ``x_start``
     is the same tensor) and ``x_end`` written (training: plus the three gradients written)."""
     out = []
-    small = quick and device.type == "cpu"
-    n = POLICY_SUBSTEPS_QUICK_CPU if small else POLICY_SUBSTEPS
+    small_cpu = small and device.type == "cpu"
+    n = POLICY_CPU_SUBSTEPS if small_cpu else POLICY_SUBSTEPS
     for name, dims in POLICY_SHAPES.items():
-        shape = Shape(name, *(POLICY_QUICK_CPU[name] if small else dims))
+        shape = Shape(name, *(POLICY_CPU_SIZES[name] if small_cpu else dims))
         c = counts(shape)
         fwd_bytes = (_elements("G+L+S+X+X", c)) * dtype.itemsize
         runs = {"triton": _policy_rollout, "torch": _policy_rollout_torch}
@@ -558,6 +568,40 @@ def policy_cases(dtype: torch.dtype, device: torch.device, quick: bool, compile_
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# what a small CPU run reduces
+
+
+def small_cpu_lines(notes: list[str]) -> list[str]:
+    """The notes of a small CPU run as printed: the first says how to get the full run."""
+    head = "small cpu run (the default on a cpu; --full-size for the full sizes: the ops suite takes 10+ minutes on 2 cores)"
+    return [f"{head if i == 0 else 'small cpu run'}: {n}" for i, n in enumerate(notes)]
+
+
+def cpu_size_notes(tokens: list[str], suites: tuple[str, ...]) -> list[str]:
+    """The sizes a small CPU run (``small_run``) shrinks for ``suites``, each next to its full
+    size: the named shapes among the ``--shapes`` ``tokens``, the sampling loops, the policy
+    rollouts."""
+    cpu = torch.device("cpu")
+    dims = lambda d: "x".join(map(str, d))  # noqa: E731
+    steps = lambda configs: " and ".join(f"{n}x{m}" for n, m in configs)  # noqa: E731
+    pairs = [(s, f) for s, f in zip(parse_shapes(tokens, cpu, True), parse_shapes(tokens, cpu, False)) if s != f]
+    notes = []
+    if pairs and set(suites) & {"ops", "train", "solvers"}:
+        notes.append("shapes " + ", ".join(f"{s.name} {s.label} (full {f.label})" for s, f in pairs))
+    if "solvers" in suites:
+        batches = "".join(f", {f.name} at B={SOLVER_BATCH[f.name]}" for _, f in pairs if f.name in SOLVER_BATCH)
+        notes.append(
+            f"sampling loops of {steps(SOLVER_STEPS_QUICK)} steps x substeps (full {steps(SOLVER_STEPS)}{batches})"
+        )
+    if "policy" in suites:
+        notes.append(
+            f"policy rollouts of {POLICY_CPU_SUBSTEPS} substeps at {' and '.join(map(dims, POLICY_CPU_SIZES.values()))}"
+            f", no torch.compile (full {POLICY_SUBSTEPS} at {' and '.join(map(dims, POLICY_SHAPES.values()))})"
+        )
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------

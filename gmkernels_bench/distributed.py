@@ -1,6 +1,6 @@
 """Data-parallel sampling throughput under ``torchrun``:
 
-    torchrun --nproc-per-node N -m gmkernels_bench --suite solvers [--quick]
+    torchrun --nproc-per-node N -m gmkernels_bench --suite solvers [--quick | --full-size]
 
 Every rank samples its own batch with ``gmkernels.sample`` and the stub denoiser (NCCL and one
 GPU per rank on CUDA, gloo on CPU); the ranks start each timed window together (barrier) and the
@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
 
 import torch
 
-from .cases import sample_unavailable, solver_cases
+from .cases import cpu_size_notes, parse_shapes, sample_unavailable, small_cpu_lines, small_run, solver_cases
 from .runner import base_record
 
 
@@ -29,15 +28,16 @@ def world_size() -> int:
 
 def run_solvers(
     device_arg: str | None,
-    shapes_of: Callable[[torch.device], list],
+    shapes: list[str],
     dtypes: list[torch.dtype],
     quick: bool,
+    full_size: bool,
     repeats: int,
     op_filter: str = "",
 ) -> tuple[list[dict], list[str], torch.device, int]:
-    """Run the solver configurations (those whose label contains ``op_filter``) on every rank;
-    returns ``(records, notes, device, rank)`` (records only on rank 0). ``shapes_of(device)``
-    gives the shapes for this rank's device."""
+    """Run the solver configurations (those whose label contains ``op_filter``) on every rank at
+    the ``--shapes`` tokens ``shapes``, small or not as ``cases.small_run`` says for this rank's
+    device; returns ``(records, notes, device, rank)`` (records only on rank 0)."""
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,9 +57,12 @@ def run_solvers(
         if reason is not None:
             notes.append(f"solvers: skipped: {reason}")
             return records, notes, device, rank
-        for shape in shapes_of(device):
+        small = small_run(device, quick, full_size)
+        if small and device.type == "cpu":
+            notes += small_cpu_lines(cpu_size_notes(shapes, ("solvers",)))
+        for shape in parse_shapes(shapes, device, small):
             for dtype in dtypes:
-                for case in solver_cases(shape, dtype, device, quick, compile_loop=False):
+                for case in solver_cases(shape, dtype, device, small, compile_loop=False):
                     if op_filter not in case.op:
                         continue
                     run = case.runs["triton"]  # default dispatch: Triton on CUDA, the torch path on CPU

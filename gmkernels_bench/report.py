@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -181,11 +182,27 @@ def write_json(path: str, meta: dict, records: list[dict]) -> None:
         f.write("\n")
 
 
+def speedup_axis(speedups: list[float]) -> tuple[float, float, list[float]]:
+    """Limits and ticks of the log speedup axis: the data and 1x with a margin (at least 0.5x to
+    2x, so 1x always has a labelled tick either side), ticks at 1, 2, 5 per decade (1 and 3 over
+    more than 3 decades, every k-th decade, 1x among them, over more than 6). Returns
+    ``(lo, hi, ticks)``."""
+    finite = [v for v in speedups if v > 0 and math.isfinite(v)]
+    lo = min([0.5, *(v / 1.5 for v in finite)])
+    hi = max([2.0, *(v * 1.5 for v in finite)])
+    e_lo, e_hi = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    decades = e_hi - e_lo
+    subs, step = ((1, 2, 5), 1) if decades <= 3 else ((1, 3), 1) if decades <= 6 else ((1,), math.ceil(decades / 6))
+    ticks = [m * 10.0**e for e in range(e_lo - e_lo % step, e_hi + 1, step) for m in subs]
+    return lo, hi, [t for t in ticks if lo <= t <= hi]
+
+
 def plot(path: str, records: list[dict], meta: dict | None = None) -> None:
-    """PNG of each backend's speedup over torch eager (bars from 1x: right is faster) and of the
-    fraction of the copy bandwidth, per case (matplotlib, imported here only). The title names
-    the device and versions (and, on a CPU, that these are reference timings with Triton
-    skipped); noisy cases (see :func:`noisy`) are hatched and marked in their label."""
+    """PNG of each backend's speedup over torch eager (bars from 1x: right is faster; ticks from
+    :func:`speedup_axis`) and of the fraction of the copy bandwidth, per case (matplotlib,
+    imported here only). The title names the device and versions (and, on a CPU, that these are
+    reference timings with Triton skipped); noisy cases (see :func:`noisy`) are hatched and marked
+    in their label. The legend sits above the bandwidth panel, outside both, so it hides no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,6 +216,7 @@ def plot(path: str, records: list[dict], meta: dict | None = None) -> None:
     cases = list(dict.fromkeys(key(r) for r in ok))
     shaky = {key(r) for r in ok if noisy(r)}
     backends = [b for b in BACKEND_ORDER if any(r["backend"] == b for r in ok)]
+    lo, hi, ticks = speedup_axis([r.get("speedup_vs_torch") or nan for r in ok])
     height = max(4.5, 0.32 * len(cases) * max(len(backends), 1) + 2.5)
     fig, axes = plt.subplots(1, 2, figsize=(15, height), sharey=True)
     width = 0.8 / max(len(backends), 1)
@@ -223,6 +241,8 @@ def plot(path: str, records: list[dict], meta: dict | None = None) -> None:
     axes[0].invert_yaxis()
     axes[0].axvline(1.0, color="k", lw=0.8)
     axes[0].set_xscale("log")
+    axes[0].set_xlim(lo, hi)
+    axes[0].set_xticks(ticks)
     axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
     axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].set_xlabel("speedup over torch eager (log scale; right of 1x is faster)", fontsize=10)
@@ -230,8 +250,10 @@ def plot(path: str, records: list[dict], meta: dict | None = None) -> None:
     for ax in axes:
         ax.tick_params(axis="x", labelsize=9)
         ax.grid(axis="x", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=9, loc="lower right")
+    if backends:  # one legend for both panels (same colours), above the bandwidth one: no bar under it
+        axes[1].legend(
+            fontsize=9, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=len(backends), frameon=False, borderaxespad=0
+        )
     title = [
         f"gmkernels benchmark on {meta.get('device', 'unknown device')}",
         f"torch {meta.get('torch_version')} · triton {meta.get('triton_version')} · gmkernels {meta.get('gmkernels_version')}"

@@ -5,9 +5,10 @@
     pytest gmkernels_bench --benchmark-only --benchmark-json out.json
 
 Without ``--benchmark-only`` every test here is skipped (the normal run, ``python -m pytest``,
-collects ``tests/`` only anyway). The shapes are the named presets on CUDA and their small
-``--quick`` versions on a CPU (one torch thread there, as ``--quick``); ``extra_info`` of each benchmark carries the minimal-traffic
-bytes, so GB/s is ``bytes / median``. The CLI adds the copy-bandwidth probe and the ratios.
+collects ``tests/`` only anyway). The shapes are the named presets on CUDA and the CLI's small
+CPU run on a CPU (``cases.CPU_SIZES``, one torch thread, the compiled subset); ``extra_info`` of
+each benchmark carries the minimal-traffic bytes, so GB/s is ``bytes / median``. The CLI adds the
+copy-bandwidth probe and the ratios.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from gmkernels_bench.cases import (  # noqa: E402
-    QUICK_CPU_COMPILE,
+    CPU_COMPILE,
     clone_tree,
     op_cases,
     parse_shapes,
@@ -35,7 +36,7 @@ from gmkernels_bench.timing import input_copies  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CPU = DEVICE.type == "cpu"
-SHAPES = parse_shapes(["imagenet", "large-k"], DEVICE, quick=ON_CPU)
+SHAPES = parse_shapes(["imagenet", "large-k"], DEVICE, small=ON_CPU)
 DTYPES = [torch.float32] if ON_CPU else [torch.float32, torch.bfloat16]
 BACKENDS = ("torch", "compile") if ON_CPU else ("triton", "torch", "compile")
 SOLVERS_SKIPPED = sample_unavailable(DEVICE)
@@ -45,12 +46,12 @@ def _cases() -> list:
     cases = []
     for shape in SHAPES:
         for dtype in DTYPES:
-            cases += op_cases(shape, dtype, DEVICE, QUICK_CPU_COMPILE if ON_CPU else None)
-            cases += train_cases(shape, dtype, DEVICE, QUICK_CPU_COMPILE if ON_CPU else None)
+            cases += op_cases(shape, dtype, DEVICE, CPU_COMPILE if ON_CPU else None)
+            cases += train_cases(shape, dtype, DEVICE, CPU_COMPILE if ON_CPU else None)
             if SOLVERS_SKIPPED is None:
-                cases += solver_cases(shape, dtype, DEVICE, quick=ON_CPU, compile_loop=False)
+                cases += solver_cases(shape, dtype, DEVICE, small=ON_CPU, compile_loop=False)
     for dtype in DTYPES:  # pi-Flow policies: their own shapes
-        cases += policy_cases(dtype, DEVICE, quick=ON_CPU, compile_ok=not ON_CPU)
+        cases += policy_cases(dtype, DEVICE, small=ON_CPU, compile_ok=not ON_CPU)
     return [
         pytest.param(
             case,

@@ -57,17 +57,18 @@ class TimerConfig:
     max_total_s: float
 
     @classmethod
-    def for_run(cls, device: torch.device, quick: bool) -> "TimerConfig":
-        """GPU: 100 batches of >= 2 ms (30 of >= 1 ms with ``quick``); CPU: 25 of >= 20 ms (7 of >= 5 ms)."""
+    def for_run(cls, device: torch.device, small: bool) -> "TimerConfig":
+        """GPU: 100 batches of >= 2 ms (30 of >= 1 ms in a ``small`` run, ``cases.small_run``);
+        CPU: 25 of >= 20 ms (7 of >= 5 ms)."""
         if device.type == "cuda":
             return (
                 cls(repeats=30, warmup_s=0.025, min_batch_s=1e-3, max_total_s=1.0)
-                if quick
+                if small
                 else cls(repeats=100, warmup_s=0.1, min_batch_s=2e-3, max_total_s=5.0)
             )
         return (
             cls(repeats=7, warmup_s=0.02, min_batch_s=5e-3, max_total_s=0.4)
-            if quick
+            if small
             else cls(repeats=25, warmup_s=0.1, min_batch_s=2e-2, max_total_s=5.0)
         )
 
@@ -174,14 +175,14 @@ def measure(calls: Sequence[Callable[[], object]], device: torch.device, cfg: Ti
     )
 
 
-def copy_bandwidth(device: torch.device, cfg: TimerConfig, quick: bool) -> tuple[float, int]:
+def copy_bandwidth(device: torch.device, cfg: TimerConfig, small: bool) -> tuple[float, int]:
     """Measured copy bandwidth in bytes/s (read + write) of ``dst.copy_(src)`` in float32, on
-    buffers of 8x the cache span (at least 256 MiB each on a GPU; 32/128 MiB on a CPU with/
-    without ``quick``). Returns ``(bytes_per_s, buffer_bytes)``."""
+    buffers of 8x the cache span (at least 256 MiB each on a GPU; 32/128 MiB on a CPU in a
+    ``small`` run or not). Returns ``(bytes_per_s, buffer_bytes)``."""
     if device.type == "cuda":
         nbytes = max(8 * cache_bytes(device) // 4, 256 << 20)
     else:
-        nbytes = (32 << 20) if quick else (128 << 20)
+        nbytes = (32 << 20) if small else (128 << 20)
     numel = nbytes // 4
     src = torch.rand(numel, device=device) + 0.5
     dst = torch.empty_like(src)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -23,10 +24,15 @@ def clamp_min(x: Sigma, lo: float) -> Sigma:
 
 
 def log(x: Sigma) -> Sigma:
-    """``log(x)`` for floats and tensors alike (``-inf`` at 0)."""
+    """``log(x)`` for floats and tensors alike: ``-inf`` at 0 and NaN below, as ``Tensor.log``.
+
+    A Python float stays a Python float (``math.log``): no tensor and no ``.item()``, which
+    ``torch.compile`` would have to break its graph for."""
     if isinstance(x, torch.Tensor):
         return x.log()
-    return torch.tensor(x, dtype=torch.float64).log().item()
+    if x > 0:
+        return math.log(x)
+    return -math.inf if x == 0 else math.nan
 
 
 def scaled_logits(logweights: torch.Tensor, power: float) -> torch.Tensor:

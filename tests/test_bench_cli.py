@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
+import reference
 from gmkernels_bench.__main__ import TRITON_ON_CPU, main
-from gmkernels_bench.cases import OP_NAMES, counts, parse_shapes
+from gmkernels_bench.cases import OP_NAMES, counts, op_cases, parse_shapes, solver_cases
 from gmkernels_bench.report import add_speedups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +100,42 @@ def test_solver_suite(tmp_path, capsys):
     assert data["meta"]["step_traffic"] and "ratio" in data["meta"]["step_traffic"][0]
 
 
+def test_cpu_runs_small_by_default_and_says_so(tmp_path, capsys):
+    """On a CPU a named shape runs at its CPU size with the short timer unless --full-size, and
+    the run prints each reduction next to its full size and how to get the full run."""
+    out = tmp_path / "out"
+    argv = ["--suite", "ops", "--shapes", "imagenet", "--backends", "torch", "--filter", "gm_to_mean"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert [r["shape"] for r in data["records"]] == ["4x8x4x16x16", "4x8x4x16x16"]  # fp32, bf16
+    assert data["meta"]["timer"]["repeats"] == 7
+    notes = data["meta"]["notes"]
+    (head,) = [n for n in notes if n.startswith("small cpu run (the default on a cpu; --full-size for the full sizes")]
+    assert head.endswith(": shapes imagenet 4x8x4x16x16 (full 256x8x4x32x32)")
+    assert "small cpu run: timer 7 batches of >= 5 ms, <= 0.4 s a case (full 25 of >= 20 ms, <= 5 s)" in notes
+    assert all(n in printed for n in notes)
+    full = parse_shapes(["imagenet", "large-k"], torch.device("cpu"), False)
+    assert [s.label for s in full] == ["256x8x4x32x32", "32x256x4x32x32"]
+
+
+def test_small_cpu_notes_name_every_reduction():
+    from gmkernels_bench.__main__ import _parser, _small_cpu_notes
+    from gmkernels_bench.timing import TimerConfig
+
+    args = _parser().parse_args(["--shapes", "imagenet", "large-k", "custom", "1,2,3,4,5"])
+    cfg = TimerConfig.for_run(torch.device("cpu"), True)
+    notes = _small_cpu_notes(args, ("ops", "train", "solvers", "policy"), ["torch", "compile"], cfg)
+    text = "\n".join(notes)
+    assert "imagenet 4x8x4x16x16 (full 256x8x4x32x32), large-k 1x256x4x8x8 (full 32x256x4x32x32)" in text
+    assert "custom" not in text  # custom shapes never shrink
+    assert "sampling loops of 4x2 steps x substeps (full 32x4 and 16x8, imagenet at B=125)" in text
+    assert "policy rollouts of 16 substeps at 2x32x4x8x8 and 1x8x16x8x12" in text
+    assert "torch.compile of gm_posterior_mean and gm_nll_loss fwd+bwd at the first shape only" in text
+    assert "1 torch thread" in text
+    assert notes[0].startswith("small cpu run (the default on a cpu; --full-size") and len(notes) == 6
+
+
 def test_speedups_are_ratios_within_a_case():
     recs = [
         {"suite": "ops", "op": "a", "shape": "s", "dtype": "fp32", "backend": b, "status": "ok", "median_ms": t}
@@ -120,6 +157,7 @@ def test_speedups_are_ratios_within_a_case():
         ["--backends", "cuda"],
         ["--shapes", "tiny"],
         ["--device", "gpu0"],
+        ["--quick", "--full-size"],
     ],
 )
 def test_bad_options_are_usage_errors(argv, capsys):
@@ -195,3 +233,52 @@ def test_gpu_only_backends_absent_on_cpu(tmp_path, capsys):
     assert not any(
         {"graph", "reduce-overhead"} & set(c.runs) for c in op_cases(shape, torch.float32, torch.device("cpu"), None)
     )
+
+
+def _graphs(fn, *args) -> int:
+    """How many graphs ``torch.compile(fn, dynamic=False)`` (as ``cases.compiled`` compiles the
+    reference) captures on ``args``: each graph break adds one."""
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compiler.reset()  # a cached compile of fn from another test would capture nothing here
+    torch.compile(fn, backend=count, dynamic=False)(*args)
+    torch.compiler.reset()
+    return len(graphs)
+
+
+def test_reference_log_of_a_float_is_a_float_as_tensor_log():
+    from reference._util import log
+
+    for x in (2.5, 1e-30, 1, 0.0, -1.0, math.inf):
+        got, want = log(x), torch.tensor(x, dtype=torch.float64).log().item()
+        assert isinstance(got, float) and (got == want or (math.isnan(got) and math.isnan(want))), (x, got, want)
+
+
+FLOAT_OPS = ["u_to_x0", "x0_to_u", "reverse_transition", "gm_posterior_mean", "probabilistic_guidance", "mean_cfg"]
+
+
+@pytest.mark.parametrize("op", FLOAT_OPS)
+def test_compile_baseline_is_one_graph_with_a_float_sigma(op):
+    """The ``compile`` backend compiles the reference with Python-float sigmas and scales (the op
+    cases' arguments): one graph each, no break (a ``Tensor.item()`` would split it)."""
+    shape = parse_shapes(["custom", "2,3,2,4,4"], torch.device("cpu"), True)[0]
+    case = next(c for c in op_cases(shape, torch.float32, torch.device("cpu"), None) if c.op == op)
+    args = case.make()
+    assert any(isinstance(a, float) for a in args)
+    assert _graphs(getattr(reference, op), *args) == 1
+
+
+def test_compiled_sampling_loop_is_one_graph():
+    """``--compile-solvers`` compiles the reference sampling loop (float sigmas from the
+    scheduler): one unrolled graph, no break per step."""
+    shape = parse_shapes(["custom", "1,2,1,2,2"], torch.device("cpu"), True)[0]
+    case = next(
+        c
+        for c in solver_cases(shape, torch.float32, torch.device("cpu"), True, False)
+        if c.op.startswith("sample gm-ode")
+    )
+    assert _graphs(case.runs["torch"], case.make()) == 1
