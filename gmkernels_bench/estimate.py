@@ -831,17 +831,25 @@ WHY = {
     "launch cost is its time; only computing them in every program of the next launch "
     "(redundantly) would remove it",
     "_guidance_bias_power_kernel": "per-sample sums between the guidance passes (B rows): the launch cost is its time",
-    "_fused_step_kernel gm-ode": "GM-ODE: each of the N substeps evaluates the posterior over the K components of "
+    "_step_kernel gm-ode": "GM-ODE: each of the N substeps evaluates the posterior over the K components of "
     "every pixel (N x K exponentials and C-wide dot products per pixel) on a GM read "
     "once: issue-bound by design; fewer instructions per component and substep (exp2 "
     "on prescaled logits, the affine map of op 5 applied once to the loaded means, "
     "not per substep) would lift it",
-    "_fused_step_kernel gm-sde": "GM-SDE: the Philox draw (integer multiply-heavy) and the inverse-CDF pick over K "
+    "_step_kernel gm-sde": "GM-SDE: the Philox draw (integer multiply-heavy) and the inverse-CDF pick over K "
     "per pixel, plus the per-component reweighting math of the 2nd-order and guided "
     "variants: bf16 halves the bytes, not the instructions; a cheaper counter-based "
     "RNG (one Philox round per 4 normals is already the floor) or packing two bf16 "
     "conversions per instruction would lift it",
-    "_fused_step_kernel": "the fused sampler step (see its solver)",
+    "_step_kernel": "the fused sampler step (see its solver)",
+    "_gm_ode_kernel": "each of the N substeps evaluates the posterior over the K components of every pixel on a GM "
+    "read once: issue-bound by design (as the fused GM-ODE step)",
+    "_step_stats_kernel": "the statistics pass of a 2nd-order or guided step: per-component reweighting math and "
+    "per-sample partial sums; bf16 halves the bytes, not the instructions",
+    "_guidance_apply_kernel": "at B = 2 in bf16 the pixel-per-thread layout (8 pixels a thread, warps halved to 1 to "
+    "get programs) still gives about one program per SM: halving the pixels per thread before the "
+    "warps reach 1 would double the programs",
+    "_mean_cfg_apply_kernel": "as _guidance_apply_kernel: too few programs at B = 2 in bf16",
     "_gm_sde_step_kernel": "the Philox draw and the inverse-CDF pick over K per pixel (as the fused GM-SDE step)",
     "_kr_inverse_kernel": "Newton iterations on the 1-D mixture CDF, channel after channel (n_steps x K erf and exp "
     "per pixel and channel): compute-bound by the algorithm",
@@ -861,7 +869,8 @@ WHY = {
     "pipelining, or num_stages > 1 with tl.range) would lift it",
     "_gauss_mul_kernel": "a few KiB per sample at this shape: the launch cost is its time",
     "_weight_guidance_kernel": "a small launch at this shape: the launch cost is its time",
-    "_guidance_stats_kernel": "a small launch at this shape",
+    "_guidance_stats_kernel": "per-sample partial sums over every pixel: a small launch at the ImageNet shape, too few "
+    "programs at B = 2 in bf16 (as _guidance_apply_kernel)",
 }
 BELOW = 0.70
 
@@ -902,7 +911,7 @@ def below_groups(rows: list[dict]) -> list[dict]:
             groups.setdefault(
                 (
                     r.get("triton_kernel", r["kernel"]),
-                    solver if "fused" in r.get("triton_kernel", "") else "",
+                    solver if r.get("triton_kernel") == "_step_kernel" else "",
                     r["limit"],
                 ),
                 [],
