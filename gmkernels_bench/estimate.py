@@ -702,7 +702,9 @@ def calibration_set(path: str, use_cache: bool = True) -> dict:
     recs = []
     for label, kind, name in cb.LAUNCHES:
         sc = op_scenario(name) if kind == "op" else step_scenario(name, 1, False)
-        rec, counted = scenario_record(sc, shape, dtype, known, use_cache, torch_ops=False)
+        # the torch-op recorder runs the custom ops' implementation (on meta tensors without it
+        # their fake kernel would run and no Triton launch would be seen)
+        rec, counted = scenario_record(sc, shape, dtype, known, use_cache)
         items = [it for it in rec.items if it.case is not None and it.step == 0]
         recs.append((label, items, counted[: len(items)]))
     cases = {it.case.name: it.case for _, items, _ in recs for it in items}

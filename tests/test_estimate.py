@@ -223,3 +223,14 @@ def test_the_estimate_command_line_end_to_end(tmp_path):
             "waves",
         }
     assert "uncalibrated estimate" in proc.stdout
+
+
+def test_the_stored_calibration_estimates_cover_every_launch_on_every_device():
+    """``gpu_check``'s calibrate part compares its measurements with this committed file: every
+    representative launch has an estimate on every device (an empty file compares nothing)."""
+    stored = calibrate.stored()
+    assert stored["shape"] == list(calibrate.SHAPE) and stored["dtype"] == calibrate.DTYPE
+    for dev in pm.DEVICES:
+        entries = stored["devices"][dev]
+        assert {e["label"] for e in entries} == {label for label, _, _ in calibrate.LAUNCHES}
+        assert len(entries) >= 10 and all(e["us"] >= 2.5 and e["limit"] for e in entries)
