@@ -8,13 +8,18 @@ between them resolves.
   keeps the last value of an option, and a later ``key=value`` override wins), ``SKIP`` names why
   it is not run. A command matching neither fails the test: add a rule with a reason.
 * A block preceded by ``<!-- not run: REASON -->`` is skipped as a whole; the reason must be given.
+* Pages repeat commands (``python -m model.train --preset digits`` is in three blocks). A command
+  that already ran in this session with the same inputs is not run again: the files its first
+  run wrote are copied into the block's folder (``_Runs``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +108,62 @@ def _id(b):
     return f"{b[0].relative_to(ROOT)}:{b[1]}"
 
 
+def _hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path) with the hash of its content."""
+    return {str(f.relative_to(folder)): _hash(f) for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+class _Runs:
+    """The bash commands run so far in this session, to run each distinct one once.
+
+    A command's run is reused for the same argv when the files and folders it names (its
+    checkpoints) have the same content and none of the files its first run wrote exist yet in
+    the new folder (a training run would resume from its own checkpoint): the commands read only
+    what they name and their own outputs. Reusing copies the written files (kept aside right
+    after the first run) into the new folder, so the block's later commands see them as if the
+    command had run there."""
+
+    def __init__(self, store: Path):
+        self.store = store
+        self.runs: dict[tuple, tuple[Path, list[str]]] = {}  # key -> (kept copy, files written)
+
+    @staticmethod
+    def key(argv: list[str], cwd: Path) -> tuple:
+        """``argv`` with the content of every existing path it names, relative to ``cwd``."""
+        named = [(a, cwd / a) for a in argv[1:] if not os.path.isabs(a) and (cwd / a).exists()]
+        return tuple(argv), tuple((a, _hash(p) if p.is_file() else tuple(_files(p).items())) for a, p in named)
+
+    def reuse(self, key: tuple, cwd: Path) -> bool:
+        """Copy the files of an earlier run of ``key`` into ``cwd``; False when there is none."""
+        if key not in self.runs:
+            return False
+        kept, written = self.runs[key]
+        if any((cwd / f).exists() for f in written):
+            return False
+        shutil.copytree(kept, cwd, dirs_exist_ok=True)
+        return True
+
+    def record(self, key: tuple, cwd: Path, before: dict[str, str]) -> None:
+        """Keep the files the run of ``key`` in ``cwd`` wrote (new or changed since ``before``)."""
+        written = [f for f, h in _files(cwd).items() if before.get(f) != h]
+        kept = self.store / str(len(self.runs))
+        kept.mkdir()
+        for f in written:
+            (kept / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(cwd / f, kept / f)
+        self.runs[key] = (kept, written)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> _Runs:
+    """The bash commands run by this module's tests, shared between the blocks."""
+    return _Runs(tmp_path_factory.mktemp("readme_runs"))
+
+
 def test_blocks_found():
     assert any(b[2] == "python" for b in BLOCKS) and any(b[2] == "bash" for b in BLOCKS)
     for b in BLOCKS:
@@ -122,7 +183,7 @@ def test_python_block_runs(block, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b[2] == "bash"], ids=_id)
-def test_bash_block_runs(block, tmp_path):
+def test_bash_block_runs(block, tmp_path, runs):
     page, line, _, code, reason = block
     if reason:
         pytest.skip(reason)
@@ -131,11 +192,16 @@ def test_bash_block_runs(block, tmp_path):
         run, how = _plan(cmd)
         if run is None:
             continue
+        ran += 1
         argv = shlex.split(run)
         argv[0] = sys.executable if argv[0] == "python" else argv[0]
+        key = runs.key(argv, tmp_path)
+        if runs.reuse(key, tmp_path):  # ran earlier in this session, on the same inputs
+            continue
+        before = _files(tmp_path)
         res = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, f"{_id(block)}: {run!r} failed:\n{res.stderr[-3000:]}"
-        ran += 1
+        runs.record(key, tmp_path, before)
     if not ran:
         pytest.skip("every command of this block is skipped: " + "; ".join(_plan(c)[1] for c in _commands(code)))
 
