@@ -45,7 +45,6 @@ import reference.solver_steps as _ref_steps
 
 from ._dispatch import select_backend
 from ._validate import check_positive, check_power, check_step_output
-from .gmflow_schedulers import FlowEulerODEScheduler, GMFlowSDEScheduler
 from .ops._launch import kernels_wanted
 from .ops.guidance import mean_cfg, probabilistic_guidance, weight_guidance
 from .ops.inverse_cdf import gaussian_samples_to_gm_samples
@@ -436,6 +435,10 @@ class GMTensorStepScheduler(_GMSchedulerBase):
         guidance_scale: float = 0.0,
         orthogonal: float = 1.0,
     ):
+        # imported here, not by `import gmkernels`: with diffusers installed these are diffusers
+        # classes, and importing diffusers (and torch._dynamo with it) takes seconds
+        from .gmflow_schedulers import FlowEulerODEScheduler, GMFlowSDEScheduler
+
         if not isinstance(tensor_scheduler, (FlowEulerODEScheduler, GMFlowSDEScheduler)):
             raise TypeError(
                 "tensor_scheduler must be a FlowEulerODEScheduler or GMFlowSDEScheduler, "
