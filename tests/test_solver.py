@@ -731,8 +731,9 @@ def test_fused_sde_step_matches_eager_composition(order, guided, dtype):
 
 #: point-data batches: odd sizes, one below and one above a program's 32-128 lanes
 point_batches = st.sampled_from([2, 37, 133])
-#: the same for comparisons with the unpacked launches (one interpreted program per row: kept small)
-unpacked_batches = st.sampled_from([3, 7])
+#: the same for comparisons with the unpacked launches (one interpreted program per row: kept small;
+#: both sizes fill part of one packed program of 32 lanes)
+unpacked_batches = st.sampled_from([3, 5])
 dtypes = st.sampled_from([torch.float32, torch.bfloat16])
 
 
